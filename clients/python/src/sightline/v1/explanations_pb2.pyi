@@ -1,0 +1,110 @@
+from sightline.v1 import types_pb2 as _types_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ParamType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PARAM_TYPE_UNSPECIFIED: _ClassVar[ParamType]
+    PARAM_TYPE_INT: _ClassVar[ParamType]
+    PARAM_TYPE_FLOAT: _ClassVar[ParamType]
+    PARAM_TYPE_STRING: _ClassVar[ParamType]
+    PARAM_TYPE_BOOL: _ClassVar[ParamType]
+PARAM_TYPE_UNSPECIFIED: ParamType
+PARAM_TYPE_INT: ParamType
+PARAM_TYPE_FLOAT: ParamType
+PARAM_TYPE_STRING: ParamType
+PARAM_TYPE_BOOL: ParamType
+
+class ExplainRequest(_message.Message):
+    __slots__ = ("model", "prompt_token_ids", "output_token_ids", "output_logprobs", "explain", "request_id")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    EXPLAIN_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    output_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    output_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    explain: _types_pb2.ExplainSpec
+    request_id: str
+    def __init__(self, model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., output_token_ids: _Optional[_Iterable[int]] = ..., output_logprobs: _Optional[_Iterable[float]] = ..., explain: _Optional[_Union[_types_pb2.ExplainSpec, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class ExplainResponse(_message.Message):
+    __slots__ = ("request_id", "trace_id", "explanation_id", "explanation")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPLANATION_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPLANATION_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    trace_id: str
+    explanation_id: str
+    explanation: _types_pb2.Explanation
+    def __init__(self, request_id: _Optional[str] = ..., trace_id: _Optional[str] = ..., explanation_id: _Optional[str] = ..., explanation: _Optional[_Union[_types_pb2.Explanation, _Mapping]] = ...) -> None: ...
+
+class GetExplanationRequest(_message.Message):
+    __slots__ = ("explanation_id", "wait_seconds")
+    EXPLANATION_ID_FIELD_NUMBER: _ClassVar[int]
+    WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    explanation_id: str
+    wait_seconds: float
+    def __init__(self, explanation_id: _Optional[str] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
+
+class GetExplanationResponse(_message.Message):
+    __slots__ = ("request_id", "trace_id", "explanation")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPLANATION_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    trace_id: str
+    explanation: _types_pb2.Explanation
+    def __init__(self, request_id: _Optional[str] = ..., trace_id: _Optional[str] = ..., explanation: _Optional[_Union[_types_pb2.Explanation, _Mapping]] = ...) -> None: ...
+
+class ListMethodsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class MethodParam(_message.Message):
+    __slots__ = ("name", "type", "default_value", "description")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_VALUE_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    type: ParamType
+    default_value: str
+    description: str
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[_Union[ParamType, str]] = ..., default_value: _Optional[str] = ..., description: _Optional[str] = ...) -> None: ...
+
+class MethodInfo(_message.Message):
+    __slots__ = ("name", "description", "params", "needs_gradients", "uses_cache", "supports_contrastive_targets", "multimodal", "attributes_tokens")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    NEEDS_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    USES_CACHE_FIELD_NUMBER: _ClassVar[int]
+    SUPPORTS_CONTRASTIVE_TARGETS_FIELD_NUMBER: _ClassVar[int]
+    MULTIMODAL_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    params: _containers.RepeatedCompositeFieldContainer[MethodParam]
+    needs_gradients: bool
+    uses_cache: bool
+    supports_contrastive_targets: bool
+    multimodal: bool
+    attributes_tokens: bool
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., params: _Optional[_Iterable[_Union[MethodParam, _Mapping]]] = ..., needs_gradients: _Optional[bool] = ..., uses_cache: _Optional[bool] = ..., supports_contrastive_targets: _Optional[bool] = ..., multimodal: _Optional[bool] = ..., attributes_tokens: _Optional[bool] = ...) -> None: ...
+
+class ListMethodsResponse(_message.Message):
+    __slots__ = ("methods",)
+    METHODS_FIELD_NUMBER: _ClassVar[int]
+    methods: _containers.RepeatedCompositeFieldContainer[MethodInfo]
+    def __init__(self, methods: _Optional[_Iterable[_Union[MethodInfo, _Mapping]]] = ...) -> None: ...
