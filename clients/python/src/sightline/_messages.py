@@ -1,0 +1,141 @@
+"""Request building and response decoding shared by ``Client`` and ``AsyncClient``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
+
+import grpc
+from sightline.errors import SightlineError
+from sightline.types import ExplainMethods, ExplainModeName, Explanation, MethodInfo, Prompt
+from sightline.v1 import explanations_pb2, inference_pb2, types_pb2
+
+GenerateMessage = TypeVar("GenerateMessage", inference_pb2.GenerateRequest, inference_pb2.GenerateStreamRequest)
+Response = TypeVar("Response")
+Result = TypeVar("Result")
+
+_EXPLAIN_MODES = {"sync": types_pb2.EXPLAIN_MODE_SYNC, "async": types_pb2.EXPLAIN_MODE_ASYNC}
+_CHAT_MESSAGE_KEYS = frozenset({"role", "content"})
+
+
+def generation_input(prompt: Prompt) -> inference_pb2.GenerationInput:
+    if isinstance(prompt, str):
+        return inference_pb2.GenerationInput(prompt=prompt)
+    # bool is an int subclass, but True is never meant as a token id.
+    token_ids = [item for item in prompt if isinstance(item, int) and not isinstance(item, bool)]
+    if token_ids and len(token_ids) == len(prompt):
+        return inference_pb2.GenerationInput(prompt_token_ids=types_pb2.TokenIds(ids=token_ids))
+    messages = [item for item in prompt if isinstance(item, Mapping)]
+    if messages and len(messages) == len(prompt):
+        return inference_pb2.GenerationInput(
+            chat=types_pb2.ChatMessages(messages=[_chat_message(message) for message in messages])
+        )
+    raise TypeError("prompt must be a string, a non-empty list of token ids, or a non-empty list of chat messages")
+
+
+def _chat_message(message: Mapping[str, str]) -> types_pb2.ChatMessage:
+    # Unknown keys are refused rather than dropped, so that nothing the caller wrote vanishes silently.
+    if set(message) != _CHAT_MESSAGE_KEYS:
+        raise ValueError(f"a chat message has exactly the keys 'role' and 'content', got {sorted(message)}")
+    return types_pb2.ChatMessage(role=message["role"], content=message["content"])
+
+
+def explain_spec(methods: ExplainMethods | None, mode: ExplainModeName) -> types_pb2.ExplainSpec | None:
+    """The explain spec for ``methods``, or None (no explanation) when there are none."""
+    if mode not in _EXPLAIN_MODES:
+        raise ValueError(f"mode must be 'sync' or 'async', got {mode!r}")
+    if not methods:
+        return None
+    if isinstance(methods, str):  # one method's name, not a sequence of one-letter names
+        methods = [methods]
+    if isinstance(methods, Mapping):
+        specs = [types_pb2.MethodSpec(name=name, params=dict(params)) for name, params in methods.items()]
+    else:
+        specs = [types_pb2.MethodSpec(name=name) for name in methods]
+    return types_pb2.ExplainSpec(methods=specs, mode=_EXPLAIN_MODES[mode])
+
+
+def generate_request(
+    message_type: type[GenerateMessage],
+    prompt: Prompt,
+    *,
+    max_tokens: int | None,
+    temperature: float | None,
+    top_p: float | None,
+    top_k: int | None,
+    seed: int | None,
+    stop: str | Sequence[str] | None,
+    explain: ExplainMethods | None,
+    mode: ExplainModeName,
+    model: str,
+    request_id: str | None,
+) -> GenerateMessage:
+    """A GenerateRequest or GenerateStreamRequest, which share their fields."""
+    # protobuf leaves a field passed as None unset, so the server applies its documented default.
+    sampling = types_pb2.SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        stop=[stop] if isinstance(stop, str) else stop,
+    )
+    return message_type(
+        model=model,
+        input=generation_input(prompt),
+        sampling=sampling,
+        explain=explain_spec(explain, mode),
+        request_id=request_id,
+    )
+
+
+def explain_request(
+    prompt_token_ids: Sequence[int],
+    output_token_ids: Sequence[int],
+    methods: ExplainMethods,
+    *,
+    output_logprobs: Sequence[float] | None,
+    mode: ExplainModeName,
+    model: str,
+    request_id: str | None,
+) -> explanations_pb2.ExplainRequest:
+    spec = explain_spec(methods, mode)
+    if spec is None:
+        raise ValueError("explain() needs at least one method")
+    return explanations_pb2.ExplainRequest(
+        model=model,
+        prompt_token_ids=prompt_token_ids,
+        output_token_ids=output_token_ids,
+        output_logprobs=output_logprobs,
+        explain=spec,
+        request_id=request_id,
+    )
+
+
+def attached_explanation(message: types_pb2.Explanation, present: bool) -> Explanation:
+    if not present:
+        raise ValueError("the server attached no explanation")
+    return Explanation.from_proto(message)
+
+
+def explain_result(mode: ExplainModeName) -> Callable[[explanations_pb2.ExplainResponse], Explanation | str]:
+    """How to read an ExplainResponse: the attached explanation in sync mode, else its id."""
+    if mode == "async":
+        return lambda response: response.explanation_id
+    return lambda response: attached_explanation(response.explanation, response.HasField("explanation"))
+
+
+def get_explanation_result(response: explanations_pb2.GetExplanationResponse) -> Explanation:
+    return attached_explanation(response.explanation, response.HasField("explanation"))
+
+
+def decode(convert: Callable[[Response], Result], response: Response) -> Result:
+    """Convert a response, reporting a malformed one as a SightlineError like any other failed call."""
+    try:
+        return convert(response)
+    except ValueError as error:
+        raise SightlineError(grpc.StatusCode.INTERNAL, f"malformed response from the server: {error}") from error
+
+
+def method_infos(response: explanations_pb2.ListMethodsResponse) -> list[MethodInfo]:
+    return [MethodInfo.from_proto(info) for info in response.methods]

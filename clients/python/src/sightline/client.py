@@ -1,0 +1,480 @@
+"""Blocking and asyncio clients for Sightline's InferenceService and ExplanationsService."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Callable, Generator, Sequence
+from types import ModuleType, TracebackType
+from typing import Any, Literal, Self, TypeVar, overload
+
+import grpc
+import grpc.aio
+from google.protobuf.message import Message
+from sightline._messages import (
+    decode,
+    explain_request,
+    explain_result,
+    generate_request,
+    get_explanation_result,
+    method_infos,
+)
+from sightline.errors import SightlineError
+from sightline.types import (
+    ExplainMethods,
+    ExplainModeName,
+    Explanation,
+    Generation,
+    MethodInfo,
+    Prompt,
+    StreamChunk,
+)
+from sightline.v1 import (
+    explanations_pb2,
+    explanations_pb2_grpc,
+    inference_pb2,
+    inference_pb2_grpc,
+)
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+# Attribution matrices grow with targets x tokens and soon outgrow gRPC's 4 MiB default.
+_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1)]
+
+Result = TypeVar("Result")
+
+
+class _ClientCore:
+    """Channel, stubs and per-call settings, identical for both clients but for the channel module."""
+
+    def __init__(
+        self,
+        channels: ModuleType,
+        target: str,
+        api_key: str | None,
+        timeout: float | None,
+        credentials: grpc.ChannelCredentials | None,
+    ) -> None:
+        # grpc and grpc.aio offer the same channel constructors, so one code path opens either kind.
+        self._channel = (
+            channels.insecure_channel(target, _CHANNEL_OPTIONS)
+            if credentials is None
+            else channels.secure_channel(target, credentials, _CHANNEL_OPTIONS)
+        )
+        self._inference = inference_pb2_grpc.InferenceServiceStub(self._channel)
+        self._explanations = explanations_pb2_grpc.ExplanationsServiceStub(self._channel)
+        # Sent on every call rather than as call credentials, which gRPC allows on secure channels only.
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self._timeout = timeout
+
+    def _call_options(self, timeout: float | None) -> dict[str, Any]:
+        return {"timeout": self._timeout if timeout is None else timeout, "metadata": self._metadata}
+
+
+class Client(_ClientCore):
+    """A blocking Sightline client.
+
+    ``target`` is ``host:port``. ``api_key`` is sent as ``authorization: Bearer <key>``.
+    ``timeout`` is the default deadline in seconds of every call (None: no deadline);
+    each method's own ``timeout`` overrides it. ``credentials`` selects TLS, e.g.
+    ``grpc.ssl_channel_credentials()``; without them the channel is plaintext.
+    Failed calls raise ``SightlineError``.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        api_key: str | None = None,
+        timeout: float | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        super().__init__(grpc, target, api_key, timeout, credentials)
+
+    def generate(
+        self,
+        prompt: Prompt,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        explain: ExplainMethods | None = None,
+        mode: ExplainModeName = "sync",
+        model: str = "",
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Generation:
+        """Generate a completion of ``prompt`` and, when ``explain`` names methods, its explanation.
+
+        ``prompt`` is text, a list of chat messages (``{"role": ..., "content": ...}``)
+        or a list of token ids. Sampling parameters left as None take the server's
+        defaults. ``explain`` is a method name, a list of them, or a dict of method name
+        to parameters. In ``mode="sync"`` the explanation is attached to the result; in
+        ``mode="async"`` only ``explanation_id`` is, for ``get_explanation``. An empty
+        ``model`` selects the server's default; ``request_id`` is generated when None.
+        """
+        request = generate_request(
+            inference_pb2.GenerateRequest,
+            prompt,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop,
+            explain=explain,
+            mode=mode,
+            model=model,
+            request_id=request_id,
+        )
+        return self._call(self._inference.Generate, request, timeout, Generation.from_proto)
+
+    def generate_stream(
+        self,
+        prompt: Prompt,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        explain: ExplainMethods | None = None,
+        mode: ExplainModeName = "sync",
+        model: str = "",
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Generator[StreamChunk, None, None]:
+        """Like ``generate``, yielding tokens as they are produced.
+
+        The call starts on the first ``next()``. The last chunk carries the finish
+        reason, usage and explanation. Closing the generator early (``close()``, or
+        dropping it after ``break``) cancels the call.
+        """
+        request = generate_request(
+            inference_pb2.GenerateStreamRequest,
+            prompt,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop,
+            explain=explain,
+            mode=mode,
+            model=model,
+            request_id=request_id,
+        )
+        return self._stream_chunks(request, timeout)
+
+    @overload
+    def explain(
+        self,
+        prompt_token_ids: Sequence[int],
+        output_token_ids: Sequence[int],
+        methods: ExplainMethods,
+        *,
+        output_logprobs: Sequence[float] | None = None,
+        mode: Literal["sync"] = "sync",
+        model: str = "",
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Explanation: ...
+
+    @overload
+    def explain(
+        self,
+        prompt_token_ids: Sequence[int],
+        output_token_ids: Sequence[int],
+        methods: ExplainMethods,
+        *,
+        output_logprobs: Sequence[float] | None = None,
+        mode: Literal["async"],
+        model: str = "",
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> str: ...
+
+    @overload
+    def explain(
+        self,
+        prompt_token_ids: Sequence[int],
+        output_token_ids: Sequence[int],
+        methods: ExplainMethods,
+        *,
+        output_logprobs: Sequence[float] | None = None,
+        mode: ExplainModeName,
+        model: str = "",
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Explanation | str: ...
+
+    def explain(
+        self,
+        prompt_token_ids: Sequence[int],
+        output_token_ids: Sequence[int],
+        methods: ExplainMethods,
+        *,
+        output_logprobs: Sequence[float] | None = None,
+        mode: ExplainModeName = "sync",
+        model: str = "",
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Explanation | str:
+        """Explain a given sequence without generating.
+
+        ``output_logprobs`` are the served log-probabilities of ``output_token_ids``,
+        for the fidelity check. Returns the explanation in sync mode, its id in async mode.
+        """
+        request = explain_request(
+            prompt_token_ids,
+            output_token_ids,
+            methods,
+            output_logprobs=output_logprobs,
+            mode=mode,
+            model=model,
+            request_id=request_id,
+        )
+        return self._call(self._explanations.Explain, request, timeout, explain_result(mode))
+
+    def get_explanation(
+        self, explanation_id: str, wait_seconds: float = 0, *, timeout: float | None = None
+    ) -> Explanation:
+        """Fetch an explanation, waiting up to ``wait_seconds`` (within the deadline) for it to finish."""
+        request = explanations_pb2.GetExplanationRequest(explanation_id=explanation_id, wait_seconds=wait_seconds)
+        return self._call(self._explanations.GetExplanation, request, timeout, get_explanation_result)
+
+    def list_methods(self, *, timeout: float | None = None) -> list[MethodInfo]:
+        """The attribution methods this deployment offers."""
+        request = explanations_pb2.ListMethodsRequest()
+        return self._call(self._explanations.ListMethods, request, timeout, method_infos)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _call(
+        self, rpc: Callable[..., Any], request: Message, timeout: float | None, convert: Callable[[Any], Result]
+    ) -> Result:
+        try:
+            response = rpc(request, **self._call_options(timeout))
+        except grpc.RpcError as error:
+            raise SightlineError.from_rpc_error(error) from error
+        return decode(convert, response)
+
+    def _stream_chunks(
+        self, request: inference_pb2.GenerateStreamRequest, timeout: float | None
+    ) -> Generator[StreamChunk, None, None]:
+        call = self._inference.GenerateStream(request, **self._call_options(timeout))
+        try:
+            for response in call:
+                yield decode(StreamChunk.from_proto, response)
+        except grpc.RpcError as error:
+            raise SightlineError.from_rpc_error(error) from error
+        finally:
+            call.cancel()  # a no-op once the stream has ended; stops the server when the caller quits early
+
+
+class AsyncClient(_ClientCore):
+    """The asyncio twin of ``Client``, with the same arguments; its methods are awaited.
+
+    Create it inside the event loop that uses it.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        api_key: str | None = None,
+        timeout: float | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        super().__init__(grpc.aio, target, api_key, timeout, credentials)
+
+    async def generate(
+        self,
+        prompt: Prompt,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        explain: ExplainMethods | None = None,
+        mode: ExplainModeName = "sync",
+        model: str = "",
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Generation:
+        """See ``Client.generate``."""
+        request = generate_request(
+            inference_pb2.GenerateRequest,
+            prompt,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop,
+            explain=explain,
+            mode=mode,
+            model=model,
+            request_id=request_id,
+        )
+        return await self._call(self._inference.Generate, request, timeout, Generation.from_proto)
+
+    def generate_stream(
+        self,
+        prompt: Prompt,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        explain: ExplainMethods | None = None,
+        mode: ExplainModeName = "sync",
+        model: str = "",
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> AsyncGenerator[StreamChunk, None]:
+        """See ``Client.generate_stream``; iterate it with ``async for`` (it is not awaited).
+
+        To stop early, ``await`` its ``aclose()`` (or use ``contextlib.aclosing``), which
+        cancels the call; an abandoned async generator is only closed when collected.
+        """
+        request = generate_request(
+            inference_pb2.GenerateStreamRequest,
+            prompt,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop,
+            explain=explain,
+            mode=mode,
+            model=model,
+            request_id=request_id,
+        )
+        return self._stream_chunks(request, timeout)
+
+    @overload
+    async def explain(
+        self,
+        prompt_token_ids: Sequence[int],
+        output_token_ids: Sequence[int],
+        methods: ExplainMethods,
+        *,
+        output_logprobs: Sequence[float] | None = None,
+        mode: Literal["sync"] = "sync",
+        model: str = "",
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Explanation: ...
+
+    @overload
+    async def explain(
+        self,
+        prompt_token_ids: Sequence[int],
+        output_token_ids: Sequence[int],
+        methods: ExplainMethods,
+        *,
+        output_logprobs: Sequence[float] | None = None,
+        mode: Literal["async"],
+        model: str = "",
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> str: ...
+
+    @overload
+    async def explain(
+        self,
+        prompt_token_ids: Sequence[int],
+        output_token_ids: Sequence[int],
+        methods: ExplainMethods,
+        *,
+        output_logprobs: Sequence[float] | None = None,
+        mode: ExplainModeName,
+        model: str = "",
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Explanation | str: ...
+
+    async def explain(
+        self,
+        prompt_token_ids: Sequence[int],
+        output_token_ids: Sequence[int],
+        methods: ExplainMethods,
+        *,
+        output_logprobs: Sequence[float] | None = None,
+        mode: ExplainModeName = "sync",
+        model: str = "",
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Explanation | str:
+        """See ``Client.explain``."""
+        request = explain_request(
+            prompt_token_ids,
+            output_token_ids,
+            methods,
+            output_logprobs=output_logprobs,
+            mode=mode,
+            model=model,
+            request_id=request_id,
+        )
+        return await self._call(self._explanations.Explain, request, timeout, explain_result(mode))
+
+    async def get_explanation(
+        self, explanation_id: str, wait_seconds: float = 0, *, timeout: float | None = None
+    ) -> Explanation:
+        """See ``Client.get_explanation``."""
+        request = explanations_pb2.GetExplanationRequest(explanation_id=explanation_id, wait_seconds=wait_seconds)
+        return await self._call(self._explanations.GetExplanation, request, timeout, get_explanation_result)
+
+    async def list_methods(self, *, timeout: float | None = None) -> list[MethodInfo]:
+        """See ``Client.list_methods``."""
+        request = explanations_pb2.ListMethodsRequest()
+        return await self._call(self._explanations.ListMethods, request, timeout, method_infos)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def _call(
+        self, rpc: Callable[..., Any], request: Message, timeout: float | None, convert: Callable[[Any], Result]
+    ) -> Result:
+        try:
+            response = await rpc(request, **self._call_options(timeout))
+        except grpc.RpcError as error:  # grpc.aio.AioRpcError is one
+            raise SightlineError.from_rpc_error(error) from error
+        return decode(convert, response)
+
+    async def _stream_chunks(
+        self, request: inference_pb2.GenerateStreamRequest, timeout: float | None
+    ) -> AsyncGenerator[StreamChunk, None]:
+        call = self._inference.GenerateStream(request, **self._call_options(timeout))
+        try:
+            async for response in call:
+                yield decode(StreamChunk.from_proto, response)
+        except grpc.RpcError as error:
+            raise SightlineError.from_rpc_error(error) from error
+        finally:
+            call.cancel()  # a no-op once the stream has ended; stops the server when the caller quits early

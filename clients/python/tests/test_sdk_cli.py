@@ -1,0 +1,195 @@
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from fake_sightline import GENERATED_TEXT, FakeSightline, make_explanation
+from google.protobuf import json_format
+from sightline import cli
+from sightline.v1 import explanations_pb2, inference_pb2, types_pb2
+
+
+@pytest.fixture(autouse=True)
+def no_environment_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SIGHTLINE_TARGET", raising=False)
+    monkeypatch.delenv("SIGHTLINE_API_KEY", raising=False)
+
+
+def run(fake: FakeSightline, *args: str) -> int:
+    return cli.main(["--target", fake.target, *args])
+
+
+def test_generate_prints_the_answer_only(fake: FakeSightline, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(fake, "generate", "--max-tokens", "2", "--temperature", "0", "The capital of France") == 0
+
+    assert capsys.readouterr().out == GENERATED_TEXT + "\n"
+    request = fake.requests[-1]
+    assert isinstance(request, inference_pb2.GenerateRequest)
+    assert (request.sampling.max_tokens, request.sampling.temperature) == (2, 0.0)
+    assert request.sampling.HasField("temperature")
+    assert not request.HasField("explain")
+
+
+def test_generate_prints_top_sources_of_each_token(fake: FakeSightline, capsys: pytest.CaptureFixture[str]) -> None:
+    status = run(fake, "generate", "--explain", "logit_lens", "--explain", "saliency", "--top", "2", "Capital?")
+
+    assert status == 0
+    request = fake.requests[-1]
+    assert isinstance(request, inference_pb2.GenerateRequest)
+    assert [method.name for method in request.explain.methods] == ["logit_lens", "saliency"]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == GENERATED_TEXT
+    assert lines[2] == "explanation exp-1: succeeded (model tiny-lm, cache hit, max |logprob diff| 0.001)"
+    assert lines[3] == "saliency: top 2 sources of each explained token, by |score|"
+    # Token texts are quoted so that their leading spaces show.
+    assert [line.split() for line in lines[4:]] == [
+        ["[4]", "'", "is'"],
+        ["[1]", "'", "capital'", "-0.5000"],
+        ["[3]", "'", "France'", "+0.3750"],
+        ["[5]", "'", "Paris'"],
+        ["[3]", "'", "France'", "-0.8750"],
+        ["[1]", "'", "capital'", "+0.5000"],
+    ]
+
+
+def test_generate_json_is_the_proto_json_of_the_response(
+    fake: FakeSightline, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(fake, "generate", "--json", "--explain", "saliency", "The capital of France") == 0
+
+    response = json_format.Parse(capsys.readouterr().out, inference_pb2.GenerateResponse())
+    assert response.text == GENERATED_TEXT
+    assert response.finish_reason == types_pb2.FINISH_REASON_STOP
+    assert response.explanation == make_explanation("exp-1")
+
+
+def test_generate_async_prints_how_to_fetch_the_explanation(
+    fake: FakeSightline, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(fake, "generate", "--async", "--explain", "saliency", "Capital?") == 0
+
+    request = fake.requests[-1]
+    assert isinstance(request, inference_pb2.GenerateRequest)
+    assert request.explain.mode == types_pb2.EXPLAIN_MODE_ASYNC
+    assert request.input.WhichOneof("input") == "chat"
+    assert [(m.role, m.content) for m in request.input.chat.messages] == [("user", "Capital?")]
+    assert "sightline explain exp-1 --wait 30" in capsys.readouterr().out
+
+
+def test_generate_reads_a_dash_prompt_from_stdin(fake: FakeSightline, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO("from stdin\n"))
+
+    assert run(fake, "generate", "--completion", "-") == 0
+
+    request = fake.requests[-1]
+    assert isinstance(request, inference_pb2.GenerateRequest)
+    assert request.input.prompt == "from stdin\n"
+
+
+def test_explain_prints_state_and_sources(fake: FakeSightline, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(fake, "explain", "exp-1", "--wait", "5", "--top", "1") == 0
+
+    request = fake.requests[-1]
+    assert isinstance(request, explanations_pb2.GetExplanationRequest)
+    assert request.wait_seconds == 5
+    out = capsys.readouterr().out
+    assert out.startswith("explanation exp-1: succeeded")
+    assert "[1] ' capital'" in out
+    assert "[3] ' France'" in out
+    assert "' of'" not in out
+
+
+def test_explain_json_parses_back(fake: FakeSightline, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(fake, "explain", "exp-1", "--json") == 0
+
+    assert json_format.Parse(capsys.readouterr().out, types_pb2.Explanation()) == make_explanation("exp-1")
+
+
+def test_explain_of_an_unfinished_explanation(fake: FakeSightline, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(fake, "explain", "exp-pending") == 0
+
+    out = capsys.readouterr().out
+    assert out.startswith("explanation exp-pending: running")
+    assert "--wait" in out
+
+
+def test_explain_of_a_failed_explanation_exits_1(fake: FakeSightline, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(fake, "explain", "exp-failed") == 1
+
+    assert "explainer ran out of memory" in capsys.readouterr().out
+
+
+def test_methods(fake: FakeSightline, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(fake, "methods") == 0
+
+    assert capsys.readouterr().out.splitlines() == [
+        "saliency  [attributes tokens, needs gradients]",
+        "    Gradient x input.",
+        "    normalize (bool, default true): scale each row to unit L1 norm",
+        "logit_lens  [uses cache]",
+        "    Decode every layer's residual stream.",
+    ]
+
+
+def test_methods_json_parses_back(fake: FakeSightline, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(fake, "methods", "--json") == 0
+
+    response = json_format.Parse(capsys.readouterr().out, explanations_pb2.ListMethodsResponse())
+    assert [method.name for method in response.methods] == ["saliency", "logit_lens"]
+
+
+def test_stream_prints_text_as_it_arrives(fake: FakeSightline, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(fake, "stream", "The capital of France") == 0
+
+    assert capsys.readouterr().out == GENERATED_TEXT + "\n"
+
+
+def test_stream_with_explanation_and_json_lines(fake: FakeSightline, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(fake, "stream", "--explain", "saliency", "--top", "1", "x") == 0
+    assert "explanation exp-1: succeeded" in capsys.readouterr().out
+
+    assert run(fake, "stream", "--json", "x") == 0
+    lines = capsys.readouterr().out.splitlines()
+    chunks = [json_format.Parse(line, inference_pb2.GenerateStreamResponse()) for line in lines]
+    assert [chunk.text_delta for chunk in chunks] == [" is", " Paris", ""]
+    assert all(json.loads(line) for line in lines)
+
+
+def test_api_key_and_target_come_from_the_environment(fake: FakeSightline, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIGHTLINE_TARGET", fake.target)
+    monkeypatch.setenv("SIGHTLINE_API_KEY", "env-key")
+
+    assert cli.main(["methods"]) == 0
+
+    assert fake.metadata[-1]["authorization"] == "Bearer env-key"
+
+
+def test_a_rejected_request_exits_2_without_a_traceback(
+    fake: FakeSightline, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(fake, "generate", "--completion", "") == 2
+
+    captured = capsys.readouterr()
+    assert captured.err == "error: INVALID_ARGUMENT: prompt is empty\n"
+    assert captured.out == ""
+
+
+def test_an_unknown_explanation_exits_2(fake: FakeSightline, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(fake, "explain", "exp-missing") == 2
+
+    assert capsys.readouterr().err == "error: NOT_FOUND: no explanation 'exp-missing'\n"
+
+
+def test_an_unreachable_server_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--target", "127.0.0.1:1", "--timeout", "5", "methods"]) == 1
+
+    assert capsys.readouterr().err.startswith("error: UNAVAILABLE: ")
+
+
+def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["generate", "--top", "0", "x"])
+
+    assert exited.value.code == 2
+    assert "--top" in capsys.readouterr().err

@@ -1,0 +1,256 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from fake_sightline import GENERATED_TEXT, FakeSightline
+from google.protobuf import json_format
+from sightline import Client, ExplanationState, FinishReason, SightlineError
+from sightline.v1 import explanations_pb2, inference_pb2, types_pb2
+
+
+@pytest.fixture
+def client(fake: FakeSightline) -> Iterator[Client]:
+    with Client(fake.target, api_key="secret-key", timeout=10) as client:
+        yield client
+
+
+def last_request(fake: FakeSightline) -> object:
+    return fake.requests[-1]
+
+
+def test_generate_returns_the_converted_response(client: Client, fake: FakeSightline) -> None:
+    generation = client.generate("The capital of France", max_tokens=2, request_id="req-7")
+
+    assert generation.text == GENERATED_TEXT
+    assert generation.request_id == "req-7"
+    assert generation.prompt_token_ids == (464, 3139, 286, 4881)
+    assert [(token.id, token.text, token.logprob) for token in generation.output_tokens] == [
+        (318, " is", -0.25),
+        (6342, " Paris", -0.5),
+    ]
+    assert generation.finish_reason is FinishReason.STOP
+    assert (generation.usage.input_tokens, generation.usage.output_tokens) == (4, 2)
+    assert generation.explanation_id == ""
+    assert generation.explanation is None
+    assert generation.raw.text == GENERATED_TEXT
+
+
+def test_generate_sends_text_and_only_the_sampling_fields_given(client: Client, fake: FakeSightline) -> None:
+    client.generate("hello", max_tokens=3, temperature=0.0, seed=7, stop="\n", model="tiny-lm")
+
+    request = last_request(fake)
+    assert isinstance(request, inference_pb2.GenerateRequest)
+    assert request.input.WhichOneof("input") == "prompt"
+    assert request.input.prompt == "hello"
+    assert request.model == "tiny-lm"
+    sampling = request.sampling
+    # temperature=0.0 is a real choice (greedy), so it must be sent, not dropped as falsy.
+    assert [name for name in ("max_tokens", "temperature", "top_p", "top_k", "seed") if sampling.HasField(name)] == [
+        "max_tokens",
+        "temperature",
+        "seed",
+    ]
+    assert (sampling.max_tokens, sampling.temperature, sampling.seed) == (3, 0.0, 7)
+    assert list(sampling.stop) == ["\n"]
+    assert not request.HasField("explain")
+    assert request.request_id == ""
+
+
+def test_chat_messages_become_the_chat_input(client: Client, fake: FakeSightline) -> None:
+    client.generate([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital?"}])
+
+    request = last_request(fake)
+    assert isinstance(request, inference_pb2.GenerateRequest)
+    assert request.input.WhichOneof("input") == "chat"
+    assert [(m.role, m.content) for m in request.input.chat.messages] == [
+        ("system", "Be brief."),
+        ("user", "Capital?"),
+    ]
+
+
+def test_token_ids_become_the_token_id_input(client: Client, fake: FakeSightline) -> None:
+    client.generate([464, 3139, 286, 4881])
+
+    request = last_request(fake)
+    assert isinstance(request, inference_pb2.GenerateRequest)
+    assert request.input.WhichOneof("input") == "prompt_token_ids"
+    assert list(request.input.prompt_token_ids.ids) == [464, 3139, 286, 4881]
+
+
+@pytest.mark.parametrize("prompt", [[], [1, {"role": "user", "content": "x"}], [True, False]])
+def test_ambiguous_prompts_are_refused_before_sending(
+    client: Client, fake: FakeSightline, prompt: list[object]
+) -> None:
+    with pytest.raises(TypeError, match="prompt must be"):
+        client.generate(prompt)  # type: ignore[arg-type]
+    assert fake.requests == []
+
+
+def test_chat_messages_must_have_exactly_role_and_content(client: Client) -> None:
+    with pytest.raises(ValueError, match="exactly the keys"):
+        client.generate([{"role": "user", "content": "hi", "name": "ann"}])
+
+
+def test_explain_list_in_sync_mode_attaches_the_explanation(client: Client, fake: FakeSightline) -> None:
+    generation = client.generate("The capital of France", explain=["saliency", "logit_lens"])
+
+    request = last_request(fake)
+    assert isinstance(request, inference_pb2.GenerateRequest)
+    assert [method.name for method in request.explain.methods] == ["saliency", "logit_lens"]
+    assert not request.explain.methods[0].HasField("params")
+    assert request.explain.mode == types_pb2.EXPLAIN_MODE_SYNC
+    assert generation.explanation_id == "exp-1"
+    assert generation.explanation is not None
+    assert generation.explanation.state is ExplanationState.SUCCEEDED
+    assert generation.explanation.top_sources(1, k=1)[0].position == 3
+
+
+def test_explain_dict_carries_parameters_and_async_mode(client: Client, fake: FakeSightline) -> None:
+    generation = client.generate(
+        "x", explain={"integrated_gradients": {"steps": 16, "baseline": "pad"}, "saliency": {}}, mode="async"
+    )
+
+    request = last_request(fake)
+    assert isinstance(request, inference_pb2.GenerateRequest)
+    assert request.explain.mode == types_pb2.EXPLAIN_MODE_ASYNC
+    assert [method.name for method in request.explain.methods] == ["integrated_gradients", "saliency"]
+    assert json_format.MessageToDict(request.explain.methods[0].params) == {"steps": 16, "baseline": "pad"}
+    assert generation.explanation_id == "exp-1"
+    assert generation.explanation is None
+
+
+def test_a_single_method_name_is_one_method(client: Client, fake: FakeSightline) -> None:
+    client.generate("x", explain="saliency")
+
+    request = last_request(fake)
+    assert isinstance(request, inference_pb2.GenerateRequest)
+    assert [method.name for method in request.explain.methods] == ["saliency"]
+
+
+def test_an_unknown_mode_is_refused(client: Client) -> None:
+    with pytest.raises(ValueError, match="mode must be"):
+        client.generate("x", explain=["saliency"], mode="later")  # type: ignore[arg-type]
+
+
+def test_generate_stream_yields_chunks_in_order(client: Client, fake: FakeSightline) -> None:
+    chunks = list(client.generate_stream("The capital of France", explain=["saliency"], max_tokens=2))
+
+    request = last_request(fake)
+    assert isinstance(request, inference_pb2.GenerateStreamRequest)
+    assert request.sampling.max_tokens == 2
+    assert [method.name for method in request.explain.methods] == ["saliency"]
+    assert "".join(chunk.text_delta for chunk in chunks) == GENERATED_TEXT
+    assert chunks[0].prompt_token_ids == (464, 3139, 286, 4881)
+    assert [chunk.finish_reason for chunk in chunks] == [None, None, FinishReason.LENGTH]
+    assert chunks[-1].usage is not None
+    assert chunks[-1].explanation is not None
+    assert chunks[-1].explanation.explanation_id == "exp-1"
+
+
+def test_generate_stream_starts_the_call_on_first_iteration(client: Client, fake: FakeSightline) -> None:
+    chunks = client.generate_stream("x")
+    assert fake.requests == []
+
+    assert next(chunks).text_delta == " is"
+    chunks.close()  # leaving early cancels the call instead of leaving it open
+    assert len(fake.requests) == 1
+
+
+def test_explain_rpc_sync_returns_the_explanation(client: Client, fake: FakeSightline) -> None:
+    explanation = client.explain([464, 3139, 286, 4881], [318, 6342], ["saliency"], output_logprobs=[-0.25, -0.5])
+
+    request = last_request(fake)
+    assert isinstance(request, explanations_pb2.ExplainRequest)
+    assert list(request.prompt_token_ids) == [464, 3139, 286, 4881]
+    assert list(request.output_token_ids) == [318, 6342]
+    assert list(request.output_logprobs) == [-0.25, -0.5]
+    assert request.explain.mode == types_pb2.EXPLAIN_MODE_SYNC
+    assert explanation.explanation_id == "exp-1"
+
+
+def test_explain_rpc_async_returns_the_id(client: Client, fake: FakeSightline) -> None:
+    explanation_id = client.explain([1], [2], {"saliency": {"normalize": False}}, mode="async")
+
+    request = last_request(fake)
+    assert isinstance(request, explanations_pb2.ExplainRequest)
+    assert request.explain.mode == types_pb2.EXPLAIN_MODE_ASYNC
+    assert request.explain.methods[0].params.fields["normalize"].bool_value is False
+    assert explanation_id == "exp-1"
+
+
+def test_explain_rpc_needs_a_method(client: Client) -> None:
+    with pytest.raises(ValueError, match="at least one method"):
+        client.explain([1], [2], [])
+
+
+def test_get_explanation_sends_the_wait(client: Client, fake: FakeSightline) -> None:
+    explanation = client.get_explanation("exp-pending", wait_seconds=2.5)
+
+    request = last_request(fake)
+    assert isinstance(request, explanations_pb2.GetExplanationRequest)
+    assert (request.explanation_id, request.wait_seconds) == ("exp-pending", 2.5)
+    assert explanation.state is ExplanationState.RUNNING
+
+
+def test_list_methods(client: Client) -> None:
+    methods = client.list_methods()
+
+    assert [method.name for method in methods] == ["saliency", "logit_lens"]
+    saliency = methods[0]
+    assert saliency.attributes_tokens and saliency.needs_gradients
+    assert saliency.params[0].type.value == "bool"
+    assert saliency.params[0].default_value == "true"
+    assert not methods[1].attributes_tokens
+
+
+def test_the_api_key_travels_as_bearer_metadata(client: Client, fake: FakeSightline) -> None:
+    client.list_methods()
+    list(client.generate_stream("x"))
+
+    assert [metadata.get("authorization") for metadata in fake.metadata] == ["Bearer secret-key"] * 2
+
+
+def test_no_api_key_sends_no_authorization(fake: FakeSightline) -> None:
+    with Client(fake.target) as client:
+        client.list_methods()
+
+    assert "authorization" not in fake.metadata[-1]
+
+
+def test_status_errors_become_sightline_errors(client: Client) -> None:
+    with pytest.raises(SightlineError) as raised:
+        client.generate("")
+
+    error = raised.value
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details == "prompt is empty"
+    assert error.is_caller_error
+    assert str(error) == "INVALID_ARGUMENT: prompt is empty"
+    assert isinstance(error.__cause__, grpc.RpcError)
+
+
+def test_not_found_is_a_caller_error(client: Client) -> None:
+    with pytest.raises(SightlineError) as raised:
+        client.get_explanation("exp-missing")
+
+    assert raised.value.code == grpc.StatusCode.NOT_FOUND
+    assert raised.value.is_caller_error
+
+
+def test_an_unreachable_server_is_unavailable() -> None:
+    with Client("127.0.0.1:1", timeout=5) as client, pytest.raises(SightlineError) as raised:
+        client.list_methods()
+
+    assert raised.value.code == grpc.StatusCode.UNAVAILABLE
+    assert not raised.value.is_caller_error
+
+
+def test_a_malformed_response_is_an_internal_error(client: Client) -> None:
+    with pytest.raises(SightlineError) as raised:
+        client.generate("malformed", explain=["saliency"])
+
+    assert raised.value.code == grpc.StatusCode.INTERNAL
+    assert "malformed response" in raised.value.details
+    assert isinstance(raised.value.__cause__, ValueError)
