@@ -1,0 +1,120 @@
+"""The Redis layout shared by the gateway (producer) and explainer workers (consumers).
+
+Everything crossing the process boundary is JSON or protobuf, never pickle:
+
+* ``sl:jobs`` — a stream; each entry is one :class:`ExplanationJob` as flat string fields.
+  Workers read it through the consumer group ``explainers``; an entry stays pending until a
+  worker acknowledges it, so a worker that dies mid-job leaves it for another to claim.
+* ``sl:exp:{id}`` — a hash per explanation: ``tenant``, ``attempts`` and ``explanation``, the
+  serialized ``sightline.v1.Explanation`` (whose tensors are raw bytes with dtype and shape).
+* ``sl:explanations:done`` — a pub/sub channel; a worker publishes an explanation id when
+  its record reaches a final state, so waiting gateways wake without polling.
+* ``sl:catalog`` — the serialized ``ListMethodsResponse`` of the workers' method registry, and
+  ``sl:models`` — a hash from served model name to a JSON :class:`ModelRecord` (the weights
+  digest the workers hold, the vocabulary size). The gateway reads both, so it validates
+  explain requests without importing any model code.
+* ``sl:hs:{digest}:{sha256}`` — the explainers' hidden-state cache (see explainers/hidden_cache.py).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+JOB_STREAM = "sl:jobs"
+WORKER_GROUP = "explainers"
+DONE_CHANNEL = "sl:explanations:done"
+CATALOG_KEY = "sl:catalog"
+MODELS_KEY = "sl:models"
+
+# Fields of the per-explanation hash.
+RECORD_TENANT = "tenant"
+RECORD_ATTEMPTS = "attempts"
+RECORD_EXPLANATION = "explanation"
+
+
+def explanation_key(explanation_id: str) -> str:
+    return f"sl:exp:{explanation_id}"
+
+
+def new_explanation_id() -> str:
+    # 128 random bits: ids are capabilities for ASYNC fetches, so they must not be guessable.
+    return "exp_" + secrets.token_hex(16)
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """What explainer workers publish about the weights they hold."""
+
+    weights_digest: str
+    vocab_size: int
+
+    def to_json(self) -> str:
+        return json.dumps({"weights_digest": self.weights_digest, "vocab_size": self.vocab_size})
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ModelRecord:
+        fields = json.loads(text)
+        return cls(weights_digest=str(fields["weights_digest"]), vocab_size=int(fields["vocab_size"]))
+
+
+@dataclass(frozen=True)
+class MethodRequest:
+    name: str
+    params: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ExplanationJob:
+    """One explanation to compute, exactly as the serving engine produced its tokens."""
+
+    explanation_id: str
+    tenant: str
+    model: str
+    weights_digest: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    served_logprobs: list[float] | None
+    methods: list[MethodRequest]
+    traceparent: str
+
+    def to_fields(self) -> dict[str, str]:
+        return {
+            "explanation_id": self.explanation_id,
+            "tenant": self.tenant,
+            "model": self.model,
+            "weights_digest": self.weights_digest,
+            "prompt_token_ids": json.dumps(self.prompt_token_ids),
+            "output_token_ids": json.dumps(self.output_token_ids),
+            "served_logprobs": json.dumps(self.served_logprobs),
+            "methods": json.dumps([{"name": m.name, "params": m.params} for m in self.methods]),
+            "traceparent": self.traceparent,
+        }
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[bytes, bytes] | Mapping[str, str]) -> ExplanationJob:
+        """Decode a stream entry; raises ``ValueError`` on a malformed one."""
+        text = {
+            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in fields.items()
+        }
+        try:
+            served = json.loads(text["served_logprobs"])
+            return cls(
+                explanation_id=text["explanation_id"],
+                tenant=text["tenant"],
+                model=text["model"],
+                weights_digest=text["weights_digest"],
+                prompt_token_ids=[int(t) for t in json.loads(text["prompt_token_ids"])],
+                output_token_ids=[int(t) for t in json.loads(text["output_token_ids"])],
+                served_logprobs=None if served is None else [float(x) for x in served],
+                methods=[
+                    MethodRequest(name=str(m["name"]), params=dict(m.get("params") or {}))
+                    for m in json.loads(text["methods"])
+                ],
+                traceparent=text.get("traceparent", ""),
+            )
+        except (KeyError, TypeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"malformed explanation job: {exc!r}") from exc
