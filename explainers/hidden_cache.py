@@ -1,0 +1,156 @@
+"""Redis cache of every layer's hidden states for a (weights, token ids) pair, in a pickle-free tensor codec.
+
+Layout of a cached tensor: [num_layers + 1, num_tokens, hidden]; index 0 is the embedding output and index l the
+output of decoder layer l, all BEFORE the final norm (see `explainers.model.forward_with_hidden_states`).
+
+Entry format: MAGIC | header length (uint32 LE) | JSON header {dtype, shape, checksum} | raw little-endian payload.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from redis import Redis
+
+logger = logging.getLogger(__name__)
+
+MAGIC = b"SLT1"  # Sightline tensor, format version 1
+_PREFIX = struct.Struct("<4sI")  # magic, header length
+_MAX_HEADER_BYTES = 4096
+
+# bfloat16, not float16: Llama-family residual streams carry outlier activations in the thousands that grow with
+# depth and can overflow float16 (max 65504), while bfloat16 has float32's range. Its 8-bit mantissa (relative
+# error <= 2**-9) is the precision vLLM itself computes bf16 checkpoints at.
+STORAGE_DTYPE = torch.bfloat16
+
+# Element dtype -> (its name in the header, the same-width integer its raw bits travel as). Going through the
+# integer view keeps bfloat16 (which numpy lacks) bit-exact.
+_CODEC_DTYPES: dict[torch.dtype, tuple[str, torch.dtype]] = {
+    torch.bfloat16: ("bfloat16", torch.int16),
+    torch.float16: ("float16", torch.int16),
+    torch.float32: ("float32", torch.int32),
+}
+_DTYPES_BY_NAME = {name: dtype for dtype, (name, _) in _CODEC_DTYPES.items()}
+
+# Redis refuses string values above proto-max-bulk-len (512 MiB by default).
+MAX_ENTRY_BYTES = 512 * 1024 * 1024
+
+
+class CorruptEntryError(ValueError):
+    """A cache entry that is not a well-formed, checksum-valid encoded tensor."""
+
+
+def _checksum(dtype_name: str, shape: Sequence[int], payload: bytes | memoryview) -> str:
+    # dtype and shape are hashed too, so a corrupted header that still fits the payload size is caught.
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(json.dumps([dtype_name, list(shape)]).encode())
+    digest.update(payload)
+    return digest.hexdigest()
+
+
+def encode_tensor(tensor: torch.Tensor) -> bytes:
+    """Encode a bfloat16, float16 or float32 tensor as header + raw little-endian bytes."""
+    if tensor.dtype not in _CODEC_DTYPES:
+        raise TypeError(f"cannot encode {tensor.dtype}; supported: {', '.join(_DTYPES_BY_NAME)}")
+    dtype_name, bits_dtype = _CODEC_DTYPES[tensor.dtype]
+    bits = tensor.detach().cpu().contiguous().view(bits_dtype).numpy()
+    payload = bits.astype(_little_endian(tensor.dtype), copy=False).tobytes()
+    shape = list(tensor.shape)
+    header = json.dumps(
+        {"dtype": dtype_name, "shape": shape, "checksum": _checksum(dtype_name, shape, payload)}
+    ).encode()
+    return _PREFIX.pack(MAGIC, len(header)) + header + payload
+
+
+def decode_tensor(blob: bytes) -> torch.Tensor:
+    """Decode `encode_tensor` output; raise CorruptEntryError on a bad magic, size, header or checksum."""
+    if len(blob) < _PREFIX.size:
+        raise CorruptEntryError(f"entry of {len(blob)} bytes is shorter than its {_PREFIX.size}-byte prefix")
+    magic, header_length = _PREFIX.unpack_from(blob)
+    if magic != MAGIC:
+        raise CorruptEntryError(f"bad magic {magic!r}, expected {MAGIC!r}")
+    if header_length > min(_MAX_HEADER_BYTES, len(blob) - _PREFIX.size):
+        raise CorruptEntryError(f"header length {header_length} does not fit an entry of {len(blob)} bytes")
+    header_end = _PREFIX.size + header_length
+    dtype_name, shape, checksum = _parse_header(blob[_PREFIX.size : header_end])
+
+    dtype = _DTYPES_BY_NAME[dtype_name]
+    payload = memoryview(blob)[header_end:]  # no copy of a payload that may be hundreds of MB
+    expected_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(payload) != expected_bytes:
+        raise CorruptEntryError(f"payload is {len(payload)} bytes, {dtype_name}{shape} needs {expected_bytes}")
+    if _checksum(dtype_name, shape, payload) != checksum:
+        raise CorruptEntryError("checksum mismatch")
+    # astype to native order also copies out of the read-only buffer, so the tensor owns writable memory.
+    bits = np.frombuffer(payload, dtype=_little_endian(dtype)).astype(_little_endian(dtype).newbyteorder("="))
+    return torch.from_numpy(bits).view(dtype).reshape(shape)
+
+
+def _little_endian(dtype: torch.dtype) -> np.dtype[np.signedinteger]:
+    return np.dtype(f"<i{dtype.itemsize}")
+
+
+def _parse_header(raw: bytes) -> tuple[str, list[int], str]:
+    try:
+        header: Any = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CorruptEntryError(f"header is not JSON: {error}") from error
+    if not isinstance(header, dict):
+        raise CorruptEntryError("header is not a JSON object")
+    dtype_name, shape, checksum = header.get("dtype"), header.get("shape"), header.get("checksum")
+    if dtype_name not in _DTYPES_BY_NAME:
+        raise CorruptEntryError(f"unknown dtype {dtype_name!r}")
+    if not isinstance(shape, list) or not all(type(size) is int and size >= 0 for size in shape):
+        raise CorruptEntryError(f"bad shape {shape!r}")
+    if not isinstance(checksum, str):
+        raise CorruptEntryError("missing checksum")
+    return dtype_name, shape, checksum
+
+
+class HiddenStateCache:
+    """Per-layer hidden states keyed by weights digest and token ids, stored as bfloat16 with a TTL.
+
+    The Redis client must return bytes (decode_responses=False).
+    """
+
+    def __init__(self, redis: Redis, ttl_seconds: int) -> None:
+        if ttl_seconds <= 0:
+            raise ValueError(f"ttl_seconds must be positive, got {ttl_seconds}")
+        self._redis = redis
+        self._ttl_seconds = ttl_seconds
+
+    @staticmethod
+    def key(weights_digest: str, token_ids: Sequence[int]) -> str:
+        packed_ids = np.asarray(token_ids, dtype="<i4").tobytes()
+        return f"sl:hs:{weights_digest}:{hashlib.sha256(packed_ids).hexdigest()}"
+
+    def get(self, weights_digest: str, token_ids: Sequence[int]) -> torch.Tensor | None:
+        """The cached bfloat16 states, or None on a miss. A corrupt entry is deleted and counts as a miss."""
+        key = self.key(weights_digest, token_ids)
+        blob = self._redis.get(key)
+        if blob is None:
+            return None
+        if not isinstance(blob, bytes):
+            raise TypeError("HiddenStateCache needs a Redis client with decode_responses=False")
+        try:
+            return decode_tensor(blob)
+        except CorruptEntryError as error:
+            logger.warning("deleting corrupt hidden-state cache entry %s: %s", key, error)
+            self._redis.delete(key)
+            return None
+
+    def put(self, weights_digest: str, token_ids: Sequence[int], hidden_states: torch.Tensor) -> bool:
+        """Store hidden states (cast to bfloat16); False when the entry is too large for Redis to hold."""
+        blob = encode_tensor(hidden_states.to(STORAGE_DTYPE))
+        if len(blob) > MAX_ENTRY_BYTES:
+            logger.warning("not caching %d-byte hidden states, above Redis' %d-byte limit", len(blob), MAX_ENTRY_BYTES)
+            return False
+        self._redis.set(self.key(weights_digest, token_ids), blob, ex=self._ttl_seconds)
+        return True

@@ -1,0 +1,173 @@
+"""The interface every attribution method implements: typed parameters, declared capabilities, `attribute()`."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar, Generic, TypeVar
+
+import numpy as np
+import torch
+from sightline.v1 import explanations_pb2, types_pb2
+
+from explainers.model import LoadedModel
+
+ParamValue = int | float | str | bool
+ParamsT = TypeVar("ParamsT")
+
+_PARAM_TYPES = {
+    int: explanations_pb2.PARAM_TYPE_INT,
+    float: explanations_pb2.PARAM_TYPE_FLOAT,
+    str: explanations_pb2.PARAM_TYPE_STRING,
+    bool: explanations_pb2.PARAM_TYPE_BOOL,
+}
+_TYPE_NAMES: dict[type[ParamValue], str] = {
+    int: "an integer",
+    float: "a finite number",
+    str: "a string",
+    bool: "true or false",
+}
+
+
+class InvalidParamsError(ValueError):
+    """Method parameters that are unknown, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One method parameter: its Python type, default and inclusive bounds (numbers only)."""
+
+    name: str
+    type: type[ParamValue]
+    default: ParamValue
+    description: str
+    minimum: float | None = None
+    maximum: float | None = None
+
+    @property
+    def range_text(self) -> str:
+        """Inclusive bounds as "lo..hi" (either side may be open), or "" when unbounded."""
+        if self.minimum is None and self.maximum is None:
+            return ""
+        return f"{_render(self.minimum)}..{_render(self.maximum)}"
+
+    def describe(self) -> str:
+        bounds = f", {self.range_text}" if self.range_text else ""
+        return f"{self.name} ({self.type.__name__}{bounds}, default {_render(self.default)})"
+
+    def parse(self, method: str, value: object) -> ParamValue:
+        where = f"parameter {self.name!r} of method {method!r}"
+        parsed = _coerce(self.type, value)
+        if parsed is None:
+            raise InvalidParamsError(f"{where} must be {_TYPE_NAMES[self.type]}, got {value!r}")
+        if isinstance(parsed, int | float) and not isinstance(parsed, bool) and not self._in_range(parsed):
+            raise InvalidParamsError(f"{where} must be in {self.range_text}, got {parsed!r}")
+        return parsed
+
+    def _in_range(self, number: float) -> bool:
+        return (self.minimum is None or number >= self.minimum) and (self.maximum is None or number <= self.maximum)
+
+    def info(self) -> explanations_pb2.MethodParam:
+        # MethodParam has no bounds fields, so clients read them from the description.
+        bounds = f" Range {self.range_text}." if self.range_text else ""
+        return explanations_pb2.MethodParam(
+            name=self.name,
+            type=_PARAM_TYPES[self.type],
+            default_value=_render(self.default),
+            description=self.description + bounds,
+        )
+
+
+def _coerce(kind: type[ParamValue], value: object) -> ParamValue | None:
+    """value as `kind`, or None when it is not one. A bool is never taken for a number, though it subclasses int."""
+    if kind is bool:
+        return value if isinstance(value, bool) else None
+    if kind is str:
+        return value if isinstance(value, str) else None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    if kind is float:
+        return float(value)
+    # google.protobuf.Struct carries every number as a double, so 16.0 is a valid int.
+    return int(value) if float(value).is_integer() else None
+
+
+def _render(value: ParamValue | None) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+@dataclass(frozen=True)
+class AttributionContext:
+    """What a method gets to explain one sequence: the model, the tokens, the targets and the hidden states."""
+
+    loaded: LoadedModel
+    token_ids: torch.Tensor  # int64 [num_tokens]: prompt, then output
+    prompt_length: int
+    target_positions: torch.Tensor  # int64 [num_targets]: indices into token_ids of the tokens explained
+    # [num_layers + 1, num_tokens, hidden] in the model's dtype at the cache's (bfloat16) precision, from the cache
+    # or from the engine's one recorded forward pass; identical either way.
+    hidden_states: torch.Tensor
+
+
+class AttributionMethod(ABC, Generic[ParamsT]):
+    """One attribution method. Subclasses declare their parameters and capabilities and implement attribute()."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    params: ClassVar[tuple[ParamSpec, ...]]
+    # Built from the parsed values as params_type(**values); its fields are the names in `params`.
+    params_type: type[ParamsT]
+    needs_gradients: ClassVar[bool]
+    uses_cache: ClassVar[bool]
+    attributes_tokens: ClassVar[bool]
+    supports_contrastive_targets: ClassVar[bool] = False
+    multimodal: ClassVar[bool] = False
+
+    def parse_params(self, params: Mapping[str, object]) -> ParamsT:
+        """Typed parameters from a request's loose values; defaults fill what is missing."""
+        specs = {spec.name: spec for spec in self.params}
+        unknown = sorted(set(params) - set(specs))
+        if unknown:
+            valid = "; ".join(spec.describe() for spec in self.params) or "none"
+            raise InvalidParamsError(
+                f"unknown parameter(s) {', '.join(map(repr, unknown))} for method {self.name!r}; valid: {valid}"
+            )
+        values = {
+            name: spec.parse(self.name, params[name]) if name in params else spec.default
+            for name, spec in specs.items()
+        }
+        return self.params_type(**values)
+
+    @abstractmethod
+    def attribute(self, ctx: AttributionContext, params: ParamsT) -> types_pb2.MethodResult:
+        """Explain ctx's targets. Token attributions are float32 [num_targets, num_tokens - 1]."""
+
+    def info(self) -> explanations_pb2.MethodInfo:
+        return explanations_pb2.MethodInfo(
+            name=self.name,
+            description=self.description,
+            params=[spec.info() for spec in self.params],
+            needs_gradients=self.needs_gradients,
+            uses_cache=self.uses_cache,
+            supports_contrastive_targets=self.supports_contrastive_targets,
+            multimodal=self.multimodal,
+            attributes_tokens=self.attributes_tokens,
+        )
+
+
+def tensor_proto(values: torch.Tensor) -> types_pb2.Tensor:
+    """Pack a tensor as float32 (floating) or int32 (integer) little-endian bytes."""
+    tensor = values.detach().cpu()
+    if tensor.is_floating_point():
+        dtype, packed = types_pb2.D_TYPE_FLOAT32, tensor.to(torch.float32).numpy().astype("<f4")
+    else:
+        dtype, packed = types_pb2.D_TYPE_INT32, tensor.to(torch.int32).numpy().astype("<i4")
+    return types_pb2.Tensor(dtype=dtype, shape=list(tensor.shape), data=np.ascontiguousarray(packed).tobytes())

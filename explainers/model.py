@@ -1,0 +1,177 @@
+"""The explainer's PyTorch replica of the served weights, and the forward passes every method shares."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from explainers.embedded_model import MANIFEST_FILE
+from explainers.embedded_model import weights_digest as safetensors_digest
+
+# Both "eager" and "sdpa" give exact batched vector-Jacobian products (`is_grads_batched`, no double backward;
+# checked against a per-target loop) at about the same CPU speed. SDPA is chosen because eager keeps every layer's
+# [heads, seq, seq] attention probabilities for the backward pass (plus their batched gradient), which rules out
+# long sequences, and because eager rounds a float64 softmax through float32.
+ATTN_IMPLEMENTATION = "sdpa"
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A causal LM in eval mode with frozen weights, plus what identifies those weights."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    weights_digest: str
+    model_name: str
+    num_layers: int
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.input_embeddings.num_embeddings)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.input_embeddings.embedding_dim)
+
+    @property
+    def max_positions(self) -> int:
+        return int(self.model.config.max_position_embeddings)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.input_embeddings.weight.dtype
+
+    @property
+    def input_embeddings(self) -> nn.Embedding:
+        embeddings = self.model.get_input_embeddings()
+        if not isinstance(embeddings, nn.Embedding):
+            raise TypeError(f"expected nn.Embedding input embeddings, got {type(embeddings).__name__}")
+        return embeddings
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return _submodule(self.model, "model.layers", nn.ModuleList)
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return _submodule(self.model, "model.norm", nn.Module)
+
+    @property
+    def unembedding(self) -> nn.Linear:
+        return _submodule(self.model, "lm_head", nn.Linear)
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings [1, num_tokens, hidden] of token ids [num_tokens]."""
+        with torch.no_grad():
+            embeddings: torch.Tensor = self.input_embeddings(token_ids[None])
+        return embeddings
+
+
+def _submodule(model: PreTrainedModel, path: str, kind: type[ModuleT]) -> ModuleT:
+    # Llama-family layout: model.layers (the decoder blocks), model.norm (the final RMSNorm), lm_head.
+    submodule = model.get_submodule(path)
+    if not isinstance(submodule, kind):
+        raise TypeError(f"{type(model).__name__}.{path} is a {type(submodule).__name__}, not a {kind.__name__}")
+    return submodule
+
+
+def load_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a local Hugging Face Llama directory (safetensors + tokenizer) for attribution.
+
+    Every parameter is frozen, so gradients only ever flow to the input embeddings a method asks about.
+    """
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION, local_files_only=True
+    )
+    model.train(False)
+    model.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    weights_digest, model_name = _identity(model_dir)
+    loaded = LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        weights_digest=weights_digest,
+        model_name=model_name,
+        num_layers=int(model.config.num_hidden_layers),
+    )
+    # Fail at load time, not on the first job, when the architecture lacks what the methods read.
+    _ = loaded.decoder_layers, loaded.final_norm, loaded.unembedding, loaded.input_embeddings
+    return loaded
+
+
+def _identity(model_dir: Path) -> tuple[str, str]:
+    """(weights digest, model name): from sightline_manifest.json when present, else hashed from the weights."""
+    manifest_path = model_dir / MANIFEST_FILE
+    manifest: dict[str, Any] = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    digest = manifest.get("weights_digest")
+    if not isinstance(digest, str) or not digest:
+        # The same digest the model dir's builder writes, so jobs and cache keys agree on it either way.
+        digest = safetensors_digest(model_dir)
+    name = manifest.get("model_name")
+    if not isinstance(name, str) or not name:
+        name = model_dir.resolve().name
+    return digest, name
+
+
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Log-softmax over the vocabulary, in at least float32 so bf16 logits keep their tail."""
+    return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+
+
+def readout_log_probs(loaded: LoadedModel, residual: torch.Tensor) -> torch.Tensor:
+    """Vocabulary log-probs [..., vocab] from residual-stream states [..., hidden]: final norm, then unembedding."""
+    return log_probs(loaded.unembedding(loaded.final_norm(residual)))
+
+
+def target_log_probs(
+    loaded: LoadedModel, inputs_embeds: torch.Tensor, token_ids: torch.Tensor, target_positions: torch.Tensor
+) -> torch.Tensor:
+    """log p(token_ids[t] | token_ids[:t]) for every t in target_positions [num_targets], from one forward pass.
+
+    Differentiable with respect to inputs_embeds [1, num_tokens, hidden] when grad mode is on.
+    """
+    # Only the positions that predict a target go through the unembedding: [num_targets, vocab], not [seq, vocab].
+    logits = loaded.model(inputs_embeds=inputs_embeds, logits_to_keep=target_positions - 1).logits[0]
+    return log_probs(logits).gather(-1, token_ids[target_positions, None])[:, 0]
+
+
+@dataclass(frozen=True)
+class RecordedForward:
+    hidden_states: torch.Tensor  # [num_layers + 1, num_tokens, hidden], model dtype
+    target_log_probs: torch.Tensor  # [num_targets]
+
+
+def forward_with_hidden_states(
+    loaded: LoadedModel, token_ids: torch.Tensor, target_positions: torch.Tensor
+) -> RecordedForward:
+    """One no-grad forward pass that records the residual stream after the embedding and after every layer.
+
+    hidden_states[0] is the embedding output and hidden_states[l] the output of decoder layer l, all BEFORE the
+    final norm. `output_hidden_states=True` cannot give that: transformers 5.x replaces its last entry with
+    `last_hidden_state`, which is after the final norm (4.x appended the post-norm state too), so the decoder
+    layers' outputs are recorded with forward hooks instead.
+    """
+    inputs_embeds = loaded.embed(token_ids)
+    layer_outputs: list[torch.Tensor] = []
+
+    def record(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor | tuple[torch.Tensor, ...]) -> None:
+        # transformers 5 decoder layers return a tensor; older ones returned a tuple led by it.
+        layer_outputs.append(output[0] if isinstance(output, tuple) else output)
+
+    hooks = [layer.register_forward_hook(record) for layer in loaded.decoder_layers]
+    try:
+        with torch.no_grad():
+            logprobs = target_log_probs(loaded, inputs_embeds, token_ids, target_positions)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    hidden_states = torch.cat([inputs_embeds, *layer_outputs])
+    return RecordedForward(hidden_states=hidden_states, target_log_probs=logprobs)

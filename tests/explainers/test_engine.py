@@ -1,0 +1,164 @@
+"""explain(): validation first, one forward or a cache hit, every method, fidelity, and its spans."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+import redis
+import torch
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from sightline.v1 import types_pb2
+
+from explainers import engine
+from explainers.engine import InvalidInputError, explain
+from explainers.hidden_cache import HiddenStateCache
+from explainers.methods.base import InvalidParamsError
+from explainers.methods.registry import UnknownMethodError
+from explainers.model import LoadedModel
+from tests.explainers.conftest import OUTPUT_IDS, PROMPT_IDS
+
+ReadTensor = Callable[[types_pb2.Tensor], np.ndarray]
+BOTH_METHODS: list[tuple[str, dict[str, object]]] = [("input_x_gradient", {"target_batch_size": 3}), ("logit_lens", {})]
+
+
+@pytest.fixture
+def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
+    """Spans of explain() in memory, without touching the process-wide tracer provider other tests install."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(engine, "tracer", provider.get_tracer("sightline.explainer"))
+    yield exporter
+    provider.shutdown()
+
+
+def model_log_probs(loaded: LoadedModel) -> list[float]:
+    """The generated tokens' log-probs as the model computes them in one plain forward pass."""
+    token_ids = torch.tensor(PROMPT_IDS + OUTPUT_IDS)
+    with torch.no_grad():
+        logits = loaded.model(input_ids=token_ids[None]).logits[0]
+    positions = torch.arange(len(PROMPT_IDS), len(token_ids))
+    logprobs: list[float] = torch.log_softmax(logits, dim=-1)[positions - 1, token_ids[positions]].tolist()
+    return logprobs
+
+
+def by_name(spans: InMemorySpanExporter) -> dict[str, ReadableSpan]:
+    return {span.name: span for span in spans.get_finished_spans()}
+
+
+def test_explain_fills_tokens_results_and_fidelity(
+    tiny_model: LoadedModel, read_tensor: ReadTensor, spans: InMemorySpanExporter
+) -> None:
+    served = model_log_probs(tiny_model)
+
+    explanation = explain(tiny_model, None, PROMPT_IDS, OUTPUT_IDS, BOTH_METHODS, served)
+
+    assert (explanation.model, explanation.weights_digest) == ("tiny-llama", tiny_model.weights_digest)
+    assert [token.id for token in explanation.tokens] == PROMPT_IDS + OUTPUT_IDS
+    assert [token.text for token in explanation.tokens] == [f"w{i}" for i in PROMPT_IDS + OUTPUT_IDS]
+    assert not any(token.HasField("logprob") for token in explanation.tokens[: len(PROMPT_IDS)])
+    np.testing.assert_allclose([t.logprob for t in explanation.tokens[len(PROMPT_IDS) :]], served, rtol=1e-6)
+    assert explanation.prompt_length == len(PROMPT_IDS)
+    assert list(explanation.target_positions) == list(range(6, 14))
+    assert not explanation.cache_hit
+
+    gradient, lens = explanation.results
+    assert (gradient.method, lens.method) == ("input_x_gradient", "logit_lens")
+    assert read_tensor(gradient.attributions).shape == (8, 13)
+    assert read_tensor(lens.extras["top_token_ids"]).shape == (3, 8, 5)
+    assert gradient.seconds > 0 and lens.seconds > 0
+
+    # The served log-probs are the model's own, so the replica reproduces them up to float32 rounding.
+    np.testing.assert_allclose(explanation.fidelity.recomputed_logprobs, served, rtol=0, atol=1e-6)
+    assert explanation.fidelity.max_abs_logprob_diff < 1e-6
+
+    recorded = by_name(spans)
+    assert set(recorded) == {"forward", "method input_x_gradient", "method logit_lens", "fidelity"}
+    assert recorded["method logit_lens"].attributes == {"sightline.method": "logit_lens"}
+    fidelity = recorded["fidelity"].attributes or {}
+    assert fidelity["sightline.fidelity.max_abs_logprob_diff"] == explanation.fidelity.max_abs_logprob_diff
+
+
+def test_fidelity_reports_the_largest_served_difference(tiny_model: LoadedModel) -> None:
+    served = model_log_probs(tiny_model)
+    served[3] += 0.25
+
+    explanation = explain(tiny_model, None, PROMPT_IDS, OUTPUT_IDS, [], served)
+
+    assert explanation.fidelity.max_abs_logprob_diff == pytest.approx(0.25, abs=1e-6)
+    assert not explanation.results
+
+
+def test_a_cache_hit_reproduces_the_miss(
+    tiny_model_float32: LoadedModel, redis_client: redis.Redis, spans: InMemorySpanExporter
+) -> None:
+    cache = HiddenStateCache(redis_client, ttl_seconds=600)
+    served = model_log_probs(tiny_model_float32)
+
+    miss = explain(tiny_model_float32, cache, PROMPT_IDS, OUTPUT_IDS, BOTH_METHODS, served)
+    miss_spans = by_name(spans)
+    spans.clear()
+    hit = explain(tiny_model_float32, cache, PROMPT_IDS, OUTPUT_IDS, BOTH_METHODS, served)
+    hit_spans = by_name(spans)
+
+    assert not miss.cache_hit and hit.cache_hit
+    assert redis_client.exists(HiddenStateCache.key(tiny_model_float32.weights_digest, PROMPT_IDS + OUTPUT_IDS))
+    for miss_result, hit_result in zip(miss.results, hit.results, strict=True):
+        miss_result.ClearField("seconds")
+        hit_result.ClearField("seconds")
+        assert miss_result == hit_result  # bit-identical tensors
+    assert miss.tokens == hit.tokens
+    # On a hit, fidelity is read out of the bfloat16 cached last layer rather than the forward's logits.
+    np.testing.assert_allclose(hit.fidelity.recomputed_logprobs, miss.fidelity.recomputed_logprobs, rtol=0, atol=0.02)
+
+    assert miss_spans["cache lookup"].attributes == {"sightline.cache.hit": False}
+    assert "forward" in miss_spans
+    assert hit_spans["cache lookup"].attributes == {"sightline.cache.hit": True}
+    assert "forward" not in hit_spans
+
+
+def test_a_corrupt_cache_entry_is_recomputed(tiny_model_float32: LoadedModel, redis_client: redis.Redis) -> None:
+    cache = HiddenStateCache(redis_client, ttl_seconds=600)
+    key = HiddenStateCache.key(tiny_model_float32.weights_digest, PROMPT_IDS + OUTPUT_IDS)
+    redis_client.set(key, b"not a tensor")
+
+    explanation = explain(tiny_model_float32, cache, PROMPT_IDS, OUTPUT_IDS, [("logit_lens", {})], None)
+
+    assert not explanation.cache_hit
+    assert cache.get(tiny_model_float32.weights_digest, PROMPT_IDS + OUTPUT_IDS) is not None
+
+
+@pytest.mark.parametrize(
+    ("methods", "prompt", "output", "served", "error", "message"),
+    [
+        ([("telepathy", {})], PROMPT_IDS, OUTPUT_IDS, None, UnknownMethodError,
+         "available methods: input_x_gradient, logit_lens"),
+        ([("logit_lens", {"k": 0})], PROMPT_IDS, OUTPUT_IDS, None, InvalidParamsError, "must be in 1..50"),
+        ([("logit_lens", {"top": 3})], PROMPT_IDS, OUTPUT_IDS, None, InvalidParamsError, "valid: k "),
+        ([("logit_lens", {}), ("logit_lens", {})], PROMPT_IDS, OUTPUT_IDS, None, InvalidInputError,
+         "requested twice"),
+        ([], PROMPT_IDS, [*OUTPUT_IDS, 64], None, InvalidInputError,
+         r"output token id 64 at index 8 is outside the vocabulary \[0, 64\)"),
+        ([], [-1, *PROMPT_IDS], OUTPUT_IDS, None, InvalidInputError, "prompt token id -1 at index 0"),
+        ([], PROMPT_IDS, [], None, InvalidInputError, "at least one prompt token and one output token"),
+        ([], PROMPT_IDS, OUTPUT_IDS * 8, None, InvalidInputError, "70 tokens exceed the model's 64 positions"),
+        ([], PROMPT_IDS, OUTPUT_IDS, [0.0], InvalidInputError, "got 1 served logprobs for 8 output tokens"),
+    ],
+)  # fmt: skip
+def test_invalid_requests_fail_before_any_model_work(
+    tiny_model: LoadedModel,
+    spans: InMemorySpanExporter,
+    methods: list[tuple[str, dict[str, object]]],
+    prompt: list[int],
+    output: list[int],
+    served: list[float] | None,
+    error: type[ValueError],
+    message: str,
+) -> None:
+    with pytest.raises(error, match=message):
+        explain(tiny_model, None, prompt, output, methods, served)
+    assert not spans.get_finished_spans()

@@ -1,0 +1,105 @@
+"""The pickle-free tensor codec and the Redis hidden-state cache."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Callable
+
+import pytest
+import redis
+import torch
+
+from explainers.hidden_cache import (
+    MAGIC,
+    STORAGE_DTYPE,
+    CorruptEntryError,
+    HiddenStateCache,
+    decode_tensor,
+    encode_tensor,
+)
+
+DIGEST = "feedface"
+TOKEN_IDS = [5, 1, 60, 2]
+
+
+def hidden_states(dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    torch.manual_seed(0)
+    # Magnitudes from 1e-2 to 1e3 per hidden unit, like a residual stream with outlier dimensions.
+    return (torch.randn(3, 4, 8) * torch.logspace(-2, 3, 8)).to(dtype)
+
+
+def flip_byte(blob: bytes, index: int) -> bytes:
+    return blob[:index] + bytes([blob[index] ^ 0xFF]) + blob[index + 1 :]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_codec_round_trip_is_bit_exact(dtype: torch.dtype) -> None:
+    original = hidden_states(dtype)[:, 1:]  # non-contiguous on purpose
+
+    decoded = decode_tensor(encode_tensor(original))
+
+    assert decoded.dtype == dtype and decoded.shape == original.shape
+    assert torch.equal(decoded.view(torch.uint8), original.contiguous().view(torch.uint8))
+
+
+def test_codec_layout_is_magic_header_then_little_endian_payload() -> None:
+    blob = encode_tensor(torch.tensor([1.0, -2.0], dtype=torch.float32))
+
+    magic, header_length = struct.unpack_from("<4sI", blob)
+    assert magic == MAGIC
+    assert blob[8 : 8 + header_length].startswith(b'{"dtype": "float32", "shape": [2], "checksum": ')
+    assert blob[8 + header_length :] == struct.pack("<2f", 1.0, -2.0)
+
+
+def test_codec_refuses_unsupported_dtypes() -> None:
+    with pytest.raises(TypeError, match="float64"):
+        encode_tensor(torch.zeros(2, dtype=torch.float64))
+
+
+CORRUPTIONS: dict[str, Callable[[bytes], bytes]] = {
+    "flipped payload byte": lambda blob: flip_byte(blob, len(blob) - 3),
+    "flipped shape digit": lambda blob: blob.replace(b'"shape": [3, 4, 8]', b'"shape": [4, 3, 8]'),
+    "flipped header byte": lambda blob: flip_byte(blob, 10),
+    "truncated payload": lambda blob: blob[:-1],
+    "truncated prefix": lambda blob: blob[:5],
+    "header longer than entry": lambda blob: blob[:4] + struct.pack("<I", len(blob)) + blob[8:],
+    "wrong magic": lambda blob: b"PK\x03\x04" + blob[4:],
+    "empty": lambda blob: b"",
+}
+
+
+@pytest.mark.parametrize("corrupt", CORRUPTIONS.values(), ids=CORRUPTIONS.keys())
+def test_decode_rejects_corrupt_entries(corrupt: Callable[[bytes], bytes]) -> None:
+    blob = encode_tensor(hidden_states(STORAGE_DTYPE))
+    with pytest.raises(CorruptEntryError):
+        decode_tensor(corrupt(blob))
+
+
+def test_key_hashes_token_ids_as_little_endian_int32() -> None:
+    packed = struct.pack("<4i", *TOKEN_IDS)
+    assert HiddenStateCache.key(DIGEST, TOKEN_IDS) == f"sl:hs:{DIGEST}:{hashlib.sha256(packed).hexdigest()}"
+    assert HiddenStateCache.key(DIGEST, TOKEN_IDS) != HiddenStateCache.key(DIGEST, TOKEN_IDS[:-1])
+
+
+def test_put_then_get_returns_bfloat16_states_with_a_ttl(redis_client: redis.Redis) -> None:
+    cache = HiddenStateCache(redis_client, ttl_seconds=600)
+    states = hidden_states()
+
+    assert cache.get(DIGEST, TOKEN_IDS) is None
+    assert cache.put(DIGEST, TOKEN_IDS, states)
+    cached = cache.get(DIGEST, TOKEN_IDS)
+
+    assert cached is not None and torch.equal(cached, states.to(torch.bfloat16))
+    assert 0 < redis_client.ttl(HiddenStateCache.key(DIGEST, TOKEN_IDS)) <= 600
+    assert cache.get("another-digest", TOKEN_IDS) is None
+
+
+@pytest.mark.parametrize("corrupt", CORRUPTIONS.values(), ids=CORRUPTIONS.keys())
+def test_a_corrupt_entry_is_a_miss_and_is_deleted(redis_client: redis.Redis, corrupt: Callable[[bytes], bytes]) -> None:
+    cache = HiddenStateCache(redis_client, ttl_seconds=600)
+    key = HiddenStateCache.key(DIGEST, TOKEN_IDS)
+    redis_client.set(key, corrupt(encode_tensor(hidden_states(STORAGE_DTYPE))))
+
+    assert cache.get(DIGEST, TOKEN_IDS) is None
+    assert redis_client.exists(key) == 0

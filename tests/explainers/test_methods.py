@@ -1,0 +1,183 @@
+"""The method registry, parameter parsing, and the two methods against independent computations."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from captum.attr import InputXGradient as CaptumInputXGradient
+from sightline.v1 import explanations_pb2, types_pb2
+
+from explainers.hidden_cache import STORAGE_DTYPE
+from explainers.methods.base import AttributionContext, InvalidParamsError
+from explainers.methods.input_x_gradient import InputXGradient, InputXGradientParams
+from explainers.methods.logit_lens import LogitLens, LogitLensParams
+from explainers.methods.registry import UnknownMethodError, all_methods, get_method, method_infos, register
+from explainers.model import LoadedModel
+
+ReadTensor = Callable[[types_pb2.Tensor], np.ndarray]
+MakeContext = Callable[[LoadedModel], AttributionContext]
+
+
+# --- registry and parameters ---
+
+
+def test_registry_lists_both_methods_with_their_capabilities() -> None:
+    assert [method.name for method in all_methods()] == ["input_x_gradient", "logit_lens"]
+    infos = {info.name: info for info in method_infos()}
+    gradient, lens = infos["input_x_gradient"], infos["logit_lens"]
+    assert gradient.needs_gradients and gradient.attributes_tokens and not gradient.uses_cache
+    assert lens.uses_cache and not lens.needs_gradients and not lens.attributes_tokens
+    assert not (gradient.multimodal or gradient.supports_contrastive_targets)
+    (k,) = lens.params
+    assert (k.name, k.type, k.default_value) == ("k", explanations_pb2.PARAM_TYPE_INT, "5")
+    assert k.description.endswith("Range 1..50.")
+    assert [p.default_value for p in gradient.params] == ["16"]
+
+
+def test_unknown_method_names_the_valid_ones() -> None:
+    with pytest.raises(UnknownMethodError, match="'telepathy'; available methods: input_x_gradient, logit_lens"):
+        get_method("telepathy")
+
+
+def test_registering_a_name_twice_is_refused() -> None:
+    with pytest.raises(ValueError, match="already registered"):
+        register(LogitLens())
+
+
+@pytest.mark.parametrize("method", all_methods(), ids=lambda method: method.name)
+def test_param_declarations_match_the_typed_params(method: Any) -> None:
+    fields = {field.name: field.type for field in dataclasses.fields(method.params_type)}
+    assert fields == {spec.name: spec.type.__name__ for spec in method.params}
+
+
+def test_parse_params_fills_defaults_and_takes_integral_numbers() -> None:
+    assert LogitLens().parse_params({}) == LogitLensParams(k=5)
+    # google.protobuf.Struct delivers every number as a double.
+    assert InputXGradient().parse_params({"target_batch_size": 4.0}) == InputXGradientParams(target_batch_size=4)
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"kk": 3}, r"unknown parameter\(s\) 'kk' for method 'logit_lens'; valid: k \(int, 1..50, default 5\)"),
+        ({"k": "3"}, "parameter 'k' of method 'logit_lens' must be an integer, got '3'"),
+        ({"k": 2.5}, "must be an integer, got 2.5"),
+        ({"k": True}, "must be an integer, got True"),
+        ({"k": float("nan")}, "must be an integer, got nan"),
+        ({"k": 0}, "parameter 'k' of method 'logit_lens' must be in 1..50, got 0"),
+        ({"k": 51.0}, "must be in 1..50, got 51"),
+    ],
+)
+def test_parse_params_rejects_bad_values_with_actionable_messages(params: dict[str, object], message: str) -> None:
+    with pytest.raises(InvalidParamsError, match=message):
+        LogitLens().parse_params(params)
+
+
+# --- input x gradient ---
+
+
+def per_target_reference(loaded: LoadedModel, token_ids: torch.Tensor, target_positions: torch.Tensor) -> np.ndarray:
+    """The peer libraries' way: one forward pass per target over its prefix, gradient w.r.t. inputs_embeds."""
+    rows = np.zeros((len(target_positions), len(token_ids) - 1))
+    for row, position in enumerate(target_positions.tolist()):
+        prefix = token_ids[:position]
+        embeddings = loaded.model.get_input_embeddings()(prefix[None]).detach().requires_grad_(True)
+        logits = loaded.model(inputs_embeds=embeddings).logits[0, -1]
+        logprob = torch.log_softmax(logits, dim=-1)[token_ids[position]]
+        (gradient,) = torch.autograd.grad(logprob, embeddings)
+        rows[row, :position] = (embeddings * gradient).sum(dim=-1)[0].detach().numpy()
+    return rows
+
+
+def test_input_x_gradient_matches_one_forward_per_target(
+    tiny_model: LoadedModel, make_context: MakeContext, read_tensor: ReadTensor
+) -> None:
+    ctx = make_context(tiny_model)
+    result = InputXGradient().attribute(ctx, InputXGradientParams(target_batch_size=16))
+    attributions = read_tensor(result.attributions)
+
+    assert result.attributions.dtype == types_pb2.D_TYPE_FLOAT32
+    assert attributions.shape == (8, 13)
+    reference = per_target_reference(tiny_model, ctx.token_ids, ctx.target_positions)
+    # float32 on the wire: 1e-5 is well above its rounding of values up to ~0.5.
+    np.testing.assert_allclose(attributions, reference, rtol=0, atol=1e-5)
+    assert np.abs(reference).max() > 0.1  # the comparison is not between near-zero matrices
+    for row, position in enumerate(ctx.target_positions.tolist()):
+        assert np.all(attributions[row, position:] == 0.0)
+        assert np.all(attributions[row, :position] != 0.0)
+
+
+@pytest.mark.parametrize("target_batch_size", [1, 3, 7])
+def test_input_x_gradient_chunked_equals_unchunked(
+    tiny_model: LoadedModel, make_context: MakeContext, read_tensor: ReadTensor, target_batch_size: int
+) -> None:
+    ctx = make_context(tiny_model)
+    unchunked = read_tensor(InputXGradient().attribute(ctx, InputXGradientParams(1024)).attributions)
+    chunked = read_tensor(InputXGradient().attribute(ctx, InputXGradientParams(target_batch_size)).attributions)
+    np.testing.assert_allclose(chunked, unchunked, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("target", [0, 7])
+def test_input_x_gradient_agrees_with_captum(
+    tiny_model: LoadedModel, make_context: MakeContext, read_tensor: ReadTensor, target: int
+) -> None:
+    ctx = make_context(tiny_model)
+    position = int(ctx.target_positions[target])
+    token = int(ctx.token_ids[position])
+
+    def target_logprob(embeddings: torch.Tensor) -> torch.Tensor:
+        logits = tiny_model.model(inputs_embeds=embeddings).logits[:, position - 1]
+        return torch.log_softmax(logits, dim=-1)[:, token]
+
+    embeddings = tiny_model.embed(ctx.token_ids).requires_grad_(True)
+    captum = CaptumInputXGradient(target_logprob).attribute(embeddings).sum(dim=-1)[0, :-1].detach()
+
+    ours = read_tensor(InputXGradient().attribute(ctx, InputXGradientParams(16)).attributions)[target]
+    np.testing.assert_allclose(ours, captum.numpy(), rtol=0, atol=1e-5)
+
+
+# --- logit lens ---
+
+
+def test_logit_lens_last_layer_is_the_model_prediction(
+    tiny_model: LoadedModel, make_context: MakeContext, read_tensor: ReadTensor
+) -> None:
+    ctx = make_context(tiny_model)
+    result = LogitLens().attribute(ctx, LogitLensParams(k=4))
+    top_ids = read_tensor(result.extras["top_token_ids"])
+    top_logprobs = read_tensor(result.extras["top_logprobs"])
+    target_logprobs = read_tensor(result.extras["target_logprobs"])
+
+    assert not result.HasField("attributions")
+    assert top_ids.shape == top_logprobs.shape == (3, 8, 4) and target_logprobs.shape == (3, 8)
+    assert result.extras["top_token_ids"].dtype == types_pb2.D_TYPE_INT32
+    assert np.all(np.diff(top_logprobs, axis=-1) <= 0)
+
+    with torch.no_grad():
+        logits = tiny_model.model(input_ids=ctx.token_ids[None]).logits[0, ctx.target_positions - 1]
+    model_logprobs = torch.log_softmax(logits, dim=-1)
+    np.testing.assert_array_equal(top_ids[-1, :, 0], logits.argmax(dim=-1).numpy())
+    expected = model_logprobs.gather(-1, ctx.token_ids[ctx.target_positions, None])[:, 0]
+    np.testing.assert_allclose(target_logprobs[-1], expected.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(top_logprobs[-1], model_logprobs.topk(4).values.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_logit_lens_from_cached_bfloat16_states_stays_close_to_float32(
+    tiny_model_float32: LoadedModel, make_context: MakeContext, read_tensor: ReadTensor
+) -> None:
+    fresh = make_context(tiny_model_float32)
+    cached = dataclasses.replace(fresh, hidden_states=fresh.hidden_states.to(STORAGE_DTYPE).float())
+
+    exact = LogitLens().attribute(fresh, LogitLensParams(k=5))
+    rounded = LogitLens().attribute(cached, LogitLensParams(k=5))
+
+    # bfloat16 keeps 8 mantissa bits (relative error <= 2**-9); through the norm and a 64-token unembedding
+    # that moves log-probs by a few 1e-3 here. 0.02 leaves margin and is far below any signal the lens shows.
+    for extra in ("top_logprobs", "target_logprobs"):
+        difference = np.abs(read_tensor(rounded.extras[extra]) - read_tensor(exact.extras[extra]))
+        assert difference.max() < 0.02, extra
