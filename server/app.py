@@ -1,0 +1,110 @@
+"""Assemble and run the gateway: gRPC services, health, reflection, dependency monitoring."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import grpc
+import redis.asyncio as aioredis
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from sightline.v1 import explanations_pb2, explanations_pb2_grpc, inference_pb2, inference_pb2_grpc
+
+from server.config import GatewaySettings
+from server.explanations import ExplanationBroker
+from server.servicers import ExplanationsServicer, Gateway, InferenceServicer
+from server.vllm_client import ServedModel, VLLMClient
+
+log = logging.getLogger(__name__)
+
+INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+EXPLANATIONS_SERVICE = explanations_pb2.DESCRIPTOR.services_by_name["ExplanationsService"].full_name
+
+
+class DependencyMonitor:
+    """Polls vLLM and Redis and publishes the result through grpc.health.v1.
+
+    ``InferenceService`` needs vLLM; ``ExplanationsService`` needs Redis and a registered
+    explainer; the overall status ("") is SERVING only when both are.
+    """
+
+    def __init__(self, vllm: VLLMClient, broker: ExplanationBroker, health_servicer: health.HealthServicer) -> None:
+        self._vllm = vllm
+        self._broker = broker
+        self._health = health_servicer
+        self.served: ServedModel | None = None
+
+    async def check_once(self) -> None:
+        vllm_ok = await self._vllm.healthy()
+        if vllm_ok and self.served is None:
+            with contextlib.suppress(Exception):
+                self.served = await self._vllm.served_model()
+        inference_ok = vllm_ok and self.served is not None
+        explanations_ok = await self._broker.ping() and await self._catalog_present()
+        self._set(INFERENCE_SERVICE, inference_ok)
+        self._set(EXPLANATIONS_SERVICE, explanations_ok)
+        self._set("", inference_ok and explanations_ok)
+
+    async def run(self, interval: float) -> None:
+        while True:
+            try:
+                await self.check_once()
+            except Exception:
+                log.exception("health check failed")
+            await asyncio.sleep(interval)
+
+    async def _catalog_present(self) -> bool:
+        try:
+            await self._broker.catalog()
+        except Exception:
+            return False
+        return True
+
+    def _set(self, service: str, ok: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+        self._health.set(service, status)
+
+
+async def serve(settings: GatewaySettings, *, ready: asyncio.Event | None = None, stop: asyncio.Event) -> None:
+    """Serve until ``stop`` is set, then drain in-flight calls for a short grace period."""
+    vllm = VLLMClient(settings.vllm_url)
+    redis_client = aioredis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=10)
+    broker = ExplanationBroker(redis_client, settings.redis_url, record_ttl_seconds=settings.record_ttl_seconds)
+    health_servicer = health.HealthServicer()
+    monitor = DependencyMonitor(vllm, broker, health_servicer)
+    gateway = Gateway(settings, vllm, broker, monitor)
+
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(options=options)
+    inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(gateway), server)
+    explanations_pb2_grpc.add_ExplanationsServiceServicer_to_server(ExplanationsServicer(gateway), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (INFERENCE_SERVICE, EXPLANATIONS_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    server.add_insecure_port(settings.listen)
+
+    await monitor.check_once()
+    broker.start()
+    monitor_task = asyncio.create_task(monitor.run(settings.health_interval_seconds))
+    await server.start()
+    log.info("gateway listening on %s (vLLM %s, Redis %s)", settings.listen, settings.vllm_url, settings.redis_url)
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        health_servicer.enter_graceful_shutdown()
+        await server.stop(grace=5.0)
+        monitor_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await monitor_task
+        await broker.stop()
+        await vllm.aclose()
+        await redis_client.aclose()

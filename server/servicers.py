@@ -1,0 +1,367 @@
+"""gRPC servicers: a thin protocol layer over the vLLM client and the explanation broker."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Protocol, TypeVar
+
+import grpc
+from opentelemetry import propagate, trace
+from sightline.v1 import (
+    explanations_pb2,
+    explanations_pb2_grpc,
+    inference_pb2,
+    inference_pb2_grpc,
+    types_pb2,
+)
+
+from common.telemetry import trace_id_hex
+from server.config import GatewaySettings
+from server.errors import GatewayError, invalid_argument, not_found, unavailable
+from server.explanations import ExplanationBroker
+from server.validation import chat_messages, sampling_from_proto, token_ids
+from server.vllm_client import CompletionChunk, Prompt, ServedModel, VLLMClient
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("sightline.gateway")
+
+FINISH_REASONS = {
+    "stop": types_pb2.FINISH_REASON_STOP,
+    "length": types_pb2.FINISH_REASON_LENGTH,
+    "abort": types_pb2.FINISH_REASON_ABORT,
+}
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+
+
+class ModelSource(Protocol):
+    """Where the servicers learn which model vLLM serves (refreshed by the health monitor)."""
+
+    @property
+    def served(self) -> ServedModel | None: ...
+
+
+def _server_span(rpc: str, context: grpc.aio.ServicerContext) -> trace.Span:
+    parent = propagate.extract({k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)})
+    service, method = rpc.rsplit("/", 1)
+    return tracer.start_span(
+        rpc,
+        context=parent,
+        kind=trace.SpanKind.SERVER,
+        attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
+    )
+
+
+async def _abort(context: grpc.aio.ServicerContext, span: trace.Span, exc: Exception) -> None:
+    if isinstance(exc, GatewayError):
+        code, message = exc.code, exc.message
+    else:
+        log.exception("unexpected error")
+        code, message = grpc.StatusCode.INTERNAL, f"internal error (trace {trace_id_hex(span)}); see gateway logs"
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
+    span.set_status(trace.Status(trace.StatusCode.ERROR, message))
+    await context.abort(code, message)
+
+
+def unary_rpc(
+    rpc: str,
+) -> Callable[[Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]], Any]:
+    """Run a unary handler inside its server span, mapping errors to gRPC statuses."""
+
+    def decorate(handler: Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]) -> Any:
+        @functools.wraps(handler)
+        async def wrapper(self: Any, request: Request, context: grpc.aio.ServicerContext) -> Response:
+            span = _server_span(rpc, context)
+            with trace.use_span(span, end_on_exit=True):
+                try:
+                    return await handler(self, request, context)
+                except Exception as exc:
+                    await _abort(context, span, exc)
+                    raise  # context.abort raises; this line satisfies the type checker
+
+        return wrapper
+
+    return decorate
+
+
+def stream_rpc(
+    rpc: str,
+) -> Callable[[Callable[[Any, Request, grpc.aio.ServicerContext], AsyncIterator[Response]]], Any]:
+    """Run a server-streaming handler inside its server span, mapping errors to gRPC statuses."""
+
+    def decorate(handler: Callable[[Any, Request, grpc.aio.ServicerContext], AsyncIterator[Response]]) -> Any:
+        @functools.wraps(handler)
+        async def wrapper(self: Any, request: Request, context: grpc.aio.ServicerContext) -> AsyncIterator[Response]:
+            span = _server_span(rpc, context)
+            with trace.use_span(span, end_on_exit=True):
+                try:
+                    async for item in handler(self, request, context):
+                        yield item
+                except Exception as exc:
+                    await _abort(context, span, exc)
+
+        return wrapper
+
+    return decorate
+
+
+def _request_id(given: str) -> str:
+    request_id = given or uuid.uuid4().hex
+    trace.get_current_span().set_attribute("sightline.request_id", request_id)
+    return request_id
+
+
+def _timeout(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else max(remaining, 0.0)
+
+
+class Gateway:
+    """State shared by both services: the vLLM client, the broker and the served model."""
+
+    def __init__(
+        self, settings: GatewaySettings, vllm: VLLMClient, broker: ExplanationBroker, models: ModelSource
+    ) -> None:
+        self.settings = settings
+        self.vllm = vllm
+        self.broker = broker
+        self.models = models
+
+    def resolve_model(self, requested: str) -> ServedModel:
+        served = self.models.served
+        if served is None:
+            raise unavailable(f"the vLLM backend at {self.vllm.base_url} is not ready yet; retry shortly")
+        if requested and requested != served.name:
+            raise not_found(f"model {requested!r} is not served here; available: {served.name}")
+        return served
+
+    async def prompt(self, source: inference_pb2.GenerationInput, model: ServedModel, timeout: float | None) -> Prompt:
+        kind = source.WhichOneof("input")
+        if kind == "prompt":
+            if not source.prompt.strip():
+                raise invalid_argument("input.prompt is empty; send the text to complete")
+            return source.prompt
+        if kind == "chat":
+            return await self.vllm.tokenize_chat(model.name, chat_messages(source.chat), timeout)
+        if kind == "prompt_token_ids":
+            return token_ids(
+                list(source.prompt_token_ids.ids), field="input.prompt_token_ids", max_model_len=model.max_model_len
+            )
+        raise invalid_argument("input is missing; set one of input.prompt, input.chat or input.prompt_token_ids")
+
+    async def explain(
+        self,
+        spec: types_pb2.ExplainSpec,
+        model: str,
+        prompt_token_ids: Sequence[int],
+        output_tokens: Sequence[types_pb2.Token],
+        context: grpc.aio.ServicerContext,
+        served_logprobs: list[float] | None,
+    ) -> types_pb2.Explanation:
+        """Enqueue an explanation; in SYNC mode wait for it until just before the deadline."""
+        methods = await self.broker.validate_methods(spec)
+        if not output_tokens:
+            raise invalid_argument("there are no generated tokens to explain")
+        record = await self.broker.submit(
+            tenant=self.settings.tenant,
+            model=model,
+            prompt_token_ids=prompt_token_ids,
+            output_tokens=output_tokens,
+            served_logprobs=served_logprobs,
+            methods=methods,
+            trace_id=trace_id_hex(trace.get_current_span()),
+        )
+        if spec.mode == types_pb2.EXPLAIN_MODE_ASYNC:
+            return record
+        remaining = context.time_remaining()
+        budget = 3600.0 if remaining is None else remaining - self.settings.deadline_margin_seconds
+        return await self.broker.wait(record.explanation_id, self.settings.tenant, budget)
+
+
+def _output_tokens(chunk: CompletionChunk) -> list[types_pb2.Token]:
+    return [
+        types_pb2.Token(id=token_id, text=text, logprob=logprob)
+        if logprob is not None
+        else types_pb2.Token(id=token_id, text=text)
+        for token_id, text, logprob in zip(chunk.token_ids, chunk.token_texts, chunk.logprobs, strict=True)
+    ]
+
+
+def _served_logprobs(tokens: Sequence[types_pb2.Token]) -> list[float] | None:
+    if tokens and all(t.HasField("logprob") for t in tokens):
+        return [t.logprob for t in tokens]
+    return None
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    @unary_rpc("sightline.v1.InferenceService/Generate")
+    async def Generate(
+        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.GenerateResponse:
+        gateway = self.gateway
+        request_id = _request_id(request.request_id)
+        model = gateway.resolve_model(request.model)
+        sampling = sampling_from_proto(
+            request.sampling,
+            default_max_tokens=gateway.settings.default_max_tokens,
+            max_model_len=model.max_model_len,
+        )
+        # Validated before generating, so a bad explain spec costs no generation.
+        await gateway.broker.validate_methods(request.explain)
+        prompt = await gateway.prompt(request.input, model, _timeout(context))
+        completion = await gateway.vllm.complete(model.name, prompt, sampling, _timeout(context))
+        output_tokens = _output_tokens(completion)
+        response = inference_pb2.GenerateResponse(
+            request_id=request_id,
+            trace_id=trace_id_hex(trace.get_current_span()),
+            model=model.name,
+            text=completion.text,
+            prompt_token_ids=completion.prompt_token_ids or [],
+            output_tokens=output_tokens,
+            finish_reason=FINISH_REASONS.get(completion.finish_reason or "", types_pb2.FINISH_REASON_UNSPECIFIED),
+            usage=types_pb2.Usage(
+                input_tokens=completion.input_tokens or 0, output_tokens=completion.output_tokens or 0
+            ),
+        )
+        if request.explain.methods:
+            explanation = await gateway.explain(
+                request.explain,
+                model.name,
+                response.prompt_token_ids,
+                output_tokens,
+                context,
+                _served_logprobs(output_tokens),
+            )
+            response.explanation_id = explanation.explanation_id
+            if request.explain.mode != types_pb2.EXPLAIN_MODE_ASYNC:
+                response.explanation.CopyFrom(explanation)
+        return response
+
+    @stream_rpc("sightline.v1.InferenceService/GenerateStream")
+    async def GenerateStream(
+        self, request: inference_pb2.GenerateStreamRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
+        gateway = self.gateway
+        request_id = _request_id(request.request_id)
+        trace_id = trace_id_hex(trace.get_current_span())
+        model = gateway.resolve_model(request.model)
+        sampling = sampling_from_proto(
+            request.sampling,
+            default_max_tokens=gateway.settings.default_max_tokens,
+            max_model_len=model.max_model_len,
+        )
+        await gateway.broker.validate_methods(request.explain)
+        prompt = await gateway.prompt(request.input, model, _timeout(context))
+        prompt_token_ids: list[int] = []
+        all_output: list[types_pb2.Token] = []
+        final = inference_pb2.GenerateStreamResponse(request_id=request_id, trace_id=trace_id)
+        stream = gateway.vllm.complete_stream(model.name, prompt, sampling, _timeout(context))
+        try:
+            async for chunk in stream:
+                if chunk.prompt_token_ids is not None:
+                    prompt_token_ids = chunk.prompt_token_ids
+                if chunk.finish_reason:
+                    final.finish_reason = FINISH_REASONS.get(chunk.finish_reason, types_pb2.FINISH_REASON_UNSPECIFIED)
+                if chunk.input_tokens is not None:
+                    final.usage.input_tokens = chunk.input_tokens
+                    final.usage.output_tokens = chunk.output_tokens or 0
+                tokens = _output_tokens(chunk)
+                if not tokens and not chunk.text and chunk.prompt_token_ids is None:
+                    continue
+                all_output.extend(tokens)
+                yield inference_pb2.GenerateStreamResponse(
+                    request_id=request_id,
+                    trace_id=trace_id,
+                    output_tokens=tokens,
+                    text_delta=chunk.text,
+                    prompt_token_ids=chunk.prompt_token_ids or [],
+                )
+        finally:
+            # Closing the upstream stream on cancellation is what makes vLLM abort the request.
+            await stream.aclose()  # type: ignore[attr-defined]
+        if request.explain.methods:
+            explanation = await gateway.explain(
+                request.explain, model.name, prompt_token_ids, all_output, context, _served_logprobs(all_output)
+            )
+            final.explanation_id = explanation.explanation_id
+            if request.explain.mode != types_pb2.EXPLAIN_MODE_ASYNC:
+                final.explanation.CopyFrom(explanation)
+        yield final
+
+
+class ExplanationsServicer(explanations_pb2_grpc.ExplanationsServiceServicer):
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    @unary_rpc("sightline.v1.ExplanationsService/Explain")
+    async def Explain(
+        self, request: explanations_pb2.ExplainRequest, context: grpc.aio.ServicerContext
+    ) -> explanations_pb2.ExplainResponse:
+        gateway = self.gateway
+        request_id = _request_id(request.request_id)
+        model = gateway.resolve_model(request.model)
+        if not request.explain.methods:
+            raise invalid_argument("explain.methods is empty; name at least one method (see ListMethods)")
+        prompt_ids = token_ids(
+            list(request.prompt_token_ids), field="prompt_token_ids", max_model_len=model.max_model_len
+        )
+        output_ids = token_ids(
+            list(request.output_token_ids), field="output_token_ids", max_model_len=model.max_model_len
+        )
+        if len(prompt_ids) + len(output_ids) > model.max_model_len:
+            raise invalid_argument(
+                f"prompt and output together have {len(prompt_ids) + len(output_ids)} tokens; "
+                f"the model's context window is {model.max_model_len}"
+            )
+        served = list(request.output_logprobs)
+        if served and len(served) != len(output_ids):
+            raise invalid_argument(
+                f"output_logprobs has {len(served)} values for {len(output_ids)} output tokens; "
+                "send one per output token or none"
+            )
+        explanation = await gateway.explain(
+            request.explain,
+            model.name,
+            prompt_ids,
+            [types_pb2.Token(id=t) for t in output_ids],
+            context,
+            served or None,
+        )
+        response = explanations_pb2.ExplainResponse(
+            request_id=request_id,
+            trace_id=trace_id_hex(trace.get_current_span()),
+            explanation_id=explanation.explanation_id,
+        )
+        if request.explain.mode != types_pb2.EXPLAIN_MODE_ASYNC:
+            response.explanation.CopyFrom(explanation)
+        return response
+
+    @unary_rpc("sightline.v1.ExplanationsService/GetExplanation")
+    async def GetExplanation(
+        self, request: explanations_pb2.GetExplanationRequest, context: grpc.aio.ServicerContext
+    ) -> explanations_pb2.GetExplanationResponse:
+        if not request.explanation_id:
+            raise invalid_argument("explanation_id is empty; pass the id a Generate or Explain call returned")
+        if not request.wait_seconds >= 0:
+            raise invalid_argument(f"wait_seconds must be >= 0; got {request.wait_seconds}")
+        remaining = context.time_remaining()
+        budget = float(request.wait_seconds)
+        if remaining is not None:
+            budget = min(budget, remaining - self.gateway.settings.deadline_margin_seconds)
+        explanation = await self.gateway.broker.wait(request.explanation_id, self.gateway.settings.tenant, budget)
+        return explanations_pb2.GetExplanationResponse(
+            request_id=uuid.uuid4().hex, trace_id=trace_id_hex(trace.get_current_span()), explanation=explanation
+        )
+
+    @unary_rpc("sightline.v1.ExplanationsService/ListMethods")
+    async def ListMethods(
+        self, request: explanations_pb2.ListMethodsRequest, context: grpc.aio.ServicerContext
+    ) -> explanations_pb2.ListMethodsResponse:
+        return await self.gateway.broker.catalog()

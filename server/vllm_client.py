@@ -1,0 +1,251 @@
+"""HTTP client for an unmodified vLLM OpenAI-compatible server.
+
+The gateway never imports vLLM: it sends token-id (or text) prompts to ``/v1/completions``
+with ``return_token_ids`` and per-token logprobs, so explanations are computed on exactly the
+ids the engine produced. Every call is wrapped in an OpenTelemetry GenAI client span and
+carries ``traceparent`` so vLLM's own ``llm_request`` span joins the caller's trace.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import httpx
+from opentelemetry import propagate, trace
+
+from server.errors import GatewayError, deadline_exceeded, invalid_argument, not_found, unavailable
+
+tracer = trace.get_tracer("sightline.gateway")
+
+Prompt = str | Sequence[int]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    name: str
+    max_model_len: int
+
+
+@dataclass
+class CompletionChunk:
+    """Tokens produced since the previous chunk; a unary completion is one chunk holding all."""
+
+    token_ids: list[int] = field(default_factory=list)
+    token_texts: list[str] = field(default_factory=list)
+    logprobs: list[float | None] = field(default_factory=list)
+    text: str = ""
+    prompt_token_ids: list[int] | None = None
+    finish_reason: str | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+
+
+class VLLMClient:
+    """Async client for one vLLM server."""
+
+    def __init__(self, base_url: str, *, connect_timeout: float = 5.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            timeout=httpx.Timeout(None, connect=connect_timeout),
+            limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def healthy(self) -> bool:
+        try:
+            response = await self._http.get("/health", timeout=2.0)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    async def served_model(self) -> ServedModel:
+        body = await self._request_json("GET", "/v1/models", timeout=5.0)
+        first = body["data"][0]
+        return ServedModel(name=str(first["id"]), max_model_len=int(first.get("max_model_len") or 0))
+
+    async def tokenize_chat(self, model: str, messages: Sequence[dict[str, str]], timeout: float | None) -> list[int]:
+        """Render chat messages with the model's own chat template into token ids."""
+        body = await self._request_json(
+            "POST",
+            "/tokenize",
+            json={"model": model, "messages": list(messages), "add_generation_prompt": True},
+            timeout=timeout,
+        )
+        return [int(t) for t in body["tokens"]]
+
+    async def complete(self, model: str, prompt: Prompt, sampling: Sampling, timeout: float | None) -> CompletionChunk:
+        payload = self._completion_payload(model, prompt, sampling, stream=False)
+        with self._genai_span(model, sampling) as span:
+            headers = _trace_headers()
+            body = await self._request_json("POST", "/v1/completions", json=payload, timeout=timeout, headers=headers)
+            choice = body["choices"][0]
+            chunk = _chunk_from_choice(choice)
+            chunk.prompt_token_ids = [int(t) for t in choice.get("prompt_token_ids") or []]
+            usage = body.get("usage") or {}
+            chunk.input_tokens = usage.get("prompt_tokens")
+            chunk.output_tokens = usage.get("completion_tokens")
+            _record_response(span, body.get("id"), chunk)
+            return chunk
+
+    async def complete_stream(
+        self, model: str, prompt: Prompt, sampling: Sampling, timeout: float | None
+    ) -> AsyncIterator[CompletionChunk]:
+        """Yield chunks as vLLM streams them; closing the iterator aborts the upstream request."""
+        payload = self._completion_payload(model, prompt, sampling, stream=True)
+        with self._genai_span(model, sampling) as span:
+            summary = CompletionChunk()
+            try:
+                async with self._http.stream(
+                    "POST", "/v1/completions", json=payload, headers=_trace_headers(), timeout=timeout
+                ) as response:
+                    if response.status_code != 200:
+                        await response.aread()
+                        raise _error_from_response(response)
+                    async for line in response.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        event = json.loads(line[len("data: ") :])
+                        chunk = CompletionChunk()
+                        if event.get("choices"):
+                            choice = event["choices"][0]
+                            chunk = _chunk_from_choice(choice)
+                            if choice.get("prompt_token_ids") is not None:
+                                chunk.prompt_token_ids = [int(t) for t in choice["prompt_token_ids"]]
+                        usage = event.get("usage")
+                        if usage:
+                            chunk.input_tokens = usage.get("prompt_tokens")
+                            chunk.output_tokens = usage.get("completion_tokens")
+                        summary.finish_reason = summary.finish_reason or chunk.finish_reason
+                        if chunk.input_tokens is not None:
+                            summary.input_tokens = chunk.input_tokens
+                            summary.output_tokens = chunk.output_tokens
+                        yield chunk
+            except httpx.TimeoutException as exc:
+                raise deadline_exceeded("the vLLM backend did not finish before the call's deadline") from exc
+            except httpx.TransportError as exc:
+                raise unavailable(f"the vLLM backend at {self.base_url} is unreachable: {exc}") from exc
+            _record_response(span, None, summary)
+
+    @staticmethod
+    def _completion_payload(model: str, prompt: Prompt, sampling: Sampling, *, stream: bool) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "model": model,
+            "prompt": prompt if isinstance(prompt, str) else list(prompt),
+            "max_tokens": sampling.max_tokens,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "logprobs": 0,
+            "return_token_ids": True,
+            "stream": stream,
+        }
+        if sampling.top_k is not None:
+            payload["top_k"] = sampling.top_k
+        if sampling.seed is not None:
+            payload["seed"] = sampling.seed
+        if sampling.stop:
+            payload["stop"] = list(sampling.stop)
+        if stream:
+            payload["stream_options"] = {"include_usage": True}
+        return payload
+
+    def _genai_span(self, model: str, sampling: Sampling) -> AbstractContextManager[trace.Span]:
+        url = httpx.URL(self.base_url)
+        # Names and attributes follow the OpenTelemetry GenAI semantic conventions.
+        return tracer.start_as_current_span(
+            f"text_completion {model}",
+            kind=trace.SpanKind.CLIENT,
+            attributes={
+                "gen_ai.operation.name": "text_completion",
+                "gen_ai.system": "vllm",
+                "gen_ai.provider.name": "vllm",
+                "gen_ai.request.model": model,
+                "gen_ai.request.max_tokens": sampling.max_tokens,
+                "gen_ai.request.temperature": sampling.temperature,
+                "gen_ai.request.top_p": sampling.top_p,
+                "server.address": url.host,
+                "server.port": url.port or 80,
+            },
+        )
+
+    async def _request_json(
+        self,
+        method: str,
+        path: str,
+        *,
+        timeout: float | None,
+        json: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        try:
+            response = await self._http.request(method, path, json=json, headers=headers, timeout=timeout)
+        except httpx.TimeoutException as exc:
+            raise deadline_exceeded("the vLLM backend did not answer before the call's deadline") from exc
+        except httpx.TransportError as exc:
+            raise unavailable(f"the vLLM backend at {self.base_url} is unreachable: {exc}") from exc
+        if response.status_code != 200:
+            raise _error_from_response(response)
+        body: dict[str, Any] = response.json()
+        return body
+
+
+def _trace_headers() -> dict[str, str]:
+    headers: dict[str, str] = {}
+    propagate.inject(headers)
+    return headers
+
+
+def _chunk_from_choice(choice: dict[str, Any]) -> CompletionChunk:
+    logprobs = choice.get("logprobs") or {}
+    token_ids = [int(t) for t in choice.get("token_ids") or []]
+    texts = list(logprobs.get("tokens") or [])
+    values = list(logprobs.get("token_logprobs") or [])
+    return CompletionChunk(
+        token_ids=token_ids,
+        token_texts=texts if len(texts) == len(token_ids) else [""] * len(token_ids),
+        logprobs=values if len(values) == len(token_ids) else [None] * len(token_ids),
+        text=str(choice.get("text") or ""),
+        finish_reason=choice.get("finish_reason"),
+    )
+
+
+def _record_response(span: trace.Span, response_id: str | None, chunk: CompletionChunk) -> None:
+    if response_id:
+        span.set_attribute("gen_ai.response.id", response_id)
+    if chunk.input_tokens is not None:
+        span.set_attribute("gen_ai.usage.input_tokens", chunk.input_tokens)
+    if chunk.output_tokens is not None:
+        span.set_attribute("gen_ai.usage.output_tokens", chunk.output_tokens)
+    if chunk.finish_reason:
+        span.set_attribute("gen_ai.response.finish_reasons", [chunk.finish_reason])
+
+
+def _error_from_response(response: httpx.Response) -> GatewayError:
+    try:
+        body = response.json()
+        message = str(body.get("error", {}).get("message") or body.get("message") or body)
+    except ValueError:
+        message = response.text
+    message = f"vLLM rejected the request: {message}"
+    if response.status_code == 404:
+        return not_found(message)
+    if 400 <= response.status_code < 500:
+        return invalid_argument(message)
+    return GatewayError(grpc.StatusCode.UNAVAILABLE, f"vLLM failed with HTTP {response.status_code}: {message}")

@@ -1,0 +1,64 @@
+"""Unit tests of request validation and the job codec (no services needed)."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from sightline.v1 import types_pb2
+
+from common.jobs import ExplanationJob, MethodRequest, ModelRecord, new_explanation_id
+from server.errors import GatewayError
+from server.validation import chat_messages, sampling_from_proto, token_ids
+
+
+def test_sampling_defaults() -> None:
+    sampling = sampling_from_proto(types_pb2.SamplingParams(), default_max_tokens=64, max_model_len=2048)
+    assert (sampling.max_tokens, sampling.temperature, sampling.top_p, sampling.top_k) == (64, 0.0, 1.0, None)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        types_pb2.SamplingParams(max_tokens=2048),
+        types_pb2.SamplingParams(temperature=float("nan")),
+        types_pb2.SamplingParams(top_p=1.5),
+        types_pb2.SamplingParams(top_k=-1),
+        types_pb2.SamplingParams(stop=[""]),
+        types_pb2.SamplingParams(stop=["x"] * 17),
+    ],
+)
+def test_sampling_rejects(params: types_pb2.SamplingParams) -> None:
+    with pytest.raises(GatewayError) as caught:
+        sampling_from_proto(params, default_max_tokens=64, max_model_len=2048)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_token_ids_and_chat() -> None:
+    assert token_ids([0, 5], field="f", max_model_len=8) == [0, 5]
+    with pytest.raises(GatewayError, match="context window is 8 tokens"):
+        token_ids(list(range(8)), field="f", max_model_len=8)
+    with pytest.raises(GatewayError, match="f is empty"):
+        token_ids([], field="f", max_model_len=8)
+    messages = types_pb2.ChatMessages(messages=[types_pb2.ChatMessage(role="user", content="hi")])
+    assert chat_messages(messages) == [{"role": "user", "content": "hi"}]
+
+
+def test_job_round_trips_through_stream_fields() -> None:
+    job = ExplanationJob(
+        explanation_id=new_explanation_id(),
+        tenant="t",
+        model="m",
+        weights_digest="d" * 64,
+        prompt_token_ids=[1, 2],
+        output_token_ids=[3],
+        served_logprobs=[-0.5],
+        methods=[MethodRequest("logit_lens", {"k": 3})],
+        traceparent="00-" + "1" * 32 + "-" + "2" * 16 + "-01",
+    )
+    encoded = {k.encode(): v.encode() for k, v in job.to_fields().items()}
+    assert ExplanationJob.from_fields(encoded) == job
+    assert job.explanation_id != new_explanation_id()
+    with pytest.raises(ValueError, match="malformed explanation job"):
+        ExplanationJob.from_fields({b"explanation_id": b"x"})
+    record = ModelRecord("abc", 49152)
+    assert ModelRecord.from_json(record.to_json()) == record
