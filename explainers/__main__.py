@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument(
         "--threads",
         type=int,
-        default=int(os.environ.get("SIGHTLINE_EXPLAINER_THREADS", "2")),
+        default=int(os.environ.get("SIGHTLINE_EXPLAINER_THREADS", "1")),
         help="torch intra-op threads (SIGHTLINE_EXPLAINER_THREADS)",
     )
     parser.add_argument(

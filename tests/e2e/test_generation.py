@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
+import httpx
 import pytest
 from sightline.v1 import inference_pb2, inference_pb2_grpc, types_pb2
+
+from deploy.local_stack import LocalStack
 
 pytestmark = pytest.mark.e2e
 
@@ -76,7 +81,16 @@ def test_stream_yields_the_same_tokens_as_unary(inference: inference_pb2_grpc.In
     assert len({c.trace_id for c in chunks}) == 1
 
 
-def test_cancelled_stream_stops_early(inference: inference_pb2_grpc.InferenceServiceStub) -> None:
+def _requests_running(vllm_url: str) -> float:
+    metrics = httpx.get(f"{vllm_url}/metrics", timeout=5).text
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith("vllm:num_requests_running")
+    )
+
+
+def test_cancelling_a_stream_aborts_the_upstream_request(
+    inference: inference_pb2_grpc.InferenceServiceStub, stack: LocalStack
+) -> None:
     call = inference.GenerateStream(
         inference_pb2.GenerateStreamRequest(
             input=inference_pb2.GenerationInput(prompt="Count from one to one thousand:"),
@@ -90,6 +104,11 @@ def test_cancelled_stream_stops_early(inference: inference_pb2_grpc.InferenceSer
     with pytest.raises(grpc.RpcError) as caught:
         list(call)
     assert caught.value.code() == grpc.StatusCode.CANCELLED
+    # 1,000 tokens take vLLM over 40 s here; an aborted request leaves the engine within seconds.
+    deadline = time.monotonic() + 10
+    while _requests_running(stack.config.vllm_url) > 0:
+        assert time.monotonic() < deadline, "vLLM still runs the cancelled request"
+        time.sleep(0.2)
     # The gateway is still healthy and serves the next request.
     after = inference.Generate(
         inference_pb2.GenerateRequest(

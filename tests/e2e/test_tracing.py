@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -154,6 +155,10 @@ def test_failed_call_marks_its_span(in_process_gateway: str, memory_spans: InMem
             inference_pb2.GenerateRequest(input=inference_pb2.GenerationInput(prompt="")), timeout=10
         )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    failed = [s for s in memory_spans.get_finished_spans() if s.name == GENERATE and not s.status.is_ok]
-    assert failed and failed[-1].attributes is not None
+    # The status reaches the client a moment before the server's span ends.
+    deadline = time.monotonic() + 10
+    while not (failed := [s for s in memory_spans.get_finished_spans() if s.name == GENERATE and not s.status.is_ok]):
+        assert time.monotonic() < deadline, "no failed Generate span was recorded"
+        time.sleep(0.05)
+    assert failed[-1].attributes is not None
     assert failed[-1].attributes["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
