@@ -117,3 +117,23 @@ def test_cancelling_a_stream_aborts_the_upstream_request(
         timeout=60,
     )
     assert len(after.output_tokens) == 2
+
+
+def test_deadline_is_honoured_and_aborts_upstream(
+    inference: inference_pb2_grpc.InferenceServiceStub, stack: LocalStack
+) -> None:
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as caught:
+        inference.Generate(
+            inference_pb2.GenerateRequest(
+                input=inference_pb2.GenerationInput(prompt="Count from one to one thousand:"),
+                sampling=types_pb2.SamplingParams(max_tokens=1000),
+            ),
+            timeout=2,
+        )
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 10
+    deadline = time.monotonic() + 10
+    while _requests_running(stack.config.vllm_url) > 0:
+        assert time.monotonic() < deadline, "vLLM still runs the request whose deadline passed"
+        time.sleep(0.2)
