@@ -67,6 +67,44 @@ class MethodRequest:
 
 
 @dataclass(frozen=True)
+class SpanRequest:
+    start: int
+    end: int
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class ExplainOptions:
+    """Everything about an explanation besides its methods (see ExplainSpec in protos/sightline/v1/types.proto)."""
+
+    # Indices into the generated tokens; empty explains them all.
+    output_indices: list[int] = field(default_factory=list)
+    # Empty, one foil for every target, or one per explained token.
+    foil_token_ids: list[int] = field(default_factory=list)
+    # "logprob", "probability" or "logit".
+    score: str = "logprob"
+    # "token", "word" or "span".
+    granularity: str = "token"
+    spans: list[SpanRequest] = field(default_factory=list)
+    absolute: bool = False
+    # "none", "l1" or "max_abs".
+    normalization: str = "none"
+    faithfulness: bool = False
+    step_scores_top_k: int = 5
+
+    def to_json(self) -> str:
+        fields = dict(self.__dict__)
+        fields["spans"] = [span.__dict__ for span in self.spans]
+        return json.dumps(fields)
+
+    @classmethod
+    def from_json(cls, text: str) -> ExplainOptions:
+        fields = json.loads(text)
+        fields["spans"] = [SpanRequest(**span) for span in fields.get("spans", [])]
+        return cls(**fields)
+
+
+@dataclass(frozen=True)
 class ExplanationJob:
     """One explanation to compute, exactly as the serving engine produced its tokens."""
 
@@ -79,6 +117,7 @@ class ExplanationJob:
     served_logprobs: list[float] | None
     methods: list[MethodRequest]
     traceparent: str
+    options: ExplainOptions = field(default_factory=ExplainOptions)
 
     def to_fields(self) -> dict[str, str]:
         return {
@@ -91,6 +130,7 @@ class ExplanationJob:
             "served_logprobs": json.dumps(self.served_logprobs),
             "methods": json.dumps([{"name": m.name, "params": m.params} for m in self.methods]),
             "traceparent": self.traceparent,
+            "options": self.options.to_json(),
         }
 
     @classmethod
@@ -115,6 +155,7 @@ class ExplanationJob:
                     for m in json.loads(text["methods"])
                 ],
                 traceparent=text.get("traceparent", ""),
+                options=ExplainOptions.from_json(text["options"]) if "options" in text else ExplainOptions(),
             )
         except (KeyError, TypeError, json.JSONDecodeError) as exc:
             raise ValueError(f"malformed explanation job: {exc!r}") from exc

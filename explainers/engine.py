@@ -18,12 +18,21 @@ import torch
 from opentelemetry import trace
 from sightline.v1 import types_pb2
 
+from common.jobs import ExplainOptions
 from explainers.hidden_cache import STORAGE_DTYPE, HiddenStateCache
 from explainers.methods.base import AttributionContext, AttributionMethod
 from explainers.methods.registry import get_method
 from explainers.model import LoadedModel, forward_with_hidden_states, readout_log_probs
+from explainers.step_scores import step_scores
+from explainers.targets import Targets, TargetScore
 
 logger = logging.getLogger(__name__)
+
+TARGET_SCORES = {
+    TargetScore.LOGPROB: types_pb2.TARGET_SCORE_LOGPROB,
+    TargetScore.PROBABILITY: types_pb2.TARGET_SCORE_PROBABILITY,
+    TargetScore.LOGIT: types_pb2.TARGET_SCORE_LOGIT,
+}
 tracer = trace.get_tracer("sightline.explainer")
 
 
@@ -38,24 +47,28 @@ def explain(
     output_ids: list[int],
     methods: list[tuple[str, dict[str, object]]],
     served_logprobs: list[float] | None,
+    options: ExplainOptions | None = None,
 ) -> types_pb2.Explanation:
-    """Attribute every generated token of prompt_ids + output_ids with each requested (method, params).
+    """Attribute the generated tokens of prompt_ids + output_ids that options select with each (method, params).
 
     Raises UnknownMethodError, InvalidParamsError or InvalidInputError (all ValueError) before any model work.
     Fills the computed fields; the caller owns id, state, timestamps, trace id and attempts.
     """
+    options = options or ExplainOptions()
     requested = _parse_methods(methods)
     _validate_input(loaded, prompt_ids, output_ids, served_logprobs)
     sequence = [*prompt_ids, *output_ids]
     token_ids = torch.tensor(sequence, dtype=torch.long)
-    target_positions = torch.arange(len(prompt_ids), len(sequence))
+    generated_positions = torch.arange(len(prompt_ids), len(sequence))
+    targets = _targets(loaded, token_ids, generated_positions, options)
+    _check_contrastive_support(requested, targets)
 
-    hidden_states, recomputed_logprobs, cache_hit = _hidden_states(loaded, cache, token_ids, target_positions)
+    hidden_states, recomputed_logprobs, cache_hit = _hidden_states(loaded, cache, token_ids, generated_positions)
     ctx = AttributionContext(
         loaded=loaded,
         token_ids=token_ids,
         prompt_length=len(prompt_ids),
-        target_positions=target_positions,
+        targets=targets,
         hidden_states=hidden_states,
     )
     explanation = types_pb2.Explanation(
@@ -63,7 +76,10 @@ def explain(
         weights_digest=loaded.weights_digest,
         tokens=_tokens(loaded, sequence, len(prompt_ids), served_logprobs),
         prompt_length=len(prompt_ids),
-        target_positions=target_positions.tolist(),
+        target_positions=targets.positions.tolist(),
+        foil_token_ids=[] if targets.foil_ids is None else targets.foil_ids.tolist(),
+        target_score=TARGET_SCORES[targets.score],
+        step_scores=step_scores(loaded, hidden_states, targets, options.step_scores_top_k),
         cache_hit=cache_hit,
     )
     for method, params in requested:
@@ -75,7 +91,7 @@ def explain(
 
     with tracer.start_as_current_span("fidelity") as span:
         if recomputed_logprobs is None:
-            recomputed_logprobs = _read_out_target_log_probs(loaded, hidden_states[-1], token_ids, target_positions)
+            recomputed_logprobs = _read_out_target_log_probs(loaded, hidden_states[-1], token_ids, generated_positions)
         explanation.fidelity.recomputed_logprobs.extend(recomputed_logprobs.tolist())
         if served_logprobs is not None:
             served = torch.tensor(served_logprobs, dtype=recomputed_logprobs.dtype)
@@ -83,6 +99,39 @@ def explain(
             explanation.fidelity.max_abs_logprob_diff = max_abs_diff
             span.set_attribute("sightline.fidelity.max_abs_logprob_diff", max_abs_diff)
     return explanation
+
+
+def _targets(
+    loaded: LoadedModel, token_ids: torch.Tensor, generated_positions: torch.Tensor, options: ExplainOptions
+) -> Targets:
+    indices = options.output_indices or list(range(len(generated_positions)))
+    if any(not 0 <= i < len(generated_positions) for i in indices) or indices != sorted(set(indices)):
+        raise InvalidInputError(
+            f"target output indices must be distinct, ascending and in [0, {len(generated_positions)}), "
+            f"got {options.output_indices}"
+        )
+    positions = generated_positions[indices]
+    foils = options.foil_token_ids
+    if foils and len(foils) not in (1, len(positions)):
+        raise InvalidInputError(
+            f"give one foil token id for every target or one per explained token ({len(positions)}), got {len(foils)}"
+        )
+    if any(not 0 <= foil < loaded.vocab_size for foil in foils):
+        raise InvalidInputError(f"foil token ids must be in [0, {loaded.vocab_size}), got {foils}")
+    try:
+        score = TargetScore(options.score)
+    except ValueError as exc:
+        raise InvalidInputError(f"unknown target score {options.score!r}; use logprob, probability or logit") from exc
+    foil_ids = torch.tensor(foils * len(positions) if len(foils) == 1 else foils) if foils else None
+    return Targets(positions=positions, token_ids=token_ids[positions], foil_ids=foil_ids, score=score)
+
+
+def _check_contrastive_support(requested: list[tuple[AttributionMethod[Any], Any]], targets: Targets) -> None:
+    if targets.foil_ids is None:
+        return
+    unsupported = [method.name for method, _ in requested if not method.supports_contrastive_targets]
+    if unsupported:
+        raise InvalidInputError(f"methods {unsupported} do not support contrastive (foil) targets")
 
 
 def _parse_methods(methods: Sequence[tuple[str, Mapping[str, object]]]) -> list[tuple[AttributionMethod[Any], Any]]:

@@ -151,6 +151,7 @@ class ExplainerWorker:
                     job.output_token_ids,
                     [(m.name, m.params) for m in job.methods],
                     job.served_logprobs,
+                    job.options,
                 )
             except ValueError as exc:
                 # Invalid input fails the same way on every worker: no point retrying.

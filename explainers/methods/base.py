@@ -13,6 +13,7 @@ import torch
 from sightline.v1 import explanations_pb2, types_pb2
 
 from explainers.model import LoadedModel
+from explainers.targets import Targets
 
 ParamValue = int | float | str | bool
 ParamsT = TypeVar("ParamsT")
@@ -45,6 +46,8 @@ class ParamSpec:
     description: str
     minimum: float | None = None
     maximum: float | None = None
+    # For string parameters: the accepted values.
+    choices: tuple[str, ...] = ()
 
     @property
     def range_text(self) -> str:
@@ -64,19 +67,24 @@ class ParamSpec:
             raise InvalidParamsError(f"{where} must be {_TYPE_NAMES[self.type]}, got {value!r}")
         if isinstance(parsed, int | float) and not isinstance(parsed, bool) and not self._in_range(parsed):
             raise InvalidParamsError(f"{where} must be in {self.range_text}, got {parsed!r}")
+        if self.choices and parsed not in self.choices:
+            raise InvalidParamsError(f"{where} must be one of {', '.join(self.choices)}, got {parsed!r}")
         return parsed
 
     def _in_range(self, number: float) -> bool:
         return (self.minimum is None or number >= self.minimum) and (self.maximum is None or number <= self.maximum)
 
     def info(self) -> explanations_pb2.MethodParam:
-        # MethodParam has no bounds fields, so clients read them from the description.
+        # Bounds are also spelled out in the description, for people reading `sightline methods`.
         bounds = f" Range {self.range_text}." if self.range_text else ""
         return explanations_pb2.MethodParam(
             name=self.name,
             type=_PARAM_TYPES[self.type],
             default_value=_render(self.default),
             description=self.description + bounds,
+            minimum=self.minimum,
+            maximum=self.maximum,
+            choices=self.choices,
         )
 
 
@@ -111,7 +119,7 @@ class AttributionContext:
     loaded: LoadedModel
     token_ids: torch.Tensor  # int64 [num_tokens]: prompt, then output
     prompt_length: int
-    target_positions: torch.Tensor  # int64 [num_targets]: indices into token_ids of the tokens explained
+    targets: Targets  # the explained tokens, their score function and foils
     # [num_layers + 1, num_tokens, hidden] in the model's dtype at the cache's (bfloat16) precision, from the cache
     # or from the engine's one recorded forward pass; identical either way.
     hidden_states: torch.Tensor
@@ -171,3 +179,10 @@ def tensor_proto(values: torch.Tensor) -> types_pb2.Tensor:
     else:
         dtype, packed = types_pb2.D_TYPE_INT32, tensor.to(torch.int32).numpy().astype("<i4")
     return types_pb2.Tensor(dtype=dtype, shape=list(tensor.shape), data=np.ascontiguousarray(packed).tobytes())
+
+
+def prefix_only(scores: torch.Tensor, targets: Targets) -> torch.Tensor:
+    """The [num_targets, num_tokens - 1] attribution matrix from per-token scores [num_targets, num_tokens]:
+    the last token precedes no target, and a target's own and later positions are exactly 0."""
+    sources = torch.arange(scores.shape[1] - 1)
+    return torch.where(sources[None, :] < targets.positions[:, None], scores[:, :-1], 0.0)

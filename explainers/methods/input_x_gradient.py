@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 from sightline.v1 import types_pb2
 
-from explainers.methods.base import AttributionContext, AttributionMethod, ParamSpec, tensor_proto
-from explainers.model import target_log_probs
+from explainers.methods.base import AttributionContext, AttributionMethod, ParamSpec, prefix_only, tensor_proto
+from explainers.targets import target_scores
 
 
 @dataclass(frozen=True)
@@ -43,29 +43,28 @@ class InputXGradient(AttributionMethod[InputXGradientParams]):
     needs_gradients = True
     uses_cache = False
     attributes_tokens = True
+    supports_contrastive_targets = True
 
     def attribute(self, ctx: AttributionContext, params: InputXGradientParams) -> types_pb2.MethodResult:
         embeddings = ctx.loaded.embed(ctx.token_ids).requires_grad_(True)  # [1, num_tokens, hidden]
         with torch.enable_grad():
-            target_logprobs = target_log_probs(ctx.loaded, embeddings, ctx.token_ids, ctx.target_positions)
-        num_targets, num_tokens = len(ctx.target_positions), len(ctx.token_ids)
+            scores = target_scores(ctx.loaded, embeddings, ctx.targets)[0]
+        num_targets = len(ctx.targets)
 
         rows = []
         for start in range(0, num_targets, params.target_batch_size):
             stop = min(start + params.target_batch_size, num_targets)
             # Row k of the one-hot selects target start + k: one vector-Jacobian product per row, vmapped.
-            selector = torch.nn.functional.one_hot(torch.arange(start, stop), num_targets).to(target_logprobs.dtype)
+            selector = torch.nn.functional.one_hot(torch.arange(start, stop), num_targets).to(scores.dtype)
             (gradients,) = torch.autograd.grad(
-                target_logprobs,
+                scores,
                 embeddings,
                 grad_outputs=selector,
                 is_grads_batched=True,
                 retain_graph=stop < num_targets,
             )  # [chunk, 1, num_tokens, hidden]
             rows.append((gradients * embeddings.detach()).sum(dim=-1)[:, 0])
-        scores = torch.cat(rows)[:, : num_tokens - 1]  # the last token precedes no target
-
-        # Causality already makes the gradient vanish at and after a target's own position; make it exact.
-        sources = torch.arange(num_tokens - 1)
-        scores = torch.where(sources[None, :] < ctx.target_positions[:, None], scores, 0.0)
-        return types_pb2.MethodResult(method=self.name, attributions=tensor_proto(scores))
+        # Causality already makes the gradient vanish at and after a target's own position; prefix_only makes it exact.
+        return types_pb2.MethodResult(
+            method=self.name, attributions=tensor_proto(prefix_only(torch.cat(rows), ctx.targets))
+        )

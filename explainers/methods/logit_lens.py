@@ -35,8 +35,8 @@ class LogitLens(AttributionMethod[LogitLensParams]):
     attributes_tokens = False
 
     def attribute(self, ctx: AttributionContext, params: LogitLensParams) -> types_pb2.MethodResult:
-        predicting = ctx.hidden_states[:, ctx.target_positions - 1]  # [num_layers + 1, num_targets, hidden]
-        targets = ctx.token_ids[ctx.target_positions, None]  # [num_targets, 1]
+        predicting = ctx.hidden_states[:, ctx.targets.predicting_positions]  # [num_layers + 1, num_targets, hidden]
+        targets = ctx.targets.token_ids[:, None]  # [num_targets, 1]
         top_ids, top_logprobs, target_logprobs = [], [], []
         with torch.no_grad():
             # One layer at a time keeps the peak at [num_targets, vocab] log-probs instead of L + 1 times that.

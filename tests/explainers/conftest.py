@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, Pre
 
 from explainers.methods.base import AttributionContext
 from explainers.model import ATTN_IMPLEMENTATION, LoadedModel, forward_with_hidden_states
+from explainers.targets import Targets
 
 VOCAB_SIZE = 64
 NUM_LAYERS = 2
@@ -120,7 +121,7 @@ def make_context(
             loaded=loaded,
             token_ids=token_ids,
             prompt_length=len(PROMPT_IDS),
-            target_positions=target_positions,
+            targets=Targets(positions=target_positions, token_ids=token_ids[target_positions], foil_ids=None),
             hidden_states=recorded.hidden_states,
         )
 

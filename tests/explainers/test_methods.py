@@ -26,16 +26,18 @@ MakeContext = Callable[[LoadedModel], AttributionContext]
 # --- registry and parameters ---
 
 
-def test_registry_lists_both_methods_with_their_capabilities() -> None:
-    assert [method.name for method in all_methods()] == ["input_x_gradient", "logit_lens"]
+def test_registry_lists_input_x_gradient_and_logit_lens_with_their_capabilities() -> None:
+    assert {"input_x_gradient", "logit_lens"} <= {method.name for method in all_methods()}
     infos = {info.name: info for info in method_infos()}
     gradient, lens = infos["input_x_gradient"], infos["logit_lens"]
     assert gradient.needs_gradients and gradient.attributes_tokens and not gradient.uses_cache
     assert lens.uses_cache and not lens.needs_gradients and not lens.attributes_tokens
-    assert not (gradient.multimodal or gradient.supports_contrastive_targets)
+    assert gradient.supports_contrastive_targets and not lens.supports_contrastive_targets
+    assert not gradient.multimodal
     (k,) = lens.params
     assert (k.name, k.type, k.default_value) == ("k", explanations_pb2.PARAM_TYPE_INT, "5")
     assert k.description.endswith("Range 1..50.")
+    assert (k.minimum, k.maximum) == (1, 50)
     assert [p.default_value for p in gradient.params] == ["16"]
 
 
@@ -103,11 +105,11 @@ def test_input_x_gradient_matches_one_forward_per_target(
 
     assert result.attributions.dtype == types_pb2.D_TYPE_FLOAT32
     assert attributions.shape == (8, 13)
-    reference = per_target_reference(tiny_model, ctx.token_ids, ctx.target_positions)
+    reference = per_target_reference(tiny_model, ctx.token_ids, ctx.targets.positions)
     # float32 on the wire: 1e-5 is well above its rounding of values up to ~0.5.
     np.testing.assert_allclose(attributions, reference, rtol=0, atol=1e-5)
     assert np.abs(reference).max() > 0.1  # the comparison is not between near-zero matrices
-    for row, position in enumerate(ctx.target_positions.tolist()):
+    for row, position in enumerate(ctx.targets.positions.tolist()):
         assert np.all(attributions[row, position:] == 0.0)
         assert np.all(attributions[row, :position] != 0.0)
 
@@ -127,7 +129,7 @@ def test_input_x_gradient_agrees_with_captum(
     tiny_model: LoadedModel, make_context: MakeContext, read_tensor: ReadTensor, target: int
 ) -> None:
     ctx = make_context(tiny_model)
-    position = int(ctx.target_positions[target])
+    position = int(ctx.targets.positions[target])
     token = int(ctx.token_ids[position])
 
     def target_logprob(embeddings: torch.Tensor) -> torch.Tensor:
@@ -159,10 +161,10 @@ def test_logit_lens_last_layer_is_the_model_prediction(
     assert np.all(np.diff(top_logprobs, axis=-1) <= 0)
 
     with torch.no_grad():
-        logits = tiny_model.model(input_ids=ctx.token_ids[None]).logits[0, ctx.target_positions - 1]
+        logits = tiny_model.model(input_ids=ctx.token_ids[None]).logits[0, ctx.targets.positions - 1]
     model_logprobs = torch.log_softmax(logits, dim=-1)
     np.testing.assert_array_equal(top_ids[-1, :, 0], logits.argmax(dim=-1).numpy())
-    expected = model_logprobs.gather(-1, ctx.token_ids[ctx.target_positions, None])[:, 0]
+    expected = model_logprobs.gather(-1, ctx.token_ids[ctx.targets.positions, None])[:, 0]
     np.testing.assert_allclose(target_logprobs[-1], expected.numpy(), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(top_logprobs[-1], model_logprobs.topk(4).values.numpy(), rtol=1e-6, atol=1e-6)
 

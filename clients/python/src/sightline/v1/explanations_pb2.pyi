@@ -72,16 +72,22 @@ class ListMethodsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class MethodParam(_message.Message):
-    __slots__ = ("name", "type", "default_value", "description")
+    __slots__ = ("name", "type", "default_value", "description", "minimum", "maximum", "choices")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_VALUE_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    MINIMUM_FIELD_NUMBER: _ClassVar[int]
+    MAXIMUM_FIELD_NUMBER: _ClassVar[int]
+    CHOICES_FIELD_NUMBER: _ClassVar[int]
     name: str
     type: ParamType
     default_value: str
     description: str
-    def __init__(self, name: _Optional[str] = ..., type: _Optional[_Union[ParamType, str]] = ..., default_value: _Optional[str] = ..., description: _Optional[str] = ...) -> None: ...
+    minimum: float
+    maximum: float
+    choices: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[_Union[ParamType, str]] = ..., default_value: _Optional[str] = ..., description: _Optional[str] = ..., minimum: _Optional[float] = ..., maximum: _Optional[float] = ..., choices: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class MethodInfo(_message.Message):
     __slots__ = ("name", "description", "params", "needs_gradients", "uses_cache", "supports_contrastive_targets", "multimodal", "attributes_tokens")

@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18sightline/v1/types.proto\x12\x0csightline.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"I\n\x06Tensor\x12\"\n\x05\x64type\x18\x01 \x01(\x0e\x32\x13.sightline.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"C\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x42\n\n\x08_logprob\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.sightline.v1.ChatMessage\"\xc8\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"C\n\nMethodSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x06params\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"a\n\x0b\x45xplainSpec\x12)\n\x07methods\x18\x01 \x03(\x0b\x32\x18.sightline.v1.MethodSpec\x12\'\n\x04mode\x18\x02 \x01(\x0e\x32\x19.sightline.v1.ExplainMode\"4\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x05\x12\x15\n\routput_tokens\x18\x02 \x01(\x05\"\xd8\x01\n\x0cMethodResult\x12\x0e\n\x06method\x18\x01 \x01(\t\x12*\n\x0c\x61ttributions\x18\x02 \x01(\x0b\x32\x14.sightline.v1.Tensor\x12\x36\n\x06\x65xtras\x18\x03 \x03(\x0b\x32&.sightline.v1.MethodResult.ExtrasEntry\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\x1a\x43\n\x0b\x45xtrasEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.sightline.v1.Tensor:\x02\x38\x01\"E\n\x08\x46idelity\x12\x1b\n\x13recomputed_logprobs\x18\x01 \x03(\x02\x12\x1c\n\x14max_abs_logprob_diff\x18\x02 \x01(\x02\"\xd0\x03\n\x0b\x45xplanation\x12\x16\n\x0e\x65xplanation_id\x18\x01 \x01(\t\x12-\n\x05state\x18\x02 \x01(\x0e\x32\x1e.sightline.v1.ExplanationState\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x16\n\x0eweights_digest\x18\x05 \x01(\t\x12#\n\x06tokens\x18\x06 \x03(\x0b\x32\x13.sightline.v1.Token\x12\x15\n\rprompt_length\x18\x07 \x01(\x05\x12\x18\n\x10target_positions\x18\x08 \x03(\x05\x12+\n\x07results\x18\t \x03(\x0b\x32\x1a.sightline.v1.MethodResult\x12(\n\x08\x66idelity\x18\n \x01(\x0b\x32\x16.sightline.v1.Fidelity\x12\x11\n\tcache_hit\x18\x0b \x01(\x08\x12.\n\ncreated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x63ompleted_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08trace_id\x18\x0e \x01(\t\x12\x10\n\x08\x61ttempts\x18\x0f \x01(\x05*E\n\x05\x44Type\x12\x16\n\x12\x44_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44_TYPE_FLOAT32\x10\x01\x12\x10\n\x0c\x44_TYPE_INT32\x10\x02*Z\n\x0b\x45xplainMode\x12\x1c\n\x18\x45XPLAIN_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x45XPLAIN_MODE_SYNC\x10\x01\x12\x16\n\x12\x45XPLAIN_MODE_ASYNC\x10\x02*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*\xb2\x01\n\x10\x45xplanationState\x12!\n\x1d\x45XPLANATION_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x45XPLANATION_STATE_PENDING\x10\x01\x12\x1d\n\x19\x45XPLANATION_STATE_RUNNING\x10\x02\x12\x1f\n\x1b\x45XPLANATION_STATE_SUCCEEDED\x10\x03\x12\x1c\n\x18\x45XPLANATION_STATE_FAILED\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18sightline/v1/types.proto\x12\x0csightline.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"I\n\x06Tensor\x12\"\n\x05\x64type\x18\x01 \x01(\x0e\x32\x13.sightline.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"C\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x42\n\n\x08_logprob\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.sightline.v1.ChatMessage\"\xc8\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"C\n\nMethodSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x06params\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"f\n\nTargetSpec\x12\x16\n\x0eoutput_indices\x18\x01 \x03(\x05\x12\x16\n\x0e\x66oil_token_ids\x18\x02 \x03(\x05\x12(\n\x05score\x18\x03 \x01(\x0e\x32\x19.sightline.v1.TargetScore\"1\n\x04Span\x12\r\n\x05start\x18\x01 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x05\x12\r\n\x05label\x18\x03 \x01(\t\"\xaa\x01\n\x0f\x41ggregationSpec\x12.\n\x0bgranularity\x18\x01 \x01(\x0e\x32\x19.sightline.v1.Granularity\x12!\n\x05spans\x18\x02 \x03(\x0b\x32\x12.sightline.v1.Span\x12\x10\n\x08\x61\x62solute\x18\x03 \x01(\x08\x12\x32\n\rnormalization\x18\x04 \x01(\x0e\x32\x1b.sightline.v1.Normalization\"\x8c\x02\n\x0b\x45xplainSpec\x12)\n\x07methods\x18\x01 \x03(\x0b\x32\x18.sightline.v1.MethodSpec\x12\'\n\x04mode\x18\x02 \x01(\x0e\x32\x19.sightline.v1.ExplainMode\x12)\n\x07targets\x18\x03 \x01(\x0b\x32\x18.sightline.v1.TargetSpec\x12\x32\n\x0b\x61ggregation\x18\x04 \x01(\x0b\x32\x1d.sightline.v1.AggregationSpec\x12\x14\n\x0c\x66\x61ithfulness\x18\x05 \x01(\x08\x12\x1e\n\x11step_scores_top_k\x18\x06 \x01(\x05H\x00\x88\x01\x01\x42\x14\n\x12_step_scores_top_k\"4\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x05\x12\x15\n\routput_tokens\x18\x02 \x01(\x05\"\xb4\x02\n\x0cMethodResult\x12\x0e\n\x06method\x18\x01 \x01(\t\x12*\n\x0c\x61ttributions\x18\x02 \x01(\x0b\x32\x14.sightline.v1.Tensor\x12\x36\n\x06\x65xtras\x18\x03 \x03(\x0b\x32&.sightline.v1.MethodResult.ExtrasEntry\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\x12(\n\naggregated\x18\x05 \x01(\x0b\x32\x14.sightline.v1.Tensor\x12\x30\n\x0c\x66\x61ithfulness\x18\x06 \x01(\x0b\x32\x1a.sightline.v1.Faithfulness\x1a\x43\n\x0b\x45xtrasEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.sightline.v1.Tensor:\x02\x38\x01\"\xaf\x02\n\x0c\x46\x61ithfulness\x12\x11\n\tfractions\x18\x01 \x03(\x02\x12\x19\n\x11\x63omprehensiveness\x18\x02 \x03(\x02\x12\x13\n\x0bsufficiency\x18\x03 \x03(\x02\x12 \n\x18random_comprehensiveness\x18\x04 \x03(\x02\x12\x1a\n\x12random_sufficiency\x18\x05 \x03(\x02\x12\x1e\n\x16\x61opc_comprehensiveness\x18\x06 \x01(\x02\x12\x18\n\x10\x61opc_sufficiency\x18\x07 \x01(\x02\x12%\n\x1drandom_aopc_comprehensiveness\x18\x08 \x01(\x02\x12\x1f\n\x17random_aopc_sufficiency\x18\t \x01(\x02\x12\x1c\n\x14replacement_token_id\x18\n \x01(\x05\"\xb0\x01\n\nStepScores\x12\x10\n\x08logprobs\x18\x01 \x03(\x02\x12\x15\n\rprobabilities\x18\x02 \x03(\x02\x12\x11\n\tentropies\x18\x03 \x03(\x02\x12\r\n\x05ranks\x18\x04 \x03(\x05\x12+\n\rtop_token_ids\x18\x05 \x01(\x0b\x32\x14.sightline.v1.Tensor\x12*\n\x0ctop_logprobs\x18\x06 \x01(\x0b\x32\x14.sightline.v1.Tensor\"8\n\x0bSourceGroup\x12\r\n\x05start\x18\x01 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x05\x12\r\n\x05label\x18\x03 \x01(\t\"E\n\x08\x46idelity\x12\x1b\n\x13recomputed_logprobs\x18\x01 \x03(\x02\x12\x1c\n\x14max_abs_logprob_diff\x18\x02 \x01(\x02\"\xfa\x04\n\x0b\x45xplanation\x12\x16\n\x0e\x65xplanation_id\x18\x01 \x01(\t\x12-\n\x05state\x18\x02 \x01(\x0e\x32\x1e.sightline.v1.ExplanationState\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x16\n\x0eweights_digest\x18\x05 \x01(\t\x12#\n\x06tokens\x18\x06 \x03(\x0b\x32\x13.sightline.v1.Token\x12\x15\n\rprompt_length\x18\x07 \x01(\x05\x12\x18\n\x10target_positions\x18\x08 \x03(\x05\x12+\n\x07results\x18\t \x03(\x0b\x32\x1a.sightline.v1.MethodResult\x12(\n\x08\x66idelity\x18\n \x01(\x0b\x32\x16.sightline.v1.Fidelity\x12\x11\n\tcache_hit\x18\x0b \x01(\x08\x12.\n\ncreated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x63ompleted_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08trace_id\x18\x0e \x01(\t\x12\x10\n\x08\x61ttempts\x18\x0f \x01(\x05\x12\x16\n\x0e\x66oil_token_ids\x18\x10 \x03(\x05\x12/\n\x0ctarget_score\x18\x11 \x01(\x0e\x32\x19.sightline.v1.TargetScore\x12-\n\x0bstep_scores\x18\x12 \x01(\x0b\x32\x18.sightline.v1.StepScores\x12\x30\n\rsource_groups\x18\x13 \x03(\x0b\x32\x19.sightline.v1.SourceGroup*E\n\x05\x44Type\x12\x16\n\x12\x44_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44_TYPE_FLOAT32\x10\x01\x12\x10\n\x0c\x44_TYPE_INT32\x10\x02*Z\n\x0b\x45xplainMode\x12\x1c\n\x18\x45XPLAIN_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x45XPLAIN_MODE_SYNC\x10\x01\x12\x16\n\x12\x45XPLAIN_MODE_ASYNC\x10\x02*{\n\x0bTargetScore\x12\x1c\n\x18TARGET_SCORE_UNSPECIFIED\x10\x00\x12\x18\n\x14TARGET_SCORE_LOGPROB\x10\x01\x12\x1c\n\x18TARGET_SCORE_PROBABILITY\x10\x02\x12\x16\n\x12TARGET_SCORE_LOGIT\x10\x03*m\n\x0bGranularity\x12\x1b\n\x17GRANULARITY_UNSPECIFIED\x10\x00\x12\x15\n\x11GRANULARITY_TOKEN\x10\x01\x12\x14\n\x10GRANULARITY_WORD\x10\x02\x12\x14\n\x10GRANULARITY_SPAN\x10\x03*w\n\rNormalization\x12\x1d\n\x19NORMALIZATION_UNSPECIFIED\x10\x00\x12\x16\n\x12NORMALIZATION_NONE\x10\x01\x12\x14\n\x10NORMALIZATION_L1\x10\x02\x12\x19\n\x15NORMALIZATION_MAX_ABS\x10\x03*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*\xb2\x01\n\x10\x45xplanationState\x12!\n\x1d\x45XPLANATION_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x45XPLANATION_STATE_PENDING\x10\x01\x12\x1d\n\x19\x45XPLANATION_STATE_RUNNING\x10\x02\x12\x1f\n\x1b\x45XPLANATION_STATE_SUCCEEDED\x10\x03\x12\x1c\n\x18\x45XPLANATION_STATE_FAILED\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,14 +35,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_METHODRESULT_EXTRASENTRY']._loaded_options = None
   _globals['_METHODRESULT_EXTRASENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=1563
-  _globals['_DTYPE']._serialized_end=1632
-  _globals['_EXPLAINMODE']._serialized_start=1634
-  _globals['_EXPLAINMODE']._serialized_end=1724
-  _globals['_FINISHREASON']._serialized_start=1726
-  _globals['_FINISHREASON']._serialized_end=1846
-  _globals['_EXPLANATIONSTATE']._serialized_start=1849
-  _globals['_EXPLANATIONSTATE']._serialized_end=2027
+  _globals['_DTYPE']._serialized_start=2868
+  _globals['_DTYPE']._serialized_end=2937
+  _globals['_EXPLAINMODE']._serialized_start=2939
+  _globals['_EXPLAINMODE']._serialized_end=3029
+  _globals['_TARGETSCORE']._serialized_start=3031
+  _globals['_TARGETSCORE']._serialized_end=3154
+  _globals['_GRANULARITY']._serialized_start=3156
+  _globals['_GRANULARITY']._serialized_end=3265
+  _globals['_NORMALIZATION']._serialized_start=3267
+  _globals['_NORMALIZATION']._serialized_end=3386
+  _globals['_FINISHREASON']._serialized_start=3388
+  _globals['_FINISHREASON']._serialized_end=3508
+  _globals['_EXPLANATIONSTATE']._serialized_start=3511
+  _globals['_EXPLANATIONSTATE']._serialized_end=3689
   _globals['_TENSOR']._serialized_start=105
   _globals['_TENSOR']._serialized_end=178
   _globals['_TOKEN']._serialized_start=180
@@ -57,16 +63,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS']._serialized_end=582
   _globals['_METHODSPEC']._serialized_start=584
   _globals['_METHODSPEC']._serialized_end=651
-  _globals['_EXPLAINSPEC']._serialized_start=653
-  _globals['_EXPLAINSPEC']._serialized_end=750
-  _globals['_USAGE']._serialized_start=752
-  _globals['_USAGE']._serialized_end=804
-  _globals['_METHODRESULT']._serialized_start=807
-  _globals['_METHODRESULT']._serialized_end=1023
-  _globals['_METHODRESULT_EXTRASENTRY']._serialized_start=956
-  _globals['_METHODRESULT_EXTRASENTRY']._serialized_end=1023
-  _globals['_FIDELITY']._serialized_start=1025
-  _globals['_FIDELITY']._serialized_end=1094
-  _globals['_EXPLANATION']._serialized_start=1097
-  _globals['_EXPLANATION']._serialized_end=1561
+  _globals['_TARGETSPEC']._serialized_start=653
+  _globals['_TARGETSPEC']._serialized_end=755
+  _globals['_SPAN']._serialized_start=757
+  _globals['_SPAN']._serialized_end=806
+  _globals['_AGGREGATIONSPEC']._serialized_start=809
+  _globals['_AGGREGATIONSPEC']._serialized_end=979
+  _globals['_EXPLAINSPEC']._serialized_start=982
+  _globals['_EXPLAINSPEC']._serialized_end=1250
+  _globals['_USAGE']._serialized_start=1252
+  _globals['_USAGE']._serialized_end=1304
+  _globals['_METHODRESULT']._serialized_start=1307
+  _globals['_METHODRESULT']._serialized_end=1615
+  _globals['_METHODRESULT_EXTRASENTRY']._serialized_start=1548
+  _globals['_METHODRESULT_EXTRASENTRY']._serialized_end=1615
+  _globals['_FAITHFULNESS']._serialized_start=1618
+  _globals['_FAITHFULNESS']._serialized_end=1921
+  _globals['_STEPSCORES']._serialized_start=1924
+  _globals['_STEPSCORES']._serialized_end=2100
+  _globals['_SOURCEGROUP']._serialized_start=2102
+  _globals['_SOURCEGROUP']._serialized_end=2158
+  _globals['_FIDELITY']._serialized_start=2160
+  _globals['_FIDELITY']._serialized_end=2229
+  _globals['_EXPLANATION']._serialized_start=2232
+  _globals['_EXPLANATION']._serialized_end=2866
 # @@protoc_insertion_point(module_scope)

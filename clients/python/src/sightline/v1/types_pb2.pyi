@@ -23,6 +23,27 @@ class ExplainMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EXPLAIN_MODE_SYNC: _ClassVar[ExplainMode]
     EXPLAIN_MODE_ASYNC: _ClassVar[ExplainMode]
 
+class TargetScore(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TARGET_SCORE_UNSPECIFIED: _ClassVar[TargetScore]
+    TARGET_SCORE_LOGPROB: _ClassVar[TargetScore]
+    TARGET_SCORE_PROBABILITY: _ClassVar[TargetScore]
+    TARGET_SCORE_LOGIT: _ClassVar[TargetScore]
+
+class Granularity(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    GRANULARITY_UNSPECIFIED: _ClassVar[Granularity]
+    GRANULARITY_TOKEN: _ClassVar[Granularity]
+    GRANULARITY_WORD: _ClassVar[Granularity]
+    GRANULARITY_SPAN: _ClassVar[Granularity]
+
+class Normalization(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    NORMALIZATION_UNSPECIFIED: _ClassVar[Normalization]
+    NORMALIZATION_NONE: _ClassVar[Normalization]
+    NORMALIZATION_L1: _ClassVar[Normalization]
+    NORMALIZATION_MAX_ABS: _ClassVar[Normalization]
+
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
@@ -43,6 +64,18 @@ D_TYPE_INT32: DType
 EXPLAIN_MODE_UNSPECIFIED: ExplainMode
 EXPLAIN_MODE_SYNC: ExplainMode
 EXPLAIN_MODE_ASYNC: ExplainMode
+TARGET_SCORE_UNSPECIFIED: TargetScore
+TARGET_SCORE_LOGPROB: TargetScore
+TARGET_SCORE_PROBABILITY: TargetScore
+TARGET_SCORE_LOGIT: TargetScore
+GRANULARITY_UNSPECIFIED: Granularity
+GRANULARITY_TOKEN: Granularity
+GRANULARITY_WORD: Granularity
+GRANULARITY_SPAN: Granularity
+NORMALIZATION_UNSPECIFIED: Normalization
+NORMALIZATION_NONE: Normalization
+NORMALIZATION_L1: Normalization
+NORMALIZATION_MAX_ABS: Normalization
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
@@ -117,13 +150,53 @@ class MethodSpec(_message.Message):
     params: _struct_pb2.Struct
     def __init__(self, name: _Optional[str] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
+class TargetSpec(_message.Message):
+    __slots__ = ("output_indices", "foil_token_ids", "score")
+    OUTPUT_INDICES_FIELD_NUMBER: _ClassVar[int]
+    FOIL_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    output_indices: _containers.RepeatedScalarFieldContainer[int]
+    foil_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    score: TargetScore
+    def __init__(self, output_indices: _Optional[_Iterable[int]] = ..., foil_token_ids: _Optional[_Iterable[int]] = ..., score: _Optional[_Union[TargetScore, str]] = ...) -> None: ...
+
+class Span(_message.Message):
+    __slots__ = ("start", "end", "label")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    end: int
+    label: str
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., label: _Optional[str] = ...) -> None: ...
+
+class AggregationSpec(_message.Message):
+    __slots__ = ("granularity", "spans", "absolute", "normalization")
+    GRANULARITY_FIELD_NUMBER: _ClassVar[int]
+    SPANS_FIELD_NUMBER: _ClassVar[int]
+    ABSOLUTE_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZATION_FIELD_NUMBER: _ClassVar[int]
+    granularity: Granularity
+    spans: _containers.RepeatedCompositeFieldContainer[Span]
+    absolute: bool
+    normalization: Normalization
+    def __init__(self, granularity: _Optional[_Union[Granularity, str]] = ..., spans: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., absolute: _Optional[bool] = ..., normalization: _Optional[_Union[Normalization, str]] = ...) -> None: ...
+
 class ExplainSpec(_message.Message):
-    __slots__ = ("methods", "mode")
+    __slots__ = ("methods", "mode", "targets", "aggregation", "faithfulness", "step_scores_top_k")
     METHODS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    FAITHFULNESS_FIELD_NUMBER: _ClassVar[int]
+    STEP_SCORES_TOP_K_FIELD_NUMBER: _ClassVar[int]
     methods: _containers.RepeatedCompositeFieldContainer[MethodSpec]
     mode: ExplainMode
-    def __init__(self, methods: _Optional[_Iterable[_Union[MethodSpec, _Mapping]]] = ..., mode: _Optional[_Union[ExplainMode, str]] = ...) -> None: ...
+    targets: TargetSpec
+    aggregation: AggregationSpec
+    faithfulness: bool
+    step_scores_top_k: int
+    def __init__(self, methods: _Optional[_Iterable[_Union[MethodSpec, _Mapping]]] = ..., mode: _Optional[_Union[ExplainMode, str]] = ..., targets: _Optional[_Union[TargetSpec, _Mapping]] = ..., aggregation: _Optional[_Union[AggregationSpec, _Mapping]] = ..., faithfulness: _Optional[bool] = ..., step_scores_top_k: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("input_tokens", "output_tokens")
@@ -134,7 +207,7 @@ class Usage(_message.Message):
     def __init__(self, input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ...) -> None: ...
 
 class MethodResult(_message.Message):
-    __slots__ = ("method", "attributions", "extras", "seconds")
+    __slots__ = ("method", "attributions", "extras", "seconds", "aggregated", "faithfulness")
     class ExtrasEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -146,11 +219,65 @@ class MethodResult(_message.Message):
     ATTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
     EXTRAS_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATED_FIELD_NUMBER: _ClassVar[int]
+    FAITHFULNESS_FIELD_NUMBER: _ClassVar[int]
     method: str
     attributions: Tensor
     extras: _containers.MessageMap[str, Tensor]
     seconds: float
-    def __init__(self, method: _Optional[str] = ..., attributions: _Optional[_Union[Tensor, _Mapping]] = ..., extras: _Optional[_Mapping[str, Tensor]] = ..., seconds: _Optional[float] = ...) -> None: ...
+    aggregated: Tensor
+    faithfulness: Faithfulness
+    def __init__(self, method: _Optional[str] = ..., attributions: _Optional[_Union[Tensor, _Mapping]] = ..., extras: _Optional[_Mapping[str, Tensor]] = ..., seconds: _Optional[float] = ..., aggregated: _Optional[_Union[Tensor, _Mapping]] = ..., faithfulness: _Optional[_Union[Faithfulness, _Mapping]] = ...) -> None: ...
+
+class Faithfulness(_message.Message):
+    __slots__ = ("fractions", "comprehensiveness", "sufficiency", "random_comprehensiveness", "random_sufficiency", "aopc_comprehensiveness", "aopc_sufficiency", "random_aopc_comprehensiveness", "random_aopc_sufficiency", "replacement_token_id")
+    FRACTIONS_FIELD_NUMBER: _ClassVar[int]
+    COMPREHENSIVENESS_FIELD_NUMBER: _ClassVar[int]
+    SUFFICIENCY_FIELD_NUMBER: _ClassVar[int]
+    RANDOM_COMPREHENSIVENESS_FIELD_NUMBER: _ClassVar[int]
+    RANDOM_SUFFICIENCY_FIELD_NUMBER: _ClassVar[int]
+    AOPC_COMPREHENSIVENESS_FIELD_NUMBER: _ClassVar[int]
+    AOPC_SUFFICIENCY_FIELD_NUMBER: _ClassVar[int]
+    RANDOM_AOPC_COMPREHENSIVENESS_FIELD_NUMBER: _ClassVar[int]
+    RANDOM_AOPC_SUFFICIENCY_FIELD_NUMBER: _ClassVar[int]
+    REPLACEMENT_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    fractions: _containers.RepeatedScalarFieldContainer[float]
+    comprehensiveness: _containers.RepeatedScalarFieldContainer[float]
+    sufficiency: _containers.RepeatedScalarFieldContainer[float]
+    random_comprehensiveness: _containers.RepeatedScalarFieldContainer[float]
+    random_sufficiency: _containers.RepeatedScalarFieldContainer[float]
+    aopc_comprehensiveness: float
+    aopc_sufficiency: float
+    random_aopc_comprehensiveness: float
+    random_aopc_sufficiency: float
+    replacement_token_id: int
+    def __init__(self, fractions: _Optional[_Iterable[float]] = ..., comprehensiveness: _Optional[_Iterable[float]] = ..., sufficiency: _Optional[_Iterable[float]] = ..., random_comprehensiveness: _Optional[_Iterable[float]] = ..., random_sufficiency: _Optional[_Iterable[float]] = ..., aopc_comprehensiveness: _Optional[float] = ..., aopc_sufficiency: _Optional[float] = ..., random_aopc_comprehensiveness: _Optional[float] = ..., random_aopc_sufficiency: _Optional[float] = ..., replacement_token_id: _Optional[int] = ...) -> None: ...
+
+class StepScores(_message.Message):
+    __slots__ = ("logprobs", "probabilities", "entropies", "ranks", "top_token_ids", "top_logprobs")
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    ENTROPIES_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    TOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    logprobs: _containers.RepeatedScalarFieldContainer[float]
+    probabilities: _containers.RepeatedScalarFieldContainer[float]
+    entropies: _containers.RepeatedScalarFieldContainer[float]
+    ranks: _containers.RepeatedScalarFieldContainer[int]
+    top_token_ids: Tensor
+    top_logprobs: Tensor
+    def __init__(self, logprobs: _Optional[_Iterable[float]] = ..., probabilities: _Optional[_Iterable[float]] = ..., entropies: _Optional[_Iterable[float]] = ..., ranks: _Optional[_Iterable[int]] = ..., top_token_ids: _Optional[_Union[Tensor, _Mapping]] = ..., top_logprobs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class SourceGroup(_message.Message):
+    __slots__ = ("start", "end", "label")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    end: int
+    label: str
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., label: _Optional[str] = ...) -> None: ...
 
 class Fidelity(_message.Message):
     __slots__ = ("recomputed_logprobs", "max_abs_logprob_diff")
@@ -161,7 +288,7 @@ class Fidelity(_message.Message):
     def __init__(self, recomputed_logprobs: _Optional[_Iterable[float]] = ..., max_abs_logprob_diff: _Optional[float] = ...) -> None: ...
 
 class Explanation(_message.Message):
-    __slots__ = ("explanation_id", "state", "error", "model", "weights_digest", "tokens", "prompt_length", "target_positions", "results", "fidelity", "cache_hit", "created_at", "completed_at", "trace_id", "attempts")
+    __slots__ = ("explanation_id", "state", "error", "model", "weights_digest", "tokens", "prompt_length", "target_positions", "results", "fidelity", "cache_hit", "created_at", "completed_at", "trace_id", "attempts", "foil_token_ids", "target_score", "step_scores", "source_groups")
     EXPLANATION_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +304,10 @@ class Explanation(_message.Message):
     COMPLETED_AT_FIELD_NUMBER: _ClassVar[int]
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    FOIL_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_SCORE_FIELD_NUMBER: _ClassVar[int]
+    STEP_SCORES_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_GROUPS_FIELD_NUMBER: _ClassVar[int]
     explanation_id: str
     state: ExplanationState
     error: str
@@ -192,4 +323,8 @@ class Explanation(_message.Message):
     completed_at: _timestamp_pb2.Timestamp
     trace_id: str
     attempts: int
-    def __init__(self, explanation_id: _Optional[str] = ..., state: _Optional[_Union[ExplanationState, str]] = ..., error: _Optional[str] = ..., model: _Optional[str] = ..., weights_digest: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ..., prompt_length: _Optional[int] = ..., target_positions: _Optional[_Iterable[int]] = ..., results: _Optional[_Iterable[_Union[MethodResult, _Mapping]]] = ..., fidelity: _Optional[_Union[Fidelity, _Mapping]] = ..., cache_hit: _Optional[bool] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., completed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., trace_id: _Optional[str] = ..., attempts: _Optional[int] = ...) -> None: ...
+    foil_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    target_score: TargetScore
+    step_scores: StepScores
+    source_groups: _containers.RepeatedCompositeFieldContainer[SourceGroup]
+    def __init__(self, explanation_id: _Optional[str] = ..., state: _Optional[_Union[ExplanationState, str]] = ..., error: _Optional[str] = ..., model: _Optional[str] = ..., weights_digest: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ..., prompt_length: _Optional[int] = ..., target_positions: _Optional[_Iterable[int]] = ..., results: _Optional[_Iterable[_Union[MethodResult, _Mapping]]] = ..., fidelity: _Optional[_Union[Fidelity, _Mapping]] = ..., cache_hit: _Optional[bool] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., completed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., trace_id: _Optional[str] = ..., attempts: _Optional[int] = ..., foil_token_ids: _Optional[_Iterable[int]] = ..., target_score: _Optional[_Union[TargetScore, str]] = ..., step_scores: _Optional[_Union[StepScores, _Mapping]] = ..., source_groups: _Optional[_Iterable[_Union[SourceGroup, _Mapping]]] = ...) -> None: ...
