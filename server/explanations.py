@@ -28,6 +28,7 @@ from common.jobs import (
     RECORD_ATTEMPTS,
     RECORD_EXPLANATION,
     RECORD_TENANT,
+    ExplainOptions,
     ExplanationJob,
     MethodRequest,
     ModelRecord,
@@ -117,13 +118,18 @@ class ExplanationBroker:
         output_tokens: Sequence[types_pb2.Token],
         served_logprobs: list[float] | None,
         methods: list[MethodRequest],
+        options: ExplainOptions,
         trace_id: str,
     ) -> types_pb2.Explanation:
         """Write a PENDING record and enqueue its job atomically; return the record."""
         model_record = await self.model_record(model)
         digest = model_record.weights_digest
         out_of_vocabulary = sorted(
-            {t for t in [*prompt_token_ids, *(t.id for t in output_tokens)] if t >= model_record.vocab_size}
+            {
+                t
+                for t in [*prompt_token_ids, *(t.id for t in output_tokens), *options.foil_token_ids]
+                if t >= model_record.vocab_size
+            }
         )
         if out_of_vocabulary:
             raise invalid_argument(
@@ -163,6 +169,7 @@ class ExplanationBroker:
                 served_logprobs=served_logprobs,
                 methods=methods,
                 traceparent=current_traceparent(),
+                options=options,
             )
             key = explanation_key(explanation_id)
             with redis_errors_as_unavailable(self._redis_url):
@@ -257,13 +264,23 @@ def _coerce(method: str, param: explanations_pb2.MethodParam, value: object) -> 
             return value
         raise invalid_argument(f"{where} must be a boolean; got {value!r}")
     if param.type == explanations_pb2.PARAM_TYPE_STRING:
-        if isinstance(value, str):
-            return value
-        raise invalid_argument(f"{where} must be a string; got {value!r}")
+        if not isinstance(value, str):
+            raise invalid_argument(f"{where} must be a string; got {value!r}")
+        if param.choices and value not in param.choices:
+            raise invalid_argument(f"{where} must be one of {', '.join(param.choices)}; got {value!r}")
+        return value
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise invalid_argument(f"{where} must be a finite number; got {value!r}")
-    if param.type == explanations_pb2.PARAM_TYPE_INT:
-        if not float(value).is_integer():
-            raise invalid_argument(f"{where} must be an integer; got {value!r}")
-        return int(value)
-    return float(value)
+    if param.type == explanations_pb2.PARAM_TYPE_INT and not float(value).is_integer():
+        raise invalid_argument(f"{where} must be an integer; got {value!r}")
+    too_low = param.HasField("minimum") and value < param.minimum
+    too_high = param.HasField("maximum") and value > param.maximum
+    if too_low or too_high:
+        low = _number(param.minimum) if param.HasField("minimum") else ""
+        high = _number(param.maximum) if param.HasField("maximum") else ""
+        raise invalid_argument(f"{where} must be in {low}..{high}; got {value!r}")
+    return int(value) if param.type == explanations_pb2.PARAM_TYPE_INT else float(value)
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if value.is_integer() else str(value)

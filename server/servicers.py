@@ -6,6 +6,7 @@ import functools
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -18,11 +19,12 @@ from sightline.v1 import (
     types_pb2,
 )
 
+from common.jobs import ExplainOptions, MethodRequest
 from common.telemetry import trace_id_hex
 from server.config import GatewaySettings
 from server.errors import GatewayError, invalid_argument, not_found, unavailable
 from server.explanations import ExplanationBroker
-from server.validation import chat_messages, sampling_from_proto, token_ids
+from server.validation import chat_messages, check_options_fit, explain_options, sampling_from_proto, token_ids
 from server.vllm_client import CompletionChunk, Prompt, ServedModel, VLLMClient
 
 log = logging.getLogger(__name__)
@@ -120,6 +122,13 @@ def _timeout(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else max(remaining, 0.0)
 
 
+@dataclass(frozen=True)
+class ExplanationPlan:
+    methods: list[MethodRequest]
+    options: ExplainOptions
+    mode: types_pb2.ExplainMode
+
+
 class Gateway:
     """State shared by both services: the vLLM client, the broker and the served model."""
 
@@ -153,9 +162,17 @@ class Gateway:
             )
         raise invalid_argument("input is missing; set one of input.prompt, input.chat or input.prompt_token_ids")
 
+    async def plan_explanation(self, spec: types_pb2.ExplainSpec) -> ExplanationPlan | None:
+        """Validate an explain spec before any generation; None when no explanation is asked for."""
+        if not spec.methods:
+            return None
+        return ExplanationPlan(
+            methods=await self.broker.validate_methods(spec), options=explain_options(spec), mode=spec.mode
+        )
+
     async def explain(
         self,
-        spec: types_pb2.ExplainSpec,
+        plan: ExplanationPlan,
         model: str,
         prompt_token_ids: Sequence[int],
         output_tokens: Sequence[types_pb2.Token],
@@ -163,19 +180,20 @@ class Gateway:
         served_logprobs: list[float] | None,
     ) -> types_pb2.Explanation:
         """Enqueue an explanation; in SYNC mode wait for it until just before the deadline."""
-        methods = await self.broker.validate_methods(spec)
         if not output_tokens:
             raise invalid_argument("there are no generated tokens to explain")
+        check_options_fit(plan.options, len(prompt_token_ids) + len(output_tokens), len(output_tokens))
         record = await self.broker.submit(
             tenant=self.settings.tenant,
             model=model,
             prompt_token_ids=prompt_token_ids,
             output_tokens=output_tokens,
             served_logprobs=served_logprobs,
-            methods=methods,
+            methods=plan.methods,
+            options=plan.options,
             trace_id=trace_id_hex(trace.get_current_span()),
         )
-        if spec.mode == types_pb2.EXPLAIN_MODE_ASYNC:
+        if plan.mode == types_pb2.EXPLAIN_MODE_ASYNC:
             return record
         remaining = context.time_remaining()
         budget = 3600.0 if remaining is None else remaining - self.settings.deadline_margin_seconds
@@ -214,7 +232,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             max_model_len=model.max_model_len,
         )
         # Validated before generating, so a bad explain spec costs no generation.
-        await gateway.broker.validate_methods(request.explain)
+        plan = await gateway.plan_explanation(request.explain)
         prompt = await gateway.prompt(request.input, model, _timeout(context))
         completion = await gateway.vllm.complete(model.name, prompt, sampling, _timeout(context))
         output_tokens = _output_tokens(completion)
@@ -230,17 +248,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 input_tokens=completion.input_tokens or 0, output_tokens=completion.output_tokens or 0
             ),
         )
-        if request.explain.methods:
+        if plan is not None:
             explanation = await gateway.explain(
-                request.explain,
-                model.name,
-                response.prompt_token_ids,
-                output_tokens,
-                context,
-                _served_logprobs(output_tokens),
+                plan, model.name, response.prompt_token_ids, output_tokens, context, _served_logprobs(output_tokens)
             )
             response.explanation_id = explanation.explanation_id
-            if request.explain.mode != types_pb2.EXPLAIN_MODE_ASYNC:
+            if plan.mode != types_pb2.EXPLAIN_MODE_ASYNC:
                 response.explanation.CopyFrom(explanation)
         return response
 
@@ -257,7 +270,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             default_max_tokens=gateway.settings.default_max_tokens,
             max_model_len=model.max_model_len,
         )
-        await gateway.broker.validate_methods(request.explain)
+        plan = await gateway.plan_explanation(request.explain)
         prompt = await gateway.prompt(request.input, model, _timeout(context))
         prompt_token_ids: list[int] = []
         all_output: list[types_pb2.Token] = []
@@ -286,12 +299,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         finally:
             # Closing the upstream stream on cancellation is what makes vLLM abort the request.
             await stream.aclose()  # type: ignore[attr-defined]
-        if request.explain.methods:
+        if plan is not None:
             explanation = await gateway.explain(
-                request.explain, model.name, prompt_token_ids, all_output, context, _served_logprobs(all_output)
+                plan, model.name, prompt_token_ids, all_output, context, _served_logprobs(all_output)
             )
             final.explanation_id = explanation.explanation_id
-            if request.explain.mode != types_pb2.EXPLAIN_MODE_ASYNC:
+            if plan.mode != types_pb2.EXPLAIN_MODE_ASYNC:
                 final.explanation.CopyFrom(explanation)
         yield final
 
@@ -307,7 +320,8 @@ class ExplanationsServicer(explanations_pb2_grpc.ExplanationsServiceServicer):
         gateway = self.gateway
         request_id = _request_id(request.request_id)
         model = gateway.resolve_model(request.model)
-        if not request.explain.methods:
+        plan = await gateway.plan_explanation(request.explain)
+        if plan is None:
             raise invalid_argument("explain.methods is empty; name at least one method (see ListMethods)")
         prompt_ids = token_ids(
             list(request.prompt_token_ids), field="prompt_token_ids", max_model_len=model.max_model_len
@@ -327,7 +341,7 @@ class ExplanationsServicer(explanations_pb2_grpc.ExplanationsServiceServicer):
                 "send one per output token or none"
             )
         explanation = await gateway.explain(
-            request.explain,
+            plan,
             model.name,
             prompt_ids,
             [types_pb2.Token(id=t) for t in output_ids],
@@ -339,7 +353,7 @@ class ExplanationsServicer(explanations_pb2_grpc.ExplanationsServiceServicer):
             trace_id=trace_id_hex(trace.get_current_span()),
             explanation_id=explanation.explanation_id,
         )
-        if request.explain.mode != types_pb2.EXPLAIN_MODE_ASYNC:
+        if plan.mode != types_pb2.EXPLAIN_MODE_ASYNC:
             response.explanation.CopyFrom(explanation)
         return response
 

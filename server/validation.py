@@ -6,6 +6,7 @@ import math
 
 from sightline.v1 import types_pb2
 
+from common.jobs import ExplainOptions, SpanRequest
 from server.errors import invalid_argument
 from server.vllm_client import Sampling
 
@@ -69,3 +70,90 @@ def token_ids(ids: list[int], *, field: str, max_model_len: int, allow_empty: bo
             "and must leave room for at least one generated token"
         )
     return list(ids)
+
+
+MAX_STEP_SCORES_TOP_K = 50
+TARGET_SCORES = {
+    types_pb2.TARGET_SCORE_UNSPECIFIED: "logprob",
+    types_pb2.TARGET_SCORE_LOGPROB: "logprob",
+    types_pb2.TARGET_SCORE_PROBABILITY: "probability",
+    types_pb2.TARGET_SCORE_LOGIT: "logit",
+}
+GRANULARITIES = {
+    types_pb2.GRANULARITY_UNSPECIFIED: "token",
+    types_pb2.GRANULARITY_TOKEN: "token",
+    types_pb2.GRANULARITY_WORD: "word",
+    types_pb2.GRANULARITY_SPAN: "span",
+}
+NORMALIZATIONS = {
+    types_pb2.NORMALIZATION_UNSPECIFIED: "none",
+    types_pb2.NORMALIZATION_NONE: "none",
+    types_pb2.NORMALIZATION_L1: "l1",
+    types_pb2.NORMALIZATION_MAX_ABS: "max_abs",
+}
+
+
+def explain_options(spec: types_pb2.ExplainSpec) -> ExplainOptions:
+    """The checks that need no generation: everything but the bounds that depend on the output length."""
+    targets, aggregation = spec.targets, spec.aggregation
+    indices = list(targets.output_indices)
+    if any(i < 0 for i in indices) or indices != sorted(set(indices)):
+        raise invalid_argument(
+            f"explain.targets.output_indices must be distinct, ascending and >= 0 (0 is the first generated "
+            f"token); got {indices[:10]}"
+        )
+    foils = list(targets.foil_token_ids)
+    if any(f < 0 for f in foils):
+        raise invalid_argument(f"explain.targets.foil_token_ids must be token ids >= 0; got {foils[:10]}")
+    if targets.score not in TARGET_SCORES:
+        raise invalid_argument(f"explain.targets.score {targets.score} is not a TargetScore value")
+    if aggregation.granularity not in GRANULARITIES:
+        raise invalid_argument(f"explain.aggregation.granularity {aggregation.granularity} is not a Granularity value")
+    if aggregation.normalization not in NORMALIZATIONS:
+        raise invalid_argument(
+            f"explain.aggregation.normalization {aggregation.normalization} is not a Normalization value"
+        )
+    granularity = GRANULARITIES[aggregation.granularity]
+    if aggregation.spans and granularity != "span":
+        raise invalid_argument("explain.aggregation.spans are only used with GRANULARITY_SPAN; set granularity")
+    if granularity == "span" and not aggregation.spans:
+        raise invalid_argument("GRANULARITY_SPAN needs explain.aggregation.spans")
+    spans = sorted(aggregation.spans, key=lambda span: span.start)
+    for index, span in enumerate(spans):
+        if not 0 <= span.start < span.end:
+            raise invalid_argument(f"aggregation span [{span.start}, {span.end}) must satisfy 0 <= start < end")
+        if index and span.start < spans[index - 1].end:
+            raise invalid_argument(f"aggregation spans overlap at token {span.start}; spans must be disjoint")
+    top_k = spec.step_scores_top_k if spec.HasField("step_scores_top_k") else 5
+    if not 1 <= top_k <= MAX_STEP_SCORES_TOP_K:
+        raise invalid_argument(f"explain.step_scores_top_k must be between 1 and {MAX_STEP_SCORES_TOP_K}; got {top_k}")
+    return ExplainOptions(
+        output_indices=indices,
+        foil_token_ids=foils,
+        score=TARGET_SCORES[targets.score],
+        granularity=granularity,
+        spans=[SpanRequest(span.start, span.end, span.label) for span in spans],
+        absolute=aggregation.absolute,
+        normalization=NORMALIZATIONS[aggregation.normalization],
+        faithfulness=spec.faithfulness,
+        step_scores_top_k=top_k,
+    )
+
+
+def check_options_fit(options: ExplainOptions, num_tokens: int, num_generated: int) -> None:
+    """The checks that need the generation's length."""
+    if options.output_indices and options.output_indices[-1] >= num_generated:
+        raise invalid_argument(
+            f"explain.targets.output_indices go up to {options.output_indices[-1]}, but only {num_generated} "
+            "tokens were generated"
+        )
+    explained = len(options.output_indices) or num_generated
+    if len(options.foil_token_ids) not in (0, 1, explained):
+        raise invalid_argument(
+            f"explain.targets.foil_token_ids has {len(options.foil_token_ids)} ids; give one for every target "
+            f"or one per explained token ({explained})"
+        )
+    if options.spans and options.spans[-1].end > num_tokens:
+        raise invalid_argument(
+            f"aggregation span ends at {options.spans[-1].end}, past the sequence's {num_tokens} tokens"
+        )

@@ -8,7 +8,7 @@ from sightline.v1 import types_pb2
 
 from common.jobs import ExplanationJob, MethodRequest, ModelRecord, new_explanation_id
 from server.errors import GatewayError
-from server.validation import chat_messages, sampling_from_proto, token_ids
+from server.validation import chat_messages, check_options_fit, explain_options, sampling_from_proto, token_ids
 
 
 def test_sampling_defaults() -> None:
@@ -62,3 +62,64 @@ def test_job_round_trips_through_stream_fields() -> None:
         ExplanationJob.from_fields({b"explanation_id": b"x"})
     record = ModelRecord("abc", 49152)
     assert ModelRecord.from_json(record.to_json()) == record
+
+
+def _spec(**fields: object) -> types_pb2.ExplainSpec:
+    return types_pb2.ExplainSpec(methods=[types_pb2.MethodSpec(name="saliency")], **fields)  # type: ignore[arg-type]
+
+
+def test_explain_options_defaults_and_mapping() -> None:
+    options = explain_options(_spec())
+    assert (options.score, options.granularity, options.normalization, options.step_scores_top_k) == (
+        "logprob",
+        "token",
+        "none",
+        5,
+    )
+    options = explain_options(
+        _spec(
+            targets=types_pb2.TargetSpec(output_indices=[0, 2], foil_token_ids=[7], score=types_pb2.TARGET_SCORE_LOGIT),
+            aggregation=types_pb2.AggregationSpec(
+                granularity=types_pb2.GRANULARITY_SPAN,
+                spans=[types_pb2.Span(start=4, end=6, label="b"), types_pb2.Span(start=0, end=2, label="a")],
+                normalization=types_pb2.NORMALIZATION_L1,
+                absolute=True,
+            ),
+            faithfulness=True,
+        )
+    )
+    assert options.output_indices == [0, 2] and options.foil_token_ids == [7] and options.score == "logit"
+    assert [s.label for s in options.spans] == ["a", "b"]
+    assert options.absolute and options.faithfulness and options.normalization == "l1"
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (_spec(targets=types_pb2.TargetSpec(output_indices=[2, 1])), "distinct, ascending"),
+        (_spec(targets=types_pb2.TargetSpec(foil_token_ids=[-1])), "foil_token_ids"),
+        (_spec(aggregation=types_pb2.AggregationSpec(granularity=types_pb2.GRANULARITY_SPAN)), "needs"),
+        (
+            _spec(
+                aggregation=types_pb2.AggregationSpec(
+                    granularity=types_pb2.GRANULARITY_SPAN,
+                    spans=[types_pb2.Span(start=0, end=3), types_pb2.Span(start=2, end=4)],
+                )
+            ),
+            "overlap",
+        ),
+        (_spec(step_scores_top_k=0), "step_scores_top_k"),
+    ],
+)
+def test_explain_options_rejects(spec: types_pb2.ExplainSpec, message: str) -> None:
+    with pytest.raises(GatewayError, match=message) as caught:
+        explain_options(spec)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_options_must_fit_the_generation() -> None:
+    options = explain_options(_spec(targets=types_pb2.TargetSpec(output_indices=[0, 5], foil_token_ids=[1, 2, 3])))
+    with pytest.raises(GatewayError, match="only 3 tokens were generated"):
+        check_options_fit(options, num_tokens=10, num_generated=3)
+    with pytest.raises(GatewayError, match="one per explained token"):
+        check_options_fit(options, num_tokens=10, num_generated=6)
