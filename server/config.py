@@ -19,6 +19,9 @@ class GatewaySettings:
     deadline_margin_seconds: float = 0.25
     health_interval_seconds: float = 2.0
     max_message_bytes: int = 16 * 1024 * 1024
+    # Largest explanation accepted, in token-forward passes (MethodCost x sequence length): 50M is
+    # integrated gradients with 16 steps over a 1,024-token generation several times over.
+    max_explanation_cost: float = 50e6
 
     @classmethod
     def from_env(cls) -> GatewaySettings:
@@ -28,4 +31,5 @@ class GatewaySettings:
             redis_url=os.environ.get("SIGHTLINE_REDIS_URL", cls.redis_url),
             default_max_tokens=int(os.environ.get("SIGHTLINE_DEFAULT_MAX_TOKENS", cls.default_max_tokens)),
             record_ttl_seconds=int(os.environ.get("SIGHTLINE_RECORD_TTL_SECONDS", cls.record_ttl_seconds)),
+            max_explanation_cost=float(os.environ.get("SIGHTLINE_MAX_EXPLANATION_COST", cls.max_explanation_cost)),
         )

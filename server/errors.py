@@ -28,3 +28,7 @@ def unavailable(message: str) -> GatewayError:
 
 def deadline_exceeded(message: str) -> GatewayError:
     return GatewayError(grpc.StatusCode.DEADLINE_EXCEEDED, message)
+
+
+def resource_exhausted(message: str) -> GatewayError:
+    return GatewayError(grpc.StatusCode.RESOURCE_EXHAUSTED, message)

@@ -36,6 +36,7 @@ from common.jobs import (
     new_explanation_id,
 )
 from common.telemetry import current_traceparent
+from server.costs import PlannedMethod
 from server.errors import invalid_argument, not_found, unavailable
 
 log = logging.getLogger(__name__)
@@ -84,23 +85,23 @@ class ExplanationBroker:
             raise unavailable("no explainer worker has registered its methods yet; start one (python -m explainers)")
         return explanations_pb2.ListMethodsResponse.FromString(cast(bytes, blob))
 
-    async def validate_methods(self, spec: types_pb2.ExplainSpec) -> list[MethodRequest]:
+    async def validate_methods(self, spec: types_pb2.ExplainSpec) -> list[PlannedMethod]:
         """Check method names and parameter types against the workers' registry."""
         if not spec.methods:
             return []
         catalog = {info.name: info for info in (await self.catalog()).methods}
-        requests = []
+        planned = []
         for method in spec.methods:
             info = catalog.get(method.name)
             if info is None:
                 known = ", ".join(sorted(catalog))
                 raise invalid_argument(f"unknown explain method {method.name!r}; available methods: {known}")
             params = json_format.MessageToDict(method.params) if method.HasField("params") else {}
-            requests.append(MethodRequest(method.name, _typed_params(info, params)))
-        names = [m.name for m in requests]
+            planned.append(PlannedMethod(MethodRequest(method.name, _typed_params(info, params)), info))
+        names = [m.request.name for m in planned]
         if len(set(names)) != len(names):
             raise invalid_argument(f"explain methods must be distinct; got {names}")
-        return requests
+        return planned
 
     async def model_record(self, model: str) -> ModelRecord:
         with redis_errors_as_unavailable(self._redis_url):

@@ -19,13 +19,14 @@ from sightline.v1 import (
     types_pb2,
 )
 
-from common.jobs import ExplainOptions, MethodRequest
+from common.jobs import ExplainOptions
 from common.telemetry import trace_id_hex
 from server.config import GatewaySettings
+from server.costs import PlannedMethod, check_cost
 from server.errors import GatewayError, invalid_argument, not_found, unavailable
 from server.explanations import ExplanationBroker
 from server.validation import chat_messages, check_options_fit, explain_options, sampling_from_proto, token_ids
-from server.vllm_client import CompletionChunk, Prompt, ServedModel, VLLMClient
+from server.vllm_client import CompletionChunk, Prompt, Sampling, ServedModel, VLLMClient
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("sightline.gateway")
@@ -124,9 +125,19 @@ def _timeout(context: grpc.aio.ServicerContext) -> float | None:
 
 @dataclass(frozen=True)
 class ExplanationPlan:
-    methods: list[MethodRequest]
+    methods: list[PlannedMethod]
     options: ExplainOptions
     mode: types_pb2.ExplainMode
+
+    def check_cost(self, num_tokens: int, num_generated: int, limit: float) -> None:
+        num_targets = len(self.options.output_indices) or num_generated
+        check_cost(
+            self.methods,
+            num_tokens=num_tokens,
+            num_targets=num_targets,
+            faithfulness=self.options.faithfulness,
+            limit=limit,
+        )
 
 
 class Gateway:
@@ -170,6 +181,19 @@ class Gateway:
             methods=await self.broker.validate_methods(spec), options=explain_options(spec), mode=spec.mode
         )
 
+    async def check_worst_case_cost(
+        self, plan: ExplanationPlan, model: ServedModel, prompt: Prompt, sampling: Sampling, timeout: float | None
+    ) -> list[int]:
+        """Refuse before generating when even the longest allowed output would cost too much to explain.
+
+        Returns the prompt as token ids (tokenizing a text prompt) so the check counts real tokens.
+        """
+        prompt_ids = (
+            await self.vllm.tokenize_text(model.name, prompt, timeout) if isinstance(prompt, str) else list(prompt)
+        )
+        plan.check_cost(len(prompt_ids) + sampling.max_tokens, sampling.max_tokens, self.settings.max_explanation_cost)
+        return prompt_ids
+
     async def explain(
         self,
         plan: ExplanationPlan,
@@ -182,14 +206,16 @@ class Gateway:
         """Enqueue an explanation; in SYNC mode wait for it until just before the deadline."""
         if not output_tokens:
             raise invalid_argument("there are no generated tokens to explain")
-        check_options_fit(plan.options, len(prompt_token_ids) + len(output_tokens), len(output_tokens))
+        num_tokens = len(prompt_token_ids) + len(output_tokens)
+        check_options_fit(plan.options, num_tokens, len(output_tokens))
+        plan.check_cost(num_tokens, len(output_tokens), self.settings.max_explanation_cost)
         record = await self.broker.submit(
             tenant=self.settings.tenant,
             model=model,
             prompt_token_ids=prompt_token_ids,
             output_tokens=output_tokens,
             served_logprobs=served_logprobs,
-            methods=plan.methods,
+            methods=[m.request for m in plan.methods],
             options=plan.options,
             trace_id=trace_id_hex(trace.get_current_span()),
         )
@@ -234,6 +260,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         # Validated before generating, so a bad explain spec costs no generation.
         plan = await gateway.plan_explanation(request.explain)
         prompt = await gateway.prompt(request.input, model, _timeout(context))
+        if plan is not None:
+            prompt = await gateway.check_worst_case_cost(plan, model, prompt, sampling, _timeout(context))
         completion = await gateway.vllm.complete(model.name, prompt, sampling, _timeout(context))
         output_tokens = _output_tokens(completion)
         response = inference_pb2.GenerateResponse(
@@ -272,6 +300,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         )
         plan = await gateway.plan_explanation(request.explain)
         prompt = await gateway.prompt(request.input, model, _timeout(context))
+        if plan is not None:
+            prompt = await gateway.check_worst_case_cost(plan, model, prompt, sampling, _timeout(context))
         prompt_token_ids: list[int] = []
         all_output: list[types_pb2.Token] = []
         final = inference_pb2.GenerateStreamResponse(request_id=request_id, trace_id=trace_id)

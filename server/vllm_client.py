@@ -83,12 +83,16 @@ class VLLMClient:
 
     async def tokenize_chat(self, model: str, messages: Sequence[dict[str, str]], timeout: float | None) -> list[int]:
         """Render chat messages with the model's own chat template into token ids."""
-        body = await self._request_json(
-            "POST",
-            "/tokenize",
-            json={"model": model, "messages": list(messages), "add_generation_prompt": True},
-            timeout=timeout,
+        return await self._tokenize(
+            {"model": model, "messages": list(messages), "add_generation_prompt": True}, timeout
         )
+
+    async def tokenize_text(self, model: str, text: str, timeout: float | None) -> list[int]:
+        """Token ids of a text prompt, exactly as /v1/completions would tokenize it."""
+        return await self._tokenize({"model": model, "prompt": text}, timeout)
+
+    async def _tokenize(self, payload: dict[str, Any], timeout: float | None) -> list[int]:
+        body = await self._request_json("POST", "/tokenize", json=payload, timeout=timeout)
         return [int(t) for t in body["tokens"]]
 
     async def complete(self, model: str, prompt: Prompt, sampling: Sampling, timeout: float | None) -> CompletionChunk:

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from sightline.v1 import types_pb2 as sightline_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsightline/v1/explanations.proto\x12\x0csightline.v1\x1a\x18sightline/v1/types.proto\"\xac\x01\n\x0e\x45xplainRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x18\n\x10output_token_ids\x18\x03 \x03(\x05\x12\x17\n\x0foutput_logprobs\x18\x04 \x03(\x02\x12*\n\x07\x65xplain\x18\x05 \x01(\x0b\x32\x19.sightline.v1.ExplainSpec\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"\x7f\n\x0f\x45xplainResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08trace_id\x18\x02 \x01(\t\x12\x16\n\x0e\x65xplanation_id\x18\x03 \x01(\t\x12.\n\x0b\x65xplanation\x18\x04 \x01(\x0b\x32\x19.sightline.v1.Explanation\"E\n\x15GetExplanationRequest\x12\x16\n\x0e\x65xplanation_id\x18\x01 \x01(\t\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\x02\"n\n\x16GetExplanationResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08trace_id\x18\x02 \x01(\t\x12.\n\x0b\x65xplanation\x18\x03 \x01(\x0b\x32\x19.sightline.v1.Explanation\"\x14\n\x12ListMethodsRequest\"\xc3\x01\n\x0bMethodParam\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x04type\x18\x02 \x01(\x0e\x32\x17.sightline.v1.ParamType\x12\x15\n\rdefault_value\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x14\n\x07minimum\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07maximum\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x0f\n\x07\x63hoices\x18\x07 \x03(\tB\n\n\x08_minimumB\n\n\x08_maximum\"\xdc\x01\n\nMethodInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12)\n\x06params\x18\x03 \x03(\x0b\x32\x19.sightline.v1.MethodParam\x12\x17\n\x0fneeds_gradients\x18\x04 \x01(\x08\x12\x12\n\nuses_cache\x18\x05 \x01(\x08\x12$\n\x1csupports_contrastive_targets\x18\x06 \x01(\x08\x12\x12\n\nmultimodal\x18\x07 \x01(\x08\x12\x19\n\x11\x61ttributes_tokens\x18\x08 \x01(\x08\"@\n\x13ListMethodsResponse\x12)\n\x07methods\x18\x01 \x03(\x0b\x32\x18.sightline.v1.MethodInfo*}\n\tParamType\x12\x1a\n\x16PARAM_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0ePARAM_TYPE_INT\x10\x01\x12\x14\n\x10PARAM_TYPE_FLOAT\x10\x02\x12\x15\n\x11PARAM_TYPE_STRING\x10\x03\x12\x13\n\x0fPARAM_TYPE_BOOL\x10\x04\x32\x8e\x02\n\x13\x45xplanationsService\x12\x46\n\x07\x45xplain\x12\x1c.sightline.v1.ExplainRequest\x1a\x1d.sightline.v1.ExplainResponse\x12[\n\x0eGetExplanation\x12#.sightline.v1.GetExplanationRequest\x1a$.sightline.v1.GetExplanationResponse\x12R\n\x0bListMethods\x12 .sightline.v1.ListMethodsRequest\x1a!.sightline.v1.ListMethodsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsightline/v1/explanations.proto\x12\x0csightline.v1\x1a\x18sightline/v1/types.proto\"\xac\x01\n\x0e\x45xplainRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x18\n\x10output_token_ids\x18\x03 \x03(\x05\x12\x17\n\x0foutput_logprobs\x18\x04 \x03(\x02\x12*\n\x07\x65xplain\x18\x05 \x01(\x0b\x32\x19.sightline.v1.ExplainSpec\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"\x7f\n\x0f\x45xplainResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08trace_id\x18\x02 \x01(\t\x12\x16\n\x0e\x65xplanation_id\x18\x03 \x01(\t\x12.\n\x0b\x65xplanation\x18\x04 \x01(\x0b\x32\x19.sightline.v1.Explanation\"E\n\x15GetExplanationRequest\x12\x16\n\x0e\x65xplanation_id\x18\x01 \x01(\t\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\x02\"n\n\x16GetExplanationResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08trace_id\x18\x02 \x01(\t\x12.\n\x0b\x65xplanation\x18\x03 \x01(\x0b\x32\x19.sightline.v1.Explanation\"\x14\n\x12ListMethodsRequest\"\xc3\x01\n\x0bMethodParam\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x04type\x18\x02 \x01(\x0e\x32\x17.sightline.v1.ParamType\x12\x15\n\rdefault_value\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x14\n\x07minimum\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07maximum\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x0f\n\x07\x63hoices\x18\x07 \x03(\tB\n\n\x08_minimumB\n\n\x08_maximum\"\x84\x02\n\nMethodInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12)\n\x06params\x18\x03 \x03(\x0b\x32\x19.sightline.v1.MethodParam\x12\x17\n\x0fneeds_gradients\x18\x04 \x01(\x08\x12\x12\n\nuses_cache\x18\x05 \x01(\x08\x12$\n\x1csupports_contrastive_targets\x18\x06 \x01(\x08\x12\x12\n\nmultimodal\x18\x07 \x01(\x08\x12\x19\n\x11\x61ttributes_tokens\x18\x08 \x01(\x08\x12&\n\x04\x63ost\x18\t \x01(\x0b\x32\x18.sightline.v1.MethodCost\"j\n\nMethodCost\x12\x0e\n\x06passes\x18\x01 \x01(\x01\x12\x19\n\x11passes_per_target\x18\x02 \x01(\x01\x12\x18\n\x10passes_per_token\x18\x03 \x01(\x01\x12\x17\n\x0fscaled_by_param\x18\x04 \x01(\t\"@\n\x13ListMethodsResponse\x12)\n\x07methods\x18\x01 \x03(\x0b\x32\x18.sightline.v1.MethodInfo*}\n\tParamType\x12\x1a\n\x16PARAM_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0ePARAM_TYPE_INT\x10\x01\x12\x14\n\x10PARAM_TYPE_FLOAT\x10\x02\x12\x15\n\x11PARAM_TYPE_STRING\x10\x03\x12\x13\n\x0fPARAM_TYPE_BOOL\x10\x04\x32\x8e\x02\n\x13\x45xplanationsService\x12\x46\n\x07\x45xplain\x12\x1c.sightline.v1.ExplainRequest\x1a\x1d.sightline.v1.ExplainResponse\x12[\n\x0eGetExplanation\x12#.sightline.v1.GetExplanationRequest\x1a$.sightline.v1.GetExplanationResponse\x12R\n\x0bListMethods\x12 .sightline.v1.ListMethodsRequest\x1a!.sightline.v1.ListMethodsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sightline.v1.explanations_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PARAMTYPE']._serialized_start=1071
-  _globals['_PARAMTYPE']._serialized_end=1196
+  _globals['_PARAMTYPE']._serialized_start=1219
+  _globals['_PARAMTYPE']._serialized_end=1344
   _globals['_EXPLAINREQUEST']._serialized_start=76
   _globals['_EXPLAINREQUEST']._serialized_end=248
   _globals['_EXPLAINRESPONSE']._serialized_start=250
@@ -47,9 +47,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_METHODPARAM']._serialized_start=585
   _globals['_METHODPARAM']._serialized_end=780
   _globals['_METHODINFO']._serialized_start=783
-  _globals['_METHODINFO']._serialized_end=1003
-  _globals['_LISTMETHODSRESPONSE']._serialized_start=1005
-  _globals['_LISTMETHODSRESPONSE']._serialized_end=1069
-  _globals['_EXPLANATIONSSERVICE']._serialized_start=1199
-  _globals['_EXPLANATIONSSERVICE']._serialized_end=1469
+  _globals['_METHODINFO']._serialized_end=1043
+  _globals['_METHODCOST']._serialized_start=1045
+  _globals['_METHODCOST']._serialized_end=1151
+  _globals['_LISTMETHODSRESPONSE']._serialized_start=1153
+  _globals['_LISTMETHODSRESPONSE']._serialized_end=1217
+  _globals['_EXPLANATIONSSERVICE']._serialized_start=1347
+  _globals['_EXPLANATIONSSERVICE']._serialized_end=1617
 # @@protoc_insertion_point(module_scope)

@@ -90,7 +90,7 @@ class MethodParam(_message.Message):
     def __init__(self, name: _Optional[str] = ..., type: _Optional[_Union[ParamType, str]] = ..., default_value: _Optional[str] = ..., description: _Optional[str] = ..., minimum: _Optional[float] = ..., maximum: _Optional[float] = ..., choices: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class MethodInfo(_message.Message):
-    __slots__ = ("name", "description", "params", "needs_gradients", "uses_cache", "supports_contrastive_targets", "multimodal", "attributes_tokens")
+    __slots__ = ("name", "description", "params", "needs_gradients", "uses_cache", "supports_contrastive_targets", "multimodal", "attributes_tokens", "cost")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,7 @@ class MethodInfo(_message.Message):
     SUPPORTS_CONTRASTIVE_TARGETS_FIELD_NUMBER: _ClassVar[int]
     MULTIMODAL_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTES_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     params: _containers.RepeatedCompositeFieldContainer[MethodParam]
@@ -107,7 +108,20 @@ class MethodInfo(_message.Message):
     supports_contrastive_targets: bool
     multimodal: bool
     attributes_tokens: bool
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., params: _Optional[_Iterable[_Union[MethodParam, _Mapping]]] = ..., needs_gradients: _Optional[bool] = ..., uses_cache: _Optional[bool] = ..., supports_contrastive_targets: _Optional[bool] = ..., multimodal: _Optional[bool] = ..., attributes_tokens: _Optional[bool] = ...) -> None: ...
+    cost: MethodCost
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., params: _Optional[_Iterable[_Union[MethodParam, _Mapping]]] = ..., needs_gradients: _Optional[bool] = ..., uses_cache: _Optional[bool] = ..., supports_contrastive_targets: _Optional[bool] = ..., multimodal: _Optional[bool] = ..., attributes_tokens: _Optional[bool] = ..., cost: _Optional[_Union[MethodCost, _Mapping]] = ...) -> None: ...
+
+class MethodCost(_message.Message):
+    __slots__ = ("passes", "passes_per_target", "passes_per_token", "scaled_by_param")
+    PASSES_FIELD_NUMBER: _ClassVar[int]
+    PASSES_PER_TARGET_FIELD_NUMBER: _ClassVar[int]
+    PASSES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SCALED_BY_PARAM_FIELD_NUMBER: _ClassVar[int]
+    passes: float
+    passes_per_target: float
+    passes_per_token: float
+    scaled_by_param: str
+    def __init__(self, passes: _Optional[float] = ..., passes_per_target: _Optional[float] = ..., passes_per_token: _Optional[float] = ..., scaled_by_param: _Optional[str] = ...) -> None: ...
 
 class ListMethodsResponse(_message.Message):
     __slots__ = ("methods",)

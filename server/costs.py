@@ -1,0 +1,51 @@
+"""Explanation cost, estimated before any work from the cost model each method publishes (MethodCost)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sightline.v1 import explanations_pb2
+
+from common.jobs import MethodRequest
+from server.errors import resource_exhausted
+
+# Faithfulness perturbs each target's sources at 5 fractions, removing and keeping, for the method
+# and for the random reference: 20 forward passes per explained token.
+FAITHFULNESS_PASSES_PER_TARGET = 20.0
+
+
+@dataclass(frozen=True)
+class PlannedMethod:
+    request: MethodRequest
+    info: explanations_pb2.MethodInfo
+
+    def passes(self, num_tokens: int, num_targets: int) -> float:
+        cost = self.info.cost
+        passes = cost.passes + cost.passes_per_target * num_targets + cost.passes_per_token * num_tokens
+        if cost.scaled_by_param:
+            passes *= self._number_param(cost.scaled_by_param)
+        return passes
+
+    def _number_param(self, name: str) -> float:
+        value = self.request.params.get(name)
+        if isinstance(value, int | float):
+            return float(value)
+        return float(next(p.default_value for p in self.info.params if p.name == name))
+
+
+def check_cost(
+    methods: Sequence[PlannedMethod], *, num_tokens: int, num_targets: int, faithfulness: bool, limit: float
+) -> None:
+    """Refuse, with RESOURCE_EXHAUSTED naming the limit, an explanation costing more than ``limit``."""
+    passes = sum(m.passes(num_tokens, num_targets) for m in methods)
+    if faithfulness:
+        passes += FAITHFULNESS_PASSES_PER_TARGET * num_targets * sum(m.info.attributes_tokens for m in methods)
+    cost = passes * num_tokens
+    if cost > limit:
+        raise resource_exhausted(
+            f"this explanation would cost about {cost:,.0f} token-forward passes ({num_targets} explained tokens in "
+            f"a {num_tokens}-token sequence), over this deployment's limit of {limit:,.0f} "
+            "(SIGHTLINE_MAX_EXPLANATION_COST); explain fewer tokens (max_tokens, targets.output_indices) or "
+            "choose cheaper parameters"
+        )
