@@ -140,6 +140,15 @@ class ExplanationPlan:
         )
 
 
+@dataclass(frozen=True)
+class PreparedGeneration:
+    request_id: str
+    model: ServedModel
+    sampling: Sampling
+    plan: ExplanationPlan | None
+    prompt: Prompt
+
+
 class Gateway:
     """State shared by both services: the vLLM client, the broker and the served model."""
 
@@ -180,6 +189,23 @@ class Gateway:
         return ExplanationPlan(
             methods=await self.broker.validate_methods(spec), options=explain_options(spec), mode=spec.mode
         )
+
+    async def prepare_generation(
+        self,
+        request: inference_pb2.GenerateRequest | inference_pb2.GenerateStreamRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> PreparedGeneration:
+        """Everything checked before generating, so a bad request costs no generation."""
+        request_id = _request_id(request.request_id)
+        model = self.resolve_model(request.model)
+        sampling = sampling_from_proto(
+            request.sampling, default_max_tokens=self.settings.default_max_tokens, max_model_len=model.max_model_len
+        )
+        plan = await self.plan_explanation(request.explain)
+        prompt = await self.prompt(request.input, model, _timeout(context))
+        if plan is not None:
+            prompt = await self.check_worst_case_cost(plan, model, prompt, sampling, _timeout(context))
+        return PreparedGeneration(request_id, model, sampling, plan, prompt)
 
     async def check_worst_case_cost(
         self, plan: ExplanationPlan, model: ServedModel, prompt: Prompt, sampling: Sampling, timeout: float | None
@@ -250,22 +276,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.GenerateResponse:
         gateway = self.gateway
-        request_id = _request_id(request.request_id)
-        model = gateway.resolve_model(request.model)
-        sampling = sampling_from_proto(
-            request.sampling,
-            default_max_tokens=gateway.settings.default_max_tokens,
-            max_model_len=model.max_model_len,
-        )
-        # Validated before generating, so a bad explain spec costs no generation.
-        plan = await gateway.plan_explanation(request.explain)
-        prompt = await gateway.prompt(request.input, model, _timeout(context))
-        if plan is not None:
-            prompt = await gateway.check_worst_case_cost(plan, model, prompt, sampling, _timeout(context))
-        completion = await gateway.vllm.complete(model.name, prompt, sampling, _timeout(context))
+        prepared = await gateway.prepare_generation(request, context)
+        model, plan = prepared.model, prepared.plan
+        completion = await gateway.vllm.complete(model.name, prepared.prompt, prepared.sampling, _timeout(context))
         output_tokens = _output_tokens(completion)
         response = inference_pb2.GenerateResponse(
-            request_id=request_id,
+            request_id=prepared.request_id,
             trace_id=trace_id_hex(trace.get_current_span()),
             model=model.name,
             text=completion.text,
@@ -290,22 +306,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self, request: inference_pb2.GenerateStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
         gateway = self.gateway
-        request_id = _request_id(request.request_id)
+        prepared = await gateway.prepare_generation(request, context)
+        model, plan = prepared.model, prepared.plan
         trace_id = trace_id_hex(trace.get_current_span())
-        model = gateway.resolve_model(request.model)
-        sampling = sampling_from_proto(
-            request.sampling,
-            default_max_tokens=gateway.settings.default_max_tokens,
-            max_model_len=model.max_model_len,
-        )
-        plan = await gateway.plan_explanation(request.explain)
-        prompt = await gateway.prompt(request.input, model, _timeout(context))
-        if plan is not None:
-            prompt = await gateway.check_worst_case_cost(plan, model, prompt, sampling, _timeout(context))
         prompt_token_ids: list[int] = []
         all_output: list[types_pb2.Token] = []
-        final = inference_pb2.GenerateStreamResponse(request_id=request_id, trace_id=trace_id)
-        stream = gateway.vllm.complete_stream(model.name, prompt, sampling, _timeout(context))
+        final = inference_pb2.GenerateStreamResponse(request_id=prepared.request_id, trace_id=trace_id)
+        stream = gateway.vllm.complete_stream(model.name, prepared.prompt, prepared.sampling, _timeout(context))
         try:
             async for chunk in stream:
                 if chunk.prompt_token_ids is not None:
@@ -320,7 +327,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     continue
                 all_output.extend(tokens)
                 yield inference_pb2.GenerateStreamResponse(
-                    request_id=request_id,
+                    request_id=prepared.request_id,
                     trace_id=trace_id,
                     output_tokens=tokens,
                     text_delta=chunk.text,
