@@ -1,7 +1,9 @@
 """An in-process fake of the Sightline gateway, served by a real gRPC server in the tests.
 
 The canned sequence is "The capital of France" (prompt, positions 0-3) followed by
-the generated " is" and " Paris" (positions 4 and 5, the explained targets).
+the generated " is" and " Paris" (positions 4 and 5, the explained targets). Every
+explanation carries step scores, as the real one does; foils, the target score, source
+groups and faithfulness follow the explain spec (but the targets are always both tokens).
 """
 
 from __future__ import annotations
@@ -33,6 +35,41 @@ LENS_TOP_IDS = [[[1, 2], [3, 4]], [[5, 6], [7, 8]], [[9, 10], [11, 12]]]
 LENS_TOP_LOGPROBS = [[[-1.0, -2.0], [-1.5, -2.5]], [[-0.5, -3.0], [-0.25, -4.0]], [[-0.125, -5.0], [-0.0625, -6.0]]]
 LENS_TARGET_LOGPROBS = [[-7.0, -8.0], [-3.0, -2.0], [-0.25, -0.5]]
 GENERATED_TEXT = " is Paris"
+# Step scores of the two targets, with the top 2 alternatives.
+STEP_LOGPROBS = [-0.25, -0.5]
+STEP_PROBABILITIES = [0.75, 0.625]
+STEP_ENTROPIES = [0.5, 1.25]
+STEP_RANKS = [1, 2]
+STEP_TOP_IDS = [[318, 373], [12366, 6342]]
+STEP_TOP_LOGPROBS = [[-0.25, -2.0], [-0.375, -0.5]]
+# Source groups of any aggregation but by token, and saliency's attributions over them. As in
+# SALIENCY, cells of groups that start at or after the target (the 9.0, the -7.0) must not rank.
+SOURCE_GROUPS = [(0, 2, ""), (2, 4, "where"), (4, 5, ""), (5, 6, "")]
+AGGREGATED = [
+    [-0.375, 0.625, 9.0, -7.0],
+    [0.5625, -0.9375, 0.5, -7.0],
+]
+# Saliency's faithfulness, which beats random attributions.
+FAITHFULNESS = types_pb2.Faithfulness(
+    fractions=[0.25, 0.5],
+    comprehensiveness=[0.5, 1.125],
+    sufficiency=[0.125, 0.0],
+    random_comprehensiveness=[0.0625, 0.1875],
+    random_sufficiency=[0.75, 0.5],
+    aopc_comprehensiveness=0.8125,
+    aopc_sufficiency=0.0625,
+    random_aopc_comprehensiveness=0.125,
+    random_aopc_sufficiency=0.625,
+    replacement_token_id=50256,
+)
+TOKEN_GRANULARITIES = (types_pb2.GRANULARITY_UNSPECIFIED, types_pb2.GRANULARITY_TOKEN)
+# A spec that asks for everything the fake can answer: a contrastive probability, words, faithfulness.
+RICH_SPEC = types_pb2.ExplainSpec(
+    methods=[types_pb2.MethodSpec(name="saliency")],
+    targets=types_pb2.TargetSpec(foil_token_ids=[7], score=types_pb2.TARGET_SCORE_PROBABILITY),
+    aggregation=types_pb2.AggregationSpec(granularity=types_pb2.GRANULARITY_WORD),
+    faithfulness=True,
+)
 
 
 def flatten(nested: Sequence[object]) -> list[float]:
@@ -62,6 +99,7 @@ def make_explanation(
     explanation_id: str,
     state: types_pb2.ExplanationState = types_pb2.EXPLANATION_STATE_SUCCEEDED,
     error: str = "",
+    spec: types_pb2.ExplainSpec | None = None,
 ) -> types_pb2.Explanation:
     explanation = types_pb2.Explanation(explanation_id=explanation_id, state=state, error=error, model="tiny-lm")
     if state != types_pb2.EXPLANATION_STATE_SUCCEEDED:
@@ -80,7 +118,30 @@ def make_explanation(
         },
         seconds=0.5,
     )
-    explanation.results.add(method="saliency", attributions=float32_tensor(flatten(SALIENCY), [2, 5]), seconds=0.25)
+    saliency = explanation.results.add(
+        method="saliency", attributions=float32_tensor(flatten(SALIENCY), [2, 5]), seconds=0.25
+    )
+    explanation.step_scores.CopyFrom(
+        types_pb2.StepScores(
+            logprobs=STEP_LOGPROBS,
+            probabilities=STEP_PROBABILITIES,
+            entropies=STEP_ENTROPIES,
+            ranks=STEP_RANKS,
+            top_token_ids=int32_tensor([int(v) for v in flatten(STEP_TOP_IDS)], [2, 2]),
+            top_logprobs=float32_tensor(flatten(STEP_TOP_LOGPROBS), [2, 2]),
+        )
+    )
+    spec = spec or types_pb2.ExplainSpec()
+    foils = list(spec.targets.foil_token_ids)
+    explanation.foil_token_ids.extend(foils * len(TARGET_POSITIONS) if len(foils) == 1 else foils)
+    explanation.target_score = spec.targets.score or types_pb2.TARGET_SCORE_LOGPROB
+    if spec.aggregation.granularity not in TOKEN_GRANULARITIES:
+        explanation.source_groups.extend(
+            types_pb2.SourceGroup(start=start, end=end, label=label) for start, end, label in SOURCE_GROUPS
+        )
+        saliency.aggregated.CopyFrom(float32_tensor(flatten(AGGREGATED), [2, len(SOURCE_GROUPS)]))
+    if spec.faithfulness:
+        saliency.faithfulness.CopyFrom(FAITHFULNESS)
     explanation.fidelity.recomputed_logprobs.extend([-0.25, -0.5])
     explanation.fidelity.max_abs_logprob_diff = 0.001
     explanation.cache_hit = True
@@ -107,6 +168,7 @@ class FakeSightline(inference_pb2_grpc.InferenceServiceServicer, explanations_pb
             "exp-failed": make_explanation(
                 "exp-failed", types_pb2.EXPLANATION_STATE_FAILED, "explainer ran out of memory"
             ),
+            "exp-grouped": make_explanation("exp-grouped", spec=RICH_SPEC),
         }
 
     def _record(self, request: object, context: grpc.ServicerContext) -> None:
@@ -118,7 +180,7 @@ class FakeSightline(inference_pb2_grpc.InferenceServiceServicer, explanations_pb
             return "", None
         if spec.mode == types_pb2.EXPLAIN_MODE_ASYNC:
             return "exp-1", None
-        explanation = make_explanation("exp-1")
+        explanation = make_explanation("exp-1", spec=spec)
         if prompt == "malformed":
             explanation.results[1].attributions.shape[:] = [5, 2]
         return "exp-1", explanation
@@ -200,7 +262,28 @@ class FakeSightline(inference_pb2_grpc.InferenceServiceServicer, explanations_pb
                             type=explanations_pb2.PARAM_TYPE_BOOL,
                             default_value="true",
                             description="scale each row to unit L1 norm",
-                        )
+                        ),
+                        explanations_pb2.MethodParam(
+                            name="steps",
+                            type=explanations_pb2.PARAM_TYPE_INT,
+                            default_value="32",
+                            description="interpolation steps",
+                            minimum=1,
+                            maximum=256,
+                        ),
+                        explanations_pb2.MethodParam(
+                            name="scale",
+                            type=explanations_pb2.PARAM_TYPE_FLOAT,
+                            description="multiplier",
+                            minimum=0.5,
+                        ),
+                        explanations_pb2.MethodParam(
+                            name="baseline",
+                            type=explanations_pb2.PARAM_TYPE_STRING,
+                            default_value="pad",
+                            description="what replaces a token",
+                            choices=["pad", "zero", "mask"],
+                        ),
                     ],
                     needs_gradients=True,
                     attributes_tokens=True,

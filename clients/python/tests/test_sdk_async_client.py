@@ -3,8 +3,8 @@ from __future__ import annotations
 import grpc
 import pytest
 from fake_sightline import GENERATED_TEXT, FakeSightline
-from sightline import AsyncClient, ExplanationState, FinishReason, SightlineError
-from sightline.v1 import inference_pb2, types_pb2
+from sightline import AsyncClient, ExplainOptions, ExplanationState, FinishReason, SightlineError
+from sightline.v1 import explanations_pb2, inference_pb2, types_pb2
 
 
 async def test_generate_with_sync_explanation(fake: FakeSightline) -> None:
@@ -73,3 +73,31 @@ async def test_stream_errors_become_sightline_errors() -> None:
                 pass
 
     assert raised.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_every_call_sends_the_explain_options(fake: FakeSightline) -> None:
+    options = ExplainOptions(output_indices=[1], granularity="word", faithfulness=True)
+    async with AsyncClient(fake.target) as client:
+        generation = await client.generate("x", explain="saliency", options=options)
+        chunks = [chunk async for chunk in client.generate_stream("x", explain="saliency", options=options)]
+        explanation = await client.explain([1, 2], [3], ["saliency"], options=options)
+
+    requests = fake.requests[-3:]
+    assert [type(request) for request in requests] == [
+        inference_pb2.GenerateRequest,
+        inference_pb2.GenerateStreamRequest,
+        explanations_pb2.ExplainRequest,
+    ]
+    for request in requests:
+        assert isinstance(
+            request,
+            inference_pb2.GenerateRequest | inference_pb2.GenerateStreamRequest | explanations_pb2.ExplainRequest,
+        )
+        assert list(request.explain.targets.output_indices) == [1]
+        assert request.explain.aggregation.granularity == types_pb2.GRANULARITY_WORD
+        assert request.explain.faithfulness
+    assert generation.explanation is not None
+    assert generation.explanation.result("saliency").faithfulness is not None
+    assert chunks[-1].explanation is not None
+    assert chunks[-1].explanation.source_groups
+    assert explanation.top_groups(1, k=1)[0][1] == -0.9375

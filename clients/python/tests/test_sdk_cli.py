@@ -42,12 +42,14 @@ def test_generate_prints_top_sources_of_each_token(fake: FakeSightline, capsys: 
     assert lines[0] == GENERATED_TEXT
     assert lines[2] == "explanation exp-1: succeeded (model tiny-lm, cache hit, max |logprob diff| 0.001)"
     assert lines[3] == "saliency: top 2 sources of each explained token, by |score|"
-    # Token texts are quoted so that their leading spaces show.
+    # Token texts are quoted so that their leading spaces show; each explained token has its step scores.
+    assert lines[4] == "  [4] ' is'  p=0.75 rank 1 H=0.50"
+    assert lines[7] == "  [5] ' Paris'  p=0.62 rank 2 H=1.25"
     assert [line.split() for line in lines[4:]] == [
-        ["[4]", "'", "is'"],
+        ["[4]", "'", "is'", "p=0.75", "rank", "1", "H=0.50"],
         ["[1]", "'", "capital'", "-0.5000"],
         ["[3]", "'", "France'", "+0.3750"],
-        ["[5]", "'", "Paris'"],
+        ["[5]", "'", "Paris'", "p=0.62", "rank", "2", "H=1.25"],
         ["[3]", "'", "France'", "-0.8750"],
         ["[1]", "'", "capital'", "+0.5000"],
     ]
@@ -127,6 +129,9 @@ def test_methods(fake: FakeSightline, capsys: pytest.CaptureFixture[str]) -> Non
         "saliency  [attributes tokens, needs gradients]",
         "    Gradient x input.",
         "    normalize (bool, default true): scale each row to unit L1 norm",
+        "    steps (int, default 32, 1..256): interpolation steps",
+        "    scale (float, >= 0.5): multiplier",
+        "    baseline (string, default pad, one of pad|zero|mask): what replaces a token",
         "logit_lens  [uses cache]",
         "    Decode every layer's residual stream.",
     ]
@@ -193,3 +198,135 @@ def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
 
     assert exited.value.code == 2
     assert "--top" in capsys.readouterr().err
+
+
+def test_explanation_flags_map_to_the_explain_spec(fake: FakeSightline) -> None:
+    status = run(
+        fake,
+        "generate",
+        "--explain",
+        "saliency",
+        "--targets",
+        "0,1",
+        "--foil",
+        "7",
+        "--foil",
+        "8",
+        "--score",
+        "probability",
+        "--span",
+        "0:2:subject",
+        "--span",
+        "2:4",
+        "--absolute",
+        "--normalize",
+        "l1",
+        "--faithfulness",
+        "x",
+    )
+
+    assert status == 0
+    request = fake.requests[-1]
+    assert isinstance(request, inference_pb2.GenerateRequest)
+    assert request.explain == types_pb2.ExplainSpec(
+        methods=[types_pb2.MethodSpec(name="saliency")],
+        mode=types_pb2.EXPLAIN_MODE_SYNC,
+        targets=types_pb2.TargetSpec(
+            output_indices=[0, 1], foil_token_ids=[7, 8], score=types_pb2.TARGET_SCORE_PROBABILITY
+        ),
+        # --span without --granularity means span granularity.
+        aggregation=types_pb2.AggregationSpec(
+            granularity=types_pb2.GRANULARITY_SPAN,
+            spans=[types_pb2.Span(start=0, end=2, label="subject"), types_pb2.Span(start=2, end=4)],
+            absolute=True,
+            normalization=types_pb2.NORMALIZATION_L1,
+        ),
+        faithfulness=True,
+    )
+    assert not request.explain.HasField("step_scores_top_k")
+
+
+def test_stream_takes_the_explanation_flags_too(fake: FakeSightline) -> None:
+    assert run(fake, "stream", "--explain", "saliency", "--granularity", "word", "--score", "logit", "x") == 0
+
+    request = fake.requests[-1]
+    assert isinstance(request, inference_pb2.GenerateStreamRequest)
+    assert request.explain.aggregation.granularity == types_pb2.GRANULARITY_WORD
+    assert request.explain.targets.score == types_pb2.TARGET_SCORE_LOGIT
+
+
+def test_without_explanation_flags_the_spec_leaves_targets_and_aggregation_unset(fake: FakeSightline) -> None:
+    assert run(fake, "generate", "--explain", "saliency", "x") == 0
+
+    request = fake.requests[-1]
+    assert isinstance(request, inference_pb2.GenerateRequest)
+    assert not request.explain.HasField("targets")
+    assert not request.explain.HasField("aggregation")
+    assert not request.explain.faithfulness
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--faithfulness"], "need --explain METHOD"),
+        (["--explain", "saliency", "--granularity", "word", "--span", "0:2"], "spans are only used with"),
+        (["--explain", "saliency", "--granularity", "span"], "needs spans"),
+        (["--explain", "saliency", "--targets", "0,x"], "expected indices >= 0 separated by commas"),
+        (["--explain", "saliency", "--targets", "-1"], "expected indices >= 0"),
+        (["--explain", "saliency", "--foil", "-3"], "must be at least 0"),
+        (["--explain", "saliency", "--span", "3:1"], "0 <= START < END"),
+        (["--explain", "saliency", "--span", "3"], "START:END or START:END:LABEL"),
+        (["--explain", "saliency", "--score", "rank"], "invalid choice"),
+    ],
+)
+def test_bad_explanation_flags_exit_2_before_any_call(
+    fake: FakeSightline, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        run(fake, "generate", *args, "x")
+
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+    assert fake.requests == []
+
+
+def test_summary_shows_foils_word_groups_and_faithfulness(
+    fake: FakeSightline, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--explain", "saliency", "--granularity", "word", "--foil", "7", "--faithfulness", "--top", "2"]
+    assert run(fake, "generate", *args, "x") == 0
+
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[3:] == [
+        "saliency: top 2 source groups of each explained token, by |score|",
+        "  [4] ' is'  vs foil 7  p=0.75 rank 1 H=0.50",
+        "      [2:4] 'where'                  +0.6250",
+        "      [0:2] 'The capital'            -0.3750",
+        "  [5] ' Paris'  vs foil 7  p=0.62 rank 2 H=1.25",
+        "      [2:4] 'where'                  -0.9375",
+        "      [0:2] 'The capital'            +0.5625",
+        "saliency faithfulness: comprehensiveness AOPC 0.81 vs random 0.12;"
+        " sufficiency AOPC 0.06 vs random 0.62 (beats random)",
+    ]
+
+
+def test_summary_ranks_tokens_when_only_token_aggregation_was_asked(
+    fake: FakeSightline, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(fake, "generate", "--explain", "saliency", "--normalize", "max_abs", "--top", "1", "x") == 0
+
+    out = capsys.readouterr().out
+    assert "saliency: top 1 sources of each explained token" in out
+    assert "faithfulness" not in out
+
+
+def test_explain_by_id_shows_groups_when_some_group_spans_several_tokens(
+    fake: FakeSightline, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(fake, "explain", "exp-grouped", "--top", "3") == 0
+
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "saliency: top 3 source groups of each explained token, by |score|"
+    # Target 1 is position 5: the group starting at 4 ranks, the one starting at 5 does not.
+    assert [line.split()[0] for line in lines[6:9]] == ["[2:4]", "[0:2]", "[4:5]"]
+    assert lines[-1].endswith("(beats random)")

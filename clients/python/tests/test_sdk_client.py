@@ -4,9 +4,17 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from fake_sightline import GENERATED_TEXT, FakeSightline
+from fake_sightline import AGGREGATED, FAITHFULNESS, GENERATED_TEXT, FakeSightline
 from google.protobuf import json_format
-from sightline import Client, ExplanationState, FinishReason, SightlineError
+from sightline import (
+    Client,
+    ExplainOptions,
+    ExplanationState,
+    FinishReason,
+    SightlineError,
+    SourceGroup,
+    TargetScore,
+)
 from sightline.v1 import explanations_pb2, inference_pb2, types_pb2
 
 
@@ -254,3 +262,106 @@ def test_a_malformed_response_is_an_internal_error(client: Client) -> None:
     assert raised.value.code == grpc.StatusCode.INTERNAL
     assert "malformed response" in raised.value.details
     assert isinstance(raised.value.__cause__, ValueError)
+
+
+EVERY_OPTION = ExplainOptions(
+    output_indices=[0, 1],
+    foil_token_ids=[7],
+    score="logit",
+    granularity="span",
+    spans=[(0, 2, "subject"), (2, 4, "")],
+    absolute=True,
+    normalization="max_abs",
+    faithfulness=True,
+    step_scores_top_k=3,
+)
+EVERY_OPTION_SPEC = types_pb2.ExplainSpec(
+    methods=[types_pb2.MethodSpec(name="saliency")],
+    mode=types_pb2.EXPLAIN_MODE_SYNC,
+    targets=types_pb2.TargetSpec(output_indices=[0, 1], foil_token_ids=[7], score=types_pb2.TARGET_SCORE_LOGIT),
+    aggregation=types_pb2.AggregationSpec(
+        granularity=types_pb2.GRANULARITY_SPAN,
+        spans=[types_pb2.Span(start=0, end=2, label="subject"), types_pb2.Span(start=2, end=4)],
+        absolute=True,
+        normalization=types_pb2.NORMALIZATION_MAX_ABS,
+    ),
+    faithfulness=True,
+    step_scores_top_k=3,
+)
+
+
+def test_explain_options_fill_every_field_of_the_spec(client: Client, fake: FakeSightline) -> None:
+    client.generate("x", explain="saliency", options=EVERY_OPTION)
+
+    request = last_request(fake)
+    assert isinstance(request, inference_pb2.GenerateRequest)
+    assert request.explain == EVERY_OPTION_SPEC
+
+
+def test_stream_and_explain_send_the_options_too(client: Client, fake: FakeSightline) -> None:
+    list(client.generate_stream("x", explain="saliency", options=EVERY_OPTION))
+    stream_request = last_request(fake)
+    client.explain([1, 2], [3, 4], ["saliency"], options=EVERY_OPTION)
+    explain_request = last_request(fake)
+
+    assert isinstance(stream_request, inference_pb2.GenerateStreamRequest)
+    assert isinstance(explain_request, explanations_pb2.ExplainRequest)
+    assert stream_request.explain == explain_request.explain == EVERY_OPTION_SPEC
+
+
+def test_default_options_are_sent_explicitly_but_leave_step_scores_top_k_unset(
+    client: Client, fake: FakeSightline
+) -> None:
+    client.generate("x", explain="saliency", options=ExplainOptions())
+
+    request = last_request(fake)
+    assert isinstance(request, inference_pb2.GenerateRequest)
+    assert request.explain.targets == types_pb2.TargetSpec(score=types_pb2.TARGET_SCORE_LOGPROB)
+    assert request.explain.aggregation == types_pb2.AggregationSpec(
+        granularity=types_pb2.GRANULARITY_TOKEN, normalization=types_pb2.NORMALIZATION_NONE
+    )
+    assert not request.explain.faithfulness
+    assert not request.explain.HasField("step_scores_top_k")
+
+
+def test_no_options_leave_targets_and_aggregation_unset(client: Client, fake: FakeSightline) -> None:
+    client.generate("x", explain="saliency")
+
+    request = last_request(fake)
+    assert isinstance(request, inference_pb2.GenerateRequest)
+    assert not request.explain.HasField("targets")
+    assert not request.explain.HasField("aggregation")
+
+
+def test_options_without_methods_are_refused_before_sending(client: Client, fake: FakeSightline) -> None:
+    with pytest.raises(ValueError, match="at least one method"):
+        client.generate("x", options=ExplainOptions(faithfulness=True))
+    assert fake.requests == []
+
+
+def test_the_explanation_carries_what_the_options_asked_for(client: Client) -> None:
+    options = ExplainOptions(foil_token_ids=[7], score="probability", granularity="word", faithfulness=True)
+    generation = client.generate("x", explain="saliency", options=options)
+
+    explanation = generation.explanation
+    assert explanation is not None
+    assert explanation.foil_token_ids == (7, 7)
+    assert explanation.target_score is TargetScore.PROBABILITY
+    assert explanation.source_groups[:2] == (SourceGroup(0, 2, ""), SourceGroup(2, 4, "where"))
+    saliency = explanation.result("saliency")
+    assert saliency.aggregated is not None
+    assert saliency.aggregated.tolist() == AGGREGATED
+    assert saliency.faithfulness is not None
+    assert saliency.faithfulness.aopc_comprehensiveness == FAITHFULNESS.aopc_comprehensiveness
+    assert explanation.top_groups(0, k=1) == [(SourceGroup(2, 4, "where"), 0.625)]
+    assert explanation.step_scores is not None
+    assert explanation.step_scores.ranks == (1, 2)
+
+
+def test_list_methods_reads_bounds_and_choices(client: Client) -> None:
+    params = {param.name: param for param in client.list_methods()[0].params}
+
+    assert (params["steps"].minimum, params["steps"].maximum, params["steps"].choices) == (1.0, 256.0, ())
+    assert (params["scale"].minimum, params["scale"].maximum) == (0.5, None)
+    assert (params["normalize"].minimum, params["normalize"].maximum) == (None, None)
+    assert params["baseline"].choices == ("pad", "zero", "mask")

@@ -7,7 +7,17 @@ from typing import TypeVar
 
 import grpc
 from sightline.errors import SightlineError
-from sightline.types import ExplainMethods, ExplainModeName, Explanation, MethodInfo, Prompt
+from sightline.types import (
+    ExplainMethods,
+    ExplainModeName,
+    ExplainOptions,
+    Explanation,
+    GranularityName,
+    MethodInfo,
+    NormalizationName,
+    Prompt,
+    TargetScoreName,
+)
 from sightline.v1 import explanations_pb2, inference_pb2, types_pb2
 
 GenerateMessage = TypeVar("GenerateMessage", inference_pb2.GenerateRequest, inference_pb2.GenerateStreamRequest)
@@ -15,6 +25,21 @@ Response = TypeVar("Response")
 Result = TypeVar("Result")
 
 _EXPLAIN_MODES = {"sync": types_pb2.EXPLAIN_MODE_SYNC, "async": types_pb2.EXPLAIN_MODE_ASYNC}
+_TARGET_SCORES: dict[TargetScoreName, types_pb2.TargetScore] = {
+    "logprob": types_pb2.TARGET_SCORE_LOGPROB,
+    "probability": types_pb2.TARGET_SCORE_PROBABILITY,
+    "logit": types_pb2.TARGET_SCORE_LOGIT,
+}
+_GRANULARITIES: dict[GranularityName, types_pb2.Granularity] = {
+    "token": types_pb2.GRANULARITY_TOKEN,
+    "word": types_pb2.GRANULARITY_WORD,
+    "span": types_pb2.GRANULARITY_SPAN,
+}
+_NORMALIZATIONS: dict[NormalizationName, types_pb2.Normalization] = {
+    "none": types_pb2.NORMALIZATION_NONE,
+    "l1": types_pb2.NORMALIZATION_L1,
+    "max_abs": types_pb2.NORMALIZATION_MAX_ABS,
+}
 _CHAT_MESSAGE_KEYS = frozenset({"role", "content"})
 
 
@@ -40,11 +65,15 @@ def _chat_message(message: Mapping[str, str]) -> types_pb2.ChatMessage:
     return types_pb2.ChatMessage(role=message["role"], content=message["content"])
 
 
-def explain_spec(methods: ExplainMethods | None, mode: ExplainModeName) -> types_pb2.ExplainSpec | None:
+def explain_spec(
+    methods: ExplainMethods | None, mode: ExplainModeName, options: ExplainOptions | None
+) -> types_pb2.ExplainSpec | None:
     """The explain spec for ``methods``, or None (no explanation) when there are none."""
     if mode not in _EXPLAIN_MODES:
         raise ValueError(f"mode must be 'sync' or 'async', got {mode!r}")
     if not methods:
+        if options is not None:  # refused rather than dropped: they would explain nothing
+            raise ValueError("explain options need at least one method to explain with")
         return None
     if isinstance(methods, str):  # one method's name, not a sequence of one-letter names
         methods = [methods]
@@ -52,7 +81,29 @@ def explain_spec(methods: ExplainMethods | None, mode: ExplainModeName) -> types
         specs = [types_pb2.MethodSpec(name=name, params=dict(params)) for name, params in methods.items()]
     else:
         specs = [types_pb2.MethodSpec(name=name) for name in methods]
-    return types_pb2.ExplainSpec(methods=specs, mode=_EXPLAIN_MODES[mode])
+    spec = types_pb2.ExplainSpec(methods=specs, mode=_EXPLAIN_MODES[mode])
+    if options is not None:
+        spec.MergeFrom(_options_spec(options))
+    return spec
+
+
+def _options_spec(options: ExplainOptions) -> types_pb2.ExplainSpec:
+    """The spec fields ``options`` set, to merge into one that names the methods."""
+    return types_pb2.ExplainSpec(
+        targets=types_pb2.TargetSpec(
+            output_indices=options.output_indices,
+            foil_token_ids=options.foil_token_ids,
+            score=_TARGET_SCORES[options.score],
+        ),
+        aggregation=types_pb2.AggregationSpec(
+            granularity=_GRANULARITIES[options.granularity],
+            spans=[types_pb2.Span(start=start, end=end, label=label) for start, end, label in options.spans],
+            absolute=options.absolute,
+            normalization=_NORMALIZATIONS[options.normalization],
+        ),
+        faithfulness=options.faithfulness,
+        step_scores_top_k=options.step_scores_top_k,  # None leaves it unset, for the server's default
+    )
 
 
 def generate_request(
@@ -67,6 +118,7 @@ def generate_request(
     stop: str | Sequence[str] | None,
     explain: ExplainMethods | None,
     mode: ExplainModeName,
+    options: ExplainOptions | None,
     model: str,
     request_id: str | None,
 ) -> GenerateMessage:
@@ -84,7 +136,7 @@ def generate_request(
         model=model,
         input=generation_input(prompt),
         sampling=sampling,
-        explain=explain_spec(explain, mode),
+        explain=explain_spec(explain, mode, options),
         request_id=request_id,
     )
 
@@ -96,10 +148,11 @@ def explain_request(
     *,
     output_logprobs: Sequence[float] | None,
     mode: ExplainModeName,
+    options: ExplainOptions | None,
     model: str,
     request_id: str | None,
 ) -> explanations_pb2.ExplainRequest:
-    spec = explain_spec(methods, mode)
+    spec = explain_spec(methods, mode, options)
     if spec is None:
         raise ValueError("explain() needs at least one method")
     return explanations_pb2.ExplainRequest(

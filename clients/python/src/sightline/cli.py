@@ -6,12 +6,25 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, get_args
 
 from google.protobuf.json_format import MessageToJson
 from sightline.client import DEFAULT_TARGET, Client
 from sightline.errors import SightlineError
-from sightline.types import Explanation, ExplanationState, MethodInfo, Prompt, StreamChunk
+from sightline.types import (
+    ExplainOptions,
+    Explanation,
+    ExplanationState,
+    Faithfulness,
+    GranularityName,
+    MethodInfo,
+    MethodParam,
+    NormalizationName,
+    Prompt,
+    SourceGroup,
+    StreamChunk,
+    TargetScoreName,
+)
 from sightline.v1 import explanations_pb2
 
 # What a shell reports for a process ended by Ctrl-C (128 + SIGINT).
@@ -21,7 +34,13 @@ _WAIT_HINT_SECONDS = 30
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 2 bad request, 1 other failure)."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if "spans" in args:  # generate and stream, which take explanation options
+        try:
+            args.options = _explain_options(args)
+        except ValueError as error:
+            parser.error(str(error))
     command: Callable[[Client, argparse.Namespace], int] = args.command
     try:
         with Client(args.target, api_key=args.api_key, timeout=args.timeout) as client:
@@ -72,6 +91,53 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="send PROMPT as raw text to complete instead of as a user chat message",
     )
+    options = generation.add_argument_group("explanation options (with --explain)")
+    options.add_argument(
+        "--targets",
+        type=_index_list,
+        metavar="I,J,...",
+        help="explain only these generated tokens (0 is the first; default: all)",
+    )
+    options.add_argument(
+        "--foil",
+        dest="foils",
+        type=_non_negative_int,
+        action="append",
+        metavar="TOKEN_ID",
+        help="explain why each token rather than this one (repeatable: one foil per explained token)",
+    )
+    options.add_argument(
+        "--score",
+        choices=get_args(TargetScoreName),
+        default="logprob",
+        help="what the attributions explain (default %(default)s)",
+    )
+    options.add_argument(
+        "--granularity",
+        choices=get_args(GranularityName),
+        help="rank sources by word or --span span instead of by token (default: span with --span, else token)",
+    )
+    options.add_argument(
+        "--span",
+        dest="spans",
+        type=_span,
+        action="append",
+        metavar="START:END[:LABEL]",
+        help="a source span of token positions [START, END) (repeatable; spans must not overlap)",
+    )
+    options.add_argument("--absolute", action="store_true", help="aggregate absolute attributions")
+    options.add_argument(
+        "--normalize",
+        choices=get_args(NormalizationName),
+        default="none",
+        help="divide each explained token's aggregated attributions by their L1 norm or largest |value|"
+        " (default %(default)s)",
+    )
+    options.add_argument(
+        "--faithfulness",
+        action="store_true",
+        help="measure each method's comprehensiveness and sufficiency against random attributions",
+    )
 
     summary = argparse.ArgumentParser(add_help=False)
     summary.add_argument(
@@ -103,10 +169,56 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _positive_int(text: str) -> int:
+    return _int_at_least(text, 1)
+
+
+def _non_negative_int(text: str) -> int:
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, minimum: int) -> int:
     value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
     return value
+
+
+def _index_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(_non_negative_int(item) for item in text.split(","))
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"expected indices >= 0 separated by commas, got {text!r}") from None
+
+
+def _span(text: str) -> tuple[int, int, str]:
+    start, _, rest = text.partition(":")
+    end, _, label = rest.partition(":")
+    try:
+        bounds = int(start), int(end)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:END or START:END:LABEL, got {text!r}") from None
+    if not 0 <= bounds[0] < bounds[1]:
+        raise argparse.ArgumentTypeError(f"a span needs 0 <= START < END, got {text!r}")
+    return bounds[0], bounds[1], label
+
+
+def _explain_options(args: argparse.Namespace) -> ExplainOptions | None:
+    """The explanation options the flags ask for; None when they are all left at their defaults."""
+    options = ExplainOptions(
+        output_indices=args.targets or (),
+        foil_token_ids=args.foils or (),
+        score=args.score,
+        granularity=args.granularity or ("span" if args.spans else "token"),
+        spans=args.spans or (),
+        absolute=args.absolute,
+        normalization=args.normalize,
+        faithfulness=args.faithfulness,
+    )
+    if options == ExplainOptions():
+        return None
+    if not args.explain:
+        raise ValueError("explanation options such as --targets, --foil or --faithfulness need --explain METHOD")
+    return options
 
 
 def _prompt(args: argparse.Namespace) -> Prompt:
@@ -120,8 +232,15 @@ def _generation_options(args: argparse.Namespace) -> dict[str, Any]:
         "temperature": args.temperature,
         "explain": args.explain,
         "mode": "async" if args.async_explain else "sync",
+        "options": args.options,
         "model": args.model,
     }
+
+
+def _by_groups(args: argparse.Namespace) -> bool:
+    """Whether the summary ranks source groups: when an aggregation other than by token was asked for."""
+    options: ExplainOptions | None = args.options
+    return options is not None and options.granularity != "token"
 
 
 def _generate(client: Client, args: argparse.Namespace) -> int:
@@ -130,7 +249,7 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
         print(MessageToJson(generation.raw))
         return 0
     print(generation.text)
-    return _report_explanation(generation.explanation_id, generation.explanation, args.top)
+    return _report_explanation(generation.explanation_id, generation.explanation, args.top, _by_groups(args))
 
 
 def _stream(client: Client, args: argparse.Namespace) -> int:
@@ -144,7 +263,7 @@ def _stream(client: Client, args: argparse.Namespace) -> int:
     if args.json or final is None:
         return 0
     print()
-    return _report_explanation(final.explanation_id, final.explanation, args.top)
+    return _report_explanation(final.explanation_id, final.explanation, args.top, _by_groups(args))
 
 
 def _explain(client: Client, args: argparse.Namespace) -> int:
@@ -165,19 +284,23 @@ def _methods(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
-def _report_explanation(explanation_id: str, explanation: Explanation | None, top: int) -> int:
+def _report_explanation(explanation_id: str, explanation: Explanation | None, top: int, by_groups: bool) -> int:
     """Summarize what a generation says about its explanation, if one was asked for."""
     if explanation is not None:
         print()
-        return _print_explanation(explanation, top)
+        return _print_explanation(explanation, top, by_groups)
     if explanation_id:
         print(f"\nexplanation {explanation_id} queued; fetch it with:")
         print(f"  sightline explain {explanation_id} --wait {_WAIT_HINT_SECONDS}")
     return 0
 
 
-def _print_explanation(explanation: Explanation, top: int) -> int:
-    """Print the explanation's state and each target's strongest sources; 1 if it failed."""
+def _print_explanation(explanation: Explanation, top: int, by_groups: bool | None = None) -> int:
+    """Print the explanation's state, each target's strongest sources and faithfulness; 1 if it failed.
+
+    Sources are source groups (words, spans) when ``by_groups``; None, when it is not known what
+    was asked for, means when some group is more than one token.
+    """
     notes = [f"model {explanation.model}"] if explanation.model else []
     if explanation.cache_hit:
         notes.append("cache hit")
@@ -196,13 +319,67 @@ def _print_explanation(explanation: Explanation, top: int) -> int:
         print(f"  no token attributions (results: {', '.join(explanation.results) or 'none'})")
         return 0
     method = methods[0]
+    if by_groups is None:
+        by_groups = any(group.end - group.start > 1 for group in explanation.source_groups)
+    by_groups = by_groups and explanation.result(method).aggregated is not None
+    print(f"{method}: top {top} {'source groups' if by_groups else 'sources'} of each explained token, by |score|")
     width = len(str(len(explanation.tokens)))
-    print(f"{method}: top {top} sources of each explained token, by |score|")
     for target_index, position in enumerate(explanation.target_positions):
-        print(f"  [{position:>{width}}] {explanation.tokens[position].text!r}")
-        for source in explanation.top_sources(target_index, top, method):
-            print(f"      [{source.position:>{width}}] {source.token.text!r:<24} {source.score:+.4f}")
+        token_line = f"  [{position:>{width}}] {explanation.tokens[position].text!r}"
+        print(token_line + _target_notes(explanation, target_index))
+        for where, text, score in _strongest_sources(explanation, target_index, top, method, by_groups):
+            print(f"      {where} {text!r:<24} {score:+.4f}")
+    for name, result in explanation.results.items():
+        if result.faithfulness is not None:
+            print(f"{name} faithfulness: {_faithfulness_summary(result.faithfulness)}")
     return 0
+
+
+def _strongest_sources(
+    explanation: Explanation, target_index: int, top: int, method: str, by_groups: bool
+) -> list[tuple[str, str, float]]:
+    """(where, text, score) of the target's ``top`` strongest source tokens or groups.
+
+    where is [position] or [start:end], padded so that the texts line up; a group's text is its label if it has one.
+    """
+    width = len(str(len(explanation.tokens)))
+    if not by_groups:
+        return [
+            (f"[{source.position:>{width}}]", source.token.text, source.score)
+            for source in explanation.top_sources(target_index, top, method)
+        ]
+    return [
+        (f"[{group.start}:{group.end}]".ljust(2 * width + 3), group.label or _text(explanation, group), score)
+        for group, score in explanation.top_groups(target_index, top, method)
+    ]
+
+
+def _target_notes(explanation: Explanation, target_index: int) -> str:
+    """The foil and step scores of an explained token, for its line."""
+    notes = []
+    if explanation.foil_token_ids:
+        notes.append(f"vs foil {explanation.foil_token_ids[target_index]}")
+    scores = explanation.step_scores
+    if scores is not None:
+        notes.append(
+            f"p={scores.probabilities[target_index]:.2f} rank {scores.ranks[target_index]}"
+            f" H={scores.entropies[target_index]:.2f}"
+        )
+    return "".join(f"  {note}" for note in notes)
+
+
+def _text(explanation: Explanation, group: SourceGroup) -> str:
+    return "".join(token.text for token in explanation.tokens[group.start : group.end])
+
+
+def _faithfulness_summary(faithfulness: Faithfulness) -> str:
+    verdict = "beats random" if faithfulness.beats_random else "does not beat random"
+    return (
+        f"comprehensiveness AOPC {faithfulness.aopc_comprehensiveness:.2f}"
+        f" vs random {faithfulness.random_aopc_comprehensiveness:.2f};"
+        f" sufficiency AOPC {faithfulness.aopc_sufficiency:.2f} vs random {faithfulness.random_aopc_sufficiency:.2f}"
+        f" ({verdict})"
+    )
 
 
 def _print_method(info: MethodInfo) -> None:
@@ -221,5 +398,23 @@ def _print_method(info: MethodInfo) -> None:
     if info.description:
         print(f"    {info.description}")
     for param in info.params:
-        default = f", default {param.default_value}" if param.default_value else ""
-        print(f"    {param.name} ({param.type.value}{default}): {param.description}")
+        details = [param.type.value]
+        if param.default_value:
+            details.append(f"default {param.default_value}")
+        bounds = _bounds(param)
+        if bounds:
+            details.append(bounds)
+        if param.choices:
+            details.append(f"one of {'|'.join(param.choices)}")
+        print(f"    {param.name} ({', '.join(details)}): {param.description}")
+
+
+def _bounds(param: MethodParam) -> str:
+    """``LOW..HIGH``, ``>= LOW`` or ``<= HIGH`` for a bounded parameter, else empty."""
+    if param.minimum is not None and param.maximum is not None:
+        return f"{param.minimum:.15g}..{param.maximum:.15g}"
+    if param.minimum is not None:
+        return f">= {param.minimum:.15g}"
+    if param.maximum is not None:
+        return f"<= {param.maximum:.15g}"
+    return ""

@@ -21,6 +21,7 @@ from sightline.errors import SightlineError
 from sightline.types import (
     ExplainMethods,
     ExplainModeName,
+    ExplainOptions,
     Explanation,
     Generation,
     MethodInfo,
@@ -101,6 +102,7 @@ class Client(_ClientCore):
         stop: str | Sequence[str] | None = None,
         explain: ExplainMethods | None = None,
         mode: ExplainModeName = "sync",
+        options: ExplainOptions | None = None,
         model: str = "",
         request_id: str | None = None,
         timeout: float | None = None,
@@ -111,7 +113,9 @@ class Client(_ClientCore):
         or a list of token ids. Sampling parameters left as None take the server's
         defaults. ``explain`` is a method name, a list of them, or a dict of method name
         to parameters. In ``mode="sync"`` the explanation is attached to the result; in
-        ``mode="async"`` only ``explanation_id`` is, for ``get_explanation``. An empty
+        ``mode="async"`` only ``explanation_id`` is, for ``get_explanation``. ``options``
+        choose the explained tokens, a contrastive foil, the attributed score, aggregation
+        into words or spans and faithfulness metrics; they need ``explain``. An empty
         ``model`` selects the server's default; ``request_id`` is generated when None.
         """
         request = generate_request(
@@ -125,6 +129,7 @@ class Client(_ClientCore):
             stop=stop,
             explain=explain,
             mode=mode,
+            options=options,
             model=model,
             request_id=request_id,
         )
@@ -142,6 +147,7 @@ class Client(_ClientCore):
         stop: str | Sequence[str] | None = None,
         explain: ExplainMethods | None = None,
         mode: ExplainModeName = "sync",
+        options: ExplainOptions | None = None,
         model: str = "",
         request_id: str | None = None,
         timeout: float | None = None,
@@ -163,6 +169,7 @@ class Client(_ClientCore):
             stop=stop,
             explain=explain,
             mode=mode,
+            options=options,
             model=model,
             request_id=request_id,
         )
@@ -177,6 +184,7 @@ class Client(_ClientCore):
         *,
         output_logprobs: Sequence[float] | None = None,
         mode: Literal["sync"] = "sync",
+        options: ExplainOptions | None = None,
         model: str = "",
         request_id: str | None = None,
         timeout: float | None = None,
@@ -191,6 +199,7 @@ class Client(_ClientCore):
         *,
         output_logprobs: Sequence[float] | None = None,
         mode: Literal["async"],
+        options: ExplainOptions | None = None,
         model: str = "",
         request_id: str | None = None,
         timeout: float | None = None,
@@ -205,6 +214,7 @@ class Client(_ClientCore):
         *,
         output_logprobs: Sequence[float] | None = None,
         mode: ExplainModeName,
+        options: ExplainOptions | None = None,
         model: str = "",
         request_id: str | None = None,
         timeout: float | None = None,
@@ -218,6 +228,7 @@ class Client(_ClientCore):
         *,
         output_logprobs: Sequence[float] | None = None,
         mode: ExplainModeName = "sync",
+        options: ExplainOptions | None = None,
         model: str = "",
         request_id: str | None = None,
         timeout: float | None = None,
@@ -225,7 +236,8 @@ class Client(_ClientCore):
         """Explain a given sequence without generating.
 
         ``output_logprobs`` are the served log-probabilities of ``output_token_ids``,
-        for the fidelity check. Returns the explanation in sync mode, its id in async mode.
+        for the fidelity check; ``options`` are as in ``generate``. Returns the explanation
+        in sync mode, its id in async mode.
         """
         request = explain_request(
             prompt_token_ids,
@@ -233,6 +245,7 @@ class Client(_ClientCore):
             methods,
             output_logprobs=output_logprobs,
             mode=mode,
+            options=options,
             model=model,
             request_id=request_id,
         )
@@ -311,6 +324,7 @@ class AsyncClient(_ClientCore):
         stop: str | Sequence[str] | None = None,
         explain: ExplainMethods | None = None,
         mode: ExplainModeName = "sync",
+        options: ExplainOptions | None = None,
         model: str = "",
         request_id: str | None = None,
         timeout: float | None = None,
@@ -327,6 +341,7 @@ class AsyncClient(_ClientCore):
             stop=stop,
             explain=explain,
             mode=mode,
+            options=options,
             model=model,
             request_id=request_id,
         )
@@ -344,6 +359,7 @@ class AsyncClient(_ClientCore):
         stop: str | Sequence[str] | None = None,
         explain: ExplainMethods | None = None,
         mode: ExplainModeName = "sync",
+        options: ExplainOptions | None = None,
         model: str = "",
         request_id: str | None = None,
         timeout: float | None = None,
@@ -364,6 +380,7 @@ class AsyncClient(_ClientCore):
             stop=stop,
             explain=explain,
             mode=mode,
+            options=options,
             model=model,
             request_id=request_id,
         )
@@ -378,6 +395,7 @@ class AsyncClient(_ClientCore):
         *,
         output_logprobs: Sequence[float] | None = None,
         mode: Literal["sync"] = "sync",
+        options: ExplainOptions | None = None,
         model: str = "",
         request_id: str | None = None,
         timeout: float | None = None,
@@ -392,6 +410,7 @@ class AsyncClient(_ClientCore):
         *,
         output_logprobs: Sequence[float] | None = None,
         mode: Literal["async"],
+        options: ExplainOptions | None = None,
         model: str = "",
         request_id: str | None = None,
         timeout: float | None = None,
@@ -406,6 +425,7 @@ class AsyncClient(_ClientCore):
         *,
         output_logprobs: Sequence[float] | None = None,
         mode: ExplainModeName,
+        options: ExplainOptions | None = None,
         model: str = "",
         request_id: str | None = None,
         timeout: float | None = None,
@@ -419,6 +439,7 @@ class AsyncClient(_ClientCore):
         *,
         output_logprobs: Sequence[float] | None = None,
         mode: ExplainModeName = "sync",
+        options: ExplainOptions | None = None,
         model: str = "",
         request_id: str | None = None,
         timeout: float | None = None,
@@ -430,6 +451,7 @@ class AsyncClient(_ClientCore):
             methods,
             output_logprobs=output_logprobs,
             mode=mode,
+            options=options,
             model=model,
             request_id=request_id,
         )

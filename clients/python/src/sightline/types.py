@@ -10,11 +10,11 @@ from __future__ import annotations
 import math
 import sys
 from array import array
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeAlias, get_args
 
 from google.protobuf import timestamp_pb2
 from sightline.v1 import explanations_pb2, inference_pb2, types_pb2
@@ -38,6 +38,60 @@ ExplainMethods: TypeAlias = str | Sequence[str] | Mapping[str, Mapping[str, Para
 
 ExplainModeName: TypeAlias = Literal["sync", "async"]
 
+TargetScoreName: TypeAlias = Literal["logprob", "probability", "logit"]
+"""What an explained token's score is: log p(token | prefix), p(token | prefix) or its logit."""
+
+GranularityName: TypeAlias = Literal["token", "word", "span"]
+
+NormalizationName: TypeAlias = Literal["none", "l1", "max_abs"]
+
+
+@dataclass(frozen=True)
+class ExplainOptions:
+    """What to explain and how to present it, besides the methods; the defaults are the server's.
+
+    ``output_indices`` picks generated tokens to explain (0 is the first generated token;
+    ascending, distinct); empty explains all of them. ``foil_token_ids`` makes the
+    explanation contrastive, attributing ``score(token) - score(foil)``: one id for every
+    target or one per explained token. ``score`` is what is attributed.
+
+    Besides the token matrix, which always comes back, each method's attributions are
+    aggregated per ``granularity`` (``"word"`` merges sub-word tokens; ``"span"`` uses
+    ``spans``, half-open ``(start, end, label)`` token ranges that must not overlap), of
+    absolute values when ``absolute``, with each row normalized per ``normalization``; see
+    ``Explanation.top_groups``. ``faithfulness`` asks for comprehensiveness and sufficiency
+    of each token-attributing method. ``step_scores_top_k`` is how many alternatives the step
+    scores list per explained token (server default 5, at most 50).
+    """
+
+    output_indices: Sequence[int] = ()
+    foil_token_ids: Sequence[int] = ()
+    score: TargetScoreName = "logprob"
+    granularity: GranularityName = "token"
+    spans: Sequence[tuple[int, int, str]] = ()
+    absolute: bool = False
+    normalization: NormalizationName = "none"
+    faithfulness: bool = False
+    step_scores_top_k: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, allowed in (
+            ("score", get_args(TargetScoreName)),
+            ("granularity", get_args(GranularityName)),
+            ("normalization", get_args(NormalizationName)),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.spans and self.granularity != "span":
+            raise ValueError(f"spans are only used with granularity='span', not {self.granularity!r}")
+        if self.granularity == "span" and not self.spans:
+            raise ValueError("granularity='span' needs spans")
+        # Tuples, so that the options stay immutable and hashable whatever sequences they were given.
+        object.__setattr__(self, "output_indices", tuple(self.output_indices))
+        object.__setattr__(self, "foil_token_ids", tuple(self.foil_token_ids))
+        object.__setattr__(self, "spans", tuple((start, end, label) for start, end, label in self.spans))
+
+
 # ---------------------------------------------------------------------------
 # Enumerations
 
@@ -60,6 +114,15 @@ class ExplanationState(StrEnum):
     FAILED = "failed"
 
 
+class TargetScore(StrEnum):
+    """What an explained token's score was; attributions explain this number."""
+
+    UNSPECIFIED = "unspecified"
+    LOGPROB = "logprob"
+    PROBABILITY = "probability"
+    LOGIT = "logit"
+
+
 class ParamType(StrEnum):
     UNSPECIFIED = "unspecified"
     INT = "int"
@@ -79,6 +142,13 @@ _EXPLANATION_STATES = {
     types_pb2.EXPLANATION_STATE_RUNNING: ExplanationState.RUNNING,
     types_pb2.EXPLANATION_STATE_SUCCEEDED: ExplanationState.SUCCEEDED,
     types_pb2.EXPLANATION_STATE_FAILED: ExplanationState.FAILED,
+}
+_TARGET_SCORES = {
+    # The protocol treats an unset score as the log-probability.
+    types_pb2.TARGET_SCORE_UNSPECIFIED: TargetScore.LOGPROB,
+    types_pb2.TARGET_SCORE_LOGPROB: TargetScore.LOGPROB,
+    types_pb2.TARGET_SCORE_PROBABILITY: TargetScore.PROBABILITY,
+    types_pb2.TARGET_SCORE_LOGIT: TargetScore.LOGIT,
 }
 _PARAM_TYPES = {
     explanations_pb2.PARAM_TYPE_INT: ParamType.INT,
@@ -210,6 +280,58 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class Faithfulness:
+    """ERASER faithfulness of one method's attributions, averaged over the explained tokens.
+
+    For each fraction q of a target's source tokens, the top q by attribution are removed
+    (comprehensiveness: the score's drop, higher is better) or kept alone (sufficiency: the
+    score's drop, lower is better). The ``random_`` metrics are the same for uniformly random
+    attributions: the chance level. The ``aopc_`` ones are means over the fractions.
+    """
+
+    fractions: tuple[float, ...]
+    comprehensiveness: tuple[float, ...]
+    sufficiency: tuple[float, ...]
+    random_comprehensiveness: tuple[float, ...]
+    random_sufficiency: tuple[float, ...]
+    aopc_comprehensiveness: float
+    aopc_sufficiency: float
+    random_aopc_comprehensiveness: float
+    random_aopc_sufficiency: float
+    replacement_token_id: int
+    """The token id that stood in for removed tokens."""
+
+    def __post_init__(self) -> None:
+        curves = (self.comprehensiveness, self.sufficiency, self.random_comprehensiveness, self.random_sufficiency)
+        if any(len(curve) != len(self.fractions) for curve in curves):
+            raise ValueError(f"faithfulness curves do not all have one value per fraction ({len(self.fractions)})")
+
+    @classmethod
+    def from_proto(cls, faithfulness: types_pb2.Faithfulness) -> Faithfulness:
+        return cls(
+            fractions=tuple(faithfulness.fractions),
+            comprehensiveness=tuple(faithfulness.comprehensiveness),
+            sufficiency=tuple(faithfulness.sufficiency),
+            random_comprehensiveness=tuple(faithfulness.random_comprehensiveness),
+            random_sufficiency=tuple(faithfulness.random_sufficiency),
+            aopc_comprehensiveness=faithfulness.aopc_comprehensiveness,
+            aopc_sufficiency=faithfulness.aopc_sufficiency,
+            random_aopc_comprehensiveness=faithfulness.random_aopc_comprehensiveness,
+            random_aopc_sufficiency=faithfulness.random_aopc_sufficiency,
+            replacement_token_id=faithfulness.replacement_token_id,
+        )
+
+    @property
+    def beats_random(self) -> bool:
+        """Whether removing the top-attributed tokens hurts more than for random attributions
+        (comprehensiveness) and keeping them alone hurts less (sufficiency), by AOPC."""
+        return (
+            self.aopc_comprehensiveness > self.random_aopc_comprehensiveness
+            and self.aopc_sufficiency < self.random_aopc_sufficiency
+        )
+
+
+@dataclass(frozen=True)
 class MethodResult:
     method: str
     attributions: Matrix | None
@@ -218,6 +340,11 @@ class MethodResult:
     extras: Mapping[str, Matrix]
     """Method-specific outputs, e.g. logit lens ``top_token_ids``, ``top_logprobs``, ``target_logprobs``."""
     seconds: float
+    aggregated: Matrix | None
+    """float32 ``[targets, len(Explanation.source_groups)]``: the attributions per source group, as
+    ``ExplainOptions`` asked. None when the server sent none."""
+    faithfulness: Faithfulness | None
+    """Set when ``ExplainOptions.faithfulness`` was asked for and the method attributes tokens."""
 
     @classmethod
     def from_proto(cls, result: types_pb2.MethodResult) -> MethodResult:
@@ -226,6 +353,8 @@ class MethodResult:
             attributions=_optional_matrix(result.attributions),
             extras={name: Matrix.from_proto(tensor) for name, tensor in result.extras.items()},
             seconds=result.seconds,
+            aggregated=_optional_matrix(result.aggregated),
+            faithfulness=(Faithfulness.from_proto(result.faithfulness) if result.HasField("faithfulness") else None),
         )
 
 
@@ -240,6 +369,46 @@ class Fidelity:
     @classmethod
     def from_proto(cls, fidelity: types_pb2.Fidelity) -> Fidelity:
         return cls(tuple(fidelity.recomputed_logprobs), fidelity.max_abs_logprob_diff)
+
+
+@dataclass(frozen=True)
+class StepScores:
+    """How the explainer's replica of the model scored each explained token ("target index" order)."""
+
+    logprobs: tuple[float, ...]
+    probabilities: tuple[float, ...]
+    entropies: tuple[float, ...]
+    """Entropy (nats) of the next-token distribution at the explained position."""
+    ranks: tuple[int, ...]
+    """1 when the explained token was the most likely one."""
+    top_token_ids: Matrix
+    """int32 ``[targets, k]``: the most likely tokens at each explained position."""
+    top_logprobs: Matrix
+    """float32 ``[targets, k]``: their log-probabilities."""
+
+    @classmethod
+    def from_proto(cls, scores: types_pb2.StepScores) -> StepScores:
+        return cls(
+            logprobs=tuple(scores.logprobs),
+            probabilities=tuple(scores.probabilities),
+            entropies=tuple(scores.entropies),
+            ranks=tuple(scores.ranks),
+            top_token_ids=Matrix.from_proto(scores.top_token_ids),
+            top_logprobs=Matrix.from_proto(scores.top_logprobs),
+        )
+
+
+@dataclass(frozen=True)
+class SourceGroup:
+    """Source tokens ``[start, end)`` that aggregated attributions are reported for: a word or a span."""
+
+    start: int
+    end: int
+    label: str
+
+    @classmethod
+    def from_proto(cls, group: types_pb2.SourceGroup) -> SourceGroup:
+        return cls(group.start, group.end, group.label)
 
 
 class Source(NamedTuple):
@@ -262,6 +431,14 @@ class LogitLensLayer:
     """This layer's log-probability of the token actually at the target position."""
 
 
+# The MethodResult matrices that Explanation looks up by method, with how to say that a result has one or not.
+_MatrixKind: TypeAlias = Literal["attributions", "aggregated"]
+_MATRIX_KINDS: dict[_MatrixKind, tuple[str, str]] = {
+    "attributions": ("attributes to tokens", "does not attribute to tokens"),
+    "aggregated": ("has aggregated attributions", "has no aggregated attributions"),
+}
+
+
 @dataclass(frozen=True)
 class Explanation:
     explanation_id: str
@@ -278,6 +455,13 @@ class Explanation:
     results: Mapping[str, MethodResult]
     """Results by method name, in the order the server sent them."""
     fidelity: Fidelity | None
+    foil_token_ids: tuple[int, ...]
+    """The foil of each explained token, for contrastive explanations; else empty."""
+    target_score: TargetScore
+    """What the attributions explain: the targets' log-probability, probability or logit."""
+    step_scores: StepScores | None
+    source_groups: tuple[SourceGroup, ...]
+    """The groups ``MethodResult.aggregated`` is reported over, in sequence order."""
     cache_hit: bool
     """Whether the hidden states came from the cache rather than a fresh forward pass."""
     trace_id: str
@@ -291,13 +475,26 @@ class Explanation:
         for position in self.target_positions:
             if not 0 <= position < len(self.tokens):
                 raise ValueError(f"target position {position} is outside the {len(self.tokens)} tokens")
-        expected_shape = (len(self.target_positions), max(len(self.tokens) - 1, 0))
+        for group in self.source_groups:
+            if not 0 <= group.start < group.end <= len(self.tokens):
+                raise ValueError(f"source group [{group.start}, {group.end}) is outside the {len(self.tokens)} tokens")
+        targets = len(self.target_positions)
+        if self.foil_token_ids and len(self.foil_token_ids) != targets:
+            raise ValueError(f"{len(self.foil_token_ids)} foil token ids for {targets} targets")
+        if self.step_scores is not None:
+            _check_step_scores(self.step_scores, targets)
+        expected_shapes: dict[_MatrixKind, tuple[tuple[int, int], str]] = {
+            "attributions": ((targets, max(len(self.tokens) - 1, 0)), f"{len(self.tokens)} tokens"),
+            "aggregated": ((targets, len(self.source_groups)), f"{len(self.source_groups)} source groups"),
+        }
         for name, result in self.results.items():
-            if result.attributions is not None and result.attributions.shape != expected_shape:
-                raise ValueError(
-                    f"attributions of {name!r} have shape {result.attributions.shape}, expected"
-                    f" {expected_shape} for {len(self.target_positions)} targets over {len(self.tokens)} tokens"
-                )
+            for kind, (expected, sources) in expected_shapes.items():
+                matrix: Matrix | None = getattr(result, kind)
+                if matrix is not None and matrix.shape != expected:
+                    raise ValueError(
+                        f"{kind} of {name!r} have shape {matrix.shape}, expected {expected}"
+                        f" for {targets} targets over {sources}"
+                    )
 
     @classmethod
     def from_proto(cls, explanation: types_pb2.Explanation) -> Explanation:
@@ -313,6 +510,12 @@ class Explanation:
             # A method listed twice keeps its last result.
             results={result.method: MethodResult.from_proto(result) for result in explanation.results},
             fidelity=Fidelity.from_proto(explanation.fidelity) if explanation.HasField("fidelity") else None,
+            foil_token_ids=tuple(explanation.foil_token_ids),
+            target_score=_TARGET_SCORES.get(explanation.target_score, TargetScore.UNSPECIFIED),
+            step_scores=(
+                StepScores.from_proto(explanation.step_scores) if explanation.HasField("step_scores") else None
+            ),
+            source_groups=tuple(SourceGroup.from_proto(group) for group in explanation.source_groups),
             cache_hit=explanation.cache_hit,
             trace_id=explanation.trace_id,
             attempts=explanation.attempts,
@@ -329,7 +532,7 @@ class Explanation:
     @property
     def token_attribution_methods(self) -> list[str]:
         """Names of the results that carry an attribution matrix, in result order."""
-        return [name for name, result in self.results.items() if result.attributions is not None]
+        return self._methods_with("attributions")
 
     def result(self, method: str) -> MethodResult:
         try:
@@ -339,15 +542,11 @@ class Explanation:
 
     def attributions(self, method: str | None = None) -> Matrix:
         """The attribution matrix of ``method``, by default of the first method that has one."""
-        if method is None:
-            methods = self.token_attribution_methods
-            if not methods:
-                raise ValueError(f"no result attributes to tokens; results: {sorted(self.results)}")
-            method = methods[0]
-        matrix = self.result(method).attributions
-        if matrix is None:
-            raise ValueError(f"method {method!r} does not attribute to tokens")
-        return matrix
+        return self._matrix("attributions", method)
+
+    def aggregated(self, method: str | None = None) -> Matrix:
+        """The per-group matrix of ``method`` (see ``source_groups``), by default of the first method that has one."""
+        return self._matrix("aggregated", method)
 
     def top_sources(self, target_index: int, k: int = 5, method: str | None = None) -> list[Source]:
         """The ``k`` tokens that most influenced target ``target_index``, strongest first.
@@ -355,12 +554,38 @@ class Explanation:
         Only the target's causal prefix (positions before it) is ranked. Ranking is by
         absolute score; scores keep their sign. Ties keep the earlier position first.
         """
-        if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}")
         scores = self.attributions(method).row(target_index)
-        prefix = scores[: self.target_positions[target_index]]
-        ranked = sorted(range(len(prefix)), key=lambda position: abs(prefix[position]), reverse=True)
-        return [Source(position, self.tokens[position], float(prefix[position])) for position in ranked[:k]]
+        prefix = range(self.target_positions[target_index])
+        return [
+            Source(position, self.tokens[position], float(scores[position]))
+            for position in _strongest(scores, prefix, k)
+        ]
+
+    def top_groups(self, target_index: int, k: int = 5, method: str | None = None) -> list[tuple[SourceGroup, float]]:
+        """The ``k`` source groups that most influenced target ``target_index``, strongest first, with their scores.
+
+        Like ``top_sources`` over ``aggregated(method)``: only groups that start before the
+        target are ranked, by absolute score; scores keep their sign.
+        """
+        scores = self.aggregated(method).row(target_index)
+        position = self.target_positions[target_index]
+        before = (index for index, group in enumerate(self.source_groups) if group.start < position)
+        return [(self.source_groups[index], float(scores[index])) for index in _strongest(scores, before, k)]
+
+    def _methods_with(self, kind: _MatrixKind) -> list[str]:
+        return [name for name, result in self.results.items() if getattr(result, kind) is not None]
+
+    def _matrix(self, kind: _MatrixKind, method: str | None) -> Matrix:
+        has, lacks = _MATRIX_KINDS[kind]
+        if method is None:
+            methods = self._methods_with(kind)
+            if not methods:
+                raise ValueError(f"no result {has}; results: {sorted(self.results)}")
+            method = methods[0]
+        matrix: Matrix | None = getattr(self.result(method), kind)
+        if matrix is None:
+            raise ValueError(f"method {method!r} {lacks}")
+        return matrix
 
     def logit_lens(self, target_index: int, method: str = "logit_lens") -> list[LogitLensLayer]:
         """Per-layer predictions at target ``target_index``, from the method's documented extras."""
@@ -380,6 +605,23 @@ class Explanation:
             )
             for layer in range(top_token_ids.shape[0])
         ]
+
+
+def _check_step_scores(scores: StepScores, targets: int) -> None:
+    lengths = {len(scores.logprobs), len(scores.probabilities), len(scores.entropies), len(scores.ranks)}
+    shapes = {scores.top_token_ids.shape, scores.top_logprobs.shape}
+    if lengths != {targets} or len(shapes) != 1 or scores.top_token_ids.ndim != 2 or shapes.pop()[0] != targets:
+        raise ValueError(
+            f"step scores do not cover the {targets} targets: score lengths {sorted(lengths)}, top-k shapes"
+            f" {scores.top_token_ids.shape} and {scores.top_logprobs.shape}"
+        )
+
+
+def _strongest(scores: Sequence[float], indices: Iterable[int], k: int) -> list[int]:
+    """The ``k`` of ``indices`` with the largest ``|scores[index]|``; ties keep the earlier index first."""
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    return sorted(indices, key=lambda index: abs(scores[index]), reverse=True)[:k]
 
 
 def _optional_explanation(message: types_pb2.Explanation, present: bool) -> Explanation | None:
@@ -463,11 +705,23 @@ class MethodParam:
     default_value: str
     """The default rendered as text."""
     description: str
+    minimum: float | None
+    """Inclusive lower bound of a numeric parameter, if it has one."""
+    maximum: float | None
+    """Inclusive upper bound of a numeric parameter, if it has one."""
+    choices: tuple[str, ...]
+    """The accepted values of a string parameter that is an enumeration; else empty."""
 
     @classmethod
     def from_proto(cls, param: explanations_pb2.MethodParam) -> MethodParam:
         return cls(
-            param.name, _PARAM_TYPES.get(param.type, ParamType.UNSPECIFIED), param.default_value, param.description
+            name=param.name,
+            type=_PARAM_TYPES.get(param.type, ParamType.UNSPECIFIED),
+            default_value=param.default_value,
+            description=param.description,
+            minimum=param.minimum if param.HasField("minimum") else None,
+            maximum=param.maximum if param.HasField("maximum") else None,
+            choices=tuple(param.choices),
         )
 
 
