@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
@@ -13,6 +13,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from explainers.embedded_model import MANIFEST_FILE
 from explainers.embedded_model import weights_digest as safetensors_digest
+
+if TYPE_CHECKING:
+    # Annotation only: explainers.targets imports this module.
+    from explainers.targets import Targets
 
 # Both "eager" and "sdpa" give exact batched vector-Jacobian products (`is_grads_batched`, no double backward;
 # checked against a per-target loop) at about the same CPU speed. SDPA is chosen because eager keeps every layer's
@@ -68,6 +72,10 @@ class LoadedModel:
     def unembedding(self) -> nn.Linear:
         return _submodule(self.model, "lm_head", nn.Linear)
 
+    @property
+    def rotary_embedding(self) -> nn.Module:
+        return _submodule(self.model, "model.rotary_emb", nn.Module)
+
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings [1, num_tokens, hidden] of token ids [num_tokens]."""
         with torch.no_grad():
@@ -103,7 +111,7 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> LoadedMod
         num_layers=int(model.config.num_hidden_layers),
     )
     # Fail at load time, not on the first job, when the architecture lacks what the methods read.
-    _ = loaded.decoder_layers, loaded.final_norm, loaded.unembedding, loaded.input_embeddings
+    _ = loaded.decoder_layers, loaded.final_norm, loaded.unembedding, loaded.input_embeddings, loaded.rotary_embedding
     return loaded
 
 
@@ -119,6 +127,26 @@ def _identity(model_dir: Path) -> tuple[str, str]:
     if not isinstance(name, str) or not name:
         name = model_dir.resolve().name
     return digest, name
+
+
+def forward_from_layer(loaded: LoadedModel, hidden: torch.Tensor, layer: int, targets: Targets) -> torch.Tensor:
+    """``targets.score`` [batch, num_targets] from residual-stream states hidden [batch, num_tokens, hidden] at
+    ``layer`` (indexed like hidden_states: 0 is the embedding output, l the output of decoder layer l).
+
+    Runs only what lies above that layer: decoder layers layer + 1..L, the final norm and the unembedding at the
+    predicting positions. Differentiable with respect to hidden when grad mode is on.
+    """
+    position_ids = torch.arange(hidden.shape[1], device=hidden.device)[None]
+    position_embeddings = loaded.rotary_embedding(hidden, position_ids)
+    for decoder_layer in loaded.decoder_layers[layer:]:
+        # No mask, as in the model's own forward: for an unpadded batch transformers' create_causal_mask returns
+        # None under SDPA (ATTN_IMPLEMENTATION), which then attends causally through `is_causal`.
+        hidden = decoder_layer(
+            hidden, attention_mask=None, position_ids=position_ids, position_embeddings=position_embeddings
+        )
+    # The final norm is per position, so normalising only the predicting positions changes nothing.
+    logits = loaded.unembedding(loaded.final_norm(hidden[:, targets.predicting_positions]))
+    return targets.score_logits(logits)
 
 
 def log_probs(logits: torch.Tensor) -> torch.Tensor:
