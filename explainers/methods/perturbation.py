@@ -1,0 +1,136 @@
+"""What the perturbation methods share: the replacement token, their parameters, and batched scoring of perturbed
+token-id sequences.
+
+A perturbation method never re-tokenises text: it "removes" a token by putting a replacement token id at its
+position, so every sequence it scores has exactly the served token ids except at the positions it chose.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+from sightline.v1 import types_pb2
+
+from explainers.methods.base import (
+    AttributionContext,
+    AttributionMethod,
+    InvalidParamsError,
+    ParamSpec,
+    prefix_only,
+    tensor_proto,
+)
+from explainers.model import LoadedModel
+from explainers.targets import Targets, token_scores
+
+
+@dataclass(frozen=True)
+class PerturbationParams:
+    replacement: str
+    replacement_token_id: int
+    batch_size: int
+
+
+PerturbationParamsT = TypeVar("PerturbationParamsT", bound=PerturbationParams)
+
+PERTURBATION_PARAMS = (
+    ParamSpec(
+        "replacement",
+        str,
+        "pad",
+        "The token id a removed token is replaced by: the tokenizer's pad, unk or bos token, or "
+        "replacement_token_id ('token').",
+        choices=("pad", "unk", "bos", "token"),
+    ),
+    ParamSpec(
+        "replacement_token_id",
+        int,
+        0,
+        "The replacement token id when replacement is 'token'; ignored otherwise.",
+        minimum=0,
+    ),
+    ParamSpec(
+        "batch_size",
+        int,
+        16,
+        "Perturbed sequences scored together in one forward pass; trades memory for speed and never changes the "
+        "result.",
+        minimum=1,
+        maximum=1024,
+    ),
+)
+
+
+def replacement_token_id(loaded: LoadedModel, params: PerturbationParams) -> int:
+    """The token id that stands in for a removed token, as params choose it."""
+    if params.replacement == "token":
+        if params.replacement_token_id >= loaded.vocab_size:
+            raise InvalidParamsError(
+                f"replacement_token_id must be in [0, {loaded.vocab_size}) for model {loaded.model_name!r}, "
+                f"got {params.replacement_token_id}"
+            )
+        return params.replacement_token_id
+    tokenizer = loaded.tokenizer
+    special_ids = {"pad": tokenizer.pad_token_id, "unk": tokenizer.unk_token_id, "bos": tokenizer.bos_token_id}
+    token_id = special_ids[params.replacement]
+    if token_id is None:
+        present = ", ".join(
+            f"{name} (id {special_id})" for name, special_id in special_ids.items() if special_id is not None
+        )
+        raise InvalidParamsError(
+            f"replacement {params.replacement!r} needs the tokenizer's {params.replacement} token, but model "
+            f"{loaded.model_name!r} has none (it has: {present or 'no pad, unk or bos token'}); choose another "
+            "replacement, or 'token' with replacement_token_id"
+        )
+    return int(token_id)
+
+
+def num_sources(targets: Targets) -> int:
+    """How many leading tokens precede some target: positions 0 .. last target's position - 1. Only these are
+    worth perturbing, and only these need to go through the model."""
+    return int(targets.positions[-1])  # positions ascend
+
+
+def replaced_scores(
+    ctx: AttributionContext, replaced: torch.Tensor, replacement_id: int, batch_size: int
+) -> torch.Tensor:
+    """targets.score for every target [num_perturbations, num_targets] of each perturbed sequence.
+
+    replaced [num_perturbations, num_sources] marks, per perturbation, the leading positions that get
+    replacement_id. Each perturbed sequence costs one teacher-forced forward pass that scores every target at
+    once: target i only sees its own prefix, so the tokens at and after its position cannot change its score.
+    """
+    prefix = ctx.token_ids[: replaced.shape[1]]
+    scores = []
+    with torch.no_grad():
+        for start in range(0, len(replaced), batch_size):
+            sequences = torch.where(replaced[start : start + batch_size], replacement_id, prefix)
+            scores.append(token_scores(ctx.loaded, sequences, ctx.targets))
+    return torch.cat(scores)
+
+
+class PerturbationMethod(AttributionMethod[PerturbationParamsT]):
+    """A method that explains by scoring perturbed token ids: no gradients, no cache, contrastive for free (the
+    contrast is just another score to perturb)."""
+
+    needs_gradients = False
+    uses_cache = False
+    attributes_tokens = True
+    supports_contrastive_targets = True
+
+    @abstractmethod
+    def source_attributions(self, ctx: AttributionContext, params: PerturbationParamsT) -> torch.Tensor:
+        """Attributions [num_targets, num_sources(ctx.targets)]; column j is token j. Entries at or after a
+        target's own position may hold anything: attributions() zeroes them."""
+
+    def attributions(self, ctx: AttributionContext, params: PerturbationParamsT) -> torch.Tensor:
+        """The attribution matrix [num_targets, num_tokens - 1] at the score's precision."""
+        sources = self.source_attributions(ctx, params)
+        # Tokens from the last target's position on precede no target: their columns are 0.
+        scores = torch.nn.functional.pad(sources, (0, len(ctx.token_ids) - sources.shape[1]))
+        return prefix_only(scores, ctx.targets)
+
+    def attribute(self, ctx: AttributionContext, params: PerturbationParamsT) -> types_pb2.MethodResult:
+        return types_pb2.MethodResult(method=self.name, attributions=tensor_proto(self.attributions(ctx, params)))
