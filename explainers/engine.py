@@ -14,13 +14,16 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from opentelemetry import trace
 from sightline.v1 import types_pb2
 
 from common.jobs import ExplainOptions
+from explainers.aggregation import TokenGroup, aggregate, source_groups
+from explainers.faithfulness import faithfulness
 from explainers.hidden_cache import STORAGE_DTYPE, HiddenStateCache
-from explainers.methods.base import AttributionContext, AttributionMethod
+from explainers.methods.base import AttributionContext, AttributionMethod, tensor_proto
 from explainers.methods.registry import get_method
 from explainers.model import LoadedModel, forward_with_hidden_states, readout_log_probs
 from explainers.step_scores import step_scores
@@ -62,6 +65,8 @@ def explain(
     generated_positions = torch.arange(len(prompt_ids), len(sequence))
     targets = _targets(loaded, token_ids, generated_positions, options)
     _check_contrastive_support(requested, targets)
+    tokens = _tokens(loaded, sequence, len(prompt_ids), served_logprobs)
+    groups = _source_groups(loaded, sequence, tokens, options)
 
     hidden_states, recomputed_logprobs, cache_hit = _hidden_states(loaded, cache, token_ids, generated_positions)
     ctx = AttributionContext(
@@ -74,19 +79,27 @@ def explain(
     explanation = types_pb2.Explanation(
         model=loaded.model_name,
         weights_digest=loaded.weights_digest,
-        tokens=_tokens(loaded, sequence, len(prompt_ids), served_logprobs),
+        tokens=tokens,
         prompt_length=len(prompt_ids),
         target_positions=targets.positions.tolist(),
         foil_token_ids=[] if targets.foil_ids is None else targets.foil_ids.tolist(),
         target_score=TARGET_SCORES[targets.score],
         step_scores=step_scores(loaded, hidden_states, targets, options.step_scores_top_k),
         cache_hit=cache_hit,
+        source_groups=[types_pb2.SourceGroup(start=g.start, end=g.end, label=g.label) for g in groups],
     )
     for method, params in requested:
         with tracer.start_as_current_span(f"method {method.name}", attributes={"sightline.method": method.name}):
             started = time.perf_counter()
             result = method.attribute(ctx, params)
             result.seconds = time.perf_counter() - started
+        if result.HasField("attributions"):
+            matrix = _float_matrix(result.attributions)
+            aggregated = aggregate(matrix, groups, targets.positions, options.absolute, options.normalization)
+            result.aggregated.CopyFrom(tensor_proto(aggregated))
+            if options.faithfulness:
+                with tracer.start_as_current_span(f"faithfulness {method.name}"):
+                    result.faithfulness.CopyFrom(faithfulness(loaded, token_ids, targets, matrix))
         explanation.results.append(result)
 
     with tracer.start_as_current_span("fidelity") as span:
@@ -132,6 +145,23 @@ def _check_contrastive_support(requested: list[tuple[AttributionMethod[Any], Any
     unsupported = [method.name for method, _ in requested if not method.supports_contrastive_targets]
     if unsupported:
         raise InvalidInputError(f"methods {unsupported} do not support contrastive (foil) targets")
+
+
+def _source_groups(
+    loaded: LoadedModel, sequence: list[int], tokens: list[types_pb2.Token], options: ExplainOptions
+) -> list[TokenGroup]:
+    special_ids = set(loaded.tokenizer.all_special_ids)
+    special_positions = {position for position, token in enumerate(sequence) if token in special_ids}
+    try:
+        return source_groups([token.text for token in tokens], special_positions, options)
+    except ValueError as exc:
+        raise InvalidInputError(str(exc)) from exc
+
+
+def _float_matrix(packed: types_pb2.Tensor) -> torch.Tensor:
+    """The float32 tensor a MethodResult's attributions hold."""
+    values = np.frombuffer(packed.data, dtype="<f4").reshape(tuple(packed.shape))
+    return torch.from_numpy(values.copy())
 
 
 def _parse_methods(methods: Sequence[tuple[str, Mapping[str, object]]]) -> list[tuple[AttributionMethod[Any], Any]]:
