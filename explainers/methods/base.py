@@ -113,6 +113,30 @@ def _render(value: ParamValue | None) -> str:
 
 
 @dataclass(frozen=True)
+class CostModel:
+    """Forward passes over the whole sequence (a backward pass counts as two), published as MethodCost so the
+    gateway can refuse an explanation that would cost too much before any work is done."""
+
+    passes: float = 0.0
+    per_target: float = 0.0
+    per_token: float = 0.0
+    # The parameter whose value multiplies the whole cost (e.g. integration steps), if any.
+    scaled_by: str = ""
+
+    def info(self) -> explanations_pb2.MethodCost:
+        return explanations_pb2.MethodCost(
+            passes=self.passes,
+            passes_per_target=self.per_target,
+            passes_per_token=self.per_token,
+            scaled_by_param=self.scaled_by,
+        )
+
+
+# One forward pass, then one backward pass (two forwards' worth) per explained token.
+GRADIENT_COST = CostModel(passes=1, per_target=2)
+
+
+@dataclass(frozen=True)
 class AttributionContext:
     """What a method gets to explain one sequence: the model, the tokens, the targets and the hidden states."""
 
@@ -136,6 +160,7 @@ class AttributionMethod(ABC, Generic[ParamsT]):
     needs_gradients: ClassVar[bool]
     uses_cache: ClassVar[bool]
     attributes_tokens: ClassVar[bool]
+    cost: ClassVar[CostModel]
     supports_contrastive_targets: ClassVar[bool] = False
     multimodal: ClassVar[bool] = False
 
@@ -168,6 +193,7 @@ class AttributionMethod(ABC, Generic[ParamsT]):
             supports_contrastive_targets=self.supports_contrastive_targets,
             multimodal=self.multimodal,
             attributes_tokens=self.attributes_tokens,
+            cost=self.cost.info(),
         )
 
 

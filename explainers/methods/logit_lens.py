@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from sightline.v1 import types_pb2
 
-from explainers.methods.base import AttributionContext, AttributionMethod, ParamSpec, tensor_proto
+from explainers.methods.base import AttributionContext, AttributionMethod, CostModel, ParamSpec, tensor_proto
 from explainers.model import readout_log_probs
 
 
@@ -33,6 +33,7 @@ class LogitLens(AttributionMethod[LogitLensParams]):
     needs_gradients = False
     uses_cache = True
     attributes_tokens = False
+    cost = CostModel(per_target=0.1)
 
     def attribute(self, ctx: AttributionContext, params: LogitLensParams) -> types_pb2.MethodResult:
         predicting = ctx.hidden_states[:, ctx.targets.predicting_positions]  # [num_layers + 1, num_targets, hidden]

@@ -6,9 +6,17 @@ from typing import Any
 
 from sightline.v1 import explanations_pb2
 
+from explainers.methods.attention import Attention
+from explainers.methods.attention_rollout import AttentionRollout
 from explainers.methods.base import AttributionMethod
+from explainers.methods.gradient_x_activation import GradientXActivation
 from explainers.methods.input_x_gradient import InputXGradient
+from explainers.methods.integrated_gradients import IntegratedGradients
+from explainers.methods.layer_integrated_gradients import LayerIntegratedGradients
 from explainers.methods.logit_lens import LogitLens
+from explainers.methods.occlusion import Occlusion
+from explainers.methods.saliency import Saliency
+from explainers.methods.shapley_sampling import ShapleySampling
 
 _METHODS: dict[str, AttributionMethod[Any]] = {}
 
@@ -40,5 +48,16 @@ def method_infos() -> list[explanations_pb2.MethodInfo]:
     return [method.info() for method in all_methods()]
 
 
-register(InputXGradient())
-register(LogitLens())
+for method in (
+    Saliency(),
+    InputXGradient(),
+    IntegratedGradients(),
+    LayerIntegratedGradients(),
+    GradientXActivation(),
+    Occlusion(),
+    ShapleySampling(),
+    Attention(),
+    AttentionRollout(),
+    LogitLens(),
+):
+    register(method)

@@ -21,6 +21,11 @@ from explainers.methods.base import AttributionContext
 from explainers.model import ATTN_IMPLEMENTATION, LoadedModel, forward_with_hidden_states
 from explainers.targets import Targets
 
+# Every method the registry offers, as its error messages list them.
+REGISTERED_METHODS = (
+    "attention, attention_rollout, gradient_x_activation, input_x_gradient, integrated_gradients, "
+    "layer_integrated_gradients, logit_lens, occlusion, saliency, shapley_sampling"
+)
 VOCAB_SIZE = 64
 NUM_LAYERS = 2
 # Fixed, so every test explains the same sequence: 6 prompt tokens, then 8 generated ones.

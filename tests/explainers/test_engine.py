@@ -19,7 +19,7 @@ from explainers.hidden_cache import HiddenStateCache
 from explainers.methods.base import InvalidParamsError
 from explainers.methods.registry import UnknownMethodError
 from explainers.model import LoadedModel
-from tests.explainers.conftest import OUTPUT_IDS, PROMPT_IDS
+from tests.explainers.conftest import OUTPUT_IDS, PROMPT_IDS, REGISTERED_METHODS
 
 ReadTensor = Callable[[types_pb2.Tensor], np.ndarray]
 BOTH_METHODS: list[tuple[str, dict[str, object]]] = [("input_x_gradient", {"target_batch_size": 3}), ("logit_lens", {})]
@@ -136,7 +136,7 @@ def test_a_corrupt_cache_entry_is_recomputed(tiny_model_float32: LoadedModel, re
     ("methods", "prompt", "output", "served", "error", "message"),
     [
         ([("telepathy", {})], PROMPT_IDS, OUTPUT_IDS, None, UnknownMethodError,
-         "available methods: input_x_gradient, logit_lens"),
+         "available methods: " + REGISTERED_METHODS),
         ([("logit_lens", {"k": 0})], PROMPT_IDS, OUTPUT_IDS, None, InvalidParamsError, "must be in 1..50"),
         ([("logit_lens", {"top": 3})], PROMPT_IDS, OUTPUT_IDS, None, InvalidParamsError, "valid: k "),
         ([("logit_lens", {}), ("logit_lens", {})], PROMPT_IDS, OUTPUT_IDS, None, InvalidInputError,

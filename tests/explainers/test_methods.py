@@ -18,6 +18,7 @@ from explainers.methods.input_x_gradient import InputXGradient, InputXGradientPa
 from explainers.methods.logit_lens import LogitLens, LogitLensParams
 from explainers.methods.registry import UnknownMethodError, all_methods, get_method, method_infos, register
 from explainers.model import LoadedModel
+from tests.explainers.conftest import REGISTERED_METHODS
 
 ReadTensor = Callable[[types_pb2.Tensor], np.ndarray]
 MakeContext = Callable[[LoadedModel], AttributionContext]
@@ -42,7 +43,10 @@ def test_registry_lists_input_x_gradient_and_logit_lens_with_their_capabilities(
 
 
 def test_unknown_method_names_the_valid_ones() -> None:
-    with pytest.raises(UnknownMethodError, match="'telepathy'; available methods: input_x_gradient, logit_lens"):
+    with pytest.raises(
+        UnknownMethodError,
+        match="'telepathy'; available methods: " + REGISTERED_METHODS,
+    ):
         get_method("telepathy")
 
 
