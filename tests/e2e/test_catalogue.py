@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import grpc
 import numpy as np
 import pytest
 from google.protobuf import json_format, struct_pb2
@@ -118,3 +119,41 @@ def test_contrastive_words_and_faithfulness(
         faithfulness = json_format.MessageToDict(result.faithfulness)
         assert len(faithfulness["fractions"]) == 5
         assert len(faithfulness["comprehensiveness"]) == 5
+
+
+def test_an_explanation_over_the_cost_limit_is_refused_before_generating(
+    inference: inference_pb2_grpc.InferenceServiceStub,
+) -> None:
+    params = struct_pb2.Struct()
+    params.update({"steps": 512})
+    with pytest.raises(grpc.RpcError) as caught:
+        inference.Generate(
+            inference_pb2.GenerateRequest(
+                input=inference_pb2.GenerationInput(prompt="Tell me a long story."),
+                sampling=types_pb2.SamplingParams(max_tokens=2000),
+                explain=types_pb2.ExplainSpec(
+                    methods=[types_pb2.MethodSpec(name="integrated_gradients", params=params)]
+                ),
+            ),
+            timeout=30,
+        )
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "SIGHTLINE_MAX_EXPLANATION_COST" in caught.value.details()
+    assert "limit of 50,000,000" in caught.value.details()
+
+
+def test_parameter_bounds_are_enforced_before_generating(inference: inference_pb2_grpc.InferenceServiceStub) -> None:
+    params = struct_pb2.Struct()
+    params.update({"steps": 100000})
+    with pytest.raises(grpc.RpcError) as caught:
+        inference.Generate(
+            inference_pb2.GenerateRequest(
+                input=inference_pb2.GenerationInput(prompt="Hi"),
+                explain=types_pb2.ExplainSpec(
+                    methods=[types_pb2.MethodSpec(name="integrated_gradients", params=params)]
+                ),
+            ),
+            timeout=30,
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "parameter 'steps' of method 'integrated_gradients' must be in 2..512" in caught.value.details()
