@@ -51,7 +51,7 @@ class ParamSpec:
 
     @property
     def range_text(self) -> str:
-        """Inclusive bounds as "lo..hi" (either side may be open), or "" when unbounded."""
+        """Inclusive bounds as "lo..hi" (an open side is left empty, as in "0.."), or "" when unbounded."""
         if self.minimum is None and self.maximum is None:
             return ""
         return f"{_render(self.minimum)}..{_render(self.maximum)}"
@@ -76,7 +76,7 @@ class ParamSpec:
 
     def info(self) -> explanations_pb2.MethodParam:
         # Bounds are also spelled out in the description, for people reading `sightline methods`.
-        bounds = f" Range {self.range_text}." if self.range_text else ""
+        bounds = f" Range {self.range_text} (inclusive)." if self.range_text else ""
         return explanations_pb2.MethodParam(
             name=self.name,
             type=_PARAM_TYPES[self.type],
