@@ -27,7 +27,8 @@ def render(explanation: Explanation, method: str) -> str:
     if method == "logit_lens":
         layers = explanation.logit_lens(paris)
         picked = [layers[i] for i in (0, len(layers) // 2, (3 * len(layers)) // 4, len(layers) - 1)]
-        return "\n".join(f"layer {layer.layer:2}: p(' Paris') = {math.exp(layer.target_logprob):.4f}" for layer in picked)
+        lines = [f"layer {layer.layer:2}: p(' Paris') = {math.exp(layer.target_logprob):.4f}" for layer in picked]
+        return "\n".join(lines)
     return "\n".join(
         f"{source.position:3} {source.token.text!r:16} {source.score:+.4f}"
         for source in explanation.top_sources(paris, k=3, method=method)
