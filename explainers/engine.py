@@ -2,9 +2,9 @@
 fidelity against what was served.
 
 Precision: methods always see the hidden states at the cache's bfloat16 precision, also on a miss, so a cache
-hit reproduces a miss's results exactly. Fidelity on a miss comes from the forward pass's full-precision logits;
-on a hit it is read out of the cached last-layer states (final norm + unembedding), which adds bfloat16
-rounding to what it measures (at most 2e-3 in log-probability on an 8-token SmolLM2-135M answer).
+hit reproduces a miss's results exactly. Fidelity comes from the forward pass's full-precision logits, cached
+beside the states for the same prompt/output split; only a hit with a new split reads it out of the cached
+last-layer states (final norm + unembedding), which adds bfloat16 rounding (~1e-2 in log-probability).
 """
 
 from __future__ import annotations
@@ -203,7 +203,10 @@ def _validate_input(
 def _hidden_states(
     loaded: LoadedModel, cache: HiddenStateCache | None, token_ids: torch.Tensor, target_positions: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
-    """(hidden states at cache precision in the model's dtype, full-precision target logprobs or None, cache hit)."""
+    """(hidden states at cache precision in the model's dtype, full-precision target logprobs or None, cache hit).
+
+    The logprobs are None only on a hit whose prompt/output split was never computed before.
+    """
     sequence = token_ids.tolist()
     expected_shape = (loaded.num_layers + 1, len(sequence), loaded.hidden_size)
     if cache is not None:
@@ -214,13 +217,17 @@ def _hidden_states(
                 cached = None
             span.set_attribute("sightline.cache.hit", cached is not None)
         if cached is not None:
-            return cached.to(loaded.dtype), None, True
+            first_position = int(target_positions[0])
+            log_probs = cache.get_log_probs(loaded.weights_digest, sequence, first_position)
+            if log_probs is not None and log_probs.shape != target_positions.shape:
+                log_probs = None
+            return cached.to(loaded.dtype), log_probs, True
 
     with tracer.start_as_current_span("forward"):
         recorded = forward_with_hidden_states(loaded, token_ids, target_positions)
     stored = recorded.hidden_states.to(STORAGE_DTYPE)
-    if cache is not None:
-        cache.put(loaded.weights_digest, sequence, stored)
+    if cache is not None and cache.put(loaded.weights_digest, sequence, stored):
+        cache.put_log_probs(loaded.weights_digest, sequence, int(target_positions[0]), recorded.target_log_probs)
     return stored.to(loaded.dtype), recorded.target_log_probs, False
 
 

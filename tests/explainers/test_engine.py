@@ -112,8 +112,14 @@ def test_a_cache_hit_reproduces_the_miss(
         hit_result.ClearField("seconds")
         assert miss_result == hit_result  # bit-identical tensors
     assert miss.tokens == hit.tokens
-    # On a hit, fidelity is read out of the bfloat16 cached last layer rather than the forward's logits.
-    np.testing.assert_allclose(hit.fidelity.recomputed_logprobs, miss.fidelity.recomputed_logprobs, rtol=0, atol=0.02)
+    # The forward's full-precision log-probabilities are cached too: a hit reports the miss's fidelity exactly.
+    assert hit.fidelity == miss.fidelity
+
+    # The same tokens split differently have no cached log-probabilities for their outputs: fidelity is then
+    # read out of the bfloat16 cached last layer, which costs precision but no forward pass.
+    resplit = explain(tiny_model_float32, cache, PROMPT_IDS[:-1], PROMPT_IDS[-1:] + OUTPUT_IDS, BOTH_METHODS, None)
+    assert resplit.cache_hit
+    np.testing.assert_allclose(resplit.fidelity.recomputed_logprobs[1:], miss.fidelity.recomputed_logprobs, atol=0.02)
 
     assert miss_spans["cache lookup"].attributes == {"sightline.cache.hit": False}
     assert "forward" in miss_spans
