@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
+from sightline.v1 import types_pb2
 
-from explainers.methods.base import AttributionContext, InvalidParamsError, ParamSpec
+from explainers.methods.base import (
+    GRADIENT_COST,
+    AttributionContext,
+    AttributionMethod,
+    InvalidParamsError,
+    ParamSpec,
+    prefix_only,
+    tensor_proto,
+)
+from explainers.targets import target_scores
 
 TARGET_BATCH_SIZE = ParamSpec(
     "target_batch_size",
@@ -53,3 +65,39 @@ def cached_layer_states(ctx: AttributionContext, layer: int, method: str) -> tor
             f"parameter 'layer' of method {method!r} must be in 0..{ctx.loaded.num_layers} for this model, got {layer}"
         )
     return ctx.hidden_states[layer][None]
+
+
+@dataclass(frozen=True)
+class EmbeddingGradientParams:
+    target_batch_size: int
+
+
+class EmbeddingGradientMethod(AttributionMethod[EmbeddingGradientParams]):
+    """A method that reduces d score_i / d embedding[j] over the hidden dimension, for every target i and source j.
+
+    One forward pass, then one batched vector-Jacobian product per chunk of targets; causality already makes the
+    gradient vanish at and after a target's own position, and prefix_only makes that exact.
+    """
+
+    params = (TARGET_BATCH_SIZE,)
+    params_type = EmbeddingGradientParams
+    needs_gradients = True
+    uses_cache = False
+    attributes_tokens = True
+    cost = GRADIENT_COST
+    supports_contrastive_targets = True
+
+    @abstractmethod
+    def reduce(self, gradients: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        """Per-source scores [chunk, num_tokens] from gradients [chunk, num_tokens, hidden] and the embeddings
+        [num_tokens, hidden]."""
+
+    def attribute(self, ctx: AttributionContext, params: EmbeddingGradientParams) -> types_pb2.MethodResult:
+        embeddings = ctx.loaded.embed(ctx.token_ids).requires_grad_(True)  # [1, num_tokens, hidden]
+        with torch.enable_grad():
+            scores = target_scores(ctx.loaded, embeddings, ctx.targets)[0]
+        chunks = gradient_chunks(scores, embeddings, params.target_batch_size)  # each [chunk, 1, num_tokens, hidden]
+        rows = [self.reduce(gradients[:, 0], embeddings.detach()[0]) for gradients in chunks]
+        return types_pb2.MethodResult(
+            method=self.name, attributions=tensor_proto(prefix_only(torch.cat(rows), ctx.targets))
+        )

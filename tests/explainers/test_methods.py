@@ -14,7 +14,8 @@ from sightline.v1 import explanations_pb2, types_pb2
 
 from explainers.hidden_cache import STORAGE_DTYPE
 from explainers.methods.base import AttributionContext, InvalidParamsError
-from explainers.methods.input_x_gradient import InputXGradient, InputXGradientParams
+from explainers.methods.gradients import EmbeddingGradientParams
+from explainers.methods.input_x_gradient import InputXGradient
 from explainers.methods.logit_lens import LogitLens, LogitLensParams
 from explainers.methods.registry import UnknownMethodError, all_methods, get_method, method_infos, register
 from explainers.model import LoadedModel
@@ -64,7 +65,7 @@ def test_param_declarations_match_the_typed_params(method: Any) -> None:
 def test_parse_params_fills_defaults_and_takes_integral_numbers() -> None:
     assert LogitLens().parse_params({}) == LogitLensParams(k=5)
     # google.protobuf.Struct delivers every number as a double.
-    assert InputXGradient().parse_params({"target_batch_size": 4.0}) == InputXGradientParams(target_batch_size=4)
+    assert InputXGradient().parse_params({"target_batch_size": 4.0}) == EmbeddingGradientParams(target_batch_size=4)
 
 
 @pytest.mark.parametrize(
@@ -104,7 +105,7 @@ def test_input_x_gradient_matches_one_forward_per_target(
     tiny_model: LoadedModel, make_context: MakeContext, read_tensor: ReadTensor
 ) -> None:
     ctx = make_context(tiny_model)
-    result = InputXGradient().attribute(ctx, InputXGradientParams(target_batch_size=16))
+    result = InputXGradient().attribute(ctx, EmbeddingGradientParams(target_batch_size=16))
     attributions = read_tensor(result.attributions)
 
     assert result.attributions.dtype == types_pb2.D_TYPE_FLOAT32
@@ -123,8 +124,8 @@ def test_input_x_gradient_chunked_equals_unchunked(
     tiny_model: LoadedModel, make_context: MakeContext, read_tensor: ReadTensor, target_batch_size: int
 ) -> None:
     ctx = make_context(tiny_model)
-    unchunked = read_tensor(InputXGradient().attribute(ctx, InputXGradientParams(1024)).attributions)
-    chunked = read_tensor(InputXGradient().attribute(ctx, InputXGradientParams(target_batch_size)).attributions)
+    unchunked = read_tensor(InputXGradient().attribute(ctx, EmbeddingGradientParams(1024)).attributions)
+    chunked = read_tensor(InputXGradient().attribute(ctx, EmbeddingGradientParams(target_batch_size)).attributions)
     np.testing.assert_allclose(chunked, unchunked, rtol=0, atol=1e-7)
 
 
@@ -143,7 +144,7 @@ def test_input_x_gradient_agrees_with_captum(
     embeddings = tiny_model.embed(ctx.token_ids).requires_grad_(True)
     captum = CaptumInputXGradient(target_logprob).attribute(embeddings).sum(dim=-1)[0, :-1].detach()
 
-    ours = read_tensor(InputXGradient().attribute(ctx, InputXGradientParams(16)).attributions)[target]
+    ours = read_tensor(InputXGradient().attribute(ctx, EmbeddingGradientParams(16)).attributions)[target]
     np.testing.assert_allclose(ours, captum.numpy(), rtol=0, atol=1e-5)
 
 
