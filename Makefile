@@ -3,6 +3,7 @@
 #   make test    run the whole test suite (unit and end to end) against real components
 #   make lint    ruff, mypy, buf lint, and a check that generated proto code is current
 #   make proto   regenerate the Python code from protos/
+#   make bench   run the benchmarks (peers included) and rewrite docs/performance.md; bench-smoke: a quick check they run
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -10,7 +11,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.sightline-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: serve test lint proto system-deps
+.PHONY: serve test lint proto bench bench-smoke bench-deps system-deps
 
 system-deps:
 	@command -v redis-server >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server)
@@ -40,3 +41,12 @@ lint: $(STAMP)
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=clients/python/src --pyi_out=clients/python/src \
 		--grpc_python_out=clients/python/src protos/sightline/v1/*.proto
+
+bench-deps: $(STAMP)
+	$(BIN)/pip install -q -e ".[bench]"
+
+bench: system-deps bench-deps
+	$(BIN)/python benchmarks/run_all.py
+
+bench-smoke: system-deps bench-deps
+	$(BIN)/python benchmarks/run_all.py --smoke

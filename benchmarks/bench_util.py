@@ -1,0 +1,101 @@
+"""Helpers the benchmark scripts share: result files, Markdown tables, percentiles, the machine they ran on.
+
+Every benchmark writes one JSON document to benchmarks/results/ with at least ``benchmark``, ``command``,
+``environment`` and its own data, and prints the same numbers as Markdown; ``benchmarks/run_all.py`` turns the JSON
+back into docs/performance.md's tables through each script's ``render_markdown``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+PYTHON = sys.executable
+
+JsonDict = dict[str, Any]
+
+
+def command_line(script: str, argv: Sequence[str]) -> str:
+    """The shell command that regenerates a result: ``.venv/bin/python benchmarks/<script> <args>``."""
+    return shlex.join([".venv/bin/python", f"benchmarks/{script}", *argv])
+
+
+def environment() -> JsonDict:
+    """What the numbers depend on: CPU, core count, load, versions, commit."""
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    commit = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    dirty = bool(
+        subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+    )
+    return {
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "load_average": list(os.getloadavg()),
+        "python": platform.python_version(),
+        "commit": commit + ("+dirty" if dirty else ""),
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def write_result(path: Path, result: JsonDict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, sort_keys=False) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def read_result(path: Path) -> JsonDict:
+    data: JsonDict = json.loads(path.read_text())
+    return data
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) with linear interpolation between closest ranks, as numpy's default."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    """A number for a table cell; '—' for None or NaN."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:.{digits}f}"
+
+
+def verdict(met: bool | None) -> str:
+    return "—" if met is None else ("met" if met else "**missed**")
