@@ -102,6 +102,8 @@ def renderer(benchmark: Benchmark) -> Callable[[JsonDict], str]:
         spec = importlib.util.spec_from_file_location(f"_bench_{benchmark.name}", benchmark.path)
         if spec is not None and spec.loader is not None:
             module = importlib.util.module_from_spec(spec)
+            # Registered first: dataclasses look their module up in sys.modules while the class is created.
+            sys.modules[spec.name] = module
             try:
                 spec.loader.exec_module(module)
             except Exception as exc:  # a peer script with heavy or broken imports still gets generic tables
