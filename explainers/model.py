@@ -129,12 +129,10 @@ def _identity(model_dir: Path) -> tuple[str, str]:
     return digest, name
 
 
-def forward_from_layer(loaded: LoadedModel, hidden: torch.Tensor, layer: int, targets: Targets) -> torch.Tensor:
-    """``targets.score`` [batch, num_targets] from residual-stream states hidden [batch, num_tokens, hidden] at
-    ``layer`` (indexed like hidden_states: 0 is the embedding output, l the output of decoder layer l).
-
-    Runs only what lies above that layer: decoder layers layer + 1..L, the final norm and the unembedding at the
-    predicting positions. Differentiable with respect to hidden when grad mode is on.
+def residual_from_layer(loaded: LoadedModel, hidden: torch.Tensor, layer: int) -> torch.Tensor:
+    """The last decoder layer's output [batch, num_tokens, hidden] (before the final norm) from residual-stream
+    states hidden [batch, num_tokens, hidden] at ``layer`` (indexed like hidden_states: 0 is the embedding output,
+    l the output of decoder layer l). Runs decoder layers layer + 1..L only; differentiable when grad mode is on.
     """
     position_ids = torch.arange(hidden.shape[1], device=hidden.device)[None]
     position_embeddings = loaded.rotary_embedding(hidden, position_ids)
@@ -144,9 +142,21 @@ def forward_from_layer(loaded: LoadedModel, hidden: torch.Tensor, layer: int, ta
         hidden = decoder_layer(
             hidden, attention_mask=None, position_ids=position_ids, position_embeddings=position_embeddings
         )
-    # The final norm is per position, so normalising only the predicting positions changes nothing.
-    logits = loaded.unembedding(loaded.final_norm(hidden[:, targets.predicting_positions]))
-    return targets.score_logits(logits)
+    return hidden
+
+
+def readout_logits(loaded: LoadedModel, residual: torch.Tensor) -> torch.Tensor:
+    """Vocabulary logits [..., vocab] from last-layer residual states [..., hidden]: final norm, then unembedding.
+    The final norm is per position, so reading out only some positions changes nothing."""
+    logits: torch.Tensor = loaded.unembedding(loaded.final_norm(residual))
+    return logits
+
+
+def forward_from_layer(loaded: LoadedModel, hidden: torch.Tensor, layer: int, targets: Targets) -> torch.Tensor:
+    """``targets.score`` [batch, num_targets] from residual-stream states hidden [batch, num_tokens, hidden] at
+    ``layer``: decoder layers layer + 1..L, then the readout at the predicting positions only."""
+    residual = residual_from_layer(loaded, hidden, layer)
+    return targets.score_logits(readout_logits(loaded, residual[:, targets.predicting_positions]))
 
 
 def log_probs(logits: torch.Tensor) -> torch.Tensor:
@@ -156,7 +166,7 @@ def log_probs(logits: torch.Tensor) -> torch.Tensor:
 
 def readout_log_probs(loaded: LoadedModel, residual: torch.Tensor) -> torch.Tensor:
     """Vocabulary log-probs [..., vocab] from residual-stream states [..., hidden]: final norm, then unembedding."""
-    return log_probs(loaded.unembedding(loaded.final_norm(residual)))
+    return log_probs(readout_logits(loaded, residual))
 
 
 def target_log_probs(

@@ -37,6 +37,11 @@ class Targets:
     def __len__(self) -> int:
         return len(self.positions)
 
+    def __getitem__(self, chunk: slice) -> Targets:
+        """The targets in a slice, scored the same way."""
+        foil_ids = None if self.foil_ids is None else self.foil_ids[chunk]
+        return Targets(self.positions[chunk], self.token_ids[chunk], foil_ids, self.score)
+
     @property
     def predicting_positions(self) -> torch.Tensor:
         return self.positions - 1

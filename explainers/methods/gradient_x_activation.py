@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from sightline.v1 import types_pb2
 
 from explainers.methods.base import GRADIENT_COST, AttributionContext, AttributionMethod, prefix_only, tensor_proto
-from explainers.methods.gradients import LAYER, TARGET_BATCH_SIZE, cached_layer_states, gradient_chunks
-from explainers.model import forward_from_layer
+from explainers.methods.gradients import (
+    LAYER,
+    TARGET_BATCH_SIZE,
+    cached_layer_states,
+    gradient_times_state,
+    reduced_gradients,
+)
 
 
 @dataclass(frozen=True)
@@ -43,12 +47,8 @@ class GradientXActivation(AttributionMethod[GradientXActivationParams]):
     supports_contrastive_targets = True
 
     def attribute(self, ctx: AttributionContext, params: GradientXActivationParams) -> types_pb2.MethodResult:
-        states = cached_layer_states(ctx, params.layer, self.name)
-        activations = states.detach().requires_grad_(True)  # [1, num_tokens, hidden]
-        with torch.enable_grad():
-            scores = forward_from_layer(ctx.loaded, activations, params.layer, ctx.targets)[0]
-        chunks = gradient_chunks(scores, activations, params.target_batch_size)  # each [chunk, 1, num_tokens, hidden]
-        rows = [(gradients * states).sum(dim=-1)[:, 0] for gradients in chunks]
-        return types_pb2.MethodResult(
-            method=self.name, attributions=tensor_proto(prefix_only(torch.cat(rows), ctx.targets))
+        states = cached_layer_states(ctx, params.layer, self.name)  # [1, num_tokens, hidden]
+        products = reduced_gradients(
+            ctx.loaded, states, params.layer, ctx.targets, params.target_batch_size, gradient_times_state
         )
+        return types_pb2.MethodResult(method=self.name, attributions=tensor_proto(prefix_only(products, ctx.targets)))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from explainers.methods.gradients import EmbeddingGradientMethod
+from explainers.methods.gradients import EmbeddingGradientMethod, gradient_times_state
 
 
 class InputXGradient(EmbeddingGradientMethod):
@@ -18,4 +18,4 @@ class InputXGradient(EmbeddingGradientMethod):
     )
 
     def reduce(self, gradients: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-        return (gradients * embeddings).sum(dim=-1)
+        return gradient_times_state(gradients, embeddings)

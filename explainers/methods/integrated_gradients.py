@@ -18,7 +18,12 @@ from explainers.methods.base import (
     prefix_only,
     tensor_proto,
 )
-from explainers.methods.gradients import TARGET_BATCH_SIZE, gradient_chunks
+from explainers.methods.gradients import (
+    MAX_GRAPH_ROWS,
+    TARGET_BATCH_SIZE,
+    gradient_times_state,
+    score_gradients,
+)
 from explainers.model import LoadedModel, forward_from_layer, forward_with_hidden_states
 from explainers.targets import Targets
 
@@ -60,8 +65,8 @@ INTEGRATED_GRADIENTS_PARAMS = (
         "internal_batch_size",
         int,
         16,
-        "Path points run together in one forward pass; with target_batch_size it bounds the memory of a backward "
-        "pass and never changes the result.",
+        "Path points run together in one forward pass (fewer on long sequences, to bound its memory); with "
+        "target_batch_size it bounds the memory of a backward pass and never changes the result.",
         minimum=1,
         maximum=512,
     ),
@@ -109,18 +114,20 @@ def integrated_gradients(
     """
     alphas, weights = (values.to(inputs.dtype) for values in quadrature_rule(params.quadrature, params.steps))
     difference = inputs - baselines
-    attributions = torch.zeros(len(targets), inputs.shape[1], dtype=inputs.dtype)
-    for start in range(0, params.steps, params.internal_batch_size):
-        stop = start + params.internal_batch_size
-        # This chunk's points on the path: [points, num_tokens, hidden].
-        path = (baselines + alphas[start:stop, None, None] * difference).requires_grad_(True)
-        with torch.enable_grad():
-            # Batch row s of the scores depends on path[s] alone, so this sum's gradient at path[s] is
-            # weight_s * d score / d path[s]: one backward pass per chunk of targets covers all the points.
-            weighted_scores = weights[start:stop] @ forward_from_layer(loaded, path, layer, targets)  # [num_targets]
-        # Each chunk of gradients is [targets, points, num_tokens, hidden]; summing over the points integrates.
-        chunks = gradient_chunks(weighted_scores, path, params.target_batch_size)
-        attributions += torch.cat([(gradients.sum(dim=1) * difference).sum(dim=-1) for gradients in chunks])
+    num_tokens = inputs.shape[1]
+    # A forward pass keeps every layer's activations of all its path points for the backward pass.
+    points_per_pass = max(1, min(params.internal_batch_size, MAX_GRAPH_ROWS // num_tokens))
+    attributions = inputs.new_zeros(len(targets), num_tokens)
+    for start in range(0, params.steps, points_per_pass):
+        stop = start + points_per_pass
+        # This pass's points on the path: [points, num_tokens, hidden].
+        path = baselines + alphas[start:stop, None, None] * difference
+        for chunk, gradients in score_gradients(
+            loaded, path, layer, targets, params.target_batch_size, point_weights=weights[start:stop]
+        ):
+            # gradients [chunk, points, prefix, hidden] are weighted: summing over the points integrates.
+            prefix = gradients.shape[2]
+            attributions[chunk, :prefix] += gradient_times_state(gradients.sum(dim=1), difference[0, :prefix])
 
     with torch.no_grad():
         input_scores, baseline_scores = forward_from_layer(loaded, torch.cat([inputs, baselines]), layer, targets)
@@ -152,8 +159,8 @@ def baseline_states(
 
 
 class IntegratedGradients(AttributionMethod[IntegratedGradientsParams]):
-    """Integrated gradients to the input embeddings. One forward pass per internal_batch_size path points, one
-    batched backward pass per chunk of targets on each.
+    """Integrated gradients to the input embeddings. Per internal_batch_size path points and chunk of targets, one
+    forward pass over the chunk's prefix and one batched backward pass (see score_gradients).
     """
 
     name = "integrated_gradients"
