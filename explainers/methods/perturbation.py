@@ -13,6 +13,7 @@ from typing import TypeVar
 
 import torch
 from sightline.v1 import types_pb2
+from transformers import DynamicCache
 
 from explainers.methods.base import (
     AttributionContext,
@@ -23,7 +24,7 @@ from explainers.methods.base import (
     tensor_proto,
 )
 from explainers.model import LoadedModel
-from explainers.targets import Targets, token_scores
+from explainers.targets import Targets
 
 
 @dataclass(frozen=True)
@@ -99,16 +100,44 @@ def replaced_scores(
     """targets.score for every target [num_perturbations, num_targets] of each perturbed sequence.
 
     replaced [num_perturbations, num_sources] marks, per perturbation, the leading positions that get
-    replacement_id. Each perturbed sequence costs one teacher-forced forward pass that scores every target at
-    once: target i only sees its own prefix, so the tokens at and after its position cannot change its score.
+    replacement_id. One teacher-forced pass scores every target of a perturbed sequence at once: target i only sees
+    its own prefix, so the tokens at and after its position cannot change its score. The same causality means
+    nothing before a perturbation's first replaced position changes: its keys and values are the unperturbed
+    sequence's, computed once, and a perturbed pass runs only from there on. Perturbations are batched in the order
+    of their first replaced position, so each batch starts where its earliest member does.
     """
-    prefix = ctx.token_ids[: replaced.shape[1]]
-    scores = []
+    loaded, targets = ctx.loaded, ctx.targets
+    num_sources = replaced.shape[1]
+    sequence = ctx.token_ids[:num_sources]
     with torch.no_grad():
-        for start in range(0, len(replaced), batch_size):
-            sequences = torch.where(replaced[start : start + batch_size], replacement_id, prefix)
-            scores.append(token_scores(ctx.loaded, sequences, ctx.targets))
-    return torch.cat(scores)
+        unperturbed = loaded.model(
+            input_ids=sequence[None], use_cache=True, logits_to_keep=targets.predicting_positions
+        )
+        scores = targets.score_logits(unperturbed.logits).expand(len(replaced), -1).clone()
+        layer_states = [(layer.keys, layer.values) for layer in unperturbed.past_key_values.layers]
+        first_replaced = torch.where(replaced.any(dim=1), replaced.to(torch.int8).argmax(dim=1), num_sources)
+        order = torch.argsort(first_replaced, stable=True)
+        perturbed_order = order[first_replaced[order] < num_sources]
+        for batch in torch.split(perturbed_order, batch_size):
+            start = int(first_replaced[batch[0]])
+            # Targets predicted before `start` keep their unperturbed scores; positions ascend.
+            first_target = int(torch.searchsorted(targets.predicting_positions, start))
+            rescored = targets[first_target:]
+            past = DynamicCache(
+                [
+                    (
+                        keys[:, :, :start].expand(len(batch), -1, -1, -1),
+                        values[:, :, :start].expand(len(batch), -1, -1, -1),
+                    )
+                    for keys, values in layer_states
+                ]
+            )
+            perturbed = torch.where(replaced[batch, start:], replacement_id, sequence[start:])
+            logits = loaded.model(
+                input_ids=perturbed, past_key_values=past, logits_to_keep=rescored.predicting_positions - start
+            ).logits
+            scores[batch, first_target:] = rescored.score_logits(logits)
+    return scores
 
 
 class PerturbationMethod(AttributionMethod[PerturbationParamsT]):
