@@ -31,7 +31,8 @@ embeddings (only the prompt is interpolated), so only its first target means the
 that row is compared. A check passes when max |Sightline - peer| <= tolerance x max |peer| over the compared cells.
 A ratio counts towards a target only when its check passed.
 
-Timing: one warm-up call, then the median of --repeats calls of each side's attribution (Sightline: the whole
+Timing: one warm-up call (counted as a timed call when it takes over 20 s), then the median of --repeats calls
+(fewer once a method's sides have spent --group-budget-s on repeats) of each side's attribution (Sightline: the whole
 `explain()`, step scores and fidelity included; peers: their `attribute()` call). Memory: ru_maxrss of the side's
 own process (imports and model load included), and its growth over the RSS right after setup.
 """
@@ -65,6 +66,8 @@ NUM_OUTPUT_TOKENS = 24
 SMOKE_OUTPUT_TOKENS = 4
 IG_STEPS = 16
 NUM_THREADS = 2
+# A warm-up call longer than this is also a timed call (see run_group).
+LONG_CALL_S = 20.0
 # The baseline / replacement token every side uses: Inseq's baseline is the tokenizer's unk token, Captum's
 # TextTokenInput defaults to id 0, and Sightline takes it as a parameter. Checked to be the unk token.
 BASELINE_TOKEN_ID = 0
@@ -94,6 +97,7 @@ class Workload:
     full_text: str
     repeats: int
     warm_up: bool
+    group_budget_s: float
     smoke: bool
 
 
@@ -444,18 +448,33 @@ class Worker:
 
 def run_group(group: list[str], workload: Workload, workload_path: Path, shared: Worker | None) -> dict[str, Any]:
     """Set every side of the group up, warm each up once, then run them in rounds (side order rotating each
-    round), so that each round's sides see about the same background load; then collect their results."""
+    round), so that each round's sides see about the same background load; then collect their results.
+
+    A warm-up call longer than LONG_CALL_S also counts as that side's first timed call (first-call costs are well
+    under a second), and rounds stop early once the group has spent workload.group_budget_s on them, when every
+    side has at least one timed call: a peer taking minutes per call gets fewer repeats, not a longer run.
+    """
     workers = {side: shared or Worker(workload_path) for side in group}
     try:
         for side in group:
             workers[side].call("setup", side)
         load_before = os.getloadavg()
-        warm_up = {side: workers[side].call("run", side)["wall_s"] if workload.warm_up else None for side in group}
         runs: dict[str, list[dict[str, float]]] = {side: [] for side in group}
+        warm_up: dict[str, float | None] = dict.fromkeys(group)
+        if workload.warm_up:
+            for side in group:
+                call = workers[side].call("run", side)
+                warm_up[side] = call["wall_s"]
+                if call["wall_s"] > LONG_CALL_S:
+                    runs[side].append(call)
+        rounds_started = time.perf_counter()
         for round_index in range(workload.repeats):
+            if min(map(len, runs.values())) >= 1 and time.perf_counter() - rounds_started > workload.group_budget_s:
+                break
             for offset in range(len(group)):
                 side = group[(round_index + offset) % len(group)]
-                runs[side].append(workers[side].call("run", side))
+                if len(runs[side]) < workload.repeats:
+                    runs[side].append(workers[side].call("run", side))
         results = {}
         for side in group:
             walls = [run["wall_s"] for run in runs[side]]
@@ -525,7 +544,7 @@ def _build_smoke_model(model_dir: Path) -> list[int]:
     return [3, 17, 42, 8, 61, 25]
 
 
-def build_workload(smoke: bool, repeats: int, scratch: Path) -> Workload:
+def build_workload(smoke: bool, repeats: int, scratch: Path, group_budget_s: float = 300.0) -> Workload:
     """The prompt ids and a greedy continuation generated once; every side attributes exactly these ids."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -568,6 +587,7 @@ def build_workload(smoke: bool, repeats: int, scratch: Path) -> Workload:
         repeats=repeats,
         # The smoke run only checks that every side still executes; it skips the warm-up to stay under a minute.
         warm_up=not smoke,
+        group_budget_s=group_budget_s,
         smoke=smoke,
     )
 
@@ -698,6 +718,9 @@ def main() -> None:
         "--smoke", action="store_true", help="tiny random Llama, 4 tokens, 1 repeat, no warm-up, one process"
     )
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per side (default 3; smoke 1)")
+    parser.add_argument(
+        "--group-budget-s", type=float, default=300.0, help="stop repeating a method's sides after this long"
+    )
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workload", type=Path, help=argparse.SUPPRESS)
@@ -710,7 +733,7 @@ def main() -> None:
     repeats = args.repeats or (1 if args.smoke else 3)
     with tempfile.TemporaryDirectory(prefix="explainer-vs-peers-") as scratch_name:
         scratch = Path(scratch_name)
-        workload = build_workload(args.smoke, repeats, scratch)
+        workload = build_workload(args.smoke, repeats, scratch, args.group_budget_s)
         print(
             f"{len(workload.prompt_ids)} prompt + {len(workload.output_ids)} output tokens; continuation: "
             f"{workload.full_text[len(workload.prompt_text) :]!r}",
