@@ -10,6 +10,8 @@ import grpc
 import pytest
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from common.jobs import tenant_inflight_key, tenant_rate_key
 from server.errors import ConfigError, GatewayError
@@ -167,7 +169,8 @@ async def test_without_a_concurrency_limit_slots_are_still_tracked(
 
 
 async def test_redis_down_is_unavailable_not_a_crash() -> None:
-    unreachable = aioredis.Redis(port=1, socket_connect_timeout=0.5)
+    # Nothing listens on port 1; no retries, so the refusal is immediate.
+    unreachable = aioredis.Redis(port=1, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
     tenant = Tenant("acme", TenantLimits(requests_per_minute=1, max_concurrent_explanations=1))
     with pytest.raises(GatewayError) as caught:
         await limiter(unreachable).admit_request(tenant)
