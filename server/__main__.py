@@ -24,7 +24,8 @@ def main() -> None:
     try:
         defaults = GatewaySettings.from_env()
     except ConfigError as exc:
-        sys.exit(f"python -m server: {exc}")
+        print(f"python -m server: {exc}", file=sys.stderr)
+        sys.exit(2)
     parser = argparse.ArgumentParser(prog="python -m server", description=__doc__)
     parser.add_argument("--listen", default=defaults.listen, help="gRPC listen address (SIGHTLINE_GATEWAY_LISTEN)")
     parser.add_argument("--vllm-url", default=defaults.vllm_url, help="vLLM OpenAI server URL (SIGHTLINE_VLLM_URL)")
