@@ -5,20 +5,32 @@ Everything crossing the process boundary is JSON or protobuf, never pickle:
 * ``sl:jobs`` — a stream; each entry is one :class:`ExplanationJob` as flat string fields.
   Workers read it through the consumer group ``explainers``; an entry stays pending until a
   worker acknowledges it, so a worker that dies mid-job leaves it for another to claim.
-* ``sl:exp:{id}`` — a hash per explanation: ``tenant``, ``attempts`` and ``explanation``, the
-  serialized ``sightline.v1.Explanation`` (whose tensors are raw bytes with dtype and shape).
+* ``sl:exp:{id}`` — a hash per explanation: ``tenant``, ``attempts``, ``explanation``, the
+  serialized ``sightline.v1.Explanation`` (whose tensors are raw bytes with dtype and shape),
+  ``summary``, the serialized ``ExplanationSummary`` without its state, and ``state``, the
+  ``ExplanationState`` number, kept beside the record so listing never reads whole results.
+* ``sl:tenant:{tenant}:explanations`` — a sorted set per tenant of its explanation ids scored
+  by creation time in milliseconds: the index ListExplanations pages through.
+* ``sl:tenant:{tenant}:inflight`` — a sorted set per tenant of its unfinished explanation ids
+  scored by the millisecond their lease ends; workers remove an id when its record becomes
+  final, and an expired lease (a job lost with its gateway or its data) frees the slot itself.
+* ``sl:tenant:{tenant}:rate`` — the tenant's request-rate state (see server/limits.py).
 * ``sl:explanations:done`` — a pub/sub channel; a worker publishes an explanation id when
   its record reaches a final state, so waiting gateways wake without polling.
 * ``sl:catalog`` — the serialized ``ListMethodsResponse`` of the workers' method registry, and
   ``sl:models`` — a hash from served model name to a JSON :class:`ModelRecord` (the weights
   digest the workers hold, the vocabulary size). The gateway reads both, so it validates
   explain requests without importing any model code.
-* ``sl:hs:{digest}:{sha256}`` — the explainers' hidden-state cache (see explainers/hidden_cache.py).
+* ``sl:hs:{tenant}:{digest}:{sha256}`` — the explainers' hidden-state cache, per tenant (see
+  explainers/hidden_cache.py).
+
+Tenant names are restricted (see ``TENANT_NAME``) so that they never break a key apart.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,10 +45,27 @@ MODELS_KEY = "sl:models"
 RECORD_TENANT = "tenant"
 RECORD_ATTEMPTS = "attempts"
 RECORD_EXPLANATION = "explanation"
+RECORD_SUMMARY = "summary"
+RECORD_STATE = "state"
+
+# What a tenant name may be: it is part of Redis keys, log lines and error messages.
+TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def explanation_key(explanation_id: str) -> str:
     return f"sl:exp:{explanation_id}"
+
+
+def tenant_explanations_key(tenant: str) -> str:
+    return f"sl:tenant:{tenant}:explanations"
+
+
+def tenant_inflight_key(tenant: str) -> str:
+    return f"sl:tenant:{tenant}:inflight"
+
+
+def tenant_rate_key(tenant: str) -> str:
+    return f"sl:tenant:{tenant}:rate"
 
 
 def new_explanation_id() -> str:

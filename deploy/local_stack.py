@@ -87,6 +87,18 @@ def _port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def _auth_line(gateway_env: dict[str, str]) -> str:
+    """What the gateway requires of callers, for the start-up summary: loudly, when it is nothing."""
+    if gateway_env.get("SIGHTLINE_API_KEYS_FILE"):
+        return f"auth             API keys required (key file {gateway_env['SIGHTLINE_API_KEYS_FILE']})"
+    if gateway_env.get("SIGHTLINE_API_KEYS"):
+        return "auth             API keys required (SIGHTLINE_API_KEYS)"
+    return (
+        "auth             WARNING: OFF, any caller is tenant 'default'; fine on loopback, "
+        "set SIGHTLINE_API_KEYS_FILE otherwise (docs/security.md)"
+    )
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
@@ -240,19 +252,21 @@ class LocalStack:
         self._warm_up_vllm()
         self._wait("explainer", explainer_child, self._explainer_ready, timeout=300)
 
+        gateway_env = self.child_env("sightline-gateway", 1)
         gateway_child = self._spawn(
             "gateway",
             [
                 sys.executable, "-m", "server", "--listen", config.gateway_address,
                 "--vllm-url", config.vllm_url, "--redis-url", config.redis_url,
             ],
-            self.child_env("sightline-gateway", 1),
+            gateway_env,
             logs,
         )  # fmt: skip
         self._wait("gateway", gateway_child, self._gateway_serving, timeout=60)
         self._say(
             f"Sightline is SERVING after {time.monotonic() - started:.1f} s\n"
             f"  gateway (gRPC)   {config.gateway_address}\n"
+            f"  {_auth_line(gateway_env)}\n"
             f"  vLLM (HTTP)      {config.vllm_url}  model {config.served_model_name}\n"
             f"  Redis            {config.redis_url}\n"
             f"  explainer        1 worker, model dir {config.model_dir}\n"

@@ -16,7 +16,6 @@ import torch
 
 from common.telemetry import configure_tracing
 from explainers.embedded_model import default_model_dir
-from explainers.hidden_cache import HiddenStateCache
 from explainers.model import load_model
 from explainers.worker import ExplainerWorker, WorkerSettings
 
@@ -66,8 +65,12 @@ def main() -> None:
     worker = ExplainerWorker(
         client,
         loaded,
-        HiddenStateCache(client, ttl_seconds=args.cache_ttl),
-        WorkerSettings(consumer=args.consumer, max_attempts=args.max_attempts, claim_idle_ms=args.claim_idle_ms),
+        WorkerSettings(
+            consumer=args.consumer,
+            max_attempts=args.max_attempts,
+            claim_idle_ms=args.claim_idle_ms,
+            cache_ttl_seconds=args.cache_ttl,
+        ),
     )
     worker.register()
     logging.getLogger(__name__).info(

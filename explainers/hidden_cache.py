@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from redis import Redis
 
+from common.jobs import TENANT_NAME
+
 logger = logging.getLogger(__name__)
 
 MAGIC = b"SLT1"  # Sightline tensor, format version 1
@@ -115,25 +117,32 @@ def _parse_header(raw: bytes) -> tuple[str, list[int], str]:
 
 
 class HiddenStateCache:
-    """Per-layer hidden states keyed by weights digest and token ids, stored as bfloat16 with a TTL.
+    """One tenant's per-layer hidden states keyed by weights digest and token ids, stored as bfloat16 with a TTL.
+
+    Entries belong to the tenant whose explanation computed them: another tenant explaining the same
+    tokens misses and computes its own, so it can neither read the states nor learn from a hit (or its
+    speed) that someone else explained that text.
 
     The Redis client must return bytes (decode_responses=False).
     """
 
-    def __init__(self, redis: Redis, ttl_seconds: int) -> None:
+    def __init__(self, redis: Redis, ttl_seconds: int, tenant: str) -> None:
         if ttl_seconds <= 0:
             raise ValueError(f"ttl_seconds must be positive, got {ttl_seconds}")
+        if not TENANT_NAME.fullmatch(tenant):
+            raise ValueError(f"not a tenant name: {tenant!r}")
         self._redis = redis
         self._ttl_seconds = ttl_seconds
+        self._tenant = tenant
 
     @staticmethod
-    def key(weights_digest: str, token_ids: Sequence[int]) -> str:
+    def key(tenant: str, weights_digest: str, token_ids: Sequence[int]) -> str:
         packed_ids = np.asarray(token_ids, dtype="<i4").tobytes()
-        return f"sl:hs:{weights_digest}:{hashlib.sha256(packed_ids).hexdigest()}"
+        return f"sl:hs:{tenant}:{weights_digest}:{hashlib.sha256(packed_ids).hexdigest()}"
 
     def get(self, weights_digest: str, token_ids: Sequence[int]) -> torch.Tensor | None:
         """The cached bfloat16 states, or None on a miss. A corrupt entry is deleted and counts as a miss."""
-        return self._get(self.key(weights_digest, token_ids))
+        return self._get(self.key(self._tenant, weights_digest, token_ids))
 
     def get_log_probs(self, weights_digest: str, token_ids: Sequence[int], first_position: int) -> torch.Tensor | None:
         """The full-precision log-probabilities of token_ids[first_position:] stored with the states, if any."""
@@ -150,7 +159,7 @@ class HiddenStateCache:
     def _log_probs_key(self, weights_digest: str, token_ids: Sequence[int], first_position: int) -> str:
         # Keyed by where the output starts too: the same tokens explained with another prompt/output split
         # have other generated tokens.
-        return f"{self.key(weights_digest, token_ids)}:logprobs:{first_position}"
+        return f"{self.key(self._tenant, weights_digest, token_ids)}:logprobs:{first_position}"
 
     def _get(self, key: str) -> torch.Tensor | None:
         blob = self._redis.get(key)
@@ -171,5 +180,5 @@ class HiddenStateCache:
         if len(blob) > MAX_ENTRY_BYTES:
             logger.warning("not caching %d-byte hidden states, above Redis' %d-byte limit", len(blob), MAX_ENTRY_BYTES)
             return False
-        self._redis.set(self.key(weights_digest, token_ids), blob, ex=self._ttl_seconds)
+        self._redis.set(self.key(self._tenant, weights_digest, token_ids), blob, ex=self._ttl_seconds)
         return True

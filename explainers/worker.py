@@ -5,7 +5,10 @@ transaction, so a worker killed mid-job leaves the entry pending and another wor
 it once it has been idle for ``claim_idle_ms``. Records are written whole and keyed by
 explanation id, so a job computed twice (a slow worker and its claimant) stores the same
 result twice, never a half-written one. A job that keeps failing is marked FAILED with its
-reason after ``max_attempts``; nothing is dropped silently.
+reason after ``max_attempts``; nothing is dropped silently. The transaction that writes a
+final record also gives the explanation's slot back to its tenant's concurrency limit.
+
+Each job's hidden states are cached under its own tenant (see explainers/hidden_cache.py).
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ from common.jobs import (
     MODELS_KEY,
     RECORD_ATTEMPTS,
     RECORD_EXPLANATION,
+    RECORD_STATE,
     WORKER_GROUP,
     ExplanationJob,
     ModelRecord,
     explanation_key,
+    tenant_inflight_key,
 )
 from common.telemetry import context_from_traceparent
 from explainers.engine import explain
@@ -51,15 +56,14 @@ class WorkerSettings:
     # A pending job idle this long is assumed abandoned by a dead worker and claimed.
     claim_idle_ms: int = 60_000
     block_ms: int = 1_000
+    # How long hidden states stay cached.
+    cache_ttl_seconds: int = 3600
 
 
 class ExplainerWorker:
-    def __init__(
-        self, client: redis.Redis, loaded: LoadedModel, cache: HiddenStateCache, settings: WorkerSettings
-    ) -> None:
+    def __init__(self, client: redis.Redis, loaded: LoadedModel, settings: WorkerSettings) -> None:
         self._redis = client
         self._loaded = loaded
-        self._cache = cache
         self._settings = settings
 
     def register(self) -> None:
@@ -112,7 +116,10 @@ class ExplainerWorker:
         blob = self._redis.hget(key, RECORD_EXPLANATION)
         if blob is None:
             log.warning("explanation %s has no record (expired?); acknowledging its job", job.explanation_id)
-            self._redis.xack(JOB_STREAM, WORKER_GROUP, entry_id)
+            with self._redis.pipeline(transaction=True) as pipe:
+                pipe.xack(JOB_STREAM, WORKER_GROUP, entry_id)
+                pipe.zrem(tenant_inflight_key(job.tenant), job.explanation_id)
+                pipe.execute()
             return
         record = types_pb2.Explanation.FromString(cast(bytes, blob))
         if record.state in FINAL_STATES:
@@ -120,10 +127,12 @@ class ExplainerWorker:
             return
         record.attempts = int(self._redis.hincrby(key, RECORD_ATTEMPTS, 1))
         if record.attempts > self._settings.max_attempts:
-            self._fail(entry_id, record, f"gave up after {self._settings.max_attempts} attempts that did not finish")
+            self._fail(
+                entry_id, job, record, f"gave up after {self._settings.max_attempts} attempts that did not finish"
+            )
             return
         record.state = types_pb2.EXPLANATION_STATE_RUNNING
-        self._redis.hset(key, RECORD_EXPLANATION, record.SerializeToString())
+        self._redis.hset(key, mapping={RECORD_EXPLANATION: record.SerializeToString(), RECORD_STATE: record.state})
 
         parent = context_from_traceparent(job.traceparent)
         with tracer.start_as_current_span(
@@ -146,7 +155,7 @@ class ExplainerWorker:
                     )
                 result = explain(
                     self._loaded,
-                    self._cache,
+                    HiddenStateCache(self._redis, self._settings.cache_ttl_seconds, job.tenant),
                     job.prompt_token_ids,
                     job.output_token_ids,
                     [(m.name, m.params) for m in job.methods],
@@ -156,18 +165,20 @@ class ExplainerWorker:
             except ValueError as exc:
                 # Invalid input fails the same way on every worker: no point retrying.
                 span.record_exception(exc)
-                self._fail(entry_id, record, str(exc))
+                self._fail(entry_id, job, record, str(exc))
                 return
             except Exception as exc:
                 log.exception("explanation %s failed (attempt %d)", job.explanation_id, record.attempts)
                 span.record_exception(exc)
                 if record.attempts >= self._settings.max_attempts:
-                    self._fail(entry_id, record, f"{type(exc).__name__}: {exc}")
+                    self._fail(entry_id, job, record, f"{type(exc).__name__}: {exc}")
                 # Otherwise the entry stays pending and is retried once claimable.
                 return
-        self._succeed(entry_id, record, result)
+        self._succeed(entry_id, job, record, result)
 
-    def _succeed(self, entry_id: bytes, record: types_pb2.Explanation, result: types_pb2.Explanation) -> None:
+    def _succeed(
+        self, entry_id: bytes, job: ExplanationJob, record: types_pb2.Explanation, result: types_pb2.Explanation
+    ) -> None:
         final = types_pb2.Explanation()
         final.CopyFrom(result)
         final.explanation_id = record.explanation_id
@@ -180,18 +191,22 @@ class ExplainerWorker:
             if served.HasField("logprob"):
                 token.logprob = served.logprob
         final.state = types_pb2.EXPLANATION_STATE_SUCCEEDED
-        self._finish(entry_id, final)
+        self._finish(entry_id, job, final)
 
-    def _fail(self, entry_id: bytes, record: types_pb2.Explanation, reason: str) -> None:
+    def _fail(self, entry_id: bytes, job: ExplanationJob, record: types_pb2.Explanation, reason: str) -> None:
         log.warning("explanation %s failed: %s", record.explanation_id, reason)
         record.state = types_pb2.EXPLANATION_STATE_FAILED
         record.error = reason
-        self._finish(entry_id, record)
+        self._finish(entry_id, job, record)
 
-    def _finish(self, entry_id: bytes, record: types_pb2.Explanation) -> None:
+    def _finish(self, entry_id: bytes, job: ExplanationJob, record: types_pb2.Explanation) -> None:
         record.completed_at.GetCurrentTime()
         with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(explanation_key(record.explanation_id), RECORD_EXPLANATION, record.SerializeToString())
+            pipe.hset(
+                explanation_key(record.explanation_id),
+                mapping={RECORD_EXPLANATION: record.SerializeToString(), RECORD_STATE: record.state},
+            )
+            pipe.zrem(tenant_inflight_key(job.tenant), record.explanation_id)
             pipe.xack(JOB_STREAM, WORKER_GROUP, entry_id)
             pipe.publish(DONE_CHANNEL, record.explanation_id)
             pipe.execute()

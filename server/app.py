@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 
 import grpc
@@ -12,9 +13,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sightline.v1 import explanations_pb2, explanations_pb2_grpc, inference_pb2, inference_pb2_grpc
 
+from server.auth import Authenticator
 from server.config import GatewaySettings
 from server.explanations import ExplanationBroker
+from server.keys import configured_key_ring
+from server.limits import TenantLimiter
 from server.servicers import ExplanationsServicer, Gateway, InferenceServicer
+from server.tls import server_credentials
 from server.vllm_client import ServedModel, VLLMClient
 
 log = logging.getLogger(__name__)
@@ -68,17 +73,28 @@ class DependencyMonitor:
 
 
 async def serve(settings: GatewaySettings, *, ready: asyncio.Event | None = None, stop: asyncio.Event) -> None:
-    """Serve until ``stop`` is set, then drain in-flight calls for a short grace period."""
+    """Serve until ``stop`` is set, then drain in-flight calls for a short grace period.
+
+    Raises ConfigError before serving when the API keys or TLS files are unusable.
+    """
+    key_ring = configured_key_ring(settings.api_keys_file, settings.api_keys, settings.default_limits)
+    authenticator = Authenticator(key_ring, settings.default_limits, open_tenant=settings.open_tenant)
+    credentials = server_credentials(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+    _log_security(settings, authenticator, tls=credentials is not None)
+
     vllm = VLLMClient(settings.vllm_url)
     redis_client = aioredis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=10)
-    broker = ExplanationBroker(redis_client, settings.redis_url, record_ttl_seconds=settings.record_ttl_seconds)
+    limiter = TenantLimiter(redis_client, settings.redis_url, lease_seconds=settings.explanation_lease_seconds)
+    broker = ExplanationBroker(
+        redis_client, settings.redis_url, record_ttl_seconds=settings.record_ttl_seconds, limiter=limiter
+    )
     health_servicer = health.HealthServicer()
     monitor = DependencyMonitor(vllm, broker, health_servicer)
-    gateway = Gateway(settings, vllm, broker, monitor)
+    gateway = Gateway(settings, vllm, broker, monitor, authenticator, limiter)
 
     options = [
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
-        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_receive_message_length", settings.max_request_bytes),
+        ("grpc.max_send_message_length", settings.max_response_bytes),
         ("grpc.so_reuseport", 0),
     ]
     server = grpc.aio.server(options=options)
@@ -88,13 +104,22 @@ async def serve(settings: GatewaySettings, *, ready: asyncio.Event | None = None
     reflection.enable_server_reflection(
         (INFERENCE_SERVICE, EXPLANATIONS_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    server.add_insecure_port(settings.listen)
+    if credentials is None:
+        server.add_insecure_port(settings.listen)
+    else:
+        server.add_secure_port(settings.listen, credentials)
 
     await monitor.check_once()
     broker.start()
     monitor_task = asyncio.create_task(monitor.run(settings.health_interval_seconds))
     await server.start()
-    log.info("gateway listening on %s (vLLM %s, Redis %s)", settings.listen, settings.vllm_url, settings.redis_url)
+    log.info(
+        "gateway listening on %s (%s; vLLM %s, Redis %s)",
+        settings.listen,
+        _transport(settings, tls=credentials is not None),
+        settings.vllm_url,
+        settings.redis_url,
+    )
     if ready is not None:
         ready.set()
     try:
@@ -108,3 +133,37 @@ async def serve(settings: GatewaySettings, *, ready: asyncio.Event | None = None
         await broker.stop()
         await vllm.aclose()
         await redis_client.aclose()
+
+
+def _log_security(settings: GatewaySettings, authenticator: Authenticator, *, tls: bool) -> None:
+    if authenticator.enabled:
+        log.info("API keys required (%s)", settings.api_keys_file or "SIGHTLINE_API_KEYS")
+    else:
+        log.warning(
+            "AUTHENTICATION IS OFF: any caller that reaches %s acts as tenant %r and can read every explanation "
+            "of it; set SIGHTLINE_API_KEYS_FILE to require API keys (docs/security.md)",
+            settings.listen,
+            settings.open_tenant,
+        )
+    if not tls and not _is_loopback(settings.listen):
+        log.warning(
+            "plaintext gRPC on %s, which is not a loopback address: keys and data cross the network unencrypted; "
+            "set SIGHTLINE_TLS_CERT and SIGHTLINE_TLS_KEY (docs/security.md)",
+            settings.listen,
+        )
+
+
+def _transport(settings: GatewaySettings, *, tls: bool) -> str:
+    if not tls:
+        return "plaintext"
+    return "mutual TLS, client certificates required" if settings.tls_client_ca_file else "TLS"
+
+
+def _is_loopback(listen: str) -> bool:
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

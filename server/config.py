@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from server.limits import TenantLimits
 
 
 @dataclass(frozen=True)
@@ -11,25 +13,49 @@ class GatewaySettings:
     listen: str = "127.0.0.1:50051"
     vllm_url: str = "http://127.0.0.1:8000"
     redis_url: str = "redis://127.0.0.1:6379/0"
-    tenant: str = "default"
+    # The tenant of every call while authentication is off (no API keys configured).
+    open_tenant: str = "default"
     default_max_tokens: int = 64
-    # How long explanation records stay fetchable.
+    # How long explanation records stay fetchable (and listed).
     record_ttl_seconds: int = 7 * 24 * 3600
     # Time kept back from a SYNC call's deadline to reply with a PENDING explanation instead of failing.
     deadline_margin_seconds: float = 0.25
     health_interval_seconds: float = 2.0
-    max_message_bytes: int = 16 * 1024 * 1024
-    # Largest explanation accepted, in token-forward passes (MethodCost x sequence length): 50M is
-    # integrated gradients with 16 steps over a 1,024-token generation several times over.
-    max_explanation_cost: float = 50e6
+    # Largest request the gRPC server accepts: far above the longest prompt a context window holds.
+    max_request_bytes: int = 4 * 1024 * 1024
+    # Largest response it sends: explanations carry [targets, tokens] float32 matrices per method.
+    max_response_bytes: int = 16 * 1024 * 1024
+    # API keys: a JSON or TOML key file, or tenant:sha256 pairs (see server/keys.py); neither turns auth off.
+    api_keys_file: str | None = None
+    api_keys: str | None = None
+    # TLS: the server's certificate chain and key (PEM); a client CA makes clients present a certificate it signed.
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_client_ca_file: str | None = None
+    # Limits of every tenant the key file does not override (SIGHTLINE_<LIMIT>, see server/limits.py).
+    default_limits: TenantLimits = field(default_factory=TenantLimits)
+    # How long an unfinished explanation holds one of its tenant's concurrency slots at most, should
+    # its job be lost: longer than any job waits and runs.
+    explanation_lease_seconds: float = 3600.0
 
     @classmethod
     def from_env(cls) -> GatewaySettings:
+        env = os.environ
         return cls(
-            listen=os.environ.get("SIGHTLINE_GATEWAY_LISTEN", cls.listen),
-            vllm_url=os.environ.get("SIGHTLINE_VLLM_URL", cls.vllm_url),
-            redis_url=os.environ.get("SIGHTLINE_REDIS_URL", cls.redis_url),
-            default_max_tokens=int(os.environ.get("SIGHTLINE_DEFAULT_MAX_TOKENS", cls.default_max_tokens)),
-            record_ttl_seconds=int(os.environ.get("SIGHTLINE_RECORD_TTL_SECONDS", cls.record_ttl_seconds)),
-            max_explanation_cost=float(os.environ.get("SIGHTLINE_MAX_EXPLANATION_COST", cls.max_explanation_cost)),
+            listen=env.get("SIGHTLINE_GATEWAY_LISTEN", cls.listen),
+            vllm_url=env.get("SIGHTLINE_VLLM_URL", cls.vllm_url),
+            redis_url=env.get("SIGHTLINE_REDIS_URL", cls.redis_url),
+            default_max_tokens=int(env.get("SIGHTLINE_DEFAULT_MAX_TOKENS", cls.default_max_tokens)),
+            record_ttl_seconds=int(env.get("SIGHTLINE_RECORD_TTL_SECONDS", cls.record_ttl_seconds)),
+            max_request_bytes=int(env.get("SIGHTLINE_MAX_REQUEST_BYTES", cls.max_request_bytes)),
+            max_response_bytes=int(env.get("SIGHTLINE_MAX_RESPONSE_BYTES", cls.max_response_bytes)),
+            api_keys_file=env.get("SIGHTLINE_API_KEYS_FILE") or None,
+            api_keys=env.get("SIGHTLINE_API_KEYS") or None,
+            tls_cert_file=env.get("SIGHTLINE_TLS_CERT") or None,
+            tls_key_file=env.get("SIGHTLINE_TLS_KEY") or None,
+            tls_client_ca_file=env.get("SIGHTLINE_TLS_CLIENT_CA") or None,
+            default_limits=TenantLimits.from_env(env),
+            explanation_lease_seconds=float(
+                env.get("SIGHTLINE_EXPLANATION_LEASE_SECONDS", cls.explanation_lease_seconds)
+            ),
         )

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from sightline.v1 import explanations_pb2
 
 from common.jobs import MethodRequest
-from server.errors import resource_exhausted
+from server.limits import Tenant
 
 # Faithfulness perturbs each target's sources at 5 fractions, removing and keeping, for the method
 # and for the random reference: 20 forward passes per explained token.
@@ -35,17 +35,18 @@ class PlannedMethod:
 
 
 def check_cost(
-    methods: Sequence[PlannedMethod], *, num_tokens: int, num_targets: int, faithfulness: bool, limit: float
+    methods: Sequence[PlannedMethod], *, num_tokens: int, num_targets: int, faithfulness: bool, tenant: Tenant
 ) -> None:
-    """Refuse, with RESOURCE_EXHAUSTED naming the limit, an explanation costing more than ``limit``."""
+    """Refuse, with RESOURCE_EXHAUSTED naming the limit, an explanation costing more than the tenant's limit."""
+    limit = tenant.limits.max_explanation_cost
     passes = sum(m.passes(num_tokens, num_targets) for m in methods)
     if faithfulness:
         passes += FAITHFULNESS_PASSES_PER_TARGET * num_targets * sum(m.info.attributes_tokens for m in methods)
     cost = passes * num_tokens
-    if cost > limit:
-        raise resource_exhausted(
-            f"this explanation would cost about {cost:,.0f} token-forward passes ({num_targets} explained tokens in "
-            f"a {num_tokens}-token sequence), over this deployment's limit of {limit:,.0f} "
-            "(SIGHTLINE_MAX_EXPLANATION_COST); explain fewer tokens (max_tokens, targets.output_indices) or "
-            "choose cheaper parameters"
+    if limit and cost > limit:
+        raise tenant.limit_exceeded(
+            "max_explanation_cost",
+            f"this explanation would cost about {cost:,.0f} token-forward passes ({num_targets} explained tokens "
+            f"in a {num_tokens}-token sequence)",
+            "explain fewer tokens (max_tokens, targets.output_indices) or choose cheaper parameters",
         )

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import grpc
+import redis.exceptions
+
+
+class ConfigError(ValueError):
+    """Settings the gateway cannot start with; the message says which and why."""
 
 
 class GatewayError(Exception):
@@ -32,3 +40,11 @@ def deadline_exceeded(message: str) -> GatewayError:
 
 def resource_exhausted(message: str) -> GatewayError:
     return GatewayError(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+
+@contextlib.contextmanager
+def redis_errors_as_unavailable(redis_url: str) -> Iterator[None]:
+    try:
+        yield
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        raise unavailable(f"the explanation store (Redis at {redis_url}) is unavailable; retry shortly: {exc}") from exc

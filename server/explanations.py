@@ -7,11 +7,15 @@ replica can answer GetExplanation for a job another one enqueued.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
+import json
 import logging
 import math
+import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import cast
 
 import redis.asyncio as aioredis
@@ -27,6 +31,8 @@ from common.jobs import (
     MODELS_KEY,
     RECORD_ATTEMPTS,
     RECORD_EXPLANATION,
+    RECORD_STATE,
+    RECORD_SUMMARY,
     RECORD_TENANT,
     ExplainOptions,
     ExplanationJob,
@@ -34,10 +40,12 @@ from common.jobs import (
     ModelRecord,
     explanation_key,
     new_explanation_id,
+    tenant_explanations_key,
 )
 from common.telemetry import current_traceparent
 from server.costs import PlannedMethod
-from server.errors import invalid_argument, not_found, unavailable
+from server.errors import GatewayError, invalid_argument, not_found, redis_errors_as_unavailable, unavailable
+from server.limits import Tenant, TenantLimiter
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("sightline.gateway")
@@ -45,21 +53,16 @@ tracer = trace.get_tracer("sightline.gateway")
 FINAL_STATES = (types_pb2.EXPLANATION_STATE_SUCCEEDED, types_pb2.EXPLANATION_STATE_FAILED)
 
 
-@contextlib.contextmanager
-def redis_errors_as_unavailable(redis_url: str) -> Iterator[None]:
-    try:
-        yield
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-        raise unavailable(f"the explanation store (Redis at {redis_url}) is unavailable; retry shortly: {exc}") from exc
-
-
 class ExplanationBroker:
     """Creates explanation jobs and waits for their records to reach a final state."""
 
-    def __init__(self, client: aioredis.Redis, redis_url: str, *, record_ttl_seconds: int) -> None:
+    def __init__(
+        self, client: aioredis.Redis, redis_url: str, *, record_ttl_seconds: int, limiter: TenantLimiter
+    ) -> None:
         self._redis = client
         self._redis_url = redis_url
         self._record_ttl_seconds = record_ttl_seconds
+        self._limiter = limiter
         self._waiters: dict[str, list[asyncio.Future[None]]] = defaultdict(list)
         self._listener: asyncio.Task[None] | None = None
 
@@ -113,7 +116,7 @@ class ExplanationBroker:
     async def submit(
         self,
         *,
-        tenant: str,
+        tenant: Tenant,
         model: str,
         prompt_token_ids: Sequence[int],
         output_tokens: Sequence[types_pb2.Token],
@@ -122,7 +125,8 @@ class ExplanationBroker:
         options: ExplainOptions,
         trace_id: str,
     ) -> types_pb2.Explanation:
-        """Write a PENDING record and enqueue its job atomically; return the record."""
+        """Take one of the tenant's explanation slots, then write a PENDING record, index it under the
+        tenant and enqueue its job atomically; return the record."""
         model_record = await self.model_record(model)
         digest = model_record.weights_digest
         out_of_vocabulary = sorted(
@@ -138,6 +142,7 @@ class ExplanationBroker:
                 f"(ids 0 to {model_record.vocab_size - 1})"
             )
         explanation_id = new_explanation_id()
+        await self._limiter.acquire_explanation(tenant, explanation_id)
         pending = types_pb2.Explanation(
             explanation_id=explanation_id,
             state=types_pb2.EXPLANATION_STATE_PENDING,
@@ -162,7 +167,7 @@ class ExplanationBroker:
         ):
             job = ExplanationJob(
                 explanation_id=explanation_id,
-                tenant=tenant,
+                tenant=tenant.name,
                 model=model,
                 weights_digest=digest,
                 prompt_token_ids=list(prompt_token_ids),
@@ -172,21 +177,87 @@ class ExplanationBroker:
                 traceparent=current_traceparent(),
                 options=options,
             )
-            key = explanation_key(explanation_id)
-            with redis_errors_as_unavailable(self._redis_url):
-                async with self._redis.pipeline(transaction=True) as pipe:
-                    pipe.hset(
-                        key,
-                        mapping={
-                            RECORD_TENANT: tenant,
-                            RECORD_ATTEMPTS: 0,
-                            RECORD_EXPLANATION: pending.SerializeToString(),
-                        },
-                    )
-                    pipe.expire(key, self._record_ttl_seconds)
-                    pipe.xadd(JOB_STREAM, job.to_fields())  # type: ignore[arg-type]
-                    await pipe.execute()
+            summary = explanations_pb2.ExplanationSummary(
+                explanation_id=explanation_id,
+                model=model,
+                methods=[m.name for m in methods],
+                created_at=pending.created_at,
+                trace_id=trace_id,
+            )
+            try:
+                await self._store(pending, summary, tenant.name, job)
+            except Exception:
+                # Never enqueued, so no worker will give the slot back; if Redis is gone, its lease will.
+                with contextlib.suppress(GatewayError):
+                    await self._limiter.release_explanation(tenant, explanation_id)
+                raise
         return pending
+
+    async def _store(
+        self,
+        pending: types_pb2.Explanation,
+        summary: explanations_pb2.ExplanationSummary,
+        tenant: str,
+        job: ExplanationJob,
+    ) -> None:
+        key = explanation_key(pending.explanation_id)
+        index = tenant_explanations_key(tenant)
+        created_ms = pending.created_at.ToMilliseconds()
+        with redis_errors_as_unavailable(self._redis_url):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hset(
+                    key,
+                    mapping={
+                        RECORD_TENANT: tenant,
+                        RECORD_ATTEMPTS: 0,
+                        RECORD_EXPLANATION: pending.SerializeToString(),
+                        RECORD_SUMMARY: summary.SerializeToString(),
+                        RECORD_STATE: pending.state,
+                    },
+                )
+                pipe.expire(key, self._record_ttl_seconds)
+                # The index lives as long as its newest record; entries of expired records are trimmed here.
+                pipe.zadd(index, {pending.explanation_id: created_ms})
+                pipe.zremrangebyscore(index, "-inf", created_ms - self._record_ttl_seconds * 1000)
+                pipe.expire(index, self._record_ttl_seconds)
+                pipe.xadd(JOB_STREAM, job.to_fields())  # type: ignore[arg-type]
+                await pipe.execute()
+
+    async def list_summaries(
+        self, tenant: str, page_size: int, page_token: str
+    ) -> tuple[list[explanations_pb2.ExplanationSummary], str]:
+        """One page of the tenant's explanations, newest first, and the token of the next page ("" if last)."""
+        cursor = _decode_page_token(page_token) if page_token else None
+        with redis_errors_as_unavailable(self._redis_url):
+            entries = await self._index_entries(tenant_explanations_key(tenant), page_size + 1, cursor)
+            page = entries[:page_size]
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for explanation_id, _ in page:
+                    pipe.hmget(explanation_key(explanation_id), [RECORD_TENANT, RECORD_SUMMARY, RECORD_STATE])
+                records = await pipe.execute()
+        summaries = []
+        for owner, blob, state in records:
+            # A record that expired since it was indexed is left out, as is (defensively) anyone else's.
+            if blob is None or owner is None or cast(bytes, owner).decode() != tenant:
+                continue
+            summary = explanations_pb2.ExplanationSummary.FromString(cast(bytes, blob))
+            summary.state = int(cast(bytes, state))  # type: ignore[assignment]
+            summaries.append(summary)
+        next_token = _encode_page_token(*page[-1]) if len(entries) > page_size else ""
+        return summaries, next_token
+
+    async def _index_entries(self, index: str, count: int, cursor: tuple[str, float] | None) -> list[tuple[str, float]]:
+        """Up to ``count`` (id, created ms) of a tenant index, newest first, after ``cursor`` when given."""
+        await self._redis.zremrangebyscore(index, "-inf", time.time() * 1000 - self._record_ttl_seconds * 1000)
+        if cursor is None:
+            raw = await self._redis.zrevrangebyscore(index, "+inf", "-inf", start=0, num=count, withscores=True)
+            return _decoded(raw)
+        # Resume after the cursor: older entries, and those created in the same millisecond that sort after
+        # it (ties come in descending id order), of which there are at most as many as share its score.
+        last_id, last_ms = cursor
+        ties = int(await self._redis.zcount(index, last_ms, last_ms))
+        raw = await self._redis.zrevrangebyscore(index, last_ms, "-inf", start=0, num=count + ties, withscores=True)
+        return [(i, ms) for i, ms in _decoded(raw) if not (ms == last_ms and i >= last_id)][:count]
 
     async def get(self, explanation_id: str, tenant: str) -> types_pb2.Explanation:
         with redis_errors_as_unavailable(self._redis_url):
@@ -244,6 +315,28 @@ class ExplanationBroker:
         for future in self._waiters.get(explanation_id, []):
             if not future.done():
                 future.set_result(None)
+
+
+def _decoded(entries: object) -> list[tuple[str, float]]:
+    """(member, score) pairs of a sorted-set reply with scores."""
+    return [(member.decode(), float(score)) for member, score in cast(list[tuple[bytes, float]], entries)]
+
+
+def _encode_page_token(explanation_id: str, created_ms: float) -> str:
+    return base64.urlsafe_b64encode(json.dumps([created_ms, explanation_id]).encode()).decode()
+
+
+def _decode_page_token(token: str) -> tuple[str, float]:
+    try:
+        created_ms, explanation_id = json.loads(base64.urlsafe_b64decode(token.encode()))
+        if isinstance(created_ms, int | float) and not isinstance(created_ms, bool) and isinstance(explanation_id, str):
+            return explanation_id, float(created_ms)
+    except (ValueError, TypeError, binascii.Error):
+        pass
+    raise invalid_argument(
+        "page_token is not one this server issued; pass next_page_token from the previous ListExplanations "
+        "response unchanged, or leave it empty for the first page"
+    )
 
 
 def _typed_params(info: explanations_pb2.MethodInfo, params: dict[str, object]) -> dict[str, object]:

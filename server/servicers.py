@@ -21,10 +21,12 @@ from sightline.v1 import (
 
 from common.jobs import ExplainOptions
 from common.telemetry import trace_id_hex
+from server.auth import Authenticator
 from server.config import GatewaySettings
 from server.costs import PlannedMethod, check_cost
 from server.errors import GatewayError, invalid_argument, not_found, unavailable
 from server.explanations import ExplanationBroker
+from server.limits import Tenant, TenantLimiter
 from server.validation import chat_messages, check_options_fit, explain_options, sampling_from_proto, token_ids
 from server.vllm_client import CompletionChunk, Prompt, Sampling, ServedModel, VLLMClient
 
@@ -39,6 +41,10 @@ FINISH_REASONS = {
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
+
+# ListExplanations page sizes: the default, and the largest served (larger requests get this many).
+DEFAULT_PAGE_SIZE = 20
+MAX_PAGE_SIZE = 100
 
 
 class ModelSource(Protocol):
@@ -72,16 +78,21 @@ async def _abort(context: grpc.aio.ServicerContext, span: trace.Span, exc: Excep
 
 def unary_rpc(
     rpc: str,
-) -> Callable[[Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]], Any]:
-    """Run a unary handler inside its server span, mapping errors to gRPC statuses."""
+) -> Callable[[Callable[[Any, Request, grpc.aio.ServicerContext, Tenant], Awaitable[Response]]], Any]:
+    """Run a unary handler inside its server span for the caller's tenant, mapping errors to gRPC statuses.
 
-    def decorate(handler: Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]) -> Any:
+    The handler's servicer has a ``gateway``, which authenticates the call and counts it against
+    the tenant's request rate before the handler runs.
+    """
+
+    def decorate(handler: Callable[[Any, Request, grpc.aio.ServicerContext, Tenant], Awaitable[Response]]) -> Any:
         @functools.wraps(handler)
         async def wrapper(self: Any, request: Request, context: grpc.aio.ServicerContext) -> Response:
             span = _server_span(rpc, context)
             with trace.use_span(span, end_on_exit=True):
                 try:
-                    return await handler(self, request, context)
+                    tenant = await self.gateway.admit(context)
+                    return await handler(self, request, context, tenant)
                 except Exception as exc:
                     await _abort(context, span, exc)
                     raise  # context.abort raises; this line satisfies the type checker
@@ -93,16 +104,19 @@ def unary_rpc(
 
 def stream_rpc(
     rpc: str,
-) -> Callable[[Callable[[Any, Request, grpc.aio.ServicerContext], AsyncIterator[Response]]], Any]:
-    """Run a server-streaming handler inside its server span, mapping errors to gRPC statuses."""
+) -> Callable[[Callable[[Any, Request, grpc.aio.ServicerContext, Tenant], AsyncIterator[Response]]], Any]:
+    """Run a server-streaming handler like ``unary_rpc`` runs a unary one."""
 
-    def decorate(handler: Callable[[Any, Request, grpc.aio.ServicerContext], AsyncIterator[Response]]) -> Any:
+    def decorate(
+        handler: Callable[[Any, Request, grpc.aio.ServicerContext, Tenant], AsyncIterator[Response]],
+    ) -> Any:
         @functools.wraps(handler)
         async def wrapper(self: Any, request: Request, context: grpc.aio.ServicerContext) -> AsyncIterator[Response]:
             span = _server_span(rpc, context)
             with trace.use_span(span, end_on_exit=True):
                 try:
-                    async for item in handler(self, request, context):
+                    tenant = await self.gateway.admit(context)
+                    async for item in handler(self, request, context, tenant):
                         yield item
                 except Exception as exc:
                     await _abort(context, span, exc)
@@ -129,14 +143,14 @@ class ExplanationPlan:
     options: ExplainOptions
     mode: types_pb2.ExplainMode
 
-    def check_cost(self, num_tokens: int, num_generated: int, limit: float) -> None:
+    def check_cost(self, num_tokens: int, num_generated: int, tenant: Tenant) -> None:
         num_targets = len(self.options.output_indices) or num_generated
         check_cost(
             self.methods,
             num_tokens=num_tokens,
             num_targets=num_targets,
             faithfulness=self.options.faithfulness,
-            limit=limit,
+            tenant=tenant,
         )
 
 
@@ -150,15 +164,30 @@ class PreparedGeneration:
 
 
 class Gateway:
-    """State shared by both services: the vLLM client, the broker and the served model."""
+    """State shared by both services: the vLLM client, the broker, the served model, who may call and how much."""
 
     def __init__(
-        self, settings: GatewaySettings, vllm: VLLMClient, broker: ExplanationBroker, models: ModelSource
+        self,
+        settings: GatewaySettings,
+        vllm: VLLMClient,
+        broker: ExplanationBroker,
+        models: ModelSource,
+        authenticator: Authenticator,
+        limiter: TenantLimiter,
     ) -> None:
         self.settings = settings
         self.vllm = vllm
         self.broker = broker
         self.models = models
+        self.authenticator = authenticator
+        self.limiter = limiter
+
+    async def admit(self, context: grpc.aio.ServicerContext) -> Tenant:
+        """The caller's tenant, once its key is checked and the call fits the tenant's request rate."""
+        tenant = self.authenticator.authenticate(context.invocation_metadata() or ())
+        trace.get_current_span().set_attribute("sightline.tenant", tenant.name)
+        await self.limiter.admit_request(tenant)
+        return tenant
 
     def resolve_model(self, requested: str) -> ServedModel:
         served = self.models.served
@@ -194,31 +223,32 @@ class Gateway:
         self,
         request: inference_pb2.GenerateRequest | inference_pb2.GenerateStreamRequest,
         context: grpc.aio.ServicerContext,
+        tenant: Tenant,
     ) -> PreparedGeneration:
-        """Everything checked before generating, so a bad request costs no generation."""
+        """Everything checked before generating, so a bad or over-limit request costs no generation."""
         request_id = _request_id(request.request_id)
         model = self.resolve_model(request.model)
         sampling = sampling_from_proto(
-            request.sampling, default_max_tokens=self.settings.default_max_tokens, max_model_len=model.max_model_len
+            request.sampling,
+            default_max_tokens=tenant.max_tokens_or(self.settings.default_max_tokens),
+            max_model_len=model.max_model_len,
         )
+        tenant.check_max_tokens(sampling.max_tokens, f"sampling.max_tokens is {sampling.max_tokens}")
         plan = await self.plan_explanation(request.explain)
         prompt = await self.prompt(request.input, model, _timeout(context))
-        if plan is not None:
-            prompt = await self.check_worst_case_cost(plan, model, prompt, sampling, _timeout(context))
+        if plan is not None or tenant.limits.max_prompt_tokens:
+            # Counted in real tokens: a text prompt is tokenized here and sent on as the same ids.
+            prompt_ids = (
+                await self.vllm.tokenize_text(model.name, prompt, _timeout(context))
+                if isinstance(prompt, str)
+                else list(prompt)
+            )
+            tenant.check_prompt_tokens(len(prompt_ids))
+            if plan is not None:
+                # Refused before generating when even the longest allowed output would cost too much to explain.
+                plan.check_cost(len(prompt_ids) + sampling.max_tokens, sampling.max_tokens, tenant)
+            prompt = prompt_ids
         return PreparedGeneration(request_id, model, sampling, plan, prompt)
-
-    async def check_worst_case_cost(
-        self, plan: ExplanationPlan, model: ServedModel, prompt: Prompt, sampling: Sampling, timeout: float | None
-    ) -> list[int]:
-        """Refuse before generating when even the longest allowed output would cost too much to explain.
-
-        Returns the prompt as token ids (tokenizing a text prompt) so the check counts real tokens.
-        """
-        prompt_ids = (
-            await self.vllm.tokenize_text(model.name, prompt, timeout) if isinstance(prompt, str) else list(prompt)
-        )
-        plan.check_cost(len(prompt_ids) + sampling.max_tokens, sampling.max_tokens, self.settings.max_explanation_cost)
-        return prompt_ids
 
     async def explain(
         self,
@@ -228,15 +258,16 @@ class Gateway:
         output_tokens: Sequence[types_pb2.Token],
         context: grpc.aio.ServicerContext,
         served_logprobs: list[float] | None,
+        tenant: Tenant,
     ) -> types_pb2.Explanation:
-        """Enqueue an explanation; in SYNC mode wait for it until just before the deadline."""
+        """Enqueue an explanation for the tenant; in SYNC mode wait for it until just before the deadline."""
         if not output_tokens:
             raise invalid_argument("there are no generated tokens to explain")
         num_tokens = len(prompt_token_ids) + len(output_tokens)
         check_options_fit(plan.options, num_tokens, len(output_tokens))
-        plan.check_cost(num_tokens, len(output_tokens), self.settings.max_explanation_cost)
+        plan.check_cost(num_tokens, len(output_tokens), tenant)
         record = await self.broker.submit(
-            tenant=self.settings.tenant,
+            tenant=tenant,
             model=model,
             prompt_token_ids=prompt_token_ids,
             output_tokens=output_tokens,
@@ -249,7 +280,7 @@ class Gateway:
             return record
         remaining = context.time_remaining()
         budget = 3600.0 if remaining is None else remaining - self.settings.deadline_margin_seconds
-        return await self.broker.wait(record.explanation_id, self.settings.tenant, budget)
+        return await self.broker.wait(record.explanation_id, tenant.name, budget)
 
 
 def _output_tokens(chunk: CompletionChunk) -> list[types_pb2.Token]:
@@ -273,10 +304,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     @unary_rpc("sightline.v1.InferenceService/Generate")
     async def Generate(
-        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext, tenant: Tenant
     ) -> inference_pb2.GenerateResponse:
         gateway = self.gateway
-        prepared = await gateway.prepare_generation(request, context)
+        prepared = await gateway.prepare_generation(request, context, tenant)
         model, plan = prepared.model, prepared.plan
         completion = await gateway.vllm.complete(model.name, prepared.prompt, prepared.sampling, _timeout(context))
         output_tokens = _output_tokens(completion)
@@ -294,7 +325,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         )
         if plan is not None:
             explanation = await gateway.explain(
-                plan, model.name, response.prompt_token_ids, output_tokens, context, _served_logprobs(output_tokens)
+                plan,
+                model.name,
+                response.prompt_token_ids,
+                output_tokens,
+                context,
+                _served_logprobs(output_tokens),
+                tenant,
             )
             response.explanation_id = explanation.explanation_id
             if plan.mode != types_pb2.EXPLAIN_MODE_ASYNC:
@@ -303,10 +340,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     @stream_rpc("sightline.v1.InferenceService/GenerateStream")
     async def GenerateStream(
-        self, request: inference_pb2.GenerateStreamRequest, context: grpc.aio.ServicerContext
+        self, request: inference_pb2.GenerateStreamRequest, context: grpc.aio.ServicerContext, tenant: Tenant
     ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
         gateway = self.gateway
-        prepared = await gateway.prepare_generation(request, context)
+        prepared = await gateway.prepare_generation(request, context, tenant)
         model, plan = prepared.model, prepared.plan
         trace_id = trace_id_hex(trace.get_current_span())
         prompt_token_ids: list[int] = []
@@ -338,7 +375,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             await stream.aclose()  # type: ignore[attr-defined]
         if plan is not None:
             explanation = await gateway.explain(
-                plan, model.name, prompt_token_ids, all_output, context, _served_logprobs(all_output)
+                plan, model.name, prompt_token_ids, all_output, context, _served_logprobs(all_output), tenant
             )
             final.explanation_id = explanation.explanation_id
             if plan.mode != types_pb2.EXPLAIN_MODE_ASYNC:
@@ -352,7 +389,7 @@ class ExplanationsServicer(explanations_pb2_grpc.ExplanationsServiceServicer):
 
     @unary_rpc("sightline.v1.ExplanationsService/Explain")
     async def Explain(
-        self, request: explanations_pb2.ExplainRequest, context: grpc.aio.ServicerContext
+        self, request: explanations_pb2.ExplainRequest, context: grpc.aio.ServicerContext, tenant: Tenant
     ) -> explanations_pb2.ExplainResponse:
         gateway = self.gateway
         request_id = _request_id(request.request_id)
@@ -377,6 +414,8 @@ class ExplanationsServicer(explanations_pb2_grpc.ExplanationsServiceServicer):
                 f"output_logprobs has {len(served)} values for {len(output_ids)} output tokens; "
                 "send one per output token or none"
             )
+        tenant.check_prompt_tokens(len(prompt_ids))
+        tenant.check_max_tokens(len(output_ids), f"output_token_ids has {len(output_ids)} tokens to explain")
         explanation = await gateway.explain(
             plan,
             model.name,
@@ -384,6 +423,7 @@ class ExplanationsServicer(explanations_pb2_grpc.ExplanationsServiceServicer):
             [types_pb2.Token(id=t) for t in output_ids],
             context,
             served or None,
+            tenant,
         )
         response = explanations_pb2.ExplainResponse(
             request_id=request_id,
@@ -396,7 +436,7 @@ class ExplanationsServicer(explanations_pb2_grpc.ExplanationsServiceServicer):
 
     @unary_rpc("sightline.v1.ExplanationsService/GetExplanation")
     async def GetExplanation(
-        self, request: explanations_pb2.GetExplanationRequest, context: grpc.aio.ServicerContext
+        self, request: explanations_pb2.GetExplanationRequest, context: grpc.aio.ServicerContext, tenant: Tenant
     ) -> explanations_pb2.GetExplanationResponse:
         if not request.explanation_id:
             raise invalid_argument("explanation_id is empty; pass the id a Generate or Explain call returned")
@@ -406,13 +446,33 @@ class ExplanationsServicer(explanations_pb2_grpc.ExplanationsServiceServicer):
         budget = float(request.wait_seconds)
         if remaining is not None:
             budget = min(budget, remaining - self.gateway.settings.deadline_margin_seconds)
-        explanation = await self.gateway.broker.wait(request.explanation_id, self.gateway.settings.tenant, budget)
+        explanation = await self.gateway.broker.wait(request.explanation_id, tenant.name, budget)
         return explanations_pb2.GetExplanationResponse(
             request_id=uuid.uuid4().hex, trace_id=trace_id_hex(trace.get_current_span()), explanation=explanation
         )
 
+    @unary_rpc("sightline.v1.ExplanationsService/ListExplanations")
+    async def ListExplanations(
+        self, request: explanations_pb2.ListExplanationsRequest, context: grpc.aio.ServicerContext, tenant: Tenant
+    ) -> explanations_pb2.ListExplanationsResponse:
+        if request.page_size < 0:
+            raise invalid_argument(
+                f"page_size must be >= 0 (0 means {DEFAULT_PAGE_SIZE}, at most {MAX_PAGE_SIZE} are served); "
+                f"got {request.page_size}"
+            )
+        page_size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        summaries, next_page_token = await self.gateway.broker.list_summaries(
+            tenant.name, page_size, request.page_token
+        )
+        return explanations_pb2.ListExplanationsResponse(
+            request_id=uuid.uuid4().hex,
+            trace_id=trace_id_hex(trace.get_current_span()),
+            explanations=summaries,
+            next_page_token=next_page_token,
+        )
+
     @unary_rpc("sightline.v1.ExplanationsService/ListMethods")
     async def ListMethods(
-        self, request: explanations_pb2.ListMethodsRequest, context: grpc.aio.ServicerContext
+        self, request: explanations_pb2.ListMethodsRequest, context: grpc.aio.ServicerContext, tenant: Tenant
     ) -> explanations_pb2.ListMethodsResponse:
         return await self.gateway.broker.catalog()

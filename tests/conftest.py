@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
+import redis
 import torch
 from sightline.v1 import explanations_pb2_grpc, inference_pb2_grpc
 
@@ -58,3 +62,41 @@ def inference(channel: grpc.Channel) -> inference_pb2_grpc.InferenceServiceStub:
 @pytest.fixture(scope="session")
 def explanations(channel: grpc.Channel) -> explanations_pb2_grpc.ExplanationsServiceStub:
     return explanations_pb2_grpc.ExplanationsServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[int]:
+    """A throwaway redis-server with persistence off; yields its port."""
+    executable = shutil.which("redis-server")
+    if executable is None:
+        # The real server is part of what these tests check; `make test` installs it.
+        pytest.fail("redis-server is not installed; run the tests with `make test`, which installs it")
+    port = free_port()
+    server = subprocess.Popen(
+        [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        client = redis.Redis(port=port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.05)
+        client.close()
+        yield port
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@pytest.fixture
+def redis_client(redis_server: int) -> Iterator[redis.Redis]:
+    client = redis.Redis(port=redis_server)
+    client.flushdb()
+    yield client
+    client.close()

@@ -56,6 +56,9 @@ def test_sigterm_stops_every_child_and_frees_the_ports(tmp_path: Path) -> None:
             assert time.monotonic() < deadline
         else:
             pytest.fail(f"the stack never became SERVING: {launcher.stderr.read() if launcher.stderr else ''}")
+        summary = [launcher.stdout.readline() for _ in range(2)]
+        # Without API keys the launcher says so where nobody can miss it.
+        assert "auth             WARNING: OFF, any caller is tenant 'default'" in summary[1], summary
         descendants = psutil.Process(launcher.pid).children(recursive=True)
         assert len(descendants) >= 4, "redis, vLLM (and its engine), explainer and gateway"
         os.kill(launcher.pid, signal.SIGTERM)

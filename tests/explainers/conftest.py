@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import redis
 import torch
 from sightline.v1 import types_pb2
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -142,48 +137,3 @@ def read_tensor() -> Callable[[types_pb2.Tensor], np.ndarray]:
         return np.frombuffer(packed.data, dtype=element).reshape(tuple(packed.shape))
 
     return read
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[int]:
-    """A throwaway redis-server with persistence off; yields its port."""
-    executable = shutil.which("redis-server")
-    if executable is None:
-        # The real server is part of what these tests check; `make test` installs it.
-        pytest.fail("redis-server is not installed; run the tests with `make test`, which installs it")
-    port = _free_port()
-    server = subprocess.Popen(
-        [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        client = redis.Redis(port=port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise
-                time.sleep(0.05)
-        client.close()
-        yield port
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-
-
-@pytest.fixture
-def redis_client(redis_server: int) -> Iterator[redis.Redis]:
-    client = redis.Redis(port=redis_server)
-    client.flushdb()
-    yield client
-    client.close()

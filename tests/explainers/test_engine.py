@@ -23,6 +23,7 @@ from tests.explainers.conftest import OUTPUT_IDS, PROMPT_IDS, REGISTERED_METHODS
 
 ReadTensor = Callable[[types_pb2.Tensor], np.ndarray]
 BOTH_METHODS: list[tuple[str, dict[str, object]]] = [("input_x_gradient", {"target_batch_size": 3}), ("logit_lens", {})]
+TENANT = "acme"
 
 
 @pytest.fixture
@@ -96,7 +97,7 @@ def test_fidelity_reports_the_largest_served_difference(tiny_model: LoadedModel)
 def test_a_cache_hit_reproduces_the_miss(
     tiny_model_float32: LoadedModel, redis_client: redis.Redis, spans: InMemorySpanExporter
 ) -> None:
-    cache = HiddenStateCache(redis_client, ttl_seconds=600)
+    cache = HiddenStateCache(redis_client, ttl_seconds=600, tenant=TENANT)
     served = model_log_probs(tiny_model_float32)
 
     miss = explain(tiny_model_float32, cache, PROMPT_IDS, OUTPUT_IDS, BOTH_METHODS, served)
@@ -106,7 +107,7 @@ def test_a_cache_hit_reproduces_the_miss(
     hit_spans = by_name(spans)
 
     assert not miss.cache_hit and hit.cache_hit
-    assert redis_client.exists(HiddenStateCache.key(tiny_model_float32.weights_digest, PROMPT_IDS + OUTPUT_IDS))
+    assert redis_client.exists(HiddenStateCache.key(TENANT, tiny_model_float32.weights_digest, PROMPT_IDS + OUTPUT_IDS))
     for miss_result, hit_result in zip(miss.results, hit.results, strict=True):
         miss_result.ClearField("seconds")
         hit_result.ClearField("seconds")
@@ -127,9 +128,23 @@ def test_a_cache_hit_reproduces_the_miss(
     assert "forward" not in hit_spans
 
 
+def test_another_tenant_never_hits_the_cache(tiny_model_float32: LoadedModel, redis_client: redis.Redis) -> None:
+    owner = HiddenStateCache(redis_client, ttl_seconds=600, tenant=TENANT)
+    other = HiddenStateCache(redis_client, ttl_seconds=600, tenant="globex")
+    methods: list[tuple[str, dict[str, object]]] = [("logit_lens", {})]
+
+    first = explain(tiny_model_float32, owner, PROMPT_IDS, OUTPUT_IDS, methods, None)
+    elsewhere = explain(tiny_model_float32, other, PROMPT_IDS, OUTPUT_IDS, methods, None)
+    again = explain(tiny_model_float32, owner, PROMPT_IDS, OUTPUT_IDS, methods, None)
+
+    assert (first.cache_hit, elsewhere.cache_hit, again.cache_hit) == (False, False, True)
+    sequence = PROMPT_IDS + OUTPUT_IDS
+    assert redis_client.exists(HiddenStateCache.key("globex", tiny_model_float32.weights_digest, sequence))
+
+
 def test_a_corrupt_cache_entry_is_recomputed(tiny_model_float32: LoadedModel, redis_client: redis.Redis) -> None:
-    cache = HiddenStateCache(redis_client, ttl_seconds=600)
-    key = HiddenStateCache.key(tiny_model_float32.weights_digest, PROMPT_IDS + OUTPUT_IDS)
+    cache = HiddenStateCache(redis_client, ttl_seconds=600, tenant=TENANT)
+    key = HiddenStateCache.key(TENANT, tiny_model_float32.weights_digest, PROMPT_IDS + OUTPUT_IDS)
     redis_client.set(key, b"not a tensor")
 
     explanation = explain(tiny_model_float32, cache, PROMPT_IDS, OUTPUT_IDS, [("logit_lens", {})], None)

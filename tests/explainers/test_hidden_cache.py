@@ -21,6 +21,7 @@ from explainers.hidden_cache import (
 
 DIGEST = "feedface"
 TOKEN_IDS = [5, 1, 60, 2]
+TENANT = "acme"
 
 
 def hidden_states(dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -76,14 +77,16 @@ def test_decode_rejects_corrupt_entries(corrupt: Callable[[bytes], bytes]) -> No
         decode_tensor(corrupt(blob))
 
 
-def test_key_hashes_token_ids_as_little_endian_int32() -> None:
+def test_key_is_per_tenant_and_hashes_token_ids_as_little_endian_int32() -> None:
     packed = struct.pack("<4i", *TOKEN_IDS)
-    assert HiddenStateCache.key(DIGEST, TOKEN_IDS) == f"sl:hs:{DIGEST}:{hashlib.sha256(packed).hexdigest()}"
-    assert HiddenStateCache.key(DIGEST, TOKEN_IDS) != HiddenStateCache.key(DIGEST, TOKEN_IDS[:-1])
+    key = HiddenStateCache.key(TENANT, DIGEST, TOKEN_IDS)
+    assert key == f"sl:hs:{TENANT}:{DIGEST}:{hashlib.sha256(packed).hexdigest()}"
+    assert key != HiddenStateCache.key(TENANT, DIGEST, TOKEN_IDS[:-1])
+    assert key != HiddenStateCache.key("globex", DIGEST, TOKEN_IDS)
 
 
 def test_put_then_get_returns_bfloat16_states_with_a_ttl(redis_client: redis.Redis) -> None:
-    cache = HiddenStateCache(redis_client, ttl_seconds=600)
+    cache = HiddenStateCache(redis_client, ttl_seconds=600, tenant=TENANT)
     states = hidden_states()
 
     assert cache.get(DIGEST, TOKEN_IDS) is None
@@ -91,14 +94,37 @@ def test_put_then_get_returns_bfloat16_states_with_a_ttl(redis_client: redis.Red
     cached = cache.get(DIGEST, TOKEN_IDS)
 
     assert cached is not None and torch.equal(cached, states.to(torch.bfloat16))
-    assert 0 < redis_client.ttl(HiddenStateCache.key(DIGEST, TOKEN_IDS)) <= 600
+    assert 0 < redis_client.ttl(HiddenStateCache.key(TENANT, DIGEST, TOKEN_IDS)) <= 600
     assert cache.get("another-digest", TOKEN_IDS) is None
+
+
+def test_one_tenants_entries_are_invisible_to_another(redis_client: redis.Redis) -> None:
+    owner = HiddenStateCache(redis_client, ttl_seconds=600, tenant=TENANT)
+    other = HiddenStateCache(redis_client, ttl_seconds=600, tenant="globex")
+    states = hidden_states()
+    log_probs = torch.tensor([-0.5, -1.25])
+
+    assert owner.put(DIGEST, TOKEN_IDS, states)
+    owner.put_log_probs(DIGEST, TOKEN_IDS, 2, log_probs)
+
+    assert other.get(DIGEST, TOKEN_IDS) is None
+    assert other.get_log_probs(DIGEST, TOKEN_IDS, 2) is None
+    assert owner.get(DIGEST, TOKEN_IDS) is not None
+    assert torch.equal(owner.get_log_probs(DIGEST, TOKEN_IDS, 2), log_probs)  # type: ignore[arg-type]
+    # Every key the owner wrote is under its tenant's prefix, and the other tenant's miss wrote nothing.
+    assert sorted(key.decode().split(":")[2] for key in redis_client.scan_iter("sl:hs:*")) == [TENANT, TENANT]
+
+
+def test_tenant_names_that_could_break_a_key_apart_are_refused(redis_client: redis.Redis) -> None:
+    for tenant in ("", "a:b", "a*", "x" * 65):
+        with pytest.raises(ValueError, match="not a tenant name"):
+            HiddenStateCache(redis_client, ttl_seconds=600, tenant=tenant)
 
 
 @pytest.mark.parametrize("corrupt", CORRUPTIONS.values(), ids=CORRUPTIONS.keys())
 def test_a_corrupt_entry_is_a_miss_and_is_deleted(redis_client: redis.Redis, corrupt: Callable[[bytes], bytes]) -> None:
-    cache = HiddenStateCache(redis_client, ttl_seconds=600)
-    key = HiddenStateCache.key(DIGEST, TOKEN_IDS)
+    cache = HiddenStateCache(redis_client, ttl_seconds=600, tenant=TENANT)
+    key = HiddenStateCache.key(TENANT, DIGEST, TOKEN_IDS)
     redis_client.set(key, corrupt(encode_tensor(hidden_states(STORAGE_DTYPE))))
 
     assert cache.get(DIGEST, TOKEN_IDS) is None

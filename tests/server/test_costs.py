@@ -9,6 +9,7 @@ from sightline.v1 import explanations_pb2
 from common.jobs import MethodRequest
 from server.costs import PlannedMethod, check_cost
 from server.errors import GatewayError
+from server.limits import Tenant, TenantLimits
 
 IG = explanations_pb2.MethodInfo(
     name="integrated_gradients",
@@ -28,8 +29,16 @@ def test_cost_scales_with_the_named_parameter_and_its_default() -> None:
 def test_over_the_limit_is_resource_exhausted_naming_the_limit() -> None:
     method = PlannedMethod(MethodRequest("integrated_gradients", {}), IG)
     cost = 16 * (1 + 2 * 10) * 100
-    check_cost([method], num_tokens=100, num_targets=10, faithfulness=False, limit=cost)
+    tenant = Tenant("acme", TenantLimits(max_explanation_cost=cost))
+    check_cost([method], num_tokens=100, num_targets=10, faithfulness=False, tenant=tenant)
     with pytest.raises(GatewayError) as caught:
-        check_cost([method], num_tokens=100, num_targets=10, faithfulness=True, limit=cost)
+        check_cost([method], num_tokens=100, num_targets=10, faithfulness=True, tenant=tenant)
     assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert f"limit of {cost:,}" in caught.value.message and "SIGHTLINE_MAX_EXPLANATION_COST" in caught.value.message
+    assert f"max_explanation_cost limit of {cost:,} for tenant 'acme'" in caught.value.message
+    assert "SIGHTLINE_MAX_EXPLANATION_COST" in caught.value.message
+
+
+def test_a_zero_limit_means_no_limit() -> None:
+    method = PlannedMethod(MethodRequest("integrated_gradients", {"steps": 1000}), IG)
+    unlimited = Tenant("acme", TenantLimits(max_explanation_cost=0))
+    check_cost([method], num_tokens=2000, num_targets=1000, faithfulness=True, tenant=unlimited)

@@ -151,6 +151,20 @@ def make_explanation(
     return explanation
 
 
+def summary(explanation_id: str) -> explanations_pb2.ExplanationSummary:
+    """What ListExplanations reports of one of the canned explanations."""
+    explanation = FakeSightline().explanations[explanation_id]
+    listed = explanations_pb2.ExplanationSummary(
+        explanation_id=explanation_id,
+        state=explanation.state,
+        model=explanation.model,
+        methods=["saliency", "logit_lens"],
+        trace_id="trace-1",
+    )
+    listed.created_at.FromSeconds(1_700_000_000)
+    return listed
+
+
 class FakeSightline(inference_pb2_grpc.InferenceServiceServicer, explanations_pb2_grpc.ExplanationsServiceServicer):
     """Answers every RPC with canned data and records what it was sent.
 
@@ -246,6 +260,15 @@ class FakeSightline(inference_pb2_grpc.InferenceServiceServicer, explanations_pb
         if request.explanation_id not in self.explanations:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no explanation {request.explanation_id!r}")
         return explanations_pb2.GetExplanationResponse(explanation=self.explanations[request.explanation_id])
+
+    def ListExplanations(
+        self, request: explanations_pb2.ListExplanationsRequest, context: grpc.ServicerContext
+    ) -> explanations_pb2.ListExplanationsResponse:
+        """Two pages: "exp-1" (with the token "page-2"), then "exp-failed"."""
+        self._record(request, context)
+        if request.page_token == "page-2":
+            return explanations_pb2.ListExplanationsResponse(explanations=[summary("exp-failed")])
+        return explanations_pb2.ListExplanationsResponse(explanations=[summary("exp-1")], next_page_token="page-2")
 
     def ListMethods(
         self, request: explanations_pb2.ListMethodsRequest, context: grpc.ServicerContext

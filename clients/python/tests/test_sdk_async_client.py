@@ -101,3 +101,12 @@ async def test_every_call_sends_the_explain_options(fake: FakeSightline) -> None
     assert chunks[-1].explanation is not None
     assert chunks[-1].explanation.source_groups
     assert explanation.top_groups(1, k=1)[0][1] == -0.9375
+
+
+async def test_list_explanations(fake: FakeSightline) -> None:
+    async with AsyncClient(fake.target, api_key="k") as client:
+        page = await client.list_explanations(page_token="page-2")
+
+    assert [summary.explanation_id for summary in page.explanations] == ["exp-failed"]
+    assert page.next_page_token == ""
+    assert fake.metadata[-1]["authorization"] == "Bearer k"

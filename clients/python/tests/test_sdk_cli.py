@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import pytest
 from fake_sightline import GENERATED_TEXT, FakeSightline, make_explanation
@@ -14,6 +15,8 @@ from sightline.v1 import explanations_pb2, inference_pb2, types_pb2
 def no_environment_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SIGHTLINE_TARGET", raising=False)
     monkeypatch.delenv("SIGHTLINE_API_KEY", raising=False)
+    for variable in ("SIGHTLINE_TLS_CA", "SIGHTLINE_CLIENT_CERT", "SIGHTLINE_CLIENT_KEY"):
+        monkeypatch.delenv(variable, raising=False)
 
 
 def run(fake: FakeSightline, *args: str) -> int:
@@ -168,6 +171,35 @@ def test_api_key_and_target_come_from_the_environment(fake: FakeSightline, monke
     assert cli.main(["methods"]) == 0
 
     assert fake.metadata[-1]["authorization"] == "Bearer env-key"
+
+
+def test_list_prints_one_line_per_explanation_and_the_next_page(
+    fake: FakeSightline, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(fake, "list", "--page-size", "1") == 0
+    assert capsys.readouterr().out == (
+        "exp-1  succeeded  2023-11-14T22:13:20+00:00  tiny-lm  saliency,logit_lens  trace trace-1\n"
+        "more: sightline list --page-size 1 --page-token page-2\n"
+    )
+    request = fake.requests[-1]
+    assert isinstance(request, explanations_pb2.ListExplanationsRequest) and request.page_size == 1
+
+    assert run(fake, "list", "--page-token", "page-2", "--json") == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [item["explanationId"] for item in listed["explanations"]] == ["exp-failed"]
+    assert "nextPageToken" not in listed
+
+
+def test_unreadable_or_half_given_tls_files_exit_2_before_any_call(
+    fake: FakeSightline, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for flags in (["--tls-ca", str(tmp_path / "missing.pem")], ["--client-cert", str(tmp_path / "ca.pem")]):
+        (tmp_path / "ca.pem").write_text("pem")
+        with pytest.raises(SystemExit) as exited:
+            run(fake, *flags, "methods")
+        assert exited.value.code == 2
+        assert "TLS: " in capsys.readouterr().err
+    assert fake.requests == []
 
 
 def test_a_rejected_request_exits_2_without_a_traceback(

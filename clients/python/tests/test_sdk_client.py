@@ -1,12 +1,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
 
 import grpc
 import pytest
 from fake_sightline import AGGREGATED, FAITHFULNESS, GENERATED_TEXT, FakeSightline
 from google.protobuf import json_format
 from sightline import (
+    TLS,
     Client,
     ExplainOptions,
     ExplanationState,
@@ -211,6 +214,36 @@ def test_list_methods(client: Client) -> None:
     assert saliency.params[0].type.value == "bool"
     assert saliency.params[0].default_value == "true"
     assert not methods[1].attributes_tokens
+
+
+def test_list_explanations_pages_through_summaries(client: Client, fake: FakeSightline) -> None:
+    first = client.list_explanations(page_size=1)
+    request = last_request(fake)
+    assert isinstance(request, explanations_pb2.ListExplanationsRequest)
+    assert (request.page_size, request.page_token) == (1, "")
+    assert [s.explanation_id for s in first.explanations] == ["exp-1"]
+    listed = first.explanations[0]
+    assert listed.state is ExplanationState.SUCCEEDED
+    assert (listed.model, listed.methods, listed.trace_id) == ("tiny-lm", ("saliency", "logit_lens"), "trace-1")
+    assert listed.created_at == datetime(2023, 11, 14, 22, 13, 20, tzinfo=UTC)
+    assert first.next_page_token == "page-2"
+
+    second = client.list_explanations(page_size=1, page_token=first.next_page_token)
+    assert [(s.explanation_id, s.state) for s in second.explanations] == [("exp-failed", ExplanationState.FAILED)]
+    assert second.next_page_token == ""
+    with pytest.raises(ValueError, match="page_size must be >= 0"):
+        client.list_explanations(page_size=-1)
+
+
+def test_tls_settings_are_checked_before_connecting(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="needs both client_certificate and client_key"):
+        TLS(client_certificate=b"-----BEGIN CERTIFICATE-----")
+    with pytest.raises(ValueError, match="tls or credentials, not both"):
+        Client("127.0.0.1:1", tls=True, credentials=grpc.ssl_channel_credentials())
+    (tmp_path / "ca.pem").write_bytes(b"ca")
+    assert TLS.from_files(ca=tmp_path / "ca.pem", server_name="gw") == TLS(root_certificates=b"ca", server_name="gw")
+    with pytest.raises(FileNotFoundError):
+        TLS.from_files(ca=tmp_path / "missing.pem")
 
 
 def test_the_api_key_travels_as_bearer_metadata(client: Client, fake: FakeSightline) -> None:

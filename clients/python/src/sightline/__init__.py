@@ -6,12 +6,15 @@ Needs only grpcio and protobuf; ``Matrix.to_numpy()`` additionally needs numpy.
 from sightline import types
 from sightline.client import DEFAULT_TARGET, AsyncClient, Client
 from sightline.errors import SightlineError
+from sightline.tls import TLS
 from sightline.types import (
     ExplainMethods,
     ExplainModeName,
     ExplainOptions,
     Explanation,
+    ExplanationPage,
     ExplanationState,
+    ExplanationSummary,
     Faithfulness,
     Fidelity,
     FinishReason,
@@ -37,13 +40,16 @@ from sightline.types import (
 
 __all__ = [
     "DEFAULT_TARGET",
+    "TLS",
     "AsyncClient",
     "Client",
     "ExplainMethods",
     "ExplainModeName",
     "ExplainOptions",
     "Explanation",
+    "ExplanationPage",
     "ExplanationState",
+    "ExplanationSummary",
     "Faithfulness",
     "Fidelity",
     "FinishReason",

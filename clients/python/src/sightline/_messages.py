@@ -165,6 +165,12 @@ def explain_request(
     )
 
 
+def list_explanations_request(page_size: int, page_token: str) -> explanations_pb2.ListExplanationsRequest:
+    if page_size < 0:
+        raise ValueError(f"page_size must be >= 0 (0 lets the server choose); got {page_size}")
+    return explanations_pb2.ListExplanationsRequest(page_size=page_size, page_token=page_token)
+
+
 def attached_explanation(message: types_pb2.Explanation, present: bool) -> Explanation:
     if not present:
         raise ValueError("the server attached no explanation")

@@ -1,4 +1,4 @@
-"""The ``sightline`` command: generate, stream, fetch explanations, list methods."""
+"""The ``sightline`` command: generate, stream, fetch and list explanations, list methods."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any, get_args
 from google.protobuf.json_format import MessageToJson
 from sightline.client import DEFAULT_TARGET, Client
 from sightline.errors import SightlineError
+from sightline.tls import TLS
 from sightline.types import (
     ExplainOptions,
     Explanation,
@@ -41,9 +42,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.options = _explain_options(args)
         except ValueError as error:
             parser.error(str(error))
+    try:
+        tls = _tls(args)
+    except (OSError, ValueError) as error:
+        parser.error(f"TLS: {error}")
     command: Callable[[Client, argparse.Namespace], int] = args.command
     try:
-        with Client(args.target, api_key=args.api_key, timeout=args.timeout) as client:
+        with Client(args.target, api_key=args.api_key, timeout=args.timeout, tls=tls) as client:
             return command(client, args)
     except SightlineError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -66,6 +71,29 @@ def _parser() -> argparse.ArgumentParser:
         help="API key (env SIGHTLINE_API_KEY, which keeps it out of the process list)",
     )
     parser.add_argument("--timeout", type=float, metavar="SECONDS", help="deadline of each call (default: none)")
+    security = parser.add_argument_group("TLS (any of these turns it on)")
+    security.add_argument("--tls", action="store_true", help="connect over TLS, trusting the system's CAs")
+    security.add_argument(
+        "--tls-ca",
+        default=os.environ.get("SIGHTLINE_TLS_CA"),
+        metavar="PEM",
+        help="CA certificates that sign the gateway's certificate (env SIGHTLINE_TLS_CA)",
+    )
+    security.add_argument(
+        "--client-cert",
+        default=os.environ.get("SIGHTLINE_CLIENT_CERT"),
+        metavar="PEM",
+        help="this client's certificate chain, for mutual TLS (env SIGHTLINE_CLIENT_CERT)",
+    )
+    security.add_argument(
+        "--client-key",
+        default=os.environ.get("SIGHTLINE_CLIENT_KEY"),
+        metavar="PEM",
+        help="this client's private key, for mutual TLS (env SIGHTLINE_CLIENT_KEY)",
+    )
+    security.add_argument(
+        "--tls-server-name", metavar="NAME", help="check the gateway's certificate against NAME, not the target host"
+    )
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
 
     generation = argparse.ArgumentParser(add_help=False)
@@ -162,10 +190,27 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait this long for it to finish")
     explain.set_defaults(command=_explain)
 
+    listing = commands.add_parser("list", help="list your explanations, newest first")
+    listing.add_argument(
+        "--page-size", type=_positive_int, default=20, metavar="N", help="at most N per page (default %(default)s)"
+    )
+    listing.add_argument("--page-token", default="", metavar="TOKEN", help="the page a previous `list` pointed to")
+    listing.add_argument("--json", action="store_true", help="print the response as proto JSON")
+    listing.set_defaults(command=_list)
+
     methods = commands.add_parser("methods", help="list the attribution methods on offer")
     methods.add_argument("--json", action="store_true", help="print the response as proto JSON")
     methods.set_defaults(command=_methods)
     return parser
+
+
+def _tls(args: argparse.Namespace) -> TLS | bool:
+    """The TLS settings the flags ask for; False for plaintext."""
+    if args.tls_ca or args.client_cert or args.client_key or args.tls_server_name:
+        return TLS.from_files(
+            ca=args.tls_ca, cert=args.client_cert, key=args.client_key, server_name=args.tls_server_name
+        )
+    return bool(args.tls)
 
 
 def _positive_int(text: str) -> int:
@@ -272,6 +317,24 @@ def _explain(client: Client, args: argparse.Namespace) -> int:
         print(MessageToJson(explanation.raw))
         return 0
     return _print_explanation(explanation, args.top)
+
+
+def _list(client: Client, args: argparse.Namespace) -> int:
+    page = client.list_explanations(page_size=args.page_size, page_token=args.page_token)
+    if args.json:
+        print(MessageToJson(page.raw))
+        return 0
+    for summary in page.explanations:
+        created = summary.created_at.isoformat(timespec="seconds") if summary.created_at else "-"
+        print(
+            f"{summary.explanation_id}  {summary.state.value:<9}  {created}  {summary.model}  "
+            f"{','.join(summary.methods)}  trace {summary.trace_id or '-'}"
+        )
+    if not page.explanations:
+        print("no explanations")
+    if page.next_page_token:
+        print(f"more: sightline list --page-size {args.page_size} --page-token {page.next_page_token}")
+    return 0
 
 
 def _methods(client: Client, args: argparse.Namespace) -> int:

@@ -15,14 +15,17 @@ from sightline._messages import (
     explain_result,
     generate_request,
     get_explanation_result,
+    list_explanations_request,
     method_infos,
 )
 from sightline.errors import SightlineError
+from sightline.tls import TLS
 from sightline.types import (
     ExplainMethods,
     ExplainModeName,
     ExplainOptions,
     Explanation,
+    ExplanationPage,
     Generation,
     MethodInfo,
     Prompt,
@@ -52,13 +55,21 @@ class _ClientCore:
         target: str,
         api_key: str | None,
         timeout: float | None,
+        tls: TLS | bool,
         credentials: grpc.ChannelCredentials | None,
     ) -> None:
+        if credentials is not None and tls is not False:
+            raise ValueError("pass tls or credentials, not both")
+        if tls is True:
+            tls = TLS()
+        if isinstance(tls, TLS):
+            credentials = tls.credentials()
+        options = _CHANNEL_OPTIONS + (tls.channel_options() if isinstance(tls, TLS) else [])
         # grpc and grpc.aio offer the same channel constructors, so one code path opens either kind.
         self._channel = (
-            channels.insecure_channel(target, _CHANNEL_OPTIONS)
+            channels.insecure_channel(target, options)
             if credentials is None
-            else channels.secure_channel(target, credentials, _CHANNEL_OPTIONS)
+            else channels.secure_channel(target, credentials, options)
         )
         self._inference = inference_pb2_grpc.InferenceServiceStub(self._channel)
         self._explanations = explanations_pb2_grpc.ExplanationsServiceStub(self._channel)
@@ -75,9 +86,11 @@ class Client(_ClientCore):
 
     ``target`` is ``host:port``. ``api_key`` is sent as ``authorization: Bearer <key>``.
     ``timeout`` is the default deadline in seconds of every call (None: no deadline);
-    each method's own ``timeout`` overrides it. ``credentials`` selects TLS, e.g.
-    ``grpc.ssl_channel_credentials()``; without them the channel is plaintext.
-    Failed calls raise ``SightlineError``.
+    each method's own ``timeout`` overrides it. ``tls=True`` connects over TLS trusting the
+    system's certificate authorities; ``tls=TLS.from_files(ca=..., cert=..., key=...)`` trusts
+    a given CA and, with ``cert`` and ``key``, presents a client certificate (mutual TLS).
+    ``credentials`` takes any ``grpc.ChannelCredentials`` instead. Without either the channel
+    is plaintext. Failed calls raise ``SightlineError``.
     """
 
     def __init__(
@@ -86,9 +99,10 @@ class Client(_ClientCore):
         *,
         api_key: str | None = None,
         timeout: float | None = None,
+        tls: TLS | bool = False,
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
-        super().__init__(grpc, target, api_key, timeout, credentials)
+        super().__init__(grpc, target, api_key, timeout, tls, credentials)
 
     def generate(
         self,
@@ -263,6 +277,17 @@ class Client(_ClientCore):
         request = explanations_pb2.ListMethodsRequest()
         return self._call(self._explanations.ListMethods, request, timeout, method_infos)
 
+    def list_explanations(
+        self, *, page_size: int = 0, page_token: str = "", timeout: float | None = None
+    ) -> ExplanationPage:
+        """A page of the explanations of the caller's tenant, newest first.
+
+        ``page_size`` 0 lets the server choose (20; it serves at most 100). Pass the page's
+        ``next_page_token`` as ``page_token`` for the next one.
+        """
+        request = list_explanations_request(page_size, page_token)
+        return self._call(self._explanations.ListExplanations, request, timeout, ExplanationPage.from_proto)
+
     def close(self) -> None:
         self._channel.close()
 
@@ -308,9 +333,10 @@ class AsyncClient(_ClientCore):
         *,
         api_key: str | None = None,
         timeout: float | None = None,
+        tls: TLS | bool = False,
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
-        super().__init__(grpc.aio, target, api_key, timeout, credentials)
+        super().__init__(grpc.aio, target, api_key, timeout, tls, credentials)
 
     async def generate(
         self,
@@ -468,6 +494,13 @@ class AsyncClient(_ClientCore):
         """See ``Client.list_methods``."""
         request = explanations_pb2.ListMethodsRequest()
         return await self._call(self._explanations.ListMethods, request, timeout, method_infos)
+
+    async def list_explanations(
+        self, *, page_size: int = 0, page_token: str = "", timeout: float | None = None
+    ) -> ExplanationPage:
+        """See ``Client.list_explanations``."""
+        request = list_explanations_request(page_size, page_token)
+        return await self._call(self._explanations.ListExplanations, request, timeout, ExplanationPage.from_proto)
 
     async def close(self) -> None:
         await self._channel.close()

@@ -751,3 +751,48 @@ class MethodInfo:
             attributes_tokens=info.attributes_tokens,
             raw=info,
         )
+
+
+@dataclass(frozen=True)
+class ExplanationSummary:
+    """One entry of ``list_explanations``: what was explained, when, and how it stands."""
+
+    explanation_id: str
+    state: ExplanationState
+    model: str
+    methods: tuple[str, ...]
+    """The requested methods, in request order."""
+    created_at: datetime | None
+    trace_id: str
+    """The trace of the request that created the explanation."""
+    raw: explanations_pb2.ExplanationSummary = field(repr=False, compare=False)
+
+    @classmethod
+    def from_proto(cls, summary: explanations_pb2.ExplanationSummary) -> ExplanationSummary:
+        return cls(
+            explanation_id=summary.explanation_id,
+            state=_EXPLANATION_STATES.get(summary.state, ExplanationState.UNSPECIFIED),
+            model=summary.model,
+            methods=tuple(summary.methods),
+            created_at=_optional_datetime(summary.created_at, summary.HasField("created_at")),
+            trace_id=summary.trace_id,
+            raw=summary,
+        )
+
+
+@dataclass(frozen=True)
+class ExplanationPage:
+    """A page of the caller's explanations, newest first."""
+
+    explanations: tuple[ExplanationSummary, ...]
+    next_page_token: str
+    """Pass to ``list_explanations(page_token=...)`` for the next page; empty on the last one."""
+    raw: explanations_pb2.ListExplanationsResponse = field(repr=False, compare=False)
+
+    @classmethod
+    def from_proto(cls, response: explanations_pb2.ListExplanationsResponse) -> ExplanationPage:
+        return cls(
+            explanations=tuple(ExplanationSummary.from_proto(summary) for summary in response.explanations),
+            next_page_token=response.next_page_token,
+            raw=response,
+        )

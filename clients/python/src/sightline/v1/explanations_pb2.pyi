@@ -1,3 +1,6 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from sightline.v1 import types_pb2 as _types_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -66,6 +69,42 @@ class GetExplanationResponse(_message.Message):
     trace_id: str
     explanation: _types_pb2.Explanation
     def __init__(self, request_id: _Optional[str] = ..., trace_id: _Optional[str] = ..., explanation: _Optional[_Union[_types_pb2.Explanation, _Mapping]] = ...) -> None: ...
+
+class ListExplanationsRequest(_message.Message):
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ExplanationSummary(_message.Message):
+    __slots__ = ("explanation_id", "state", "model", "methods", "created_at", "trace_id")
+    EXPLANATION_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    METHODS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    explanation_id: str
+    state: _types_pb2.ExplanationState
+    model: str
+    methods: _containers.RepeatedScalarFieldContainer[str]
+    created_at: _timestamp_pb2.Timestamp
+    trace_id: str
+    def __init__(self, explanation_id: _Optional[str] = ..., state: _Optional[_Union[_types_pb2.ExplanationState, str]] = ..., model: _Optional[str] = ..., methods: _Optional[_Iterable[str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., trace_id: _Optional[str] = ...) -> None: ...
+
+class ListExplanationsResponse(_message.Message):
+    __slots__ = ("request_id", "trace_id", "explanations", "next_page_token")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPLANATIONS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    trace_id: str
+    explanations: _containers.RepeatedCompositeFieldContainer[ExplanationSummary]
+    next_page_token: str
+    def __init__(self, request_id: _Optional[str] = ..., trace_id: _Optional[str] = ..., explanations: _Optional[_Iterable[_Union[ExplanationSummary, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class ListMethodsRequest(_message.Message):
     __slots__ = ()

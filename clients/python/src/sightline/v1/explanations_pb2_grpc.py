@@ -45,6 +45,11 @@ class ExplanationsServiceStub:
                 request_serializer=sightline_dot_v1_dot_explanations__pb2.GetExplanationRequest.SerializeToString,
                 response_deserializer=sightline_dot_v1_dot_explanations__pb2.GetExplanationResponse.FromString,
                 _registered_method=True)
+        self.ListExplanations = channel.unary_unary(
+                '/sightline.v1.ExplanationsService/ListExplanations',
+                request_serializer=sightline_dot_v1_dot_explanations__pb2.ListExplanationsRequest.SerializeToString,
+                response_deserializer=sightline_dot_v1_dot_explanations__pb2.ListExplanationsResponse.FromString,
+                _registered_method=True)
         self.ListMethods = channel.unary_unary(
                 '/sightline.v1.ExplanationsService/ListMethods',
                 request_serializer=sightline_dot_v1_dot_explanations__pb2.ListMethodsRequest.SerializeToString,
@@ -70,6 +75,14 @@ class ExplanationsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListExplanations(self, request, context):
+        """The caller's tenant's explanations, newest first: the audit trail of what
+        was explained, for as long as the records are kept.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListMethods(self, request, context):
         """The attribution methods this deployment offers.
         """
@@ -89,6 +102,11 @@ def add_ExplanationsServiceServicer_to_server(servicer, server):
                     servicer.GetExplanation,
                     request_deserializer=sightline_dot_v1_dot_explanations__pb2.GetExplanationRequest.FromString,
                     response_serializer=sightline_dot_v1_dot_explanations__pb2.GetExplanationResponse.SerializeToString,
+            ),
+            'ListExplanations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListExplanations,
+                    request_deserializer=sightline_dot_v1_dot_explanations__pb2.ListExplanationsRequest.FromString,
+                    response_serializer=sightline_dot_v1_dot_explanations__pb2.ListExplanationsResponse.SerializeToString,
             ),
             'ListMethods': grpc.unary_unary_rpc_method_handler(
                     servicer.ListMethods,
@@ -151,6 +169,33 @@ class ExplanationsService:
             '/sightline.v1.ExplanationsService/GetExplanation',
             sightline_dot_v1_dot_explanations__pb2.GetExplanationRequest.SerializeToString,
             sightline_dot_v1_dot_explanations__pb2.GetExplanationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListExplanations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sightline.v1.ExplanationsService/ListExplanations',
+            sightline_dot_v1_dot_explanations__pb2.ListExplanationsRequest.SerializeToString,
+            sightline_dot_v1_dot_explanations__pb2.ListExplanationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,68 @@
+"""Authentication: which tenant a call acts for, from its ``authorization: Bearer <key>`` metadata."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterable
+
+import grpc
+
+from server.errors import GatewayError
+from server.keys import KeyRing, hash_key
+from server.limits import Tenant, TenantLimits
+
+BEARER = "bearer "
+MISSING_KEY = (
+    "this gateway needs an API key: send the metadata 'authorization: Bearer <key>' "
+    "(SDK: Client(api_key=...); CLI: --api-key or SIGHTLINE_API_KEY); ask the operator for a key"
+)
+NOT_BEARER = "the authorization metadata must be 'Bearer <key>'"
+INVALID_KEY = "the API key is not valid: check that it was copied whole, or ask the operator whether it was revoked"
+
+
+def unauthenticated(message: str) -> GatewayError:
+    return GatewayError(grpc.StatusCode.UNAUTHENTICATED, message)
+
+
+class Authenticator:
+    """Resolves each call's tenant. Without a key ring, authentication is off and every call is ``open_tenant``."""
+
+    def __init__(self, key_ring: KeyRing | None, default_limits: TenantLimits, *, open_tenant: str) -> None:
+        self._key_ring = key_ring
+        if key_ring is None:
+            self._open = Tenant(open_tenant, default_limits)
+            self._tenants: dict[str, Tenant] = {}
+            self._digests: list[tuple[bytes, str]] = []
+        else:
+            self._tenants = {name: Tenant(name, key_ring.limits_for(name, default_limits)) for name in key_ring.tenants}
+            self._digests = [(key.sha256, key.tenant) for key in key_ring.keys]
+
+    @property
+    def enabled(self) -> bool:
+        return self._key_ring is not None
+
+    def authenticate(self, metadata: Iterable[tuple[str, str | bytes]]) -> Tenant:
+        """The caller's tenant; UNAUTHENTICATED when auth is on and the key is missing or unknown."""
+        if self._key_ring is None:
+            return self._open
+        values = [value for name, value in metadata if name == "authorization"]
+        if not values:
+            raise unauthenticated(MISSING_KEY)
+        value = values[0]
+        if not isinstance(value, str) or not value[: len(BEARER)].lower() == BEARER:
+            raise unauthenticated(NOT_BEARER)
+        tenant = self._tenant_of(value[len(BEARER) :].strip())
+        if tenant is None:
+            raise unauthenticated(INVALID_KEY)
+        return self._tenants[tenant]
+
+    def _tenant_of(self, key: str) -> str | None:
+        # Hashing first makes every comparison the same length whatever was sent; comparing against
+        # every entry, in constant time and without stopping at a match, keeps the time it takes
+        # independent of which key (if any) matched.
+        presented = hash_key(key)
+        found: str | None = None
+        for digest, tenant in self._digests:
+            if hmac.compare_digest(presented, digest):
+                found = tenant
+        return found
