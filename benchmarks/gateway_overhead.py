@@ -7,8 +7,9 @@
 
 Both sides send the same prompts with the same sampling: ``max_tokens`` (16) tokens, temperature 0, and the body the
 gateway itself sends to vLLM (``logprobs: 0``, ``return_token_ids``), so vLLM does the same work either way. The
-direct side is an httpx.AsyncClient that parses each response (or SSE event) as JSON; the gateway side is a
-grpc.aio InferenceService stub, ``Generate`` (unary) or ``GenerateStream``. The prompts are raw-text prompts
+direct side is an aiohttp client that parses each response (or SSE event) with orjson, the same HTTP and JSON
+libraries the gateway uses, so a slow direct client cannot flatter the gateway; the gateway side is a grpc.aio
+InferenceService stub, ``Generate`` (unary) or ``GenerateStream``. The prompts are raw-text prompts
 checked at warm-up to run to the full ``max_tokens`` without an end-of-sequence token; every reply's token count is
 recorded and throughput is in generated tokens per second, so a short reply could not flatter either side.
 
@@ -34,7 +35,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import random
 import shutil
@@ -47,9 +47,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import bench_util
 import grpc
 import httpx
+import orjson
 import redis
 from bench_util import JsonDict, fmt, markdown_table, percentile, verdict
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -71,6 +73,7 @@ PROMPTS = (
 THROUGHPUT_TARGET = 0.97
 ADDED_P50_TARGET_MS = 2.0
 RPC_TIMEOUT_S = 300.0
+JSON_HEADERS = {"content-type": "application/json"}
 
 
 @dataclass(frozen=True)
@@ -114,31 +117,36 @@ def completion_body(prompt: str, max_tokens: int, *, stream: bool) -> dict[str, 
     return body
 
 
-def direct_unary(http: httpx.AsyncClient, max_tokens: int) -> Call:
+async def post_completion(http: aiohttp.ClientSession, body: dict[str, Any]) -> dict[str, Any]:
+    async with http.post("/v1/completions", data=orjson.dumps(body), headers=JSON_HEADERS) as response:
+        response.raise_for_status()
+        reply: dict[str, Any] = orjson.loads(await response.read())
+    return reply
+
+
+def direct_unary(http: aiohttp.ClientSession, max_tokens: int) -> Call:
     async def call(prompt: str) -> Sample:
         started = time.perf_counter()
-        response = await http.post("/v1/completions", json=completion_body(prompt, max_tokens, stream=False))
-        response.raise_for_status()
-        tokens = len(response.json()["choices"][0]["token_ids"])
+        reply = await post_completion(http, completion_body(prompt, max_tokens, stream=False))
+        tokens = len(reply["choices"][0]["token_ids"])
         elapsed = time.perf_counter() - started
         return Sample(elapsed, elapsed, tokens)
 
     return call
 
 
-def direct_stream(http: httpx.AsyncClient, max_tokens: int) -> Call:
+def direct_stream(http: aiohttp.ClientSession, max_tokens: int) -> Call:
     async def call(prompt: str) -> Sample:
         started = time.perf_counter()
         first: float | None = None
         tokens = 0
-        async with http.stream(
-            "POST", "/v1/completions", json=completion_body(prompt, max_tokens, stream=True)
-        ) as response:
+        body = orjson.dumps(completion_body(prompt, max_tokens, stream=True))
+        async with http.post("/v1/completions", data=body, headers=JSON_HEADERS) as response:
             response.raise_for_status()
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
+            async for line in response.content:
+                if not line.startswith(b"data: ") or line.rstrip() == b"data: [DONE]":
                     continue
-                event = json.loads(line[len("data: ") :])
+                event = orjson.loads(line[len(b"data: ") :])
                 for choice in event.get("choices") or []:
                     count = len(choice.get("token_ids") or [])
                     if count and first is None:
@@ -316,14 +324,12 @@ def added_percentile_interval(
     return percentile(differences, 2.5), percentile(differences, 97.5)
 
 
-async def full_length_prompts(http: httpx.AsyncClient, max_tokens: int) -> tuple[list[str], list[str]]:
+async def full_length_prompts(http: aiohttp.ClientSession, max_tokens: int) -> tuple[list[str], list[str]]:
     """(prompts whose greedy completion runs to max_tokens, prompts that stop early)."""
     kept: list[str] = []
     dropped: list[str] = []
     for prompt in PROMPTS:
-        response = await http.post("/v1/completions", json=completion_body(prompt, max_tokens, stream=False))
-        response.raise_for_status()
-        choice = response.json()["choices"][0]
+        choice = (await post_completion(http, completion_body(prompt, max_tokens, stream=False)))["choices"][0]
         (kept if len(choice["token_ids"]) == max_tokens else dropped).append(prompt)
     return kept, dropped
 
@@ -331,9 +337,13 @@ async def full_length_prompts(http: httpx.AsyncClient, max_tokens: int) -> tuple
 async def run_benchmark(
     gateway_address: str, vllm_url: str, args: argparse.Namespace, backend: str, gateway_pid: int | None
 ) -> tuple[list[JsonDict], list[str], list[str]]:
-    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
     async with (
-        httpx.AsyncClient(base_url=vllm_url, timeout=RPC_TIMEOUT_S, limits=limits) as http,
+        aiohttp.ClientSession(
+            base_url=vllm_url,
+            # Idle connections close before uvicorn's 5 s keep-alive would close them under a request.
+            connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=4.0),
+            timeout=aiohttp.ClientTimeout(total=RPC_TIMEOUT_S),
+        ) as http,
         grpc.aio.insecure_channel(gateway_address) as channel,
     ):
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
