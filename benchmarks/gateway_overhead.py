@@ -20,7 +20,8 @@ latency (gateway percentile minus direct percentile, whole request; for streams 
 and the gateway process's CPU time per request (utime + stime from /proc/<pid>/stat over its rounds, divided by the
 requests it relayed): unlike latency and throughput, that number barely moves with the load other processes put on
 a shared machine, so it is the steadiest measure of what the gateway itself costs. It is recorded when the script
-started the gateway, or when ``--gateway-pid`` names it.
+started the gateway, or when ``--gateway-pid`` names it. The kernel counts it in clock ticks (10 ms), so it means
+something over the hundreds of requests of a full run, not over the handful of a ``--smoke`` run.
 
 ``--fake-backend`` replaces vLLM with an instant stand-in (benchmarks/fake_vllm.py) and runs the real gateway in
 front of it: with ~0 model time, the added latency is the gateway's own per-request cost, and the throughput ratio
