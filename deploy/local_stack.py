@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,7 +30,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.jobs import CATALOG_KEY
 
-PR_SET_PDEATHSIG = 1
 DEFAULT_STATE_DIR = Path.home() / ".cache" / "sightline" / "state"
 
 
@@ -71,10 +70,14 @@ class StackConfig:
         return f"redis://{self.host}:{self.redis_port}/0"
 
 
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: ask the kernel to SIGTERM it if we die.
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+def _dying_with_parent(argv: list[str]) -> list[str]:
+    """argv run so that the kernel SIGTERMs it if the launcher dies, through util-linux's setpriv.
+
+    Not with Popen's preexec_fn: that runs Python's at-fork handlers, and grpcio's (this process holds gRPC
+    channels) sometimes abort the forked child before it can exec (grpc/grpc#43055).
+    """
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "SIGTERM", "--", *argv] if setpriv else argv
 
 
 def _port_in_use(host: str, port: int) -> bool:
@@ -114,7 +117,7 @@ class Child:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = log_path.open("ab")
         self.process = subprocess.Popen(
-            argv,
+            _dying_with_parent(argv),
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=self._log,
@@ -122,7 +125,6 @@ class Child:
             # Own process group: Ctrl-C reaches only the launcher, which stops children in
             # order, and a stop signal reaches the child's own helpers (vLLM's engine core).
             start_new_session=True,
-            preexec_fn=_die_with_parent,
         )
 
     def alive(self) -> bool:
