@@ -18,6 +18,7 @@ from server.config import GatewaySettings
 from server.explanations import ExplanationBroker
 from server.keys import configured_key_ring
 from server.limits import TenantLimiter
+from server.rpc import DecodeErrorsAsInvalidArgument
 from server.servicers import ExplanationsServicer, Gateway, InferenceServicer
 from server.tls import server_credentials
 from server.vllm_client import ServedModel, VLLMClient
@@ -97,7 +98,7 @@ async def serve(settings: GatewaySettings, *, ready: asyncio.Event | None = None
         ("grpc.max_send_message_length", settings.max_response_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(options=options)
+    server = grpc.aio.server(options=options, interceptors=[DecodeErrorsAsInvalidArgument()])
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(gateway), server)
     explanations_pb2_grpc.add_ExplanationsServiceServicer_to_server(ExplanationsServicer(gateway), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import grpc
 import pytest
 from google.protobuf import struct_pb2
+from google.protobuf.descriptor import Descriptor
+from google.protobuf.message import Message
 from sightline.v1 import explanations_pb2, explanations_pb2_grpc, inference_pb2, inference_pb2_grpc, types_pb2
+
+from tests.protofuzz import Fields, deep_struct, encode
 
 pytestmark = pytest.mark.e2e
 
@@ -151,3 +157,42 @@ def test_explain_rejects_out_of_vocabulary_ids(explanations: explanations_pb2_gr
         )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "outside the model's vocabulary (ids 0 to 49151)" in caught.value.details()
+
+
+def _send_raw(channel: grpc.Channel, path: str, fields: Fields, *, streaming: bool = False) -> grpc.RpcError:
+    """Send a hand-encoded request (tests/protofuzz.py), which may hold what protobuf will not serialize."""
+    request: type[Message] = {
+        "Generate": inference_pb2.GenerateRequest,
+        "GenerateStream": inference_pb2.GenerateStreamRequest,
+        "GetExplanation": explanations_pb2.GetExplanationRequest,
+    }[path.rsplit("/", 1)[1]]
+    wire = encode(cast(Descriptor, request.DESCRIPTOR), fields)
+    with pytest.raises(grpc.RpcError) as caught:
+        if streaming:
+            list(channel.unary_stream(path, request_serializer=bytes)(wire, timeout=60))
+        else:
+            channel.unary_unary(path, request_serializer=bytes)(wire, timeout=60)
+    return caught.value
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["Generate", "GenerateStream"])
+def test_invalid_utf8_gets_invalid_argument_naming_the_field(channel: grpc.Channel, streaming: bool) -> None:
+    """Regression (found by tests/e2e/test_fuzz.py): grpc answered UNKNOWN "Unexpected DecodeError"."""
+    path = "/sightline.v1.InferenceService/" + ("GenerateStream" if streaming else "Generate")
+    error = _send_raw(
+        channel, path, {"input": {"chat": {"messages": [{"role": "user", "content": b"caf\xc3"}]}}}, streaming=streaming
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "input.chat.messages[0].content is not valid UTF-8 (byte 3" in error.details()
+
+
+def test_parameters_nested_past_the_parser_limit(channel: grpc.Channel) -> None:
+    """Regression (found by the fuzzing): a Struct nested 40 deep could not be parsed and got UNKNOWN."""
+    error = _send_raw(
+        channel,
+        "/sightline.v1.InferenceService/Generate",
+        {"input": {"prompt": "Hi"}, "explain": {"methods": [{"name": "logit_lens", "params": deep_struct(40)}]}},
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details().startswith("the request is not a valid sightline.v1.GenerateRequest: explain.methods[0].")
+    assert "is nested more than 100 messages deep" in error.details()
