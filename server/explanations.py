@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import cast
 
@@ -44,7 +44,7 @@ from common.jobs import (
 )
 from common.telemetry import current_traceparent
 from server.costs import PlannedMethod
-from server.errors import GatewayError, invalid_argument, not_found, redis_errors_as_unavailable, unavailable
+from server.errors import GatewayError, invalid_argument, not_found, redis_errors_as_unavailable, shown, unavailable
 from server.limits import Tenant, TenantLimiter
 
 log = logging.getLogger(__name__)
@@ -92,18 +92,19 @@ class ExplanationBroker:
         """Check method names and parameter types against the workers' registry."""
         if not spec.methods:
             return []
+        names = Counter(method.name for method in spec.methods)
+        repeated = [name for name, count in names.items() if count > 1]
+        if repeated:
+            raise invalid_argument(f"explain methods must be distinct; named more than once: {shown(repeated)}")
         catalog = {info.name: info for info in (await self.catalog()).methods}
         planned = []
         for method in spec.methods:
             info = catalog.get(method.name)
             if info is None:
                 known = ", ".join(sorted(catalog))
-                raise invalid_argument(f"unknown explain method {method.name!r}; available methods: {known}")
+                raise invalid_argument(f"unknown explain method {shown(method.name)}; available methods: {known}")
             params = json_format.MessageToDict(method.params) if method.HasField("params") else {}
             planned.append(PlannedMethod(MethodRequest(method.name, _typed_params(info, params)), info))
-        names = [m.request.name for m in planned]
-        if len(set(names)) != len(names):
-            raise invalid_argument(f"explain methods must be distinct; got {names}")
         return planned
 
     async def model_record(self, model: str) -> ModelRecord:
@@ -267,7 +268,7 @@ class ExplanationBroker:
         # Another tenant's explanation is reported exactly like a missing one: no existence leak.
         if blob is None or tenant_value is None or cast(bytes, tenant_value).decode() != tenant:
             raise not_found(
-                f"no explanation with id {explanation_id!r}; ids come from Generate or Explain responses "
+                f"no explanation with id {shown(explanation_id)}; ids come from Generate or Explain responses "
                 f"and expire {self._record_ttl_seconds} s after creation"
             )
         return types_pb2.Explanation.FromString(cast(bytes, blob))
@@ -346,7 +347,7 @@ def _typed_params(info: explanations_pb2.MethodInfo, params: dict[str, object]) 
         param = declared.get(name)
         if param is None:
             known = ", ".join(sorted(declared)) or "none"
-            raise invalid_argument(f"method {info.name!r} has no parameter {name!r}; its parameters: {known}")
+            raise invalid_argument(f"method {info.name!r} has no parameter {shown(name)}; its parameters: {known}")
         typed[name] = _coerce(info.name, param, value)
     return typed
 
@@ -356,23 +357,23 @@ def _coerce(method: str, param: explanations_pb2.MethodParam, value: object) -> 
     if param.type == explanations_pb2.PARAM_TYPE_BOOL:
         if isinstance(value, bool):
             return value
-        raise invalid_argument(f"{where} must be a boolean; got {value!r}")
+        raise invalid_argument(f"{where} must be a boolean; got {shown(value)}")
     if param.type == explanations_pb2.PARAM_TYPE_STRING:
         if not isinstance(value, str):
-            raise invalid_argument(f"{where} must be a string; got {value!r}")
+            raise invalid_argument(f"{where} must be a string; got {shown(value)}")
         if param.choices and value not in param.choices:
-            raise invalid_argument(f"{where} must be one of {', '.join(param.choices)}; got {value!r}")
+            raise invalid_argument(f"{where} must be one of {', '.join(param.choices)}; got {shown(value)}")
         return value
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise invalid_argument(f"{where} must be a finite number; got {value!r}")
+        raise invalid_argument(f"{where} must be a finite number; got {shown(value)}")
     if param.type == explanations_pb2.PARAM_TYPE_INT and not float(value).is_integer():
-        raise invalid_argument(f"{where} must be an integer; got {value!r}")
+        raise invalid_argument(f"{where} must be an integer; got {shown(value)}")
     too_low = param.HasField("minimum") and value < param.minimum
     too_high = param.HasField("maximum") and value > param.maximum
     if too_low or too_high:
         low = _number(param.minimum) if param.HasField("minimum") else ""
         high = _number(param.maximum) if param.HasField("maximum") else ""
-        raise invalid_argument(f"{where} must be in {low}..{high}; got {value!r}")
+        raise invalid_argument(f"{where} must be in {low}..{high}; got {shown(value)}")
     return int(value) if param.type == explanations_pb2.PARAM_TYPE_INT else float(value)
 
 

@@ -24,7 +24,7 @@ from common.telemetry import trace_id_hex
 from server.auth import Authenticator
 from server.config import GatewaySettings
 from server.costs import PlannedMethod, check_cost
-from server.errors import GatewayError, invalid_argument, not_found, unavailable
+from server.errors import GatewayError, invalid_argument, not_found, shown, unavailable
 from server.explanations import ExplanationBroker
 from server.limits import Tenant, TenantLimiter
 from server.validation import chat_messages, check_options_fit, explain_options, sampling_from_proto, token_ids
@@ -194,7 +194,7 @@ class Gateway:
         if served is None:
             raise unavailable(f"the vLLM backend at {self.vllm.base_url} is not ready yet; retry shortly")
         if requested and requested != served.name:
-            raise not_found(f"model {requested!r} is not served here; available: {served.name}")
+            raise not_found(f"model {shown(requested)} is not served here; available: {served.name}")
         return served
 
     async def prompt(self, source: inference_pb2.GenerationInput, model: ServedModel, timeout: float | None) -> Prompt:

@@ -7,7 +7,7 @@ import math
 from sightline.v1 import types_pb2
 
 from common.jobs import ExplainOptions, SpanRequest
-from server.errors import invalid_argument
+from server.errors import invalid_argument, shown
 from server.vllm_client import Sampling
 
 CHAT_ROLES = ("system", "user", "assistant")
@@ -51,7 +51,7 @@ def chat_messages(chat: types_pb2.ChatMessages) -> list[dict[str, str]]:
     for index, message in enumerate(chat.messages):
         if message.role not in CHAT_ROLES:
             raise invalid_argument(
-                f"input.chat.messages[{index}].role must be one of {', '.join(CHAT_ROLES)}; got {message.role!r}"
+                f"input.chat.messages[{index}].role must be one of {', '.join(CHAT_ROLES)}; got {shown(message.role)}"
             )
     if all(not m.content.strip() for m in chat.messages):
         raise invalid_argument("input.chat messages are all empty; send some content")

@@ -196,3 +196,44 @@ def test_parameters_nested_past_the_parser_limit(channel: grpc.Channel) -> None:
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error.details().startswith("the request is not a valid sightline.v1.GenerateRequest: explain.methods[0].")
     assert "is nested more than 100 messages deep" in error.details()
+
+
+@pytest.mark.parametrize(
+    ("path", "fields", "code", "start"),
+    [
+        (
+            "/sightline.v1.InferenceService/Generate",
+            {"model": "m" * 100_000, "input": {"prompt": "Hi"}},
+            grpc.StatusCode.NOT_FOUND,
+            "model 'mmm",
+        ),
+        (
+            "/sightline.v1.ExplanationsService/GetExplanation",
+            {"explanation_id": "exp_" + "0" * 100_000},
+            grpc.StatusCode.NOT_FOUND,
+            "no explanation with id 'exp_000",
+        ),
+        (
+            "/sightline.v1.InferenceService/Generate",
+            {"input": {"chat": {"messages": [{"role": "r" * 100_000, "content": "hi"}]}}},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "input.chat.messages[0].role must be one of",
+        ),
+        (
+            "/sightline.v1.InferenceService/Generate",
+            {"input": {"prompt": "Hi"}, "explain": {"methods": [{"name": "logit_lens"}] * 50_000}},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "explain methods must be distinct; named more than once: ['logit_lens']",
+        ),
+    ],
+    ids=["model", "explanation_id", "role", "repeated_method"],
+)
+def test_messages_do_not_echo_enormous_input(
+    channel: grpc.Channel, path: str, fields: Fields, code: grpc.StatusCode, start: str
+) -> None:
+    """Regression (found by the fuzzing): a 100 KB input came back whole in the status message, past gRPC's
+    16 KB metadata limit, so the client saw RESOURCE_EXHAUSTED "received metadata size exceeds hard limit"."""
+    error = _send_raw(channel, path, fields)
+    assert error.code() == code
+    assert error.details().startswith(start)
+    assert len(error.details()) < 300

@@ -7,7 +7,7 @@ import pytest
 from sightline.v1 import types_pb2
 
 from common.jobs import ExplanationJob, MethodRequest, ModelRecord, new_explanation_id
-from server.errors import GatewayError
+from server.errors import GatewayError, shown
 from server.validation import chat_messages, check_options_fit, explain_options, sampling_from_proto, token_ids
 
 
@@ -123,3 +123,10 @@ def test_options_must_fit_the_generation() -> None:
         check_options_fit(options, num_tokens=10, num_generated=3)
     with pytest.raises(GatewayError, match="one per explained token"):
         check_options_fit(options, num_tokens=10, num_generated=6)
+
+
+def test_messages_quote_enormous_input_only_in_part() -> None:
+    assert shown("gpt-17") == "'gpt-17'"
+    quoted = shown("x" * 100_000)
+    assert quoted == "'" + "x" * 59 + "… (100,000 characters)"
+    assert shown(["a"] * 1000).endswith("… (5,000 characters written out)")
