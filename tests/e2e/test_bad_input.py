@@ -237,3 +237,35 @@ def test_messages_do_not_echo_enormous_input(
     assert error.code() == code
     assert error.details().startswith(start)
     assert len(error.details()) < 300
+
+
+def test_unknown_explain_mode(inference: inference_pb2_grpc.InferenceServiceStub) -> None:
+    """Regression: an unknown mode was served as SYNC, holding the call open until its deadline."""
+    error = _generate_error(
+        inference,
+        _request(
+            explain=types_pb2.ExplainSpec(
+                methods=[types_pb2.MethodSpec(name="logit_lens")], mode=cast(types_pb2.ExplainMode, 7)
+            )
+        ),
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "explain.mode 7 is not an ExplainMode value" in error.details()
+
+
+def test_explain_rejects_non_finite_served_logprobs(
+    explanations: explanations_pb2_grpc.ExplanationsServiceStub,
+) -> None:
+    """Regression: NaN served log-probabilities were queued and came back as a NaN fidelity."""
+    with pytest.raises(grpc.RpcError) as caught:
+        explanations.Explain(
+            explanations_pb2.ExplainRequest(
+                prompt_token_ids=[1, 2, 3],
+                output_token_ids=[4, 5],
+                output_logprobs=[-0.1, float("nan")],
+                explain=types_pb2.ExplainSpec(methods=[types_pb2.MethodSpec(name="logit_lens")]),
+            ),
+            timeout=10,
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "output_logprobs[1] is nan" in caught.value.details()
