@@ -330,9 +330,11 @@ def _encode_page_token(explanation_id: str, created_ms: float) -> str:
 def _decode_page_token(token: str) -> tuple[str, float]:
     try:
         created_ms, explanation_id = json.loads(base64.urlsafe_b64decode(token.encode()))
-        if isinstance(created_ms, int | float) and not isinstance(created_ms, bool) and isinstance(explanation_id, str):
-            return explanation_id, float(created_ms)
-    except (ValueError, TypeError, binascii.Error):
+        number = isinstance(created_ms, int | float) and not isinstance(created_ms, bool)
+        # Issued tokens hold a finite millisecond time; NaN would reach Redis as a score it refuses.
+        if number and math.isfinite(created := float(created_ms)) and isinstance(explanation_id, str):
+            return explanation_id, created
+    except (ValueError, TypeError, OverflowError, binascii.Error):
         pass
     raise invalid_argument(
         "page_token is not one this server issued; pass next_page_token from the previous ListExplanations "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from typing import cast
 
 import grpc
@@ -269,3 +270,14 @@ def test_explain_rejects_non_finite_served_logprobs(
         )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "output_logprobs[1] is nan" in caught.value.details()
+
+
+def test_list_explanations_refuses_a_page_token_with_nan(
+    explanations: explanations_pb2_grpc.ExplanationsServiceStub,
+) -> None:
+    """Regression (found by the fuzzing): a page token holding NaN answered INTERNAL."""
+    token = base64.urlsafe_b64encode(b'[NaN, "exp_x"]').decode()
+    with pytest.raises(grpc.RpcError) as caught:
+        explanations.ListExplanations(explanations_pb2.ListExplanationsRequest(page_token=token), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "page_token is not one this server issued" in caught.value.details()
