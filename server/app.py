@@ -87,7 +87,11 @@ async def serve(settings: GatewaySettings, *, ready: asyncio.Event | None = None
     redis_client = aioredis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=10)
     limiter = TenantLimiter(redis_client, settings.redis_url, lease_seconds=settings.explanation_lease_seconds)
     broker = ExplanationBroker(
-        redis_client, settings.redis_url, record_ttl_seconds=settings.record_ttl_seconds, limiter=limiter
+        redis_client,
+        settings.redis_url,
+        record_ttl_seconds=settings.record_ttl_seconds,
+        limiter=limiter,
+        max_unfinished_jobs=settings.max_queued_explanations,
     )
     health_servicer = health.HealthServicer()
     monitor = DependencyMonitor(vllm, broker, health_servicer)

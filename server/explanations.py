@@ -34,6 +34,7 @@ from common.jobs import (
     RECORD_STATE,
     RECORD_SUMMARY,
     RECORD_TENANT,
+    WORKER_GROUP,
     ExplainOptions,
     ExplanationJob,
     MethodRequest,
@@ -44,7 +45,15 @@ from common.jobs import (
 )
 from common.telemetry import current_traceparent
 from server.costs import PlannedMethod
-from server.errors import GatewayError, invalid_argument, not_found, redis_errors_as_unavailable, shown, unavailable
+from server.errors import (
+    GatewayError,
+    invalid_argument,
+    not_found,
+    redis_errors_as_unavailable,
+    resource_exhausted,
+    shown,
+    unavailable,
+)
 from server.limits import Tenant, TenantLimiter
 
 log = logging.getLogger(__name__)
@@ -57,12 +66,19 @@ class ExplanationBroker:
     """Creates explanation jobs and waits for their records to reach a final state."""
 
     def __init__(
-        self, client: aioredis.Redis, redis_url: str, *, record_ttl_seconds: int, limiter: TenantLimiter
+        self,
+        client: aioredis.Redis,
+        redis_url: str,
+        *,
+        record_ttl_seconds: int,
+        limiter: TenantLimiter,
+        max_unfinished_jobs: int,
     ) -> None:
         self._redis = client
         self._redis_url = redis_url
         self._record_ttl_seconds = record_ttl_seconds
         self._limiter = limiter
+        self._max_unfinished_jobs = max_unfinished_jobs
         self._waiters: dict[str, list[asyncio.Future[None]]] = defaultdict(list)
         self._listener: asyncio.Task[None] | None = None
 
@@ -107,6 +123,36 @@ class ExplanationBroker:
             planned.append(PlannedMethod(MethodRequest(method.name, _typed_params(info, params)), info))
         return planned
 
+    async def check_backlog(self) -> None:
+        """Refuse a new explanation with RESOURCE_EXHAUSTED while the workers are at the bound behind."""
+        with redis_errors_as_unavailable(self._redis_url):
+            unfinished = await self.unfinished_jobs()
+        if unfinished >= self._max_unfinished_jobs:
+            raise resource_exhausted(
+                f"the explanation queue holds {unfinished} unfinished jobs, at this deployment's bound of "
+                f"{self._max_unfinished_jobs} (SIGHTLINE_MAX_QUEUED_EXPLANATIONS); the explainer workers are behind: "
+                "retry later, or add workers"
+            )
+
+    async def unfinished_jobs(self) -> int:
+        """Jobs in the stream that no worker has acknowledged: the ones in a worker's hands and those not yet read."""
+        try:
+            groups = await self._redis.xinfo_groups(JOB_STREAM)
+        except redis.exceptions.ResponseError:
+            return 0  # no stream: nothing was ever enqueued
+        group = next((g for g in groups if _text(g["name"]) == WORKER_GROUP), None)
+        if group is None:
+            # No worker has created its group yet, so nothing in the stream was read.
+            return int(await self._redis.xlen(JOB_STREAM))
+        undelivered = group.get("lag")
+        if undelivered is None:
+            # Redis cannot tell the lag when entries were deleted after the last delivered one; count them,
+            # up to the bound (all that matters here).
+            after = f"({_text(group['last-delivered-id'])}"
+            entries = await self._redis.xrange(JOB_STREAM, min=after, count=self._max_unfinished_jobs)
+            undelivered = len(entries or [])
+        return int(group["pending"]) + int(undelivered)
+
     async def model_record(self, model: str) -> ModelRecord:
         with redis_errors_as_unavailable(self._redis_url):
             record = await self._redis.hget(MODELS_KEY, model)
@@ -142,6 +188,8 @@ class ExplanationBroker:
                 f"token ids {out_of_vocabulary[:5]} are outside the model's vocabulary "
                 f"(ids 0 to {model_record.vocab_size - 1})"
             )
+        # Checked again here (first before generating): concurrent requests may have filled the queue meanwhile.
+        await self.check_backlog()
         explanation_id = new_explanation_id()
         await self._limiter.acquire_explanation(tenant, explanation_id)
         pending = types_pb2.Explanation(
@@ -340,6 +388,10 @@ def _decode_page_token(token: str) -> tuple[str, float]:
         "page_token is not one this server issued; pass next_page_token from the previous ListExplanations "
         "response unchanged, or leave it empty for the first page"
     )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _typed_params(info: explanations_pb2.MethodInfo, params: dict[str, object]) -> dict[str, object]:

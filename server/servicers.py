@@ -256,6 +256,8 @@ class Gateway:
                 # Refused before generating when even the longest allowed output would cost too much to explain.
                 plan.check_cost(len(prompt_ids) + sampling.max_tokens, sampling.max_tokens, tenant)
             prompt = prompt_ids
+        if plan is not None:
+            await self.broker.check_backlog()
         return PreparedGeneration(request_id, model, sampling, plan, prompt)
 
     async def explain(

@@ -28,7 +28,11 @@ async def broker(redis_client: redis.Redis, redis_server: int) -> AsyncIterator[
     redis_client.hset(MODELS_KEY, MODEL, ModelRecord("digest", 100).to_json())
     client = aioredis.Redis(port=redis_server)
     yield ExplanationBroker(
-        client, "redis://test", record_ttl_seconds=3600, limiter=TenantLimiter(client, "redis://test", lease_seconds=60)
+        client,
+        "redis://test",
+        record_ttl_seconds=3600,
+        limiter=TenantLimiter(client, "redis://test", lease_seconds=60),
+        max_unfinished_jobs=1000,
     )
     await client.aclose()
 
