@@ -79,6 +79,7 @@ class ExplanationBroker:
         self._record_ttl_seconds = record_ttl_seconds
         self._limiter = limiter
         self._max_unfinished_jobs = max_unfinished_jobs
+        self._enqueue_lock = asyncio.Lock()
         self._waiters: dict[str, list[asyncio.Future[None]]] = defaultdict(list)
         self._listener: asyncio.Task[None] | None = None
 
@@ -188,8 +189,6 @@ class ExplanationBroker:
                 f"token ids {out_of_vocabulary[:5]} are outside the model's vocabulary "
                 f"(ids 0 to {model_record.vocab_size - 1})"
             )
-        # Checked again here (first before generating): concurrent requests may have filled the queue meanwhile.
-        await self.check_backlog()
         explanation_id = new_explanation_id()
         await self._limiter.acquire_explanation(tenant, explanation_id)
         pending = types_pb2.Explanation(
@@ -253,7 +252,10 @@ class ExplanationBroker:
         index = tenant_explanations_key(tenant)
         created_ms = pending.created_at.ToMilliseconds()
         with redis_errors_as_unavailable(self._redis_url):
-            async with self._redis.pipeline(transaction=True) as pipe:
+            async with self._enqueue_lock, self._redis.pipeline(transaction=True) as pipe:
+                # Counted again (first before generating) with one enqueue at a time, so concurrent requests
+                # cannot pass the bound together; gateway replicas may each pass it by one.
+                await self.check_backlog()
                 pipe.hset(
                     key,
                     mapping={

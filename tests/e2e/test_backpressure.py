@@ -6,6 +6,7 @@ so the queue fills on purpose. Finishing a job is done here the way a worker fin
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import cast
 
@@ -102,3 +103,22 @@ def test_explanations_past_the_bound_are_refused_until_a_job_finishes(
         assert _explain(channel).explanation_id.startswith("exp_")
         _refused(lambda: _explain(channel))
         assert bounded.serving()
+
+
+def test_concurrent_requests_do_not_pass_the_bound_together(bounded: IsolatedGateway) -> None:
+    """48 requests at once for 3 places: without one enqueue at a time, several saw room and all took it."""
+    # Finish every job so far, as workers would: read what is unread, acknowledge everything.
+    bounded.redis.xreadgroup(WORKER_GROUP, "test-worker", {JOB_STREAM: ">"}, count=1000)
+    pending = cast(list[dict[str, bytes]], bounded.redis.xpending_range(JOB_STREAM, WORKER_GROUP, "-", "+", 1000))
+    if pending:
+        bounded.redis.xack(JOB_STREAM, WORKER_GROUP, *(entry["message_id"] for entry in pending))
+    queued = bounded.redis.xlen(JOB_STREAM)
+    request = explanations_pb2.ExplainRequest(
+        prompt_token_ids=[1, 2, 3], output_token_ids=[4], explain=LOGIT_LENS_ASYNC
+    )
+    with grpc.insecure_channel(bounded.address) as channel:
+        explain = explanations_pb2_grpc.ExplanationsServiceStub(channel).Explain
+        calls = [explain.future(request, timeout=30) for _ in range(16 * BOUND)]
+        codes = Counter(call.code().name for call in calls)
+    assert codes == {"OK": BOUND, "RESOURCE_EXHAUSTED": 15 * BOUND}
+    assert bounded.redis.xlen(JOB_STREAM) == queued + BOUND
