@@ -4,6 +4,7 @@
 #   make lint    ruff, mypy, buf lint, and a check that generated proto code is current
 #   make proto   regenerate the Python code from protos/
 #   make bench   run the benchmarks (peers included) and rewrite docs/performance.md; bench-smoke: a quick check they run
+#   make soak    3 minutes of 64 clients against a local stack: errors, latency, memory and queue over time
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -11,7 +12,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.sightline-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: serve test lint proto bench bench-smoke bench-deps system-deps
+.PHONY: serve test lint proto bench bench-smoke bench-deps soak system-deps
 
 system-deps:
 	@command -v redis-server >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server)
@@ -50,3 +51,6 @@ bench: system-deps bench-deps
 
 bench-smoke: system-deps bench-deps
 	$(BIN)/python benchmarks/run_all.py --smoke
+
+soak: system-deps $(STAMP)
+	$(BIN)/python benchmarks/soak.py

@@ -18,6 +18,7 @@ from server.config import GatewaySettings
 from server.explanations import ExplanationBroker
 from server.keys import configured_key_ring
 from server.limits import TenantLimiter
+from server.rpc import DecodeErrorsAsInvalidArgument
 from server.servicers import ExplanationsServicer, Gateway, InferenceServicer
 from server.tls import server_credentials
 from server.vllm_client import ServedModel, VLLMClient
@@ -86,7 +87,11 @@ async def serve(settings: GatewaySettings, *, ready: asyncio.Event | None = None
     redis_client = aioredis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=10)
     limiter = TenantLimiter(redis_client, settings.redis_url, lease_seconds=settings.explanation_lease_seconds)
     broker = ExplanationBroker(
-        redis_client, settings.redis_url, record_ttl_seconds=settings.record_ttl_seconds, limiter=limiter
+        redis_client,
+        settings.redis_url,
+        record_ttl_seconds=settings.record_ttl_seconds,
+        limiter=limiter,
+        max_unfinished_jobs=settings.max_queued_explanations,
     )
     health_servicer = health.HealthServicer()
     monitor = DependencyMonitor(vllm, broker, health_servicer)
@@ -97,7 +102,7 @@ async def serve(settings: GatewaySettings, *, ready: asyncio.Event | None = None
         ("grpc.max_send_message_length", settings.max_response_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(options=options)
+    server = grpc.aio.server(options=options, interceptors=[DecodeErrorsAsInvalidArgument()])
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(gateway), server)
     explanations_pb2_grpc.add_ExplanationsServiceServicer_to_server(ExplanationsServicer(gateway), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

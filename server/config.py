@@ -37,6 +37,9 @@ class GatewaySettings:
     # How long an unfinished explanation holds one of its tenant's concurrency slots at most, should
     # its job be lost: longer than any job waits and runs.
     explanation_lease_seconds: float = 3600.0
+    # Explanation jobs that may wait unfinished in the stream (queued or in a worker's hands); more get
+    # RESOURCE_EXHAUSTED. 1,000 is minutes of work for one CPU worker; raise it with the number of workers.
+    max_queued_explanations: int = 1000
 
     @classmethod
     def from_env(cls) -> GatewaySettings:
@@ -58,4 +61,5 @@ class GatewaySettings:
             explanation_lease_seconds=float(
                 env.get("SIGHTLINE_EXPLANATION_LEASE_SECONDS", cls.explanation_lease_seconds)
             ),
+            max_queued_explanations=int(env.get("SIGHTLINE_MAX_QUEUED_EXPLANATIONS", cls.max_queued_explanations)),
         )

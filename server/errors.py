@@ -48,3 +48,12 @@ def redis_errors_as_unavailable(redis_url: str) -> Iterator[None]:
         yield
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
         raise unavailable(f"the explanation store (Redis at {redis_url}) is unavailable; retry shortly: {exc}") from exc
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters: a message names what it refuses without echoing all of it."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f"{len(value):,} characters" if isinstance(value, str) else f"{len(text):,} characters written out"
+    return f"{text[:limit]}… ({size})"

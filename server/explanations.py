@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import cast
 
@@ -34,6 +34,7 @@ from common.jobs import (
     RECORD_STATE,
     RECORD_SUMMARY,
     RECORD_TENANT,
+    WORKER_GROUP,
     ExplainOptions,
     ExplanationJob,
     MethodRequest,
@@ -44,7 +45,15 @@ from common.jobs import (
 )
 from common.telemetry import current_traceparent
 from server.costs import PlannedMethod
-from server.errors import GatewayError, invalid_argument, not_found, redis_errors_as_unavailable, unavailable
+from server.errors import (
+    GatewayError,
+    invalid_argument,
+    not_found,
+    redis_errors_as_unavailable,
+    resource_exhausted,
+    shown,
+    unavailable,
+)
 from server.limits import Tenant, TenantLimiter
 
 log = logging.getLogger(__name__)
@@ -57,12 +66,20 @@ class ExplanationBroker:
     """Creates explanation jobs and waits for their records to reach a final state."""
 
     def __init__(
-        self, client: aioredis.Redis, redis_url: str, *, record_ttl_seconds: int, limiter: TenantLimiter
+        self,
+        client: aioredis.Redis,
+        redis_url: str,
+        *,
+        record_ttl_seconds: int,
+        limiter: TenantLimiter,
+        max_unfinished_jobs: int,
     ) -> None:
         self._redis = client
         self._redis_url = redis_url
         self._record_ttl_seconds = record_ttl_seconds
         self._limiter = limiter
+        self._max_unfinished_jobs = max_unfinished_jobs
+        self._enqueue_lock = asyncio.Lock()
         self._waiters: dict[str, list[asyncio.Future[None]]] = defaultdict(list)
         self._listener: asyncio.Task[None] | None = None
 
@@ -92,19 +109,50 @@ class ExplanationBroker:
         """Check method names and parameter types against the workers' registry."""
         if not spec.methods:
             return []
+        names = Counter(method.name for method in spec.methods)
+        repeated = [name for name, count in names.items() if count > 1]
+        if repeated:
+            raise invalid_argument(f"explain methods must be distinct; named more than once: {shown(repeated)}")
         catalog = {info.name: info for info in (await self.catalog()).methods}
         planned = []
         for method in spec.methods:
             info = catalog.get(method.name)
             if info is None:
                 known = ", ".join(sorted(catalog))
-                raise invalid_argument(f"unknown explain method {method.name!r}; available methods: {known}")
+                raise invalid_argument(f"unknown explain method {shown(method.name)}; available methods: {known}")
             params = json_format.MessageToDict(method.params) if method.HasField("params") else {}
             planned.append(PlannedMethod(MethodRequest(method.name, _typed_params(info, params)), info))
-        names = [m.request.name for m in planned]
-        if len(set(names)) != len(names):
-            raise invalid_argument(f"explain methods must be distinct; got {names}")
         return planned
+
+    async def check_backlog(self) -> None:
+        """Refuse a new explanation with RESOURCE_EXHAUSTED while the workers are at the bound behind."""
+        with redis_errors_as_unavailable(self._redis_url):
+            unfinished = await self.unfinished_jobs()
+        if unfinished >= self._max_unfinished_jobs:
+            raise resource_exhausted(
+                f"the explanation queue holds {unfinished} unfinished jobs, at this deployment's bound of "
+                f"{self._max_unfinished_jobs} (SIGHTLINE_MAX_QUEUED_EXPLANATIONS); the explainer workers are behind: "
+                "retry later, or add workers"
+            )
+
+    async def unfinished_jobs(self) -> int:
+        """Jobs in the stream that no worker has acknowledged: the ones in a worker's hands and those not yet read."""
+        try:
+            groups = await self._redis.xinfo_groups(JOB_STREAM)
+        except redis.exceptions.ResponseError:
+            return 0  # no stream: nothing was ever enqueued
+        group = next((g for g in groups if _text(g["name"]) == WORKER_GROUP), None)
+        if group is None:
+            # No worker has created its group yet, so nothing in the stream was read.
+            return int(await self._redis.xlen(JOB_STREAM))
+        undelivered = group.get("lag")
+        if undelivered is None:
+            # Redis cannot tell the lag when entries were deleted after the last delivered one; count them,
+            # up to the bound (all that matters here).
+            after = f"({_text(group['last-delivered-id'])}"
+            entries = await self._redis.xrange(JOB_STREAM, min=after, count=self._max_unfinished_jobs)
+            undelivered = len(entries or [])
+        return int(group["pending"]) + int(undelivered)
 
     async def model_record(self, model: str) -> ModelRecord:
         with redis_errors_as_unavailable(self._redis_url):
@@ -204,7 +252,10 @@ class ExplanationBroker:
         index = tenant_explanations_key(tenant)
         created_ms = pending.created_at.ToMilliseconds()
         with redis_errors_as_unavailable(self._redis_url):
-            async with self._redis.pipeline(transaction=True) as pipe:
+            async with self._enqueue_lock, self._redis.pipeline(transaction=True) as pipe:
+                # Counted again (first before generating) with one enqueue at a time, so concurrent requests
+                # cannot pass the bound together; gateway replicas may each pass it by one.
+                await self.check_backlog()
                 pipe.hset(
                     key,
                     mapping={
@@ -267,7 +318,7 @@ class ExplanationBroker:
         # Another tenant's explanation is reported exactly like a missing one: no existence leak.
         if blob is None or tenant_value is None or cast(bytes, tenant_value).decode() != tenant:
             raise not_found(
-                f"no explanation with id {explanation_id!r}; ids come from Generate or Explain responses "
+                f"no explanation with id {shown(explanation_id)}; ids come from Generate or Explain responses "
                 f"and expire {self._record_ttl_seconds} s after creation"
             )
         return types_pb2.Explanation.FromString(cast(bytes, blob))
@@ -329,14 +380,20 @@ def _encode_page_token(explanation_id: str, created_ms: float) -> str:
 def _decode_page_token(token: str) -> tuple[str, float]:
     try:
         created_ms, explanation_id = json.loads(base64.urlsafe_b64decode(token.encode()))
-        if isinstance(created_ms, int | float) and not isinstance(created_ms, bool) and isinstance(explanation_id, str):
-            return explanation_id, float(created_ms)
-    except (ValueError, TypeError, binascii.Error):
+        number = isinstance(created_ms, int | float) and not isinstance(created_ms, bool)
+        # Issued tokens hold a finite millisecond time; NaN would reach Redis as a score it refuses.
+        if number and math.isfinite(created := float(created_ms)) and isinstance(explanation_id, str):
+            return explanation_id, created
+    except (ValueError, TypeError, OverflowError, binascii.Error):
         pass
     raise invalid_argument(
         "page_token is not one this server issued; pass next_page_token from the previous ListExplanations "
         "response unchanged, or leave it empty for the first page"
     )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _typed_params(info: explanations_pb2.MethodInfo, params: dict[str, object]) -> dict[str, object]:
@@ -346,7 +403,7 @@ def _typed_params(info: explanations_pb2.MethodInfo, params: dict[str, object]) 
         param = declared.get(name)
         if param is None:
             known = ", ".join(sorted(declared)) or "none"
-            raise invalid_argument(f"method {info.name!r} has no parameter {name!r}; its parameters: {known}")
+            raise invalid_argument(f"method {info.name!r} has no parameter {shown(name)}; its parameters: {known}")
         typed[name] = _coerce(info.name, param, value)
     return typed
 
@@ -356,23 +413,23 @@ def _coerce(method: str, param: explanations_pb2.MethodParam, value: object) -> 
     if param.type == explanations_pb2.PARAM_TYPE_BOOL:
         if isinstance(value, bool):
             return value
-        raise invalid_argument(f"{where} must be a boolean; got {value!r}")
+        raise invalid_argument(f"{where} must be a boolean; got {shown(value)}")
     if param.type == explanations_pb2.PARAM_TYPE_STRING:
         if not isinstance(value, str):
-            raise invalid_argument(f"{where} must be a string; got {value!r}")
+            raise invalid_argument(f"{where} must be a string; got {shown(value)}")
         if param.choices and value not in param.choices:
-            raise invalid_argument(f"{where} must be one of {', '.join(param.choices)}; got {value!r}")
+            raise invalid_argument(f"{where} must be one of {', '.join(param.choices)}; got {shown(value)}")
         return value
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise invalid_argument(f"{where} must be a finite number; got {value!r}")
+        raise invalid_argument(f"{where} must be a finite number; got {shown(value)}")
     if param.type == explanations_pb2.PARAM_TYPE_INT and not float(value).is_integer():
-        raise invalid_argument(f"{where} must be an integer; got {value!r}")
+        raise invalid_argument(f"{where} must be an integer; got {shown(value)}")
     too_low = param.HasField("minimum") and value < param.minimum
     too_high = param.HasField("maximum") and value > param.maximum
     if too_low or too_high:
         low = _number(param.minimum) if param.HasField("minimum") else ""
         high = _number(param.maximum) if param.HasField("maximum") else ""
-        raise invalid_argument(f"{where} must be in {low}..{high}; got {value!r}")
+        raise invalid_argument(f"{where} must be in {low}..{high}; got {shown(value)}")
     return int(value) if param.type == explanations_pb2.PARAM_TYPE_INT else float(value)
 
 

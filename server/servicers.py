@@ -24,10 +24,18 @@ from common.telemetry import trace_id_hex
 from server.auth import Authenticator
 from server.config import GatewaySettings
 from server.costs import PlannedMethod, check_cost
-from server.errors import GatewayError, invalid_argument, not_found, unavailable
+from server.errors import GatewayError, invalid_argument, not_found, shown, unavailable
 from server.explanations import ExplanationBroker
 from server.limits import Tenant, TenantLimiter
-from server.validation import chat_messages, check_options_fit, explain_options, sampling_from_proto, token_ids
+from server.validation import (
+    chat_messages,
+    check_options_fit,
+    explain_mode,
+    explain_options,
+    sampling_from_proto,
+    served_logprobs,
+    token_ids,
+)
 from server.vllm_client import CompletionChunk, Prompt, Sampling, ServedModel, VLLMClient
 
 log = logging.getLogger(__name__)
@@ -194,7 +202,7 @@ class Gateway:
         if served is None:
             raise unavailable(f"the vLLM backend at {self.vllm.base_url} is not ready yet; retry shortly")
         if requested and requested != served.name:
-            raise not_found(f"model {requested!r} is not served here; available: {served.name}")
+            raise not_found(f"model {shown(requested)} is not served here; available: {served.name}")
         return served
 
     async def prompt(self, source: inference_pb2.GenerationInput, model: ServedModel, timeout: float | None) -> Prompt:
@@ -216,7 +224,7 @@ class Gateway:
         if not spec.methods:
             return None
         return ExplanationPlan(
-            methods=await self.broker.validate_methods(spec), options=explain_options(spec), mode=spec.mode
+            methods=await self.broker.validate_methods(spec), options=explain_options(spec), mode=explain_mode(spec)
         )
 
     async def prepare_generation(
@@ -248,6 +256,8 @@ class Gateway:
                 # Refused before generating when even the longest allowed output would cost too much to explain.
                 plan.check_cost(len(prompt_ids) + sampling.max_tokens, sampling.max_tokens, tenant)
             prompt = prompt_ids
+        if plan is not None:
+            await self.broker.check_backlog()
         return PreparedGeneration(request_id, model, sampling, plan, prompt)
 
     async def explain(
@@ -408,12 +418,7 @@ class ExplanationsServicer(explanations_pb2_grpc.ExplanationsServiceServicer):
                 f"prompt and output together have {len(prompt_ids) + len(output_ids)} tokens; "
                 f"the model's context window is {model.max_model_len}"
             )
-        served = list(request.output_logprobs)
-        if served and len(served) != len(output_ids):
-            raise invalid_argument(
-                f"output_logprobs has {len(served)} values for {len(output_ids)} output tokens; "
-                "send one per output token or none"
-            )
+        served = served_logprobs(list(request.output_logprobs), len(output_ids))
         tenant.check_prompt_tokens(len(prompt_ids))
         tenant.check_max_tokens(len(output_ids), f"output_token_ids has {len(output_ids)} tokens to explain")
         explanation = await gateway.explain(

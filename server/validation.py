@@ -7,7 +7,7 @@ import math
 from sightline.v1 import types_pb2
 
 from common.jobs import ExplainOptions, SpanRequest
-from server.errors import invalid_argument
+from server.errors import invalid_argument, shown
 from server.vllm_client import Sampling
 
 CHAT_ROLES = ("system", "user", "assistant")
@@ -51,7 +51,7 @@ def chat_messages(chat: types_pb2.ChatMessages) -> list[dict[str, str]]:
     for index, message in enumerate(chat.messages):
         if message.role not in CHAT_ROLES:
             raise invalid_argument(
-                f"input.chat.messages[{index}].role must be one of {', '.join(CHAT_ROLES)}; got {message.role!r}"
+                f"input.chat.messages[{index}].role must be one of {', '.join(CHAT_ROLES)}; got {shown(message.role)}"
             )
     if all(not m.content.strip() for m in chat.messages):
         raise invalid_argument("input.chat messages are all empty; send some content")
@@ -70,6 +70,33 @@ def token_ids(ids: list[int], *, field: str, max_model_len: int, allow_empty: bo
             "and must leave room for at least one generated token"
         )
     return list(ids)
+
+
+def served_logprobs(values: list[float], num_outputs: int) -> list[float]:
+    """The served log-probabilities an Explain request carries for the fidelity check: none, or one per output."""
+    if values and len(values) != num_outputs:
+        raise invalid_argument(
+            f"output_logprobs has {len(values)} values for {num_outputs} output tokens; "
+            "send one per output token or none"
+        )
+    not_finite = [index for index, value in enumerate(values) if not math.isfinite(value)]
+    if not_finite:
+        raise invalid_argument(
+            f"output_logprobs[{not_finite[0]}] is {values[not_finite[0]]}; served log-probabilities are finite numbers"
+        )
+    return values
+
+
+EXPLAIN_MODES = (types_pb2.EXPLAIN_MODE_UNSPECIFIED, types_pb2.EXPLAIN_MODE_SYNC, types_pb2.EXPLAIN_MODE_ASYNC)
+
+
+def explain_mode(spec: types_pb2.ExplainSpec) -> types_pb2.ExplainMode:
+    # Checked, not defaulted: a mode this gateway does not know could mean either, and SYNC holds the call open.
+    if spec.mode not in EXPLAIN_MODES:
+        raise invalid_argument(
+            f"explain.mode {spec.mode} is not an ExplainMode value; use EXPLAIN_MODE_SYNC or EXPLAIN_MODE_ASYNC"
+        )
+    return spec.mode
 
 
 MAX_STEP_SCORES_TOP_K = 50

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import base64
+from typing import cast
+
 import grpc
 import pytest
 from google.protobuf import struct_pb2
+from google.protobuf.descriptor import Descriptor
+from google.protobuf.message import Message
 from sightline.v1 import explanations_pb2, explanations_pb2_grpc, inference_pb2, inference_pb2_grpc, types_pb2
+
+from tests.protofuzz import Fields, deep_struct, encode
 
 pytestmark = pytest.mark.e2e
 
@@ -151,3 +158,126 @@ def test_explain_rejects_out_of_vocabulary_ids(explanations: explanations_pb2_gr
         )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "outside the model's vocabulary (ids 0 to 49151)" in caught.value.details()
+
+
+def _send_raw(channel: grpc.Channel, path: str, fields: Fields, *, streaming: bool = False) -> grpc.RpcError:
+    """Send a hand-encoded request (tests/protofuzz.py), which may hold what protobuf will not serialize."""
+    request: type[Message] = {
+        "Generate": inference_pb2.GenerateRequest,
+        "GenerateStream": inference_pb2.GenerateStreamRequest,
+        "GetExplanation": explanations_pb2.GetExplanationRequest,
+    }[path.rsplit("/", 1)[1]]
+    wire = encode(cast(Descriptor, request.DESCRIPTOR), fields)
+    with pytest.raises(grpc.RpcError) as caught:
+        if streaming:
+            list(channel.unary_stream(path, request_serializer=bytes)(wire, timeout=60))
+        else:
+            channel.unary_unary(path, request_serializer=bytes)(wire, timeout=60)
+    return caught.value
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["Generate", "GenerateStream"])
+def test_invalid_utf8_gets_invalid_argument_naming_the_field(channel: grpc.Channel, streaming: bool) -> None:
+    """Regression (found by tests/e2e/test_fuzz.py): grpc answered UNKNOWN "Unexpected DecodeError"."""
+    path = "/sightline.v1.InferenceService/" + ("GenerateStream" if streaming else "Generate")
+    error = _send_raw(
+        channel, path, {"input": {"chat": {"messages": [{"role": "user", "content": b"caf\xc3"}]}}}, streaming=streaming
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "input.chat.messages[0].content is not valid UTF-8 (byte 3" in error.details()
+
+
+def test_parameters_nested_past_the_parser_limit(channel: grpc.Channel) -> None:
+    """Regression (found by the fuzzing): a Struct nested 40 deep could not be parsed and got UNKNOWN."""
+    error = _send_raw(
+        channel,
+        "/sightline.v1.InferenceService/Generate",
+        {"input": {"prompt": "Hi"}, "explain": {"methods": [{"name": "logit_lens", "params": deep_struct(40)}]}},
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details().startswith("the request is not a valid sightline.v1.GenerateRequest: explain.methods[0].")
+    assert "is nested more than 100 messages deep" in error.details()
+
+
+@pytest.mark.parametrize(
+    ("path", "fields", "code", "start"),
+    [
+        (
+            "/sightline.v1.InferenceService/Generate",
+            {"model": "m" * 100_000, "input": {"prompt": "Hi"}},
+            grpc.StatusCode.NOT_FOUND,
+            "model 'mmm",
+        ),
+        (
+            "/sightline.v1.ExplanationsService/GetExplanation",
+            {"explanation_id": "exp_" + "0" * 100_000},
+            grpc.StatusCode.NOT_FOUND,
+            "no explanation with id 'exp_000",
+        ),
+        (
+            "/sightline.v1.InferenceService/Generate",
+            {"input": {"chat": {"messages": [{"role": "r" * 100_000, "content": "hi"}]}}},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "input.chat.messages[0].role must be one of",
+        ),
+        (
+            "/sightline.v1.InferenceService/Generate",
+            {"input": {"prompt": "Hi"}, "explain": {"methods": [{"name": "logit_lens"}] * 50_000}},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "explain methods must be distinct; named more than once: ['logit_lens']",
+        ),
+    ],
+    ids=["model", "explanation_id", "role", "repeated_method"],
+)
+def test_messages_do_not_echo_enormous_input(
+    channel: grpc.Channel, path: str, fields: Fields, code: grpc.StatusCode, start: str
+) -> None:
+    """Regression (found by the fuzzing): a 100 KB input came back whole in the status message, past gRPC's
+    16 KB metadata limit, so the client saw RESOURCE_EXHAUSTED "received metadata size exceeds hard limit"."""
+    error = _send_raw(channel, path, fields)
+    assert error.code() == code
+    assert error.details().startswith(start)
+    assert len(error.details()) < 300
+
+
+def test_unknown_explain_mode(inference: inference_pb2_grpc.InferenceServiceStub) -> None:
+    """Regression: an unknown mode was served as SYNC, holding the call open until its deadline."""
+    error = _generate_error(
+        inference,
+        _request(
+            explain=types_pb2.ExplainSpec(
+                methods=[types_pb2.MethodSpec(name="logit_lens")], mode=cast(types_pb2.ExplainMode, 7)
+            )
+        ),
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "explain.mode 7 is not an ExplainMode value" in error.details()
+
+
+def test_explain_rejects_non_finite_served_logprobs(
+    explanations: explanations_pb2_grpc.ExplanationsServiceStub,
+) -> None:
+    """Regression: NaN served log-probabilities were queued and came back as a NaN fidelity."""
+    with pytest.raises(grpc.RpcError) as caught:
+        explanations.Explain(
+            explanations_pb2.ExplainRequest(
+                prompt_token_ids=[1, 2, 3],
+                output_token_ids=[4, 5],
+                output_logprobs=[-0.1, float("nan")],
+                explain=types_pb2.ExplainSpec(methods=[types_pb2.MethodSpec(name="logit_lens")]),
+            ),
+            timeout=10,
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "output_logprobs[1] is nan" in caught.value.details()
+
+
+def test_list_explanations_refuses_a_page_token_with_nan(
+    explanations: explanations_pb2_grpc.ExplanationsServiceStub,
+) -> None:
+    """Regression (found by the fuzzing): a page token holding NaN answered INTERNAL."""
+    token = base64.urlsafe_b64encode(b'[NaN, "exp_x"]').decode()
+    with pytest.raises(grpc.RpcError) as caught:
+        explanations.ListExplanations(explanations_pb2.ListExplanationsRequest(page_token=token), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "page_token is not one this server issued" in caught.value.details()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import json
+import math
 from collections.abc import AsyncIterator
 
 import grpc
@@ -25,7 +28,11 @@ async def broker(redis_client: redis.Redis, redis_server: int) -> AsyncIterator[
     redis_client.hset(MODELS_KEY, MODEL, ModelRecord("digest", 100).to_json())
     client = aioredis.Redis(port=redis_server)
     yield ExplanationBroker(
-        client, "redis://test", record_ttl_seconds=3600, limiter=TenantLimiter(client, "redis://test", lease_seconds=60)
+        client,
+        "redis://test",
+        record_ttl_seconds=3600,
+        limiter=TenantLimiter(client, "redis://test", lease_seconds=60),
+        max_unfinished_jobs=1000,
     )
     await client.aclose()
 
@@ -97,3 +104,16 @@ async def test_expired_records_are_left_out_and_bad_tokens_refused(
             await broker.list_summaries("acme", 2, token)
         assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
         assert "page_token is not one this server issued" in caught.value.message
+
+
+@pytest.mark.parametrize("created_ms", [math.nan, math.inf, 10**400], ids=["nan", "inf", "huge"])
+async def test_tokens_holding_non_finite_or_huge_times_are_refused(
+    broker: ExplanationBroker, created_ms: float
+) -> None:
+    """Regression (found by tests/e2e/test_fuzz.py): NaN reached Redis as a score and 10**400 overflowed float(),
+    both answered INTERNAL."""
+    token = base64.urlsafe_b64encode(json.dumps([created_ms, "exp_x"]).encode()).decode()
+    with pytest.raises(GatewayError) as caught:
+        await broker.list_summaries("acme", 2, token)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "page_token is not one this server issued" in caught.value.message

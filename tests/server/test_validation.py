@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import math
+
 import grpc
 import pytest
 from sightline.v1 import types_pb2
 
 from common.jobs import ExplanationJob, MethodRequest, ModelRecord, new_explanation_id
-from server.errors import GatewayError
-from server.validation import chat_messages, check_options_fit, explain_options, sampling_from_proto, token_ids
+from server.errors import GatewayError, shown
+from server.validation import (
+    chat_messages,
+    check_options_fit,
+    explain_mode,
+    explain_options,
+    sampling_from_proto,
+    served_logprobs,
+    token_ids,
+)
 
 
 def test_sampling_defaults() -> None:
@@ -123,3 +133,27 @@ def test_options_must_fit_the_generation() -> None:
         check_options_fit(options, num_tokens=10, num_generated=3)
     with pytest.raises(GatewayError, match="one per explained token"):
         check_options_fit(options, num_tokens=10, num_generated=6)
+
+
+def test_explain_mode_must_be_a_known_value() -> None:
+    assert explain_mode(_spec(mode=types_pb2.EXPLAIN_MODE_ASYNC)) == types_pb2.EXPLAIN_MODE_ASYNC
+    assert explain_mode(_spec()) == types_pb2.EXPLAIN_MODE_UNSPECIFIED
+    with pytest.raises(GatewayError, match=r"explain\.mode 7 is not an ExplainMode value") as caught:
+        explain_mode(_spec(mode=7))
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_served_logprobs_are_one_finite_value_per_output() -> None:
+    assert served_logprobs([], 3) == []
+    assert served_logprobs([-0.5, -1.0], 2) == [-0.5, -1.0]
+    with pytest.raises(GatewayError, match="2 values for 3 output tokens"):
+        served_logprobs([-0.5, -1.0], 3)
+    with pytest.raises(GatewayError, match=r"output_logprobs\[1\] is nan; served log-probabilities are finite"):
+        served_logprobs([-0.5, math.nan], 2)
+
+
+def test_messages_quote_enormous_input_only_in_part() -> None:
+    assert shown("gpt-17") == "'gpt-17'"
+    quoted = shown("x" * 100_000)
+    assert quoted == "'" + "x" * 59 + "… (100,000 characters)"
+    assert shown(["a"] * 1000).endswith("… (5,000 characters written out)")
