@@ -466,7 +466,7 @@ def run_group(group: list[str], workload: Workload, workload_path: Path, shared:
                 call = workers[side].call("run", side)
                 warm_up[side] = call["wall_s"]
                 if call["wall_s"] > LONG_CALL_S:
-                    runs[side].append(call)
+                    runs[side].append({**call, "round": -1})
         rounds_started = time.perf_counter()
         for round_index in range(workload.repeats):
             if min(map(len, runs.values())) >= 1 and time.perf_counter() - rounds_started > workload.group_budget_s:
@@ -474,7 +474,7 @@ def run_group(group: list[str], workload: Workload, workload_path: Path, shared:
             for offset in range(len(group)):
                 side = group[(round_index + offset) % len(group)]
                 if len(runs[side]) < workload.repeats:
-                    runs[side].append(workers[side].call("run", side))
+                    runs[side].append({**workers[side].call("run", side), "round": round_index})
         results = {}
         for side in group:
             walls = [run["wall_s"] for run in runs[side]]
@@ -483,6 +483,7 @@ def run_group(group: list[str], workload: Workload, workload_path: Path, shared:
                 "warm_up_s": warm_up[side],
                 "wall_s": walls,
                 "cpu_s": cpus,
+                "rounds": [run["round"] for run in runs[side]],
                 "median_s": statistics.median(walls),
                 "median_cpu_s": statistics.median(cpus),
                 "load_average_before": load_before,
@@ -619,15 +620,27 @@ def check(comparison: Comparison, sides: dict[str, dict[str, Any]], workload: Wo
     }
 
 
+def _same_round_ratio(peer: dict[str, Any], ours: dict[str, Any]) -> float:
+    """Median of peer / Sightline over the rounds (the warm-up round is -1) both sides ran a timed call in; the
+    ratio of medians when they share none."""
+    ours_by_round = dict(zip(ours["rounds"], ours["wall_s"], strict=True))
+    ratios = [
+        wall / ours_by_round[r] for r, wall in zip(peer["rounds"], peer["wall_s"], strict=True) if r in ours_by_round
+    ]
+    return statistics.median(ratios) if ratios else float(peer["median_s"] / ours["median_s"])
+
+
 def report(sides: dict[str, dict[str, Any]], workload: Workload, smoke: bool) -> dict[str, Any]:
     rows = []
     for comparison in COMPARISONS:
+        if f"sightline/{comparison.method}" not in sides:
+            continue
         ours = sides[f"sightline/{comparison.method}"]
         peer = sides[comparison.peer]
         correctness = check(comparison, sides, workload)
         ratio = peer["median_s"] / ours["median_s"]
         # Same-round ratios: robust to background load that drifts between rounds.
-        paired = statistics.median(theirs / mine for theirs, mine in zip(peer["wall_s"], ours["wall_s"], strict=True))
+        paired = _same_round_ratio(peer, ours)
         target = TARGETS.get((comparison.method, comparison.peer))
         rows.append(
             {
@@ -718,6 +731,7 @@ def main() -> None:
         "--smoke", action="store_true", help="tiny random Llama, 4 tokens, 1 repeat, no warm-up, one process"
     )
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per side (default 3; smoke 1)")
+    parser.add_argument("--only", nargs="+", choices=[c.method for c in COMPARISONS], help="compare only these methods")
     parser.add_argument(
         "--group-budget-s", type=float, default=300.0, help="stop repeating a method's sides after this long"
     )
@@ -745,7 +759,8 @@ def main() -> None:
         shared = Worker(workload_path) if args.smoke else None
         try:
             for group in GROUPS:
-                sides.update(run_group(list(group), workload, workload_path, shared))
+                if args.only is None or group[0].removeprefix("sightline/") in args.only:
+                    sides.update(run_group(list(group), workload, workload_path, shared))
         finally:
             if shared is not None:
                 shared.close()
