@@ -18,6 +18,8 @@ class GatewaySettings:
     # Time kept back from a SYNC call's deadline to reply with a PENDING explanation instead of failing.
     deadline_margin_seconds: float = 0.25
     health_interval_seconds: float = 2.0
+    # On SIGTERM, how long calls in flight may take to finish; under Kubernetes' default 30 s termination grace.
+    shutdown_grace_seconds: float = 25.0
     max_message_bytes: int = 16 * 1024 * 1024
     # Largest explanation accepted, in token-forward passes (MethodCost x sequence length): 50M is
     # integrated gradients with 16 steps over a 1,024-token generation several times over.
@@ -32,4 +34,10 @@ class GatewaySettings:
             default_max_tokens=int(os.environ.get("SIGHTLINE_DEFAULT_MAX_TOKENS", cls.default_max_tokens)),
             record_ttl_seconds=int(os.environ.get("SIGHTLINE_RECORD_TTL_SECONDS", cls.record_ttl_seconds)),
             max_explanation_cost=float(os.environ.get("SIGHTLINE_MAX_EXPLANATION_COST", cls.max_explanation_cost)),
+            health_interval_seconds=float(
+                os.environ.get("SIGHTLINE_HEALTH_INTERVAL_SECONDS", cls.health_interval_seconds)
+            ),
+            shutdown_grace_seconds=float(
+                os.environ.get("SIGHTLINE_SHUTDOWN_GRACE_SECONDS", cls.shutdown_grace_seconds)
+            ),
         )

@@ -145,7 +145,7 @@ class VLLMClient:
             except httpx.TimeoutException as exc:
                 raise deadline_exceeded("the vLLM backend did not finish before the call's deadline") from exc
             except httpx.TransportError as exc:
-                raise unavailable(f"the vLLM backend at {self.base_url} is unreachable: {exc}") from exc
+                raise self._unreachable(exc) from exc
             _record_response(span, None, summary)
 
     @staticmethod
@@ -203,11 +203,17 @@ class VLLMClient:
         except httpx.TimeoutException as exc:
             raise deadline_exceeded("the vLLM backend did not answer before the call's deadline") from exc
         except httpx.TransportError as exc:
-            raise unavailable(f"the vLLM backend at {self.base_url} is unreachable: {exc}") from exc
+            raise self._unreachable(exc) from exc
         if response.status_code != 200:
             raise _error_from_response(response)
         body: dict[str, Any] = response.json()
         return body
+
+    def _unreachable(self, exc: httpx.TransportError) -> GatewayError:
+        return unavailable(
+            f"the vLLM backend at {self.base_url} is unreachable ({str(exc) or type(exc).__name__}); "
+            "retry in a few seconds"
+        )
 
 
 def _trace_headers() -> dict[str, str]:
