@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import os
 import signal
 import socket
@@ -30,7 +29,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.jobs import CATALOG_KEY
 
-PR_SET_PDEATHSIG = 1
 DEFAULT_STATE_DIR = Path.home() / ".cache" / "sightline" / "state"
 
 
@@ -71,12 +69,6 @@ class StackConfig:
         return f"redis://{self.host}:{self.redis_port}/0"
 
 
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: ask the kernel to SIGTERM it if we die.
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def _port_in_use(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -110,7 +102,10 @@ class Child:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = log_path.open("ab")
         self.process = subprocess.Popen(
-            argv,
+            # setpriv asks the kernel to SIGTERM the child if the launcher dies, then execs it. Not a
+            # preexec_fn: that forces fork(), whose handlers (gRPC's, when the launcher uses gRPC)
+            # run in the child and can crash or hang it before exec; without one Python uses vfork().
+            ["setpriv", "--pdeathsig", "TERM", "--", *argv],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=self._log,
@@ -118,7 +113,6 @@ class Child:
             # Own process group: Ctrl-C reaches only the launcher, which stops children in
             # order, and a stop signal reaches the child's own helpers (vLLM's engine core).
             start_new_session=True,
-            preexec_fn=_die_with_parent,
         )
 
     def alive(self) -> bool:
