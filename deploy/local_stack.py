@@ -124,7 +124,8 @@ class Child:
         except OSError:
             return ""
 
-    def stop(self, timeout: float = 20.0) -> None:
+    # Longer than the gateway's and the workers' shutdown grace (25 s), so SIGKILL never cuts a drain short.
+    def stop(self, timeout: float = 30.0) -> None:
         if self.alive():
             self._signal_group(signal.SIGTERM)
             try:
