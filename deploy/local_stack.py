@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -70,16 +69,6 @@ class StackConfig:
         return f"redis://{self.host}:{self.redis_port}/0"
 
 
-def _dying_with_parent(argv: list[str]) -> list[str]:
-    """argv run so that the kernel SIGTERMs it if the launcher dies, through util-linux's setpriv.
-
-    Not with Popen's preexec_fn: that runs Python's at-fork handlers, and grpcio's (this process holds gRPC
-    channels) sometimes abort the forked child before it can exec (grpc/grpc#43055).
-    """
-    setpriv = shutil.which("setpriv")
-    return [setpriv, "--pdeathsig", "SIGTERM", "--", *argv] if setpriv else argv
-
-
 def _port_in_use(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -108,6 +97,14 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class Command:
+    """How to start one component: its argv and its environment."""
+
+    argv: list[str]
+    env: dict[str, str]
+
+
 class Child:
     """One supervised child process with its log file."""
 
@@ -117,7 +114,10 @@ class Child:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = log_path.open("ab")
         self.process = subprocess.Popen(
-            _dying_with_parent(argv),
+            # setpriv asks the kernel to SIGTERM the child if the launcher dies, then execs it. Not a
+            # preexec_fn: that forces fork(), whose handlers (gRPC's, when the launcher uses gRPC)
+            # run in the child and can crash or hang it before exec; without one Python uses vfork().
+            ["setpriv", "--pdeathsig", "TERM", "--", *argv],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=self._log,
@@ -136,7 +136,8 @@ class Child:
         except OSError:
             return ""
 
-    def stop(self, timeout: float = 20.0) -> None:
+    # Longer than the gateway's and the workers' shutdown grace (25 s), so SIGKILL never cuts a drain short.
+    def stop(self, timeout: float = 30.0) -> None:
         if self.alive():
             self._signal_group(signal.SIGTERM)
             try:
@@ -193,40 +194,27 @@ class LocalStack:
         env.update(self.config.extra_env)
         return env
 
-    def start(self) -> None:
+    def redis_command(self) -> Command:
+        """redis-server on the configured port, its data (AOF on) under the state directory."""
         config = self.config
-        self._check_ports()
-        started = time.monotonic()
-        self._prepare_model()
-        logs = config.state_dir / "logs"
         redis_dir = config.state_dir / "redis"
         redis_dir.mkdir(parents=True, exist_ok=True)
+        argv = [
+            "redis-server",
+            "--bind", config.host,
+            "--port", str(config.redis_port),
+            "--dir", str(redis_dir),
+            "--appendonly", "yes",
+            "--save", "",
+            "--protected-mode", "no",
+        ]  # fmt: skip
+        return Command(argv, dict(os.environ))
 
-        redis_child = self._spawn(
-            "redis",
-            [
-                "redis-server",
-                "--bind",
-                config.host,
-                "--port",
-                str(config.redis_port),
-                "--dir",
-                str(redis_dir),
-                "--appendonly",
-                "yes",
-                "--save",
-                "",
-                "--protected-mode",
-                "no",
-            ],
-            dict(os.environ),
-            logs,
-        )
-        self._wait("redis", redis_child, self._redis_ready, timeout=30)
-
-        vllm_env = self.child_env("sightline-vllm")
-        vllm_env["VLLM_CPU_KVCACHE_SPACE"] = str(config.vllm_kv_cache_gib)
-        vllm_argv = [
+    def vllm_command(self) -> Command:
+        config = self.config
+        env = self.child_env("sightline-vllm")
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(config.vllm_kv_cache_gib)
+        argv = [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(config.model_dir),
             "--served-model-name", config.served_model_name,
@@ -237,38 +225,49 @@ class LocalStack:
             "--max-model-len", str(config.max_model_len),
         ]  # fmt: skip
         if config.otlp_endpoint:
-            vllm_argv += ["--otlp-traces-endpoint", f"grpc://{config.otlp_endpoint.split('://')[-1]}"]
-        vllm_child = self._spawn("vllm", vllm_argv, vllm_env, logs)
+            argv += ["--otlp-traces-endpoint", f"grpc://{config.otlp_endpoint.split('://')[-1]}"]
+        return Command(argv, env)
 
+    def explainer_command(self, consumer: str | None = None) -> Command:
+        config = self.config
+        argv = [
+            sys.executable, "-m", "explainers", "--model-dir", str(config.model_dir),
+            "--redis-url", config.redis_url, "--threads", str(config.explainer_threads),
+        ]  # fmt: skip
+        if consumer is not None:
+            argv += ["--consumer", consumer]
+        return Command(argv, self.child_env("sightline-explainer", config.explainer_threads))
+
+    def gateway_command(self) -> Command:
+        config = self.config
+        argv = [
+            sys.executable, "-m", "server", "--listen", config.gateway_address,
+            "--vllm-url", config.vllm_url, "--redis-url", config.redis_url,
+        ]  # fmt: skip
+        return Command(argv, self.child_env("sightline-gateway", 1))
+
+    def start(self) -> None:
+        config = self.config
+        self._check_ports()
+        started = time.monotonic()
+        self._prepare_model()
+        logs = config.state_dir / "logs"
+
+        redis_child = self._spawn("redis", self.redis_command(), logs)
+        self._wait("redis", redis_child, self.redis_ready, timeout=30)
+        vllm_child = self._spawn("vllm", self.vllm_command(), logs)
         # The explainer loads its weights while vLLM starts.
-        explainer_child = self._spawn(
-            "explainer",
-            [
-                sys.executable, "-m", "explainers", "--model-dir", str(config.model_dir),
-                "--redis-url", config.redis_url, "--threads", str(config.explainer_threads),
-            ],
-            self.child_env("sightline-explainer", config.explainer_threads),
-            logs,
-        )  # fmt: skip
-        self._wait("vLLM", vllm_child, self._vllm_ready, timeout=600)
+        explainer_child = self._spawn("explainer", self.explainer_command(), logs)
+        self._wait("vLLM", vllm_child, self.vllm_ready, timeout=600)
         self._warm_up_vllm()
         self._wait("explainer", explainer_child, self._explainer_ready, timeout=300)
-
-        gateway_env = self.child_env("sightline-gateway", 1)
-        gateway_child = self._spawn(
-            "gateway",
-            [
-                sys.executable, "-m", "server", "--listen", config.gateway_address,
-                "--vllm-url", config.vllm_url, "--redis-url", config.redis_url,
-            ],
-            gateway_env,
-            logs,
-        )  # fmt: skip
-        self._wait("gateway", gateway_child, self._gateway_serving, timeout=60)
+        gateway = self.gateway_command()
+        gateway_child = self._spawn("gateway", gateway, logs)
+        self._wait("gateway", gateway_child, self.gateway_serving, timeout=60)
         self._say(
             f"Sightline is SERVING after {time.monotonic() - started:.1f} s\n"
             f"  gateway (gRPC)   {config.gateway_address}\n"
-            f"  {_auth_line(gateway_env)}\n"
+            f"  {_auth_line(gateway.env)}\n"
             f"  vLLM (HTTP)      {config.vllm_url}  model {config.served_model_name}\n"
             f"  Redis            {config.redis_url}\n"
             f"  explainer        1 worker, model dir {config.model_dir}\n"
@@ -309,8 +308,8 @@ class LocalStack:
         if result.returncode != 0:
             raise StackError(f"could not prepare the embedded model:\n{result.stderr[-4000:]}")
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str], logs: Path) -> Child:
-        child = Child(name, argv, env, logs / f"{name}.log")
+    def _spawn(self, name: str, command: Command, logs: Path) -> Child:
+        child = Child(name, command.argv, command.env, logs / f"{name}.log")
         self.children.append(child)
         return child
 
@@ -324,13 +323,13 @@ class LocalStack:
             time.sleep(0.5)
         raise StackError(f"{name} was not ready within {timeout:.0f} s; log {child.log_path}:\n{child.log_tail()}")
 
-    def _redis_ready(self) -> bool:
+    def redis_ready(self) -> bool:
         try:
             return bool(redis.Redis.from_url(self.config.redis_url, socket_connect_timeout=1).ping())
         except redis.RedisError:
             return False
 
-    def _vllm_ready(self) -> bool:
+    def vllm_ready(self) -> bool:
         try:
             return httpx.get(f"{self.config.vllm_url}/health", timeout=2).status_code == 200
         except httpx.HTTPError:
@@ -352,7 +351,7 @@ class LocalStack:
         except redis.RedisError:
             return False
 
-    def _gateway_serving(self) -> bool:
+    def gateway_serving(self) -> bool:
         with grpc.insecure_channel(self.config.gateway_address) as channel:
             try:
                 reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=2)

@@ -8,16 +8,51 @@ import os
 import signal
 import socket
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 
 import redis
 import torch
+from opentelemetry.sdk.trace import TracerProvider
 
 from common.telemetry import configure_tracing
 from explainers.embedded_model import default_model_dir
 from explainers.model import load_model
 from explainers.worker import ExplainerWorker, WorkerSettings
+
+log = logging.getLogger(__name__)
+
+
+class GracefulShutdown:
+    """SIGTERM or SIGINT: take no new job and let the one in hand finish, for at most ``grace_seconds``;
+    then hand it back to the other workers and exit 0 without finishing it."""
+
+    def __init__(self, grace_seconds: float, provider: TracerProvider) -> None:
+        self.grace_seconds = grace_seconds
+        self.requested = threading.Event()
+        self.worker: ExplainerWorker | None = None
+        self._provider = provider
+
+    def request(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested.is_set():
+            return
+        log.info("stopping: finishing the job in hand, for at most %.1f s", self.grace_seconds)
+        self.requested.set()
+        threading.Thread(target=self._exit_after_grace, name="shutdown-grace", daemon=True).start()
+
+    def _exit_after_grace(self) -> None:
+        # Runs out the grace only when the main thread has not returned by then.
+        time.sleep(self.grace_seconds)
+        held = self.worker.abandon_held_job() if self.worker is not None else None
+        if held is not None:
+            log.warning(
+                "explanation %s not finished within the %.1f s shutdown grace; handed back to the other workers",
+                held.record.explanation_id,
+                self.grace_seconds,
+            )
+        self._provider.force_flush(timeout_millis=2000)
+        os._exit(0)
 
 
 def main() -> None:
@@ -45,23 +80,28 @@ def main() -> None:
     )
     parser.add_argument("--max-attempts", type=int, default=int(os.environ.get("SIGHTLINE_MAX_ATTEMPTS", "3")))
     parser.add_argument("--claim-idle-ms", type=int, default=int(os.environ.get("SIGHTLINE_CLAIM_IDLE_MS", "60000")))
+    parser.add_argument(
+        "--shutdown-grace-seconds",
+        type=float,
+        default=float(os.environ.get("SIGHTLINE_WORKER_SHUTDOWN_GRACE_SECONDS", "25")),
+        help="on SIGTERM, how long the job in hand may take to finish before it is handed back to other "
+        "workers (SIGHTLINE_WORKER_SHUTDOWN_GRACE_SECONDS)",
+    )
     args = parser.parse_args()
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s explainer %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     provider = configure_tracing("sightline-explainer")
 
-    stop = threading.Event()
-
-    def request_stop(signum: int, frame: FrameType | None) -> None:
-        # The job in hand is finished before the loop sees this.
-        stop.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    shutdown = GracefulShutdown(args.shutdown_grace_seconds, provider)
+    signal.signal(signal.SIGTERM, shutdown.request)
+    signal.signal(signal.SIGINT, shutdown.request)
 
     loaded = load_model(args.model_dir)
-    client = redis.Redis.from_url(args.redis_url, socket_connect_timeout=2, socket_timeout=30)
+    # Named after the consumer, so CLIENT LIST tells which worker each connection belongs to.
+    client = redis.Redis.from_url(
+        args.redis_url, socket_connect_timeout=2, socket_timeout=30, client_name=args.consumer
+    )
     worker = ExplainerWorker(
         client,
         loaded,
@@ -72,8 +112,9 @@ def main() -> None:
             cache_ttl_seconds=args.cache_ttl,
         ),
     )
+    shutdown.worker = worker
     worker.register()
-    logging.getLogger(__name__).info(
+    log.info(
         "explainer %s ready: model %s (%s) on %s",
         args.consumer,
         loaded.model_name,
@@ -81,9 +122,10 @@ def main() -> None:
         args.redis_url,
     )
     try:
-        worker.run(stop)
+        worker.run(shutdown.requested)
     finally:
         provider.shutdown()
+    log.info("explainer %s stopped", args.consumer)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from common.jobs import TENANT_NAME
 
@@ -40,6 +42,8 @@ _CODEC_DTYPES: dict[torch.dtype, tuple[str, torch.dtype]] = {
     torch.float32: ("float32", torch.int32),
 }
 _DTYPES_BY_NAME = {name: dtype for dtype, (name, _) in _CODEC_DTYPES.items()}
+
+REDIS_UNREACHABLE = (RedisConnectionError, RedisTimeoutError)
 
 # Redis refuses string values above proto-max-bulk-len (512 MiB by default).
 MAX_ENTRY_BYTES = 512 * 1024 * 1024
@@ -153,8 +157,7 @@ class HiddenStateCache:
     ) -> None:
         """Keep the forward pass's own log-probabilities of the generated tokens, so that a cache hit reports the
         same fidelity as the miss instead of one read out of the bfloat16 states (~1e-2 worse)."""
-        key = self._log_probs_key(weights_digest, token_ids, first_position)
-        self._redis.set(key, encode_tensor(log_probs.float()), ex=self._ttl_seconds)
+        self._set(self._log_probs_key(weights_digest, token_ids, first_position), encode_tensor(log_probs.float()))
 
     def _log_probs_key(self, weights_digest: str, token_ids: Sequence[int], first_position: int) -> str:
         # Keyed by where the output starts too: the same tokens explained with another prompt/output split
@@ -162,7 +165,12 @@ class HiddenStateCache:
         return f"{self.key(self._tenant, weights_digest, token_ids)}:logprobs:{first_position}"
 
     def _get(self, key: str) -> torch.Tensor | None:
-        blob = self._redis.get(key)
+        try:
+            blob = self._redis.get(key)
+        except REDIS_UNREACHABLE as error:
+            # The cache only saves work: unreachable, it is a miss, not a failed explanation.
+            logger.warning("hidden-state cache unreachable, computing without it: %s", error)
+            return None
         if blob is None:
             return None
         if not isinstance(blob, bytes):
@@ -175,10 +183,18 @@ class HiddenStateCache:
             return None
 
     def put(self, weights_digest: str, token_ids: Sequence[int], hidden_states: torch.Tensor) -> bool:
-        """Store hidden states (cast to bfloat16); False when the entry is too large for Redis to hold."""
+        """Store hidden states (cast to bfloat16); False when the entry is too large for Redis or Redis is
+        unreachable."""
         blob = encode_tensor(hidden_states.to(STORAGE_DTYPE))
         if len(blob) > MAX_ENTRY_BYTES:
             logger.warning("not caching %d-byte hidden states, above Redis' %d-byte limit", len(blob), MAX_ENTRY_BYTES)
             return False
-        self._redis.set(self.key(self._tenant, weights_digest, token_ids), blob, ex=self._ttl_seconds)
+        return self._set(self.key(self._tenant, weights_digest, token_ids), blob)
+
+    def _set(self, key: str, blob: bytes) -> bool:
+        try:
+            self._redis.set(key, blob, ex=self._ttl_seconds)
+        except REDIS_UNREACHABLE as error:
+            logger.warning("hidden-state cache unreachable, not caching: %s", error)
+            return False
         return True

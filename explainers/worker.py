@@ -2,20 +2,28 @@
 
 Each job is acknowledged only after its record reaches a final state, in the same
 transaction, so a worker killed mid-job leaves the entry pending and another worker claims
-it once it has been idle for ``claim_idle_ms``. Records are written whole and keyed by
-explanation id, so a job computed twice (a slow worker and its claimant) stores the same
-result twice, never a half-written one. A job that keeps failing is marked FAILED with its
-reason after ``max_attempts``; nothing is dropped silently. The transaction that writes a
-final record also gives the explanation's slot back to its tenant's concurrency limit.
+it once it has been idle for ``claim_idle_ms``. While a worker computes, it renews its lease
+on the entry (resets its idle time) several times per ``claim_idle_ms``, so only a dead or
+stalled worker's job becomes claimable, however long the job takes. Records are written whole
+and keyed by explanation id, so a job computed twice (a stalled worker and its claimant)
+stores the same result twice, never a half-written one. A job that keeps failing, or keeps
+killing the workers that take it, is marked FAILED with its reason after ``max_attempts``;
+nothing is dropped silently. The transaction that writes a final record also gives the
+explanation's slot back to its tenant's concurrency limit.
 
 Each job's hidden states are cached under its own tenant (see explainers/hidden_cache.py).
+
+A worker asked to stop finishes the job in hand; one that cannot within its shutdown grace
+hands the job back (immediately claimable, the attempt not counted) and exits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import cast
 
@@ -48,6 +56,23 @@ tracer = trace.get_tracer("sightline.explainer")
 
 FINAL_STATES = (types_pb2.EXPLANATION_STATE_SUCCEEDED, types_pb2.EXPLANATION_STATE_FAILED)
 
+# Both scripts act only while ARGV[2] (this consumer) still owns entry ARGV[3] of stream KEYS[1] in
+# group ARGV[1]: an entry another worker claimed, or one already acknowledged, is left alone.
+# XCLAIM ... JUSTID resets the entry's idle time without counting a delivery.
+RENEW_LEASE_SCRIPT = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1, ARGV[2]) == 0 then return 0 end
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
+return 1
+"""
+# Also backdates the entry's idle time to ARGV[4] ms, so the next XAUTOCLAIM takes it at once, and
+# rewrites the record KEYS[2] as PENDING (ARGV[5]) with the attempt uncounted (ARGV[6]).
+HAND_BACK_SCRIPT = f"""
+if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1, ARGV[2]) == 0 then return 0 end
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'IDLE', ARGV[4], 'JUSTID')
+redis.call('HSET', KEYS[2], '{RECORD_EXPLANATION}', ARGV[5], '{RECORD_ATTEMPTS}', ARGV[6], '{RECORD_STATE}', ARGV[7])
+return 1
+"""
+
 
 @dataclass(frozen=True)
 class WorkerSettings:
@@ -59,12 +84,28 @@ class WorkerSettings:
     # How long hidden states stay cached.
     cache_ttl_seconds: int = 3600
 
+    @property
+    def lease_renewal_seconds(self) -> float:
+        # Four renewals per idle timeout: a live worker's job stays unclaimable even if one or two are late.
+        return self.claim_idle_ms / 4000
+
+
+@dataclass(frozen=True)
+class HeldJob:
+    """The job a worker is computing: its stream entry and its record as marked RUNNING."""
+
+    entry_id: bytes
+    record: types_pb2.Explanation
+
 
 class ExplainerWorker:
     def __init__(self, client: redis.Redis, loaded: LoadedModel, settings: WorkerSettings) -> None:
         self._redis = client
         self._loaded = loaded
         self._settings = settings
+        self._renew_lease = client.register_script(RENEW_LEASE_SCRIPT)
+        self._hand_back = client.register_script(HAND_BACK_SCRIPT)
+        self._held: HeldJob | None = None
 
     def register(self) -> None:
         """Create the consumer group and publish this worker's methods and weights digest."""
@@ -84,14 +125,54 @@ class ExplainerWorker:
             pipe.execute()
 
     def run(self, stop: threading.Event) -> None:
-        """Process jobs until ``stop`` is set; a job in hand is always finished first."""
+        """Process jobs until ``stop`` is set; the job in hand is finished first (see ``abandon_held_job``)."""
         while not stop.is_set():
             try:
                 for entry_id, fields in self._next_entries():
+                    if stop.is_set():
+                        # Delivered while stopping: give it straight back rather than start it.
+                        self._redis.xclaim(
+                            JOB_STREAM,
+                            WORKER_GROUP,
+                            self._settings.consumer,
+                            0,
+                            [entry_id],
+                            idle=self._settings.claim_idle_ms,
+                            justid=True,
+                        )
+                        continue
                     self.process(entry_id, fields)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("lost Redis (%s); retrying in 1 s", exc)
                 time.sleep(1.0)
+
+    def abandon_held_job(self) -> HeldJob | None:
+        """Hand the job being computed back to the group, for a worker that must exit before finishing it.
+
+        Called from another thread while ``run`` computes. The entry becomes claimable at once and the
+        record reads PENDING with this attempt uncounted, unless the job was finished (or claimed by
+        another worker) meanwhile, which the script checks atomically. Returns the job, if one was held.
+        """
+        held = self._held
+        if held is None:
+            return None
+        pending = types_pb2.Explanation()
+        pending.CopyFrom(held.record)
+        pending.state = types_pb2.EXPLANATION_STATE_PENDING
+        pending.attempts -= 1
+        self._hand_back(
+            keys=[JOB_STREAM, explanation_key(pending.explanation_id)],
+            args=[
+                WORKER_GROUP,
+                self._settings.consumer,
+                held.entry_id,
+                self._settings.claim_idle_ms,
+                pending.SerializeToString(),
+                pending.attempts,
+                pending.state,
+            ],
+        )
+        return held
 
     def _next_entries(self) -> list[tuple[bytes, dict[bytes, bytes]]]:
         # Abandoned jobs first: they are the oldest work in the system.
@@ -99,6 +180,7 @@ class ExplainerWorker:
             JOB_STREAM, WORKER_GROUP, self._settings.consumer, self._settings.claim_idle_ms, "0-0", count=1
         )
         if claimed:
+            log.info("claimed job %s: idle past the claim timeout, its worker died or handed it back", claimed[0][0])
             return [(entry_id, fields) for entry_id, fields in claimed if fields]
         response = self._redis.xreadgroup(
             WORKER_GROUP, self._settings.consumer, {JOB_STREAM: ">"}, count=1, block=self._settings.block_ms
@@ -127,13 +209,54 @@ class ExplainerWorker:
             return
         record.attempts = int(self._redis.hincrby(key, RECORD_ATTEMPTS, 1))
         if record.attempts > self._settings.max_attempts:
+            # This delivery only finds the attempts used up; the record counts the ones actually made.
+            record.attempts = self._settings.max_attempts
             self._fail(
-                entry_id, job, record, f"gave up after {self._settings.max_attempts} attempts that did not finish"
+                entry_id,
+                job,
+                record,
+                f"gave up after {self._settings.max_attempts} attempts: every worker that took this job stopped "
+                "before finishing it (killed, crashed or out of memory); see the explainer workers' logs",
             )
             return
         record.state = types_pb2.EXPLANATION_STATE_RUNNING
         self._redis.hset(key, mapping={RECORD_EXPLANATION: record.SerializeToString(), RECORD_STATE: record.state})
+        # A copy: computing mutates ``record`` into its final state, and a hand-back must not store that.
+        running = types_pb2.Explanation()
+        running.CopyFrom(record)
+        with self._holding(HeldJob(entry_id, running)):
+            self._compute(entry_id, job, record)
 
+    @contextlib.contextmanager
+    def _holding(self, held: HeldJob) -> Iterator[None]:
+        """Mark ``held`` as the job in hand and renew its lease until the block exits."""
+        released = threading.Event()
+
+        def renew() -> None:
+            while not released.wait(self._settings.lease_renewal_seconds):
+                try:
+                    owned = self._renew_lease(
+                        keys=[JOB_STREAM], args=[WORKER_GROUP, self._settings.consumer, held.entry_id]
+                    )
+                except redis.RedisError as exc:
+                    log.warning("could not renew the lease on %s: %s", held.entry_id, exc)
+                    continue
+                if not owned:
+                    # Claimed by another worker after this one stalled: both results are whole, the last one stays.
+                    log.warning("explanation %s was claimed by another worker", held.record.explanation_id)
+                    return
+
+        renewer = threading.Thread(target=renew, name="lease-renewal", daemon=True)
+        self._held = held
+        renewer.start()
+        try:
+            yield
+        finally:
+            self._held = None
+            released.set()
+            renewer.join()
+
+    def _compute(self, entry_id: bytes, job: ExplanationJob, record: types_pb2.Explanation) -> None:
         parent = context_from_traceparent(job.traceparent)
         with tracer.start_as_current_span(
             f"process {JOB_STREAM}",
@@ -192,6 +315,7 @@ class ExplainerWorker:
                 token.logprob = served.logprob
         final.state = types_pb2.EXPLANATION_STATE_SUCCEEDED
         self._finish(entry_id, job, final)
+        log.info("explanation %s succeeded (attempt %d)", final.explanation_id, final.attempts)
 
     def _fail(self, entry_id: bytes, job: ExplanationJob, record: types_pb2.Explanation, reason: str) -> None:
         log.warning("explanation %s failed: %s", record.explanation_id, reason)
@@ -201,12 +325,24 @@ class ExplainerWorker:
 
     def _finish(self, entry_id: bytes, job: ExplanationJob, record: types_pb2.Explanation) -> None:
         record.completed_at.GetCurrentTime()
-        with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(
-                explanation_key(record.explanation_id),
-                mapping={RECORD_EXPLANATION: record.SerializeToString(), RECORD_STATE: record.state},
-            )
-            pipe.zrem(tenant_inflight_key(job.tenant), record.explanation_id)
-            pipe.xack(JOB_STREAM, WORKER_GROUP, entry_id)
-            pipe.publish(DONE_CHANNEL, record.explanation_id)
-            pipe.execute()
+        delay = 0.1
+        while True:
+            try:
+                with self._redis.pipeline(transaction=True) as pipe:
+                    pipe.hset(
+                        explanation_key(record.explanation_id),
+                        mapping={RECORD_EXPLANATION: record.SerializeToString(), RECORD_STATE: record.state},
+                    )
+                    pipe.zrem(tenant_inflight_key(job.tenant), record.explanation_id)
+                    pipe.xack(JOB_STREAM, WORKER_GROUP, entry_id)
+                    pipe.publish(DONE_CHANNEL, record.explanation_id)
+                    pipe.execute()
+                return
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                # The result is in hand: keep it until Redis is back rather than recompute it later. Writing
+                # again after a lost reply is harmless: the same whole record, an XACK that acks nothing.
+                log.warning(
+                    "could not store explanation %s (%s); retrying in %.1f s", record.explanation_id, exc, delay
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)

@@ -11,6 +11,9 @@ import grpc
 import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from sightline.v1 import explanations_pb2, explanations_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 from server.auth import Authenticator
@@ -20,6 +23,7 @@ from server.keys import configured_key_ring
 from server.limits import TenantLimiter
 from server.rpc import DecodeErrorsAsInvalidArgument
 from server.servicers import ExplanationsServicer, Gateway, InferenceServicer
+from server.shutdown import DrainingInterceptor
 from server.tls import server_credentials
 from server.vllm_client import ServedModel, VLLMClient
 
@@ -74,7 +78,7 @@ class DependencyMonitor:
 
 
 async def serve(settings: GatewaySettings, *, ready: asyncio.Event | None = None, stop: asyncio.Event) -> None:
-    """Serve until ``stop`` is set, then drain in-flight calls for a short grace period.
+    """Serve until ``stop`` is set, then drain in-flight calls for up to ``settings.shutdown_grace_seconds``.
 
     Raises ConfigError before serving when the API keys or TLS files are unusable.
     """
@@ -84,7 +88,14 @@ async def serve(settings: GatewaySettings, *, ready: asyncio.Event | None = None
     _log_security(settings, authenticator, tls=credentials is not None)
 
     vllm = VLLMClient(settings.vllm_url)
-    redis_client = aioredis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=10)
+    redis_client = aioredis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=1,
+        socket_timeout=2,
+        # One quick retry gets past a connection Redis closed when it restarted; more would only delay
+        # the UNAVAILABLE callers should see while it is down.
+        retry=Retry(ExponentialBackoff(cap=0.1, base=0.02), retries=1, supported_errors=(RedisConnectionError,)),
+    )
     limiter = TenantLimiter(redis_client, settings.redis_url, lease_seconds=settings.explanation_lease_seconds)
     broker = ExplanationBroker(
         redis_client,
@@ -102,7 +113,9 @@ async def serve(settings: GatewaySettings, *, ready: asyncio.Event | None = None
         ("grpc.max_send_message_length", settings.max_response_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(options=options, interceptors=[DecodeErrorsAsInvalidArgument()])
+    drain = DrainingInterceptor()
+    # Draining first: a call refused during shutdown needs no decoding.
+    server = grpc.aio.server(options=options, interceptors=[drain, DecodeErrorsAsInvalidArgument()])
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(gateway), server)
     explanations_pb2_grpc.add_ExplanationsServiceServicer_to_server(ExplanationsServicer(gateway), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -130,8 +143,16 @@ async def serve(settings: GatewaySettings, *, ready: asyncio.Event | None = None
     try:
         await stop.wait()
     finally:
+        drain.begin()
         health_servicer.enter_graceful_shutdown()
-        await server.stop(grace=5.0)
+        log.info(
+            "shutting down: NOT_SERVING, new calls refused; draining %d in-flight calls for at most %.1f s",
+            drain.in_flight,
+            settings.shutdown_grace_seconds,
+        )
+        if not await drain.wait_idle(settings.shutdown_grace_seconds):
+            log.warning("shutdown grace over: cancelling %d calls still in flight", drain.in_flight)
+        await server.stop(grace=None)
         monitor_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await monitor_task

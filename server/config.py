@@ -40,6 +40,8 @@ class GatewaySettings:
     # Explanation jobs that may wait unfinished in the stream (queued or in a worker's hands); more get
     # RESOURCE_EXHAUSTED. 1,000 is minutes of work for one CPU worker; raise it with the number of workers.
     max_queued_explanations: int = 1000
+    # On SIGTERM, how long calls in flight may take to finish; under Kubernetes' default 30 s termination grace.
+    shutdown_grace_seconds: float = 25.0
 
     @classmethod
     def from_env(cls) -> GatewaySettings:
@@ -62,4 +64,6 @@ class GatewaySettings:
                 env.get("SIGHTLINE_EXPLANATION_LEASE_SECONDS", cls.explanation_lease_seconds)
             ),
             max_queued_explanations=int(env.get("SIGHTLINE_MAX_QUEUED_EXPLANATIONS", cls.max_queued_explanations)),
+            health_interval_seconds=float(env.get("SIGHTLINE_HEALTH_INTERVAL_SECONDS", cls.health_interval_seconds)),
+            shutdown_grace_seconds=float(env.get("SIGHTLINE_SHUTDOWN_GRACE_SECONDS", cls.shutdown_grace_seconds)),
         )

@@ -42,12 +42,19 @@ def resource_exhausted(message: str) -> GatewayError:
     return GatewayError(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
 
 
+# Redis failures that a later retry can get past (a restart, a network blip), as opposed to bad commands.
+REDIS_UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
 @contextlib.contextmanager
 def redis_errors_as_unavailable(redis_url: str) -> Iterator[None]:
     try:
         yield
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-        raise unavailable(f"the explanation store (Redis at {redis_url}) is unavailable; retry shortly: {exc}") from exc
+    except REDIS_UNREACHABLE as exc:
+        raise unavailable(
+            f"the explanation store (Redis at {redis_url}) is unreachable ({exc}); retry in a few seconds: "
+            "explanations already stored and jobs already queued are kept"
+        ) from exc
 
 
 def shown(value: object, limit: int = 60) -> str:

@@ -46,6 +46,7 @@ from common.jobs import (
 from common.telemetry import current_traceparent
 from server.costs import PlannedMethod
 from server.errors import (
+    REDIS_UNREACHABLE,
     GatewayError,
     invalid_argument,
     not_found,
@@ -312,9 +313,11 @@ class ExplanationBroker:
 
     async def get(self, explanation_id: str, tenant: str) -> types_pb2.Explanation:
         with redis_errors_as_unavailable(self._redis_url):
-            tenant_value, blob = await self._redis.hmget(
-                explanation_key(explanation_id), [RECORD_TENANT, RECORD_EXPLANATION]
-            )
+            return await self._read(explanation_id, tenant)
+
+    async def _read(self, explanation_id: str, tenant: str) -> types_pb2.Explanation:
+        key = explanation_key(explanation_id)
+        tenant_value, blob = await self._redis.hmget(key, [RECORD_TENANT, RECORD_EXPLANATION])
         # Another tenant's explanation is reported exactly like a missing one: no existence leak.
         if blob is None or tenant_value is None or cast(bytes, tenant_value).decode() != tenant:
             raise not_found(
@@ -324,23 +327,39 @@ class ExplanationBroker:
         return types_pb2.Explanation.FromString(cast(bytes, blob))
 
     async def wait(self, explanation_id: str, tenant: str, timeout: float) -> types_pb2.Explanation:
-        """The record once final, or its current state when ``timeout`` seconds pass first."""
-        completion: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters[explanation_id].append(completion)
+        """The record once final, or its latest readable state when ``timeout`` seconds pass first.
+
+        Only the first read fails fast with UNAVAILABLE when Redis is down; a waiter that already holds
+        the record rides out a Redis restart and re-reads once the completion listener is back.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        completion = self._add_waiter(explanation_id)
         try:
             # Registered before reading, so a completion published in between is not missed.
             record = await self.get(explanation_id, tenant)
-            if record.state in FINAL_STATES or timeout <= 0:
-                return record
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(completion, timeout)
-            return await self.get(explanation_id, tenant)
+            while record.state not in FINAL_STATES and (remaining := deadline - loop.time()) > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(completion, remaining)
+                self._remove_waiter(explanation_id, completion)
+                completion = self._add_waiter(explanation_id)
+                with contextlib.suppress(*REDIS_UNREACHABLE):
+                    record = await self._read(explanation_id, tenant)
+            return record
         finally:
-            waiters = self._waiters.get(explanation_id, [])
-            if completion in waiters:
-                waiters.remove(completion)
-            if not waiters:
-                self._waiters.pop(explanation_id, None)
+            self._remove_waiter(explanation_id, completion)
+
+    def _add_waiter(self, explanation_id: str) -> asyncio.Future[None]:
+        completion: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters[explanation_id].append(completion)
+        return completion
+
+    def _remove_waiter(self, explanation_id: str, completion: asyncio.Future[None]) -> None:
+        waiters = self._waiters.get(explanation_id, [])
+        if completion in waiters:
+            waiters.remove(completion)
+        if not waiters:
+            self._waiters.pop(explanation_id, None)
 
     async def _listen_for_completions(self) -> None:
         backoff = 0.1
@@ -349,18 +368,19 @@ class ExplanationBroker:
                 async with self._redis.pubsub() as pubsub:
                     await pubsub.subscribe(DONE_CHANNEL)
                     backoff = 0.1
+                    # Wake every waiter: each re-reads its record, so nothing that finished while this
+                    # listener was not subscribed (a Redis restart) is missed.
+                    for explanation_id in list(self._waiters):
+                        self._wake(explanation_id)
                     async for message in pubsub.listen():
                         if message.get("type") != "message":
                             continue
                         data = message["data"]
                         self._wake(data.decode() if isinstance(data, bytes) else str(data))
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            except REDIS_UNREACHABLE as exc:
                 log.warning("completion listener lost Redis (%s); reconnecting in %.1f s", exc, backoff)
-                # Wake every waiter: each re-reads its record, so nothing finished meanwhile is missed.
-                for explanation_id in list(self._waiters):
-                    self._wake(explanation_id)
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, 2.0)
 
     def _wake(self, explanation_id: str) -> None:
         for future in self._waiters.get(explanation_id, []):

@@ -162,7 +162,7 @@ class VLLMClient:
             except TimeoutError as exc:
                 raise deadline_exceeded("the vLLM backend did not finish before the call's deadline") from exc
             except aiohttp.ClientError as exc:
-                raise unavailable(f"the vLLM backend at {self.base_url} is unreachable: {exc}") from exc
+                raise self._unreachable(exc) from exc
             _record_response(span, None, summary)
 
     @staticmethod
@@ -222,11 +222,17 @@ class VLLMClient:
         except TimeoutError as exc:
             raise deadline_exceeded("the vLLM backend did not answer before the call's deadline") from exc
         except aiohttp.ClientError as exc:
-            raise unavailable(f"the vLLM backend at {self.base_url} is unreachable: {exc}") from exc
+            raise self._unreachable(exc) from exc
         if response.status != 200:
             raise _error_from_response(response.status, content)
         body: dict[str, Any] = orjson.loads(content)
         return body
+
+    def _unreachable(self, exc: aiohttp.ClientError) -> GatewayError:
+        return unavailable(
+            f"the vLLM backend at {self.base_url} is unreachable ({str(exc) or type(exc).__name__}); "
+            "retry in a few seconds"
+        )
 
 
 def _trace_headers() -> dict[str, str]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 
 import grpc
-import httpx
 import pytest
 from sightline.v1 import inference_pb2, inference_pb2_grpc, types_pb2
 
 from deploy.local_stack import LocalStack
+from tests.vllm_metrics import requests_running
 
 pytestmark = pytest.mark.e2e
 
@@ -81,13 +81,6 @@ def test_stream_yields_the_same_tokens_as_unary(inference: inference_pb2_grpc.In
     assert len({c.trace_id for c in chunks}) == 1
 
 
-def _requests_running(vllm_url: str) -> float:
-    metrics = httpx.get(f"{vllm_url}/metrics", timeout=5).text
-    return sum(
-        float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith("vllm:num_requests_running")
-    )
-
-
 def test_cancelling_a_stream_aborts_the_upstream_request(
     inference: inference_pb2_grpc.InferenceServiceStub, stack: LocalStack
 ) -> None:
@@ -106,7 +99,7 @@ def test_cancelling_a_stream_aborts_the_upstream_request(
     assert caught.value.code() == grpc.StatusCode.CANCELLED
     # 1,000 tokens take vLLM over 40 s here; an aborted request leaves the engine within seconds.
     deadline = time.monotonic() + 10
-    while _requests_running(stack.config.vllm_url) > 0:
+    while requests_running(stack.config.vllm_url) > 0:
         assert time.monotonic() < deadline, "vLLM still runs the cancelled request"
         time.sleep(0.2)
     # The gateway is still healthy and serves the next request.
@@ -134,6 +127,6 @@ def test_deadline_is_honoured_and_aborts_upstream(
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - started < 10
     deadline = time.monotonic() + 10
-    while _requests_running(stack.config.vllm_url) > 0:
+    while requests_running(stack.config.vllm_url) > 0:
         assert time.monotonic() < deadline, "vLLM still runs the request whose deadline passed"
         time.sleep(0.2)

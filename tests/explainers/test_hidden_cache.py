@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import socket
 import struct
 from collections.abc import Callable
 
 import pytest
 import redis
 import torch
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from explainers.hidden_cache import (
     MAGIC,
@@ -129,3 +132,17 @@ def test_a_corrupt_entry_is_a_miss_and_is_deleted(redis_client: redis.Redis, cor
 
     assert cache.get(DIGEST, TOKEN_IDS) is None
     assert redis_client.exists(key) == 0
+
+
+def test_an_unreachable_redis_is_a_miss_and_a_skipped_write() -> None:
+    # A real client on a port nothing listens on: every command fails to connect, as while Redis restarts.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    unreachable = redis.Redis(port=closed_port, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
+    cache = HiddenStateCache(unreachable, ttl_seconds=600, tenant="acme")
+
+    assert cache.get(DIGEST, TOKEN_IDS) is None
+    assert cache.put(DIGEST, TOKEN_IDS, hidden_states()) is False
+    cache.put_log_probs(DIGEST, TOKEN_IDS, 2, torch.zeros(2))
+    assert cache.get_log_probs(DIGEST, TOKEN_IDS, 2) is None
