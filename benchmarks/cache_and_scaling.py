@@ -22,7 +22,7 @@ Sections:
   (the engine's own forward pass included, no cache) and peak RSS (ru_maxrss, model included). Growth exponent =
   least-squares slope of log time vs log G. A point whose predicted time exceeds `--point-budget-s` is measured
   over its first gradient chunks / perturbation batches only (the methods' own loop is cut short by wrapping
-  `gradient_chunks` / `token_scores` in the subprocess) and its full time extrapolated at the rate measured up to
+  `score_gradients` / `token_scores` in the subprocess) and its full time extrapolated at the rate measured up to
   there; the peak RSS of such a run is the full run's (every later chunk has the same shapes). A point that cannot
   even do that within budget is recorded as skipped, with the reason.
 - **chunking**: the target "a 1,024-token generation explained with any gradient method within 4 GiB peak RSS of the
@@ -258,7 +258,7 @@ def forced_ids(vocab: int, prompt: int, generated: int, seed: int) -> tuple[list
 @contextlib.contextmanager
 def limited_loops(max_items: int | None, counter: list[float]) -> Iterator[None]:
     """Cut the methods' gradient-chunk and perturbation-batch loops short after max_items items, by rebinding
-    `gradient_chunks` and `token_scores` (in this process only) wherever a method module refers to them. counter
+    `score_gradients` and `token_scores` (in this process only) wherever a method module refers to them. counter
     collects each item's completion time."""
     if max_items is None:
         yield
@@ -268,12 +268,12 @@ def limited_loops(max_items: int | None, counter: list[float]) -> Iterator[None]
     from explainers.methods import gradients
 
     originals: dict[str, Callable[..., Any]] = {
-        "gradient_chunks": gradients.gradient_chunks,
+        "score_gradients": gradients.score_gradients,
         "token_scores": targets.token_scores,
     }
 
-    def chunks(scores: Any, inputs: Any, target_batch_size: int) -> Iterator[Any]:
-        for chunk in originals["gradient_chunks"](scores, inputs, target_batch_size):
+    def chunks(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        for chunk in originals["score_gradients"](*args, **kwargs):
             yield chunk
             counter.append(time.perf_counter())
             if len(counter) >= max_items:
@@ -286,7 +286,7 @@ def limited_loops(max_items: int | None, counter: list[float]) -> Iterator[None]
             raise StopMeasurement
         return scores
 
-    replacements = {"gradient_chunks": chunks, "token_scores": token_scores}
+    replacements = {"score_gradients": chunks, "token_scores": token_scores}
     rebound: list[tuple[dict[str, Any], str]] = []
     try:
         for module_name, module in list(sys.modules.items()):
