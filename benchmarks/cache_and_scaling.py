@@ -554,7 +554,7 @@ def run_cache(spec: CacheSpec, model_dir: Path) -> JsonDict:
     torch.set_num_threads(spec.threads)
     loaded = load_model(model_dir)
     client = redis.Redis.from_url(spec.redis_url)
-    cache = HiddenStateCache(client, ttl_seconds=3600)
+    cache = HiddenStateCache(client, ttl_seconds=3600, tenant="bench")
     rows = []
     for method, params, generated in spec.cases:
         prompt_ids, output_ids = forced_ids(loaded.vocab_size, spec.prompt, generated, spec.seed)
@@ -580,7 +580,7 @@ def run_cache(spec: CacheSpec, model_dir: Path) -> JsonDict:
             started = time.perf_counter()
             cache.get(loaded.weights_digest, [*prompt_ids, *output_ids])
             lookup.append(time.perf_counter() - started)
-        entry = client.get(HiddenStateCache.key(loaded.weights_digest, [*prompt_ids, *output_ids]))
+        entry = client.get(HiddenStateCache.key("bench", loaded.weights_digest, [*prompt_ids, *output_ids]))
         rows.append(
             {
                 "method": method,
