@@ -15,7 +15,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +99,20 @@ def fmt(value: float | None, digits: int = 2) -> str:
 
 def verdict(met: bool | None) -> str:
     return "—" if met is None else ("met" if met else "**missed**")
+
+
+def wait_for(ready: Callable[[], bool], children: Sequence[Any], name: str, timeout: float) -> None:
+    """Poll ready() until it returns True; fail at once if one of the child processes (deploy.local_stack.Child)
+    exits, and after `timeout` seconds, with the last child's log tail."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in children:
+            if not child.alive():
+                raise RuntimeError(f"{child.name} exited: {child.log_tail()}")
+        try:
+            if ready():
+                return
+        except Exception:  # not up yet: connection refused, a half-started server
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{name} was not ready within {timeout:.0f} s: {children[-1].log_tail()}")

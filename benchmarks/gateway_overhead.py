@@ -432,8 +432,8 @@ def fake_stack(state_dir: Path, token_ms: float) -> Iterator[tuple[str, str, int
         )
         vllm_url = f"http://{host}:{vllm_port}"
         gateway_address = f"{host}:{gateway_port}"
-        _wait_for(lambda: _http_ok(f"{vllm_url}/health"), children, "fake vLLM")
-        _wait_for(lambda: bool(redis.Redis(host=host, port=redis_port).ping()), children, "redis")
+        bench_util.wait_for(lambda: _http_ok(f"{vllm_url}/health"), children, "fake vLLM", timeout=60)
+        bench_util.wait_for(lambda: bool(redis.Redis(host=host, port=redis_port).ping()), children, "redis", timeout=60)
         gateway = Child(
             "gateway",
             [
@@ -451,7 +451,7 @@ def fake_stack(state_dir: Path, token_ms: float) -> Iterator[tuple[str, str, int
             logs / "gateway.log",
         )
         children.append(gateway)
-        _wait_for(lambda: _gateway_serving(gateway_address), children, "gateway")
+        bench_util.wait_for(lambda: _gateway_serving(gateway_address), children, "gateway", timeout=60)
         yield gateway_address, vllm_url, gateway.process.pid
     finally:
         for child in reversed(children):
@@ -463,19 +463,6 @@ def _http_ok(url: str) -> bool:
         return httpx.get(url, timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
-
-
-def _wait_for(ready: Callable[[], bool], children: Sequence[Child], name: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for child in children:
-            if not child.alive():
-                raise RuntimeError(f"{child.name} exited: {child.log_tail()}")
-        with contextlib.suppress(Exception):
-            if ready():
-                return
-        time.sleep(0.2)
-    raise RuntimeError(f"{name} was not ready within {timeout:.0f} s")
 
 
 def target_verdicts(cases: Sequence[JsonDict], *, instant_backend: bool) -> JsonDict:

@@ -45,7 +45,7 @@ import tempfile
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -388,7 +388,7 @@ def fake_vllm_stack(state_dir: Path, queue_bound: int) -> Iterator[tuple[str, st
                 "explainer": lambda: bool(redis.Redis.from_url(redis_url).exists(CATALOG_KEY)),
                 "gateway": lambda: _serving(address),
             }[name]
-            _wait_for(ready, children, name)
+            bench_util.wait_for(ready, children, name, timeout=300)
         yield address, redis_url, {c.name: c.process.pid for c in children}
     finally:
         for child in reversed(children):
@@ -399,19 +399,6 @@ def _serving(address: str) -> bool:
     with grpc.insecure_channel(address) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
-
-
-def _wait_for(ready: Callable[[], bool], children: Sequence[Child], name: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for child in children:
-            if not child.alive():
-                raise RuntimeError(f"{child.name} exited: {child.log_tail()}")
-        with contextlib.suppress(Exception):
-            if ready():
-                return
-        time.sleep(0.3)
-    raise RuntimeError(f"{name} was not ready within {timeout:.0f} s: {children[-1].log_tail()}")
 
 
 def _mib(value: float) -> str:

@@ -218,6 +218,15 @@ class FaultCluster:
                 return None
         return int(reply.status)
 
+    def start_serving(self, workers: int = 1) -> None:
+        """Redis, `workers` explainer workers and the gateway, until the gateway reports SERVING."""
+        self.start_redis()
+        for _ in range(workers):
+            self.start_worker()
+        self.start_gateway()
+        self.ensure_workers(workers)
+        self.wait_for_health("", SERVING, 60)
+
     def wait_for_health(self, service: str, status: int, timeout: float) -> None:
         wait_until(lambda: self.health(service) == status, timeout, f"health of {service!r} to be {status}", 0.1)
 

@@ -47,11 +47,7 @@ def cluster(vllm_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         },
     )
     try:
-        cluster.start_redis()
-        cluster.start_worker()
-        cluster.start_gateway()
-        cluster.ensure_workers(1)
-        cluster.wait_for_health("", SERVING, 60)
+        cluster.start_serving()
         yield cluster
     finally:
         cluster.close()

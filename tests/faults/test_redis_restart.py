@@ -39,11 +39,7 @@ def cluster(vllm_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         env={"SIGHTLINE_HEALTH_INTERVAL_SECONDS": "0.5"},
     )
     try:
-        cluster.start_redis()
-        cluster.start_worker()
-        cluster.start_gateway()
-        cluster.ensure_workers(1)
-        cluster.wait_for_health("", SERVING, 60)
+        cluster.start_serving()
         yield cluster
     finally:
         cluster.close()

@@ -17,7 +17,6 @@ from common.jobs import JOB_STREAM
 from tests.faults.cluster import (
     LONG_JOB_OUTPUT,
     LONG_JOB_PROMPT,
-    SERVING,
     FaultCluster,
     explain_request,
 )
@@ -42,12 +41,7 @@ def cluster(vllm_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         },
     )
     try:
-        cluster.start_redis()
-        for _ in range(3):
-            cluster.start_worker()
-        cluster.start_gateway()
-        cluster.ensure_workers(3)
-        cluster.wait_for_health("", SERVING, 60)
+        cluster.start_serving(workers=3)
         yield cluster
     finally:
         cluster.close()
