@@ -5,7 +5,7 @@ how much memory they need, and how close they come to the machine's matrix-multi
     .venv/bin/python benchmarks/cache_and_scaling.py --sections cache        # only one part
     .venv/bin/python benchmarks/cache_and_scaling.py --smoke                 # tiny sizes, < 60 s, no timing claims
 
-A full run takes about 25 minutes on 2 idle cores, most of it in the chunking section's largest chunk of each
+A full run takes about 25 minutes on 2 idle cores, most of it in the chunking section's largest group of each
 gradient method at G = 1,024 and in the scaling points cut short at `--point-budget-s`. Everything runs
 `explainers.engine.explain` on the embedded model loaded with `explainers.model.load_model` (float32, SDPA
 attention), with `--threads` torch threads (default 1: the explainer's deployed setting, and robust to other jobs on
@@ -32,16 +32,15 @@ Sections:
   exceeds `--point-budget-s` runs only its first items and its full time is extrapolated by FLOPs: time = FLOPs of
   the whole call / FLOP rate measured over the part that ran. A gradient method's chunks grow with their prefix, so
   the first ones are its smallest and the peak RSS of such a point is a lower bound (marked ≥; the chunking section
-  measures the largest chunk); occlusion's first batch is its largest, so its peak is the full run's. A point whose
+  measures the largest group); occlusion's first batch is its largest, so its peak is the full run's. A point whose
   first item alone is predicted over 10x the budget is skipped, with the reason.
 - **chunking**: the target "a 1,024-token generation explained with any gradient method within 4 GiB peak RSS of the
   explainer, by chunking, with results identical to unchunked". Memory: every gradient method with its DEFAULT
-  parameters at G = max size, in a fresh process that runs the engine on the whole sequence and then only the method's
-  largest gradient chunk, where RSS peaks: the one with the most FLOPs, i.e. the largest batched backward pass (chunks
-  are capped at MAX_BACKWARD_ROWS rows, so this is one of the last chunks, whose prefix is within a chunk of the
-  longest; at G = 1024: 15 targets over 1,083 positions, before a last one of 4 over 1,087). `score_gradients` is
-  started at that chunk's first target, which reproduces the full run's chunks from there on (chunking is greedy from
-  the first target). Identity: each gradient method unchunked (one chunk, one pass of path points) vs chunked (a quarter
+  parameters at G = max size, in a fresh process that runs the engine on the whole sequence, the method's recording
+  forward pass, and then only its largest group of gradient chunks, where RSS peaks: the one with the most FLOPs
+  (groups are capped at MAX_GROUP_ROWS rows, so this is one of the last, whose prefixes are the longest).
+  `score_gradients` is started at that group's first target, which reproduces the full run's groups from there on
+  (grouping is greedy from the first target) and records the same forward pass. Identity: each gradient method unchunked (one chunk, one pass of path points) vs chunked (a quarter
   of the targets per chunk, one path point per pass) at G = 16, in one subprocess. Chunks run different prefixes, so
   float32 sums differ in rounding: the criterion is max |chunked - unchunked| <= 1e-5 x max |unchunked|; bitwise
   equality is reported too. Where float32 rounding alone exceeds that (integrated gradients at G = 16: about 1e-4
@@ -60,12 +59,11 @@ model's shape: P = parameters of one decoder layer, q = heads x head_dim, d = hi
   input).
 - readout(r): final norm and unembedding of r positions, or their input gradient: 2 * V * d * r.
 - engine (no cache): forward(n, L, 0) + readout(targets) for the recorded pass, + readout(targets) for step scores.
-- gradient methods (`score_gradients`, from the states at `layer`, l = L - layer): targets in chunks of at most
-  target_batch_size, fewer where chunk x points x prefix would pass MAX_BACKWARD_ROWS; a chunk of k targets whose
-  last one sits at position m, over p path points (1 but for integrated gradients), costs
-  p * (forward(m, l, 0) + readout(k)) for its forward pass over the prefix, p * readout(k) for the readout's
-  gradient (once for the chunk), and k * p * backward(m, l) for the vmapped vector-Jacobian products (autograd does
-  not know a target's seed is zero elsewhere: each runs the whole prefix). Integrated gradients loop over passes of
+- gradient methods (`score_gradients`, from the states at `layer`, l = L - layer): one recording forward pass
+  p * forward(m_last, l, 0) over the p path points (1 but for integrated gradients) up to the last target's
+  position, then groups of chunks (`plan_chunks`); a chunk of k targets whose last one sits at position m costs
+  2 * p * readout(k) for its seeds (the readout and its gradient) and k * p * backward(m, l) for the vector-Jacobian
+  products, each over the chunk's whole prefix. Integrated gradients loop over passes of
   p = min(internal_batch_size, MAX_GRAPH_ROWS // n) path points (at least 1), chunks inside each, after a token
   baseline's forward(n, L, 0) + readout(targets), and end with a two-sequence forward from the layer.
 - occlusion (`replaced_scores`): one unperturbed forward(s, L, 0) + readout(targets) over the s sources (positions
@@ -218,30 +216,34 @@ class FlopPlan:
         return len(self.items)
 
     def largest_item(self) -> LoopItem:
-        """The item with the most FLOPs, the first of equals: for a gradient method the chunk whose batched
-        backward pass carries the most rows over the longest prefix, where memory peaks."""
+        """The item with the most FLOPs, the first of equals: for a gradient method the first chunk of the group
+        whose backward pass carries the most rows over the longest prefixes, where memory peaks."""
         return max(self.items, key=lambda item: item.flops)
 
 
 def planned_chunks(
     shape: ModelShape, layers: int, positions: Sequence[int], target_batch_size: int, points: int
 ) -> list[LoopItem]:
-    """score_gradients' chunks over `points` path points for targets at `positions`, with their FLOPs."""
+    """score_gradients' chunks over `points` path points for targets at `positions`, with their FLOPs. A group of
+    chunks runs backward together and yields its chunks at its end, so its first chunk carries the whole group's
+    FLOPs (and the first group the recording forward pass's) and the others none: whatever prefix of the chunks a
+    measurement stops after, the FLOPs counted are those that ran."""
     import torch
 
     # The explainer's own chunking rule, so that this plan cannot drift from what it runs.
-    from explainers.methods.gradients import _chunk_stop
+    from explainers.methods.gradients import plan_chunks
 
-    position_tensor = torch.tensor(positions)
     chunks = []
-    start = 0
-    while start < len(positions):
-        stop = _chunk_stop(position_tensor, start, target_batch_size, points)
-        targets, prefix = stop - start, positions[stop - 1]
-        forward = points * (shape.forward(prefix, layers) + shape.readout(targets))
-        backward = points * shape.readout(targets) + targets * points * shape.backward(prefix, layers)
-        chunks.append(LoopItem(forward + backward, (targets, points, prefix), first_target=start))
-        start = stop
+    flops = points * shape.forward(positions[-1], layers)
+    for group in plan_chunks(torch.tensor(positions), target_batch_size, points):
+        for chunk in group:
+            targets, prefix = chunk.stop - chunk.start, positions[chunk.stop - 1]
+            # The seeds' readout and its gradient, then a vector-Jacobian product per target over the prefix.
+            flops += 2 * points * shape.readout(targets) + targets * points * shape.backward(prefix, layers)
+        for index, chunk in enumerate(group):
+            shape_of = (chunk.stop - chunk.start, points, positions[chunk.stop - 1])
+            chunks.append(LoopItem(flops if index == 0 else 0.0, shape_of, first_target=chunk.start))
+        flops = 0.0
     return chunks
 
 
@@ -311,7 +313,7 @@ class PointSpec:
     seed: int = 0
     # Stop the method after this many loop items (gradient chunks, perturbation batches); None: run to the end.
     max_items: int | None = None
-    # Start every gradient loop at this target, a chunk boundary of the full call (memory runs of the largest chunk).
+    # Start every gradient loop at this target, a group boundary of the full call (memory runs of the largest group).
     first_target: int = 0
     label: str = ""
 
@@ -1035,7 +1037,7 @@ def render_markdown(result: JsonDict) -> str:
         out += [
             "",
             "**Scaling with generated tokens** (one fresh process per point; time = whole explain() call; ≈: "
-            "extrapolated by FLOPs from the first items; ≥: the largest chunk did not run, so the peak is a lower "
+            "extrapolated by FLOPs from the first items; ≥: the largest group did not run, so the peak is a lower "
             "bound)",
             "",
         ]
@@ -1077,7 +1079,7 @@ def render_markdown(result: JsonDict) -> str:
         out += [
             "",
             f"**Memory at G = {chunking['generated']}, default parameters: the engine's pass over the whole sequence, "
-            "then the method's largest chunk** (targets x path points x prefix; full time extrapolated by FLOPs)",
+            "then the method's largest group of chunks** (targets x path points x prefix; full time extrapolated by FLOPs)",
             "",
         ]
         rows = [

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from explainers.backprop import check_supported
 from explainers.embedded_model import MANIFEST_FILE
 from explainers.embedded_model import weights_digest as safetensors_digest
 
@@ -99,6 +100,7 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> LoadedMod
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION, local_files_only=True
     )
+    check_supported(model.config)
     model.train(False)
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)

@@ -11,6 +11,7 @@ import torch
 from sightline.v1 import types_pb2
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, PreTrainedTokenizerFast
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from explainers.methods.base import AttributionContext
 from explainers.model import ATTN_IMPLEMENTATION, LoadedModel, forward_with_hidden_states
@@ -26,6 +27,17 @@ NUM_LAYERS = 2
 # Fixed, so every test explains the same sequence: 6 prompt tokens, then 8 generated ones.
 PROMPT_IDS = [3, 17, 42, 8, 61, 25]
 OUTPUT_IDS = [9, 33, 50, 2, 47, 14, 30, 58]
+
+
+class Float64RMSNorm(LlamaRMSNorm):
+    """LlamaRMSNorm without its float32 round trip, which it takes even in a float64 model: the float64 tiny model
+    is then float64 throughout, and two correct computations of a gradient agree to float64 precision, not to the
+    float32 rounding of each norm."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        rstd = torch.rsqrt(hidden_states.pow(2).mean(dim=-1, keepdim=True) + self.variance_epsilon)
+        normed: torch.Tensor = self.weight * (hidden_states * rstd)
+        return normed
 
 
 def build_tiny_llama(dtype: torch.dtype, seed: int = 0) -> PreTrainedModel:
@@ -47,6 +59,10 @@ def build_tiny_llama(dtype: torch.dtype, seed: int = 0) -> PreTrainedModel:
         config, attn_implementation=ATTN_IMPLEMENTATION
     )
     model.to(dtype)  # type: ignore[arg-type]  # mypy cannot see through transformers' decorator on .to
+    if dtype == torch.float64:
+        for module in model.modules():
+            if isinstance(module, LlamaRMSNorm):
+                module.__class__ = Float64RMSNorm
     model.train(False)
     model.requires_grad_(False)
     return model

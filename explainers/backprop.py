@@ -1,0 +1,323 @@
+"""Per-target gradients through frozen Llama decoder layers, with the backward pass written out by hand.
+
+Attributing every generated token takes one vector-Jacobian product per token, each over that token's prefix only.
+Autograd can batch them (`is_grads_batched`), but its graph fixes the positions: a chunk of targets either runs
+backward over the whole sequence or gets a forward pass of its own over its prefix. Written out, a decoder layer's
+backward pass needs a handful of the forward pass's activations, recorded once for all targets (`record_forward`),
+and each chunk of targets then runs backward over its own prefix only (`backward_to_layer`). The weights are
+frozen, so the backward pass computes input gradients only: one matrix product per linear layer, the same work as
+the forward pass.
+
+Shapes: P path points (batch), N positions, D hidden, H query heads in KV groups of G, hd head size, I the MLP width;
+C targets in a chunk, b the chunk's prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    # Annotation only: explainers.model checks a model against this module when it loads one.
+    from explainers.model import LoadedModel
+
+ChunkMap = Callable[[Callable[[torch.Tensor], torch.Tensor], Iterable[torch.Tensor]], Iterable[torch.Tensor]]
+
+# LlamaMLP's activation, the one _record_layer differentiates by hand.
+SUPPORTED_ACTIVATIONS = ("silu", "swish")
+
+
+@dataclass(frozen=True)
+class Linear:
+    weight: torch.Tensor  # [out, in], as nn.Linear keeps it
+    bias: torch.Tensor | None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+@dataclass(frozen=True)
+class Norm:
+    weight: torch.Tensor
+    eps: float
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """One LlamaDecoderLayer's parameters, typed."""
+
+    attention_norm: Norm
+    q: Linear
+    k: Linear
+    v: Linear
+    o: Linear
+    head_size: int
+    scale: float
+    mlp_norm: Norm
+    gate: Linear
+    up: Linear
+    down: Linear
+
+    @classmethod
+    def of(cls, decoder_layer: nn.Module) -> LayerWeights:
+        attention = decoder_layer.get_submodule("self_attn")
+        return cls(
+            attention_norm=_norm(decoder_layer, "input_layernorm"),
+            q=_linear(attention, "q_proj"),
+            k=_linear(attention, "k_proj"),
+            v=_linear(attention, "v_proj"),
+            o=_linear(attention, "o_proj"),
+            head_size=int(getattr(attention, "head_dim")),  # noqa: B009 (a plain attribute, not a submodule)
+            scale=float(getattr(attention, "scaling")),  # noqa: B009
+            mlp_norm=_norm(decoder_layer, "post_attention_layernorm"),
+            gate=_linear(decoder_layer, "mlp.gate_proj"),
+            up=_linear(decoder_layer, "mlp.up_proj"),
+            down=_linear(decoder_layer, "mlp.down_proj"),
+        )
+
+
+def _linear(module: nn.Module, path: str) -> Linear:
+    linear = module.get_submodule(path)
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"{path} is a {type(linear).__name__}, not an nn.Linear")
+    return Linear(weight=linear.weight, bias=linear.bias)
+
+
+def _norm(module: nn.Module, path: str) -> Norm:
+    norm = module.get_submodule(path)
+    weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
+    if not isinstance(weight, torch.Tensor) or not isinstance(eps, float):
+        raise TypeError(f"{path} is a {type(norm).__name__}, not an RMSNorm with weight and variance_epsilon")
+    return Norm(weight=weight, eps=eps)
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """What one decoder layer's backward pass reads from its forward pass; norms in at least float32."""
+
+    attention_normed: torch.Tensor  # input x rstd, before the norm's weight [P, N, D]
+    attention_rstd: torch.Tensor  # 1 / rms(input) [P, N, 1]
+    queries: torch.Tensor  # after RoPE [P, H, N, hd]
+    keys: torch.Tensor  # after RoPE [P, KV, N, hd]
+    values: torch.Tensor  # [P, KV, N, hd]
+    attention_output: torch.Tensor  # the heads' outputs before o_proj [P, H, N, hd]
+    mlp_normed: torch.Tensor  # [P, N, D]
+    mlp_rstd: torch.Tensor  # [P, N, 1]
+    gate_activation: torch.Tensor  # silu(gate) [P, N, I]
+    up_times_gate_slope: torch.Tensor  # up * silu'(gate) [P, N, I]
+
+
+@dataclass(frozen=True)
+class RecordedLayers:
+    """The layers above `layer`, run forward once over every position: their records, the final residual stream
+    [P, N, D], and the rotary tables [N, hd] of those positions."""
+
+    weights: list[LayerWeights]
+    records: list[LayerRecord]
+    final_residual: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
+def check_supported(config: object) -> None:
+    """Refuse, at load time, a model whose layers this backward pass does not differentiate."""
+    activation = getattr(config, "hidden_act", None)
+    if activation not in SUPPORTED_ACTIVATIONS:
+        raise TypeError(f"the gradient methods need a SiLU-gated MLP; this model's hidden_act is {activation!r}")
+
+
+def record_forward(loaded: LoadedModel, states: torch.Tensor, layer: int) -> RecordedLayers:
+    """Run the decoder layers above `layer` on residual-stream states [P, N, D] (as residual_from_layer does),
+    keeping what backward_to_layer needs."""
+    positions = torch.arange(states.shape[1], device=states.device)[None]
+    cos, sin = loaded.rotary_embedding(states, positions)
+    hidden = states
+    weights = [LayerWeights.of(decoder_layer) for decoder_layer in loaded.decoder_layers[layer:]]
+    records = []
+    with torch.no_grad():
+        for layer_weights in weights:
+            record, hidden = _record_layer(layer_weights, hidden, cos[0], sin[0])
+            records.append(record)
+    return RecordedLayers(weights=weights, records=records, final_residual=hidden, cos=cos[0], sin=sin[0])
+
+
+def backward_to_layer(
+    recorded: RecordedLayers, output_gradients: list[torch.Tensor], map_chunks: ChunkMap = map
+) -> list[torch.Tensor]:
+    """Gradients [C, P, b, D] with respect to the recorded states for chunks of C cotangents [C, P, b, D] of the final
+    residual stream (b may differ between chunks), each zero from its b on: causality keeps them zero there, so
+    those positions are not run. Layer by layer, all chunks through one layer before the next, so that a layer's
+    weights are read from memory once for all of them; map_chunks runs a layer over the chunks (map, or a thread
+    pool's)."""
+    gradients = output_gradients
+    for weights, record in zip(reversed(recorded.weights), reversed(recorded.records), strict=True):
+
+        def layer_backward(chunk_gradients: torch.Tensor) -> torch.Tensor:
+            prefix = chunk_gradients.shape[2]
+            return _layer_backward(
+                weights,  # noqa: B023 (called within this iteration)
+                record,  # noqa: B023
+                chunk_gradients,
+                recorded.cos[:prefix],
+                recorded.sin[:prefix],
+            )
+
+        gradients = list(map_chunks(layer_backward, gradients))
+    return gradients
+
+
+def _record_layer(
+    weights: LayerWeights, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[LayerRecord, torch.Tensor]:
+    """LlamaDecoderLayer.forward on hidden [P, N, D], with its activations."""
+    attention_normed, attention_rstd = _rms_normalize(hidden, weights.attention_norm)
+    attention_input = weights.attention_norm.weight * attention_normed.to(hidden.dtype)
+    queries = _rotate(_split_heads(weights.q(attention_input), weights.head_size), cos, sin)
+    keys = _rotate(_split_heads(weights.k(attention_input), weights.head_size), cos, sin)
+    values = _split_heads(weights.v(attention_input), weights.head_size)
+    attention_output = F.scaled_dot_product_attention(
+        queries, keys, values, is_causal=True, scale=weights.scale, enable_gqa=True
+    )
+    hidden = hidden + weights.o(_merge_heads(attention_output))
+
+    mlp_normed, mlp_rstd = _rms_normalize(hidden, weights.mlp_norm)
+    mlp_input = weights.mlp_norm.weight * mlp_normed.to(hidden.dtype)
+    gate, up = weights.gate(mlp_input), weights.up(mlp_input)
+    gate_sigmoid = torch.sigmoid(gate)
+    gate_activation = gate * gate_sigmoid
+    hidden = hidden + weights.down(gate_activation * up)
+    # silu'(g) = sigmoid(g) * (1 + g * (1 - sigmoid(g)))
+    up_times_gate_slope = up * gate_sigmoid * (1 + gate * (1 - gate_sigmoid))
+    record = LayerRecord(
+        attention_normed=attention_normed,
+        attention_rstd=attention_rstd,
+        queries=queries,
+        keys=keys,
+        values=values,
+        attention_output=attention_output,
+        mlp_normed=mlp_normed,
+        mlp_rstd=mlp_rstd,
+        gate_activation=gate_activation,
+        up_times_gate_slope=up_times_gate_slope,
+    )
+    return record, hidden
+
+
+def _layer_backward(
+    weights: LayerWeights, record: LayerRecord, output_gradients: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """d/d input [C, P, b, D] of one decoder layer from d/d output [C, P, b, D]; cos, sin [b, hd]."""
+    b = output_gradients.shape[2]
+
+    # MLP branch: output = mid + down(silu(gate(n)) * up(n)), n = norm(mid).
+    product_gradients = output_gradients @ weights.down.weight  # [C, P, b, I]
+    gate_gradients = product_gradients * record.up_times_gate_slope[:, :b]
+    up_gradients = product_gradients.mul_(record.gate_activation[:, :b])
+    mlp_input_gradients = _linear_input_gradients((gate_gradients, weights.gate), (up_gradients, weights.up))
+    mid_gradients = _rms_backward(
+        mlp_input_gradients, weights.mlp_norm, record.mlp_normed[:, :b], record.mlp_rstd[:, :b]
+    ).add_(output_gradients)
+
+    # Attention branch: mid = input + o(attend(q(n), k(n), v(n))), n = norm(input).
+    head_gradients = _split_heads(mid_gradients @ weights.o.weight, weights.head_size)  # [C, P, H, b, hd]
+    query_gradients, key_gradients, value_gradients = _attention_backward(
+        head_gradients,
+        record.queries[:, :, :b],
+        record.keys[:, :, :b],
+        record.values[:, :, :b],
+        record.attention_output[:, :, :b],
+        weights.scale,
+    )
+    attention_input_gradients = _linear_input_gradients(
+        (_merge_heads(_rotate_backward(query_gradients, cos, sin)), weights.q),
+        (_merge_heads(_rotate_backward(key_gradients, cos, sin)), weights.k),
+        (_merge_heads(value_gradients), weights.v),
+    )
+    return _rms_backward(
+        attention_input_gradients, weights.attention_norm, record.attention_normed[:, :b], record.attention_rstd[:, :b]
+    ).add_(mid_gradients)
+
+
+def _attention_backward(
+    output_gradients: torch.Tensor,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    outputs: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (queries [C, P, H, b, hd], keys and values [C, P, KV, b, hd]) of causal softmax attention, from
+    those of its outputs [C, P, H, b, hd]. The probabilities are recomputed from queries and keys: [P, H, b, b] is
+    cheap to recompute and too big to keep for every layer of a long sequence. Query heads share their group's key
+    and value head as transformers' repeat_kv lays them out: heads g * G .. g * G + G - 1 read key head g."""
+    num_points, num_heads, b, head_size = queries.shape
+    num_groups = keys.shape[1]
+    chunk = output_gradients.shape[0]
+    # Each group's query heads stacked along the query axis: [P, KV, G * b, hd].
+    grouped_queries = queries.reshape(num_points, num_groups, -1, head_size)
+    grouped_output_gradients = output_gradients.reshape(chunk, num_points, num_groups, -1, head_size)
+    causal = torch.ones(b, b, dtype=torch.bool, device=queries.device).tril()
+    scores = (grouped_queries @ keys.transpose(-1, -2)) * scale  # [P, KV, G * b, b]
+    probabilities = torch.softmax(scores.masked_fill(~causal.repeat(num_heads // num_groups, 1), -torch.inf), dim=-1)
+
+    value_gradients = probabilities.transpose(-1, -2) @ grouped_output_gradients  # [C, P, KV, b, hd]
+    probability_gradients = grouped_output_gradients @ values.transpose(-1, -2)  # [C, P, KV, G * b, b]
+    # softmax backward: p * (dp - sum_k p dp), and sum_k p dp = dout . out row by row.
+    row_terms = (output_gradients * outputs).sum(dim=-1).reshape(chunk, num_points, num_groups, -1, 1)
+    score_gradients = probability_gradients.sub_(row_terms).mul_(probabilities).mul_(scale)
+    query_gradients = (score_gradients @ keys).reshape(chunk, num_points, num_heads, b, head_size)
+    key_gradients = score_gradients.transpose(-1, -2) @ grouped_queries  # [C, P, KV, b, hd]
+    return query_gradients, key_gradients, value_gradients
+
+
+def _linear_input_gradients(*products: tuple[torch.Tensor, Linear]) -> torch.Tensor:
+    """sum_i gradients_i @ weight_i: the input gradient of linear layers that all read one input."""
+    (first_gradients, first), *rest = products
+    total = first_gradients @ first.weight
+    for gradients, linear in rest:
+        total = total.add_(gradients @ linear.weight)
+    return total
+
+
+def _rms_normalize(hidden: torch.Tensor, norm: Norm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden / rms(hidden), 1 / rms(hidden)) as LlamaRMSNorm computes them, in at least float32."""
+    upcast = hidden.to(torch.promote_types(hidden.dtype, torch.float32))
+    rstd = torch.rsqrt(upcast.pow(2).mean(dim=-1, keepdim=True) + norm.eps)
+    return upcast * rstd, rstd
+
+
+def _rms_backward(output_gradients: torch.Tensor, norm: Norm, normed: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """d/d x of weight * x / rms(x): rstd * (g - normed * mean(g * normed)), g = weight * output gradient."""
+    weighted = (output_gradients * norm.weight).to(normed.dtype)
+    projection = (weighted * normed).mean(dim=-1, keepdim=True)
+    return ((weighted - normed * projection) * rstd).to(output_gradients.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as transformers applies it: x * cos + rotate_half(x) * sin, tables [N, hd] over x [..., N, hd]."""
+    return x * cos + _rotate_half(x) * sin
+
+
+def _rotate_backward(gradients: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The transpose of _rotate: rotate_half is antisymmetric, so it is g * cos - rotate_half(g * sin)."""
+    return gradients * cos - _rotate_half(gradients * sin)
+
+
+def _split_heads(x: torch.Tensor, head_size: int) -> torch.Tensor:
+    """[..., N, heads * hd] -> [..., heads, N, hd]."""
+    return x.view(*x.shape[:-1], -1, head_size).transpose(-2, -3)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[..., heads, N, hd] -> [..., N, heads * hd]."""
+    return x.transpose(-2, -3).flatten(-2)

@@ -1,0 +1,70 @@
+"""The hand-written backward pass against autograd through transformers' own decoder layers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from explainers.backprop import backward_to_layer, record_forward
+from explainers.model import LoadedModel, load_model, residual_from_layer
+
+
+def path_states(loaded: LoadedModel, token_ids: torch.Tensor, layer: int) -> torch.Tensor:
+    """Three distinct batch rows [3, num_tokens, hidden] at `layer`: transformers' states, scaled and shifted."""
+    with torch.no_grad():
+        states = loaded.model(input_ids=token_ids[None], output_hidden_states=True).hidden_states[layer]
+    return torch.cat([states, 0.5 * states, states + 0.1])
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_record_forward_runs_the_layers_as_transformers_does(
+    tiny_model: LoadedModel, token_ids: torch.Tensor, layer: int
+) -> None:
+    states = path_states(tiny_model, token_ids, layer)
+
+    recorded = record_forward(tiny_model, states, layer)
+
+    with torch.no_grad():
+        expected = residual_from_layer(tiny_model, states, layer)
+    torch.testing.assert_close(recorded.final_residual, expected, rtol=0, atol=1e-12)
+    assert len(recorded.records) == tiny_model.num_layers - layer
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2])
+@pytest.mark.parametrize("prefix", [1, 5, 14])
+def test_backward_is_autograds_vector_jacobian_product(
+    tiny_model: LoadedModel, token_ids: torch.Tensor, layer: int, prefix: int
+) -> None:
+    states = path_states(tiny_model, token_ids, layer)
+    generator = torch.Generator().manual_seed(prefix)
+    # Two cotangents per batch row, dense over the prefix (not only one position, as a score's would be).
+    cotangents = torch.randn(2, *states[:, :prefix].shape, generator=generator, dtype=states.dtype)
+
+    # The same cotangents twice, in chunks of two prefixes: a chunk's length is its own.
+    short = cotangents[:, :, : max(prefix - 2, 1)].clone()
+    gradients, short_gradients = backward_to_layer(record_forward(tiny_model, states, layer), [cotangents, short])
+
+    assert gradients.shape == cotangents.shape
+    assert short_gradients.shape == short.shape
+    inputs = states.detach().requires_grad_(True)
+    with torch.enable_grad():
+        residual = residual_from_layer(tiny_model, inputs, layer)
+    for chunk, chunk_gradients in ((cotangents, gradients), (short, short_gradients)):
+        length = chunk.shape[2]
+        for cotangent, gradient in zip(chunk, chunk_gradients, strict=True):
+            (expected,) = torch.autograd.grad(residual[:, :length], inputs, cotangent, retain_graph=True)
+            # Causality: nothing flows to the positions from the chunk's length on.
+            assert torch.all(expected[:, length:] == 0)
+            scale = float(expected.abs().max())
+            torch.testing.assert_close(gradient, expected[:, :length], rtol=0, atol=1e-12 * scale)
+
+
+def test_a_model_without_a_silu_gated_mlp_is_refused_at_load(tiny_model_dir: Path, tmp_path: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, hidden_act="gelu")
+    model.save_pretrained(tmp_path)
+
+    with pytest.raises(TypeError, match="SiLU-gated MLP; this model's hidden_act is 'gelu'"):
+        load_model(tmp_path)
