@@ -40,7 +40,8 @@ Sections:
   forward pass, and then only its largest group of gradient chunks, where RSS peaks: the one with the most FLOPs
   (groups are capped at MAX_GROUP_ROWS rows, so this is one of the last, whose prefixes are the longest).
   `score_gradients` is started at that group's first target, which reproduces the full run's groups from there on
-  (grouping is greedy from the first target) and records the same forward pass. Identity: each gradient method unchunked (one chunk, one pass of path points) vs chunked (a quarter
+  (grouping is greedy from the first target) and records the same forward pass. Identity: each gradient method
+  unchunked (one chunk, one pass of path points) vs chunked (a quarter
   of the targets per chunk, one path point per pass) at G = 16, in one subprocess. Chunks run different prefixes, so
   float32 sums differ in rounding: the criterion is max |chunked - unchunked| <= 1e-5 x max |unchunked|; bitwise
   equality is reported too. Where float32 rounding alone exceeds that (integrated gradients at G = 16: about 1e-4
@@ -1079,7 +1080,8 @@ def render_markdown(result: JsonDict) -> str:
         out += [
             "",
             f"**Memory at G = {chunking['generated']}, default parameters: the engine's pass over the whole sequence, "
-            "then the method's largest group of chunks** (targets x path points x prefix; full time extrapolated by FLOPs)",
+            "then the method's largest group of chunks** (targets x path points x prefix; full time extrapolated by "
+            "FLOPs)",
             "",
         ]
         rows = [
