@@ -53,6 +53,9 @@ MAX_GROUP_ROWS = 65536
 # consecutive targets: 256 rows keep that waste near 5% for short prompts and the chunk's transients (rows x the
 # MLP width, a few at once) small.
 CHUNK_ROWS = 256
+# Rows (path points x targets) read out at once for the backward pass's seeds: 256 x the vocabulary (49,152 for
+# SmolLM2) is 48 MiB a tensor.
+READOUT_ROWS = 256
 # Rows (path points x positions) of one forward pass whose activations are kept for the backward pass: about
 # 0.7 MiB a row for SmolLM2 (23 KiB a layer), so about 0.7 GiB. A single sequence always runs whole.
 MAX_GRAPH_ROWS = 1024
@@ -108,22 +111,37 @@ def score_gradients(
     # The last target is predicted from the position before its own: nothing from there on is needed.
     recorded = record_forward(loaded, states[:, : int(targets.positions[-1])], layer)
     for group in plan_chunks(targets.positions, target_batch_size, states.shape[0]):
-        seeds = [_seeds(loaded, recorded.final_residual, targets[chunk], weights) for chunk in group]
+        group_targets = slice(group[0].start, group[-1].stop)
+        seed_rows = _seed_rows(loaded, recorded.final_residual, targets[group_targets], weights)
+        seeds = [
+            _seeds(targets[chunk], seed_rows[:, chunk.start - group_targets.start : chunk.stop - group_targets.start])
+            for chunk in group
+        ]
         with _one_thread_per_op() as threads, ThreadPoolExecutor(max_workers=threads) as pool:
             gradients = backward_to_layer(recorded, seeds, pool.map)
         yield from zip(group, gradients, strict=True)
 
 
-def _seeds(loaded: LoadedModel, final: torch.Tensor, chunk: Targets, weights: torch.Tensor) -> torch.Tensor:
+def _seed_rows(loaded: LoadedModel, final: torch.Tensor, targets: Targets, weights: torch.Tensor) -> torch.Tensor:
+    """d (weights @ score_i) / d final[:, predicting position of i]: [points, targets, hidden], from the last
+    layer's output final [points, positions, hidden]. Each score reads one position, so one backward pass through
+    the readout serves all targets; READOUT_ROWS at a time bound its [rows, vocabulary] tensors."""
+    per_slice = max(1, READOUT_ROWS // final.shape[0])
+    rows = []
+    for start in range(0, len(targets), per_slice):
+        some = targets[start : start + per_slice]
+        predicting = final[:, some.predicting_positions].requires_grad_(True)  # [points, some, hidden]
+        with torch.enable_grad():
+            weighted_scores = weights @ some.score_logits(readout_logits(loaded, predicting))  # [some]
+        rows.append(torch.autograd.grad(weighted_scores.sum(), predicting)[0])
+    return torch.cat(rows, dim=1)
+
+
+def _seeds(chunk: Targets, seed_rows: torch.Tensor) -> torch.Tensor:
     """The cotangents [len(chunk), points, prefix, hidden] of the last layer's output that start the chunk's
-    backward passes: target k's is the gradient of weights @ its scores at its own predicting position, zero at
-    every other."""
-    prefix = int(chunk.positions[-1])
-    predicting = final[:, chunk.predicting_positions].requires_grad_(True)  # [points, chunk, hidden]
-    with torch.enable_grad():
-        weighted_scores = weights @ chunk.score_logits(readout_logits(loaded, predicting))  # [chunk]
-    (seed_rows,) = torch.autograd.grad(weighted_scores.sum(), predicting)
-    seeds = final.new_zeros(len(chunk), final.shape[0], prefix, final.shape[-1])
+    backward passes from its seed rows [points, len(chunk), hidden]: target k's at its own predicting position,
+    zero at every other."""
+    seeds = seed_rows.new_zeros(len(chunk), seed_rows.shape[0], int(chunk.positions[-1]), seed_rows.shape[-1])
     seeds[torch.arange(len(chunk)), :, chunk.predicting_positions] = seed_rows.transpose(0, 1)
     return seeds
 
