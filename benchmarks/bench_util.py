@@ -7,15 +7,18 @@ back into docs/performance.md's tables through each script's ``render_markdown``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -116,3 +119,27 @@ def wait_for(ready: Callable[[], bool], children: Sequence[Any], name: str, time
             pass
         time.sleep(0.2)
     raise RuntimeError(f"{name} was not ready within {timeout:.0f} s: {children[-1].log_tail()}")
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[str]:
+    """A throwaway redis-server on a free port, without persistence, for as long as the block runs; yields its URL."""
+    import redis
+
+    from deploy.local_stack import Child, free_port
+
+    state = Path(tempfile.mkdtemp(prefix="sightline-bench-redis-"))
+    port = free_port()
+    server = Child(
+        "redis",
+        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+         "--dir", str(state)],
+        dict(os.environ),
+        state / "redis.log",
+    )  # fmt: skip
+    try:
+        wait_for(lambda: bool(redis.Redis(port=port).ping()), [server], "redis-server", timeout=30)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.stop()
+        shutil.rmtree(state, ignore_errors=True)

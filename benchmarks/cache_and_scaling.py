@@ -83,7 +83,6 @@ import json
 import math
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -918,30 +917,9 @@ def section_cache(settings: Settings) -> JsonDict:
             ("attention", {}, 256),
             ("attention_rollout", {}, 256),
         ]
-    state = Path(tempfile.mkdtemp(prefix="sightline-cache-bench-"))
-    from deploy.local_stack import Child, free_port
-
-    port = free_port()
-    server = Child(
-        "redis",
-        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-         "--dir", str(state)],
-        dict(os.environ),
-        state / "redis.log",
-    )  # fmt: skip
-    try:
-        import redis
-
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(redis.RedisError):
-                if redis.Redis(port=port).ping():
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server did not start: {server.log_tail()}")
-            time.sleep(0.1)
+    with bench_util.redis_server() as redis_url:
         spec = CacheSpec(
-            redis_url=f"redis://127.0.0.1:{port}/0",
+            redis_url=redis_url,
             threads=settings.threads,
             repeats=settings.repeats,
             cases=cases,
@@ -956,9 +934,6 @@ def section_cache(settings: Settings) -> JsonDict:
             threads=settings.threads,
             in_process=settings.smoke,
         )
-    finally:
-        server.stop()
-        shutil.rmtree(state, ignore_errors=True)
     if not outcome.ok:
         return {"error": outcome.error, "rows": []}
     rows = outcome.data["rows"]
