@@ -1,4 +1,4 @@
-"""What the gradient methods share: per-target gradients in batched backward passes, and the layer they read."""
+"""What the gradient methods share: per-target gradients from one recording forward pass, and the layer they read."""
 
 from __future__ import annotations
 
@@ -198,8 +198,8 @@ class EmbeddingGradientParams:
 class EmbeddingGradientMethod(AttributionMethod[EmbeddingGradientParams]):
     """A method that reduces d score_i / d embedding[j] over the hidden dimension, for every target i and source j.
 
-    Per chunk of targets, one forward pass over their prefix and one batched vector-Jacobian product (see
-    score_gradients); prefix_only makes the zeros at and after a target's own position exact.
+    One recording forward pass, then a vector-Jacobian product per target over its prefix (see score_gradients);
+    prefix_only makes the zeros at and after a target's own position exact.
     """
 
     params = (TARGET_BATCH_SIZE,)

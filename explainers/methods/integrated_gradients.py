@@ -65,8 +65,8 @@ INTEGRATED_GRADIENTS_PARAMS = (
         "internal_batch_size",
         int,
         16,
-        "Path points run together in one forward pass (fewer on long sequences, to bound its memory); with "
-        "target_batch_size it bounds the memory of a backward pass and never changes the result.",
+        "Path points run together in one recording forward pass (fewer on long sequences, to bound its memory); "
+        "trades memory for speed and never changes the result.",
         minimum=1,
         maximum=512,
     ),
@@ -159,8 +159,8 @@ def baseline_states(
 
 
 class IntegratedGradients(AttributionMethod[IntegratedGradientsParams]):
-    """Integrated gradients to the input embeddings. Per internal_batch_size path points and chunk of targets, one
-    forward pass over the chunk's prefix and one batched backward pass (see score_gradients).
+    """Integrated gradients to the input embeddings. Per internal_batch_size path points, one recording forward
+    pass and a backward pass per target over its prefix (see score_gradients).
     """
 
     name = "integrated_gradients"

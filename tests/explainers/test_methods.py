@@ -40,7 +40,7 @@ def test_registry_lists_input_x_gradient_and_logit_lens_with_their_capabilities(
     assert (k.name, k.type, k.default_value) == ("k", explanations_pb2.PARAM_TYPE_INT, "5")
     assert k.description.endswith("Range 1..50 (inclusive).")
     assert (k.minimum, k.maximum) == (1, 50)
-    assert [p.default_value for p in gradient.params] == ["16"]
+    assert [p.default_value for p in gradient.params] == ["64"]
 
 
 def test_unknown_method_names_the_valid_ones() -> None:
