@@ -153,8 +153,9 @@ def backward_to_layer(
     residual stream (b may differ between chunks), each zero from its b on: causality keeps them zero there, so
     those positions are not run. Layer by layer, all chunks through one layer before the next, so that a layer's
     weights are read from memory once for all of them; map_chunks runs a layer over the chunks (map, or a thread
-    pool's)."""
+    pool's). A caller that keeps no reference to the list has its tensors freed once the top layer has run."""
     gradients = output_gradients
+    del output_gradients  # so that each layer's gradients replace the last's in memory
     for weights, record in zip(reversed(recorded.weights), reversed(recorded.records), strict=True):
 
         def layer_backward(chunk_gradients: torch.Tensor) -> torch.Tensor:

@@ -111,14 +111,15 @@ def score_gradients(
     # The last target is predicted from the position before its own: nothing from there on is needed.
     recorded = record_forward(loaded, states[:, : int(targets.positions[-1])], layer)
     for group in plan_chunks(targets.positions, target_batch_size, states.shape[0]):
-        group_targets = slice(group[0].start, group[-1].stop)
-        seed_rows = _seed_rows(loaded, recorded.final_residual, targets[group_targets], weights)
-        seeds = [
-            _seeds(targets[chunk], seed_rows[:, chunk.start - group_targets.start : chunk.stop - group_targets.start])
-            for chunk in group
-        ]
+        first = group[0].start
+        seed_rows = _seed_rows(loaded, recorded.final_residual, targets[first : group[-1].stop], weights)
         with _one_thread_per_op() as threads, ThreadPoolExecutor(max_workers=threads) as pool:
-            gradients = backward_to_layer(recorded, seeds, pool.map)
+            # The seeds are handed over, not kept: each layer's gradients replace the last's in memory.
+            gradients = backward_to_layer(
+                recorded,
+                [_seeds(targets[chunk], seed_rows[:, chunk.start - first : chunk.stop - first]) for chunk in group],
+                pool.map,
+            )
         yield from zip(group, gradients, strict=True)
 
 
