@@ -78,6 +78,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import itertools
 import json
 import math
@@ -252,32 +253,37 @@ def method_flops(
 ) -> FlopPlan:
     """The FlopPlan of explaining the targets at `positions` (ascending) of a `tokens`-long sequence, without a
     cache (so the engine's recording forward pass is included)."""
+    from explainers.methods.registry import get_method
+
+    # The method's own parsing fills in its defaults, so that this plan cannot drift from them.
+    params = dataclasses.asdict(get_method(method).parse_params(params))
     targets = len(positions)
     engine = shape.forward(tokens, shape.layers) + 2 * shape.readout(targets)  # + the step scores' readout
-    target_batch_size = int(params.get("target_batch_size", 16))
     layers = shape.layers - int(params.get("layer", 0))
     if method in ("input_x_gradient", "saliency", "gradient_x_activation"):
-        return FlopPlan(engine, tuple(planned_chunks(shape, layers, positions, target_batch_size, 1)))
+        return FlopPlan(engine, tuple(planned_chunks(shape, layers, positions, params["target_batch_size"], 1)))
     if method in ("integrated_gradients", "layer_integrated_gradients"):
         from explainers.methods.gradients import MAX_GRAPH_ROWS
 
-        steps = int(params.get("steps", 16))
-        per_pass = max(1, min(int(params.get("internal_batch_size", 16)), MAX_GRAPH_ROWS // tokens))
+        steps = int(params["steps"])
+        per_pass = max(1, min(int(params["internal_batch_size"]), MAX_GRAPH_ROWS // tokens))
         chunks = [
             chunk
             for start in range(0, steps, per_pass)
-            for chunk in planned_chunks(shape, layers, positions, target_batch_size, min(per_pass, steps - start))
+            for chunk in planned_chunks(
+                shape, layers, positions, params["target_batch_size"], min(per_pass, steps - start)
+            )
         ]
         baseline = shape.forward(tokens, shape.layers) + shape.readout(targets)
-        if params.get("baseline", "token") != "token":
+        if params["baseline"] != "token":
             baseline = 0.0
         # The completeness check: inputs and baselines from the layer up, read out at the targets.
         tail = 2 * (shape.forward(tokens, layers) + shape.readout(targets))
         return FlopPlan(engine + baseline, tuple(chunks), tail)
     if method == "occlusion":
         sources = positions[-1]
-        window = int(params.get("window", 1))
-        batch_size = int(params.get("batch_size", 16))
+        window = int(params["window"])
+        batch_size = int(params["batch_size"])
         window_starts = list(range(0, sources, window))
         batches = []
         for first in range(0, len(window_starts), batch_size):
