@@ -17,6 +17,7 @@ from captum.attr import Saliency as CaptumSaliency
 from captum.attr._utils.approximation_methods import approximation_parameters
 from sightline.v1 import types_pb2
 
+from explainers.methods import gradients
 from explainers.methods.base import AttributionContext, AttributionMethod, InvalidParamsError
 from explainers.methods.gradient_x_activation import GradientXActivation
 from explainers.methods.input_x_gradient import InputXGradient
@@ -246,6 +247,48 @@ def test_layer_integrated_gradients_at_layer_0_are_integrated_gradients(
     inputs, input_extras = run(IntegratedGradients(), ctx, read_tensor, baseline=baseline, steps=8)
     assert_matches(layer_0, inputs)
     assert_matches(layer_extras["convergence_delta"], input_extras["convergence_delta"])
+
+
+def test_plan_chunks_covers_every_target_once_within_its_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gradients, "MAX_GROUP_ROWS", 600)
+    positions = torch.arange(40, 70)
+    points = 2
+
+    groups = gradients.plan_chunks(positions, target_batch_size=8, num_points=points)
+
+    chunks = [chunk for group in groups for chunk in group]
+    assert [chunk.start for chunk in chunks] == [0] + [chunk.stop for chunk in chunks[:-1]]
+    assert chunks[-1].stop == len(positions)
+
+    def rows(chunk: slice) -> int:
+        return int(chunk.stop - chunk.start) * points * int(positions[chunk.stop - 1])
+
+    for group in groups:
+        assert group[-1].stop - group[0].start <= 8
+        assert len(group) == 1 or sum(map(rows, group)) <= 600
+        # A chunk closes at CHUNK_ROWS rows, or where its group ends.
+        for chunk in group[:-1]:
+            assert rows(chunk) >= gradients.CHUNK_ROWS
+            assert rows(slice(chunk.start, chunk.stop - 1)) < gradients.CHUNK_ROWS
+
+
+def test_gradients_leave_torch_threads_as_they_found_them(
+    ctx: AttributionContext, read_tensor: ReadTensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The chunks run one thread per op; the caller's setting must come back, also when a chunk fails.
+    before = torch.get_num_threads()
+    assert before > 1  # the package's fixture: otherwise this test could not fail
+    run(Saliency(), ctx, read_tensor)
+    assert torch.get_num_threads() == before
+
+    def failing_backward(*args: object) -> list[torch.Tensor]:
+        assert torch.get_num_threads() == 1
+        raise RuntimeError("chunk failed")
+
+    monkeypatch.setattr(gradients, "backward_to_layer", failing_backward)
+    with pytest.raises(RuntimeError, match="chunk failed"):
+        run(Saliency(), ctx, read_tensor)
+    assert torch.get_num_threads() == before
 
 
 # --- agreement with Captum, one target at a time ---
