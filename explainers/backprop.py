@@ -178,8 +178,8 @@ def _record_layer(
     """LlamaDecoderLayer.forward on hidden [P, N, D], with its activations."""
     attention_normed, attention_rstd = _rms_normalize(hidden, weights.attention_norm)
     attention_input = weights.attention_norm.weight * attention_normed.to(hidden.dtype)
-    queries = _rotate(_split_heads(weights.q(attention_input), weights.head_size), cos, sin)
-    keys = _rotate(_split_heads(weights.k(attention_input), weights.head_size), cos, sin)
+    queries = rotate(_split_heads(weights.q(attention_input), weights.head_size), cos, sin)
+    keys = rotate(_split_heads(weights.k(attention_input), weights.head_size), cos, sin)
     values = _split_heads(weights.v(attention_input), weights.head_size)
     attention_output = F.scaled_dot_product_attention(
         queries, keys, values, is_causal=True, scale=weights.scale, enable_gqa=True
@@ -304,13 +304,14 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE as transformers applies it: x * cos + rotate_half(x) * sin, tables [N, hd] over x [..., N, hd]."""
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding in the Llama (half-split) layout, as transformers applies it:
+    x * cos + rotate_half(x) * sin, with tables that broadcast over x (positions along the same axis)."""
     return x * cos + _rotate_half(x) * sin
 
 
 def _rotate_backward(gradients: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The transpose of _rotate: rotate_half is antisymmetric, so it is g * cos - rotate_half(g * sin)."""
+    """The transpose of rotate: rotate_half is antisymmetric, so it is g * cos - rotate_half(g * sin)."""
     return gradients * cos - _rotate_half(gradients * sin)
 
 

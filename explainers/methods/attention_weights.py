@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from explainers.backprop import rotate
 from explainers.model import LoadedModel
 
 FUSIONS = ("mean", "max", "min")
@@ -35,19 +36,13 @@ def attention_probabilities(
         cos, sin = cos[0, :, None], sin[0, :, None]  # [num_tokens, 1, head_dim]: broadcast over heads
         queries = query_projection(normed[query_positions]).view(len(query_positions), num_heads, head_dim)
         keys = key_projection(normed).view(num_tokens, num_kv_heads, head_dim)
-        queries = _rotate(queries, cos[query_positions], sin[query_positions])
+        queries = rotate(queries, cos[query_positions], sin[query_positions])
         # Grouped-query attention: consecutive query heads share one key head.
-        keys = _rotate(keys, cos, sin).repeat_interleave(num_heads // num_kv_heads, dim=1)
+        keys = rotate(keys, cos, sin).repeat_interleave(num_heads // num_kv_heads, dim=1)
         logits = torch.einsum("qhd,khd->hqk", queries, keys) * head_dim**-0.5
         causal = positions[None, :] <= query_positions[:, None]  # [num_queries, num_tokens]
         probabilities: torch.Tensor = logits.masked_fill(~causal, float("-inf")).softmax(dim=-1)
     return probabilities
-
-
-def _rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding in the Llama (half-split) layout: x * cos + rotate_half(x) * sin."""
-    first, second = states.chunk(2, dim=-1)
-    return states * cos + torch.cat((-second, first), dim=-1) * sin
 
 
 def fuse(stacked: torch.Tensor, how: str) -> torch.Tensor:

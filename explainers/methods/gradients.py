@@ -74,13 +74,15 @@ def plan_chunks(positions: torch.Tensor, target_batch_size: int, num_points: int
     while start < len(positions):
         group_end = min(start + target_batch_size, len(positions))
         group: list[slice] = []
+        group_rows = 0
         while start < group_end:
             chunk = slice(start, start + 1)
             while chunk.stop < group_end and rows(chunk) < CHUNK_ROWS:
                 chunk = slice(start, chunk.stop + 1)
-            if group and sum(map(rows, group)) + rows(chunk) > MAX_GROUP_ROWS:
+            if group and group_rows + rows(chunk) > MAX_GROUP_ROWS:
                 break
             group.append(chunk)
+            group_rows += rows(chunk)
             start = chunk.stop
         groups.append(group)
     return groups
@@ -103,7 +105,7 @@ def score_gradients(
     gradient, so they are not run at all. One forward pass records every layer's activations for all targets
     (explainers.backprop). Then each group of chunks (plan_chunks) runs backward, a vector-Jacobian product per
     target over its chunk's prefix, started below the readout: the readout's gradient, vocabulary-wide, is taken for
-    a chunk's targets together, as each score reads one position only. A group goes through one layer at a time,
+    a group's targets together, as each score reads one position only. A group goes through one layer at a time,
     its chunks side by side, one per torch thread, each op on a single thread: independent matrix products on
     separate cores beat one product split across them, and the layer's weights stay in cache for all the chunks.
     """
