@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, overload
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 ChunkMap = Callable[[Callable[[torch.Tensor], torch.Tensor], Iterable[torch.Tensor]], Iterable[torch.Tensor]]
 
-# LlamaMLP's activation, the one _record_layer differentiates by hand.
+# LlamaMLP's activation, the one _layer_forward differentiates by hand.
 SUPPORTED_ACTIVATIONS = ("silu", "swish")
 
 
@@ -131,19 +131,46 @@ def check_supported(config: object) -> None:
         raise TypeError(f"the gradient methods need a SiLU-gated MLP; this model's hidden_act is {activation!r}")
 
 
-def record_forward(loaded: LoadedModel, states: torch.Tensor, layer: int) -> RecordedLayers:
-    """Run the decoder layers above `layer` on residual-stream states [P, N, D] (as residual_from_layer does),
-    keeping what backward_to_layer needs."""
+@overload
+def run_layers(
+    loaded: LoadedModel, states: torch.Tensor, layer: int, record: Literal[True]
+) -> tuple[list[torch.Tensor], RecordedLayers]: ...
+@overload
+def run_layers(
+    loaded: LoadedModel, states: torch.Tensor, layer: int, record: Literal[False]
+) -> tuple[list[torch.Tensor], None]: ...
+@overload
+def run_layers(
+    loaded: LoadedModel, states: torch.Tensor, layer: int, record: bool
+) -> tuple[list[torch.Tensor], RecordedLayers | None]: ...
+def run_layers(
+    loaded: LoadedModel, states: torch.Tensor, layer: int, record: bool
+) -> tuple[list[torch.Tensor], RecordedLayers | None]:
+    """Run the decoder layers above `layer` on residual-stream states [P, N, D], as residual_from_layer does, without
+    gradients. Returns the residual stream (states, then each layer's output) and, with record, what
+    backward_to_layer needs."""
     positions = torch.arange(states.shape[1], device=states.device)[None]
     cos, sin = loaded.rotary_embedding(states, positions)
-    hidden = states
     weights = [LayerWeights.of(decoder_layer) for decoder_layer in loaded.decoder_layers[layer:]]
+    residual_stream = [states]
     records = []
     with torch.no_grad():
         for layer_weights in weights:
-            record, hidden = _record_layer(layer_weights, hidden, cos[0], sin[0])
-            records.append(record)
-    return RecordedLayers(weights=weights, records=records, final_residual=hidden, cos=cos[0], sin=sin[0])
+            layer_record, hidden = _layer_forward(layer_weights, residual_stream[-1], cos[0], sin[0], record)
+            residual_stream.append(hidden)
+            if layer_record is not None:
+                records.append(layer_record)
+    if not record:
+        return residual_stream, None
+    return residual_stream, RecordedLayers(
+        weights=weights, records=records, final_residual=residual_stream[-1], cos=cos[0], sin=sin[0]
+    )
+
+
+def record_forward(loaded: LoadedModel, states: torch.Tensor, layer: int) -> RecordedLayers:
+    """Run the decoder layers above `layer` on residual-stream states [P, N, D], keeping what backward_to_layer
+    needs."""
+    return run_layers(loaded, states, layer, record=True)[1]
 
 
 def backward_to_layer(
@@ -172,10 +199,10 @@ def backward_to_layer(
     return gradients
 
 
-def _record_layer(
-    weights: LayerWeights, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[LayerRecord, torch.Tensor]:
-    """LlamaDecoderLayer.forward on hidden [P, N, D], with its activations."""
+def _layer_forward(
+    weights: LayerWeights, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, record: bool
+) -> tuple[LayerRecord | None, torch.Tensor]:
+    """LlamaDecoderLayer.forward on hidden [P, N, D], with its activations if record."""
     attention_normed, attention_rstd = _rms_normalize(hidden, weights.attention_norm)
     attention_input = weights.attention_norm.weight * attention_normed.to(hidden.dtype)
     queries = rotate(_split_heads(weights.q(attention_input), weights.head_size), cos, sin)
@@ -192,9 +219,11 @@ def _record_layer(
     gate_sigmoid = torch.sigmoid(gate)
     gate_activation = gate * gate_sigmoid
     hidden = hidden + weights.down(gate_activation * up)
+    if not record:
+        return None, hidden
     # silu'(g) = sigmoid(g) * (1 + g * (1 - sigmoid(g)))
     up_times_gate_slope = up * gate_sigmoid * (1 + gate * (1 - gate_sigmoid))
-    record = LayerRecord(
+    layer_record = LayerRecord(
         attention_normed=attention_normed,
         attention_rstd=attention_rstd,
         queries=queries,
@@ -206,7 +235,7 @@ def _record_layer(
         gate_activation=gate_activation,
         up_times_gate_slope=up_times_gate_slope,
     )
-    return record, hidden
+    return layer_record, hidden
 
 
 def _layer_backward(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -21,12 +22,13 @@ from sightline.v1 import types_pb2
 
 from common.jobs import ExplainOptions
 from explainers.aggregation import TokenGroup, aggregate, source_groups
+from explainers.backprop import RecordedLayers
 from explainers.faithfulness import faithfulness
 from explainers.hidden_cache import STORAGE_DTYPE, HiddenStateCache
 from explainers.methods.base import AttributionContext, AttributionMethod, tensor_proto
 from explainers.methods.registry import get_method
-from explainers.model import LoadedModel, forward_with_hidden_states, readout_log_probs
-from explainers.step_scores import step_scores
+from explainers.model import LoadedModel, forward_with_hidden_states
+from explainers.step_scores import read_out
 from explainers.targets import Targets, TargetScore
 
 logger = logging.getLogger(__name__)
@@ -68,14 +70,19 @@ def explain(
     tokens = _tokens(loaded, sequence, len(prompt_ids), served_logprobs)
     groups = _source_groups(loaded, sequence, tokens, options)
 
-    hidden_states, recomputed_logprobs, cache_hit = _hidden_states(loaded, cache, token_ids, generated_positions)
+    record = any(method.reuses_embedding_recording for method, _ in requested)
+    states = _hidden_states(loaded, cache, token_ids, len(prompt_ids), targets, options.step_scores_top_k, record)
     ctx = AttributionContext(
         loaded=loaded,
         token_ids=token_ids,
         prompt_length=len(prompt_ids),
         targets=targets,
-        hidden_states=hidden_states,
+        hidden_states=states.hidden_states,
+        embedding_recording=states.embedding_recording,
     )
+    # Only ctx holds the recording from here on: it is freed once no method still to run reuses it.
+    step_scores, recomputed_logprobs, cache_hit = states.step_scores, states.recomputed_logprobs, states.cache_hit
+    del states
     explanation = types_pb2.Explanation(
         model=loaded.model_name,
         weights_digest=loaded.weights_digest,
@@ -84,11 +91,13 @@ def explain(
         target_positions=targets.positions.tolist(),
         foil_token_ids=[] if targets.foil_ids is None else targets.foil_ids.tolist(),
         target_score=TARGET_SCORES[targets.score],
-        step_scores=step_scores(loaded, hidden_states, targets, options.step_scores_top_k),
+        step_scores=step_scores,
         cache_hit=cache_hit,
         source_groups=[types_pb2.SourceGroup(start=g.start, end=g.end, label=g.label) for g in groups],
     )
-    for method, params in requested:
+    for index, (method, params) in enumerate(requested):
+        if not any(later.reuses_embedding_recording for later, _ in requested[index:]):
+            ctx = replace(ctx, embedding_recording=None)
         with tracer.start_as_current_span(f"method {method.name}", attributes={"sightline.method": method.name}):
             started = time.perf_counter()
             result = method.attribute(ctx, params)
@@ -103,8 +112,6 @@ def explain(
         explanation.results.append(result)
 
     with tracer.start_as_current_span("fidelity") as span:
-        if recomputed_logprobs is None:
-            recomputed_logprobs = _read_out_target_log_probs(loaded, hidden_states[-1], token_ids, generated_positions)
         explanation.fidelity.recomputed_logprobs.extend(recomputed_logprobs.tolist())
         if served_logprobs is not None:
             served = torch.tensor(served_logprobs, dtype=recomputed_logprobs.dtype)
@@ -200,14 +207,34 @@ def _validate_input(
         )
 
 
-def _hidden_states(
-    loaded: LoadedModel, cache: HiddenStateCache | None, token_ids: torch.Tensor, target_positions: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
-    """(hidden states at cache precision in the model's dtype, full-precision target logprobs or None, cache hit).
+@dataclass(frozen=True)
+class _States:
+    """The hidden states and what one readout of their last layer gives, from the cache or a forward pass."""
 
-    The logprobs are None only on a hit whose prompt/output split was never computed before.
+    hidden_states: torch.Tensor  # at cache precision, in the model's dtype
+    cache_hit: bool
+    step_scores: types_pb2.StepScores
+    recomputed_logprobs: torch.Tensor  # the generated tokens', for the fidelity check
+    embedding_recording: RecordedLayers | None  # the forward pass's recording, when asked for and not a hit
+
+
+def _hidden_states(
+    loaded: LoadedModel,
+    cache: HiddenStateCache | None,
+    token_ids: torch.Tensor,
+    prompt_length: int,
+    targets: Targets,
+    top_k: int,
+    record: bool,
+) -> _States:
+    """The hidden states from the cache or from one forward pass (recorded for the backward pass if `record`),
+    with step scores and fidelity log-probabilities from one readout (step_scores.read_out).
+
+    Fidelity comes from the forward pass's full-precision last layer, cached beside the states for the same
+    prompt/output split; only a hit with a new split reads it out of the cached bfloat16 states.
     """
     sequence = token_ids.tolist()
+    generated_positions = torch.arange(prompt_length, len(sequence))
     expected_shape = (loaded.num_layers + 1, len(sequence), loaded.hidden_size)
     if cache is not None:
         with tracer.start_as_current_span("cache lookup") as span:
@@ -217,27 +244,43 @@ def _hidden_states(
                 cached = None
             span.set_attribute("sightline.cache.hit", cached is not None)
         if cached is not None:
-            first_position = int(target_positions[0])
-            log_probs = cache.get_log_probs(loaded.weights_digest, sequence, first_position)
-            if log_probs is not None and log_probs.shape != target_positions.shape:
+            hidden_states = cached.to(loaded.dtype)
+            log_probs = cache.get_log_probs(loaded.weights_digest, sequence, prompt_length)
+            if log_probs is not None and log_probs.shape != generated_positions.shape:
                 log_probs = None
-            return cached.to(loaded.dtype), log_probs, True
+            # Without cached log-probabilities, fidelity is read out of the cached last layer too.
+            last_layer = hidden_states[-1]
+            fidelity_rows = last_layer[generated_positions - 1] if log_probs is None else last_layer[:0]
+            step_scores, read_log_probs = _read_out(loaded, hidden_states, fidelity_rows, token_ids, targets, top_k)
+            recomputed = read_log_probs if log_probs is None else log_probs
+            return _States(hidden_states, True, step_scores, recomputed, None)
 
     with tracer.start_as_current_span("forward"):
-        recorded = forward_with_hidden_states(loaded, token_ids, target_positions)
-    stored = recorded.hidden_states.to(STORAGE_DTYPE)
+        forward = forward_with_hidden_states(loaded, token_ids, record)
+        stored = forward.hidden_states.to(STORAGE_DTYPE)
+        hidden_states = stored.to(loaded.dtype)
+        full_precision_rows = forward.hidden_states[-1, generated_positions - 1]
+        step_scores, recomputed = _read_out(loaded, hidden_states, full_precision_rows, token_ids, targets, top_k)
     if cache is not None and cache.put(loaded.weights_digest, sequence, stored):
-        cache.put_log_probs(loaded.weights_digest, sequence, int(target_positions[0]), recorded.target_log_probs)
-    return stored.to(loaded.dtype), recorded.target_log_probs, False
+        cache.put_log_probs(loaded.weights_digest, sequence, prompt_length, recomputed)
+    return _States(hidden_states, False, step_scores, recomputed, forward.recorded)
 
 
-def _read_out_target_log_probs(
-    loaded: LoadedModel, last_layer: torch.Tensor, token_ids: torch.Tensor, target_positions: torch.Tensor
-) -> torch.Tensor:
-    """The targets' log-probs from the last layer's states [num_tokens, hidden], as the logits would give them."""
-    with torch.no_grad():
-        logprobs = readout_log_probs(loaded, last_layer[target_positions - 1])
-    return logprobs.gather(-1, token_ids[target_positions, None])[:, 0]
+def _read_out(
+    loaded: LoadedModel,
+    hidden_states: torch.Tensor,
+    fidelity_rows: torch.Tensor,
+    token_ids: torch.Tensor,
+    targets: Targets,
+    top_k: int,
+) -> tuple[types_pb2.StepScores, torch.Tensor]:
+    """(step scores from hidden_states' last layer, the generated tokens' log-probabilities from fidelity_rows
+    [num_generated or 0, hidden], the last-layer states at the positions predicting them) in one readout."""
+    num_generated = len(fidelity_rows)
+    rows = torch.cat([hidden_states[-1, targets.predicting_positions], fidelity_rows])
+    ids = torch.cat([targets.token_ids, token_ids[len(token_ids) - num_generated :]])
+    step_scores, log_probs = read_out(loaded, rows, ids, len(targets), top_k)
+    return step_scores, log_probs[len(targets) :]
 
 
 def _tokens(

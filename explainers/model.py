@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from explainers.backprop import check_supported
+from explainers.backprop import RecordedLayers, check_supported, run_layers
 from explainers.embedded_model import MANIFEST_FILE
 from explainers.embedded_model import weights_digest as safetensors_digest
 
@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 # [heads, seq, seq] attention probabilities for the backward pass (plus their batched gradient), which rules out
 # long sequences, and because eager rounds a float64 softmax through float32.
 ATTN_IMPLEMENTATION = "sdpa"
+
+# Rows read out to the vocabulary at once: 256 x the vocabulary (49,152 for SmolLM2) is 48 MiB a tensor.
+READOUT_ROWS = 256
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
@@ -171,47 +174,20 @@ def readout_log_probs(loaded: LoadedModel, residual: torch.Tensor) -> torch.Tens
     return log_probs(readout_logits(loaded, residual))
 
 
-def target_log_probs(
-    loaded: LoadedModel, inputs_embeds: torch.Tensor, token_ids: torch.Tensor, target_positions: torch.Tensor
-) -> torch.Tensor:
-    """log p(token_ids[t] | token_ids[:t]) for every t in target_positions [num_targets], from one forward pass.
-
-    Differentiable with respect to inputs_embeds [1, num_tokens, hidden] when grad mode is on.
-    """
-    # Only the positions that predict a target go through the unembedding: [num_targets, vocab], not [seq, vocab].
-    logits = loaded.model(inputs_embeds=inputs_embeds, logits_to_keep=target_positions - 1).logits[0]
-    return log_probs(logits).gather(-1, token_ids[target_positions, None])[:, 0]
-
-
 @dataclass(frozen=True)
 class RecordedForward:
     hidden_states: torch.Tensor  # [num_layers + 1, num_tokens, hidden], model dtype
-    target_log_probs: torch.Tensor  # [num_targets]
+    # What the backward pass to the input embeddings reads (explainers.backprop), when asked for.
+    recorded: RecordedLayers | None
 
 
-def forward_with_hidden_states(
-    loaded: LoadedModel, token_ids: torch.Tensor, target_positions: torch.Tensor
-) -> RecordedForward:
-    """One no-grad forward pass that records the residual stream after the embedding and after every layer.
+def forward_with_hidden_states(loaded: LoadedModel, token_ids: torch.Tensor, record: bool = False) -> RecordedForward:
+    """One no-grad forward pass over token_ids [num_tokens] that keeps the residual stream after the embedding and
+    after every layer, and with `record` the activations the input-embedding gradients' backward pass reads.
 
     hidden_states[0] is the embedding output and hidden_states[l] the output of decoder layer l, all BEFORE the
-    final norm. `output_hidden_states=True` cannot give that: transformers 5.x replaces its last entry with
-    `last_hidden_state`, which is after the final norm (4.x appended the post-norm state too), so the decoder
-    layers' outputs are recorded with forward hooks instead.
+    final norm (transformers' `output_hidden_states` ends with the state after it). The layers run as the gradient
+    methods' own recording pass runs them (explainers.backprop), so that a recording made here serves them.
     """
-    inputs_embeds = loaded.embed(token_ids)
-    layer_outputs: list[torch.Tensor] = []
-
-    def record(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor | tuple[torch.Tensor, ...]) -> None:
-        # transformers 5 decoder layers return a tensor; older ones returned a tuple led by it.
-        layer_outputs.append(output[0] if isinstance(output, tuple) else output)
-
-    hooks = [layer.register_forward_hook(record) for layer in loaded.decoder_layers]
-    try:
-        with torch.no_grad():
-            logprobs = target_log_probs(loaded, inputs_embeds, token_ids, target_positions)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    hidden_states = torch.cat([inputs_embeds, *layer_outputs])
-    return RecordedForward(hidden_states=hidden_states, target_log_probs=logprobs)
+    residual_stream, recorded = run_layers(loaded, loaded.embed(token_ids), 0, record)
+    return RecordedForward(hidden_states=torch.cat(residual_stream), recorded=recorded)

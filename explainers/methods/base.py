@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from sightline.v1 import explanations_pb2, types_pb2
 
+from explainers.backprop import RecordedLayers
 from explainers.model import LoadedModel
 from explainers.targets import Targets
 
@@ -147,6 +148,9 @@ class AttributionContext:
     # [num_layers + 1, num_tokens, hidden] in the model's dtype at the cache's (bfloat16) precision, from the cache
     # or from the engine's one recorded forward pass; identical either way.
     hidden_states: torch.Tensor
+    # The engine's forward pass over the input embeddings, recorded for the backward pass (explainers.backprop), on
+    # a cache miss while a method still to run reuses it (reuses_embedding_recording); None otherwise.
+    embedding_recording: RecordedLayers | None = None
 
 
 class AttributionMethod(ABC, Generic[ParamsT]):
@@ -163,6 +167,9 @@ class AttributionMethod(ABC, Generic[ParamsT]):
     cost: ClassVar[CostModel]
     supports_contrastive_targets: ClassVar[bool] = False
     multimodal: ClassVar[bool] = False
+    # Whether the method runs backward from the input embeddings of the sequence itself, so that the engine's forward
+    # pass, recorded, saves it one of its own.
+    reuses_embedding_recording: ClassVar[bool] = False
 
     def parse_params(self, params: Mapping[str, object]) -> ParamsT:
         """Typed parameters from a request's loose values; defaults fill what is missing."""

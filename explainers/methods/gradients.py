@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from sightline.v1 import types_pb2
 
-from explainers.backprop import backward_to_layer, record_forward
+from explainers.backprop import RecordedLayers, backward_to_layer, record_forward
 from explainers.methods.base import (
     GRADIENT_COST,
     AttributionContext,
@@ -21,7 +21,7 @@ from explainers.methods.base import (
     prefix_only,
     tensor_proto,
 )
-from explainers.model import LoadedModel, readout_logits
+from explainers.model import READOUT_ROWS, LoadedModel, readout_logits
 from explainers.targets import Targets
 
 TARGET_BATCH_SIZE = ParamSpec(
@@ -53,9 +53,6 @@ MAX_GROUP_ROWS = 65536
 # consecutive targets: 256 rows keep that waste near 5% for short prompts and the chunk's transients (rows x the
 # MLP width, a few at once) small.
 CHUNK_ROWS = 256
-# Rows (path points x targets) read out at once for the backward pass's seeds: 256 x the vocabulary (49,152 for
-# SmolLM2) is 48 MiB a tensor.
-READOUT_ROWS = 256
 # Rows (path points x positions) of one forward pass whose activations are kept for the backward pass: about
 # 0.7 MiB a row for SmolLM2 (23 KiB a layer), so about 0.7 GiB. A single sequence always runs whole.
 MAX_GRAPH_ROWS = 1024
@@ -95,6 +92,7 @@ def score_gradients(
     targets: Targets,
     target_batch_size: int,
     point_weights: torch.Tensor | None = None,
+    recorded: RecordedLayers | None = None,
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """Gradients of the targets' scores with respect to residual-stream states at `layer`, a chunk of targets at a
     time. For states [points, num_tokens, hidden] yields (chunk, gradients [len(chunk), points, prefix, hidden]):
@@ -103,15 +101,17 @@ def score_gradients(
 
     where prefix is the chunk's last target position: causality leaves the positions from there on without
     gradient, so they are not run at all. One forward pass records every layer's activations for all targets
-    (explainers.backprop). Then each group of chunks (plan_chunks) runs backward, a vector-Jacobian product per
-    target over its chunk's prefix, started below the readout: the readout's gradient, vocabulary-wide, is taken for
-    a group's targets together, as each score reads one position only. A group goes through one layer at a time,
+    (explainers.backprop), unless `recorded` is that pass, already run over `states` (or a longer prefix of them).
+    Then each group of chunks (plan_chunks) runs backward, a vector-Jacobian product per target over its chunk's
+    prefix, started below the readout: the readout's gradient, vocabulary-wide, is taken for a group's targets
+    together, as each score reads one position only. A group goes through one layer at a time,
     its chunks side by side, one per torch thread, each op on a single thread: independent matrix products on
     separate cores beat one product split across them, and the layer's weights stay in cache for all the chunks.
     """
     weights = torch.ones(states.shape[0], dtype=states.dtype) if point_weights is None else point_weights
     # The last target is predicted from the position before its own: nothing from there on is needed.
-    recorded = record_forward(loaded, states[:, : int(targets.positions[-1])], layer)
+    if recorded is None:
+        recorded = record_forward(loaded, states[:, : int(targets.positions[-1])], layer)
     for group in plan_chunks(targets.positions, target_batch_size, states.shape[0]):
         first = group[0].start
         seed_rows = _seed_rows(loaded, recorded.final_residual, targets[first : group[-1].stop], weights)
@@ -173,12 +173,13 @@ def reduced_gradients(
     targets: Targets,
     target_batch_size: int,
     reduce: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    recorded: RecordedLayers | None = None,
 ) -> torch.Tensor:
     """Per-position scores [num_targets, num_tokens] of d score_i / d states at `layer` for states [1, num_tokens,
     hidden], reduced over the hidden dimension by reduce(gradients [chunk, prefix, hidden], states [prefix,
-    hidden]) -> [chunk, prefix]; 0 at and after each target's position."""
+    hidden]) -> [chunk, prefix]; 0 at and after each target's position. `recorded`: as score_gradients takes it."""
     scores = states.new_zeros(len(targets), states.shape[1])
-    for chunk, gradients in score_gradients(loaded, states, layer, targets, target_batch_size):
+    for chunk, gradients in score_gradients(loaded, states, layer, targets, target_batch_size, recorded=recorded):
         prefix = gradients.shape[2]
         scores[chunk, :prefix] = reduce(gradients[:, 0], states[0, :prefix])
     return scores
@@ -212,6 +213,7 @@ class EmbeddingGradientMethod(AttributionMethod[EmbeddingGradientParams]):
     attributes_tokens = True
     cost = GRADIENT_COST
     supports_contrastive_targets = True
+    reuses_embedding_recording = True
 
     @abstractmethod
     def reduce(self, gradients: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
@@ -220,5 +222,10 @@ class EmbeddingGradientMethod(AttributionMethod[EmbeddingGradientParams]):
 
     def attribute(self, ctx: AttributionContext, params: EmbeddingGradientParams) -> types_pb2.MethodResult:
         embeddings = ctx.loaded.embed(ctx.token_ids)  # [1, num_tokens, hidden]
-        scores = reduced_gradients(ctx.loaded, embeddings, 0, ctx.targets, params.target_batch_size, self.reduce)
+        # Without the engine's recording, the same pass over the whole sequence: a cache hit then computes exactly
+        # what a miss computes.
+        recording = ctx.embedding_recording or record_forward(ctx.loaded, embeddings, 0)
+        scores = reduced_gradients(
+            ctx.loaded, embeddings, 0, ctx.targets, params.target_batch_size, self.reduce, recording
+        )
         return types_pb2.MethodResult(method=self.name, attributions=tensor_proto(prefix_only(scores, ctx.targets)))

@@ -155,7 +155,7 @@ def baseline_states(
             f"{ctx.loaded.vocab_size}, got {params.baseline_token_id}"
         )
     baseline_ids = torch.full_like(ctx.token_ids, params.baseline_token_id)
-    return forward_with_hidden_states(ctx.loaded, baseline_ids, ctx.targets.positions).hidden_states[layer][None]
+    return forward_with_hidden_states(ctx.loaded, baseline_ids).hidden_states[layer][None]
 
 
 class IntegratedGradients(AttributionMethod[IntegratedGradientsParams]):

@@ -132,7 +132,7 @@ def make_context(
     """An AttributionContext over the fixed sequence, with fresh (full-precision) hidden states."""
 
     def make(loaded: LoadedModel) -> AttributionContext:
-        recorded = forward_with_hidden_states(loaded, token_ids, target_positions)
+        recorded = forward_with_hidden_states(loaded, token_ids)
         return AttributionContext(
             loaded=loaded,
             token_ids=token_ids,

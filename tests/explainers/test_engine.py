@@ -13,9 +13,11 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from sightline.v1 import types_pb2
 
-from explainers import engine
+from explainers import backprop, engine
+from explainers.backprop import RecordedLayers
 from explainers.engine import InvalidInputError, explain
 from explainers.hidden_cache import HiddenStateCache
+from explainers.methods import gradients
 from explainers.methods.base import InvalidParamsError
 from explainers.methods.registry import UnknownMethodError
 from explainers.model import LoadedModel
@@ -126,6 +128,32 @@ def test_a_cache_hit_reproduces_the_miss(
     assert "forward" in miss_spans
     assert hit_spans["cache lookup"].attributes == {"sightline.cache.hit": True}
     assert "forward" not in hit_spans
+
+
+def test_the_miss_forward_pass_serves_the_embedding_gradient_methods(
+    tiny_model_float32: LoadedModel, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a miss, saliency and input x gradient run backward from the engine's own forward pass, recorded; on a hit
+    each records one of its own. The results are the same bits either way."""
+    own_recordings = []
+    record_forward = backprop.record_forward
+
+    def counted(loaded: LoadedModel, states: torch.Tensor, layer: int) -> RecordedLayers:
+        own_recordings.append(layer)
+        return record_forward(loaded, states, layer)
+
+    monkeypatch.setattr(gradients, "record_forward", counted)
+    cache = HiddenStateCache(redis_client, ttl_seconds=600, tenant=TENANT)
+    methods: list[tuple[str, dict[str, object]]] = [("saliency", {}), ("logit_lens", {}), ("input_x_gradient", {})]
+
+    miss = explain(tiny_model_float32, cache, PROMPT_IDS, OUTPUT_IDS, methods, None)
+    assert own_recordings == []
+    hit = explain(tiny_model_float32, cache, PROMPT_IDS, OUTPUT_IDS, methods, None)
+    assert own_recordings == [0, 0]
+
+    assert hit.cache_hit and not miss.cache_hit
+    for miss_result, hit_result in zip(miss.results, hit.results, strict=True):
+        assert miss_result.attributions == hit_result.attributions
 
 
 def test_another_tenant_never_hits_the_cache(tiny_model_float32: LoadedModel, redis_client: redis.Redis) -> None:
