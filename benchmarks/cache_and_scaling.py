@@ -171,6 +171,14 @@ class ModelShape:
         pairs = tokens**2 / 2
         return float(layers * (2 * self.layer_params * tokens + 8 * self.heads * self.head_dim * pairs))
 
+    def seeded_backward(self, tokens: int) -> float:
+        """FLOPs of the top decoder layer's gradient for one target, whose cotangent is zero but at one position
+        (explainers.backprop.Seeds): every weight product at that position only, except the keys' and values' over
+        all `tokens` positions, and that position's attention row."""
+        d, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        at_position = 2 * (d * q + q * d + 3 * d * self.intermediate)
+        return float(at_position + 4 * d * kv * tokens + 8 * self.heads * self.head_dim * tokens)
+
     def readout(self, rows: int) -> float:
         """FLOPs of the unembedding of `rows` positions, or of its gradient to its input."""
         return float(2 * self.vocab * self.hidden * rows)
@@ -223,24 +231,31 @@ class FlopPlan:
 
 
 def planned_chunks(
-    shape: ModelShape, layers: int, positions: Sequence[int], target_batch_size: int, points: int
+    shape: ModelShape,
+    layers: int,
+    positions: Sequence[int],
+    target_batch_size: int,
+    points: int,
+    recording_pass: bool = True,
 ) -> list[LoopItem]:
     """score_gradients' chunks over `points` path points for targets at `positions`, with their FLOPs. A group of
     chunks runs backward together and yields its chunks at its end, so its first chunk carries the whole group's
-    FLOPs (and the first group the recording forward pass's) and the others none: whatever prefix of the chunks a
-    measurement stops after, the FLOPs counted are those that ran."""
+    FLOPs (and the first group the recording forward pass's, unless the engine's forward pass served as it) and the
+    others none: whatever prefix of the chunks a measurement stops after, the FLOPs counted are those that ran."""
     import torch
 
     # The explainer's own chunking rule, so that this plan cannot drift from what it runs.
     from explainers.methods.gradients import plan_chunks
 
     chunks = []
-    flops = points * shape.forward(positions[-1], layers)
+    flops = points * shape.forward(positions[-1], layers) if recording_pass else 0.0
     for group in plan_chunks(torch.tensor(positions), target_batch_size, points):
         for chunk in group:
             targets, prefix = chunk.stop - chunk.start, positions[chunk.stop - 1]
-            # The seeds' readout and its gradient, then a vector-Jacobian product per target over the prefix.
-            flops += 2 * points * shape.readout(targets) + targets * points * shape.backward(prefix, layers)
+            # The seeds' readout and its gradient, then a vector-Jacobian product per target over the prefix, the
+            # top layer's at the seed's position.
+            backward = shape.backward(prefix, layers - 1) + shape.seeded_backward(prefix) if layers else 0.0
+            flops += 2 * points * shape.readout(targets) + targets * points * backward
         for index, chunk in enumerate(group):
             shape_of = (chunk.stop - chunk.start, points, positions[chunk.stop - 1])
             chunks.append(LoopItem(flops if index == 0 else 0.0, shape_of, first_target=chunk.start))
@@ -261,7 +276,10 @@ def method_flops(
     engine = shape.forward(tokens, shape.layers) + 2 * shape.readout(targets)  # + the step scores' readout
     layers = shape.layers - int(params.get("layer", 0))
     if method in ("input_x_gradient", "saliency", "gradient_x_activation"):
-        return FlopPlan(engine, tuple(planned_chunks(shape, layers, positions, params["target_batch_size"], 1)))
+        # Saliency and input x gradient run backward from the engine's forward pass, recorded (a cold call).
+        recording_pass = method == "gradient_x_activation"
+        chunks = planned_chunks(shape, layers, positions, params["target_batch_size"], 1, recording_pass)
+        return FlopPlan(engine, tuple(chunks))
     if method in ("integrated_gradients", "layer_integrated_gradients"):
         from explainers.methods.gradients import MAX_GRAPH_ROWS
 

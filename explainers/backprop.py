@@ -14,7 +14,7 @@ C targets in a chunk, b the chunk's prefix.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, overload
 
@@ -25,8 +25,6 @@ from torch import nn
 if TYPE_CHECKING:
     # Annotation only: explainers.model checks a model against this module when it loads one.
     from explainers.model import LoadedModel
-
-ChunkMap = Callable[[Callable[[torch.Tensor], torch.Tensor], Iterable[torch.Tensor]], Iterable[torch.Tensor]]
 
 # LlamaMLP's activation, the one _layer_forward differentiates by hand.
 SUPPORTED_ACTIVATIONS = ("silu", "swish")
@@ -124,6 +122,29 @@ class RecordedLayers:
     sin: torch.Tensor
 
 
+@dataclass(frozen=True)
+class Seeds:
+    """A chunk of C cotangents of the final residual stream, each zero but at one position, as a target score's is
+    (it reads the position that predicts its token): rows [C, P, D] at positions [C], within the chunk's first
+    `prefix` positions. The top layer's MLP and output projections then run backward at those positions only."""
+
+    rows: torch.Tensor
+    positions: torch.Tensor
+    prefix: int
+
+    def dense(self) -> torch.Tensor:
+        """The cotangents written out, [C, P, prefix, D]."""
+        cotangents = self.rows.new_zeros(len(self.positions), self.rows.shape[1], self.prefix, self.rows.shape[-1])
+        cotangents[torch.arange(len(self.positions)), :, self.positions] = self.rows
+        return cotangents
+
+
+# Runs one layer's backward pass over a group's chunks: map, or a thread pool's map.
+ChunkMap = Callable[
+    [Callable[[torch.Tensor | Seeds], torch.Tensor], Iterable[torch.Tensor | Seeds]], Iterable[torch.Tensor]
+]
+
+
 def check_supported(config: object) -> None:
     """Refuse, at load time, a model whose layers this backward pass does not differentiate."""
     activation = getattr(config, "hidden_act", None)
@@ -174,29 +195,27 @@ def record_forward(loaded: LoadedModel, states: torch.Tensor, layer: int) -> Rec
 
 
 def backward_to_layer(
-    recorded: RecordedLayers, output_gradients: list[torch.Tensor], map_chunks: ChunkMap = map
+    recorded: RecordedLayers, output_gradients: Sequence[torch.Tensor | Seeds], map_chunks: ChunkMap = map
 ) -> list[torch.Tensor]:
     """Gradients [C, P, b, D] with respect to the recorded states for chunks of C cotangents [C, P, b, D] of the final
     residual stream (b may differ between chunks), each zero from its b on: causality keeps them zero there, so
-    those positions are not run. Layer by layer, all chunks through one layer before the next, so that a layer's
-    weights are read from memory once for all of them; map_chunks runs a layer over the chunks (map, or a thread
-    pool's). A caller that keeps no reference to the list has its tensors freed once the top layer has run."""
-    gradients = output_gradients
+    those positions are not run. A chunk given as Seeds (b = its prefix) skips the top layer's work at its zero
+    positions. Layer by layer, all chunks through one layer before the next, so that a layer's weights are read from
+    memory once for all of them; map_chunks runs a layer over the chunks (map, or a thread pool's). A caller that
+    keeps no reference to the sequence has its tensors freed once the top layer has run."""
+    gradients = list(output_gradients)
     del output_gradients  # so that each layer's gradients replace the last's in memory
     for weights, record in zip(reversed(recorded.weights), reversed(recorded.records), strict=True):
 
-        def layer_backward(chunk_gradients: torch.Tensor) -> torch.Tensor:
-            prefix = chunk_gradients.shape[2]
-            return _layer_backward(
-                weights,  # noqa: B023 (called within this iteration)
-                record,  # noqa: B023
-                chunk_gradients,
-                recorded.cos[:prefix],
-                recorded.sin[:prefix],
-            )
+        def layer_backward(chunk: torch.Tensor | Seeds) -> torch.Tensor:
+            prefix = chunk.prefix if isinstance(chunk, Seeds) else chunk.shape[2]
+            cos, sin = recorded.cos[:prefix], recorded.sin[:prefix]
+            if isinstance(chunk, Seeds):
+                return _seeded_layer_backward(weights, record, chunk, cos, sin)  # noqa: B023 (called within this iteration)
+            return _layer_backward(weights, record, chunk, cos, sin)  # noqa: B023
 
         gradients = list(map_chunks(layer_backward, gradients))
-    return gradients
+    return [chunk.dense() if isinstance(chunk, Seeds) else chunk for chunk in gradients]
 
 
 def _layer_forward(
@@ -244,23 +263,20 @@ def _layer_backward(
     """d/d input [C, P, b, D] of one decoder layer from d/d output [C, P, b, D]; cos, sin [b, hd]."""
     b = output_gradients.shape[2]
 
-    # MLP branch: output = mid + down(silu(gate(n)) * up(n)), n = norm(mid).
-    product_gradients = output_gradients @ weights.down.weight  # [C, P, b, I]
-    gate_gradients = product_gradients * record.up_times_gate_slope[:, :b]
-    up_gradients = product_gradients.mul_(record.gate_activation[:, :b])
-    mlp_input_gradients = _linear_input_gradients((gate_gradients, weights.gate), (up_gradients, weights.up))
-    mid_gradients = _rms_backward(
-        mlp_input_gradients, weights.mlp_norm, record.mlp_normed[:, :b], record.mlp_rstd[:, :b]
-    ).add_(output_gradients)
+    def prefix(activations: torch.Tensor) -> torch.Tensor:  # [P, N, ...] -> [P, b, ...]
+        return activations[:, :b]
+
+    mid_gradients = _mlp_backward(weights, record, prefix, output_gradients)
 
     # Attention branch: mid = input + o(attend(q(n), k(n), v(n))), n = norm(input).
     head_gradients = _split_heads(mid_gradients @ weights.o.weight, weights.head_size)  # [C, P, H, b, hd]
     query_gradients, key_gradients, value_gradients = _attention_backward(
         head_gradients,
-        record.queries[:, :, :b],
+        record.queries[None, :, :, :b],
+        torch.arange(b)[None],
         record.keys[:, :, :b],
         record.values[:, :, :b],
-        record.attention_output[:, :, :b],
+        record.attention_output[None, :, :, :b],
         weights.scale,
     )
     attention_input_gradients = _linear_input_gradients(
@@ -273,34 +289,99 @@ def _layer_backward(
     ).add_(mid_gradients)
 
 
+def _seeded_layer_backward(
+    weights: LayerWeights, record: LayerRecord, seeds: Seeds, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """_layer_backward for cotangents that are zero but at one position each: the MLP, output and query projections
+    run backward at those positions only, keys and values over the prefix. d/d input [C, P, b, D]; cos, sin [b, hd].
+    """
+    positions = seeds.positions
+    targets = torch.arange(len(positions))
+
+    def at_positions(activations: torch.Tensor) -> torch.Tensor:  # [P, N, ...] -> [C, P, ...]
+        return activations[:, positions].transpose(0, 1)
+
+    def heads_at_positions(activations: torch.Tensor) -> torch.Tensor:  # [P, H, N, hd] -> [C, P, H, 1, hd]
+        return activations[:, :, positions].permute(2, 0, 1, 3).unsqueeze(3)
+
+    mid_gradients = _mlp_backward(weights, record, at_positions, seeds.rows)  # [C, P, D]
+    head_gradients = _split_heads((mid_gradients @ weights.o.weight).unsqueeze(2), weights.head_size)
+    query_gradients, key_gradients, value_gradients = _attention_backward(
+        head_gradients,  # [C, P, H, 1, hd]
+        heads_at_positions(record.queries),
+        positions[:, None],
+        record.keys[:, :, : seeds.prefix],
+        record.values[:, :, : seeds.prefix],
+        heads_at_positions(record.attention_output),
+        weights.scale,
+    )
+    attention_input_gradients = _linear_input_gradients(
+        (_merge_heads(_rotate_backward(key_gradients, cos, sin)), weights.k),
+        (_merge_heads(value_gradients), weights.v),
+    )  # [C, P, b, D]
+    # Each target's query row at its own position: the rotary tables broadcast over points and heads.
+    query_cos, query_sin = cos[positions, None, None, None], sin[positions, None, None, None]
+    query_input_gradients = _merge_heads(_rotate_backward(query_gradients, query_cos, query_sin)) @ weights.q.weight
+    attention_input_gradients[targets, :, positions] += query_input_gradients[:, :, 0]
+    gradients = _rms_backward(
+        attention_input_gradients,
+        weights.attention_norm,
+        record.attention_normed[:, : seeds.prefix],
+        record.attention_rstd[:, : seeds.prefix],
+    )
+    gradients[targets, :, positions] += mid_gradients
+    return gradients
+
+
+def _mlp_backward(
+    weights: LayerWeights,
+    record: LayerRecord,
+    rows: Callable[[torch.Tensor], torch.Tensor],
+    output_gradients: torch.Tensor,
+) -> torch.Tensor:
+    """d/d mid of output = mid + down(silu(gate(n)) * up(n)), n = norm(mid), from d/d output [..., D], whose rows
+    are the positions rows() picks out of the record's [P, N, ...] activations."""
+    product_gradients = output_gradients @ weights.down.weight  # [..., I]
+    gate_gradients = product_gradients * rows(record.up_times_gate_slope)
+    up_gradients = product_gradients.mul_(rows(record.gate_activation))
+    mlp_input_gradients = _linear_input_gradients((gate_gradients, weights.gate), (up_gradients, weights.up))
+    return _rms_backward(mlp_input_gradients, weights.mlp_norm, rows(record.mlp_normed), rows(record.mlp_rstd)).add_(
+        output_gradients
+    )
+
+
 def _attention_backward(
     output_gradients: torch.Tensor,
     queries: torch.Tensor,
+    query_positions: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
     outputs: torch.Tensor,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (queries [C, P, H, b, hd], keys and values [C, P, KV, b, hd]) of causal softmax attention, from
-    those of its outputs [C, P, H, b, hd]. The probabilities are recomputed from queries and keys: [P, H, b, b] is
-    cheap to recompute and too big to keep for every layer of a long sequence. Query heads share their group's key
-    and value head as transformers' repeat_kv lays them out: heads g * G .. g * G + G - 1 read key head g."""
-    num_points, num_heads, b, head_size = queries.shape
+    """Gradients (queries [C, P, H, n, hd], keys and values [C, P, KV, b, hd]) of causal softmax attention, from
+    those of its outputs [C, P, H, n, hd] at n query rows. queries and outputs [C or 1, P, H, n, hd] are those rows'
+    (1: shared by the chunk), at query_positions [C or 1, n]; keys and values [P, KV, b, hd] the first b positions'.
+    The probabilities are recomputed from queries and keys: [P, H, n, b] is cheap to recompute and too big to keep
+    for every layer of a long sequence. Query heads share their group's key and value head as transformers'
+    repeat_kv lays them out: heads g * G .. g * G + G - 1 read key head g."""
+    chunk, num_points, num_heads, _, head_size = output_gradients.shape
     num_groups = keys.shape[1]
-    chunk = output_gradients.shape[0]
-    # Each group's query heads stacked along the query axis: [P, KV, G * b, hd].
-    grouped_queries = queries.reshape(num_points, num_groups, -1, head_size)
+    group_size = num_heads // num_groups
+    # Each group's query heads stacked along the query axis: [C or 1, P, KV, G * n, hd].
+    grouped_queries = queries.reshape(len(queries), num_points, num_groups, -1, head_size)
     grouped_output_gradients = output_gradients.reshape(chunk, num_points, num_groups, -1, head_size)
-    causal = torch.ones(b, b, dtype=torch.bool, device=queries.device).tril()
-    scores = (grouped_queries @ keys.transpose(-1, -2)) * scale  # [P, KV, G * b, b]
-    probabilities = torch.softmax(scores.masked_fill(~causal.repeat(num_heads // num_groups, 1), -torch.inf), dim=-1)
+    key_positions = torch.arange(keys.shape[2], device=keys.device)
+    causal = key_positions <= query_positions.repeat(1, group_size)[:, None, None, :, None]  # [C or 1, 1, 1, G*n, b]
+    scores = (grouped_queries @ keys.transpose(-1, -2)) * scale  # [C or 1, P, KV, G * n, b]
+    probabilities = torch.softmax(scores.masked_fill(~causal, -torch.inf), dim=-1)
 
     value_gradients = probabilities.transpose(-1, -2) @ grouped_output_gradients  # [C, P, KV, b, hd]
-    probability_gradients = grouped_output_gradients @ values.transpose(-1, -2)  # [C, P, KV, G * b, b]
+    probability_gradients = grouped_output_gradients @ values.transpose(-1, -2)  # [C, P, KV, G * n, b]
     # softmax backward: p * (dp - sum_k p dp), and sum_k p dp = dout . out row by row.
     row_terms = (output_gradients * outputs).sum(dim=-1).reshape(chunk, num_points, num_groups, -1, 1)
     score_gradients = probability_gradients.sub_(row_terms).mul_(probabilities).mul_(scale)
-    query_gradients = (score_gradients @ keys).reshape(chunk, num_points, num_heads, b, head_size)
+    query_gradients = (score_gradients @ keys).reshape(output_gradients.shape)
     key_gradients = score_gradients.transpose(-1, -2) @ grouped_queries  # [C, P, KV, b, hd]
     return query_gradients, key_gradients, value_gradients
 

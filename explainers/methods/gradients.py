@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from sightline.v1 import types_pb2
 
-from explainers.backprop import RecordedLayers, backward_to_layer, record_forward
+from explainers.backprop import RecordedLayers, Seeds, backward_to_layer, record_forward
 from explainers.methods.base import (
     GRADIENT_COST,
     AttributionContext,
@@ -140,13 +140,10 @@ def _seed_rows(loaded: LoadedModel, final: torch.Tensor, targets: Targets, weigh
     return torch.cat(rows, dim=1)
 
 
-def _seeds(chunk: Targets, seed_rows: torch.Tensor) -> torch.Tensor:
-    """The cotangents [len(chunk), points, prefix, hidden] of the last layer's output that start the chunk's
-    backward passes from its seed rows [points, len(chunk), hidden]: target k's at its own predicting position,
-    zero at every other."""
-    seeds = seed_rows.new_zeros(len(chunk), seed_rows.shape[0], int(chunk.positions[-1]), seed_rows.shape[-1])
-    seeds[torch.arange(len(chunk)), :, chunk.predicting_positions] = seed_rows.transpose(0, 1)
-    return seeds
+def _seeds(chunk: Targets, seed_rows: torch.Tensor) -> Seeds:
+    """The cotangents of the last layer's output that start the chunk's backward passes, from its seed rows [points,
+    len(chunk), hidden]: target k's at its own predicting position, zero at every other."""
+    return Seeds(rows=seed_rows.transpose(0, 1), positions=chunk.predicting_positions, prefix=int(chunk.positions[-1]))
 
 
 @contextmanager

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from explainers.backprop import backward_to_layer, record_forward
+from explainers.backprop import Seeds, backward_to_layer, record_forward
 from explainers.model import LoadedModel, load_model, residual_from_layer
 
 
@@ -60,6 +60,30 @@ def test_backward_is_autograds_vector_jacobian_product(
             assert torch.all(expected[:, length:] == 0)
             scale = float(expected.abs().max())
             torch.testing.assert_close(gradient, expected[:, :length], rtol=0, atol=1e-12 * scale)
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2])
+def test_seeded_chunks_skip_only_zeros(tiny_model: LoadedModel, token_ids: torch.Tensor, layer: int) -> None:
+    """Cotangents that are zero but at one position each, given as Seeds, get the gradients their dense form gets:
+    the top layer's MLP, output and query projections then run at those positions only."""
+    states = path_states(tiny_model, token_ids, layer)
+    generator = torch.Generator().manual_seed(layer)
+    # Two chunks: positions out of order, one at the chunk's last position, one at the first.
+    chunks = [
+        Seeds(torch.randn(3, 3, 32, generator=generator, dtype=states.dtype), torch.tensor([4, 0, 9]), 10),
+        Seeds(torch.randn(2, 3, 32, generator=generator, dtype=states.dtype), torch.tensor([6, 13]), 14),
+    ]
+    recorded = record_forward(tiny_model, states, layer)
+
+    seeded = backward_to_layer(recorded, chunks)
+    dense = backward_to_layer(recorded, [chunk.dense() for chunk in chunks])
+
+    for seeded_gradients, dense_gradients, chunk in zip(seeded, dense, chunks, strict=True):
+        assert seeded_gradients.shape == (len(chunk.positions), 3, chunk.prefix, 32)
+        if layer == tiny_model.num_layers:
+            torch.testing.assert_close(seeded_gradients, chunk.dense(), rtol=0, atol=0)
+        scale = float(dense_gradients.abs().max())
+        torch.testing.assert_close(seeded_gradients, dense_gradients, rtol=0, atol=1e-12 * scale)
 
 
 def test_a_model_without_a_silu_gated_mlp_is_refused_at_load(tiny_model_dir: Path, tmp_path: Path) -> None:
