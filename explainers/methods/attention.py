@@ -74,10 +74,9 @@ class Attention(AttributionMethod[AttentionParams]):
         layers = range(1, ctx.loaded.num_layers + 1) if params.layer == ALL else [params.layer]
 
         per_layer = []  # [num_targets, num_tokens] each
-        for layer in layers:
-            probabilities = attention_probabilities(
-                ctx.loaded, ctx.hidden_states, layer, ctx.targets.predicting_positions
-            )  # [heads, num_targets, num_tokens]
+        predicting = ctx.targets.predicting_positions
+        for probabilities in attention_probabilities(ctx.loaded, ctx.hidden_states, layers, predicting):
+            # probabilities: [heads, num_targets, num_tokens]
             per_layer.append(
                 fuse(probabilities, params.aggregate) if params.head == ALL else probabilities[params.head]
             )

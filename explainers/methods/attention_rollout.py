@@ -78,9 +78,8 @@ class AttentionRollout(AttributionMethod[AttentionRolloutParams]):
 
     def attribute(self, ctx: AttributionContext, params: AttentionRolloutParams) -> types_pb2.MethodResult:
         every_position = torch.arange(len(ctx.token_ids))
-        last_layer_first = (
-            attention_probabilities(ctx.loaded, ctx.hidden_states, layer, every_position)
-            for layer in range(ctx.loaded.num_layers, 0, -1)
+        last_layer_first = attention_probabilities(
+            ctx.loaded, ctx.hidden_states, range(ctx.loaded.num_layers, 0, -1), every_position
         )
         predicting = ctx.targets.predicting_positions
         scores = rollout(last_layer_first, predicting, params.head_fusion, params.residual)  # [num_targets, num_tokens]

@@ -72,8 +72,8 @@ def test_probabilities_match_float64_eager_attention(
     predicting = ctx.targets.predicting_positions
     expected = exact_eager_attentions[layer - 1]  # [heads, num_tokens, num_tokens]
 
-    rows = attention_probabilities(tiny_model, ctx.hidden_states, layer, predicting)
-    every_row = attention_probabilities(tiny_model, ctx.hidden_states, layer, torch.arange(len(ctx.token_ids)))
+    (rows,) = attention_probabilities(tiny_model, ctx.hidden_states, [layer], predicting)
+    (every_row,) = attention_probabilities(tiny_model, ctx.hidden_states, [layer], torch.arange(len(ctx.token_ids)))
 
     assert rows.shape == (4, 8, 14) and every_row.shape == (4, 14, 14)
     torch.testing.assert_close(rows, expected[:, predicting], rtol=0, atol=1e-10)
@@ -86,8 +86,9 @@ def test_probabilities_match_stock_eager_attention_to_its_float32_softmax(
 ) -> None:
     ctx = make_context(tiny_model)
     every_position = torch.arange(len(ctx.token_ids))
-    for layer, expected in enumerate(eager_attentions(tiny_model, ctx.token_ids), start=1):
-        ours = attention_probabilities(tiny_model, ctx.hidden_states, layer, every_position)
+    expected_layers = eager_attentions(tiny_model, ctx.token_ids)
+    our_layers = attention_probabilities(tiny_model, ctx.hidden_states, [1, 2], every_position)
+    for ours, expected in zip(our_layers, expected_layers, strict=True):
         # Stock eager rounds the softmax through float32: 2**-24 relative, measured 3e-7 here.
         torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
 
@@ -232,7 +233,7 @@ def test_attention_rollout_matches_the_recurrence_over_eager_attentions(
     full = paper_rollout([layer.numpy() for layer in exact_eager_attentions], params.head_fusion, params.residual)
     every_position = torch.arange(len(ctx.token_ids))
     ours = rollout(
-        (attention_probabilities(tiny_model, ctx.hidden_states, layer, every_position) for layer in (2, 1)),
+        attention_probabilities(tiny_model, ctx.hidden_states, [2, 1], every_position),
         every_position,
         params.head_fusion,
         params.residual,
