@@ -2,9 +2,10 @@
 fidelity against what was served.
 
 Precision: methods always see the hidden states at the cache's bfloat16 precision, also on a miss, so a cache
-hit reproduces a miss's results exactly. Fidelity comes from the forward pass's full-precision logits, cached
-beside the states for the same prompt/output split; only a hit with a new split reads it out of the cached
-last-layer states (final norm + unembedding), which adds bfloat16 rounding (~1e-2 in log-probability).
+hit reproduces a miss's results exactly. Step scores and fidelity are read out (final norm + unembedding) of the
+forward pass's last layer at full precision, which the cache keeps beside the states, so a hit reports the miss's
+numbers for any prompt/output split; only if that entry has gone do they come from the cached bfloat16 last layer
+(~1e-2 in log-probability).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from common.jobs import ExplainOptions
 from explainers.aggregation import TokenGroup, aggregate, source_groups
 from explainers.backprop import RecordedLayers
 from explainers.faithfulness import faithfulness
-from explainers.hidden_cache import STORAGE_DTYPE, HiddenStateCache
+from explainers.hidden_cache import LAST_LAYER_DTYPE, STORAGE_DTYPE, HiddenStateCache
 from explainers.methods.base import AttributionContext, AttributionMethod, tensor_proto
 from explainers.methods.registry import get_method
 from explainers.model import LoadedModel, forward_with_hidden_states
@@ -115,9 +116,9 @@ def explain(
         explanation.fidelity.recomputed_logprobs.extend(recomputed_logprobs.tolist())
         if served_logprobs is not None:
             served = torch.tensor(served_logprobs, dtype=recomputed_logprobs.dtype)
-            max_abs_diff = float((recomputed_logprobs - served).abs().max())
-            explanation.fidelity.max_abs_logprob_diff = max_abs_diff
-            span.set_attribute("sightline.fidelity.max_abs_logprob_diff", max_abs_diff)
+            explanation.fidelity.max_abs_logprob_diff = float((recomputed_logprobs - served).abs().max())
+            # As the response carries it (a float32 field), so that trace and response agree.
+            span.set_attribute("sightline.fidelity.max_abs_logprob_diff", explanation.fidelity.max_abs_logprob_diff)
     return explanation
 
 
@@ -228,13 +229,8 @@ def _hidden_states(
     record: bool,
 ) -> _States:
     """The hidden states from the cache or from one forward pass (recorded for the backward pass if `record`),
-    with step scores and fidelity log-probabilities from one readout (step_scores.read_out).
-
-    Fidelity comes from the forward pass's full-precision last layer, cached beside the states for the same
-    prompt/output split; only a hit with a new split reads it out of the cached bfloat16 states.
-    """
+    with step scores and fidelity log-probabilities from one readout of the last layer at full precision."""
     sequence = token_ids.tolist()
-    generated_positions = torch.arange(prompt_length, len(sequence))
     expected_shape = (loaded.num_layers + 1, len(sequence), loaded.hidden_size)
     if cache is not None:
         with tracer.start_as_current_span("cache lookup") as span:
@@ -245,42 +241,38 @@ def _hidden_states(
             span.set_attribute("sightline.cache.hit", cached is not None)
         if cached is not None:
             hidden_states = cached.to(loaded.dtype)
-            log_probs = cache.get_log_probs(loaded.weights_digest, sequence, prompt_length)
-            if log_probs is not None and log_probs.shape != generated_positions.shape:
-                log_probs = None
-            # Without cached log-probabilities, fidelity is read out of the cached last layer too.
-            last_layer = hidden_states[-1]
-            fidelity_rows = last_layer[generated_positions - 1] if log_probs is None else last_layer[:0]
-            step_scores, read_log_probs = _read_out(loaded, hidden_states, fidelity_rows, token_ids, targets, top_k)
-            recomputed = read_log_probs if log_probs is None else log_probs
+            last_layer = cache.get_last_layer(loaded.weights_digest, sequence)
+            if last_layer is None or tuple(last_layer.shape) != expected_shape[1:]:
+                # Stored apart, it can expire first: the bfloat16 last layer then serves.
+                last_layer = hidden_states[-1]
+            step_scores, recomputed = _read_out(loaded, last_layer, token_ids, prompt_length, targets, top_k)
             return _States(hidden_states, True, step_scores, recomputed, None)
 
     with tracer.start_as_current_span("forward"):
         forward = forward_with_hidden_states(loaded, token_ids, record)
         stored = forward.hidden_states.to(STORAGE_DTYPE)
-        hidden_states = stored.to(loaded.dtype)
-        full_precision_rows = forward.hidden_states[-1, generated_positions - 1]
-        step_scores, recomputed = _read_out(loaded, hidden_states, full_precision_rows, token_ids, targets, top_k)
+        # Read out at the precision a hit reads it back at.
+        last_layer = forward.hidden_states[-1].to(LAST_LAYER_DTYPE)
+        step_scores, recomputed = _read_out(loaded, last_layer, token_ids, prompt_length, targets, top_k)
     if cache is not None and cache.put(loaded.weights_digest, sequence, stored):
-        cache.put_log_probs(loaded.weights_digest, sequence, prompt_length, recomputed)
-    return _States(hidden_states, False, step_scores, recomputed, forward.recorded)
+        cache.put_last_layer(loaded.weights_digest, sequence, last_layer)
+    return _States(stored.to(loaded.dtype), False, step_scores, recomputed, forward.recorded)
 
 
 def _read_out(
     loaded: LoadedModel,
-    hidden_states: torch.Tensor,
-    fidelity_rows: torch.Tensor,
+    last_layer: torch.Tensor,
     token_ids: torch.Tensor,
+    prompt_length: int,
     targets: Targets,
     top_k: int,
 ) -> tuple[types_pb2.StepScores, torch.Tensor]:
-    """(step scores from hidden_states' last layer, the generated tokens' log-probabilities from fidelity_rows
-    [num_generated or 0, hidden], the last-layer states at the positions predicting them) in one readout."""
-    num_generated = len(fidelity_rows)
-    rows = torch.cat([hidden_states[-1, targets.predicting_positions], fidelity_rows])
-    ids = torch.cat([targets.token_ids, token_ids[len(token_ids) - num_generated :]])
-    step_scores, log_probs = read_out(loaded, rows, ids, len(targets), top_k)
-    return step_scores, log_probs[len(targets) :]
+    """(the targets' step scores, every generated token's log-probability for the fidelity check) from one readout
+    of the last layer's states [num_tokens, hidden] at the positions predicting the generated tokens."""
+    generated_positions = torch.arange(prompt_length, len(token_ids))
+    rows = last_layer[generated_positions - 1].to(loaded.dtype)
+    scored = torch.isin(generated_positions, targets.positions)
+    return read_out(loaded, rows, token_ids[generated_positions], scored, top_k)
 
 
 def _tokens(

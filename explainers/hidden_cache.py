@@ -1,7 +1,8 @@
 """Redis cache of every layer's hidden states for a (weights, token ids) pair, in a pickle-free tensor codec.
 
 Layout of a cached tensor: [num_layers + 1, num_tokens, hidden]; index 0 is the embedding output and index l the
-output of decoder layer l, all BEFORE the final norm (see `explainers.model.forward_with_hidden_states`).
+output of decoder layer l, all BEFORE the final norm (see `explainers.model.forward_with_hidden_states`), in
+bfloat16. Beside it, under the same key + ":last", the last layer [num_tokens, hidden] in float32.
 
 Entry format: MAGIC | header length (uint32 LE) | JSON header {dtype, shape, checksum} | raw little-endian payload.
 """
@@ -33,6 +34,8 @@ _MAX_HEADER_BYTES = 4096
 # depth and can overflow float16 (max 65504), while bfloat16 has float32's range. Its 8-bit mantissa (relative
 # error <= 2**-9) is the precision vLLM itself computes bf16 checkpoints at.
 STORAGE_DTYPE = torch.bfloat16
+# The last layer is also kept at the explainer's serving precision: step scores and fidelity are read out of it.
+LAST_LAYER_DTYPE = torch.float32
 
 # Element dtype -> (its name in the header, the same-width integer its raw bits travel as). Going through the
 # integer view keeps bfloat16 (which numpy lacks) bit-exact.
@@ -148,21 +151,18 @@ class HiddenStateCache:
         """The cached bfloat16 states, or None on a miss. A corrupt entry is deleted and counts as a miss."""
         return self._get(self.key(self._tenant, weights_digest, token_ids))
 
-    def get_log_probs(self, weights_digest: str, token_ids: Sequence[int], first_position: int) -> torch.Tensor | None:
-        """The full-precision log-probabilities of token_ids[first_position:] stored with the states, if any."""
-        return self._get(self._log_probs_key(weights_digest, token_ids, first_position))
+    def get_last_layer(self, weights_digest: str, token_ids: Sequence[int]) -> torch.Tensor | None:
+        """The last layer's states [num_tokens, hidden] at full precision (float32) stored with the states, if any."""
+        return self._get(self._last_layer_key(weights_digest, token_ids))
 
-    def put_log_probs(
-        self, weights_digest: str, token_ids: Sequence[int], first_position: int, log_probs: torch.Tensor
-    ) -> None:
-        """Keep the forward pass's own log-probabilities of the generated tokens, so that a cache hit reports the
-        same fidelity as the miss instead of one read out of the bfloat16 states (~1e-2 worse)."""
-        self._set(self._log_probs_key(weights_digest, token_ids, first_position), encode_tensor(log_probs.float()))
+    def put_last_layer(self, weights_digest: str, token_ids: Sequence[int], last_layer: torch.Tensor) -> None:
+        """Keep the forward pass's last layer at full precision (float32), so that a hit reads step scores and
+        fidelity out of the states the miss read them from, for any prompt/output split, instead of out of the
+        bfloat16 states (~1e-2 worse in log-probability). 1/(num_layers + 1) of the entry, at twice the width."""
+        self._set(self._last_layer_key(weights_digest, token_ids), encode_tensor(last_layer.to(LAST_LAYER_DTYPE)))
 
-    def _log_probs_key(self, weights_digest: str, token_ids: Sequence[int], first_position: int) -> str:
-        # Keyed by where the output starts too: the same tokens explained with another prompt/output split
-        # have other generated tokens.
-        return f"{self.key(self._tenant, weights_digest, token_ids)}:logprobs:{first_position}"
+    def _last_layer_key(self, weights_digest: str, token_ids: Sequence[int]) -> str:
+        return f"{self.key(self._tenant, weights_digest, token_ids)}:last"
 
     def _get(self, key: str) -> torch.Tensor | None:
         try:

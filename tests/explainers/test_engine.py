@@ -115,14 +115,26 @@ def test_a_cache_hit_reproduces_the_miss(
         hit_result.ClearField("seconds")
         assert miss_result == hit_result  # bit-identical tensors
     assert miss.tokens == hit.tokens
-    # The forward's full-precision log-probabilities are cached too: a hit reports the miss's fidelity exactly.
+    # The forward's full-precision last layer is cached too: a hit reports the miss's step scores and fidelity
+    # exactly.
     assert hit.fidelity == miss.fidelity
+    assert hit.step_scores == miss.step_scores
 
-    # The same tokens split differently have no cached log-probabilities for their outputs: fidelity is then
-    # read out of the bfloat16 cached last layer, which costs precision but no forward pass.
+    # The same tokens split differently read their outputs' scores out of that last layer too: full precision, to
+    # float32 rounding (one more row read out), not the bfloat16 states' ~1e-2.
     resplit = explain(tiny_model_float32, cache, PROMPT_IDS[:-1], PROMPT_IDS[-1:] + OUTPUT_IDS, BOTH_METHODS, None)
     assert resplit.cache_hit
-    np.testing.assert_allclose(resplit.fidelity.recomputed_logprobs[1:], miss.fidelity.recomputed_logprobs, atol=0.02)
+    np.testing.assert_allclose(resplit.fidelity.recomputed_logprobs[1:], miss.fidelity.recomputed_logprobs, atol=1e-6)
+    np.testing.assert_allclose(resplit.step_scores.logprobs[1:], miss.step_scores.logprobs, atol=1e-6)
+
+    # Without that entry (it can expire first), a hit reads them out of the bfloat16 last layer instead.
+    redis_client.delete(
+        HiddenStateCache.key(TENANT, tiny_model_float32.weights_digest, PROMPT_IDS + OUTPUT_IDS) + ":last"
+    )
+    degraded = explain(tiny_model_float32, cache, PROMPT_IDS, OUTPUT_IDS, BOTH_METHODS, None)
+    assert degraded.cache_hit
+    np.testing.assert_allclose(degraded.fidelity.recomputed_logprobs, miss.fidelity.recomputed_logprobs, atol=0.02)
+    assert degraded.fidelity.recomputed_logprobs != miss.fidelity.recomputed_logprobs
 
     assert miss_spans["cache lookup"].attributes == {"sightline.cache.hit": False}
     assert "forward" in miss_spans

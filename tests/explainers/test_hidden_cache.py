@@ -105,15 +105,15 @@ def test_one_tenants_entries_are_invisible_to_another(redis_client: redis.Redis)
     owner = HiddenStateCache(redis_client, ttl_seconds=600, tenant=TENANT)
     other = HiddenStateCache(redis_client, ttl_seconds=600, tenant="globex")
     states = hidden_states()
-    log_probs = torch.tensor([-0.5, -1.25])
+    last_layer = states[-1].float()
 
     assert owner.put(DIGEST, TOKEN_IDS, states)
-    owner.put_log_probs(DIGEST, TOKEN_IDS, 2, log_probs)
+    owner.put_last_layer(DIGEST, TOKEN_IDS, last_layer)
 
     assert other.get(DIGEST, TOKEN_IDS) is None
-    assert other.get_log_probs(DIGEST, TOKEN_IDS, 2) is None
+    assert other.get_last_layer(DIGEST, TOKEN_IDS) is None
     assert owner.get(DIGEST, TOKEN_IDS) is not None
-    assert torch.equal(owner.get_log_probs(DIGEST, TOKEN_IDS, 2), log_probs)  # type: ignore[arg-type]
+    assert torch.equal(owner.get_last_layer(DIGEST, TOKEN_IDS), last_layer)  # type: ignore[arg-type]
     # Every key the owner wrote is under its tenant's prefix, and the other tenant's miss wrote nothing.
     assert sorted(key.decode().split(":")[2] for key in redis_client.scan_iter("sl:hs:*")) == [TENANT, TENANT]
 
@@ -144,5 +144,5 @@ def test_an_unreachable_redis_is_a_miss_and_a_skipped_write() -> None:
 
     assert cache.get(DIGEST, TOKEN_IDS) is None
     assert cache.put(DIGEST, TOKEN_IDS, hidden_states()) is False
-    cache.put_log_probs(DIGEST, TOKEN_IDS, 2, torch.zeros(2))
-    assert cache.get_log_probs(DIGEST, TOKEN_IDS, 2) is None
+    cache.put_last_layer(DIGEST, TOKEN_IDS, torch.zeros(3, 4))
+    assert cache.get_last_layer(DIGEST, TOKEN_IDS) is None
