@@ -74,6 +74,10 @@ return 1
 """
 
 
+# How often a worker deletes the job stream's finished entries: acknowledged entries only take memory.
+TRIM_INTERVAL_S = 60.0
+
+
 @dataclass(frozen=True)
 class WorkerSettings:
     consumer: str
@@ -106,6 +110,7 @@ class ExplainerWorker:
         self._renew_lease = client.register_script(RENEW_LEASE_SCRIPT)
         self._hand_back = client.register_script(HAND_BACK_SCRIPT)
         self._held: HeldJob | None = None
+        self._next_trim = time.monotonic()
 
     def register(self) -> None:
         """Create the consumer group and publish this worker's methods and weights digest."""
@@ -142,9 +147,28 @@ class ExplainerWorker:
                         )
                         continue
                     self.process(entry_id, fields)
+                if time.monotonic() >= self._next_trim:
+                    self._next_trim = time.monotonic() + TRIM_INTERVAL_S
+                    self.trim_acknowledged()
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("lost Redis (%s); retrying in 1 s", exc)
                 time.sleep(1.0)
+
+    def trim_acknowledged(self) -> int:
+        """Delete the job stream's entries that every worker is done with, so the stream does not grow forever;
+        returns how many went. Those are the entries before both the group's oldest pending entry (in a worker's
+        hands, or abandoned and waiting to be claimed) and its first undelivered one: every entry below both was
+        delivered and acknowledged. No race: later deliveries and claims only concern entries above that bound."""
+        groups = self._redis.xinfo_groups(JOB_STREAM)
+        group = next((g for g in groups if _text(g["name"]) == WORKER_GROUP), None)
+        if group is None:
+            return 0
+        last_delivered = _stream_id(group["last-delivered-id"])
+        bound = (last_delivered[0], last_delivered[1] + 1)
+        oldest_pending = self._redis.xpending(JOB_STREAM, WORKER_GROUP)["min"]
+        if oldest_pending is not None:
+            bound = min(bound, _stream_id(oldest_pending))
+        return int(self._redis.xtrim(JOB_STREAM, minid=f"{bound[0]}-{bound[1]}", approximate=False))
 
     def abandon_held_job(self) -> HeldJob | None:
         """Hand the job being computed back to the group, for a worker that must exit before finishing it.
@@ -346,3 +370,13 @@ class ExplainerWorker:
                 )
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _stream_id(value: bytes | str) -> tuple[int, int]:
+    """A stream entry id "milliseconds-sequence" as a pair that orders as the ids do."""
+    milliseconds, sequence = _text(value).split("-")
+    return int(milliseconds), int(sequence)
