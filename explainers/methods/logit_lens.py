@@ -8,7 +8,7 @@ import torch
 from sightline.v1 import types_pb2
 
 from explainers.methods.base import AttributionContext, AttributionMethod, CostModel, ParamSpec, tensor_proto
-from explainers.model import readout_log_probs
+from explainers.model import READOUT_ROWS, readout_log_probs
 
 
 @dataclass(frozen=True)
@@ -37,19 +37,22 @@ class LogitLens(AttributionMethod[LogitLensParams]):
 
     def attribute(self, ctx: AttributionContext, params: LogitLensParams) -> types_pb2.MethodResult:
         predicting = ctx.hidden_states[:, ctx.targets.predicting_positions]  # [num_layers + 1, num_targets, hidden]
-        targets = ctx.targets.token_ids[:, None]  # [num_targets, 1]
+        layers, num_targets = predicting.shape[:2]
+        rows = predicting.flatten(0, 1)  # layer by layer
+        targets = ctx.targets.token_ids.repeat(layers)[:, None]  # [rows, 1]
         top_ids, top_logprobs, target_logprobs = [], [], []
         with torch.no_grad():
-            # One layer at a time keeps the peak at [num_targets, vocab] log-probs instead of L + 1 times that.
-            for layer_states in predicting:
-                logprobs = readout_log_probs(ctx.loaded, layer_states)
+            # READOUT_ROWS rows at a time, across layers: the unembedding's product runs about twice as fast on 256
+            # rows as on a layer's few, and the peak stays at [READOUT_ROWS, vocab] log-probs.
+            for start in range(0, len(rows), READOUT_ROWS):
+                logprobs = readout_log_probs(ctx.loaded, rows[start : start + READOUT_ROWS])
                 top = logprobs.topk(params.k, dim=-1)
                 top_ids.append(top.indices)
                 top_logprobs.append(top.values)
-                target_logprobs.append(logprobs.gather(-1, targets)[:, 0])
+                target_logprobs.append(logprobs.gather(-1, targets[start : start + READOUT_ROWS])[:, 0])
         extras = {
-            "top_token_ids": tensor_proto(torch.stack(top_ids)),
-            "top_logprobs": tensor_proto(torch.stack(top_logprobs)),
-            "target_logprobs": tensor_proto(torch.stack(target_logprobs)),
+            "top_token_ids": tensor_proto(torch.cat(top_ids).view(layers, num_targets, -1)),
+            "top_logprobs": tensor_proto(torch.cat(top_logprobs).view(layers, num_targets, -1)),
+            "target_logprobs": tensor_proto(torch.cat(target_logprobs).view(layers, num_targets)),
         }
         return types_pb2.MethodResult(method=self.name, extras=extras)
