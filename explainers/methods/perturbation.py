@@ -23,7 +23,7 @@ from explainers.methods.base import (
     prefix_only,
     tensor_proto,
 )
-from explainers.model import LoadedModel
+from explainers.model import READOUT_ROWS, LoadedModel
 from explainers.targets import Targets
 
 
@@ -110,10 +110,8 @@ def replaced_scores(
     num_sources = replaced.shape[1]
     sequence = ctx.token_ids[:num_sources]
     with torch.no_grad():
-        unperturbed = loaded.model(
-            input_ids=sequence[None], use_cache=True, logits_to_keep=targets.predicting_positions
-        )
-        scores = targets.score_logits(unperturbed.logits).expand(len(replaced), -1).clone()
+        unperturbed = loaded.model.base_model(input_ids=sequence[None], use_cache=True)
+        scores = _read_out_scores(loaded, unperturbed.last_hidden_state, targets, 0).expand(len(replaced), -1).clone()
         layer_states = [(layer.keys, layer.values) for layer in unperturbed.past_key_values.layers]
         first_replaced = torch.where(replaced.any(dim=1), replaced.to(torch.int8).argmax(dim=1), num_sources)
         order = torch.argsort(first_replaced, stable=True)
@@ -133,11 +131,23 @@ def replaced_scores(
                 ]
             )
             perturbed = torch.where(replaced[batch, start:], replacement_id, sequence[start:])
-            logits = loaded.model(
-                input_ids=perturbed, past_key_values=past, logits_to_keep=rescored.predicting_positions - start
-            ).logits
-            scores[batch, first_target:] = rescored.score_logits(logits)
+            normed = loaded.model.base_model(input_ids=perturbed, past_key_values=past).last_hidden_state
+            scores[batch, first_target:] = _read_out_scores(loaded, normed, rescored, start)
     return scores
+
+
+def _read_out_scores(loaded: LoadedModel, normed: torch.Tensor, targets: Targets, offset: int) -> torch.Tensor:
+    """targets.score [batch, num_targets] from the final norm's output normed [batch, positions, hidden] of
+    positions offset.., READOUT_ROWS rows (batch x targets) of vocabulary logits at a time: a batch of long
+    perturbed sequences would otherwise hold [batch, num_targets, vocab] logits at once (3 GiB for 16 sequences
+    of 1,024 targets of SmolLM2)."""
+    per_slice = max(1, READOUT_ROWS // normed.shape[0])
+    predicting = normed[:, targets.predicting_positions - offset]  # [batch, num_targets, hidden]
+    slices = range(0, len(targets), per_slice)
+    return torch.cat(
+        [targets[s : s + per_slice].score_logits(loaded.unembedding(predicting[:, s : s + per_slice])) for s in slices],
+        dim=1,
+    )
 
 
 class PerturbationMethod(AttributionMethod[PerturbationParamsT]):

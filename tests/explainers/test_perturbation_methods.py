@@ -15,6 +15,7 @@ from captum.attr import FeatureAblation, ShapleyValueSampling
 from sightline.v1 import types_pb2
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 
+from explainers.methods import perturbation
 from explainers.methods.base import AttributionContext, InvalidParamsError
 from explainers.methods.occlusion import Occlusion, OcclusionParams
 from explainers.methods.perturbation import PerturbationMethod
@@ -384,6 +385,20 @@ def test_batch_size_never_changes_the_result(
     one_at_a_time = method.attributions(ctx, dataclasses.replace(params, batch_size=1))
     batched = method.attributions(ctx, dataclasses.replace(params, batch_size=16))
     torch.testing.assert_close(batched, one_at_a_time, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("readout_rows", [1, 5])
+def test_reading_out_a_few_rows_at_a_time_never_changes_the_result(
+    tiny_model: LoadedModel, make_context: MakeContext, monkeypatch: pytest.MonkeyPatch, readout_rows: int
+) -> None:
+    """Long perturbed sequences read their targets' logits out a slice at a time (bounded memory): 1 row is one
+    target of one sequence per slice, 5 rows one target of a 4-sequence batch or two of a 2-sequence one."""
+    ctx = make_context(tiny_model)
+    whole = Occlusion().attributions(ctx, occlusion(window=1, batch_size=4))
+    monkeypatch.setattr(perturbation, "READOUT_ROWS", readout_rows)
+    for batch_size in (2, 4):
+        sliced = Occlusion().attributions(ctx, occlusion(window=1, batch_size=batch_size))
+        torch.testing.assert_close(sliced, whole, rtol=0, atol=1e-12)
 
 
 def test_one_preceding_token_gets_the_whole_score_change(tiny_model: LoadedModel, make_context: MakeContext) -> None:
