@@ -395,6 +395,13 @@ def _linear_input_gradients(*products: tuple[torch.Tensor, Linear]) -> torch.Ten
     return total
 
 
+def rms_norm(hidden: torch.Tensor, norm: Norm) -> torch.Tensor:
+    """LlamaRMSNorm's output: weight * hidden / rms(hidden), computed in at least float32, in hidden's dtype. The
+    weight may carry leading dimensions, to normalise several layers' inputs at once."""
+    normed, _ = _rms_normalize(hidden, norm)
+    return norm.weight * normed.to(hidden.dtype)
+
+
 def _rms_normalize(hidden: torch.Tensor, norm: Norm) -> tuple[torch.Tensor, torch.Tensor]:
     """(hidden / rms(hidden), 1 / rms(hidden)) as LlamaRMSNorm computes them, in at least float32."""
     upcast = hidden.to(torch.promote_types(hidden.dtype, torch.float32))

@@ -12,10 +12,12 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from explainers.backprop import rotate
+from explainers.backprop import LayerWeights, Norm, rms_norm, rotate
 from explainers.model import LoadedModel
 
 FUSIONS = ("mean", "max", "min")
+# Probabilities ([layers, heads, queries, tokens] floats) computed at once: 32 MiB.
+MAX_GROUP_PROBABILITIES = 1 << 23
 
 
 def attention_probabilities(
@@ -23,31 +25,62 @@ def attention_probabilities(
 ) -> Iterator[torch.Tensor]:
     """For each decoder layer in `layers` (1-based), in that order, its attention probabilities [heads, num_queries,
     num_tokens] for the queries at query_positions [num_queries], from hidden_states [num_layers + 1, num_tokens,
-    hidden] (a layer's input is hidden_states[layer - 1]). Keys after a query's position get exactly 0. One layer's
-    probabilities are held at a time; the rotary tables are computed once for all of them."""
+    hidden] (a layer's input is hidden_states[layer - 1]). Keys after a query's position get exactly 0.
+
+    Layers are computed a group at a time, every elementwise step once for the group: a layer's few hundred
+    thousand probabilities are too small a job for a step of its own. A group holds at most MAX_GROUP_PROBABILITIES
+    (one layer, if a layer has more).
+    """
     config = loaded.model.config
-    num_heads, num_kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    num_queries, num_tokens = len(query_positions), hidden_states.shape[1]
+    num_heads = int(config.num_attention_heads)
+    num_tokens = hidden_states.shape[1]
     positions = torch.arange(num_tokens)
-    causal = positions[None, :] <= query_positions[:, None]  # [num_queries, num_tokens]
-    # Grad mode is switched off around each layer's work, not across a yield, where it would leak to the caller.
+    # Grad mode is switched off around each group's work, not across a yield, where it would leak to the caller.
     with torch.no_grad():
         cos, sin = loaded.rotary_embedding(hidden_states[:1], positions[None])  # [1, num_tokens, head_dim] each
-    cos, sin = cos[0, :, None], sin[0, :, None]  # [num_tokens, 1, head_dim]: broadcast over heads
-    query_cos, query_sin = cos[query_positions, None], sin[query_positions, None]  # broadcast over groups too
-    for layer in layers:
-        decoder_layer = loaded.decoder_layers[layer - 1]
+    per_group = max(1, MAX_GROUP_PROBABILITIES // (num_heads * len(query_positions) * num_tokens))
+    ordered = list(layers)
+    for start in range(0, len(ordered), per_group):
         with torch.no_grad():
-            normed = decoder_layer.get_submodule("input_layernorm")(hidden_states[layer - 1])  # [num_tokens, hidden]
-            queries = decoder_layer.get_submodule("self_attn.q_proj")(normed[query_positions])
-            keys = decoder_layer.get_submodule("self_attn.k_proj")(normed).view(num_tokens, num_kv_heads, head_dim)
-            # Grouped-query attention: consecutive query heads share one key head, so queries are laid out
-            # [num_queries, kv heads, group, head_dim] against keys [num_tokens, kv heads, head_dim].
-            queries = rotate(queries.view(num_queries, num_kv_heads, -1, head_dim), query_cos, query_sin)
-            keys = rotate(keys, cos, sin)
-            logits = torch.einsum("qkgd,nkd->kgqn", queries, keys).reshape(num_heads, num_queries, num_tokens)
-            probabilities = (logits * head_dim**-0.5).masked_fill(~causal, float("-inf")).softmax(dim=-1)
-        yield probabilities
+            probabilities = _layer_group(
+                loaded, hidden_states, ordered[start : start + per_group], query_positions, cos[0], sin[0]
+            )
+        yield from probabilities
+
+
+def _layer_group(
+    loaded: LoadedModel,
+    hidden_states: torch.Tensor,
+    layers: list[int],
+    query_positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> torch.Tensor:
+    """attention_probabilities of `layers` [len(layers), heads, num_queries, num_tokens]; cos, sin [num_tokens,
+    head_dim]."""
+    config = loaded.model.config
+    num_heads, num_kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    group, num_queries, num_tokens = len(layers), len(query_positions), hidden_states.shape[1]
+    weights = [LayerWeights.of(loaded.decoder_layers[layer - 1]) for layer in layers]
+    stacked_norm = Norm(
+        weight=torch.stack([w.attention_norm.weight for w in weights])[:, None], eps=weights[0].attention_norm.eps
+    )
+    normed = rms_norm(hidden_states[[layer - 1 for layer in layers]], stacked_norm)  # [group, num_tokens, hidden]
+    queries = torch.stack([w.q(rows[query_positions]) for w, rows in zip(weights, normed, strict=True)])
+    keys = torch.stack([w.k(rows) for w, rows in zip(weights, normed, strict=True)])
+    # Grouped-query attention: consecutive query heads share one key head, so queries are laid out
+    # [group, num_queries, kv heads, heads per kv head, head_dim] against keys [group, num_tokens, kv heads, head_dim];
+    # the rotary tables broadcast over layers and heads.
+    queries = rotate(
+        queries.view(group, num_queries, num_kv_heads, -1, head_dim),
+        cos[query_positions, None, None],
+        sin[query_positions, None, None],
+    )
+    keys = rotate(keys.view(group, num_tokens, num_kv_heads, head_dim), cos[:, None], sin[:, None])
+    logits = torch.einsum("lqkgd,lnkd->lkgqn", queries, keys).reshape(group, num_heads, num_queries, num_tokens)
+    causal = torch.arange(num_tokens)[None, :] <= query_positions[:, None]  # [num_queries, num_tokens]
+    probabilities: torch.Tensor = (logits * head_dim**-0.5).masked_fill(~causal, float("-inf")).softmax(dim=-1)
+    return probabilities
 
 
 def fuse(stacked: torch.Tensor, how: str) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 from sightline.v1 import types_pb2
 from transformers.models.llama import modeling_llama
 
+from explainers.methods import attention_weights
 from explainers.methods.attention import Attention, AttentionParams
 from explainers.methods.attention_rollout import AttentionRollout, AttentionRolloutParams, rollout
 from explainers.methods.attention_weights import attention_probabilities
@@ -79,6 +80,21 @@ def test_probabilities_match_float64_eager_attention(
     torch.testing.assert_close(rows, expected[:, predicting], rtol=0, atol=1e-10)
     torch.testing.assert_close(every_row, expected, rtol=0, atol=1e-10)
     assert torch.all(every_row.triu(diagonal=1) == 0)  # causal: exactly, not just numerically
+
+
+def test_layer_groups_never_change_the_probabilities(
+    tiny_model: LoadedModel, make_context: MakeContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Layers are computed in groups bounded by MAX_GROUP_PROBABILITIES: one layer at a time gives the same."""
+    ctx = make_context(tiny_model)
+    every_position = torch.arange(len(ctx.token_ids))
+    together = list(attention_probabilities(tiny_model, ctx.hidden_states, [2, 1], every_position))
+    monkeypatch.setattr(attention_weights, "MAX_GROUP_PROBABILITIES", 1)
+    one_by_one = list(attention_probabilities(tiny_model, ctx.hidden_states, [2, 1], every_position))
+
+    assert len(together) == len(one_by_one) == 2
+    for grouped, alone in zip(together, one_by_one, strict=True):
+        torch.testing.assert_close(grouped, alone, rtol=0, atol=1e-15)
 
 
 def test_probabilities_match_stock_eager_attention_to_its_float32_softmax(
