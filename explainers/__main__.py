@@ -78,6 +78,13 @@ def main() -> None:
     parser.add_argument(
         "--cache-ttl", type=int, default=int(os.environ.get("SIGHTLINE_HIDDEN_CACHE_TTL", "3600")), help="seconds"
     )
+    parser.add_argument(
+        "--job-retention-seconds",
+        type=int,
+        default=int(os.environ.get("SIGHTLINE_JOB_RETENTION_SECONDS", "3600")),
+        help="how long an acknowledged job stays in the job stream before workers delete it "
+        "(SIGHTLINE_JOB_RETENTION_SECONDS)",
+    )
     parser.add_argument("--max-attempts", type=int, default=int(os.environ.get("SIGHTLINE_MAX_ATTEMPTS", "3")))
     parser.add_argument("--claim-idle-ms", type=int, default=int(os.environ.get("SIGHTLINE_CLAIM_IDLE_MS", "60000")))
     parser.add_argument(
@@ -110,6 +117,7 @@ def main() -> None:
             max_attempts=args.max_attempts,
             claim_idle_ms=args.claim_idle_ms,
             cache_ttl_seconds=args.cache_ttl,
+            job_retention_seconds=args.job_retention_seconds,
         ),
     )
     shutdown.worker = worker

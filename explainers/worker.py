@@ -74,7 +74,7 @@ return 1
 """
 
 
-# How often a worker deletes the job stream's finished entries: acknowledged entries only take memory.
+# How often a worker deletes the job stream's finished entries past their retention.
 TRIM_INTERVAL_S = 60.0
 
 
@@ -87,6 +87,8 @@ class WorkerSettings:
     block_ms: int = 1_000
     # How long hidden states stay cached.
     cache_ttl_seconds: int = 3600
+    # How long an acknowledged job stays in the stream (for inspection with XRANGE) before a worker deletes it.
+    job_retention_seconds: int = 3600
 
     @property
     def lease_renewal_seconds(self) -> float:
@@ -155,16 +157,19 @@ class ExplainerWorker:
                 time.sleep(1.0)
 
     def trim_acknowledged(self) -> int:
-        """Delete the job stream's entries that every worker is done with, so the stream does not grow forever;
-        returns how many went. Those are the entries before both the group's oldest pending entry (in a worker's
-        hands, or abandoned and waiting to be claimed) and its first undelivered one: every entry below both was
-        delivered and acknowledged. No race: later deliveries and claims only concern entries above that bound."""
+        """Delete the job stream's entries that every worker is done with and that are older than the retention, so
+        the stream does not grow forever; returns how many went. Done with: the entries before both the group's
+        oldest pending entry (in a worker's hands, or abandoned and waiting to be claimed) and its first undelivered
+        one, which were all delivered and acknowledged. Entry ids start with their enqueue time in milliseconds, so
+        the retention is one more bound. No race: later deliveries and claims only concern entries above the
+        bound, so workers need no lock to trim side by side."""
         groups = self._redis.xinfo_groups(JOB_STREAM)
         group = next((g for g in groups if _text(g["name"]) == WORKER_GROUP), None)
         if group is None:
             return 0
         last_delivered = _stream_id(group["last-delivered-id"])
-        bound = (last_delivered[0], last_delivered[1] + 1)
+        retention_start = int(time.time() * 1000) - self._settings.job_retention_seconds * 1000
+        bound = min((last_delivered[0], last_delivered[1] + 1), (retention_start, 0))
         oldest_pending = self._redis.xpending(JOB_STREAM, WORKER_GROUP)["min"]
         if oldest_pending is not None:
             bound = min(bound, _stream_id(oldest_pending))

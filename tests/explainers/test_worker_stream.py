@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import cast
 
 import redis
@@ -28,7 +29,8 @@ def read_new(client: redis.Redis, count: int) -> list[bytes]:
 def test_trimming_deletes_only_acknowledged_entries_below_pending_and_undelivered_ones(
     tiny_model_float32: LoadedModel, redis_client: redis.Redis
 ) -> None:
-    worker = ExplainerWorker(redis_client, tiny_model_float32, WorkerSettings(consumer="worker-a"))
+    settings = WorkerSettings(consumer="worker-a", job_retention_seconds=0)
+    worker = ExplainerWorker(redis_client, tiny_model_float32, settings)
     worker.register()
     assert worker.trim_acknowledged() == 0  # an empty stream
 
@@ -49,3 +51,17 @@ def test_trimming_deletes_only_acknowledged_entries_below_pending_and_undelivere
     redis_client.xack(JOB_STREAM, WORKER_GROUP, *enqueued[4:])
     assert worker.trim_acknowledged() == 2
     assert redis_client.xlen(JOB_STREAM) == 0
+
+
+def test_acknowledged_entries_stay_for_the_retention(
+    tiny_model_float32: LoadedModel, redis_client: redis.Redis
+) -> None:
+    worker = ExplainerWorker(redis_client, tiny_model_float32, WorkerSettings(consumer="worker-a"))
+    worker.register()
+    old = redis_client.xadd(JOB_STREAM, {"job": "old"}, id=f"{int(time.time() * 1000) - 3_601_000}-0")
+    recent = redis_client.xadd(JOB_STREAM, {"job": "recent"})
+    assert read_new(redis_client, 2) == [old, recent]
+    redis_client.xack(JOB_STREAM, WORKER_GROUP, old, recent)
+
+    assert worker.trim_acknowledged() == 1  # the default retention is an hour
+    assert entry_ids(redis_client) == [recent]
