@@ -172,7 +172,7 @@ def run_layers(
     backward_to_layer needs."""
     positions = torch.arange(states.shape[1], device=states.device)[None]
     cos, sin = loaded.rotary_embedding(states, positions)
-    weights = [LayerWeights.of(decoder_layer) for decoder_layer in loaded.decoder_layers[layer:]]
+    weights = loaded.layer_weights[layer:]
     residual_stream = [states]
     records = []
     with torch.no_grad():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from explainers.backprop import RecordedLayers, check_supported, run_layers
+from explainers.backprop import LayerWeights, RecordedLayers, check_supported, run_layers
 from explainers.embedded_model import MANIFEST_FILE
 from explainers.embedded_model import weights_digest as safetensors_digest
 
@@ -68,6 +69,12 @@ class LoadedModel:
     def decoder_layers(self) -> nn.ModuleList:
         return _submodule(self.model, "model.layers", nn.ModuleList)
 
+    @functools.cached_property
+    def layer_weights(self) -> list[LayerWeights]:
+        """Each decoder layer's parameters, typed (the frozen weights themselves, not copies); built once, as the
+        forward passes and the attention recompute read them on every call."""
+        return [LayerWeights.of(decoder_layer) for decoder_layer in self.decoder_layers]
+
     @property
     def final_norm(self) -> nn.Module:
         return _submodule(self.model, "model.norm", nn.Module)
@@ -116,7 +123,7 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> LoadedMod
         num_layers=int(model.config.num_hidden_layers),
     )
     # Fail at load time, not on the first job, when the architecture lacks what the methods read.
-    _ = loaded.decoder_layers, loaded.final_norm, loaded.unembedding, loaded.input_embeddings, loaded.rotary_embedding
+    _ = loaded.layer_weights, loaded.final_norm, loaded.unembedding, loaded.input_embeddings, loaded.rotary_embedding
     return loaded
 
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from explainers.backprop import LayerWeights, Norm, rms_norm, rotate
+from explainers.backprop import Norm, rms_norm, rotate
 from explainers.model import LoadedModel
 
 FUSIONS = ("mean", "max", "min")
@@ -61,7 +61,7 @@ def _layer_group(
     config = loaded.model.config
     num_heads, num_kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     group, num_queries, num_tokens = len(layers), len(query_positions), hidden_states.shape[1]
-    weights = [LayerWeights.of(loaded.decoder_layers[layer - 1]) for layer in layers]
+    weights = [loaded.layer_weights[layer - 1] for layer in layers]
     stacked_norm = Norm(
         weight=torch.stack([w.attention_norm.weight for w in weights])[:, None], eps=weights[0].attention_norm.eps
     )
