@@ -24,8 +24,9 @@ def read_out(
             picked = logprobs.gather(-1, token_ids[start : start + READOUT_ROWS, None])[:, 0]
             chosen.append(picked)
             keep = scored[start : start + READOUT_ROWS]
-            scored_logprobs, scored_picked = logprobs[keep], picked[keep]
-            entropies.append(-(scored_logprobs.exp() * scored_logprobs).sum(-1))
+            # Usually every generated token is explained: no copy then.
+            scored_logprobs, scored_picked = (logprobs, picked) if bool(keep.all()) else (logprobs[keep], picked[keep])
+            entropies.append(-torch.linalg.vecdot(scored_logprobs.exp(), scored_logprobs))
             ranks.append((scored_logprobs > scored_picked[:, None]).sum(-1) + 1)
             top = scored_logprobs.topk(top_k, dim=-1)
             top_ids.append(top.indices)
