@@ -13,6 +13,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from sightline.v1 import types_pb2
 
+from common.jobs import ExplainOptions
 from explainers import backprop, engine
 from explainers.backprop import RecordedLayers
 from explainers.engine import InvalidInputError, explain
@@ -84,6 +85,34 @@ def test_explain_fills_tokens_results_and_fidelity(
     assert recorded["method logit_lens"].attributes == {"sightline.method": "logit_lens"}
     fidelity = recorded["fidelity"].attributes or {}
     assert fidelity["sightline.fidelity.max_abs_logprob_diff"] == explanation.fidelity.max_abs_logprob_diff
+
+
+@pytest.mark.parametrize("output_indices", [[], [1, 4, 7]])
+def test_step_scores_are_the_models_own_distribution(
+    tiny_model: LoadedModel, read_tensor: ReadTensor, output_indices: list[int]
+) -> None:
+    """Log-probability, probability, entropy, rank and top-k of each explained token, against transformers' logits
+    (float64 model; the readout runs on the last layer at float32, the cache's precision for it)."""
+    options = ExplainOptions(output_indices=output_indices, step_scores_top_k=3)
+    explanation = explain(tiny_model, None, PROMPT_IDS, OUTPUT_IDS, [], None, options)
+
+    token_ids = torch.tensor(PROMPT_IDS + OUTPUT_IDS)
+    with torch.no_grad():
+        logits = tiny_model.model(input_ids=token_ids[None]).logits[0]
+    positions = torch.tensor(explanation.target_positions)
+    assert positions.tolist() == [len(PROMPT_IDS) + i for i in (output_indices or range(len(OUTPUT_IDS)))]
+    expected = torch.log_softmax(logits[positions - 1], dim=-1)  # [targets, vocab]
+    chosen = expected.gather(-1, token_ids[positions, None])[:, 0]
+    steps = explanation.step_scores
+
+    np.testing.assert_allclose(steps.logprobs, chosen, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(steps.probabilities, chosen.exp(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(steps.entropies, -(expected.exp() * expected).sum(-1), rtol=0, atol=1e-6)
+    assert list(steps.ranks) == ((expected > chosen[:, None]).sum(-1) + 1).tolist()
+    top = expected.topk(3, dim=-1)
+    assert read_tensor(steps.top_token_ids).tolist() == top.indices.tolist()
+    np.testing.assert_allclose(read_tensor(steps.top_logprobs), top.values, rtol=0, atol=1e-6)
+    assert len(explanation.fidelity.recomputed_logprobs) == len(OUTPUT_IDS)  # fidelity covers every output
 
 
 def test_fidelity_reports_the_largest_served_difference(tiny_model: LoadedModel) -> None:
