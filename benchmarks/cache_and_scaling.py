@@ -187,7 +187,7 @@ class ModelShape:
 @dataclass(frozen=True)
 class LoopItem:
     """One item of a method's loop, with its shape as the subprocess observes it: a gradient chunk (targets, path
-    points, prefix) or a perturbation batch (sequences, new rows, cached rows, scored rows)."""
+    points, prefix) or a perturbation batch (sequences, new rows, cached rows)."""
 
     flops: float
     shape: tuple[int, ...]
@@ -308,7 +308,7 @@ def method_flops(
             windows, start = len(window_starts[first : first + batch_size]), window_starts[first]
             scored = sum(1 for position in positions if position - 1 >= start)
             flops = windows * shape.forward(sources - start, shape.layers, start) + shape.readout(windows * scored)
-            batches.append(LoopItem(flops, (windows, sources - start, start, scored)))
+            batches.append(LoopItem(flops, (windows, sources - start, start)))
         unperturbed = shape.forward(sources, shape.layers) + shape.readout(targets)
         return FlopPlan(engine + unperturbed, tuple(batches))
     if method == "attention":
@@ -401,8 +401,8 @@ def observed_loops(loaded: Any, record: LoopRecord, max_items: int | None, first
     - gradient chunks, by rebinding `score_gradients` wherever a method module refers to it; with first_target > 0
       every call of it starts at that target (its chunks from there on are the full call's: chunking is greedy
       from the first target) and reports chunk slices of the full call;
-    - perturbation batches, by a forward hook on loaded.model that sees each pass running on cached keys and values
-      (the engine's and the unperturbed passes run without).
+    - perturbation batches, by a forward hook on the base model (the decoder stack) that sees each pass running on
+      cached keys and values (the unperturbed pass runs without; the engine's runs its own layer loop).
     """
     import explainers.methods.registry  # noqa: F401 - imports every method module
     from explainers.methods import gradients
@@ -416,9 +416,15 @@ def observed_loops(loaded: Any, record: LoopRecord, max_items: int | None, first
             raise StopMeasurement
 
     def score_gradients(
-        loaded: Any, states: Any, layer: int, targets: Any, target_batch_size: int, point_weights: Any = None
+        loaded: Any,
+        states: Any,
+        layer: int,
+        targets: Any,
+        target_batch_size: int,
+        point_weights: Any = None,
+        recorded: Any = None,
     ) -> Iterator[tuple[slice, Any]]:
-        chunks = original(loaded, states, layer, targets[first_target:], target_batch_size, point_weights)
+        chunks = original(loaded, states, layer, targets[first_target:], target_batch_size, point_weights, recorded)
         for chunk, chunk_gradients in chunks:
             yield slice(chunk.start + first_target, chunk.stop + first_target), chunk_gradients
             # After the method has used the chunk: its time counts.
@@ -428,9 +434,9 @@ def observed_loops(loaded: Any, record: LoopRecord, max_items: int | None, first
         past = kwargs.get("past_key_values")
         if past is not None:
             sequences, rows = kwargs["input_ids"].shape
-            item_done((sequences, rows, past.get_seq_length() - rows, output.logits.shape[1]))
+            item_done((sequences, rows, past.get_seq_length() - rows))
 
-    hook = loaded.model.register_forward_hook(perturbation_batch, with_kwargs=True)
+    hook = loaded.model.base_model.register_forward_hook(perturbation_batch, with_kwargs=True)
     rebound = [
         vars(module)
         for name, module in list(sys.modules.items())
@@ -1229,6 +1235,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = args.out or bench_util.RESULTS_DIR / f"cache_and_scaling{'_smoke' if args.smoke else ''}.json"
     bench_util.write_result(out, result)
     print(render_markdown(result))
+    failed = failures(result)
+    if failed:
+        # Timings claim nothing here, but a point that cannot run at all is a broken benchmark: fail the run.
+        sys.exit("failed to run: " + "; ".join(failed))
+
+
+def failures(result: JsonDict) -> list[str]:
+    """What could not run: every failed point of the scaling and chunking sections, and a section's own error."""
+    found = []
+    for name in ("cache", "scaling", "chunking"):
+        section = result.get(name) or {}
+        found += [f"{name}: {section[key]}" for key in ("error", "identity_error") if section.get(key)]
+        for row in [*section.get("rows", []), *section.get("memory", [])]:
+            if row.get("status") == "failed":
+                found.append(f"{name} {row['method']} G={row['generated']}: {row.get('reason')}")
+    return found
 
 
 if __name__ == "__main__":
