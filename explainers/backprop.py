@@ -6,7 +6,9 @@ backward over the whole sequence or gets a forward pass of its own over its pref
 backward pass needs a handful of the forward pass's activations, recorded once for all targets (`record_forward`),
 and each chunk of targets then runs backward over its own prefix only (`backward_to_layer`). The weights are
 frozen, so the backward pass computes input gradients only: one matrix product per linear layer, the same work as
-the forward pass.
+the forward pass. A target score reads one position of the last layer's output, so the top layer runs backward at
+that position only (`Seeds`), but for its keys and values; the layers below run over the whole prefix. The
+recording pass is the engine's own forward pass when a method differentiates the input embeddings (`run_layers`).
 
 Shapes: P path points (batch), N positions, D hidden, H query heads in KV groups of G, hd head size, I the MLP width;
 C targets in a chunk, b the chunk's prefix.
