@@ -32,8 +32,9 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 JOB_STREAM = "sl:jobs"
 WORKER_GROUP = "explainers"
@@ -50,6 +51,16 @@ RECORD_STATE = "state"
 
 # What a tenant name may be: it is part of Redis keys, log lines and error messages.
 TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def redis_text(value: bytes | str) -> str:
+    """A Redis reply field as text, from a client that decodes replies or one that does not."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def worker_group_info(groups: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The workers' consumer group among XINFO GROUPS' replies; None until a worker has created it."""
+    return next((group for group in groups if redis_text(group["name"]) == WORKER_GROUP), None)
 
 
 def explanation_key(explanation_id: str) -> str:

@@ -43,7 +43,9 @@ from common.jobs import (
     ExplanationJob,
     ModelRecord,
     explanation_key,
+    redis_text,
     tenant_inflight_key,
+    worker_group_info,
 )
 from common.telemetry import context_from_traceparent
 from explainers.engine import explain
@@ -164,7 +166,7 @@ class ExplainerWorker:
         the retention is one more bound. No race: later deliveries and claims only concern entries above the
         bound, so workers need no lock to trim side by side."""
         groups = self._redis.xinfo_groups(JOB_STREAM)
-        group = next((g for g in groups if _text(g["name"]) == WORKER_GROUP), None)
+        group = worker_group_info(groups)
         if group is None:
             return 0
         last_delivered = _stream_id(group["last-delivered-id"])
@@ -377,11 +379,7 @@ class ExplainerWorker:
                 delay = min(delay * 2, 2.0)
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def _stream_id(value: bytes | str) -> tuple[int, int]:
     """A stream entry id "milliseconds-sequence" as a pair that orders as the ids do."""
-    milliseconds, sequence = _text(value).split("-")
+    milliseconds, sequence = redis_text(value).split("-")
     return int(milliseconds), int(sequence)

@@ -34,14 +34,15 @@ from common.jobs import (
     RECORD_STATE,
     RECORD_SUMMARY,
     RECORD_TENANT,
-    WORKER_GROUP,
     ExplainOptions,
     ExplanationJob,
     MethodRequest,
     ModelRecord,
     explanation_key,
     new_explanation_id,
+    redis_text,
     tenant_explanations_key,
+    worker_group_info,
 )
 from common.telemetry import current_traceparent
 from server.costs import PlannedMethod
@@ -142,7 +143,7 @@ class ExplanationBroker:
             groups = await self._redis.xinfo_groups(JOB_STREAM)
         except redis.exceptions.ResponseError:
             return 0  # no stream: nothing was ever enqueued
-        group = next((g for g in groups if _text(g["name"]) == WORKER_GROUP), None)
+        group = worker_group_info(groups)
         if group is None:
             # No worker has created its group yet, so nothing in the stream was read.
             return int(await self._redis.xlen(JOB_STREAM))
@@ -150,7 +151,7 @@ class ExplanationBroker:
         if undelivered is None:
             # Redis cannot tell the lag when entries were deleted after the last delivered one; count them,
             # up to the bound (all that matters here).
-            after = f"({_text(group['last-delivered-id'])}"
+            after = f"({redis_text(group['last-delivered-id'])}"
             entries = await self._redis.xrange(JOB_STREAM, min=after, count=self._max_unfinished_jobs)
             undelivered = len(entries or [])
         return int(group["pending"]) + int(undelivered)
@@ -410,10 +411,6 @@ def _decode_page_token(token: str) -> tuple[str, float]:
         "page_token is not one this server issued; pass next_page_token from the previous ListExplanations "
         "response unchanged, or leave it empty for the first page"
     )
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _typed_params(info: explanations_pb2.MethodInfo, params: dict[str, object]) -> dict[str, object]:
