@@ -160,10 +160,6 @@ def run_layers(
 ) -> tuple[list[torch.Tensor], RecordedLayers]: ...
 @overload
 def run_layers(
-    loaded: LoadedModel, states: torch.Tensor, layer: int, record: Literal[False]
-) -> tuple[list[torch.Tensor], None]: ...
-@overload
-def run_layers(
     loaded: LoadedModel, states: torch.Tensor, layer: int, record: bool
 ) -> tuple[list[torch.Tensor], RecordedLayers | None]: ...
 def run_layers(
@@ -210,10 +206,11 @@ def backward_to_layer(
     for weights, record in zip(reversed(recorded.weights), reversed(recorded.records), strict=True):
 
         def layer_backward(chunk: torch.Tensor | Seeds) -> torch.Tensor:
-            prefix = chunk.prefix if isinstance(chunk, Seeds) else chunk.shape[2]
-            cos, sin = recorded.cos[:prefix], recorded.sin[:prefix]
+            # weights and record are this iteration's: map_chunks calls this within it.
             if isinstance(chunk, Seeds):
-                return _seeded_layer_backward(weights, record, chunk, cos, sin)  # noqa: B023 (called within this iteration)
+                cos, sin = recorded.cos[: chunk.prefix], recorded.sin[: chunk.prefix]
+                return _seeded_layer_backward(weights, record, chunk, cos, sin)  # noqa: B023
+            cos, sin = recorded.cos[: chunk.shape[2]], recorded.sin[: chunk.shape[2]]
             return _layer_backward(weights, record, chunk, cos, sin)  # noqa: B023
 
         gradients = list(map_chunks(layer_backward, gradients))
