@@ -5,7 +5,9 @@ Precision: methods always see the hidden states at the cache's bfloat16 precisio
 hit reproduces a miss's results exactly. Step scores and fidelity are read out (final norm + unembedding) of the
 forward pass's last layer at full precision, which the cache keeps beside the states, so a hit reports the miss's
 numbers for any prompt/output split; only if that entry has gone do they come from the cached bfloat16 last layer
-(~1e-2 in log-probability).
+(~1e-2 in log-probability). The cache also keeps what was read out for each split, so a hit on the same split (the
+usual re-explanation: another method for the same answer) skips the readout, the unembedding of every generated
+token, altogether.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from explainers.hidden_cache import LAST_LAYER_DTYPE, STORAGE_DTYPE, HiddenState
 from explainers.methods.base import AttributionContext, AttributionMethod, tensor_proto
 from explainers.methods.registry import get_method
 from explainers.model import LoadedModel, forward_with_hidden_states
-from explainers.step_scores import read_out
+from explainers.step_scores import Readout, read_out
 from explainers.targets import Targets, TargetScore
 
 logger = logging.getLogger(__name__)
@@ -229,9 +231,12 @@ def _hidden_states(
     record: bool,
 ) -> _States:
     """The hidden states from the cache or from one forward pass (recorded for the backward pass if `record`),
-    with step scores and fidelity log-probabilities from one readout of the last layer at full precision."""
+    with step scores and fidelity log-probabilities from one readout of the last layer at full precision: on a hit,
+    the one the cache kept for this split if it has as many alternatives as top_k asks for."""
     sequence = token_ids.tolist()
     expected_shape = (loaded.num_layers + 1, len(sequence), loaded.hidden_size)
+    generated = len(sequence) - prompt_length
+    scored = torch.isin(torch.arange(prompt_length, len(sequence)), targets.positions)
     if cache is not None:
         with tracer.start_as_current_span("cache lookup") as span:
             cached = cache.get(loaded.weights_digest, sequence)
@@ -240,39 +245,38 @@ def _hidden_states(
                 cached = None
             span.set_attribute("sightline.cache.hit", cached is not None)
         if cached is not None:
-            hidden_states = cached.to(loaded.dtype)
-            last_layer = cache.get_last_layer(loaded.weights_digest, sequence)
-            if last_layer is None or tuple(last_layer.shape) != expected_shape[1:]:
-                # Stored apart, it can expire first: the bfloat16 last layer then serves.
-                last_layer = hidden_states[-1]
-            step_scores, recomputed = _read_out(loaded, last_layer, token_ids, prompt_length, targets, top_k)
-            return _States(hidden_states, True, step_scores, recomputed, None)
+            stored_readout = cache.get_readout(loaded.weights_digest, sequence, prompt_length)
+            readout = None if stored_readout is None else Readout.from_tensors(stored_readout, generated)
+            if readout is None or readout.top_k < top_k:
+                last_layer = cache.get_last_layer(loaded.weights_digest, sequence)
+                if last_layer is None or tuple(last_layer.shape) != expected_shape[1:]:
+                    # Stored apart, it can expire first: the bfloat16 last layer then serves.
+                    last_layer = cached[-1]
+                readout = _read_out(loaded, last_layer, token_ids, prompt_length, top_k)
+                cache.put_readout(loaded.weights_digest, sequence, prompt_length, readout.tensors())
+            return _States(cached.to(loaded.dtype), True, readout.step_scores(scored, top_k), readout.logprobs, None)
 
     with tracer.start_as_current_span("forward"):
         forward = forward_with_hidden_states(loaded, token_ids, record)
         stored = forward.hidden_states.to(STORAGE_DTYPE)
         # Read out at the precision a hit reads it back at.
         last_layer = forward.hidden_states[-1].to(LAST_LAYER_DTYPE)
-        step_scores, recomputed = _read_out(loaded, last_layer, token_ids, prompt_length, targets, top_k)
+        readout = _read_out(loaded, last_layer, token_ids, prompt_length, top_k)
     if cache is not None and cache.put(loaded.weights_digest, sequence, stored):
         cache.put_last_layer(loaded.weights_digest, sequence, last_layer)
-    return _States(stored.to(loaded.dtype), False, step_scores, recomputed, forward.recorded)
+        cache.put_readout(loaded.weights_digest, sequence, prompt_length, readout.tensors())
+    step_scores = readout.step_scores(scored, top_k)
+    return _States(stored.to(loaded.dtype), False, step_scores, readout.logprobs, forward.recorded)
 
 
 def _read_out(
-    loaded: LoadedModel,
-    last_layer: torch.Tensor,
-    token_ids: torch.Tensor,
-    prompt_length: int,
-    targets: Targets,
-    top_k: int,
-) -> tuple[types_pb2.StepScores, torch.Tensor]:
-    """(the targets' step scores, every generated token's log-probability for the fidelity check) from one readout
-    of the last layer's states [num_tokens, hidden] at the positions predicting the generated tokens."""
+    loaded: LoadedModel, last_layer: torch.Tensor, token_ids: torch.Tensor, prompt_length: int, top_k: int
+) -> Readout:
+    """The Readout of the last layer's states [num_tokens, hidden] at the positions predicting the generated
+    tokens."""
     generated_positions = torch.arange(prompt_length, len(token_ids))
     rows = last_layer[generated_positions - 1].to(loaded.dtype)
-    scored = torch.isin(generated_positions, targets.positions)
-    return read_out(loaded, rows, token_ids[generated_positions], scored, top_k)
+    return read_out(loaded, rows, token_ids[generated_positions], top_k)
 
 
 def _tokens(

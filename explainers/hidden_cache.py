@@ -2,7 +2,9 @@
 
 Layout of a cached tensor: [num_layers + 1, num_tokens, hidden]; index 0 is the embedding output and index l the
 output of decoder layer l, all BEFORE the final norm (see `explainers.model.forward_with_hidden_states`), in
-bfloat16. Beside it, under the same key + ":last", the last layer [num_tokens, hidden] in float32.
+bfloat16. Beside it, under the same key + ":last", the last layer [num_tokens, hidden] in float32, and under the
+same key + ":readout:{prompt length}" a hash of named tensors: what that last layer read out for one
+prompt/output split (`explainers.step_scores.Readout`).
 
 Entry format: MAGIC | header length (uint32 LE) | JSON header {dtype, shape, checksum} | raw little-endian payload.
 """
@@ -13,8 +15,8 @@ import hashlib
 import json
 import logging
 import struct
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -43,8 +45,13 @@ _CODEC_DTYPES: dict[torch.dtype, tuple[str, torch.dtype]] = {
     torch.bfloat16: ("bfloat16", torch.int16),
     torch.float16: ("float16", torch.int16),
     torch.float32: ("float32", torch.int32),
+    torch.float64: ("float64", torch.int64),
+    torch.int32: ("int32", torch.int32),
+    torch.int64: ("int64", torch.int64),
 }
 _DTYPES_BY_NAME = {name: dtype for dtype, (name, _) in _CODEC_DTYPES.items()}
+
+Decoded = TypeVar("Decoded")
 
 REDIS_UNREACHABLE = (RedisConnectionError, RedisTimeoutError)
 
@@ -65,7 +72,7 @@ def _checksum(dtype_name: str, shape: Sequence[int], payload: bytes | memoryview
 
 
 def encode_tensor(tensor: torch.Tensor) -> bytes:
-    """Encode a bfloat16, float16 or float32 tensor as header + raw little-endian bytes."""
+    """Encode a bfloat16, float16, float32, float64, int32 or int64 tensor as header + raw little-endian bytes."""
     if tensor.dtype not in _CODEC_DTYPES:
         raise TypeError(f"cannot encode {tensor.dtype}; supported: {', '.join(_DTYPES_BY_NAME)}")
     dtype_name, bits_dtype = _CODEC_DTYPES[tensor.dtype]
@@ -100,6 +107,22 @@ def decode_tensor(blob: bytes) -> torch.Tensor:
     # astype to native order also copies out of the read-only buffer, so the tensor owns writable memory.
     bits = np.frombuffer(payload, dtype=_little_endian(dtype)).astype(_little_endian(dtype).newbyteorder("="))
     return torch.from_numpy(bits).view(dtype).reshape(shape)
+
+
+def _blob(value: object) -> bytes:
+    if not isinstance(value, bytes):
+        raise TypeError("HiddenStateCache needs a Redis client with decode_responses=False")
+    return value
+
+
+def _tensors(fields: object) -> dict[str, torch.Tensor]:
+    """A hash of encoded tensors, decoded."""
+    if not isinstance(fields, dict):
+        raise TypeError("HiddenStateCache needs a synchronous Redis client")
+    try:
+        return {_blob(name).decode(): decode_tensor(_blob(blob)) for name, blob in fields.items()}
+    except UnicodeDecodeError as error:
+        raise CorruptEntryError(f"a field name is not UTF-8: {error}") from error
 
 
 def _little_endian(dtype: torch.dtype) -> np.dtype[np.signedinteger]:
@@ -164,19 +187,44 @@ class HiddenStateCache:
     def _last_layer_key(self, weights_digest: str, token_ids: Sequence[int]) -> str:
         return f"{self.key(self._tenant, weights_digest, token_ids)}:last"
 
-    def _get(self, key: str) -> torch.Tensor | None:
+    def get_readout(
+        self, weights_digest: str, token_ids: Sequence[int], prompt_length: int
+    ) -> dict[str, torch.Tensor] | None:
+        """The named tensors put_readout stored for this split, or None. A corrupt one deletes the entry (a miss)."""
+        return self._read(self._readout_key(weights_digest, token_ids, prompt_length), self._redis.hgetall, _tensors)
+
+    def put_readout(
+        self, weights_digest: str, token_ids: Sequence[int], prompt_length: int, tensors: Mapping[str, torch.Tensor]
+    ) -> None:
+        """Keep what the last layer read out for the split at prompt_length, so that a hit on the same split needs
+        no readout (the unembedding of every generated token) at all. Replaces all of an earlier entry's tensors."""
+        key = self._readout_key(weights_digest, token_ids, prompt_length)
+        transaction = self._redis.pipeline(transaction=True)
+        transaction.delete(key)
+        transaction.hset(key, mapping={name: encode_tensor(tensor) for name, tensor in tensors.items()})
+        transaction.expire(key, self._ttl_seconds)
         try:
-            blob = self._redis.get(key)
+            transaction.execute()
+        except REDIS_UNREACHABLE as error:
+            logger.warning("hidden-state cache unreachable, not caching: %s", error)
+
+    def _readout_key(self, weights_digest: str, token_ids: Sequence[int], prompt_length: int) -> str:
+        return f"{self.key(self._tenant, weights_digest, token_ids)}:readout:{prompt_length}"
+
+    def _get(self, key: str) -> torch.Tensor | None:
+        return self._read(key, self._redis.get, lambda blob: decode_tensor(_blob(blob)))
+
+    def _read(self, key: str, fetch: Callable[[str], object], decode: Callable[[object], Decoded]) -> Decoded | None:
+        try:
+            raw = fetch(key)
         except REDIS_UNREACHABLE as error:
             # The cache only saves work: unreachable, it is a miss, not a failed explanation.
             logger.warning("hidden-state cache unreachable, computing without it: %s", error)
             return None
-        if blob is None:
+        if raw is None or raw == {}:  # GET and HGETALL of a missing key
             return None
-        if not isinstance(blob, bytes):
-            raise TypeError("HiddenStateCache needs a Redis client with decode_responses=False")
         try:
-            return decode_tensor(blob)
+            return decode(raw)
         except CorruptEntryError as error:
             logger.warning("deleting corrupt hidden-state cache entry %s: %s", key, error)
             self._redis.delete(key)

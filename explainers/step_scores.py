@@ -3,6 +3,9 @@ the log-probabilities the fidelity check compares with the served ones."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
 import torch
 from sightline.v1 import types_pb2
 
@@ -10,34 +13,68 @@ from explainers.methods.base import tensor_proto
 from explainers.model import READOUT_ROWS, LoadedModel, readout_log_probs
 
 
-def read_out(
-    loaded: LoadedModel, rows: torch.Tensor, token_ids: torch.Tensor, scored: torch.Tensor, top_k: int
-) -> tuple[types_pb2.StepScores, torch.Tensor]:
-    """(step scores of the rows where `scored` [num_rows] is true, every row's log-probability of its token) from
-    last-layer states rows [num_rows, hidden] at the positions that predict token_ids [num_rows], READOUT_ROWS at a
-    time. One readout serves the explained tokens' step scores and every generated token's fidelity check. Step
-    scores are the log-probability, probability, entropy, rank and top-k alternatives of each explained token."""
-    chosen, entropies, ranks, top_ids, top_logprobs = [], [], [], [], []
+@dataclass(frozen=True)
+class Readout:
+    """The last layer read out at every generated token: its log-probability (also the fidelity check's), the
+    entropy of its next-token distribution, its rank and the top-k alternatives. A request's step scores are a
+    selection of it, so the hidden-state cache keeps it beside the states for a hit on the same split."""
+
+    logprobs: torch.Tensor  # [generated]
+    entropies: torch.Tensor  # [generated]
+    ranks: torch.Tensor  # [generated], 1 for the most likely token
+    top_ids: torch.Tensor  # [generated, k]
+    top_logprobs: torch.Tensor  # [generated, k]
+
+    @property
+    def top_k(self) -> int:
+        return int(self.top_ids.shape[1])
+
+    def step_scores(self, scored: torch.Tensor, top_k: int) -> types_pb2.StepScores:
+        """The step scores of the generated tokens where scored [generated] is true, with top_k <= self.top_k
+        alternatives (the first of the top self.top_k: they differ from a top_k readout's only in the order of
+        exactly tied alternatives)."""
+        if top_k > self.top_k:
+            raise ValueError(f"this readout keeps {self.top_k} alternatives, not {top_k}")
+        logprobs = self.logprobs[scored]
+        return types_pb2.StepScores(
+            logprobs=logprobs.tolist(),
+            probabilities=logprobs.exp().tolist(),
+            entropies=self.entropies[scored].tolist(),
+            ranks=self.ranks[scored].tolist(),
+            top_token_ids=tensor_proto(self.top_ids[scored, :top_k]),
+            top_logprobs=tensor_proto(self.top_logprobs[scored, :top_k]),
+        )
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {field.name: getattr(self, field.name) for field in fields(self)}
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], generated: int) -> Readout | None:
+        """The readout `tensors()` gave, if these are its fields with the shapes of `generated` tokens; else None."""
+        names = [field.name for field in fields(cls)]
+        if set(tensors) != set(names):
+            return None
+        readout = cls(**{name: tensors[name] for name in names})
+        vectors = (readout.logprobs, readout.entropies, readout.ranks)
+        tops = (readout.top_ids, readout.top_logprobs)
+        if any(v.shape != (generated,) for v in vectors) or any(t.dim() != 2 or len(t) != generated for t in tops):
+            return None
+        if readout.top_ids.shape != readout.top_logprobs.shape:
+            return None
+        return readout
+
+
+def read_out(loaded: LoadedModel, rows: torch.Tensor, token_ids: torch.Tensor, top_k: int) -> Readout:
+    """The Readout of last-layer states rows [generated, hidden] at the positions that predict token_ids
+    [generated], READOUT_ROWS at a time."""
+    parts: list[list[torch.Tensor]] = [[] for _ in fields(Readout)]
     with torch.no_grad():
         for start in range(0, len(rows), READOUT_ROWS):
             logprobs = readout_log_probs(loaded, rows[start : start + READOUT_ROWS])  # [rows, vocab]
             picked = logprobs.gather(-1, token_ids[start : start + READOUT_ROWS, None])[:, 0]
-            chosen.append(picked)
-            keep = scored[start : start + READOUT_ROWS]
-            # Usually every generated token is explained: no copy then.
-            scored_logprobs, scored_picked = (logprobs, picked) if bool(keep.all()) else (logprobs[keep], picked[keep])
-            entropies.append(-torch.linalg.vecdot(scored_logprobs.exp(), scored_logprobs))
-            ranks.append((scored_logprobs > scored_picked[:, None]).sum(-1) + 1)
-            top = scored_logprobs.topk(top_k, dim=-1)
-            top_ids.append(top.indices)
-            top_logprobs.append(top.values)
-    log_probs = torch.cat(chosen)
-    scores = types_pb2.StepScores(
-        logprobs=log_probs[scored].tolist(),
-        probabilities=log_probs[scored].exp().tolist(),
-        entropies=torch.cat(entropies).tolist(),
-        ranks=torch.cat(ranks).tolist(),
-        top_token_ids=tensor_proto(torch.cat(top_ids)),
-        top_logprobs=tensor_proto(torch.cat(top_logprobs)),
-    )
-    return scores, log_probs
+            top = logprobs.topk(top_k, dim=-1)
+            entropies = -torch.linalg.vecdot(logprobs.exp(), logprobs)
+            ranks = (logprobs > picked[:, None]).sum(-1) + 1
+            for part, values in zip(parts, (picked, entropies, ranks, top.indices, top.values), strict=True):
+                part.append(values)
+    return Readout(*(torch.cat(part) for part in parts))

@@ -14,7 +14,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from sightline.v1 import types_pb2
 
 from common.jobs import ExplainOptions
-from explainers import backprop, engine
+from explainers import backprop, engine, step_scores
 from explainers.backprop import RecordedLayers
 from explainers.engine import InvalidInputError, explain
 from explainers.hidden_cache import HiddenStateCache
@@ -22,6 +22,7 @@ from explainers.methods import gradients
 from explainers.methods.base import InvalidParamsError
 from explainers.methods.registry import UnknownMethodError
 from explainers.model import LoadedModel
+from explainers.step_scores import Readout
 from tests.explainers.conftest import OUTPUT_IDS, PROMPT_IDS, REGISTERED_METHODS
 
 ReadTensor = Callable[[types_pb2.Tensor], np.ndarray]
@@ -156,10 +157,10 @@ def test_a_cache_hit_reproduces_the_miss(
     np.testing.assert_allclose(resplit.fidelity.recomputed_logprobs[1:], miss.fidelity.recomputed_logprobs, atol=1e-6)
     np.testing.assert_allclose(resplit.step_scores.logprobs[1:], miss.step_scores.logprobs, atol=1e-6)
 
-    # Without that entry (it can expire first), a hit reads them out of the bfloat16 last layer instead.
-    redis_client.delete(
-        HiddenStateCache.key(TENANT, tiny_model_float32.weights_digest, PROMPT_IDS + OUTPUT_IDS) + ":last"
-    )
+    # Without that entry and this split's kept readout (they can expire first), a hit reads them out of the
+    # bfloat16 last layer instead.
+    key = HiddenStateCache.key(TENANT, tiny_model_float32.weights_digest, PROMPT_IDS + OUTPUT_IDS)
+    assert redis_client.delete(key + ":last", key + f":readout:{len(PROMPT_IDS)}") == 2
     degraded = explain(tiny_model_float32, cache, PROMPT_IDS, OUTPUT_IDS, BOTH_METHODS, None)
     assert degraded.cache_hit
     np.testing.assert_allclose(degraded.fidelity.recomputed_logprobs, miss.fidelity.recomputed_logprobs, atol=0.02)
@@ -169,6 +170,47 @@ def test_a_cache_hit_reproduces_the_miss(
     assert "forward" in miss_spans
     assert hit_spans["cache lookup"].attributes == {"sightline.cache.hit": True}
     assert "forward" not in hit_spans
+
+
+def test_a_hit_on_the_same_split_reuses_the_kept_readout(
+    tiny_model_float32: LoadedModel, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Re-explaining the same answer reads nothing out: the miss's readout is kept for its split, and serves any
+    selection of explained tokens and fewer alternatives. A hit asking for more alternatives reads out again and
+    keeps that readout instead."""
+    readouts: list[int] = []
+    read_out = step_scores.read_out
+
+    def counted(loaded: LoadedModel, rows: torch.Tensor, token_ids: torch.Tensor, top_k: int) -> Readout:
+        readouts.append(top_k)
+        return read_out(loaded, rows, token_ids, top_k)
+
+    monkeypatch.setattr(engine, "read_out", counted)
+    cache = HiddenStateCache(redis_client, ttl_seconds=600, tenant=TENANT)
+    served = model_log_probs(tiny_model_float32)
+
+    def run(
+        cache: HiddenStateCache | None, top_k: int, output_indices: list[int] | None = None
+    ) -> types_pb2.Explanation:
+        options = ExplainOptions(output_indices=output_indices or [], step_scores_top_k=top_k)
+        return explain(tiny_model_float32, cache, PROMPT_IDS, OUTPUT_IDS, [], served, options)
+
+    miss = run(cache, 3)
+    uncached_subset = run(None, 3, [1, 4, 7])
+    assert readouts == [3, 3]
+
+    hit, hit_subset, hit_fewer = run(cache, 3), run(cache, 3, [1, 4, 7]), run(cache, 2)
+    assert readouts == [3, 3]
+    assert (hit.step_scores, hit.fidelity) == (miss.step_scores, miss.fidelity)
+    assert hit_subset.step_scores == uncached_subset.step_scores
+    assert hit_fewer.step_scores.top_token_ids.shape == [8, 2]
+    assert hit_fewer.step_scores.logprobs == miss.step_scores.logprobs
+
+    more, uncached_more = run(cache, 4), run(None, 4)
+    assert readouts == [3, 3, 4, 4]
+    assert (more.step_scores, more.fidelity) == (uncached_more.step_scores, uncached_more.fidelity)
+    assert run(cache, 4).step_scores == more.step_scores
+    assert readouts == [3, 3, 4, 4]
 
 
 def test_the_miss_forward_pass_serves_the_embedding_gradient_methods(

@@ -37,9 +37,11 @@ def flip_byte(blob: bytes, index: int) -> bytes:
     return blob[:index] + bytes([blob[index] ^ 0xFF]) + blob[index + 1 :]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(
+    "dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.int32, torch.int64]
+)
 def test_codec_round_trip_is_bit_exact(dtype: torch.dtype) -> None:
-    original = hidden_states(dtype)[:, 1:]  # non-contiguous on purpose
+    original = (hidden_states(torch.float64) * (1 if dtype.is_floating_point else 1000)).to(dtype)[:, 1:]  # strided
 
     decoded = decode_tensor(encode_tensor(original))
 
@@ -57,8 +59,8 @@ def test_codec_layout_is_magic_header_then_little_endian_payload() -> None:
 
 
 def test_codec_refuses_unsupported_dtypes() -> None:
-    with pytest.raises(TypeError, match="float64"):
-        encode_tensor(torch.zeros(2, dtype=torch.float64))
+    with pytest.raises(TypeError, match="complex64"):
+        encode_tensor(torch.zeros(2, dtype=torch.complex64))
 
 
 CORRUPTIONS: dict[str, Callable[[bytes], bytes]] = {
@@ -118,6 +120,40 @@ def test_one_tenants_entries_are_invisible_to_another(redis_client: redis.Redis)
     assert sorted(key.decode().split(":")[2] for key in redis_client.scan_iter("sl:hs:*")) == [TENANT, TENANT]
 
 
+READOUT = {"logprobs": torch.tensor([-0.5, -2.25], dtype=torch.float64), "ranks": torch.tensor([1, 7])}
+
+
+def test_a_readout_is_kept_per_split_with_a_ttl_and_replaced_whole(redis_client: redis.Redis) -> None:
+    cache = HiddenStateCache(redis_client, ttl_seconds=600, tenant=TENANT)
+    other = HiddenStateCache(redis_client, ttl_seconds=600, tenant="globex")
+
+    assert cache.get_readout(DIGEST, TOKEN_IDS, 2) is None
+    cache.put_readout(DIGEST, TOKEN_IDS, 2, READOUT)
+    stored = cache.get_readout(DIGEST, TOKEN_IDS, 2)
+
+    assert stored is not None and stored.keys() == READOUT.keys()
+    for name, tensor in READOUT.items():
+        assert stored[name].dtype == tensor.dtype and torch.equal(stored[name], tensor)
+    key = HiddenStateCache.key(TENANT, DIGEST, TOKEN_IDS) + ":readout:2"
+    assert 0 < redis_client.ttl(key) <= 600
+    assert cache.get_readout(DIGEST, TOKEN_IDS, 1) is None  # another split
+    assert other.get_readout(DIGEST, TOKEN_IDS, 2) is None  # another tenant
+
+    # A later readout replaces every tensor of the earlier one, not only those it shares names with.
+    cache.put_readout(DIGEST, TOKEN_IDS, 2, {"ranks": torch.tensor([2, 3])})
+    assert list(cache.get_readout(DIGEST, TOKEN_IDS, 2) or {}) == ["ranks"]
+
+
+def test_a_corrupt_readout_is_a_miss_and_is_deleted(redis_client: redis.Redis) -> None:
+    cache = HiddenStateCache(redis_client, ttl_seconds=600, tenant=TENANT)
+    cache.put_readout(DIGEST, TOKEN_IDS, 2, READOUT)
+    key = HiddenStateCache.key(TENANT, DIGEST, TOKEN_IDS) + ":readout:2"
+    redis_client.hset(key, "ranks", encode_tensor(READOUT["ranks"])[:-1])
+
+    assert cache.get_readout(DIGEST, TOKEN_IDS, 2) is None
+    assert redis_client.exists(key) == 0
+
+
 def test_tenant_names_that_could_break_a_key_apart_are_refused(redis_client: redis.Redis) -> None:
     for tenant in ("", "a:b", "a*", "x" * 65):
         with pytest.raises(ValueError, match="not a tenant name"):
@@ -146,3 +182,5 @@ def test_an_unreachable_redis_is_a_miss_and_a_skipped_write() -> None:
     assert cache.put(DIGEST, TOKEN_IDS, hidden_states()) is False
     cache.put_last_layer(DIGEST, TOKEN_IDS, torch.zeros(3, 4))
     assert cache.get_last_layer(DIGEST, TOKEN_IDS) is None
+    cache.put_readout(DIGEST, TOKEN_IDS, 2, READOUT)
+    assert cache.get_readout(DIGEST, TOKEN_IDS, 2) is None
