@@ -37,12 +37,12 @@ def rollout(
     """
     flow: torch.Tensor | None = None
     for attention in layer_attentions:
-        fused = fuse(attention, head_fusion)
+        fused = fuse(attention, head_fusion)  # a new tensor: the steps below work in place
         if residual:
             # The residual connection carries each token's own state past the attention, half-and-half per the paper.
-            fused = 0.5 * fused + 0.5 * torch.eye(fused.shape[-1], dtype=fused.dtype)
+            fused.mul_(0.5).diagonal().add_(0.5)
         # Max and min fusion do not keep rows stochastic; renormalising keeps the product a mixing of inputs.
-        fused = fused / fused.sum(dim=-1, keepdim=True)
+        fused.div_(fused.sum(dim=-1, keepdim=True))
         flow = fused[rows] if flow is None else flow @ fused
     if flow is None:
         raise ValueError("attention rollout needs at least one layer")

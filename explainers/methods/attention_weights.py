@@ -71,15 +71,17 @@ def _layer_group(
     # Grouped-query attention: consecutive query heads share one key head, so queries are laid out
     # [group, num_queries, kv heads, heads per kv head, head_dim] against keys [group, num_tokens, kv heads, head_dim];
     # the rotary tables broadcast over layers and heads.
+    # Scaled before the product, not after: [queries, hidden] products instead of [heads, queries, tokens]; the
+    # same bits when the scale is a power of two (head_dim 64: 1/8).
     queries = rotate(
         queries.view(group, num_queries, num_kv_heads, -1, head_dim),
         cos[query_positions, None, None],
         sin[query_positions, None, None],
-    )
+    ).mul_(head_dim**-0.5)
     keys = rotate(keys.view(group, num_tokens, num_kv_heads, head_dim), cos[:, None], sin[:, None])
     logits = torch.einsum("lqkgd,lnkd->lkgqn", queries, keys).reshape(group, num_heads, num_queries, num_tokens)
     causal = torch.arange(num_tokens)[None, :] <= query_positions[:, None]  # [num_queries, num_tokens]
-    probabilities: torch.Tensor = (logits * head_dim**-0.5).masked_fill(~causal, float("-inf")).softmax(dim=-1)
+    probabilities: torch.Tensor = logits.masked_fill_(~causal, float("-inf")).softmax(dim=-1)
     return probabilities
 
 
