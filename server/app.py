@@ -19,7 +19,7 @@ from sightline.v1 import explanations_pb2, explanations_pb2_grpc, inference_pb2,
 from server.auth import Authenticator
 from server.config import GatewaySettings
 from server.explanations import ExplanationBroker
-from server.keys import configured_key_ring
+from server.keys import configured_keys
 from server.limits import TenantLimiter
 from server.rpc import DecodeErrorsAsInvalidArgument
 from server.servicers import ExplanationsServicer, Gateway, InferenceServicer
@@ -82,8 +82,8 @@ async def serve(settings: GatewaySettings, *, ready: asyncio.Event | None = None
 
     Raises ConfigError before serving when the API keys or TLS files are unusable.
     """
-    key_ring = configured_key_ring(settings.api_keys_file, settings.api_keys, settings.default_limits)
-    authenticator = Authenticator(key_ring, settings.default_limits, open_tenant=settings.open_tenant)
+    keys = configured_keys(settings.api_keys_file, settings.api_keys, settings.default_limits)
+    authenticator = Authenticator(keys, settings.default_limits, open_tenant=settings.open_tenant)
     credentials = server_credentials(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
     _log_security(settings, authenticator, tls=credentials is not None)
 

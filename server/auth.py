@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import grpc
 
 from server.errors import GatewayError
-from server.keys import KeyRing, hash_key
+from server.keys import KeyRing, KeySource, hash_key
 from server.limits import Tenant, TenantLimits
 
 BEARER = "bearer "
@@ -25,26 +25,37 @@ def unauthenticated(message: str) -> GatewayError:
 
 
 class Authenticator:
-    """Resolves each call's tenant. Without a key ring, authentication is off and every call is ``open_tenant``."""
+    """Resolves each call's tenant from the keys in force (a KeyFile's change out from under a running gateway
+    applies to the next call). Without keys, authentication is off and every call is ``open_tenant``."""
 
-    def __init__(self, key_ring: KeyRing | None, default_limits: TenantLimits, *, open_tenant: str) -> None:
-        self._key_ring = key_ring
-        if key_ring is None:
-            self._open = Tenant(open_tenant, default_limits)
-            self._tenants: dict[str, Tenant] = {}
-            self._digests: list[tuple[bytes, str]] = []
-        else:
-            self._tenants = {name: Tenant(name, key_ring.limits_for(name, default_limits)) for name in key_ring.tenants}
-            self._digests = [(key.sha256, key.tenant) for key in key_ring.keys]
+    def __init__(self, keys: KeySource | None, default_limits: TenantLimits, *, open_tenant: str) -> None:
+        self._keys = keys
+        self._default_limits = default_limits
+        self._open = Tenant(open_tenant, default_limits)
+        self._indexed: KeyRing | None = None
+        self._tenants: dict[str, Tenant] = {}
+        self._digests: list[tuple[bytes, str]] = []
+        if keys is not None:
+            self._index(keys.current())
+
+    def _index(self, key_ring: KeyRing) -> None:
+        self._tenants = {
+            name: Tenant(name, key_ring.limits_for(name, self._default_limits)) for name in key_ring.tenants
+        }
+        self._digests = [(key.sha256, key.tenant) for key in key_ring.keys]
+        self._indexed = key_ring
 
     @property
     def enabled(self) -> bool:
-        return self._key_ring is not None
+        return self._keys is not None
 
     def authenticate(self, metadata: Iterable[tuple[str, str | bytes]]) -> Tenant:
         """The caller's tenant; UNAUTHENTICATED when auth is on and the key is missing or unknown."""
-        if self._key_ring is None:
+        if self._keys is None:
             return self._open
+        key_ring = self._keys.current()
+        if key_ring is not self._indexed:
+            self._index(key_ring)
         values = [value for name, value in metadata if name == "authorization"]
         if not values:
             raise unauthenticated(MISSING_KEY)

@@ -14,6 +14,7 @@ The key file is JSON (``.json``) or TOML (``.toml``)::
 
 ``tenants`` is optional and sets per-tenant limits (see server/limits.py) over the deployment's
 defaults. A tenant may have several keys (rotate by adding the new one, then removing the old).
+The gateway rereads the file when it changes, so none of this needs a restart.
 For simple setups ``SIGHTLINE_API_KEYS`` holds ``tenant:sha256`` pairs separated by commas.
 
 Mint a key with ``python -m server.keys new --tenant acme``: it prints the key once, and the
@@ -25,13 +26,16 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import re
 import secrets
 import sys
+import time
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from common.jobs import TENANT_NAME
 from server.errors import ConfigError
@@ -41,6 +45,10 @@ KEY_PREFIX = "sl_"
 KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 KEY_FIELDS = frozenset({"id", "tenant", "sha256"})
+# How often a call may look at the key file for changes: a stat, at most once a second.
+KEY_FILE_RECHECK_SECONDS = 1.0
+
+log = logging.getLogger(__name__)
 
 
 class KeyFileError(ConfigError):
@@ -68,6 +76,67 @@ class KeyRing:
 
     def limits_for(self, tenant: str, defaults: TenantLimits) -> TenantLimits:
         return defaults.with_overrides(self.tenant_limits.get(tenant, {}), source=f"{self.source}: tenant {tenant!r}")
+
+    def current(self) -> KeyRing:
+        """A KeyRing is its own, fixed, KeySource."""
+        return self
+
+
+class KeySource(Protocol):
+    def current(self) -> KeyRing:
+        """The keys in force now."""
+        ...
+
+
+class KeyFile:
+    """SIGHTLINE_API_KEYS_FILE, reread when it changes, so that adding or revoking a key or changing a tenant's
+    limits needs no restart. Each call to current() may look at the file's status (at most every recheck_seconds:
+    one stat); a change that does not load keeps the keys in force and logs why. The gateway refuses to start on
+    such a file, but a running one must not lock every caller out over a typo in an edit."""
+
+    def __init__(
+        self,
+        path: Path,
+        defaults: TenantLimits,
+        *,
+        recheck_seconds: float = KEY_FILE_RECHECK_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._path = path
+        self._defaults = defaults
+        self._recheck_seconds = recheck_seconds
+        self._clock = clock
+        self._version = _file_version(path)
+        self._key_ring = load_key_file(path, defaults)
+        self._checked_at = clock()
+
+    def current(self) -> KeyRing:
+        now = self._clock()
+        if now - self._checked_at >= self._recheck_seconds:
+            self._checked_at = now
+            version = _file_version(self._path)
+            if version != self._version:
+                self._version = version
+                self._reload()
+        return self._key_ring
+
+    def _reload(self) -> None:
+        try:
+            key_ring = load_key_file(self._path, self._defaults)
+        except ConfigError as error:
+            log.error("the API key file changed but cannot be used; the keys loaded before stay in force: %s", error)
+            return
+        self._key_ring = key_ring
+        log.info("reloaded %d API keys of %d tenants from %s", len(key_ring.keys), len(key_ring.tenants), self._path)
+
+
+def _file_version(path: Path) -> tuple[int, int, int] | None:
+    """What changes when the file is rewritten or replaced (a new inode: an atomic rename, a Kubernetes secret)."""
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_mtime_ns, status.st_size, status.st_ino
 
 
 def hash_key(key: str) -> bytes:
@@ -107,12 +176,13 @@ def keys_from_env(value: str, defaults: TenantLimits) -> KeyRing:
     return _key_ring({"keys": entries}, "SIGHTLINE_API_KEYS", defaults)
 
 
-def configured_key_ring(api_keys_file: str | None, api_keys: str | None, defaults: TenantLimits) -> KeyRing | None:
-    """The keys of SIGHTLINE_API_KEYS_FILE or SIGHTLINE_API_KEYS; None (authentication off) when neither is set."""
+def configured_keys(api_keys_file: str | None, api_keys: str | None, defaults: TenantLimits) -> KeySource | None:
+    """The keys of SIGHTLINE_API_KEYS_FILE (reread when it changes) or SIGHTLINE_API_KEYS; None (authentication
+    off) when neither is set. Raises KeyFileError (or ConfigError, for a bad limit) when they cannot be used."""
     if api_keys_file and api_keys:
         raise KeyFileError("set SIGHTLINE_API_KEYS_FILE or SIGHTLINE_API_KEYS, not both")
     if api_keys_file:
-        return load_key_file(Path(api_keys_file), defaults)
+        return KeyFile(Path(api_keys_file), defaults)
     if api_keys:
         return keys_from_env(api_keys, defaults)
     return None
@@ -190,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     entry = {"id": key_id, "tenant": tenant, "sha256": hash_key(key).hex()}
     print(f"API key for tenant {tenant!r} (shown only now; give it to the client, e.g. as SIGHTLINE_API_KEY):")
     print(f"  {key}")
-    print("Add this entry to the 'keys' list of the key file (SIGHTLINE_API_KEYS_FILE) and restart the gateway:")
+    print("Add this entry to the 'keys' list of the key file (SIGHTLINE_API_KEYS_FILE); the gateway rereads it:")
     print(f"  {json.dumps(entry)}")
     print(f"or, without a key file: SIGHTLINE_API_KEYS={tenant}:{entry['sha256']}")
     return 0

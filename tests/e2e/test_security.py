@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ CHEAP_METHOD = types_pb2.MethodSpec(name="logit_lens")
 class KeyedGateway:
     address: str
     keys: dict[str, str]
+    key_file: Path
     process: GatewayProcess
 
 
@@ -68,7 +70,7 @@ def secured(stack: LocalStack, tmp_path_factory: pytest.TempPathFactory) -> Iter
     )
     env = {"SIGHTLINE_API_KEYS_FILE": str(key_file), "SIGHTLINE_MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES)}
     with GatewayProcess(stack, "secured-gateway", env) as process:
-        yield KeyedGateway(process.address, keys, process)
+        yield KeyedGateway(process.address, keys, key_file, process)
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +151,47 @@ def test_a_wrong_or_malformed_key_is_refused_and_a_good_one_accepted(
     assert "logit_lens" in {info.name for info in methods.methods}
     with Client(secured.address, api_key=secured.keys["acme"], timeout=10) as client:
         assert "logit_lens" in {info.name for info in client.list_methods()}
+
+
+def test_a_key_added_to_or_removed_from_the_file_applies_without_a_restart(
+    secured: KeyedGateway, secured_channel: grpc.Channel
+) -> None:
+    explanations = explanations_pb2_grpc.ExplanationsServiceStub(secured_channel)
+
+    def status_for(key: str) -> grpc.StatusCode:
+        try:
+            metadata = (("authorization", f"Bearer {key}"),)
+            explanations.ListMethods(explanations_pb2.ListMethodsRequest(), metadata=metadata, timeout=10)
+        except grpc.RpcError as error:
+            return error.code()
+        return grpc.StatusCode.OK
+
+    def replace_key_file(text: str) -> None:
+        # As an operator should: write beside it, then rename over it, so no call sees half a file.
+        staged = secured.key_file.with_suffix(".staged")
+        staged.write_text(text)
+        staged.replace(secured.key_file)
+
+    def eventually(key: str, expected: grpc.StatusCode) -> None:
+        deadline = time.monotonic() + 10
+        while (status := status_for(key)) != expected and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert status == expected
+
+    original = secured.key_file.read_text()
+    newcomer = new_key()
+    document = json.loads(original)
+    document["keys"].append({"id": "newcomer-1", "tenant": "newcomer", "sha256": hash_key(newcomer).hex()})
+    assert status_for(newcomer) == grpc.StatusCode.UNAUTHENTICATED
+    try:
+        replace_key_file(json.dumps(document))
+        eventually(newcomer, grpc.StatusCode.OK)
+        replace_key_file(original)  # revoked
+        eventually(newcomer, grpc.StatusCode.UNAUTHENTICATED)
+    finally:
+        replace_key_file(original)
+    assert status_for(secured.keys["acme"]) == grpc.StatusCode.OK
+    assert "reloaded" in secured.process.log()
 
 
 def test_the_open_gateway_warns_and_the_keyed_one_does_not(stack: LocalStack, secured: KeyedGateway) -> None:

@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import io
 import json
+import logging
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,7 +17,7 @@ import pytest
 from server import auth, keys
 from server.auth import INVALID_KEY, MISSING_KEY, NOT_BEARER, Authenticator
 from server.errors import ConfigError, GatewayError
-from server.keys import KeyFileError, configured_key_ring, hash_key, keys_from_env, load_key_file
+from server.keys import KeyFile, KeyFileError, configured_keys, hash_key, keys_from_env, load_key_file
 from server.limits import TenantLimits
 
 DEFAULTS = TenantLimits(requests_per_minute=100, max_tokens=512)
@@ -126,10 +127,10 @@ def test_env_form_holds_tenant_and_sha256_pairs() -> None:
         keys_from_env(f"acme:{ACME_KEY}", DEFAULTS)
 
 
-def test_configured_key_ring_is_none_without_keys_and_refuses_both_forms(tmp_path: Path) -> None:
-    assert configured_key_ring(None, None, DEFAULTS) is None
+def test_configured_keys_are_none_without_keys_and_refuse_both_forms(tmp_path: Path) -> None:
+    assert configured_keys(None, None, DEFAULTS) is None
     with pytest.raises(KeyFileError, match="not both"):
-        configured_key_ring(str(write_json(tmp_path, KEY_FILE)), f"acme:{'ab' * 32}", DEFAULTS)
+        configured_keys(str(write_json(tmp_path, KEY_FILE)), f"acme:{'ab' * 32}", DEFAULTS)
 
 
 def test_mint_prints_a_fresh_key_once_and_the_entry_that_accepts_it(
@@ -215,3 +216,54 @@ def test_without_keys_every_call_is_the_open_tenant() -> None:
     for metadata in ([], [("authorization", "Bearer anything")]):
         tenant = open_auth.authenticate(metadata)
         assert (tenant.name, tenant.limits) == ("default", DEFAULTS)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_changed_key_file_applies_to_the_next_call_and_a_broken_one_keeps_the_keys_in_force(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="server.keys")
+    path = write_json(tmp_path, KEY_FILE)
+    clock = Clock()
+    authenticator = Authenticator(KeyFile(path, DEFAULTS, clock=clock), DEFAULTS, open_tenant="default")
+    acme: list[tuple[str, str | bytes]] = [("authorization", f"Bearer {ACME_KEY}")]
+    initech: list[tuple[str, str | bytes]] = [("authorization", "Bearer sl_initech-key")]
+    assert authenticator.authenticate(acme).name == "acme"
+
+    # acme's key revoked, a key for a new tenant with its own limits: applied at the next look at the file.
+    globex = {"id": "globex-1", "tenant": "globex", "sha256": hash_key(GLOBEX_KEY).hex()}
+    rotated = {
+        "keys": [globex, {"id": "initech-1", "tenant": "initech", "sha256": hash_key("sl_initech-key").hex()}],
+        "tenants": {"initech": {"requests_per_minute": 7}},
+    }
+    path.write_text(json.dumps(rotated))
+    assert authenticator.authenticate(acme).name == "acme"  # within the recheck interval: not looked at yet
+    clock.now += 1.0
+    assert unauthenticated(authenticator, acme) == INVALID_KEY
+    tenant = authenticator.authenticate(initech)
+    assert (tenant.name, tenant.limits.requests_per_minute) == ("initech", 7)
+    assert "reloaded 2 API keys of 2 tenants" in caplog.text
+
+    # An edit that does not load (bad JSON, a bad limit, the file gone) keeps the keys in force, saying why.
+    for broken in ('{"keys": [', json.dumps({**rotated, "tenants": {"initech": {"requests_per_minut": 1}}}), None):
+        caplog.clear()
+        if broken is None:
+            path.unlink()
+        else:
+            path.write_text(broken)
+        clock.now += 1.0
+        assert authenticator.authenticate(initech).name == "initech"
+        assert unauthenticated(authenticator, acme) == INVALID_KEY
+        assert "the API key file changed but cannot be used; the keys loaded before stay in force" in caplog.text
+
+    write_json(tmp_path, KEY_FILE)
+    clock.now += 1.0
+    assert authenticator.authenticate(acme).name == "acme"
+    assert unauthenticated(authenticator, initech) == INVALID_KEY
