@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
 import struct
 from collections.abc import Callable
@@ -10,6 +11,7 @@ from collections.abc import Callable
 import pytest
 import redis
 import torch
+import xxhash
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -53,9 +55,12 @@ def test_codec_layout_is_magic_header_then_little_endian_payload() -> None:
     blob = encode_tensor(torch.tensor([1.0, -2.0], dtype=torch.float32))
 
     magic, header_length = struct.unpack_from("<4sI", blob)
-    assert magic == MAGIC
-    assert blob[8 : 8 + header_length].startswith(b'{"dtype": "float32", "shape": [2], "checksum": ')
-    assert blob[8 + header_length :] == struct.pack("<2f", 1.0, -2.0)
+    assert magic == MAGIC == b"SLT2"
+    payload = struct.pack("<2f", 1.0, -2.0)
+    # The checksum is xxh3-128 of the JSON [dtype, shape], then the payload: what another reader must compute.
+    checksum = xxhash.xxh3_128(b'["float32", [2]]' + payload).hexdigest()
+    assert json.loads(blob[8 : 8 + header_length]) == {"dtype": "float32", "shape": [2], "checksum": checksum}
+    assert blob[8 + header_length :] == payload
 
 
 def test_codec_refuses_unsupported_dtypes() -> None:
