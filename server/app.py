@@ -87,7 +87,7 @@ async def serve(settings: GatewaySettings, *, ready: asyncio.Event | None = None
     credentials = server_credentials(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
     _log_security(settings, authenticator, tls=credentials is not None)
 
-    vllm = VLLMClient(settings.vllm_url)
+    vllm = VLLMClient(settings.vllm_url, silence_timeout=settings.vllm_silence_timeout_seconds)
     redis_client = aioredis.from_url(
         settings.redis_url,
         socket_connect_timeout=1,

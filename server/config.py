@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 
 from server.limits import TenantLimits
+from server.vllm_client import SILENCE_TIMEOUT_SECONDS
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ class GatewaySettings:
     max_queued_explanations: int = 1000
     # On SIGTERM, how long calls in flight may take to finish; under Kubernetes' default 30 s termination grace.
     shutdown_grace_seconds: float = 25.0
+    # How long vLLM may send nothing on a call before it fails UNAVAILABLE (server/vllm_client.py).
+    vllm_silence_timeout_seconds: float = SILENCE_TIMEOUT_SECONDS
 
     @classmethod
     def from_env(cls) -> GatewaySettings:
@@ -66,4 +69,7 @@ class GatewaySettings:
             max_queued_explanations=int(env.get("SIGHTLINE_MAX_QUEUED_EXPLANATIONS", cls.max_queued_explanations)),
             health_interval_seconds=float(env.get("SIGHTLINE_HEALTH_INTERVAL_SECONDS", cls.health_interval_seconds)),
             shutdown_grace_seconds=float(env.get("SIGHTLINE_SHUTDOWN_GRACE_SECONDS", cls.shutdown_grace_seconds)),
+            vllm_silence_timeout_seconds=float(
+                env.get("SIGHTLINE_VLLM_SILENCE_TIMEOUT_SECONDS", cls.vllm_silence_timeout_seconds)
+            ),
         )

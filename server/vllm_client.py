@@ -66,16 +66,23 @@ class CompletionChunk:
 KEEPALIVE_SECONDS = 4.0
 # Connections open at once; a request beyond this many in flight waits for one to come free.
 MAX_CONNECTIONS = 512
+# How long vLLM may send nothing on a call before the gateway gives up on it, whatever the caller's deadline (a
+# caller that sets none would otherwise wait forever on a stuck server). A unary completion sends nothing until it
+# is done, so this bounds the longest generation too: far above any this deployment's max_tokens allows.
+SILENCE_TIMEOUT_SECONDS = 600.0
 
 
 class VLLMClient:
     """Async client for one vLLM server; create it inside the event loop that will use it."""
 
-    def __init__(self, base_url: str, *, connect_timeout: float = 5.0) -> None:
+    def __init__(
+        self, base_url: str, *, connect_timeout: float = 5.0, silence_timeout: float = SILENCE_TIMEOUT_SECONDS
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         parts = urlsplit(self.base_url)
         self._host, self._port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
         self._connect_timeout = connect_timeout
+        self._silence_timeout = silence_timeout
         self._http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS, keepalive_timeout=KEEPALIVE_SECONDS),
             # The connection pool is shared by every call; each call's deadline is its own timeout.
@@ -89,7 +96,13 @@ class VLLMClient:
         await self._http.close()
 
     def _timeout(self, seconds: float | None) -> aiohttp.ClientTimeout:
-        return aiohttp.ClientTimeout(total=seconds, sock_connect=self._connect_timeout)
+        return aiohttp.ClientTimeout(total=seconds, sock_connect=self._connect_timeout, sock_read=self._silence_timeout)
+
+    def _silent(self) -> GatewayError:
+        return unavailable(
+            f"the vLLM backend at {self.base_url} sent nothing for {self._silence_timeout:g} s "
+            "(SIGHTLINE_VLLM_SILENCE_TIMEOUT_SECONDS) and may be stuck or overloaded; retry later"
+        )
 
     async def healthy(self) -> bool:
         try:
@@ -159,6 +172,8 @@ class VLLMClient:
                             summary.input_tokens = chunk.input_tokens
                             summary.output_tokens = chunk.output_tokens
                         yield chunk
+            except aiohttp.SocketTimeoutError as exc:
+                raise self._silent() from exc
             except TimeoutError as exc:
                 raise deadline_exceeded("the vLLM backend did not finish before the call's deadline") from exc
             except aiohttp.ClientError as exc:
@@ -219,6 +234,8 @@ class VLLMClient:
                 method, self.base_url + path, json=json, headers=headers, timeout=self._timeout(timeout)
             ) as response:
                 content = await response.read()
+        except aiohttp.SocketTimeoutError as exc:
+            raise self._silent() from exc
         except TimeoutError as exc:
             raise deadline_exceeded("the vLLM backend did not answer before the call's deadline") from exc
         except aiohttp.ClientError as exc:

@@ -133,3 +133,52 @@ async def test_unreachable_backend_is_unavailable() -> None:
         await stream_chunks(url)
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE
     assert f"the vLLM backend at {url} is unreachable" in caught.value.message
+
+
+SILENCE_S = 0.3
+
+
+async def never_answers(request: web.Request) -> web.StreamResponse:
+    await asyncio.sleep(5 * SILENCE_S)  # then the client has long given up
+    return web.Response(text="too late")
+
+
+async def stalls_after_one_token(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+    await response.write(token_event(1, "A", prompt=[7, 8]))
+    await asyncio.sleep(5 * SILENCE_S)
+    return response
+
+
+@pytest.mark.parametrize("handler", [never_answers, stalls_after_one_token])
+async def test_a_backend_gone_silent_fails_the_call_even_without_a_deadline(
+    vllm_url: Callable[[Handler], Awaitable[str]], handler: Handler
+) -> None:
+    url = await vllm_url(handler)
+    client = VLLMClient(url, silence_timeout=SILENCE_S)
+    received: list[CompletionChunk] = []
+    try:
+        with pytest.raises(GatewayError) as streamed:
+            async for chunk in client.complete_stream("m", [7, 8], SAMPLING, timeout=None):
+                received.append(chunk)
+        with pytest.raises(GatewayError) as unary:
+            await client.complete("m", [7, 8], SAMPLING, timeout=None)
+    finally:
+        await client.aclose()
+    assert [chunk.token_ids for chunk in received] == ([[1]] if handler is stalls_after_one_token else [])
+    for caught in (streamed, unary):
+        assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+        assert f"the vLLM backend at {url} sent nothing for 0.3 s" in caught.value.message
+
+
+async def test_a_caller_deadline_shorter_than_the_silence_limit_is_deadline_exceeded(
+    vllm_url: Callable[[Handler], Awaitable[str]],
+) -> None:
+    client = VLLMClient(await vllm_url(never_answers), silence_timeout=60)
+    try:
+        with pytest.raises(GatewayError) as caught:
+            await client.complete("m", [7, 8], SAMPLING, timeout=SILENCE_S)
+    finally:
+        await client.aclose()
+    assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
