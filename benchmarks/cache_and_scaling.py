@@ -508,6 +508,17 @@ class IdentitySpec:
     seed: int = 0
 
 
+@contextlib.contextmanager
+def _patched(namespace: Any, name: str, value: Any) -> Iterator[None]:
+    """namespace.name = value for the block."""
+    original = getattr(namespace, name)
+    setattr(namespace, name, value)
+    try:
+        yield
+    finally:
+        setattr(namespace, name, original)
+
+
 def run_identity(spec: IdentitySpec, model_dir: Path) -> JsonDict:
     """Each case's attribution matrix unchunked and chunked, compared, with the chunks each call ran. A case whose
     float32 results differ by more than IDENTITY_TOLERANCE is run again with the model in float64, which tells
@@ -516,24 +527,31 @@ def run_identity(spec: IdentitySpec, model_dir: Path) -> JsonDict:
     import torch
 
     from explainers.engine import explain
+    from explainers.methods import gradients
     from explainers.model import LoadedModel, load_model
 
     torch.set_num_threads(spec.threads)
     models = {torch.float32: load_model(model_dir)}
     prompt_ids, output_ids = forced_ids(models[torch.float32].vocab_size, spec.prompt, spec.generated, spec.seed)
 
-    def attributions(loaded: LoadedModel, method: str, params: dict[str, Any]) -> tuple[Any, int]:
-        """The attribution matrix (as sent: float32) and how many chunks the call ran."""
+    def attributions(loaded: LoadedModel, method: str, params: dict[str, Any], whole: bool) -> tuple[Any, int]:
+        """The attribution matrix (as sent: float32) and how many chunks the call ran; whole: every group of
+        targets in one chunk (a chunk otherwise closes at CHUNK_ROWS rows, so 16 targets of a 64-token prompt
+        would run as 4 chunks even with target_batch_size 16)."""
         record = LoopRecord()
-        with observed_loops(loaded, record, None, 0):
+        rows_per_chunk = sys.maxsize if whole else gradients.CHUNK_ROWS
+        with observed_loops(loaded, record, None, 0), _patched(gradients, "CHUNK_ROWS", rows_per_chunk):
             result = explain(loaded, None, prompt_ids, output_ids, [(method, params)], None).results[0]
         packed = result.attributions
         return np.frombuffer(packed.data, dtype="<f4").reshape(tuple(packed.shape)), len(record.shapes)
 
+    def pair(loaded: LoadedModel, method: str, unchunked: dict[str, Any], chunked: dict[str, Any]) -> list[Any]:
+        return [attributions(loaded, method, unchunked, whole=True), attributions(loaded, method, chunked, whole=False)]
+
     rows = []
     for method, unchunked, chunked in spec.cases:
-        (reference, reference_chunks), (candidate, candidate_chunks) = (
-            attributions(models[torch.float32], method, params) for params in (unchunked, chunked)
+        (reference, reference_chunks), (candidate, candidate_chunks) = pair(
+            models[torch.float32], method, unchunked, chunked
         )
         scale = float(np.abs(reference).max())
         row: JsonDict = {
@@ -552,9 +570,7 @@ def run_identity(spec: IdentitySpec, model_dir: Path) -> JsonDict:
         if row["max_abs_diff"] > IDENTITY_TOLERANCE * scale:
             if torch.float64 not in models:
                 models[torch.float64] = load_model(model_dir, dtype=torch.float64)
-            reference64, candidate64 = (
-                attributions(models[torch.float64], method, params)[0] for params in (unchunked, chunked)
-            )
+            (reference64, _), (candidate64, _) = pair(models[torch.float64], method, unchunked, chunked)
             scale64 = float(np.abs(reference64).max())
             row["float64_relative_diff"] = float(np.abs(reference64 - candidate64).max()) / scale64
             row["float32_relative_error"] = float(np.abs(reference - reference64).max()) / scale64
