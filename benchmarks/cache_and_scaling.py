@@ -92,6 +92,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import bench_util
 from bench_util import JsonDict, fmt, markdown_table, verdict
@@ -508,17 +509,6 @@ class IdentitySpec:
     seed: int = 0
 
 
-@contextlib.contextmanager
-def _patched(namespace: Any, name: str, value: Any) -> Iterator[None]:
-    """namespace.name = value for the block."""
-    original = getattr(namespace, name)
-    setattr(namespace, name, value)
-    try:
-        yield
-    finally:
-        setattr(namespace, name, original)
-
-
 def run_identity(spec: IdentitySpec, model_dir: Path) -> JsonDict:
     """Each case's attribution matrix unchunked and chunked, compared, with the chunks each call ran. A case whose
     float32 results differ by more than IDENTITY_TOLERANCE is run again with the model in float64, which tells
@@ -540,7 +530,7 @@ def run_identity(spec: IdentitySpec, model_dir: Path) -> JsonDict:
         would run as 4 chunks even with target_batch_size 16)."""
         record = LoopRecord()
         rows_per_chunk = sys.maxsize if whole else gradients.CHUNK_ROWS
-        with observed_loops(loaded, record, None, 0), _patched(gradients, "CHUNK_ROWS", rows_per_chunk):
+        with observed_loops(loaded, record, None, 0), mock.patch.object(gradients, "CHUNK_ROWS", rows_per_chunk):
             result = explain(loaded, None, prompt_ids, output_ids, [(method, params)], None).results[0]
         packed = result.attributions
         return np.frombuffer(packed.data, dtype="<f4").reshape(tuple(packed.shape)), len(record.shapes)

@@ -55,6 +55,13 @@ class GracefulShutdown:
         os._exit(0)
 
 
+def env_option(
+    parser: argparse.ArgumentParser, flag: str, env: str, kind: type[int | float], default: int | float, help: str
+) -> None:
+    """A numeric option whose default comes from the environment variable env, if set."""
+    parser.add_argument(flag, type=kind, default=kind(os.environ.get(env, default)), help=f"{help} ({env})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m explainers", description=__doc__)
     parser.add_argument(
@@ -69,30 +76,32 @@ def main() -> None:
     parser.add_argument(
         "--consumer", default=f"{socket.gethostname()}-{os.getpid()}", help="consumer name in the Redis group"
     )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=int(os.environ.get("SIGHTLINE_EXPLAINER_THREADS", "1")),
-        help="torch intra-op threads (SIGHTLINE_EXPLAINER_THREADS)",
-    )
-    parser.add_argument(
-        "--cache-ttl", type=int, default=int(os.environ.get("SIGHTLINE_HIDDEN_CACHE_TTL", "3600")), help="seconds"
-    )
-    parser.add_argument(
+    env_option(parser, "--threads", "SIGHTLINE_EXPLAINER_THREADS", int, 1, "torch intra-op threads")
+    env_option(parser, "--cache-ttl", "SIGHTLINE_HIDDEN_CACHE_TTL", int, 3600, "seconds hidden states stay cached")
+    env_option(
+        parser,
         "--job-retention-seconds",
-        type=int,
-        default=int(os.environ.get("SIGHTLINE_JOB_RETENTION_SECONDS", "3600")),
-        help="how long an acknowledged job stays in the job stream before workers delete it "
-        "(SIGHTLINE_JOB_RETENTION_SECONDS)",
+        "SIGHTLINE_JOB_RETENTION_SECONDS",
+        int,
+        3600,
+        "how long an acknowledged job stays in the job stream before workers delete it",
     )
-    parser.add_argument("--max-attempts", type=int, default=int(os.environ.get("SIGHTLINE_MAX_ATTEMPTS", "3")))
-    parser.add_argument("--claim-idle-ms", type=int, default=int(os.environ.get("SIGHTLINE_CLAIM_IDLE_MS", "60000")))
-    parser.add_argument(
+    env_option(parser, "--max-attempts", "SIGHTLINE_MAX_ATTEMPTS", int, 3, "tries of a job before it fails")
+    env_option(
+        parser,
+        "--claim-idle-ms",
+        "SIGHTLINE_CLAIM_IDLE_MS",
+        int,
+        60000,
+        "how long a job may sit unrenewed in a worker's hands before another worker claims it",
+    )
+    env_option(
+        parser,
         "--shutdown-grace-seconds",
-        type=float,
-        default=float(os.environ.get("SIGHTLINE_WORKER_SHUTDOWN_GRACE_SECONDS", "25")),
-        help="on SIGTERM, how long the job in hand may take to finish before it is handed back to other "
-        "workers (SIGHTLINE_WORKER_SHUTDOWN_GRACE_SECONDS)",
+        "SIGHTLINE_WORKER_SHUTDOWN_GRACE_SECONDS",
+        float,
+        25.0,
+        "on SIGTERM, how long the job in hand may take to finish before it is handed back to other workers",
     )
     args = parser.parse_args()
 
