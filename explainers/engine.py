@@ -82,6 +82,7 @@ def explain(
         targets=targets,
         hidden_states=states.hidden_states,
         embedding_recording=states.embedding_recording,
+        derived=None if cache is None else cache.derived(loaded.weights_digest, sequence),
     )
     # Only ctx holds the recording from here on: it is freed once no method still to run reuses it.
     step_scores, recomputed_logprobs, cache_hit = states.step_scores, states.recomputed_logprobs, states.cache_hit
@@ -237,7 +238,9 @@ def _hidden_states(
     expected_shape = (loaded.num_layers + 1, len(sequence), loaded.hidden_size)
     generated = len(sequence) - prompt_length
     scored = torch.isin(torch.arange(prompt_length, len(sequence)), targets.positions)
+    readout_name = f"readout:{prompt_length}"
     if cache is not None:
+        derived = cache.derived(loaded.weights_digest, sequence)
         with tracer.start_as_current_span("cache lookup") as span:
             cached = cache.get(loaded.weights_digest, sequence)
             if cached is not None and tuple(cached.shape) != expected_shape:
@@ -245,7 +248,7 @@ def _hidden_states(
                 cached = None
             span.set_attribute("sightline.cache.hit", cached is not None)
         if cached is not None:
-            stored_readout = cache.get_readout(loaded.weights_digest, sequence, prompt_length)
+            stored_readout = derived.get(readout_name)
             readout = None if stored_readout is None else Readout.from_tensors(stored_readout, generated)
             if readout is None or readout.top_k < top_k:
                 last_layer = cache.get_last_layer(loaded.weights_digest, sequence)
@@ -253,7 +256,7 @@ def _hidden_states(
                     # Stored apart, it can expire first: the bfloat16 last layer then serves.
                     last_layer = cached[-1]
                 readout = _read_out(loaded, last_layer, token_ids, prompt_length, top_k)
-                cache.put_readout(loaded.weights_digest, sequence, prompt_length, readout.tensors())
+                derived.put(readout_name, readout.tensors())
             return _States(cached.to(loaded.dtype), True, readout.step_scores(scored, top_k), readout.logprobs, None)
 
     with tracer.start_as_current_span("forward"):
@@ -264,7 +267,7 @@ def _hidden_states(
         readout = _read_out(loaded, last_layer, token_ids, prompt_length, top_k)
     if cache is not None and cache.put(loaded.weights_digest, sequence, stored):
         cache.put_last_layer(loaded.weights_digest, sequence, last_layer)
-        cache.put_readout(loaded.weights_digest, sequence, prompt_length, readout.tensors())
+        cache.derived(loaded.weights_digest, sequence).put(readout_name, readout.tensors())
     step_scores = readout.step_scores(scored, top_k)
     return _States(stored.to(loaded.dtype), False, step_scores, readout.logprobs, forward.recorded)
 

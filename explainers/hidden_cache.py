@@ -3,8 +3,10 @@
 Layout of a cached tensor: [num_layers + 1, num_tokens, hidden]; index 0 is the embedding output and index l the
 output of decoder layer l, all BEFORE the final norm (see `explainers.model.forward_with_hidden_states`), in
 bfloat16. Beside it, under the same key + ":last", the last layer [num_tokens, hidden] in float32, and under the
-same key + ":readout:{prompt length}" a hash of named tensors: what that last layer read out for one
-prompt/output split (`explainers.step_scores.Readout`).
+same key + ":" + a name, hashes of named tensors derived from the states (`DerivedTensors`): under
+":readout:{prompt length}" what that last layer read out for one prompt/output split
+(`explainers.step_scores.Readout`), under ":logit_lens" what every layer read out at some positions
+(`explainers.methods.logit_lens`).
 
 Entry format: MAGIC | header length (uint32 LE) | JSON header {dtype, shape, checksum (xxh3-128)} | raw little-endian
 payload.
@@ -15,9 +17,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import struct
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from dataclasses import dataclass, fields
+from typing import Any, Self, TypeVar
 
 import numpy as np
 import torch
@@ -58,6 +62,9 @@ _DTYPES_BY_NAME = {name: dtype for dtype, (name, _) in _CODEC_DTYPES.items()}
 Decoded = TypeVar("Decoded")
 
 REDIS_UNREACHABLE = (RedisConnectionError, RedisTimeoutError)
+
+# A derived entry's name: "readout:{prompt length}", "logit_lens".
+_DERIVED_NAME = re.compile(r"[a-z_]{1,32}(:[0-9]{1,9})?")
 
 # Redis refuses string values above proto-max-bulk-len (512 MiB by default).
 MAX_ENTRY_BYTES = 512 * 1024 * 1024
@@ -193,29 +200,32 @@ class HiddenStateCache:
     def _last_layer_key(self, weights_digest: str, token_ids: Sequence[int]) -> str:
         return f"{self.key(self._tenant, weights_digest, token_ids)}:last"
 
-    def get_readout(
-        self, weights_digest: str, token_ids: Sequence[int], prompt_length: int
-    ) -> dict[str, torch.Tensor] | None:
-        """The named tensors put_readout stored for this split, or None. A corrupt one deletes the entry (a miss)."""
-        return self._read(self._readout_key(weights_digest, token_ids, prompt_length), self._redis.hgetall, _tensors)
+    def derived(self, weights_digest: str, token_ids: Sequence[int]) -> DerivedTensors:
+        """The entries derived from one sequence's states (what a readout of them gave), by name."""
+        return DerivedTensors(self, weights_digest, token_ids)
 
-    def put_readout(
-        self, weights_digest: str, token_ids: Sequence[int], prompt_length: int, tensors: Mapping[str, torch.Tensor]
+    def get_derived(self, weights_digest: str, token_ids: Sequence[int], name: str) -> dict[str, torch.Tensor] | None:
+        """The named tensors put_derived stored under name, or None. A corrupt one deletes the entry (a miss)."""
+        return self._read(self._derived_key(weights_digest, token_ids, name), self._redis.hgetall, _tensors)
+
+    def put_derived(
+        self, weights_digest: str, token_ids: Sequence[int], name: str, tensors: Mapping[str, torch.Tensor]
     ) -> None:
-        """Keep what the last layer read out for the split at prompt_length, so that a hit on the same split needs
-        no readout (the unembedding of every generated token) at all. Replaces all of an earlier entry's tensors."""
-        key = self._readout_key(weights_digest, token_ids, prompt_length)
+        """Keep named tensors derived from the states under name, replacing all of an earlier entry's tensors."""
+        key = self._derived_key(weights_digest, token_ids, name)
         transaction = self._redis.pipeline(transaction=True)
         transaction.delete(key)
-        transaction.hset(key, mapping={name: encode_tensor(tensor) for name, tensor in tensors.items()})
+        transaction.hset(key, mapping={field: encode_tensor(tensor) for field, tensor in tensors.items()})
         transaction.expire(key, self._ttl_seconds)
         try:
             transaction.execute()
         except REDIS_UNREACHABLE as error:
             logger.warning("hidden-state cache unreachable, not caching: %s", error)
 
-    def _readout_key(self, weights_digest: str, token_ids: Sequence[int], prompt_length: int) -> str:
-        return f"{self.key(self._tenant, weights_digest, token_ids)}:readout:{prompt_length}"
+    def _derived_key(self, weights_digest: str, token_ids: Sequence[int], name: str) -> str:
+        if not _DERIVED_NAME.fullmatch(name):
+            raise ValueError(f"not a derived entry name: {name!r}")
+        return f"{self.key(self._tenant, weights_digest, token_ids)}:{name}"
 
     def _get(self, key: str) -> torch.Tensor | None:
         return self._read(key, self._redis.get, lambda blob: decode_tensor(_blob(blob)))
@@ -252,3 +262,36 @@ class HiddenStateCache:
             logger.warning("hidden-state cache unreachable, not caching: %s", error)
             return False
         return True
+
+
+@dataclass(frozen=True)
+class DerivedTensors:
+    """What was read out of one sequence's states, kept beside them as hashes of named tensors, so that a hit needs
+    no readout again. An entry is computed from the sequence's states alone, so it serves whether the states
+    themselves were a hit or a miss."""
+
+    cache: HiddenStateCache
+    weights_digest: str
+    token_ids: Sequence[int]
+
+    def get(self, name: str) -> dict[str, torch.Tensor] | None:
+        return self.cache.get_derived(self.weights_digest, self.token_ids, name)
+
+    def put(self, name: str, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Replaces all of an earlier entry's tensors."""
+        self.cache.put_derived(self.weights_digest, self.token_ids, name, tensors)
+
+
+class DerivedEntry:
+    """A frozen dataclass of tensors that a DerivedTensors entry keeps, one hash field per dataclass field."""
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {field.name: getattr(self, field.name) for field in fields(self)}  # type: ignore[arg-type]
+
+    @classmethod
+    def with_fields(cls, tensors: Mapping[str, torch.Tensor]) -> Self | None:
+        """The instance `tensors()` gave, if these are exactly its fields (shapes unchecked); else None."""
+        names = [field.name for field in fields(cls)]  # type: ignore[arg-type]
+        if set(tensors) != set(names):
+            return None
+        return cls(**{name: tensors[name] for name in names})

@@ -9,12 +9,13 @@ from dataclasses import dataclass, fields
 import torch
 from sightline.v1 import types_pb2
 
+from explainers.hidden_cache import DerivedEntry
 from explainers.methods.base import tensor_proto
 from explainers.model import READOUT_ROWS, LoadedModel, readout_log_probs
 
 
 @dataclass(frozen=True)
-class Readout:
+class Readout(DerivedEntry):
     """The last layer read out at every generated token: its log-probability (also the fidelity check's), the
     entropy of its next-token distribution, its rank and the top-k alternatives. A request's step scores are a
     selection of it, so the hidden-state cache keeps it beside the states for a hit on the same split."""
@@ -45,16 +46,12 @@ class Readout:
             top_logprobs=tensor_proto(self.top_logprobs[scored, :top_k]),
         )
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {field.name: getattr(self, field.name) for field in fields(self)}
-
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, torch.Tensor], generated: int) -> Readout | None:
         """The readout `tensors()` gave, if these are its fields with the shapes of `generated` tokens; else None."""
-        names = [field.name for field in fields(cls)]
-        if set(tensors) != set(names):
+        readout = cls.with_fields(tensors)
+        if readout is None:
             return None
-        readout = cls(**{name: tensors[name] for name in names})
         vectors = (readout.logprobs, readout.entropies, readout.ranks)
         tops = (readout.top_ids, readout.top_logprobs)
         if any(v.shape != (generated,) for v in vectors) or any(t.dim() != 2 or len(t) != generated for t in tops):

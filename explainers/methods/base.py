@@ -13,6 +13,7 @@ import torch
 from sightline.v1 import explanations_pb2, types_pb2
 
 from explainers.backprop import RecordedLayers
+from explainers.hidden_cache import DerivedTensors
 from explainers.model import LoadedModel
 from explainers.targets import Targets
 
@@ -151,6 +152,9 @@ class AttributionContext:
     # The engine's forward pass over the input embeddings, recorded for the backward pass (explainers.backprop), on
     # a cache miss while a method still to run reuses it (reuses_embedding_recording); None otherwise.
     embedding_recording: RecordedLayers | None = None
+    # Where a method may keep what it read out of hidden_states for the next request on this sequence (the
+    # hidden-state cache's derived entries); None without a cache.
+    derived: DerivedTensors | None = None
 
 
 class AttributionMethod(ABC, Generic[ParamsT]):

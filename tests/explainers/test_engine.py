@@ -17,9 +17,9 @@ from common.jobs import ExplainOptions
 from explainers import backprop, engine, step_scores
 from explainers.backprop import RecordedLayers
 from explainers.engine import InvalidInputError, explain
-from explainers.hidden_cache import HiddenStateCache
-from explainers.methods import gradients
-from explainers.methods.base import InvalidParamsError
+from explainers.hidden_cache import HiddenStateCache, encode_tensor
+from explainers.methods import gradients, logit_lens
+from explainers.methods.base import AttributionContext, InvalidParamsError
 from explainers.methods.registry import UnknownMethodError
 from explainers.model import LoadedModel
 from explainers.step_scores import Readout
@@ -211,6 +211,61 @@ def test_a_hit_on_the_same_split_reuses_the_kept_readout(
     assert (more.step_scores, more.fidelity) == (uncached_more.step_scores, uncached_more.fidelity)
     assert run(cache, 4).step_scores == more.step_scores
     assert readouts == [3, 3, 4, 4]
+
+
+def test_a_hit_reuses_the_kept_logit_lens(
+    tiny_model_float32: LoadedModel, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch, read_tensor: ReadTensor
+) -> None:
+    """The lens read out for some tokens is kept beside the states: a request for any of them with at most as many
+    alternatives reads nothing out and returns what a fresh readout returns; any other reads out again and its
+    lens replaces the kept one."""
+    readouts: list[tuple[list[int], int]] = []
+    read_out_layers = logit_lens._read_out_layers
+
+    def counted(ctx: AttributionContext, k: int) -> logit_lens.LayerReadout:
+        readouts.append((ctx.targets.positions.tolist(), k))
+        return read_out_layers(ctx, k)
+
+    monkeypatch.setattr(logit_lens, "_read_out_layers", counted)
+    cache = HiddenStateCache(redis_client, ttl_seconds=600, tenant=TENANT)
+
+    def run(cache: HiddenStateCache | None, k: int, output_indices: list[int] | None = None) -> types_pb2.MethodResult:
+        options = ExplainOptions(output_indices=output_indices or [])
+        methods: list[tuple[str, dict[str, object]]] = [("logit_lens", {"k": k})]
+        result = explain(tiny_model_float32, cache, PROMPT_IDS, OUTPUT_IDS, methods, None, options).results[0]
+        result.ClearField("seconds")
+        return result
+
+    everything = [len(PROMPT_IDS) + index for index in range(len(OUTPUT_IDS))]
+    some = [len(PROMPT_IDS) + index for index in (1, 4, 7)]
+    uncached = {"some": run(None, 3, [1, 4, 7]), "fewer": run(None, 2, [1, 4, 7])}
+    uncached |= {"all": run(None, 3), "more": run(None, 4)}
+    readouts.clear()
+
+    assert run(cache, 3, [1, 4, 7]) == uncached["some"]
+    assert run(cache, 3) == uncached["all"]  # tokens the kept lens does not hold: read out, kept instead
+    assert readouts == [(some, 3), (everything, 3)]
+
+    assert run(cache, 3) == uncached["all"]  # bit-identical
+    hit_fewer = run(cache, 2, [1, 4, 7])
+    assert readouts == [(some, 3), (everything, 3)]
+    # Rows read out among more rows round like rows read out among fewer, to float32 rounding; the same ids.
+    for name in ("top_logprobs", "target_logprobs"):
+        np.testing.assert_allclose(
+            read_tensor(hit_fewer.extras[name]), read_tensor(uncached["fewer"].extras[name]), rtol=0, atol=1e-6
+        )
+    assert hit_fewer.extras["top_token_ids"] == uncached["fewer"].extras["top_token_ids"]
+
+    assert run(cache, 4) == uncached["more"]  # more alternatives: read out again, kept instead
+    assert run(cache, 4) == uncached["more"]
+    assert readouts == [(some, 3), (everything, 3), (everything, 4)]
+
+    # A kept lens that does not fit this sequence and model is not used, and is replaced.
+    key = HiddenStateCache.key(TENANT, tiny_model_float32.weights_digest, PROMPT_IDS + OUTPUT_IDS)
+    redis_client.hset(key + ":logit_lens", "positions", encode_tensor(torch.tensor([1, 2])))
+    assert run(cache, 4) == uncached["more"]
+    assert run(cache, 4) == uncached["more"]
+    assert readouts == [(some, 3), (everything, 3), (everything, 4), (everything, 4)]
 
 
 def test_the_miss_forward_pass_serves_the_embedding_gradient_methods(

@@ -128,34 +128,46 @@ def test_one_tenants_entries_are_invisible_to_another(redis_client: redis.Redis)
 READOUT = {"logprobs": torch.tensor([-0.5, -2.25], dtype=torch.float64), "ranks": torch.tensor([1, 7])}
 
 
-def test_a_readout_is_kept_per_split_with_a_ttl_and_replaced_whole(redis_client: redis.Redis) -> None:
+def test_a_derived_entry_is_kept_by_name_with_a_ttl_and_replaced_whole(redis_client: redis.Redis) -> None:
     cache = HiddenStateCache(redis_client, ttl_seconds=600, tenant=TENANT)
     other = HiddenStateCache(redis_client, ttl_seconds=600, tenant="globex")
+    derived = cache.derived(DIGEST, TOKEN_IDS)
 
-    assert cache.get_readout(DIGEST, TOKEN_IDS, 2) is None
-    cache.put_readout(DIGEST, TOKEN_IDS, 2, READOUT)
-    stored = cache.get_readout(DIGEST, TOKEN_IDS, 2)
+    assert derived.get("readout:2") is None
+    derived.put("readout:2", READOUT)
+    stored = cache.get_derived(DIGEST, TOKEN_IDS, "readout:2")
 
     assert stored is not None and stored.keys() == READOUT.keys()
     for name, tensor in READOUT.items():
         assert stored[name].dtype == tensor.dtype and torch.equal(stored[name], tensor)
     key = HiddenStateCache.key(TENANT, DIGEST, TOKEN_IDS) + ":readout:2"
     assert 0 < redis_client.ttl(key) <= 600
-    assert cache.get_readout(DIGEST, TOKEN_IDS, 1) is None  # another split
-    assert other.get_readout(DIGEST, TOKEN_IDS, 2) is None  # another tenant
+    assert derived.get("readout:1") is None  # another split
+    assert derived.get("logit_lens") is None  # another name
+    assert cache.derived(DIGEST, TOKEN_IDS[:-1]).get("readout:2") is None  # another sequence
+    assert other.derived(DIGEST, TOKEN_IDS).get("readout:2") is None  # another tenant
 
-    # A later readout replaces every tensor of the earlier one, not only those it shares names with.
-    cache.put_readout(DIGEST, TOKEN_IDS, 2, {"ranks": torch.tensor([2, 3])})
-    assert list(cache.get_readout(DIGEST, TOKEN_IDS, 2) or {}) == ["ranks"]
+    # A later entry replaces every tensor of the earlier one, not only those it shares names with.
+    derived.put("readout:2", {"ranks": torch.tensor([2, 3])})
+    assert list(derived.get("readout:2") or {}) == ["ranks"]
 
 
-def test_a_corrupt_readout_is_a_miss_and_is_deleted(redis_client: redis.Redis) -> None:
-    cache = HiddenStateCache(redis_client, ttl_seconds=600, tenant=TENANT)
-    cache.put_readout(DIGEST, TOKEN_IDS, 2, READOUT)
+@pytest.mark.parametrize("name", ["", "readout:", "Readout", "a:b:1", "lens*", "x" * 33, "readout:1234567890"])
+def test_a_derived_entry_name_that_could_break_a_key_apart_is_refused(redis_client: redis.Redis, name: str) -> None:
+    derived = HiddenStateCache(redis_client, ttl_seconds=600, tenant=TENANT).derived(DIGEST, TOKEN_IDS)
+    with pytest.raises(ValueError, match="not a derived entry name"):
+        derived.put(name, READOUT)
+    with pytest.raises(ValueError, match="not a derived entry name"):
+        derived.get(name)
+
+
+def test_a_corrupt_derived_entry_is_a_miss_and_is_deleted(redis_client: redis.Redis) -> None:
+    derived = HiddenStateCache(redis_client, ttl_seconds=600, tenant=TENANT).derived(DIGEST, TOKEN_IDS)
+    derived.put("readout:2", READOUT)
     key = HiddenStateCache.key(TENANT, DIGEST, TOKEN_IDS) + ":readout:2"
     redis_client.hset(key, "ranks", encode_tensor(READOUT["ranks"])[:-1])
 
-    assert cache.get_readout(DIGEST, TOKEN_IDS, 2) is None
+    assert derived.get("readout:2") is None
     assert redis_client.exists(key) == 0
 
 
@@ -187,5 +199,5 @@ def test_an_unreachable_redis_is_a_miss_and_a_skipped_write() -> None:
     assert cache.put(DIGEST, TOKEN_IDS, hidden_states()) is False
     cache.put_last_layer(DIGEST, TOKEN_IDS, torch.zeros(3, 4))
     assert cache.get_last_layer(DIGEST, TOKEN_IDS) is None
-    cache.put_readout(DIGEST, TOKEN_IDS, 2, READOUT)
-    assert cache.get_readout(DIGEST, TOKEN_IDS, 2) is None
+    cache.derived(DIGEST, TOKEN_IDS).put("readout:2", READOUT)
+    assert cache.derived(DIGEST, TOKEN_IDS).get("readout:2") is None

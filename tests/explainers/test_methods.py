@@ -16,7 +16,7 @@ from explainers.hidden_cache import STORAGE_DTYPE
 from explainers.methods.base import AttributionContext, InvalidParamsError
 from explainers.methods.gradients import EmbeddingGradientParams
 from explainers.methods.input_x_gradient import InputXGradient
-from explainers.methods.logit_lens import LogitLens, LogitLensParams
+from explainers.methods.logit_lens import LayerReadout, LogitLens, LogitLensParams
 from explainers.methods.registry import UnknownMethodError, all_methods, get_method, method_infos, register
 from explainers.model import LoadedModel
 from tests.explainers.conftest import REGISTERED_METHODS
@@ -172,6 +172,52 @@ def test_logit_lens_last_layer_is_the_model_prediction(
     expected = model_logprobs.gather(-1, ctx.token_ids[ctx.targets.positions, None])[:, 0]
     np.testing.assert_allclose(target_logprobs[-1], expected.numpy(), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(top_logprobs[-1], model_logprobs.topk(4).values.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def lens_readout(positions: list[int], layers: int = 3, k: int = 4) -> LayerReadout:
+    n = len(positions)
+    return LayerReadout(
+        positions=torch.tensor(positions),
+        target_logprobs=-torch.rand(layers, n),
+        top_ids=torch.randint(0, 64, (layers, n, k)),
+        top_logprobs=-torch.rand(layers, n, k).sort(dim=-1).values,
+    )
+
+
+def test_a_layer_readout_serves_any_of_its_positions_with_at_most_its_k() -> None:
+    lens = lens_readout([3, 4, 6, 9])
+
+    some = lens.select(torch.tensor([4, 9]), 2)
+
+    assert some is not None
+    assert torch.equal(some.positions, torch.tensor([4, 9]))
+    assert torch.equal(some.target_logprobs, lens.target_logprobs[:, [1, 3]])
+    assert torch.equal(some.top_ids, lens.top_ids[:, [1, 3], :2])
+    assert torch.equal(some.top_logprobs, lens.top_logprobs[:, [1, 3], :2])
+    assert lens.select(torch.tensor([4, 5]), 2) is None  # 5 was not read out
+    assert lens.select(torch.tensor([10]), 2) is None  # past the last one
+    assert lens.select(torch.tensor([3]), 5) is None  # more alternatives than kept
+    assert lens_readout([]).select(torch.tensor([3]), 1) is None
+
+
+def test_a_layer_readout_round_trips_and_refuses_inconsistent_tensors() -> None:
+    lens = lens_readout([3, 4, 6])
+    restored = LayerReadout.from_tensors(lens.tensors(), layers=3)
+    assert restored is not None
+    assert all(torch.equal(restored.tensors()[name], tensor) for name, tensor in lens.tensors().items())
+
+    def broken(**changes: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {**lens.tensors(), **changes}
+
+    assert LayerReadout.from_tensors(lens.tensors(), layers=4) is None
+    assert LayerReadout.from_tensors({**lens.tensors(), "extra": torch.zeros(1)}, layers=3) is None
+    assert LayerReadout.from_tensors(broken(positions=torch.tensor([3, 6, 4])), layers=3) is None
+    assert LayerReadout.from_tensors(broken(positions=torch.tensor([3, 4])), layers=3) is None
+    assert LayerReadout.from_tensors(broken(top_logprobs=lens.top_logprobs[..., :2]), layers=3) is None
+    assert LayerReadout.from_tensors(broken(top_ids=lens.top_ids[0]), layers=3) is None
+    assert LayerReadout.from_tensors(broken(positions=lens.positions.int()), layers=3) is None
+    assert LayerReadout.from_tensors(broken(positions=torch.tensor(3)), layers=3) is None
+    assert LayerReadout.from_tensors(broken(top_logprobs=lens.top_logprobs.double()), layers=3) is None
 
 
 def test_logit_lens_from_cached_bfloat16_states_stays_close_to_float32(
