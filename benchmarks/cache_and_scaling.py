@@ -18,7 +18,8 @@ that such a burst does not make it skip.
 
 Sections:
 
-- **peak**: torch.matmul of 2048x2048 float32 at 1 and 2 threads, GFLOP/s (2 * 2048**3 per product).
+- **peak**: torch.matmul of 2048x2048 float32 at 1 and 2 threads, GFLOP/s (2 * 2048**3 per product); and of 512x512
+  bfloat16, what a reduced-precision path would run at on this CPU.
 - **cache**: with a HiddenStateCache on a redis-server started here (free port, no persistence), one subprocess
   explains the same sequence cold (database flushed first: one forward pass that fills the cache) and warm (hit),
   alternating, per method; ratio = median cold / median warm. Target: >= 5x. A third call per round hits the states
@@ -358,14 +359,14 @@ def maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def matmul_gflops(threads: int, size: int = 2048, seconds: float = 1.5) -> float:
-    """Best-of GFLOP/s of float32 size x size matmuls with `threads` torch threads."""
+def matmul_gflops(threads: int, size: int = 2048, seconds: float = 1.5, dtype: str = "float32") -> float:
+    """Best-of GFLOP/s of size x size matmuls of `dtype` with `threads` torch threads."""
     import torch
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        a, b = torch.randn(size, size), torch.randn(size, size)
+        a, b = (torch.randn(size, size, dtype=getattr(torch, dtype)) for _ in range(2))
         for _ in range(2):
             torch.matmul(a, b)
         best = math.inf
@@ -1019,10 +1020,16 @@ def render_markdown(result: JsonDict) -> str:
     out: list[str] = []
     env = result["environment"]
     peak = result.get("peak_gflops", {})
+    bfloat16_peak = result.get("peak_gflops_bfloat16_512", {})
     out.append(
         f"{env['cpus']} CPUs ({env['cpu']}), torch threads {result['threads']}, prompt {result['prompt_tokens']} "
         f"forced random token ids + G generated (forced random ids). Matmul peak (2048² float32): "
         f"{fmt(peak.get('1'), 1)} GFLOP/s at 1 thread, {fmt(peak.get('2'), 1)} GFLOP/s at 2 threads"
+        + (
+            f"; bfloat16 (512²): {fmt(bfloat16_peak.get('1'), 1)} and {fmt(bfloat16_peak.get('2'), 1)} GFLOP/s"
+            if bfloat16_peak
+            else ""
+        )
         + (". **Smoke run: sizes are tiny, numbers mean nothing.**" if result.get("smoke") else ".")
     )
     cache = result.get("cache")
@@ -1227,6 +1234,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = time.monotonic()
     settings.peak_gflops = {threads: matmul_gflops(threads) for threads in (1, 2)}
     say(f"matmul peak: {settings.peak_gflops[1]:.1f} GFLOP/s (1 thread), {settings.peak_gflops[2]:.1f} (2 threads)")
+    # What a reduced-precision path would have to work with here: bfloat16 products run fast only on CPUs with
+    # AVX512-BF16 or AMX; elsewhere they convert and can be many times slower than float32 (smaller, so that a slow
+    # one still takes a second).
+    bfloat16_peak = {threads: matmul_gflops(threads, 512, 1.0, "bfloat16") for threads in (1, 2)}
     result: JsonDict = {
         "benchmark": "cache_and_scaling",
         "command": bench_util.command_line("cache_and_scaling.py", args_list),
@@ -1238,6 +1249,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "point_budget_s": args.point_budget_s,
         "model": {"dir": str(model_dir), **asdict(settings.shape), "layer_params": settings.shape.layer_params},
         "peak_gflops": {str(k): v for k, v in settings.peak_gflops.items()},
+        "peak_gflops_bfloat16_512": {str(k): v for k, v in bfloat16_peak.items()},
         "targets": {},
     }
     sections: dict[str, Callable[[Settings], JsonDict]] = {
