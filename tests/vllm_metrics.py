@@ -16,6 +16,10 @@ def requests_running(vllm_url: str) -> float:
     return _samples(vllm_url, "vllm:num_requests_running")
 
 
+def requests_waiting(vllm_url: str) -> float:
+    return _samples(vllm_url, "vllm:num_requests_waiting")
+
+
 def generated_tokens(vllm_url: str) -> float:
     """Tokens vLLM has generated since it started, over all requests."""
     return _samples(vllm_url, "vllm:generation_tokens_total")

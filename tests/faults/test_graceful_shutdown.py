@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -22,7 +22,7 @@ from tests.faults.cluster import (
     explain_request,
     wait_until,
 )
-from tests.vllm_metrics import generated_tokens, requests_running
+from tests.vllm_metrics import generated_tokens, requests_running, requests_waiting
 
 pytestmark = pytest.mark.e2e
 
@@ -55,6 +55,26 @@ def cluster(vllm_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 def _terminate(child: Child) -> None:
     child.process.send_signal(signal.SIGTERM)
+
+
+def _wait_until_vllm_runs(generation: Future[object], vllm_url: str, gateway: Child) -> None:
+    """Until vLLM runs the generation; fail with what became of the call if it ended first or never ran."""
+
+    def running_or_ended() -> bool:
+        return requests_running(vllm_url) > 0 or generation.done()
+
+    try:
+        wait_until(running_or_ended, 60, "vLLM to run the generation")
+    except AssertionError as exc:
+        raise AssertionError(
+            f"{exc}; vLLM has {requests_waiting(vllm_url):.0f} waiting. {gateway.name}'s log:\n{gateway.log_tail()}"
+        ) from None
+    if generation.done():
+        outcome = generation.exception() or generation.result()
+        raise AssertionError(
+            f"the generation ended before vLLM was seen running it: {outcome!r}\n"
+            f"{gateway.name}'s log:\n{gateway.log_tail()}"
+        )
 
 
 def test_worker_finishes_the_job_in_hand_takes_no_other_and_exits_0(cluster: FaultCluster) -> None:
@@ -127,7 +147,7 @@ def test_gateway_drains_in_flight_calls_and_refuses_new_ones(cluster: FaultClust
             explanations.Explain, explain_request(types_pb2.EXPLAIN_MODE_SYNC, steps=8), timeout=240
         )
         cluster.running(cluster.newest_job(jobs_before), attempt=1)
-        wait_until(lambda: requests_running(vllm_url) > 0, 60, "vLLM to run the generation")
+        _wait_until_vllm_runs(generation, vllm_url, gateway)
 
         _terminate(gateway)
         terminated = time.monotonic()
@@ -156,13 +176,15 @@ def test_gateway_cancels_what_is_still_running_when_its_grace_ends(cluster: Faul
     tokens_before = generated_tokens(vllm_url)
     with cluster.stubs() as (inference, _), ThreadPoolExecutor(1) as pool:
         cluster.wait_for_health(INFERENCE_SERVICE, SERVING, 30)
-        # 1,000 tokens take vLLM far longer than the grace.
+        # 1,000 tokens take vLLM far longer than the grace. The call waits for this channel's connection to
+        # the new gateway instead of failing fast while it is still being made.
         generation = pool.submit(
             inference.Generate,
             inference_pb2.GenerateRequest(input=COUNT, sampling=types_pb2.SamplingParams(max_tokens=1000)),
             timeout=240,
+            wait_for_ready=True,
         )
-        wait_until(lambda: requests_running(vllm_url) > 0, 60, "vLLM to run the generation")
+        _wait_until_vllm_runs(generation, vllm_url, gateway)
         _terminate(gateway)
         terminated = time.monotonic()
         assert gateway.process.wait(30) == 0
