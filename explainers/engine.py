@@ -27,7 +27,7 @@ from common.jobs import ExplainOptions
 from explainers.aggregation import TokenGroup, aggregate, source_groups
 from explainers.backprop import RecordedLayers
 from explainers.faithfulness import faithfulness
-from explainers.hidden_cache import LAST_LAYER_DTYPE, STORAGE_DTYPE, HiddenStateCache
+from explainers.hidden_cache import LAST_LAYER_DTYPE, STORAGE_DTYPE, DerivedTensors, HiddenStateCache
 from explainers.methods.base import AttributionContext, AttributionMethod, tensor_proto
 from explainers.methods.registry import get_method
 from explainers.model import LoadedModel, forward_with_hidden_states
@@ -74,7 +74,10 @@ def explain(
     groups = _source_groups(loaded, sequence, tokens, options)
 
     record = any(method.reuses_embedding_recording for method, _ in requested)
-    states = _hidden_states(loaded, cache, token_ids, len(prompt_ids), targets, options.step_scores_top_k, record)
+    derived = None if cache is None else cache.derived(loaded.weights_digest, sequence)
+    states = _hidden_states(
+        loaded, cache, derived, token_ids, len(prompt_ids), targets, options.step_scores_top_k, record
+    )
     ctx = AttributionContext(
         loaded=loaded,
         token_ids=token_ids,
@@ -82,7 +85,7 @@ def explain(
         targets=targets,
         hidden_states=states.hidden_states,
         embedding_recording=states.embedding_recording,
-        derived=None if cache is None else cache.derived(loaded.weights_digest, sequence),
+        derived=derived,
     )
     # Only ctx holds the recording from here on: it is freed once no method still to run reuses it.
     step_scores, recomputed_logprobs, cache_hit = states.step_scores, states.recomputed_logprobs, states.cache_hit
@@ -225,6 +228,7 @@ class _States:
 def _hidden_states(
     loaded: LoadedModel,
     cache: HiddenStateCache | None,
+    derived: DerivedTensors | None,
     token_ids: torch.Tensor,
     prompt_length: int,
     targets: Targets,
@@ -239,8 +243,7 @@ def _hidden_states(
     generated = len(sequence) - prompt_length
     scored = torch.isin(torch.arange(prompt_length, len(sequence)), targets.positions)
     readout_name = f"readout:{prompt_length}"
-    if cache is not None:
-        derived = cache.derived(loaded.weights_digest, sequence)
+    if cache is not None and derived is not None:
         with tracer.start_as_current_span("cache lookup") as span:
             cached = cache.get(loaded.weights_digest, sequence)
             if cached is not None and tuple(cached.shape) != expected_shape:
@@ -265,9 +268,9 @@ def _hidden_states(
         # Read out at the precision a hit reads it back at.
         last_layer = forward.hidden_states[-1].to(LAST_LAYER_DTYPE)
         readout = _read_out(loaded, last_layer, token_ids, prompt_length, top_k)
-    if cache is not None and cache.put(loaded.weights_digest, sequence, stored):
+    if cache is not None and derived is not None and cache.put(loaded.weights_digest, sequence, stored):
         cache.put_last_layer(loaded.weights_digest, sequence, last_layer)
-        cache.derived(loaded.weights_digest, sequence).put(readout_name, readout.tensors())
+        derived.put(readout_name, readout.tensors())
     step_scores = readout.step_scores(scored, top_k)
     return _States(stored.to(loaded.dtype), False, step_scores, readout.logprobs, forward.recorded)
 
