@@ -182,7 +182,13 @@ class FaultCluster:
     # Gateways
 
     def start_gateway(self, env: dict[str, str] | None = None) -> Child:
-        """Start a gateway and wait until its health service answers (with any status)."""
+        """Stop the gateway still running, if any, start another on its address, and wait until it answers.
+
+        The old one goes first: while it lives, it, not the new one, would answer on the address (a test that
+        failed before stopping its gateway must not hand the next test a gateway it did not start).
+        """
+        if self.gateway is not None:
+            self.gateway.stop()
         command = self.launcher.gateway_command()
         gateway = self._spawn(f"gateway-{next(self._names)}", command.argv, {**command.env, **(env or {})})
         self.gateway = gateway
