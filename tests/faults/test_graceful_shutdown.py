@@ -139,7 +139,7 @@ def test_gateway_drains_in_flight_calls_and_refuses_new_ones(cluster: FaultClust
     jobs_before = cluster.redis.xlen(JOB_STREAM)
     with cluster.stubs() as (inference, explanations), ThreadPoolExecutor(2) as pool:
         # The explanation (the long job, about twice the generation) goes first and the generation only once the
-        # job runs: however long a worker takes to start the job, the generation cannot end before SIGTERM.
+        # job runs, so the time a worker takes to start the job no longer runs down the generation's.
         explanation = pool.submit(explanations.Explain, explain_request(types_pb2.EXPLAIN_MODE_SYNC), timeout=240)
         cluster.running(cluster.newest_job(jobs_before), attempt=1)
         generation = pool.submit(
