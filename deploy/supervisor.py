@@ -9,8 +9,9 @@ fails again soon (before it was ready, or within ``fast_failure_window_s`` of be
 and after ``give_up_after`` such fast failures in a row the supervisor raises :class:`GaveUp`, which says what
 failed, how, and how its log ends, so that the launcher can stop the whole stack and exit non-zero.
 
-Everything runs in the caller's thread, one :meth:`Supervisor.check` pass at a time, and a pass starts nothing once
-the stop event is set: no child is restarted during shutdown.
+Everything runs in the caller's thread, one :meth:`Supervisor.check` pass at a time (so a probe that hangs delays
+the others by at most its timeout), and a pass starts nothing once the stop event is set: no child is restarted
+during shutdown.
 """
 
 from __future__ import annotations

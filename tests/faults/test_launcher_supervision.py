@@ -118,6 +118,8 @@ def launcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
         launcher.wait_for_output("press Ctrl-C to stop", 10)
         yield launcher
     finally:
+        # What a person would have seen, for whoever reads a failure.
+        (state_dir / "launcher-output.txt").write_text(launcher.output())
         if launcher.process.poll() is None:
             launcher.process.send_signal(signal.SIGTERM)
             try:
