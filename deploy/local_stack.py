@@ -461,34 +461,37 @@ def main() -> None:
         "--restart-backoff-base",
         type=float,
         default=restarts.backoff_base_s,
-        help="seconds before restarting a child that failed fast once; doubles with each further fast failure",
+        help="seconds before restarting a child that failed fast once; doubles with each further fast failure (default %(default)s)",
     )
     supervision.add_argument(
-        "--restart-backoff-max", type=float, default=restarts.backoff_max_s, help="the longest wait before a restart"
+        "--restart-backoff-max",
+        type=float,
+        default=restarts.backoff_max_s,
+        help="the longest wait before a restart (default %(default)s)",
     )
     supervision.add_argument(
         "--fast-failure-window",
         type=float,
         default=restarts.fast_failure_window_s,
-        help="a child failing before it is ready, or within this many seconds of it, fails fast",
+        help="a child failing before it is ready, or within this many seconds of it, fails fast (default %(default)s)",
     )
     supervision.add_argument(
         "--give-up-after",
         type=int,
         default=restarts.give_up_after,
-        help="fast failures of one child in a row after which the launcher stops the stack and exits 1",
+        help="fast failures of one child in a row after which the launcher stops the stack and exits 1 (default %(default)s)",
     )
     supervision.add_argument(
         "--vllm-health-interval",
         type=float,
         default=defaults.vllm_health_interval_s,
-        help="seconds between probes of vLLM's /health (each times out after as long)",
+        help="seconds between probes of vLLM's /health (each times out after as long) (default %(default)s)",
     )
     supervision.add_argument(
         "--vllm-health-failures",
         type=int,
         default=defaults.vllm_health_failures,
-        help="failed /health probes in a row after which vLLM is killed and restarted",
+        help="failed /health probes in a row after which vLLM is killed and restarted (default %(default)s)",
     )
     args = parser.parse_args()
     config = StackConfig(
@@ -512,6 +515,8 @@ def main() -> None:
         )
     except ValueError as exc:
         parser.error(str(exc))
+    if args.vllm_health_interval <= 0 or args.vllm_health_failures < 1:
+        parser.error("--vllm-health-interval must be positive and --vllm-health-failures at least 1")
 
     # Ctrl-C or SIGTERM: while starting, abort the start at once; while supervising, end the supervision loop (so
     # that no restart begins), then stop every child in reverse order.
@@ -532,7 +537,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     stack = LocalStack(config, say=say)
-    gave_up: GaveUp | None = None
+    gave_up = False
     try:
         with stack:
             supervisor = stack.supervisor(policy, stopping, say_when)
@@ -546,7 +551,7 @@ def main() -> None:
             try:
                 supervisor.run()
             except GaveUp as exc:
-                gave_up = exc
+                gave_up = True
                 print(f"error: {exc}\nstopping the stack …", file=sys.stderr, flush=True)
             else:
                 say("\nstopping …")
@@ -555,7 +560,7 @@ def main() -> None:
     except StackError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)
-    if gave_up is not None:
+    if gave_up:
         print("stopped after giving up (see above)", file=sys.stderr, flush=True)
         sys.exit(1)
     say("stopped")
