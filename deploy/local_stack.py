@@ -461,7 +461,8 @@ def main() -> None:
         "--restart-backoff-base",
         type=float,
         default=restarts.backoff_base_s,
-        help="seconds before restarting a child that failed fast once; doubles with each further fast failure (default %(default)s)",
+        help="seconds before restarting a child that failed fast once; doubles with each further fast failure "
+        "(default %(default)s)",
     )
     supervision.add_argument(
         "--restart-backoff-max",
@@ -479,7 +480,8 @@ def main() -> None:
         "--give-up-after",
         type=int,
         default=restarts.give_up_after,
-        help="fast failures of one child in a row after which the launcher stops the stack and exits 1 (default %(default)s)",
+        help="fast failures of one child in a row after which the launcher stops the stack and exits 1 "
+        "(default %(default)s)",
     )
     supervision.add_argument(
         "--vllm-health-interval",
