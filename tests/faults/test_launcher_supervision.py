@@ -262,6 +262,8 @@ def test_a_child_that_keeps_failing_fast_stops_the_stack_with_its_reason(launche
     assert launcher.said("redis restarted (restart ") - restarts_before == GIVE_UP_AFTER
     _, orphans = psutil.wait_procs(descendants, timeout=10)
     assert not orphans, f"left behind: {[p.pid for p in orphans]}"
+    # Nothing listens any more. SO_REUSEADDR: the killed Redis's connections linger in TIME_WAIT on its port.
     for port in (config.gateway_port, config.vllm_port, config.redis_port):
         with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind(("127.0.0.1", port))
