@@ -143,13 +143,11 @@ class Supervisor:
         stop: threading.Event,
         *,
         say: Callable[[str], None] = print,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.policy = policy
         self._stop = stop
         self._say = say
-        self._clock = clock
-        now = clock()
+        now = time.monotonic()
         # Every member is running and ready when handed over: the launcher waited for each one at start.
         self._members = [(member, _State(_Phase.RUNNING, since=now)) for member in members]
         for member, state in self._members:
@@ -175,7 +173,7 @@ class Supervisor:
 
     def _check(self, member: Supervised, state: _State) -> None:
         child = member.child
-        now = self._clock()
+        now = time.monotonic()
         if state.phase is _Phase.WAITING:
             if now >= state.restart_at:
                 state.restarts += 1
@@ -186,7 +184,7 @@ class Supervisor:
             if not child.alive():
                 self._fail(member, state, f"{describe_exit(child.process.returncode)} before it was ready")
             elif member.ready():
-                ready_at = self._clock()
+                ready_at = time.monotonic()
                 self._say(f"{child.name} is ready again, {ready_at - state.since:.1f} s after restart {state.restarts}")
                 state.phase, state.since, state.failed_probes = _Phase.RUNNING, ready_at, 0
                 if member.health is not None:
@@ -210,7 +208,7 @@ class Supervisor:
         child = member.child
         # Whatever is left of it (a hung process, helpers in its group) goes before a new one starts.
         child.kill()
-        now = self._clock()
+        now = time.monotonic()
         fast = state.phase is _Phase.STARTING or now - state.since < self.policy.fast_failure_window_s
         state.fast_failures = state.fast_failures + 1 if fast else 0
         state.last_failure = how
