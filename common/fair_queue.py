@@ -19,8 +19,10 @@ latest job taken) and its tenant's next start (``sl:jobs:next-start``), which th
 ``1 / share`` on. So tenants with jobs queued get jobs started in proportion to their shares, and
 a tenant with none queued starts at the clock: at the front, where each other tenant has at most
 one job (start times of one tenant's jobs differ). The bound, whatever the length of the other
-tenants' queues: a job of a tenant with nothing queued starts after at most one job of each other
-tenant, besides the jobs already running. Ties go by explanation id (random).
+tenants' queues: a job of a tenant with nothing queued (and none started within its last share)
+starts after at most one job of each other tenant, besides the jobs already running. Emptying its
+queue for a moment gains a tenant nothing: its next job still starts one share after its last.
+Ties go by explanation id (random).
 """
 
 from __future__ import annotations
