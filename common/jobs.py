@@ -2,13 +2,29 @@
 
 Everything crossing the process boundary is JSON or protobuf, never pickle:
 
-* ``sl:jobs`` — a stream; each entry is one :class:`ExplanationJob` as flat string fields.
-  Workers read it through the consumer group ``explainers``; an entry stays pending until a
-  worker acknowledges it, so a worker that dies mid-job leaves it for another to claim.
+* ``sl:jobs`` — a stream of *turns*: one entry per queued job, with the ``explanation_id`` and
+  ``tenant`` of the job whose enqueue added it. Workers read it through the consumer group
+  ``explainers``; an entry stays pending until a worker acknowledges it, so a worker that dies
+  mid-job leaves it for another to claim. Which job a turn runs is decided when a worker first
+  takes it, by the fair queue below, and kept in ``sl:jobs:assigned``, so a claimant runs the
+  same job. The group's lag is the number of jobs not yet started and its pending count the
+  jobs in workers' hands: the backlog the gateway bounds and the signal an autoscaler reads
+  (KEDA's ``redis-streams`` trigger: ``stream`` JOB_STREAM, ``consumerGroup`` WORKER_GROUP,
+  ``lagCount``).
+* ``sl:jobs:queue`` — a sorted set of the queued (not yet started) explanation ids, scored by
+  their virtual start time (start-time fair queueing): a tenant's job starts at the virtual
+  time ``sl:jobs:clock`` (the start time of the latest job taken) or one share after its
+  previous job, whichever is later. A tenant's jobs are spaced ``1 / worker_share`` apart, so
+  tenants with queued work get the workers in proportion to their shares, and a tenant with
+  none queued goes straight to the front (see common/fair_queue.py). ``sl:jobs:next-start`` is
+  a hash from tenant to the virtual time its next job may start at, at the earliest.
+* ``sl:jobs:assigned`` — a hash from a turn's entry id to the explanation id it runs, from the
+  moment a worker takes the turn until the turn is acknowledged.
 * ``sl:exp:{id}`` — a hash per explanation: ``tenant``, ``attempts``, ``explanation``, the
   serialized ``sightline.v1.Explanation`` (whose tensors are raw bytes with dtype and shape),
   ``summary``, the serialized ``ExplanationSummary`` without its state, and ``state``, the
-  ``ExplanationState`` number, kept beside the record so listing never reads whole results.
+  ``ExplanationState`` number, kept beside the record so listing never reads whole results;
+  until the record is final also ``job``, the :class:`ExplanationJob` as JSON.
 * ``sl:tenant:{tenant}:explanations`` — a sorted set per tenant of its explanation ids scored
   by creation time in milliseconds: the index ListExplanations pages through.
 * ``sl:tenant:{tenant}:inflight`` — a sorted set per tenant of its unfinished explanation ids
@@ -36,8 +52,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+# What an autoscaler watches (KEDA redis-streams: stream, consumerGroup, lagCount): see the module docstring.
 JOB_STREAM = "sl:jobs"
 WORKER_GROUP = "explainers"
+JOB_QUEUE_KEY = "sl:jobs:queue"
+JOB_CLOCK_KEY = "sl:jobs:clock"
+JOB_NEXT_START_KEY = "sl:jobs:next-start"
+JOB_ASSIGNED_KEY = "sl:jobs:assigned"
 DONE_CHANNEL = "sl:explanations:done"
 CATALOG_KEY = "sl:catalog"
 MODELS_KEY = "sl:models"
@@ -48,6 +69,11 @@ RECORD_ATTEMPTS = "attempts"
 RECORD_EXPLANATION = "explanation"
 RECORD_SUMMARY = "summary"
 RECORD_STATE = "state"
+RECORD_JOB = "job"
+
+# Fields of a turn in the job stream.
+TURN_EXPLANATION_ID = "explanation_id"
+TURN_TENANT = "tenant"
 
 # What a tenant name may be: it is part of Redis keys, log lines and error messages.
 TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -172,6 +198,20 @@ class ExplanationJob:
             "traceparent": self.traceparent,
             "options": self.options.to_json(),
         }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_fields())
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ExplanationJob:
+        """Decode a record's ``job`` field; raises ``ValueError`` on a malformed one."""
+        try:
+            fields = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"malformed explanation job: {exc!r}") from exc
+        if not isinstance(fields, dict) or not all(isinstance(v, str) for v in fields.values()):
+            raise ValueError("malformed explanation job: not an object of strings")
+        return cls.from_fields(fields)
 
     @classmethod
     def from_fields(cls, fields: Mapping[bytes, bytes] | Mapping[str, str]) -> ExplanationJob:

@@ -11,6 +11,11 @@ killing the workers that take it, is marked FAILED with its reason after ``max_a
 nothing is dropped silently. The transaction that writes a final record also gives the
 explanation's slot back to its tenant's concurrency limit.
 
+The stream's entries are turns, not jobs: a worker runs the job assigned to its turn when it
+first takes it, the next one in the tenants' fair queue (see common/fair_queue.py), so a claimant
+of a dead worker's turn runs the same job. Acknowledging a turn forgets its assignment in the same
+transaction.
+
 Each job's hidden states are cached under its own tenant (see explainers/hidden_cache.py).
 
 A worker asked to stop finishes the job in hand; one that cannot within its shutdown grace
@@ -31,13 +36,16 @@ import redis
 from opentelemetry import trace
 from sightline.v1 import explanations_pb2, types_pb2
 
+from common.fair_queue import TAKE_TURN_KEYS, TAKE_TURN_SCRIPT
 from common.jobs import (
     CATALOG_KEY,
     DONE_CHANNEL,
+    JOB_ASSIGNED_KEY,
     JOB_STREAM,
     MODELS_KEY,
     RECORD_ATTEMPTS,
     RECORD_EXPLANATION,
+    RECORD_JOB,
     RECORD_STATE,
     WORKER_GROUP,
     ExplanationJob,
@@ -113,6 +121,7 @@ class ExplainerWorker:
         self._settings = settings
         self._renew_lease = client.register_script(RENEW_LEASE_SCRIPT)
         self._hand_back = client.register_script(HAND_BACK_SCRIPT)
+        self._take_turn = client.register_script(TAKE_TURN_SCRIPT)
         self._held: HeldJob | None = None
         self._next_trim = time.monotonic()
 
@@ -219,24 +228,29 @@ class ExplainerWorker:
         return [entry for _, entries in cast(list, response or []) for entry in entries]  # type: ignore[type-arg]
 
     def process(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
-        try:
-            job = ExplanationJob.from_fields(fields)
-        except ValueError:
-            log.exception("dropping malformed stream entry %s", entry_id)
-            self._redis.xack(JOB_STREAM, WORKER_GROUP, entry_id)
+        """Run the job of turn ``entry_id``: the one assigned to it, or the next in the fair queue."""
+        assigned = self._take_turn(keys=list(TAKE_TURN_KEYS), args=[entry_id])
+        if assigned is None:
+            log.warning("dropping turn %s (%s): no job is queued for it", entry_id, fields)
+            self._drop_turn(entry_id)
             return
-        key = explanation_key(job.explanation_id)
-        blob = self._redis.hget(key, RECORD_EXPLANATION)
+        explanation_id = redis_text(assigned)
+        key = explanation_key(explanation_id)
+        blob, job_json = self._redis.hmget(key, [RECORD_EXPLANATION, RECORD_JOB])
         if blob is None:
-            log.warning("explanation %s has no record (expired?); acknowledging its job", job.explanation_id)
-            with self._redis.pipeline(transaction=True) as pipe:
-                pipe.xack(JOB_STREAM, WORKER_GROUP, entry_id)
-                pipe.zrem(tenant_inflight_key(job.tenant), job.explanation_id)
-                pipe.execute()
+            # Its tenant's slot is freed when the slot's lease ends.
+            log.warning("explanation %s has no record (expired?); acknowledging its turn", explanation_id)
+            self._drop_turn(entry_id)
             return
         record = types_pb2.Explanation.FromString(cast(bytes, blob))
         if record.state in FINAL_STATES:
-            self._redis.xack(JOB_STREAM, WORKER_GROUP, entry_id)
+            self._drop_turn(entry_id)
+            return
+        try:
+            job = ExplanationJob.from_json(cast(bytes, job_json or b""))
+        except ValueError:
+            log.exception("dropping the malformed job of explanation %s", explanation_id)
+            self._drop_turn(entry_id)
             return
         record.attempts = int(self._redis.hincrby(key, RECORD_ATTEMPTS, 1))
         if record.attempts > self._settings.max_attempts:
@@ -257,6 +271,13 @@ class ExplainerWorker:
         running.CopyFrom(record)
         with self._holding(HeldJob(entry_id, running)):
             self._compute(entry_id, job, record)
+
+    def _drop_turn(self, entry_id: bytes) -> None:
+        """Acknowledge a turn whose job is done, gone or unreadable."""
+        with self._redis.pipeline(transaction=True) as pipe:
+            pipe.xack(JOB_STREAM, WORKER_GROUP, entry_id)
+            pipe.hdel(JOB_ASSIGNED_KEY, entry_id)
+            pipe.execute()
 
     @contextlib.contextmanager
     def _holding(self, held: HeldJob) -> Iterator[None]:
@@ -364,8 +385,10 @@ class ExplainerWorker:
                         explanation_key(record.explanation_id),
                         mapping={RECORD_EXPLANATION: record.SerializeToString(), RECORD_STATE: record.state},
                     )
+                    pipe.hdel(explanation_key(record.explanation_id), RECORD_JOB)
                     pipe.zrem(tenant_inflight_key(job.tenant), record.explanation_id)
                     pipe.xack(JOB_STREAM, WORKER_GROUP, entry_id)
+                    pipe.hdel(JOB_ASSIGNED_KEY, entry_id)
                     pipe.publish(DONE_CHANNEL, record.explanation_id)
                     pipe.execute()
                 return

@@ -24,6 +24,7 @@ from google.protobuf import json_format
 from opentelemetry import trace
 from sightline.v1 import explanations_pb2, types_pb2
 
+from common.fair_queue import ENQUEUE_KEYS, ENQUEUE_SCRIPT
 from common.jobs import (
     CATALOG_KEY,
     DONE_CHANNEL,
@@ -31,6 +32,7 @@ from common.jobs import (
     MODELS_KEY,
     RECORD_ATTEMPTS,
     RECORD_EXPLANATION,
+    RECORD_JOB,
     RECORD_STATE,
     RECORD_SUMMARY,
     RECORD_TENANT,
@@ -235,7 +237,7 @@ class ExplanationBroker:
                 trace_id=trace_id,
             )
             try:
-                await self._store(pending, summary, tenant.name, job)
+                await self._store(pending, summary, tenant, job)
             except Exception:
                 # Never enqueued, so no worker will give the slot back; if Redis is gone, its lease will.
                 with contextlib.suppress(GatewayError):
@@ -247,11 +249,11 @@ class ExplanationBroker:
         self,
         pending: types_pb2.Explanation,
         summary: explanations_pb2.ExplanationSummary,
-        tenant: str,
+        tenant: Tenant,
         job: ExplanationJob,
     ) -> None:
         key = explanation_key(pending.explanation_id)
-        index = tenant_explanations_key(tenant)
+        index = tenant_explanations_key(tenant.name)
         created_ms = pending.created_at.ToMilliseconds()
         with redis_errors_as_unavailable(self._redis_url):
             async with self._enqueue_lock, self._redis.pipeline(transaction=True) as pipe:
@@ -261,11 +263,12 @@ class ExplanationBroker:
                 pipe.hset(
                     key,
                     mapping={
-                        RECORD_TENANT: tenant,
+                        RECORD_TENANT: tenant.name,
                         RECORD_ATTEMPTS: 0,
                         RECORD_EXPLANATION: pending.SerializeToString(),
                         RECORD_SUMMARY: summary.SerializeToString(),
                         RECORD_STATE: pending.state,
+                        RECORD_JOB: job.to_json(),
                     },
                 )
                 pipe.expire(key, self._record_ttl_seconds)
@@ -273,7 +276,15 @@ class ExplanationBroker:
                 pipe.zadd(index, {pending.explanation_id: created_ms})
                 pipe.zremrangebyscore(index, "-inf", created_ms - self._record_ttl_seconds * 1000)
                 pipe.expire(index, self._record_ttl_seconds)
-                pipe.xadd(JOB_STREAM, job.to_fields())  # type: ignore[arg-type]
+                # Queued for its tenant's fair share of the workers, with one turn on the job stream.
+                pipe.eval(
+                    ENQUEUE_SCRIPT,
+                    len(ENQUEUE_KEYS),
+                    *ENQUEUE_KEYS,
+                    tenant.name,
+                    pending.explanation_id,
+                    tenant.limits.worker_share,
+                )
                 await pipe.execute()
 
     async def list_summaries(

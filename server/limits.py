@@ -36,6 +36,8 @@ from common.jobs import tenant_inflight_key, tenant_rate_key
 from server.errors import ConfigError, GatewayError, redis_errors_as_unavailable, resource_exhausted
 
 RATE_WINDOW_MS = 60_000
+# The largest worker_share: a tenant's jobs are 1 / share apart in virtual time, far above float rounding.
+MAX_WORKER_SHARE = 1000.0
 
 # KEYS[1]: the tenant's bucket. ARGV[1]: ms per request at the sustained rate; ARGV[2]: the burst
 # window in ms (a full bucket holds ARGV[2] / ARGV[1] requests). Returns {1, 0} when admitted, else
@@ -87,6 +89,9 @@ class TenantLimits:
     # Token-forward passes of one explanation, from the methods' cost models (server/costs.py): 50M
     # is integrated gradients with 16 steps over a 1,024-token generation several times over.
     max_explanation_cost: float = 50e6
+    # Not a limit but the tenant's weight when tenants with explanations queued share the explainer workers
+    # (common/fair_queue.py): share 2 gets twice the job starts of share 1. Above 0, at most MAX_WORKER_SHARE.
+    worker_share: float = 1.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> TenantLimits:
@@ -105,6 +110,8 @@ class TenantLimits:
             if name not in known:
                 raise ConfigError(f"{source}: unknown limit {name!r}; the limits are {', '.join(known)}")
             values[name] = _limit_value(name, raw, integer=isinstance(getattr(self, name), int), source=source)
+            if name == "worker_share" and not 0 < values[name] <= MAX_WORKER_SHARE:
+                raise ConfigError(f"{source}: worker_share must be > 0 and <= {MAX_WORKER_SHARE:g}, got {raw!r}")
         return dataclasses.replace(self, **values)  # type: ignore[arg-type]
 
 

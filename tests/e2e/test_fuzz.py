@@ -35,7 +35,15 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from sightline.v1 import explanations_pb2, explanations_pb2_grpc, inference_pb2, inference_pb2_grpc, types_pb2
 
-from common.jobs import JOB_STREAM, MODELS_KEY, ExplanationJob, ModelRecord
+from common.jobs import (
+    JOB_STREAM,
+    MODELS_KEY,
+    RECORD_JOB,
+    TURN_EXPLANATION_ID,
+    ExplanationJob,
+    ModelRecord,
+    explanation_key,
+)
 from deploy.local_stack import LocalStack
 from tests.e2e.isolated_gateway import IsolatedGateway, isolated_gateway
 from tests.protofuzz import Fields, RequestStrategies, Strategy, WireRequest, struct_fields, wire_requests
@@ -385,10 +393,13 @@ def test_every_request_gets_a_precise_status(
     assert tally.calls >= examples
     _assert_healthy(fuzz_gateway, fuzz_channel)
 
-    # Every job the gateway accepted is one a worker can read.
+    # Every job the gateway accepted is one a worker can read: each turn's job, kept in its record.
     queued = cast(list[tuple[bytes, dict[bytes, bytes]]], fuzz_gateway.redis.xrange(JOB_STREAM))[queued_before:]
     if rpc.enqueues:
         assert queued, f"no fuzzed {rpc.name} request queued a job: the plausible requests are not plausible"
-    for _, job_fields in queued:
-        job = ExplanationJob.from_fields(job_fields)
-        assert job.methods and job.output_token_ids
+    for _, turn in queued:
+        explanation_id = turn[TURN_EXPLANATION_ID.encode()].decode()
+        job = ExplanationJob.from_json(
+            cast(bytes, fuzz_gateway.redis.hget(explanation_key(explanation_id), RECORD_JOB))
+        )
+        assert job.explanation_id == explanation_id and job.methods and job.output_token_ids

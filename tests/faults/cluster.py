@@ -23,7 +23,7 @@ from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sightline.v1 import explanations_pb2, explanations_pb2_grpc, inference_pb2_grpc, types_pb2
 
-from common.jobs import JOB_STREAM, RECORD_EXPLANATION, WORKER_GROUP, explanation_key
+from common.jobs import JOB_ASSIGNED_KEY, JOB_STREAM, RECORD_EXPLANATION, WORKER_GROUP, explanation_key
 from deploy.local_stack import Child, LocalStack, StackConfig, free_port
 from explainers.embedded_model import default_model_dir
 
@@ -255,7 +255,7 @@ class FaultCluster:
         ]
 
     def job_entries(self, explanation_id: str) -> list[str]:
-        """Ids of the stream entries carrying jobs for ``explanation_id``."""
+        """Ids of the job stream's turns that enqueueing ``explanation_id`` added (one per enqueue)."""
         entries = cast(list[tuple[bytes, dict[bytes, bytes]]], self.redis.xrange(JOB_STREAM))
         wanted = explanation_id.encode()
         return [entry_id.decode() for entry_id, fields in entries if fields[b"explanation_id"] == wanted]
@@ -271,6 +271,11 @@ class FaultCluster:
 
         return wait_until(newest, 60, "a new job in the stream")
 
+    def turn(self, explanation_id: str) -> str | None:
+        """The job stream entry (turn) that runs ``explanation_id``, once a worker has taken one for it."""
+        assigned = cast(dict[bytes, bytes], self.redis.hgetall(JOB_ASSIGNED_KEY))
+        return next((turn.decode() for turn, job in assigned.items() if job.decode() == explanation_id), None)
+
     def running(self, explanation_id: str, attempt: int) -> str:
         """Wait until attempt ``attempt`` of the job is RUNNING; return the consumer holding it."""
 
@@ -278,8 +283,8 @@ class FaultCluster:
             record = self.record(explanation_id)
             if record.state != types_pb2.EXPLANATION_STATE_RUNNING or record.attempts != attempt:
                 return None
-            (entry_id,) = self.job_entries(explanation_id)
-            return next((p.consumer for p in self.pending() if p.entry_id == entry_id), None)
+            turn = self.turn(explanation_id)
+            return next((p.consumer for p in self.pending() if p.entry_id == turn), None)
 
         return wait_until(holder, 120, f"attempt {attempt} of {explanation_id} to run")
 

@@ -30,6 +30,16 @@ def test_defaults_come_from_the_environment() -> None:
         TenantLimits.from_env({"SIGHTLINE_MAX_PROMPT_TOKENS": "10.5"})
 
 
+def test_worker_share_is_set_like_a_limit_but_must_be_above_zero() -> None:
+    assert TenantLimits().worker_share == 1
+    assert TenantLimits.from_env({"SIGHTLINE_WORKER_SHARE": "2.5"}).worker_share == 2.5
+    assert TenantLimits().with_overrides({"worker_share": 3}, source="keys.json").worker_share == 3
+    # 0 lifts a limit; a share of 0 would starve the tenant, so it is refused rather than read as "none".
+    for bad in ("0", "1001", "-1", "inf"):
+        with pytest.raises(ConfigError, match=r"SIGHTLINE_WORKER_SHARE: (worker_share must be > 0 and <= 1000|limit)"):
+            TenantLimits.from_env({"SIGHTLINE_WORKER_SHARE": bad})
+
+
 def refused(check: object) -> GatewayError:
     assert callable(check)
     with pytest.raises(GatewayError) as caught:

@@ -70,6 +70,11 @@ def test_job_round_trips_through_stream_fields() -> None:
     assert job.explanation_id != new_explanation_id()
     with pytest.raises(ValueError, match="malformed explanation job"):
         ExplanationJob.from_fields({b"explanation_id": b"x"})
+    # As the record's job field the workers read.
+    assert ExplanationJob.from_json(job.to_json().encode()) == job
+    for malformed in (b"{", b"[1]", b'{"explanation_id": 1}', b'{"explanation_id": "x"}'):
+        with pytest.raises(ValueError, match="malformed explanation job"):
+            ExplanationJob.from_json(malformed)
     record = ModelRecord("abc", 49152)
     assert ModelRecord.from_json(record.to_json()) == record
 
