@@ -25,7 +25,8 @@ from server.rpc import DecodeErrorsAsInvalidArgument
 from server.servicers import ExplanationsServicer, Gateway, InferenceServicer
 from server.shutdown import DrainingInterceptor
 from server.tls import server_credentials
-from server.vllm_client import ServedModel, VLLMClient
+from server.vllm_client import ServedModel
+from server.vllm_pool import VLLMPool
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class DependencyMonitor:
     explainer; the overall status ("") is SERVING only when both are.
     """
 
-    def __init__(self, vllm: VLLMClient, broker: ExplanationBroker, health_servicer: health.HealthServicer) -> None:
+    def __init__(self, vllm: VLLMPool, broker: ExplanationBroker, health_servicer: health.HealthServicer) -> None:
         self._vllm = vllm
         self._broker = broker
         self._health = health_servicer
@@ -87,7 +88,7 @@ async def serve(settings: GatewaySettings, *, ready: asyncio.Event | None = None
     credentials = server_credentials(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
     _log_security(settings, authenticator, tls=credentials is not None)
 
-    vllm = VLLMClient(settings.vllm_url, silence_timeout=settings.vllm_silence_timeout_seconds)
+    vllm = VLLMPool(settings.vllm_url, silence_timeout=settings.vllm_silence_timeout_seconds)
     redis_client = aioredis.from_url(
         settings.redis_url,
         socket_connect_timeout=1,
