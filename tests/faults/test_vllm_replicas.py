@@ -1,6 +1,6 @@
 """One gateway process over two vLLM replica processes, one of them killed (SIGKILL) in the middle of a load of
 unary and streaming calls: no call that could be retried fails, the rest fail UNAVAILABLE, and calls started
-after the kill all succeed on the survivor.
+after the kill all succeed on the survivor. The gateway also serves health alone on its plaintext probe port.
 
 The replicas are benchmarks/fake_vllm.py processes (vLLM's HTTP shapes, a fixed decode time per token): two real
 vLLM servers do not fit beside the session's on two cores, and what is tested here is the gateway's routing over
@@ -19,9 +19,12 @@ from pathlib import Path
 
 import grpc
 import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sightline.v1 import inference_pb2, inference_pb2_grpc, types_pb2
 
 from deploy.local_stack import Child, free_port
+from server.app import LIVENESS_SERVICE
 from tests.faults.cluster import INFERENCE_SERVICE, SERVING, FaultCluster, wait_until
 
 FAKE_VLLM = Path(__file__).resolve().parents[2] / "benchmarks" / "fake_vllm.py"
@@ -80,8 +83,11 @@ def test_killing_one_of_two_replicas_fails_only_streams_that_had_sent_tokens(tmp
         command = cluster.launcher.gateway_command()
         argv = list(command.argv)
         argv[argv.index("--vllm-url") + 1] = ",".join(urls)
-        gateway = cluster._spawn("gateway", argv, {**command.env, "SIGHTLINE_HEALTH_INTERVAL_SECONDS": "0.5"})
+        probe_address = f"127.0.0.1:{free_port()}"
+        env = {**command.env, "SIGHTLINE_HEALTH_INTERVAL_SECONDS": "0.5", "SIGHTLINE_HEALTH_LISTEN": probe_address}
+        gateway = cluster._spawn("gateway", argv, env)
         cluster.wait_for_health(INFERENCE_SERVICE, SERVING, 60)
+        check_probe_port(probe_address)
 
         results: list[CallResult] = []
         lock = threading.Lock()
@@ -123,6 +129,18 @@ def test_killing_one_of_two_replicas_fails_only_streams_that_had_sent_tokens(tmp
         for replica in replicas:
             replica.stop(timeout=10)
         cluster.close()
+
+
+def check_probe_port(address: str) -> None:
+    """The probe port (what Kubernetes' gRPC probes call, deploy/k8s) answers health and nothing else."""
+    with grpc.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in (LIVENESS_SERVICE, INFERENCE_SERVICE):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert reply.status == SERVING, service
+        with pytest.raises(grpc.RpcError) as refused:
+            inference_pb2_grpc.InferenceServiceStub(channel).Generate(request(False), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 def _http_ok(url: str) -> bool:
