@@ -17,9 +17,8 @@ Sections (JSON in benchmarks/results/scale_out.json):
   ``--clients`` unary callers with one replica and with two (the routing's spread; the fakes stand in for vLLM,
   two real vLLM servers do not fit on two cores). Then a mixed unary/stream load on two replicas with one SIGKILLed
   a third of the way in: calls that failed and could have been retried (must be 0: unary calls and streams that had
-  sent nothing), streams cut after sending tokens (UNAVAILABLE), and failover time: the added latency of the calls
-  in flight on the killed replica that were moved to the survivor, and the time from the kill until every call
-  started after it was served without a failure.
+  sent nothing), streams cut after sending tokens (UNAVAILABLE), failover time (from the SIGKILL to the gateway
+  taking the replica out of routing, read from its log), and the added latency of unary calls moved to the survivor.
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import cast
 
@@ -91,12 +91,21 @@ def start_fake_vllm(procs: Processes, name: str, token_ms: float, max_running: i
     return child, url
 
 
-def start_gateway(procs: Processes, name: str, vllm_url: str, redis_url: str, service: str) -> str:
+def start_gateway(procs: Processes, name: str, vllm_url: str, redis_url: str, service: str) -> tuple[str, Child]:
     address = f"{HOST}:{free_port()}"
     argv = [bench_util.PYTHON, "-m", "server", "--listen", address, "--vllm-url", vllm_url, "--redis-url", redis_url]
     child = procs.start(name, argv, {"OMP_NUM_THREADS": "1", "OTEL_SDK_DISABLED": "true"})
     bench_util.wait_for(lambda: health(address, service), [child], name, 120)
-    return address
+    return address, child
+
+
+def logged_at(log: Path, text: str) -> float | None:
+    """Wall-clock time of the first log line containing ``text`` (the gateway's logging format, ms resolution)."""
+    for line in log.read_text(errors="replace").splitlines():
+        if text in line:
+            stamp = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+            return stamp.timestamp()
+    return None
 
 
 def health(address: str, service: str) -> bool:
@@ -188,7 +197,7 @@ def section_workers(jobs: int) -> JsonDict:
             wait_for_workers(client, [f"worker-{n + 1}" for n in range(len(workers))], workers)
 
         add_worker()
-        gateways = [start_gateway(procs, f"gateway-{n}", vllm_url, redis_url, "") for n in (1, 2)]
+        gateways = [start_gateway(procs, f"gateway-{n}", vllm_url, redis_url, "")[0] for n in (1, 2)]
         # One untimed job per worker count: the first forward pass of a process pays one-off costs.
         run_workload(gateways, client, 1, round_number=90)
         one = run_workload(gateways, client, jobs, round_number=1)
@@ -265,8 +274,9 @@ def section_vllm_replicas(clients: int, seconds: float, token_ms: float, max_run
         procs = stack.enter_context(processes())
         replicas = [start_fake_vllm(procs, f"replica-{n}", token_ms, max_running) for n in (1, 2)]
         service = "sightline.v1.InferenceService"
-        single = start_gateway(procs, "gateway-one-replica", replicas[0][1], redis_url, service)
-        pooled = start_gateway(procs, "gateway-two-replicas", ",".join(url for _, url in replicas), redis_url, service)
+        single, _ = start_gateway(procs, "gateway-one-replica", replicas[0][1], redis_url, service)
+        urls = ",".join(url for _, url in replicas)
+        pooled, pooled_gateway = start_gateway(procs, "gateway-two-replicas", urls, redis_url, service)
         throughput = {}
         for name, address in (("one_replica", single), ("two_replicas", pooled)):
             closed_loop(address, clients, 1.0, max_tokens, lambda i, n: False)  # warm-up
@@ -276,17 +286,20 @@ def section_vllm_replicas(clients: int, seconds: float, token_ms: float, max_run
 
         results: list[Call] = []
         killed_at = 0.0
+        killed_at_wall = 0.0
 
         def kill_later() -> None:
-            nonlocal killed_at
+            nonlocal killed_at, killed_at_wall
             time.sleep(seconds / 3)
-            killed_at = time.monotonic()
+            killed_at, killed_at_wall = time.monotonic(), time.time()
             replicas[0][0].process.send_signal(signal.SIGKILL)
 
         killer = threading.Thread(target=kill_later)
         killer.start()
         results = closed_loop(pooled, clients, seconds, max_tokens, lambda i, n: (i + n) % 2 == 0)
         killer.join()
+        # Failover time: from the kill until the gateway took the replica out of routing (its first failed call).
+        out_at = logged_at(pooled_gateway.log_path, f"vLLM replica {replicas[0][1]} failed a call")
     return {
         "token_ms": token_ms,
         "max_running_per_replica": max_running,
@@ -294,7 +307,8 @@ def section_vllm_replicas(clients: int, seconds: float, token_ms: float, max_run
         "max_tokens": max_tokens,
         "calls_per_s": throughput,
         "speedup": throughput["two_replicas"] / throughput["one_replica"],
-        "kill": failover_summary(results, killed_at, token_ms * max_tokens / 1000),
+        "kill": failover_summary(results, killed_at, token_ms * max_tokens / 1000)
+        | {"replica_out_of_routing_after_s": None if out_at is None else out_at - killed_at_wall},
     }
 
 
@@ -316,9 +330,9 @@ def failover_summary(calls: Sequence[Call], killed_at: float, decode_s: float) -
         "failed_after_kill_started": len(after_failures),
         "unary_latency_before_kill_p50_s": bench_util.percentile(before, 50),
         "unary_latency_spanning_kill_max_s": max(moved, default=float("nan")),
-        # A unary call on the killed replica restarts from scratch on the survivor: its added latency is the
-        # decode time it had done there plus the time to notice and move it.
-        "failover_added_latency_max_s": max(moved, default=decode_s) - decode_s,
+        # A unary call on the killed replica restarts from scratch on the survivor, which now has half the capacity:
+        # its added latency is the decode it had done on the dead one, the move, and queueing on the survivor.
+        "moved_call_added_latency_max_s": max(moved, default=decode_s) - decode_s,
         "call_log": [asdict(c) | {"started": c.started - killed_at, "ended": c.ended - killed_at} for c in calls],
     }
 
@@ -356,8 +370,10 @@ def render_markdown(result: JsonDict) -> str:
             f"{kill['retryable_failed']}; streams cut after sending tokens: {kill['streams_cut_after_tokens']}; "
             f"failed among calls started after the kill: {kill['failed_after_kill_started']}. Unary p50 before: "
             f"{kill['unary_latency_before_kill_p50_s']:.3f} s; slowest unary call moved to the survivor: "
-            f"{kill['unary_latency_spanning_kill_max_s']:.3f} s (failover added at most "
-            f"{kill['failover_added_latency_max_s']:.3f} s).",
+            f"{kill['unary_latency_spanning_kill_max_s']:.3f} s (at most "
+            f"{kill['moved_call_added_latency_max_s']:.3f} s added, queueing on the survivor included). "
+            "Replica out of routing "
+            f"{bench_util.fmt(kill['replica_out_of_routing_after_s'], 3)} s after the kill.",
         ]
     return "\n".join(lines)
 
