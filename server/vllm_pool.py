@@ -18,7 +18,9 @@ What happens to calls when a replica dies:
 * a stream that has already sent tokens to its caller cannot resume elsewhere (another replica would
   sample different tokens), so it fails UNAVAILABLE saying how much was sent and that the call may be
   retried;
-* a call that has tried every healthy replica, or finds none, fails UNAVAILABLE.
+* a call that has tried every healthy replica fails UNAVAILABLE with the last replica's error. When no replica
+  is healthy, a call tries each of them anyway (the marks may be stale; one that is down refuses at once), so a
+  single-replica gateway behaves as a plain client of that replica.
 
 A replica that stops answering without closing its connections (a lost node rather than a killed process)
 fails its calls only at the silence timeout; the health probe has taken it out of routing for new calls
@@ -200,9 +202,20 @@ class VLLMPool:
         for replica in done:
             await replica.client.aclose()
 
-    def pick(self, tried: Sequence[Replica] = ()) -> Replica | None:
-        """The healthy replica not in ``tried`` with the fewest outstanding calls; None if there is none."""
-        candidates = [replica for replica in self._replicas.values() if replica.healthy and replica not in tried]
+    def any_healthy(self) -> bool:
+        return any(replica.healthy for replica in self._replicas.values())
+
+    def pick(self, tried: Sequence[Replica] = (), *, unhealthy_too: bool = False) -> Replica | None:
+        """The healthy replica not in ``tried`` with the fewest outstanding calls; None if there is none.
+
+        ``unhealthy_too`` (when no replica is healthy) picks among all: the marks may be stale, and a replica
+        that is really down refuses at once, with the error saying why.
+        """
+        candidates = [
+            replica
+            for replica in self._replicas.values()
+            if (replica.healthy or unhealthy_too) and replica not in tried
+        ]
         if not candidates:
             return None
         # Rotating where ties start spreads an idle pool's calls evenly instead of always picking the first.
@@ -222,13 +235,10 @@ class VLLMPool:
 
     def _no_replica(self, tried: Sequence[Replica], last_error: GatewayError | None) -> GatewayError:
         if last_error is not None:
-            return unavailable(
-                f"{last_error.message} (tried {len(tried)} of {len(self._replicas)} vLLM replicas, every healthy one)"
-            )
-        reasons = "; ".join(f"{r.url}: {r.failure or 'unhealthy'}" for r in self._replicas.values())
-        return unavailable(
-            f"no healthy vLLM replica among {self.base_url} ({reasons or 'none resolved'}); retry in a few seconds"
-        )
+            if len(self._replicas) == 1:
+                return last_error
+            return unavailable(f"{last_error.message} (tried {len(tried)} of {len(self._replicas)} vLLM replicas)")
+        return unavailable(f"no vLLM replica resolved from {self.base_url}; retry in a few seconds")
 
     async def _with_failover(
         self, call: Callable[[VLLMClient, float | None], Awaitable[Result]], timeout: float | None
@@ -237,7 +247,8 @@ class VLLMPool:
         deadline = None if timeout is None else time.monotonic() + timeout
         tried: list[Replica] = []
         last_error: GatewayError | None = None
-        while (replica := self.pick(tried)) is not None:
+        unhealthy_too = not self.any_healthy()
+        while (replica := self.pick(tried, unhealthy_too=unhealthy_too)) is not None:
             tried.append(replica)
             replica.outstanding += 1
             try:
@@ -271,7 +282,8 @@ class VLLMPool:
         deadline = None if timeout is None else time.monotonic() + timeout
         tried: list[Replica] = []
         last_error: GatewayError | None = None
-        while (replica := self.pick(tried)) is not None:
+        unhealthy_too = not self.any_healthy()
+        while (replica := self.pick(tried, unhealthy_too=unhealthy_too)) is not None:
             tried.append(replica)
             replica.outstanding += 1
             stream = replica.client.complete_stream(model, prompt, sampling, _remaining(deadline))

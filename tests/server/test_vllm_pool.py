@@ -179,15 +179,48 @@ async def test_a_replica_failing_health_gets_no_calls_until_it_passes_again(
     assert {await generated_by(pool) for _ in range(6)} == {1, 2}
 
 
-async def test_no_healthy_replica_fails_unavailable_naming_each(pool: VLLMPool, replicas: list[Replica]) -> None:
+async def test_with_no_replica_healthy_each_is_still_tried(pool: VLLMPool, replicas: list[Replica]) -> None:
+    """Health marks may be stale: with none healthy a call tries them all, and one that answers serves it."""
     for replica in replicas:
         replica.health_status = 503
     assert not await pool.healthy()
+    assert await generated_by(pool) in (1, 2)
+    await replicas[0].stop()
+    await replicas[1].stop()
     with pytest.raises(GatewayError) as raised:
         await generated_by(pool)
     assert raised.value.code == grpc.StatusCode.UNAVAILABLE
-    assert "no healthy vLLM replica" in raised.value.message
-    assert all(f"{replica.url}: its /health probe failed" in raised.value.message for replica in replicas)
+    assert "is unreachable" in raised.value.message and "tried 2 of 2 vLLM replicas" in raised.value.message
+
+
+async def test_one_dead_replica_fails_calls_with_its_own_error(replicas: list[Replica]) -> None:
+    """A single replica: the pool adds nothing to the error a plain client of it would give."""
+    await replicas[0].stop()
+    pool = VLLMPool(replicas[0].url)
+    try:
+        for _ in range(2):  # the second call finds it marked out of routing, and still tries it
+            with pytest.raises(GatewayError) as raised:
+                await generated_by(pool)
+            assert raised.value.code == grpc.StatusCode.UNAVAILABLE
+            assert raised.value.message.startswith(f"the vLLM backend at {replicas[0].url} is unreachable")
+            assert raised.value.message.endswith("retry in a few seconds")
+    finally:
+        await pool.aclose()
+
+
+async def test_an_empty_dns_answer_fails_unavailable() -> None:
+    async def nothing(host: str, port: int) -> list[str]:
+        return []
+
+    pool = VLLMPool("dns+http://vllm-headless:8000", resolve=nothing)
+    try:
+        assert not await pool.healthy()
+        with pytest.raises(GatewayError) as raised:
+            await generated_by(pool)
+        assert raised.value.code == grpc.StatusCode.UNAVAILABLE
+        assert "no vLLM replica resolved from dns+http://vllm-headless:8000" in raised.value.message
+    finally:
+        await pool.aclose()
 
 
 async def test_a_unary_call_on_a_dead_replica_is_retried_on_another(pool: VLLMPool, replicas: list[Replica]) -> None:
