@@ -5,6 +5,7 @@
 #   make proto   regenerate the Python code from protos/
 #   make bench   run the benchmarks (peers included) and rewrite docs/performance.md; bench-smoke: a quick check they run
 #   make soak    3 minutes of 64 clients against a local stack: errors, latency, memory and queue over time
+#   make k8s-check  render deploy/k8s overlays and validate them against the Kubernetes and KEDA schemas
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -54,3 +55,8 @@ bench-smoke: system-deps bench-deps
 
 soak: system-deps $(STAMP)
 	$(BIN)/python benchmarks/soak.py
+
+# Render every Kubernetes overlay and validate it offline (also part of `make test`); docs/deploy.md.
+.PHONY: k8s-check
+k8s-check: $(STAMP)
+	$(BIN)/python -m pytest tests/deploy -q

@@ -1,10 +1,11 @@
 """A stand-in for vLLM's OpenAI server that answers instantly, to measure what the gateway itself costs.
 
-    python benchmarks/fake_vllm.py --port 8001 [--token-ms 0] [--model smollm2-135m-instruct]
+    python benchmarks/fake_vllm.py --port 8001 [--token-ms 0] [--max-running 0] [--model smollm2-135m-instruct]
 
 Serves what the gateway calls: GET /health, GET /v1/models, POST /tokenize and POST /v1/completions (unary and
 SSE streaming, with ``return_token_ids`` and ``logprobs``), in vLLM's response shapes. Every completion has exactly
-``max_tokens`` tokens; ``--token-ms`` sleeps that long per token to imitate decoding. With no model behind it, the
+``max_tokens`` tokens; ``--token-ms`` sleeps that long per token to imitate decoding, and ``--max-running`` caps how
+many completions decode at once, like a replica's batch capacity. With no model behind it, the
 time a request spends here is ~0, so "through the gateway" minus "straight here" is the gateway's own cost.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -28,11 +30,13 @@ WORDS = ("the", " quick", " brown", " fox", " jumps", " over", " a", " lazy", " 
 
 
 class FakeVLLM:
-    def __init__(self, model: str, token_seconds: float, max_model_len: int = 2048) -> None:
+    def __init__(self, model: str, token_seconds: float, max_model_len: int = 2048, max_running: int = 0) -> None:
         self.model = model
         self.token_seconds = token_seconds
         self.max_model_len = max_model_len
         self._counter = 0
+        # A replica's capacity: at most this many completions decode at once, the rest queue (0: no limit).
+        self._slots = asyncio.Semaphore(max_running) if max_running else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -63,10 +67,11 @@ class FakeVLLM:
             await _send_json(send, {"tokens": self._prompt_ids(request.get("prompt") or "x")})
         elif method == "POST" and path == "/v1/completions":
             request = json.loads(body)
-            if request.get("stream"):
-                await self._stream(send, request)
-            else:
-                await self._unary(send, request)
+            async with self._slots or contextlib.nullcontext():
+                if request.get("stream"):
+                    await self._stream(send, request)
+                else:
+                    await self._unary(send, request)
         else:
             await _send_json(send, {"error": {"message": f"no route {method} {path}"}}, status=404)
 
@@ -186,8 +191,11 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--token-ms", type=float, default=0.0, help="simulated decode time per token")
+    parser.add_argument(
+        "--max-running", type=int, default=0, help="completions decoding at once, the rest queue (0: no limit)"
+    )
     args = parser.parse_args()
-    app = FakeVLLM(args.model, args.token_ms / 1000)
+    app = FakeVLLM(args.model, args.token_ms / 1000, max_running=args.max_running)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
 

@@ -79,6 +79,9 @@ BENCHMARKS = (
     ),
     Benchmark("explainer_vs_peers", "Explainer vs peer libraries", "explainer_vs_peers.py"),
     Benchmark("soak", "Soak: concurrent clients mixing streams and explanations (errors, memory, queue)", "soak.py"),
+    Benchmark(
+        "scale_out", "Scaling out: explainer workers, gateways sharing Redis, vLLM replica failover", "scale_out.py"
+    ),
 )
 
 

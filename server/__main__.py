@@ -39,6 +39,11 @@ def main() -> None:
         default=defaults.tls_client_ca_file,
         help="PEM CA bundle; clients must present a certificate it signed (SIGHTLINE_TLS_CLIENT_CA)",
     )
+    parser.add_argument(
+        "--health-listen",
+        default=defaults.health_listen,
+        help="extra plaintext address serving only grpc.health.v1, for probes (SIGHTLINE_HEALTH_LISTEN)",
+    )
     args = parser.parse_args()
     settings = dataclasses.replace(
         defaults,
@@ -48,6 +53,7 @@ def main() -> None:
         tls_cert_file=args.tls_cert,
         tls_key_file=args.tls_key,
         tls_client_ca_file=args.tls_client_ca,
+        health_listen=args.health_listen,
     )
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s gateway %(levelname)s %(name)s: %(message)s")

@@ -25,12 +25,16 @@ from server.rpc import DecodeErrorsAsInvalidArgument
 from server.servicers import ExplanationsServicer, Gateway, InferenceServicer
 from server.shutdown import DrainingInterceptor
 from server.tls import server_credentials
-from server.vllm_client import ServedModel, VLLMClient
+from server.vllm_client import ServedModel
+from server.vllm_pool import VLLMPool
 
 log = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 EXPLANATIONS_SERVICE = explanations_pb2.DESCRIPTOR.services_by_name["ExplanationsService"].full_name
+# SERVING from start to shutdown whatever the dependencies say: what a liveness probe asks (a gateway whose vLLM
+# is down is alive and must not be restarted for it; its readiness, INFERENCE_SERVICE, says it cannot generate).
+LIVENESS_SERVICE = "sightline.gateway.liveness"
 
 
 class DependencyMonitor:
@@ -40,7 +44,7 @@ class DependencyMonitor:
     explainer; the overall status ("") is SERVING only when both are.
     """
 
-    def __init__(self, vllm: VLLMClient, broker: ExplanationBroker, health_servicer: health.HealthServicer) -> None:
+    def __init__(self, vllm: VLLMPool, broker: ExplanationBroker, health_servicer: health.HealthServicer) -> None:
         self._vllm = vllm
         self._broker = broker
         self._health = health_servicer
@@ -87,7 +91,7 @@ async def serve(settings: GatewaySettings, *, ready: asyncio.Event | None = None
     credentials = server_credentials(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
     _log_security(settings, authenticator, tls=credentials is not None)
 
-    vllm = VLLMClient(settings.vllm_url, silence_timeout=settings.vllm_silence_timeout_seconds)
+    vllm = VLLMPool(settings.vllm_url, silence_timeout=settings.vllm_silence_timeout_seconds)
     redis_client = aioredis.from_url(
         settings.redis_url,
         socket_connect_timeout=1,
@@ -127,10 +131,17 @@ async def serve(settings: GatewaySettings, *, ready: asyncio.Event | None = None
     else:
         server.add_secure_port(settings.listen, credentials)
 
+    # Kubelet's gRPC probes speak plaintext only: with TLS on, they need a port of their own that serves health alone.
+    health_server = _health_only_server(settings.health_listen, health_servicer)
+    health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+
     await monitor.check_once()
     broker.start()
     monitor_task = asyncio.create_task(monitor.run(settings.health_interval_seconds))
     await server.start()
+    if health_server is not None:
+        await health_server.start()
+        log.info("grpc.health.v1 alone, plaintext, on %s", settings.health_listen)
     log.info(
         "gateway listening on %s (%s; vLLM %s, Redis %s)",
         settings.listen,
@@ -153,12 +164,23 @@ async def serve(settings: GatewaySettings, *, ready: asyncio.Event | None = None
         if not await drain.wait_idle(settings.shutdown_grace_seconds):
             log.warning("shutdown grace over: cancelling %d calls still in flight", drain.in_flight)
         await server.stop(grace=None)
+        if health_server is not None:
+            await health_server.stop(grace=None)
         monitor_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await monitor_task
         await broker.stop()
         await vllm.aclose()
         await redis_client.aclose()
+
+
+def _health_only_server(listen: str | None, health_servicer: health.HealthServicer) -> grpc.aio.Server | None:
+    if not listen:
+        return None
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    server.add_insecure_port(listen)
+    return server
 
 
 def _log_security(settings: GatewaySettings, authenticator: Authenticator, *, tls: bool) -> None:

@@ -45,6 +45,8 @@ class GatewaySettings:
     shutdown_grace_seconds: float = 25.0
     # How long vLLM may send nothing on a call before it fails UNAVAILABLE (server/vllm_client.py).
     vllm_silence_timeout_seconds: float = SILENCE_TIMEOUT_SECONDS
+    # A second, plaintext port serving only grpc.health.v1, for probes that cannot speak TLS (Kubernetes' gRPC probes).
+    health_listen: str | None = None
 
     @classmethod
     def from_env(cls) -> GatewaySettings:
@@ -72,4 +74,5 @@ class GatewaySettings:
             vllm_silence_timeout_seconds=float(
                 env.get("SIGHTLINE_VLLM_SILENCE_TIMEOUT_SECONDS", cls.vllm_silence_timeout_seconds)
             ),
+            health_listen=env.get("SIGHTLINE_HEALTH_LISTEN") or None,
         )

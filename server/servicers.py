@@ -36,7 +36,8 @@ from server.validation import (
     served_logprobs,
     token_ids,
 )
-from server.vllm_client import CompletionChunk, Prompt, Sampling, ServedModel, VLLMClient
+from server.vllm_client import CompletionChunk, Prompt, Sampling, ServedModel
+from server.vllm_pool import VLLMPool
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("sightline.gateway")
@@ -177,7 +178,7 @@ class Gateway:
     def __init__(
         self,
         settings: GatewaySettings,
-        vllm: VLLMClient,
+        vllm: VLLMPool,
         broker: ExplanationBroker,
         models: ModelSource,
         authenticator: Authenticator,
