@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -25,7 +27,7 @@ from server.auth import Authenticator
 from server.config import GatewaySettings
 from server.costs import PlannedMethod, check_cost
 from server.errors import GatewayError, invalid_argument, not_found, shown, unavailable
-from server.explanations import ExplanationBroker
+from server.explanations import ExplanationBroker, ExplanationSlot
 from server.limits import Tenant, TenantLimiter
 from server.validation import (
     chat_messages,
@@ -260,6 +262,14 @@ class Gateway:
             await self.broker.check_backlog()
         return PreparedGeneration(request_id, model, sampling, plan, prompt)
 
+    def explanation_slot(
+        self, plan: ExplanationPlan | None, tenant: Tenant
+    ) -> AbstractAsyncContextManager[ExplanationSlot | None]:
+        """For a generation to explain, one of the tenant's explanation slots, taken before generating (so a
+        tenant at its limit is refused before any generation, as with every other limit) and given back if the
+        block ends without enqueueing the job; nothing for a generation without an explanation."""
+        return self.broker.reserve(tenant) if plan is not None else contextlib.nullcontext()
+
     async def explain(
         self,
         plan: ExplanationPlan,
@@ -269,23 +279,27 @@ class Gateway:
         context: grpc.aio.ServicerContext,
         served_logprobs: list[float] | None,
         tenant: Tenant,
+        slot: ExplanationSlot | None = None,
     ) -> types_pb2.Explanation:
-        """Enqueue an explanation for the tenant; in SYNC mode wait for it until just before the deadline."""
+        """Enqueue an explanation for the tenant, in ``slot`` if one was taken before generating, else in a slot
+        taken now; in SYNC mode wait for it until just before the deadline."""
         if not output_tokens:
             raise invalid_argument("there are no generated tokens to explain")
         num_tokens = len(prompt_token_ids) + len(output_tokens)
         check_options_fit(plan.options, num_tokens, len(output_tokens))
         plan.check_cost(num_tokens, len(output_tokens), tenant)
-        record = await self.broker.submit(
-            tenant=tenant,
-            model=model,
-            prompt_token_ids=prompt_token_ids,
-            output_tokens=output_tokens,
-            served_logprobs=served_logprobs,
-            methods=[m.request for m in plan.methods],
-            options=plan.options,
-            trace_id=trace_id_hex(trace.get_current_span()),
-        )
+        async with contextlib.nullcontext(slot) if slot is not None else self.broker.reserve(tenant) as taken:
+            record = await self.broker.submit(
+                slot=taken,
+                tenant=tenant,
+                model=model,
+                prompt_token_ids=prompt_token_ids,
+                output_tokens=output_tokens,
+                served_logprobs=served_logprobs,
+                methods=[m.request for m in plan.methods],
+                options=plan.options,
+                trace_id=trace_id_hex(trace.get_current_span()),
+            )
         if plan.mode == types_pb2.EXPLAIN_MODE_ASYNC:
             return record
         remaining = context.time_remaining()
@@ -319,34 +333,36 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         gateway = self.gateway
         prepared = await gateway.prepare_generation(request, context, tenant)
         model, plan = prepared.model, prepared.plan
-        completion = await gateway.vllm.complete(model.name, prepared.prompt, prepared.sampling, _timeout(context))
-        output_tokens = _output_tokens(completion)
-        response = inference_pb2.GenerateResponse(
-            request_id=prepared.request_id,
-            trace_id=trace_id_hex(trace.get_current_span()),
-            model=model.name,
-            text=completion.text,
-            prompt_token_ids=completion.prompt_token_ids or [],
-            output_tokens=output_tokens,
-            finish_reason=FINISH_REASONS.get(completion.finish_reason or "", types_pb2.FINISH_REASON_UNSPECIFIED),
-            usage=types_pb2.Usage(
-                input_tokens=completion.input_tokens or 0, output_tokens=completion.output_tokens or 0
-            ),
-        )
-        if plan is not None:
-            explanation = await gateway.explain(
-                plan,
-                model.name,
-                response.prompt_token_ids,
-                output_tokens,
-                context,
-                _served_logprobs(output_tokens),
-                tenant,
+        async with gateway.explanation_slot(plan, tenant) as slot:
+            completion = await gateway.vllm.complete(model.name, prepared.prompt, prepared.sampling, _timeout(context))
+            output_tokens = _output_tokens(completion)
+            response = inference_pb2.GenerateResponse(
+                request_id=prepared.request_id,
+                trace_id=trace_id_hex(trace.get_current_span()),
+                model=model.name,
+                text=completion.text,
+                prompt_token_ids=completion.prompt_token_ids or [],
+                output_tokens=output_tokens,
+                finish_reason=FINISH_REASONS.get(completion.finish_reason or "", types_pb2.FINISH_REASON_UNSPECIFIED),
+                usage=types_pb2.Usage(
+                    input_tokens=completion.input_tokens or 0, output_tokens=completion.output_tokens or 0
+                ),
             )
-            response.explanation_id = explanation.explanation_id
-            if plan.mode != types_pb2.EXPLAIN_MODE_ASYNC:
-                response.explanation.CopyFrom(explanation)
-        return response
+            if plan is not None:
+                explanation = await gateway.explain(
+                    plan,
+                    model.name,
+                    response.prompt_token_ids,
+                    output_tokens,
+                    context,
+                    _served_logprobs(output_tokens),
+                    tenant,
+                    slot,
+                )
+                response.explanation_id = explanation.explanation_id
+                if plan.mode != types_pb2.EXPLAIN_MODE_ASYNC:
+                    response.explanation.CopyFrom(explanation)
+            return response
 
     @stream_rpc("sightline.v1.InferenceService/GenerateStream")
     async def GenerateStream(
@@ -359,38 +375,48 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         prompt_token_ids: list[int] = []
         all_output: list[types_pb2.Token] = []
         final = inference_pb2.GenerateStreamResponse(request_id=prepared.request_id, trace_id=trace_id)
-        stream = gateway.vllm.complete_stream(model.name, prepared.prompt, prepared.sampling, _timeout(context))
-        try:
-            async for chunk in stream:
-                if chunk.prompt_token_ids is not None:
-                    prompt_token_ids = chunk.prompt_token_ids
-                if chunk.finish_reason:
-                    final.finish_reason = FINISH_REASONS.get(chunk.finish_reason, types_pb2.FINISH_REASON_UNSPECIFIED)
-                if chunk.input_tokens is not None:
-                    final.usage.input_tokens = chunk.input_tokens
-                    final.usage.output_tokens = chunk.output_tokens or 0
-                tokens = _output_tokens(chunk)
-                if not tokens and not chunk.text and chunk.prompt_token_ids is None:
-                    continue
-                all_output.extend(tokens)
-                yield inference_pb2.GenerateStreamResponse(
-                    request_id=prepared.request_id,
-                    trace_id=trace_id,
-                    output_tokens=tokens,
-                    text_delta=chunk.text,
-                    prompt_token_ids=chunk.prompt_token_ids or [],
+        async with gateway.explanation_slot(plan, tenant) as slot:
+            stream = gateway.vllm.complete_stream(model.name, prepared.prompt, prepared.sampling, _timeout(context))
+            try:
+                async for chunk in stream:
+                    if chunk.prompt_token_ids is not None:
+                        prompt_token_ids = chunk.prompt_token_ids
+                    if chunk.finish_reason:
+                        final.finish_reason = FINISH_REASONS.get(
+                            chunk.finish_reason, types_pb2.FINISH_REASON_UNSPECIFIED
+                        )
+                    if chunk.input_tokens is not None:
+                        final.usage.input_tokens = chunk.input_tokens
+                        final.usage.output_tokens = chunk.output_tokens or 0
+                    tokens = _output_tokens(chunk)
+                    if not tokens and not chunk.text and chunk.prompt_token_ids is None:
+                        continue
+                    all_output.extend(tokens)
+                    yield inference_pb2.GenerateStreamResponse(
+                        request_id=prepared.request_id,
+                        trace_id=trace_id,
+                        output_tokens=tokens,
+                        text_delta=chunk.text,
+                        prompt_token_ids=chunk.prompt_token_ids or [],
+                    )
+            finally:
+                # Closing the upstream stream on cancellation is what makes vLLM abort the request.
+                await stream.aclose()  # type: ignore[attr-defined]
+            if plan is not None:
+                explanation = await gateway.explain(
+                    plan,
+                    model.name,
+                    prompt_token_ids,
+                    all_output,
+                    context,
+                    _served_logprobs(all_output),
+                    tenant,
+                    slot,
                 )
-        finally:
-            # Closing the upstream stream on cancellation is what makes vLLM abort the request.
-            await stream.aclose()  # type: ignore[attr-defined]
-        if plan is not None:
-            explanation = await gateway.explain(
-                plan, model.name, prompt_token_ids, all_output, context, _served_logprobs(all_output), tenant
-            )
-            final.explanation_id = explanation.explanation_id
-            if plan.mode != types_pb2.EXPLAIN_MODE_ASYNC:
-                final.explanation.CopyFrom(explanation)
-        yield final
+                final.explanation_id = explanation.explanation_id
+                if plan.mode != types_pb2.EXPLAIN_MODE_ASYNC:
+                    final.explanation.CopyFrom(explanation)
+            yield final
 
 
 class ExplanationsServicer(explanations_pb2_grpc.ExplanationsServiceServicer):
