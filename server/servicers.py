@@ -49,6 +49,18 @@ FINISH_REASONS = {
     "abort": types_pb2.FINISH_REASON_ABORT,
 }
 
+
+def _finish_reason(
+    reason: str | None, *, num_tokens: int, num_generated: int, sampling: Sampling, model: ServedModel
+) -> types_pb2.FinishReason:
+    """vLLM's finish reason as the API's. vLLM silently cuts max_tokens to what the context window leaves and then
+    says "length" either way; a generation that stopped short of max_tokens with the window full is told apart."""
+    window_full = num_tokens >= model.max_model_len and num_generated < sampling.max_tokens
+    if reason == "length" and window_full:
+        return types_pb2.FINISH_REASON_CONTEXT_LENGTH
+    return FINISH_REASONS.get(reason or "", types_pb2.FINISH_REASON_UNSPECIFIED)
+
+
 Request = TypeVar("Request")
 Response = TypeVar("Response")
 
@@ -343,7 +355,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 text=completion.text,
                 prompt_token_ids=completion.prompt_token_ids or [],
                 output_tokens=output_tokens,
-                finish_reason=FINISH_REASONS.get(completion.finish_reason or "", types_pb2.FINISH_REASON_UNSPECIFIED),
+                finish_reason=_finish_reason(
+                    completion.finish_reason,
+                    num_tokens=len(completion.prompt_token_ids or []) + len(output_tokens),
+                    num_generated=len(output_tokens),
+                    sampling=prepared.sampling,
+                    model=model,
+                ),
                 usage=types_pb2.Usage(
                     input_tokens=completion.input_tokens or 0, output_tokens=completion.output_tokens or 0
                 ),
@@ -374,6 +392,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         trace_id = trace_id_hex(trace.get_current_span())
         prompt_token_ids: list[int] = []
         all_output: list[types_pb2.Token] = []
+        vllm_finish_reason: str | None = None
         final = inference_pb2.GenerateStreamResponse(request_id=prepared.request_id, trace_id=trace_id)
         async with gateway.explanation_slot(plan, tenant) as slot:
             stream = gateway.vllm.complete_stream(model.name, prepared.prompt, prepared.sampling, _timeout(context))
@@ -382,9 +401,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     if chunk.prompt_token_ids is not None:
                         prompt_token_ids = chunk.prompt_token_ids
                     if chunk.finish_reason:
-                        final.finish_reason = FINISH_REASONS.get(
-                            chunk.finish_reason, types_pb2.FINISH_REASON_UNSPECIFIED
-                        )
+                        vllm_finish_reason = chunk.finish_reason
                     if chunk.input_tokens is not None:
                         final.usage.input_tokens = chunk.input_tokens
                         final.usage.output_tokens = chunk.output_tokens or 0
@@ -402,6 +419,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             finally:
                 # Closing the upstream stream on cancellation is what makes vLLM abort the request.
                 await stream.aclose()  # type: ignore[attr-defined]
+            if vllm_finish_reason is not None:
+                final.finish_reason = _finish_reason(
+                    vllm_finish_reason,
+                    num_tokens=len(prompt_token_ids) + len(all_output),
+                    num_generated=len(all_output),
+                    sampling=prepared.sampling,
+                    model=model,
+                )
             if plan is not None:
                 explanation = await gateway.explain(
                     plan,
