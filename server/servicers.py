@@ -342,106 +342,124 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext, tenant: Tenant
     ) -> inference_pb2.GenerateResponse:
+        prepared = await self.gateway.prepare_generation(request, context, tenant)
+        async with self.gateway.explanation_slot(prepared.plan, tenant) as slot:
+            return await self._generate(prepared, context, tenant, slot)
+
+    async def _generate(
+        self,
+        prepared: PreparedGeneration,
+        context: grpc.aio.ServicerContext,
+        tenant: Tenant,
+        slot: ExplanationSlot | None,
+    ) -> inference_pb2.GenerateResponse:
+        """Generate, then enqueue the explanation in ``slot``, taken before generating, if one is asked for."""
         gateway = self.gateway
-        prepared = await gateway.prepare_generation(request, context, tenant)
         model, plan = prepared.model, prepared.plan
-        async with gateway.explanation_slot(plan, tenant) as slot:
-            completion = await gateway.vllm.complete(model.name, prepared.prompt, prepared.sampling, _timeout(context))
-            output_tokens = _output_tokens(completion)
-            response = inference_pb2.GenerateResponse(
-                request_id=prepared.request_id,
-                trace_id=trace_id_hex(trace.get_current_span()),
-                model=model.name,
-                text=completion.text,
-                prompt_token_ids=completion.prompt_token_ids or [],
-                output_tokens=output_tokens,
-                finish_reason=_finish_reason(
-                    completion.finish_reason,
-                    num_tokens=len(completion.prompt_token_ids or []) + len(output_tokens),
-                    num_generated=len(output_tokens),
-                    sampling=prepared.sampling,
-                    model=model,
-                ),
-                usage=types_pb2.Usage(
-                    input_tokens=completion.input_tokens or 0, output_tokens=completion.output_tokens or 0
-                ),
+        completion = await gateway.vllm.complete(model.name, prepared.prompt, prepared.sampling, _timeout(context))
+        output_tokens = _output_tokens(completion)
+        response = inference_pb2.GenerateResponse(
+            request_id=prepared.request_id,
+            trace_id=trace_id_hex(trace.get_current_span()),
+            model=model.name,
+            text=completion.text,
+            prompt_token_ids=completion.prompt_token_ids or [],
+            output_tokens=output_tokens,
+            finish_reason=_finish_reason(
+                completion.finish_reason,
+                num_tokens=len(completion.prompt_token_ids or []) + len(output_tokens),
+                num_generated=len(output_tokens),
+                sampling=prepared.sampling,
+                model=model,
+            ),
+            usage=types_pb2.Usage(
+                input_tokens=completion.input_tokens or 0, output_tokens=completion.output_tokens or 0
+            ),
+        )
+        if plan is not None:
+            explanation = await gateway.explain(
+                plan,
+                model.name,
+                response.prompt_token_ids,
+                output_tokens,
+                context,
+                _served_logprobs(output_tokens),
+                tenant,
+                slot,
             )
-            if plan is not None:
-                explanation = await gateway.explain(
-                    plan,
-                    model.name,
-                    response.prompt_token_ids,
-                    output_tokens,
-                    context,
-                    _served_logprobs(output_tokens),
-                    tenant,
-                    slot,
-                )
-                response.explanation_id = explanation.explanation_id
-                if plan.mode != types_pb2.EXPLAIN_MODE_ASYNC:
-                    response.explanation.CopyFrom(explanation)
-            return response
+            response.explanation_id = explanation.explanation_id
+            if plan.mode != types_pb2.EXPLAIN_MODE_ASYNC:
+                response.explanation.CopyFrom(explanation)
+        return response
 
     @stream_rpc("sightline.v1.InferenceService/GenerateStream")
     async def GenerateStream(
         self, request: inference_pb2.GenerateStreamRequest, context: grpc.aio.ServicerContext, tenant: Tenant
     ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
+        prepared = await self.gateway.prepare_generation(request, context, tenant)
+        async with (
+            self.gateway.explanation_slot(prepared.plan, tenant) as slot,
+            # Closed explicitly, so a cancelled call closes the vLLM stream (aborting it) before the slot goes back.
+            contextlib.aclosing(self._generate_stream(prepared, context, tenant, slot)) as responses,
+        ):
+            async for response in responses:
+                yield response
+
+    async def _generate_stream(
+        self,
+        prepared: PreparedGeneration,
+        context: grpc.aio.ServicerContext,
+        tenant: Tenant,
+        slot: ExplanationSlot | None,
+    ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
+        """Stream the generation, then enqueue the explanation in ``slot``, taken before generating, if asked."""
         gateway = self.gateway
-        prepared = await gateway.prepare_generation(request, context, tenant)
         model, plan = prepared.model, prepared.plan
         trace_id = trace_id_hex(trace.get_current_span())
         prompt_token_ids: list[int] = []
         all_output: list[types_pb2.Token] = []
         vllm_finish_reason: str | None = None
         final = inference_pb2.GenerateStreamResponse(request_id=prepared.request_id, trace_id=trace_id)
-        async with gateway.explanation_slot(plan, tenant) as slot:
-            stream = gateway.vllm.complete_stream(model.name, prepared.prompt, prepared.sampling, _timeout(context))
-            try:
-                async for chunk in stream:
-                    if chunk.prompt_token_ids is not None:
-                        prompt_token_ids = chunk.prompt_token_ids
-                    if chunk.finish_reason:
-                        vllm_finish_reason = chunk.finish_reason
-                    if chunk.input_tokens is not None:
-                        final.usage.input_tokens = chunk.input_tokens
-                        final.usage.output_tokens = chunk.output_tokens or 0
-                    tokens = _output_tokens(chunk)
-                    if not tokens and not chunk.text and chunk.prompt_token_ids is None:
-                        continue
-                    all_output.extend(tokens)
-                    yield inference_pb2.GenerateStreamResponse(
-                        request_id=prepared.request_id,
-                        trace_id=trace_id,
-                        output_tokens=tokens,
-                        text_delta=chunk.text,
-                        prompt_token_ids=chunk.prompt_token_ids or [],
-                    )
-            finally:
-                # Closing the upstream stream on cancellation is what makes vLLM abort the request.
-                await stream.aclose()  # type: ignore[attr-defined]
-            if vllm_finish_reason is not None:
-                final.finish_reason = _finish_reason(
-                    vllm_finish_reason,
-                    num_tokens=len(prompt_token_ids) + len(all_output),
-                    num_generated=len(all_output),
-                    sampling=prepared.sampling,
-                    model=model,
+        stream = gateway.vllm.complete_stream(model.name, prepared.prompt, prepared.sampling, _timeout(context))
+        try:
+            async for chunk in stream:
+                if chunk.prompt_token_ids is not None:
+                    prompt_token_ids = chunk.prompt_token_ids
+                if chunk.finish_reason:
+                    vllm_finish_reason = chunk.finish_reason
+                if chunk.input_tokens is not None:
+                    final.usage.input_tokens = chunk.input_tokens
+                    final.usage.output_tokens = chunk.output_tokens or 0
+                tokens = _output_tokens(chunk)
+                if not tokens and not chunk.text and chunk.prompt_token_ids is None:
+                    continue
+                all_output.extend(tokens)
+                yield inference_pb2.GenerateStreamResponse(
+                    request_id=prepared.request_id,
+                    trace_id=trace_id,
+                    output_tokens=tokens,
+                    text_delta=chunk.text,
+                    prompt_token_ids=chunk.prompt_token_ids or [],
                 )
-            if plan is not None:
-                explanation = await gateway.explain(
-                    plan,
-                    model.name,
-                    prompt_token_ids,
-                    all_output,
-                    context,
-                    _served_logprobs(all_output),
-                    tenant,
-                    slot,
-                )
-                final.explanation_id = explanation.explanation_id
-                if plan.mode != types_pb2.EXPLAIN_MODE_ASYNC:
-                    final.explanation.CopyFrom(explanation)
-            yield final
+        finally:
+            # Closing the upstream stream on cancellation is what makes vLLM abort the request.
+            await stream.aclose()  # type: ignore[attr-defined]
+        if vllm_finish_reason is not None:
+            final.finish_reason = _finish_reason(
+                vllm_finish_reason,
+                num_tokens=len(prompt_token_ids) + len(all_output),
+                num_generated=len(all_output),
+                sampling=prepared.sampling,
+                model=model,
+            )
+        if plan is not None:
+            explanation = await gateway.explain(
+                plan, model.name, prompt_token_ids, all_output, context, _served_logprobs(all_output), tenant, slot
+            )
+            final.explanation_id = explanation.explanation_id
+            if plan.mode != types_pb2.EXPLAIN_MODE_ASYNC:
+                final.explanation.CopyFrom(explanation)
+        yield final
 
 
 class ExplanationsServicer(explanations_pb2_grpc.ExplanationsServiceServicer):
