@@ -6,7 +6,7 @@ import contextlib
 import functools
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -411,7 +411,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         context: grpc.aio.ServicerContext,
         tenant: Tenant,
         slot: ExplanationSlot | None,
-    ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
+    ) -> AsyncGenerator[inference_pb2.GenerateStreamResponse, None]:
         """Stream the generation, then enqueue the explanation in ``slot``, taken before generating, if asked."""
         gateway = self.gateway
         model, plan = prepared.model, prepared.plan
