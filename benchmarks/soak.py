@@ -26,6 +26,12 @@ full run, a process whose memory is not flat also makes the exit status 1. Reque
 count for errors but not for throughput or latency. The client runs on the same machine as the stack and competes
 with it for the CPU.
 
+The job stream must stay bounded too: workers delete acknowledged entries older than the retention
+(``--job-retention-s``, default 30 s here, given to the workers as SIGHTLINE_JOB_RETENTION_SECONDS) every
+TRIM_INTERVAL_S (60 s), so once that much time has passed, every sample's stream length must be at most its
+unfinished jobs plus the jobs added within the last retention + trim interval (+ slack for sampling and a job in
+hand). A full run whose stream breaks that bound (it grows without limit) also makes the exit status 1.
+
 ``--smoke`` runs the real gateway, Redis and explainer worker in front of benchmarks/fake_vllm.py (instant tokens,
 no model to start) with 8 clients for 15 s, so CI checks the script still runs; it asserts nothing about timings.
 Results: benchmarks/results/soak[_smoke].json and a Markdown summary on stdout.
@@ -60,6 +66,7 @@ from sightline.v1 import explanations_pb2, explanations_pb2_grpc, inference_pb2,
 from common.jobs import CATALOG_KEY, JOB_STREAM, WORKER_GROUP
 from deploy.local_stack import Child, LocalStack, StackConfig, free_port
 from explainers.embedded_model import default_model_dir
+from explainers.worker import TRIM_INTERVAL_S
 
 MODEL = "smollm2-135m-instruct"
 PROMPTS = (
@@ -81,6 +88,9 @@ INTENDED = "RESOURCE_EXHAUSTED"
 FLAT_FRACTION = 0.02
 FLAT_MIN_BYTES = 8 * 2**20
 MIB = 2**20
+# Beyond retention + trim interval, before a sample's stream length is held to the bound: a trim runs between jobs,
+# so one in hand delays it.
+STREAM_SLACK_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -263,10 +273,18 @@ class Sampler(threading.Thread):
             queue = {
                 "redis_used_memory": int(info["used_memory"]),
                 "stream_length": int(self._redis.xlen(JOB_STREAM)),
+                "jobs_added": self._jobs_added(),
                 "unfinished_jobs": self._unfinished(),
                 "keys": int(self._redis.dbsize()),
             }
         self.samples.append({"t_s": round(time.perf_counter() - self._began, 2), "rss": rss, "cpu_s": cpu, **queue})
+
+    def _jobs_added(self) -> int:
+        """Entries ever added to the job stream (Redis 7's XINFO STREAM entries-added; 0 before the first)."""
+        try:
+            return int(self._redis.xinfo_stream(JOB_STREAM).get("entries-added") or 0)
+        except redis.ResponseError:
+            return 0  # no stream yet
 
     def _unfinished(self) -> int:
         groups = self._redis.xinfo_groups(JOB_STREAM)
@@ -308,6 +326,29 @@ def memory_report(sampler: Sampler, warmup_s: float) -> dict[str, JsonDict]:
     return report
 
 
+def stream_report(samples: Sequence[JsonDict], retention_s: float, sample_s: float) -> JsonDict:
+    """Whether the job stream stayed within what trimming allows: at most the unfinished jobs plus those added
+    within the last retention + trim interval (+ slack), at each sample taken once that long has passed."""
+    horizon = retention_s + TRIM_INTERVAL_S + STREAM_SLACK_S + sample_s
+    queued = [s for s in samples if "jobs_added" in s]
+    excess: list[int] = []
+    for sample in queued:
+        before = [p for p in queued if p["t_s"] <= sample["t_s"] - horizon]
+        if before:
+            allowed = sample["jobs_added"] - before[-1]["jobs_added"] + sample["unfinished_jobs"]
+            excess.append(sample["stream_length"] - allowed)
+    return {
+        "retention_s": retention_s,
+        "trim_interval_s": TRIM_INTERVAL_S,
+        "horizon_s": horizon,
+        "stream_length_max": max((s["stream_length"] for s in queued), default=0),
+        "jobs_added_end": queued[-1]["jobs_added"] if queued else 0,
+        "judged_samples": len(excess),
+        "max_excess_over_bound": max(excess, default=None),
+        "bounded": None if not excess else max(excess) <= 0,
+    }
+
+
 def summarize(state: LoadState, duration_s: float, warmup_s: float) -> JsonDict:
     measured = [o for o in state.outcomes if o.started_s >= warmup_s]
     window_s = max(duration_s - warmup_s, 1e-9)
@@ -344,27 +385,35 @@ def summarize(state: LoadState, duration_s: float, warmup_s: float) -> JsonDict:
 
 
 @contextlib.contextmanager
-def real_stack(state_dir: Path, queue_bound: int) -> Iterator[tuple[str, str, dict[str, int]]]:
+def real_stack(state_dir: Path, queue_bound: int, retention_s: int) -> Iterator[tuple[str, str, dict[str, int]]]:
     config = StackConfig(
         model_dir=Path(os.environ.get("SIGHTLINE_MODEL_DIR", default_model_dir())),
         state_dir=state_dir,
         gateway_port=free_port(),
         vllm_port=free_port(),
         redis_port=free_port(),
-        extra_env={"SIGHTLINE_MAX_QUEUED_EXPLANATIONS": str(queue_bound)},
+        extra_env={
+            "SIGHTLINE_MAX_QUEUED_EXPLANATIONS": str(queue_bound),
+            "SIGHTLINE_JOB_RETENTION_SECONDS": str(retention_s),
+        },
     )
     with LocalStack(config, say=lambda line: print(line, file=sys.stderr, flush=True)) as stack:
         yield config.gateway_address, config.redis_url, {c.name: c.process.pid for c in stack.children}
 
 
 @contextlib.contextmanager
-def fake_vllm_stack(state_dir: Path, queue_bound: int) -> Iterator[tuple[str, str, dict[str, int]]]:
+def fake_vllm_stack(state_dir: Path, queue_bound: int, retention_s: int) -> Iterator[tuple[str, str, dict[str, int]]]:
     """Redis, benchmarks/fake_vllm.py, one real explainer worker and the real gateway, on free ports."""
     host, model_dir = "127.0.0.1", Path(os.environ.get("SIGHTLINE_MODEL_DIR", default_model_dir()))
     redis_url, vllm_url = f"redis://{host}:{free_port()}/0", f"http://{host}:{free_port()}"
     address = f"{host}:{free_port()}"
     env = dict(
-        os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"
+        os.environ,
+        PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        SIGHTLINE_JOB_RETENTION_SECONDS=str(retention_s),
     )
     python, logs = bench_util.PYTHON, state_dir / "logs"
     subprocess.run([python, "-m", "explainers.embedded_model", "--out", str(model_dir)], env=env, check=True)
@@ -403,6 +452,17 @@ def _serving(address: str) -> bool:
 
 def _mib(value: float) -> str:
     return fmt(value / MIB, 1)
+
+
+def _stream_line(stream: JsonDict) -> str:
+    verdict = {True: "bounded", False: "**over the bound**", None: "not judged (run shorter than the horizon)"}
+    return (
+        f"- Job stream growth: at most {stream['stream_length_max']} entries for {stream['jobs_added_end']} jobs "
+        f"added; held to unfinished + added in the last {stream['horizon_s']:.0f} s (retention "
+        f"{stream['retention_s']:.0f} s + trim every {stream['trim_interval_s']:.0f} s + slack) over "
+        f"{stream['judged_samples']} samples, worst excess {stream['max_excess_over_bound']}: "
+        f"{verdict[stream['bounded']]}."
+    )
 
 
 def render_markdown(result: JsonDict) -> str:
@@ -454,6 +514,7 @@ def render_markdown(result: JsonDict) -> str:
             f"{queue['unfinished_end']}; stream length {queue['stream_length_start']} → {queue['stream_length_end']}; "
             f"Redis used_memory {_mib(queue['redis_used_memory_start'])} → {_mib(queue['redis_used_memory_end'])} MiB "
             f"for {queue['keys_end']} keys.",
+            _stream_line(result["stream"]),
             "",
             kinds,
             "",
@@ -469,6 +530,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--warmup-s", type=float, help="default: 20%% of the duration")
     parser.add_argument("--queue-bound", type=int, default=32, help="SIGHTLINE_MAX_QUEUED_EXPLANATIONS for the gateway")
     parser.add_argument("--sample-s", type=float, default=2.0)
+    parser.add_argument(
+        "--job-retention-s",
+        type=int,
+        default=30,
+        help="SIGHTLINE_JOB_RETENTION_SECONDS for the workers: short, so that trimming shows within the run",
+    )
     parser.add_argument("--fake-backend", action="store_true", help="benchmarks/fake_vllm.py instead of vLLM")
     parser.add_argument("--smoke", action="store_true", help="fake vLLM, 8 clients, 15 s: CI checks it runs")
     parser.add_argument("--out", type=Path, help="default benchmarks/results/soak[_smoke].json")
@@ -482,7 +549,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     state_dir = Path(tempfile.mkdtemp(prefix="sightline-soak-"))
     stack = fake_vllm_stack if args.fake_backend else real_stack
     try:
-        with stack(state_dir, args.queue_bound) as (address, redis_url, processes):
+        with stack(state_dir, args.queue_bound, args.job_retention_s) as (address, redis_url, processes):
             sampler = Sampler(processes, redis_url, args.sample_s)
             sampler.start()
             print(f"load: {args.clients} clients for {args.duration_s:.0f} s", file=sys.stderr, flush=True)
@@ -498,6 +565,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     memory = memory_report(sampler, warmup_s)
     load = summarize(state, args.duration_s, warmup_s)
     memory_flat = all(row["flat"] is not False for row in memory.values())
+    stream = stream_report(samples, args.job_retention_s, args.sample_s)
     result: JsonDict = {
         "benchmark": "soak",
         "command": bench_util.command_line("soak.py", list(argv if argv is not None else sys.argv[1:])),
@@ -521,7 +589,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             "redis_used_memory_end": queued[-1]["redis_used_memory"] if queued else 0,
             "keys_end": queued[-1]["keys"] if queued else 0,
         },
-        "passed": not load["errors"] and (args.smoke or memory_flat),
+        "stream": stream,
+        "passed": not load["errors"] and (args.smoke or (memory_flat and stream["bounded"] is not False)),
         "samples": samples,
     }
     bench_util.write_result(out, result)

@@ -44,15 +44,31 @@ class GracefulShutdown:
     def _exit_after_grace(self) -> None:
         # Runs out the grace only when the main thread has not returned by then.
         time.sleep(self.grace_seconds)
-        held = self.worker.abandon_held_job() if self.worker is not None else None
+        try:
+            self._hand_back_held_job()
+        finally:
+            # Whatever became of the hand-back, this thread is the process's way out once the grace has run.
+            self._provider.force_flush(timeout_millis=2000)
+            os._exit(0)
+
+    def _hand_back_held_job(self) -> None:
+        try:
+            held = self.worker.abandon_held_job() if self.worker is not None else None
+        except redis.RedisError as exc:
+            # Exiting is what was asked, and Redis being down must not keep the worker up: the job stays pending in
+            # this worker's name, and another worker claims it once it has been idle for the claim timeout.
+            log.warning(
+                "could not hand the job in hand back (Redis: %s); exiting anyway: another worker claims it once it "
+                "has been idle for the claim timeout",
+                exc,
+            )
+            return
         if held is not None:
             log.warning(
                 "explanation %s not finished within the %.1f s shutdown grace; handed back to the other workers",
                 held.record.explanation_id,
                 self.grace_seconds,
             )
-        self._provider.force_flush(timeout_millis=2000)
-        os._exit(0)
 
 
 def env_option(

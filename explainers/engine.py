@@ -28,7 +28,7 @@ from explainers.aggregation import TokenGroup, aggregate, source_groups
 from explainers.backprop import RecordedLayers
 from explainers.faithfulness import faithfulness
 from explainers.hidden_cache import LAST_LAYER_DTYPE, STORAGE_DTYPE, DerivedTensors, HiddenStateCache
-from explainers.methods.base import AttributionContext, AttributionMethod, tensor_proto
+from explainers.methods.base import AttributionContext, AttributionMethod, ModelShape, tensor_proto
 from explainers.methods.registry import get_method
 from explainers.model import LoadedModel, forward_with_hidden_states
 from explainers.step_scores import Readout, read_out
@@ -63,7 +63,7 @@ def explain(
     Fills the computed fields; the caller owns id, state, timestamps, trace id and attempts.
     """
     options = options or ExplainOptions()
-    requested = _parse_methods(methods)
+    requested = _parse_methods(methods, ModelShape.of(loaded))
     _validate_input(loaded, prompt_ids, output_ids, served_logprobs)
     sequence = [*prompt_ids, *output_ids]
     token_ids = torch.tensor(sequence, dtype=torch.long)
@@ -178,13 +178,15 @@ def _float_matrix(packed: types_pb2.Tensor) -> torch.Tensor:
     return torch.from_numpy(values.copy())
 
 
-def _parse_methods(methods: Sequence[tuple[str, Mapping[str, object]]]) -> list[tuple[AttributionMethod[Any], Any]]:
+def _parse_methods(
+    methods: Sequence[tuple[str, Mapping[str, object]]], shape: ModelShape
+) -> list[tuple[AttributionMethod[Any], Any]]:
     parsed: list[tuple[AttributionMethod[Any], Any]] = []
     for name, params in methods:
         method = get_method(name)
         if any(seen.name == name for seen, _ in parsed):
             raise InvalidInputError(f"method {name!r} is requested twice; request each method once")
-        parsed.append((method, method.parse_params(params)))
+        parsed.append((method, method.parse_params(params, shape)))
     return parsed
 
 

@@ -58,6 +58,7 @@ from common.jobs import (
 from common.telemetry import context_from_traceparent
 from explainers.engine import explain
 from explainers.hidden_cache import HiddenStateCache
+from explainers.methods.base import ModelShape
 from explainers.methods.registry import method_infos
 from explainers.model import LoadedModel
 
@@ -132,7 +133,7 @@ class ExplainerWorker:
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
-        catalog = explanations_pb2.ListMethodsResponse(methods=method_infos())
+        catalog = explanations_pb2.ListMethodsResponse(methods=method_infos(ModelShape.of(self._loaded)))
         with self._redis.pipeline(transaction=True) as pipe:
             pipe.set(CATALOG_KEY, catalog.SerializeToString())
             pipe.hset(

@@ -15,12 +15,12 @@ import logging
 import math
 import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import cast
 
 import redis.asyncio as aioredis
 import redis.exceptions
-from google.protobuf import json_format
 from opentelemetry import trace
 from sightline.v1 import explanations_pb2, types_pb2
 
@@ -59,11 +59,24 @@ from server.errors import (
     unavailable,
 )
 from server.limits import Tenant, TenantLimiter
+from server.validation import method_params
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("sightline.gateway")
 
 FINAL_STATES = (types_pb2.EXPLANATION_STATE_SUCCEEDED, types_pb2.EXPLANATION_STATE_FAILED)
+
+
+@dataclass
+class ExplanationSlot:
+    """One of a tenant's concurrent-explanation slots, taken before generating, for the explanation to come.
+
+    Until its job is enqueued the slot is the gateway's to give back; from then on, the worker that writes the
+    job's final record gives it back.
+    """
+
+    explanation_id: str
+    enqueued: bool = False
 
 
 class ExplanationBroker:
@@ -119,12 +132,12 @@ class ExplanationBroker:
             raise invalid_argument(f"explain methods must be distinct; named more than once: {shown(repeated)}")
         catalog = {info.name: info for info in (await self.catalog()).methods}
         planned = []
-        for method in spec.methods:
+        for index, method in enumerate(spec.methods):
             info = catalog.get(method.name)
             if info is None:
                 known = ", ".join(sorted(catalog))
                 raise invalid_argument(f"unknown explain method {shown(method.name)}; available methods: {known}")
-            params = json_format.MessageToDict(method.params) if method.HasField("params") else {}
+            params = method_params(method, index)
             planned.append(PlannedMethod(MethodRequest(method.name, _typed_params(info, params)), info))
         return planned
 
@@ -165,9 +178,24 @@ class ExplanationBroker:
             raise unavailable(f"no explainer worker holds the weights of model {model!r}; start one for it")
         return ModelRecord.from_json(cast(bytes, record))
 
+    @contextlib.asynccontextmanager
+    async def reserve(self, tenant: Tenant) -> AsyncIterator[ExplanationSlot]:
+        """Take one of the tenant's explanation slots (RESOURCE_EXHAUSTED when it has none free) for the block;
+        given back when the block ends without having enqueued its job, however it ends."""
+        slot = ExplanationSlot(new_explanation_id())
+        await self._limiter.acquire_explanation(tenant, slot.explanation_id)
+        try:
+            yield slot
+        finally:
+            if not slot.enqueued:
+                # If Redis is gone, the slot's lease frees it.
+                with contextlib.suppress(GatewayError):
+                    await self._limiter.release_explanation(tenant, slot.explanation_id)
+
     async def submit(
         self,
         *,
+        slot: ExplanationSlot,
         tenant: Tenant,
         model: str,
         prompt_token_ids: Sequence[int],
@@ -177,8 +205,8 @@ class ExplanationBroker:
         options: ExplainOptions,
         trace_id: str,
     ) -> types_pb2.Explanation:
-        """Take one of the tenant's explanation slots, then write a PENDING record, index it under the
-        tenant and enqueue its job atomically; return the record."""
+        """Write a PENDING record under the slot's explanation id, index it under the tenant and enqueue its job
+        atomically; return the record. The slot then belongs to the job."""
         model_record = await self.model_record(model)
         digest = model_record.weights_digest
         out_of_vocabulary = sorted(
@@ -193,8 +221,7 @@ class ExplanationBroker:
                 f"token ids {out_of_vocabulary[:5]} are outside the model's vocabulary "
                 f"(ids 0 to {model_record.vocab_size - 1})"
             )
-        explanation_id = new_explanation_id()
-        await self._limiter.acquire_explanation(tenant, explanation_id)
+        explanation_id = slot.explanation_id
         pending = types_pb2.Explanation(
             explanation_id=explanation_id,
             state=types_pb2.EXPLANATION_STATE_PENDING,
@@ -236,13 +263,8 @@ class ExplanationBroker:
                 created_at=pending.created_at,
                 trace_id=trace_id,
             )
-            try:
-                await self._store(pending, summary, tenant, job)
-            except Exception:
-                # Never enqueued, so no worker will give the slot back; if Redis is gone, its lease will.
-                with contextlib.suppress(GatewayError):
-                    await self._limiter.release_explanation(tenant, explanation_id)
-                raise
+            await self._store(pending, summary, tenant, job)
+            slot.enqueued = True
         return pending
 
     async def _store(

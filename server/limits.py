@@ -19,21 +19,36 @@ number of replicas and forget everything on a restart.
   frees its slot when the lease ends, so no crash leaves a tenant locked out for good.
 
 Both scripts read the clock of the Redis server, so replicas with skewed clocks agree.
+
+While Redis is unreachable the request rate is counted by each gateway alone, with the same bucket
+kept in the process (see ``LocalRateBuckets``): generation without an explanation needs nothing
+else from Redis, so a Redis outage does not take inference down for tenants with a rate limit, and
+no call goes unchecked. A tenant may then get up to its limit from each replica.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import cast
 
 import redis.asyncio as aioredis
 
 from common.jobs import tenant_inflight_key, tenant_rate_key
-from server.errors import ConfigError, GatewayError, redis_errors_as_unavailable, resource_exhausted
+from server.errors import (
+    REDIS_UNREACHABLE,
+    ConfigError,
+    GatewayError,
+    redis_errors_as_unavailable,
+    resource_exhausted,
+)
+
+log = logging.getLogger(__name__)
 
 RATE_WINDOW_MS = 60_000
 # The largest worker_share: a tenant's jobs are 1 / share apart in virtual time, far above float rounding.
@@ -174,6 +189,28 @@ class Tenant:
             )
 
 
+class LocalRateBuckets:
+    """Each tenant's request-rate bucket kept in this process: the limiter's fallback while Redis is unreachable.
+
+    The same GCRA as _RATE_SCRIPT, on this process's monotonic clock; one entry per tenant that called during an
+    outage, and tenants come from the key file, so the map stays small.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._arrivals: dict[str, float] = {}
+
+    def wait_ms(self, tenant: str, interval_ms: float, window_ms: float) -> float:
+        """0 when one more call is admitted (and counted), else the ms until the next one would be."""
+        now = self._clock() * 1000
+        arrival = max(self._arrivals.get(tenant, now), now)
+        next_arrival = arrival + interval_ms
+        if next_arrival - now > window_ms:
+            return next_arrival - window_ms - now
+        self._arrivals[tenant] = next_arrival
+        return 0.0
+
+
 class TenantLimiter:
     """The Redis-held limits: request rate and concurrent explanations."""
 
@@ -183,24 +220,41 @@ class TenantLimiter:
         self._lease_ms = int(lease_seconds * 1000)
         self._rate = client.register_script(_RATE_SCRIPT)
         self._acquire = client.register_script(_ACQUIRE_SCRIPT)
+        self._local_rate = LocalRateBuckets()
+        self._counting_locally = False
 
     async def admit_request(self, tenant: Tenant) -> None:
-        """Count one call against the tenant's request rate; RESOURCE_EXHAUSTED with a retry time when over."""
+        """Count one call against the tenant's request rate; RESOURCE_EXHAUSTED with a retry time when over.
+
+        Counted in Redis, shared by every replica; while Redis is unreachable, by this gateway alone.
+        """
         per_minute = tenant.limits.requests_per_minute
         if not per_minute:
             return
-        with redis_errors_as_unavailable(self._redis_url):
-            admitted, wait_ms = cast(
+        interval_ms = RATE_WINDOW_MS / per_minute
+        detail = "too many requests"
+        try:
+            admitted, redis_wait_ms = cast(
                 list[bytes | int],
-                await self._rate(
-                    keys=[tenant_rate_key(tenant.name)], args=[RATE_WINDOW_MS / per_minute, RATE_WINDOW_MS]
-                ),
+                await self._rate(keys=[tenant_rate_key(tenant.name)], args=[interval_ms, RATE_WINDOW_MS]),
             )
-        if int(admitted) != 1:
-            wait_seconds = max(float(wait_ms) / 1000, 0.001)
-            raise tenant.limit_exceeded(
-                "requests_per_minute", "too many requests", f"retry in {math.ceil(wait_seconds * 1000) / 1000:g} s"
-            )
+            wait_ms = 0.0 if int(admitted) == 1 else max(float(redis_wait_ms), 1.0)
+            if self._counting_locally:
+                self._counting_locally = False
+                log.warning("rate limiter: Redis is back; request rates are counted in Redis again")
+        except REDIS_UNREACHABLE as exc:
+            if not self._counting_locally:
+                self._counting_locally = True
+                log.warning(
+                    "rate limiter: Redis at %s is unreachable (%s); counting request rates in this gateway alone "
+                    "until it is back",
+                    self._redis_url,
+                    exc,
+                )
+            wait_ms = self._local_rate.wait_ms(tenant.name, interval_ms, RATE_WINDOW_MS)
+            detail = "too many requests (counted by this gateway alone while Redis is unreachable)"
+        if wait_ms > 0:
+            raise tenant.limit_exceeded("requests_per_minute", detail, f"retry in {math.ceil(wait_ms) / 1000:g} s")
 
     async def acquire_explanation(self, tenant: Tenant, explanation_id: str) -> None:
         """Take one of the tenant's concurrent-explanation slots for ``explanation_id``, or refuse."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -25,7 +27,7 @@ from server.auth import Authenticator
 from server.config import GatewaySettings
 from server.costs import PlannedMethod, check_cost
 from server.errors import GatewayError, invalid_argument, not_found, shown, unavailable
-from server.explanations import ExplanationBroker
+from server.explanations import ExplanationBroker, ExplanationSlot
 from server.limits import Tenant, TenantLimiter
 from server.validation import (
     chat_messages,
@@ -47,6 +49,18 @@ FINISH_REASONS = {
     "length": types_pb2.FINISH_REASON_LENGTH,
     "abort": types_pb2.FINISH_REASON_ABORT,
 }
+
+
+def _finish_reason(
+    reason: str | None, *, num_tokens: int, num_generated: int, sampling: Sampling, model: ServedModel
+) -> types_pb2.FinishReason:
+    """vLLM's finish reason as the API's. vLLM silently cuts max_tokens to what the context window leaves and then
+    says "length" either way; a generation that stopped short of max_tokens with the window full is told apart."""
+    window_full = num_tokens >= model.max_model_len and num_generated < sampling.max_tokens
+    if reason == "length" and window_full:
+        return types_pb2.FINISH_REASON_CONTEXT_LENGTH
+    return FINISH_REASONS.get(reason or "", types_pb2.FINISH_REASON_UNSPECIFIED)
+
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -261,6 +275,14 @@ class Gateway:
             await self.broker.check_backlog()
         return PreparedGeneration(request_id, model, sampling, plan, prompt)
 
+    def explanation_slot(
+        self, plan: ExplanationPlan | None, tenant: Tenant
+    ) -> AbstractAsyncContextManager[ExplanationSlot | None]:
+        """For a generation to explain, one of the tenant's explanation slots, taken before generating (so a
+        tenant at its limit is refused before any generation, as with every other limit) and given back if the
+        block ends without enqueueing the job; nothing for a generation without an explanation."""
+        return self.broker.reserve(tenant) if plan is not None else contextlib.nullcontext()
+
     async def explain(
         self,
         plan: ExplanationPlan,
@@ -270,23 +292,27 @@ class Gateway:
         context: grpc.aio.ServicerContext,
         served_logprobs: list[float] | None,
         tenant: Tenant,
+        slot: ExplanationSlot | None = None,
     ) -> types_pb2.Explanation:
-        """Enqueue an explanation for the tenant; in SYNC mode wait for it until just before the deadline."""
+        """Enqueue an explanation for the tenant, in ``slot`` if one was taken before generating, else in a slot
+        taken now; in SYNC mode wait for it until just before the deadline."""
         if not output_tokens:
             raise invalid_argument("there are no generated tokens to explain")
         num_tokens = len(prompt_token_ids) + len(output_tokens)
         check_options_fit(plan.options, num_tokens, len(output_tokens))
         plan.check_cost(num_tokens, len(output_tokens), tenant)
-        record = await self.broker.submit(
-            tenant=tenant,
-            model=model,
-            prompt_token_ids=prompt_token_ids,
-            output_tokens=output_tokens,
-            served_logprobs=served_logprobs,
-            methods=[m.request for m in plan.methods],
-            options=plan.options,
-            trace_id=trace_id_hex(trace.get_current_span()),
-        )
+        async with contextlib.nullcontext(slot) if slot is not None else self.broker.reserve(tenant) as taken:
+            record = await self.broker.submit(
+                slot=taken,
+                tenant=tenant,
+                model=model,
+                prompt_token_ids=prompt_token_ids,
+                output_tokens=output_tokens,
+                served_logprobs=served_logprobs,
+                methods=[m.request for m in plan.methods],
+                options=plan.options,
+                trace_id=trace_id_hex(trace.get_current_span()),
+            )
         if plan.mode == types_pb2.EXPLAIN_MODE_ASYNC:
             return record
         remaining = context.time_remaining()
@@ -317,8 +343,19 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext, tenant: Tenant
     ) -> inference_pb2.GenerateResponse:
+        prepared = await self.gateway.prepare_generation(request, context, tenant)
+        async with self.gateway.explanation_slot(prepared.plan, tenant) as slot:
+            return await self._generate(prepared, context, tenant, slot)
+
+    async def _generate(
+        self,
+        prepared: PreparedGeneration,
+        context: grpc.aio.ServicerContext,
+        tenant: Tenant,
+        slot: ExplanationSlot | None,
+    ) -> inference_pb2.GenerateResponse:
+        """Generate, then enqueue the explanation in ``slot``, taken before generating, if one is asked for."""
         gateway = self.gateway
-        prepared = await gateway.prepare_generation(request, context, tenant)
         model, plan = prepared.model, prepared.plan
         completion = await gateway.vllm.complete(model.name, prepared.prompt, prepared.sampling, _timeout(context))
         output_tokens = _output_tokens(completion)
@@ -329,7 +366,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             text=completion.text,
             prompt_token_ids=completion.prompt_token_ids or [],
             output_tokens=output_tokens,
-            finish_reason=FINISH_REASONS.get(completion.finish_reason or "", types_pb2.FINISH_REASON_UNSPECIFIED),
+            finish_reason=_finish_reason(
+                completion.finish_reason,
+                num_tokens=len(completion.prompt_token_ids or []) + len(output_tokens),
+                num_generated=len(output_tokens),
+                sampling=prepared.sampling,
+                model=model,
+            ),
             usage=types_pb2.Usage(
                 input_tokens=completion.input_tokens or 0, output_tokens=completion.output_tokens or 0
             ),
@@ -343,6 +386,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 context,
                 _served_logprobs(output_tokens),
                 tenant,
+                slot,
             )
             response.explanation_id = explanation.explanation_id
             if plan.mode != types_pb2.EXPLAIN_MODE_ASYNC:
@@ -353,12 +397,29 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def GenerateStream(
         self, request: inference_pb2.GenerateStreamRequest, context: grpc.aio.ServicerContext, tenant: Tenant
     ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
+        prepared = await self.gateway.prepare_generation(request, context, tenant)
+        async with (
+            self.gateway.explanation_slot(prepared.plan, tenant) as slot,
+            # Closed explicitly, so a cancelled call closes the vLLM stream (aborting it) before the slot goes back.
+            contextlib.aclosing(self._generate_stream(prepared, context, tenant, slot)) as responses,
+        ):
+            async for response in responses:
+                yield response
+
+    async def _generate_stream(
+        self,
+        prepared: PreparedGeneration,
+        context: grpc.aio.ServicerContext,
+        tenant: Tenant,
+        slot: ExplanationSlot | None,
+    ) -> AsyncGenerator[inference_pb2.GenerateStreamResponse, None]:
+        """Stream the generation, then enqueue the explanation in ``slot``, taken before generating, if asked."""
         gateway = self.gateway
-        prepared = await gateway.prepare_generation(request, context, tenant)
         model, plan = prepared.model, prepared.plan
         trace_id = trace_id_hex(trace.get_current_span())
         prompt_token_ids: list[int] = []
         all_output: list[types_pb2.Token] = []
+        vllm_finish_reason: str | None = None
         final = inference_pb2.GenerateStreamResponse(request_id=prepared.request_id, trace_id=trace_id)
         stream = gateway.vllm.complete_stream(model.name, prepared.prompt, prepared.sampling, _timeout(context))
         try:
@@ -366,7 +427,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 if chunk.prompt_token_ids is not None:
                     prompt_token_ids = chunk.prompt_token_ids
                 if chunk.finish_reason:
-                    final.finish_reason = FINISH_REASONS.get(chunk.finish_reason, types_pb2.FINISH_REASON_UNSPECIFIED)
+                    vllm_finish_reason = chunk.finish_reason
                 if chunk.input_tokens is not None:
                     final.usage.input_tokens = chunk.input_tokens
                     final.usage.output_tokens = chunk.output_tokens or 0
@@ -384,9 +445,17 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         finally:
             # Closing the upstream stream on cancellation is what makes vLLM abort the request.
             await stream.aclose()  # type: ignore[attr-defined]
+        if vllm_finish_reason is not None:
+            final.finish_reason = _finish_reason(
+                vllm_finish_reason,
+                num_tokens=len(prompt_token_ids) + len(all_output),
+                num_generated=len(all_output),
+                sampling=prepared.sampling,
+                model=model,
+            )
         if plan is not None:
             explanation = await gateway.explain(
-                plan, model.name, prompt_token_ids, all_output, context, _served_logprobs(all_output), tenant
+                plan, model.name, prompt_token_ids, all_output, context, _served_logprobs(all_output), tenant, slot
             )
             final.explanation_id = explanation.explanation_id
             if plan.mode != types_pb2.EXPLAIN_MODE_ASYNC:

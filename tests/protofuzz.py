@@ -161,7 +161,8 @@ def _unknown(number: int, wire_type: int, payload: bytes) -> bytes:
 
 
 def struct_fields(values: Mapping[str, Any]) -> Fields:
-    """A google.protobuf.Struct holding ``values`` (numbers, strings, booleans), as a drawn message."""
+    """A google.protobuf.Struct holding ``values`` (numbers, NaN and the infinities among them, strings, booleans,
+    and dicts and lists of them), as a drawn message."""
     return {"fields": [{"key": key, "value": _struct_value(value)} for key, value in values.items()]}
 
 
@@ -170,6 +171,10 @@ def _struct_value(value: Any) -> Fields:
         return {"bool_value": value}
     if isinstance(value, int | float):
         return {"number_value": float(value)}
+    if isinstance(value, Mapping):
+        return {"struct_value": struct_fields(value)}
+    if isinstance(value, list):
+        return {"list_value": {"values": [_struct_value(item) for item in value]}}
     return {"string_value": value}
 
 

@@ -50,8 +50,16 @@ class Attention(AttributionMethod[AttentionParams]):
             ALL,
             "Decoder layer, 1..num_layers (1 is closest to the input); -1 aggregates all layers.",
             minimum=ALL,
+            maximum_from="num_layers",
         ),
-        ParamSpec("head", int, ALL, "Attention head, 0..num_heads - 1; -1 aggregates all heads.", minimum=ALL),
+        ParamSpec(
+            "head",
+            int,
+            ALL,
+            "Attention head, 0..num_heads - 1; -1 aggregates all heads.",
+            minimum=ALL,
+            maximum_from="last_head",
+        ),
         ParamSpec(
             "aggregate",
             str,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -39,6 +40,27 @@ class InvalidParamsError(ValueError):
 
 
 @dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a model that bound some parameters (token ids, layers, heads): a ParamSpec names one of
+    ``bounds()`` as its ``maximum_from``, and the worker publishes the bound the model it holds gives it."""
+
+    vocab_size: int
+    num_layers: int
+    num_heads: int
+
+    @classmethod
+    def of(cls, loaded: LoadedModel) -> ModelShape:
+        return cls(loaded.vocab_size, loaded.num_layers, int(loaded.model.config.num_attention_heads))
+
+    def bounds(self) -> dict[str, int]:
+        return {
+            "last_token_id": self.vocab_size - 1,
+            "num_layers": self.num_layers,
+            "last_head": self.num_heads - 1,
+        }
+
+
+@dataclass(frozen=True)
 class ParamSpec:
     """One method parameter: its Python type, default and inclusive bounds (numbers only)."""
 
@@ -50,6 +72,15 @@ class ParamSpec:
     maximum: float | None = None
     # For string parameters: the accepted values.
     choices: tuple[str, ...] = ()
+    # For numbers bounded by the model (a token id, a layer, a head): the name of the ModelShape bound that is the
+    # maximum, filled in by for_model().
+    maximum_from: str = ""
+
+    def for_model(self, shape: ModelShape) -> ParamSpec:
+        """This parameter with the maximum the model gives it, if it takes one from the model."""
+        if not self.maximum_from:
+            return self
+        return dataclasses.replace(self, maximum=shape.bounds()[self.maximum_from])
 
     @property
     def range_text(self) -> str:
@@ -68,7 +99,7 @@ class ParamSpec:
         if parsed is None:
             raise InvalidParamsError(f"{where} must be {_TYPE_NAMES[self.type]}, got {value!r}")
         if isinstance(parsed, int | float) and not isinstance(parsed, bool) and not self._in_range(parsed):
-            raise InvalidParamsError(f"{where} must be in {self.range_text}, got {parsed!r}")
+            raise InvalidParamsError(f"{where} must be in {self.range_text}, got {_quoted(parsed)}")
         if self.choices and parsed not in self.choices:
             raise InvalidParamsError(f"{where} must be one of {', '.join(self.choices)}, got {parsed!r}")
         return parsed
@@ -102,6 +133,12 @@ def _coerce(kind: type[ParamValue], value: object) -> ParamValue | None:
         return float(value)
     # google.protobuf.Struct carries every number as a double, so 16.0 is a valid int.
     return int(value) if float(value).is_integer() else None
+
+
+def _quoted(number: float) -> str:
+    """A number as a message quotes it: in full when short, else in scientific notation (never 300 digits)."""
+    text = repr(number)
+    return text if len(text) <= 24 else f"{float(number):.6g}"
 
 
 def _render(value: ParamValue | None) -> str:
@@ -175,12 +212,17 @@ class AttributionMethod(ABC, Generic[ParamsT]):
     # pass, recorded, saves it one of its own.
     reuses_embedding_recording: ClassVar[bool] = False
 
-    def parse_params(self, params: Mapping[str, object]) -> ParamsT:
-        """Typed parameters from a request's loose values; defaults fill what is missing."""
-        specs = {spec.name: spec for spec in self.params}
+    def param_specs(self, shape: ModelShape | None = None) -> tuple[ParamSpec, ...]:
+        """The parameters, with the bounds ``shape`` gives those bounded by the model (unbounded above without)."""
+        return self.params if shape is None else tuple(spec.for_model(shape) for spec in self.params)
+
+    def parse_params(self, params: Mapping[str, object], shape: ModelShape | None = None) -> ParamsT:
+        """Typed parameters from a request's loose values, within the bounds of the model of ``shape`` if
+        given; defaults fill what is missing."""
+        specs = {spec.name: spec for spec in self.param_specs(shape)}
         unknown = sorted(set(params) - set(specs))
         if unknown:
-            valid = "; ".join(spec.describe() for spec in self.params) or "none"
+            valid = "; ".join(spec.describe() for spec in specs.values()) or "none"
             raise InvalidParamsError(
                 f"unknown parameter(s) {', '.join(map(repr, unknown))} for method {self.name!r}; valid: {valid}"
             )
@@ -194,11 +236,12 @@ class AttributionMethod(ABC, Generic[ParamsT]):
     def attribute(self, ctx: AttributionContext, params: ParamsT) -> types_pb2.MethodResult:
         """Explain ctx's targets. Token attributions are float32 [num_targets, num_tokens - 1]."""
 
-    def info(self) -> explanations_pb2.MethodInfo:
+    def info(self, shape: ModelShape | None = None) -> explanations_pb2.MethodInfo:
+        """What ListMethods publishes; with ``shape``, the bounds the parameters take from that model."""
         return explanations_pb2.MethodInfo(
             name=self.name,
             description=self.description,
-            params=[spec.info() for spec in self.params],
+            params=[spec.info() for spec in self.param_specs(shape)],
             needs_gradients=self.needs_gradients,
             uses_cache=self.uses_cache,
             supports_contrastive_targets=self.supports_contrastive_targets,

@@ -41,6 +41,7 @@ LAYER = ParamSpec(
     "The residual-stream state attributed, indexed like logit_lens: 0 is the embedding output and l the output "
     "of decoder layer l, up to the model's number of layers.",
     minimum=0,
+    maximum_from="num_layers",
 )
 
 

@@ -51,7 +51,14 @@ INTEGRATED_GRADIENTS_PARAMS = (
         "resolve: check convergence_delta.",
         choices=("token", "zero"),
     ),
-    ParamSpec("baseline_token_id", int, 0, "The token repeated in the 'token' baseline.", minimum=0),
+    ParamSpec(
+        "baseline_token_id",
+        int,
+        0,
+        "The token repeated in the 'token' baseline.",
+        minimum=0,
+        maximum_from="last_token_id",
+    ),
     ParamSpec("steps", int, 16, "Points on the path where gradients are taken.", minimum=2, maximum=512),
     ParamSpec(
         "quadrature",

@@ -51,6 +51,7 @@ PERTURBATION_PARAMS = (
         0,
         "The replacement token id when replacement is 'token'; ignored otherwise.",
         minimum=0,
+        maximum_from="last_token_id",
     ),
     ParamSpec(
         "batch_size",

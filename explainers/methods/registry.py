@@ -8,7 +8,7 @@ from sightline.v1 import explanations_pb2
 
 from explainers.methods.attention import Attention
 from explainers.methods.attention_rollout import AttentionRollout
-from explainers.methods.base import AttributionMethod
+from explainers.methods.base import AttributionMethod, ModelShape
 from explainers.methods.gradient_x_activation import GradientXActivation
 from explainers.methods.input_x_gradient import InputXGradient
 from explainers.methods.integrated_gradients import IntegratedGradients
@@ -44,8 +44,9 @@ def all_methods() -> list[AttributionMethod[Any]]:
     return [_METHODS[name] for name in sorted(_METHODS)]
 
 
-def method_infos() -> list[explanations_pb2.MethodInfo]:
-    return [method.info() for method in all_methods()]
+def method_infos(shape: ModelShape | None = None) -> list[explanations_pb2.MethodInfo]:
+    """The catalogue; with ``shape``, the parameter bounds of that model (token ids, layers, heads)."""
+    return [method.info(shape) for method in all_methods()]
 
 
 for method in (

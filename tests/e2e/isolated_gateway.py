@@ -33,6 +33,8 @@ class IsolatedGateway:
     address: str
     redis_url: str
     redis: redis.Redis
+    # Its redis-server, for tests that stop it.
+    redis_server: Child
 
     def serving(self) -> bool:
         with grpc.insecure_channel(self.address) as channel:
@@ -66,7 +68,7 @@ def isolated_gateway(
         # No trace export: thousands of fuzzed requests would only crowd the session's collector.
         gateway_env = {"SIGHTLINE_REDIS_URL": redis_url, "OTEL_TRACES_EXPORTER": "none", **env}
         with GatewayProcess(stack, name, gateway_env) as gateway:
-            yield IsolatedGateway(gateway.address, redis_url, client)
+            yield IsolatedGateway(gateway.address, redis_url, client, server)
     finally:
         client.close()
         server.stop()

@@ -73,16 +73,18 @@ def completions(redis_client: redis.Redis) -> Iterator[redis.client.PubSub]:
 async def submit(broker: ExplanationBroker, tenant: Tenant, count: int = 1) -> list[str]:
     ids = []
     for _ in range(count):
-        record = await broker.submit(
-            tenant=tenant,
-            model="tiny-llama",
-            prompt_token_ids=PROMPT_IDS,
-            output_tokens=[types_pb2.Token(id=t) for t in OUTPUT_IDS[:2]],
-            served_logprobs=None,
-            methods=[MethodRequest("saliency")],
-            options=ExplainOptions(),
-            trace_id="",
-        )
+        async with broker.reserve(tenant) as slot:
+            record = await broker.submit(
+                slot=slot,
+                tenant=tenant,
+                model="tiny-llama",
+                prompt_token_ids=PROMPT_IDS,
+                output_tokens=[types_pb2.Token(id=t) for t in OUTPUT_IDS[:2]],
+                served_logprobs=None,
+                methods=[MethodRequest("saliency")],
+                options=ExplainOptions(),
+                trace_id="",
+            )
         ids.append(record.explanation_id)
     return ids
 

@@ -13,7 +13,7 @@ from captum.attr import InputXGradient as CaptumInputXGradient
 from sightline.v1 import explanations_pb2, types_pb2
 
 from explainers.hidden_cache import STORAGE_DTYPE
-from explainers.methods.base import AttributionContext, InvalidParamsError
+from explainers.methods.base import AttributionContext, InvalidParamsError, ModelShape
 from explainers.methods.gradients import EmbeddingGradientParams
 from explainers.methods.input_x_gradient import InputXGradient
 from explainers.methods.logit_lens import LayerReadout, LogitLens, LogitLensParams
@@ -83,6 +83,35 @@ def test_parse_params_fills_defaults_and_takes_integral_numbers() -> None:
 def test_parse_params_rejects_bad_values_with_actionable_messages(params: dict[str, object], message: str) -> None:
     with pytest.raises(InvalidParamsError, match=message):
         LogitLens().parse_params(params)
+
+
+def test_every_numeric_parameter_is_bounded_once_the_model_is_known(tiny_model: LoadedModel) -> None:
+    """Regression (issue 13): token-id, layer and head parameters had no maximum, so the gateway let 1e300 through
+    and the job failed in the worker quoting a 300-digit number. The catalogue a worker publishes bounds them by
+    its model, and the worker parses with the same bounds."""
+    shape = ModelShape.of(tiny_model)
+    assert (shape.vocab_size, shape.num_layers, shape.num_heads) == (64, 2, 4)
+    bounded = {
+        (info.name, param.name): param.maximum
+        for info in method_infos(shape)
+        for param in info.params
+        if param.type in (explanations_pb2.PARAM_TYPE_INT, explanations_pb2.PARAM_TYPE_FLOAT)
+    }
+    assert all(param.HasField("maximum") for info in method_infos(shape) for param in info.params
+               if param.type in (explanations_pb2.PARAM_TYPE_INT, explanations_pb2.PARAM_TYPE_FLOAT))  # fmt: skip
+    assert bounded[("integrated_gradients", "baseline_token_id")] == 63
+    assert bounded[("occlusion", "replacement_token_id")] == 63
+    assert bounded[("attention", "layer")] == 2 and bounded[("attention", "head")] == 3
+    assert bounded[("gradient_x_activation", "layer")] == 2
+    # Without a model nothing is made up: the same parameter is open above.
+    unbounded = {info.name: info for info in method_infos()}["integrated_gradients"]
+    assert not next(p for p in unbounded.params if p.name == "baseline_token_id").HasField("maximum")
+
+    with pytest.raises(InvalidParamsError) as caught:
+        get_method("integrated_gradients").parse_params({"baseline_token_id": 1e300}, shape)
+    message = str(caught.value)
+    assert message == "parameter 'baseline_token_id' of method 'integrated_gradients' must be in 0..63, got 1e+300"
+    assert get_method("integrated_gradients").parse_params({"baseline_token_id": 63}, shape).baseline_token_id == 63
 
 
 # --- input x gradient ---

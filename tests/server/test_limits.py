@@ -15,7 +15,7 @@ from redis.backoff import NoBackoff
 
 from common.jobs import tenant_inflight_key, tenant_rate_key
 from server.errors import ConfigError, GatewayError
-from server.limits import Tenant, TenantLimiter, TenantLimits
+from server.limits import LocalRateBuckets, Tenant, TenantLimiter, TenantLimits
 
 
 def test_defaults_come_from_the_environment() -> None:
@@ -178,14 +178,42 @@ async def test_without_a_concurrency_limit_slots_are_still_tracked(
     assert redis_client.zcard(tenant_inflight_key("acme")) == 5
 
 
-async def test_redis_down_is_unavailable_not_a_crash() -> None:
+async def test_redis_down_counts_the_rate_in_the_gateway_and_refuses_explanations_as_unavailable() -> None:
+    """Regression (issue 13): with Redis down, a rate-limited tenant's generation failed UNAVAILABLE naming "the
+    explanation store". The rate is now counted by the gateway alone until Redis is back; explanation slots, which
+    only explanations (stored in Redis anyway) need, stay UNAVAILABLE."""
     # Nothing listens on port 1; no retries, so the refusal is immediate.
     unreachable = aioredis.Redis(port=1, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
-    tenant = Tenant("acme", TenantLimits(requests_per_minute=1, max_concurrent_explanations=1))
-    with pytest.raises(GatewayError) as caught:
-        await limiter(unreachable).admit_request(tenant)
+    tenant = Tenant("acme", TenantLimits(requests_per_minute=2, max_concurrent_explanations=1))
+    rate = limiter(unreachable)
+    try:
+        await rate.admit_request(tenant)
+        await rate.admit_request(tenant)
+        error = await exhausted(rate.admit_request(tenant))
+        # Another tenant has a bucket of its own.
+        await rate.admit_request(Tenant("globex", TenantLimits(requests_per_minute=1)))
+        with pytest.raises(GatewayError) as caught:
+            await rate.acquire_explanation(tenant, "exp_a")
+    finally:
+        await unreachable.aclose()
+    assert error.message.startswith(
+        "too many requests (counted by this gateway alone while Redis is unreachable), over the requests_per_minute "
+        "limit of 2 for tenant 'acme'"
+    )
+    # One request's worth refills every 30 s.
+    assert 29.0 < retry_seconds(error.message) <= 30.0
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE
-    with pytest.raises(GatewayError) as caught:
-        await limiter(unreachable).acquire_explanation(tenant, "exp_a")
-    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
-    await unreachable.aclose()
+    assert "the explanation store (Redis at redis://test) is unreachable" in caught.value.message
+
+
+def test_local_rate_buckets_burst_a_window_then_refill_continuously() -> None:
+    now = [100.0]
+    buckets = LocalRateBuckets(clock=lambda: now[0])
+    # 3 a minute: one every 20 s, bursts of 3.
+    assert [buckets.wait_ms("acme", 20_000, 60_000) for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert buckets.wait_ms("acme", 20_000, 60_000) == pytest.approx(20_000)
+    now[0] += 5
+    assert buckets.wait_ms("acme", 20_000, 60_000) == pytest.approx(15_000)
+    now[0] += 15
+    assert buckets.wait_ms("acme", 20_000, 60_000) == 0.0
+    assert buckets.wait_ms("acme", 20_000, 60_000) == pytest.approx(20_000)

@@ -38,16 +38,18 @@ async def broker(redis_client: redis.Redis, redis_server: int) -> AsyncIterator[
 
 
 async def submit(broker: ExplanationBroker, tenant: Tenant, trace_id: str) -> str:
-    record = await broker.submit(
-        tenant=tenant,
-        model=MODEL,
-        prompt_token_ids=[1, 2, 3],
-        output_tokens=[types_pb2.Token(id=4)],
-        served_logprobs=None,
-        methods=[MethodRequest("saliency"), MethodRequest("logit_lens")],
-        options=ExplainOptions(),
-        trace_id=trace_id,
-    )
+    async with broker.reserve(tenant) as slot:
+        record = await broker.submit(
+            slot=slot,
+            tenant=tenant,
+            model=MODEL,
+            prompt_token_ids=[1, 2, 3],
+            output_tokens=[types_pb2.Token(id=4)],
+            served_logprobs=None,
+            methods=[MethodRequest("saliency"), MethodRequest("logit_lens")],
+            options=ExplainOptions(),
+            trace_id=trace_id,
+        )
     return record.explanation_id
 
 

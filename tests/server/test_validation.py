@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import grpc
 import pytest
@@ -15,6 +16,7 @@ from server.validation import (
     check_options_fit,
     explain_mode,
     explain_options,
+    method_params,
     sampling_from_proto,
     served_logprobs,
     token_ids,
@@ -162,3 +164,39 @@ def test_messages_quote_enormous_input_only_in_part() -> None:
     quoted = shown("x" * 100_000)
     assert quoted == "'" + "x" * 59 + "… (100,000 characters)"
     assert shown(["a"] * 1000).endswith("… (5,000 characters written out)")
+
+
+@pytest.mark.parametrize(
+    ("params", "where", "shown_value"),
+    [
+        ({"steps": math.nan}, "'explain.methods[0].params.steps'", "nan"),
+        ({"not_a_param": math.inf}, "'explain.methods[0].params.not_a_param'", "inf"),
+        ({"outer": {"inner": [1.0, -math.inf]}}, "'explain.methods[0].params.outer.inner[1]'", "-inf"),
+    ],
+    ids=["declared", "unknown", "nested"],
+)
+def test_method_params_refuse_non_finite_numbers_naming_the_parameter(
+    params: dict[str, Any], where: str, shown_value: str
+) -> None:
+    """Regression (issue 13): json_format.MessageToDict raised on NaN and infinities, which answered INTERNAL."""
+    spec = types_pb2.MethodSpec(name="integrated_gradients")
+    spec.params.update(params)
+    with pytest.raises(GatewayError) as caught:
+        method_params(spec, 0)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.message == (
+        f"{where} of method 'integrated_gradients' is {shown_value}; parameters must be finite numbers"
+    )
+
+
+def test_method_params_keep_every_kind_of_value() -> None:
+    spec = types_pb2.MethodSpec(name="m")
+    assert method_params(spec, 0) == {}
+    spec.params.update({"n": 16, "s": "token", "b": True, "none": None, "nested": {"list": [1, "x"]}})
+    assert method_params(spec, 0) == {
+        "n": 16.0,
+        "s": "token",
+        "b": True,
+        "none": None,
+        "nested": {"list": [1.0, "x"]},
+    }

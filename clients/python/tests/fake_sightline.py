@@ -213,7 +213,12 @@ class FakeSightline(inference_pb2_grpc.InferenceServiceServicer, explanations_pb
             text=GENERATED_TEXT,
             prompt_token_ids=[token_id for token_id, _ in PROMPT_TOKENS],
             output_tokens=output_tokens(),
-            finish_reason=types_pb2.FINISH_REASON_STOP,
+            # "too long" stands for a prompt that leaves the output less room than max_tokens.
+            finish_reason=(
+                types_pb2.FINISH_REASON_CONTEXT_LENGTH
+                if request.input.prompt == "too long"
+                else types_pb2.FINISH_REASON_STOP
+            ),
             usage=types_pb2.Usage(input_tokens=len(PROMPT_TOKENS), output_tokens=len(OUTPUT_TOKENS)),
             explanation_id=explanation_id,
             explanation=explanation,

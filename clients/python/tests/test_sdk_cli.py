@@ -69,6 +69,20 @@ def test_generate_json_is_the_proto_json_of_the_response(
     assert response.explanation == make_explanation("exp-1")
 
 
+def test_generate_says_when_the_context_window_cut_the_output_short(
+    fake: FakeSightline, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(fake, "generate", "--completion", "too long") == 0
+    printed = capsys.readouterr()
+    assert printed.out == GENERATED_TEXT + "\n"
+    assert printed.err == (
+        "note: the output stopped where the model's context window filled, before --max-tokens; "
+        "send a shorter prompt for a longer output\n"
+    )
+    assert run(fake, "generate", "--completion", "short enough") == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_generate_async_prints_how_to_fetch_the_explanation(
     fake: FakeSightline, capsys: pytest.CaptureFixture[str]
 ) -> None:

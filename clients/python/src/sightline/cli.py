@@ -17,6 +17,7 @@ from sightline.types import (
     Explanation,
     ExplanationState,
     Faithfulness,
+    FinishReason,
     GranularityName,
     MethodInfo,
     MethodParam,
@@ -294,7 +295,18 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
         print(MessageToJson(generation.raw))
         return 0
     print(generation.text)
+    _note_finish(generation.finish_reason)
     return _report_explanation(generation.explanation_id, generation.explanation, args.top, _by_groups(args))
+
+
+def _note_finish(reason: FinishReason | None) -> None:
+    """Say on stderr when the output is shorter than asked for because the context window filled."""
+    if reason == FinishReason.CONTEXT_LENGTH:
+        print(
+            "note: the output stopped where the model's context window filled, before --max-tokens; "
+            "send a shorter prompt for a longer output",
+            file=sys.stderr,
+        )
 
 
 def _stream(client: Client, args: argparse.Namespace) -> int:
@@ -308,6 +320,7 @@ def _stream(client: Client, args: argparse.Namespace) -> int:
     if args.json or final is None:
         return 0
     print()
+    _note_finish(final.finish_reason)
     return _report_explanation(final.explanation_id, final.explanation, args.top, _by_groups(args))
 
 

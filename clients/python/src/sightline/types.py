@@ -101,9 +101,11 @@ class FinishReason(StrEnum):
     STOP = "stop"
     """A stop token or stop string ended generation."""
     LENGTH = "length"
-    """max_tokens or the context window ended generation."""
+    """max_tokens ended generation."""
     ABORT = "abort"
     """The request was aborted upstream."""
+    CONTEXT_LENGTH = "context_length"
+    """The model's context window filled before max_tokens was reached: the output is shorter than asked for."""
 
 
 class ExplanationState(StrEnum):
@@ -136,6 +138,7 @@ _FINISH_REASONS = {
     types_pb2.FINISH_REASON_STOP: FinishReason.STOP,
     types_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH,
     types_pb2.FINISH_REASON_ABORT: FinishReason.ABORT,
+    types_pb2.FINISH_REASON_CONTEXT_LENGTH: FinishReason.CONTEXT_LENGTH,
 }
 _EXPLANATION_STATES = {
     types_pb2.EXPLANATION_STATE_PENDING: ExplanationState.PENDING,
