@@ -39,6 +39,16 @@ def main() -> None:
         default=defaults.tls_client_ca_file,
         help="PEM CA bundle; clients must present a certificate it signed (SIGHTLINE_TLS_CLIENT_CA)",
     )
+    parser.add_argument(
+        "--metrics-listen",
+        default=defaults.metrics_listen,
+        help="HOST:PORT of the Prometheus /metrics endpoint, or 'off' (SIGHTLINE_METRICS_LISTEN)",
+    )
+    parser.add_argument(
+        "--viewer-listen",
+        default=defaults.viewer_listen,
+        help="HOST:PORT of the explanation viewer page, or 'off' (SIGHTLINE_VIEWER_LISTEN)",
+    )
     args = parser.parse_args()
     settings = dataclasses.replace(
         defaults,
@@ -48,6 +58,8 @@ def main() -> None:
         tls_cert_file=args.tls_cert,
         tls_key_file=args.tls_key,
         tls_client_ca_file=args.tls_client_ca,
+        metrics_listen=args.metrics_listen,
+        viewer_listen=args.viewer_listen,
     )
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s gateway %(levelname)s %(name)s: %(message)s")

@@ -19,6 +19,7 @@ from sightline.v1 import explanations_pb2, explanations_pb2_grpc, inference_pb2,
 from server.auth import Authenticator
 from server.config import GatewaySettings
 from server.explanations import ExplanationBroker
+from server.http_endpoints import start_http_endpoints
 from server.keys import configured_keys
 from server.limits import TenantLimiter
 from server.rpc import DecodeErrorsAsInvalidArgument
@@ -131,6 +132,7 @@ async def serve(settings: GatewaySettings, *, ready: asyncio.Event | None = None
     broker.start()
     monitor_task = asyncio.create_task(monitor.run(settings.health_interval_seconds))
     await server.start()
+    http_endpoints = await start_http_endpoints(settings, authenticator, limiter, broker)
     log.info(
         "gateway listening on %s (%s; vLLM %s, Redis %s)",
         settings.listen,
@@ -153,6 +155,7 @@ async def serve(settings: GatewaySettings, *, ready: asyncio.Event | None = None
         if not await drain.wait_idle(settings.shutdown_grace_seconds):
             log.warning("shutdown grace over: cancelling %d calls still in flight", drain.in_flight)
         await server.stop(grace=None)
+        await http_endpoints.stop()
         monitor_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await monitor_task

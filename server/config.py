@@ -8,6 +8,10 @@ from dataclasses import dataclass, field
 from server.limits import TenantLimits
 from server.vllm_client import SILENCE_TIMEOUT_SECONDS
 
+# Where `python -m server` serves Prometheus metrics and the explanation viewer unless told otherwise ("off": not).
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9401"
+DEFAULT_VIEWER_LISTEN = "127.0.0.1:8080"
+
 
 @dataclass(frozen=True)
 class GatewaySettings:
@@ -45,6 +49,12 @@ class GatewaySettings:
     shutdown_grace_seconds: float = 25.0
     # How long vLLM may send nothing on a call before it fails UNAVAILABLE (server/vllm_client.py).
     vllm_silence_timeout_seconds: float = SILENCE_TIMEOUT_SECONDS
+    # HOST:PORT of the Prometheus /metrics endpoint and of the explanation viewer; "" or "off" serves none
+    # (from_env turns both on by default; settings built in code opt in).
+    metrics_listen: str = ""
+    viewer_listen: str = ""
+    # The viewer's link from an explanation to its trace, with {trace_id} in it; "" shows the id without a link.
+    trace_url_template: str = ""
 
     @classmethod
     def from_env(cls) -> GatewaySettings:
@@ -72,4 +82,7 @@ class GatewaySettings:
             vllm_silence_timeout_seconds=float(
                 env.get("SIGHTLINE_VLLM_SILENCE_TIMEOUT_SECONDS", cls.vllm_silence_timeout_seconds)
             ),
+            metrics_listen=env.get("SIGHTLINE_METRICS_LISTEN", DEFAULT_METRICS_LISTEN),
+            viewer_listen=env.get("SIGHTLINE_VIEWER_LISTEN", DEFAULT_VIEWER_LISTEN),
+            trace_url_template=env.get("SIGHTLINE_TRACE_URL_TEMPLATE", cls.trace_url_template),
         )

@@ -25,6 +25,7 @@ import orjson
 from opentelemetry import propagate, trace
 
 from server.errors import GatewayError, deadline_exceeded, invalid_argument, not_found, unavailable
+from server.genai_spans import llm_span_attributes, record_llm_output
 
 tracer = trace.get_tracer("sightline.gateway")
 
@@ -168,6 +169,7 @@ class VLLMClient:
                         if chunk is None:
                             continue
                         summary.finish_reason = summary.finish_reason or chunk.finish_reason
+                        summary.text += chunk.text
                         if chunk.input_tokens is not None:
                             summary.input_tokens = chunk.input_tokens
                             summary.output_tokens = chunk.output_tokens
@@ -217,6 +219,7 @@ class VLLMClient:
                 "gen_ai.request.top_p": sampling.top_p,
                 "server.address": self._host,
                 "server.port": self._port,
+                **llm_span_attributes(),
             },
         )
 
@@ -304,6 +307,8 @@ def _record_response(span: trace.Span, response_id: str | None, chunk: Completio
         span.set_attribute("gen_ai.usage.output_tokens", chunk.output_tokens)
     if chunk.finish_reason:
         span.set_attribute("gen_ai.response.finish_reasons", [chunk.finish_reason])
+    record_llm_output(span, chunk.text, chunk.finish_reason)
+    span.set_status(trace.Status(trace.StatusCode.OK))
 
 
 def _error_from_response(status: int, content: bytes) -> GatewayError:
