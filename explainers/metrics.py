@@ -80,9 +80,13 @@ class JobQueueCollector(Collector):
             log.warning("cannot read the job queue for metrics: %s", exc)
             return
         group = worker_group_info(groups)
-        pending = int(group["pending"]) if group is not None else 0
-        # Redis leaves lag unknown (None) when entries were deleted past the last delivered one: reported as NaN.
-        lag = float(group["lag"]) if group is not None and group.get("lag") is not None else float("nan")
+        if group is None:
+            # No worker has created the group yet: everything in the stream (if any) is unread.
+            pending, lag = 0, float(self._redis.xlen(JOB_STREAM))
+        else:
+            pending = int(group["pending"])
+            # Redis leaves lag unknown (None) when entries were deleted past the last delivered one: reported NaN.
+            lag = float("nan") if group.get("lag") is None else float(group["lag"])
         lag_metric = GaugeMetricFamily(
             "sightline_explanation_consumer_group_lag", "Jobs in the stream no worker has read yet"
         )
