@@ -112,7 +112,7 @@ async function showList(append = false) {
       element("td", {}, summary.methods.join(", ")),
       element("td", {}, summary.model),
     );
-    tr.addEventListener("click", () => open(summary.explanation_id, true));
+    tr.addEventListener("click", () => openExplanation(summary.explanation_id, true));
     body.append(tr);
   }
   if (!page.explanations.length && !append) showStatus("No explanations yet for this tenant.");
@@ -122,7 +122,7 @@ async function showList(append = false) {
 
 // ---- one explanation ------------------------------------------------------------------------------------------
 
-async function open(explanationId, push) {
+async function openExplanation(explanationId, push) {
   let payload;
   try {
     payload = await api(`/api/explanations/${encodeURIComponent(explanationId)}`);
@@ -358,7 +358,7 @@ function renderDetail() {
 
 function route() {
   const match = location.pathname.match(/^\/explanations\/([^/]+)$/);
-  if (match) open(decodeURIComponent(match[1]), false);
+  if (match) openExplanation(decodeURIComponent(match[1]), false);
   else showList();
 }
 
