@@ -165,7 +165,10 @@ def test_the_france_explanation_renders_and_paris_shows_its_sources_in_api_order
     assert [t.get_attribute("textContent") for t in tokens] == [t.text for t in explanation.tokens]
     link = browser.find_element(By.ID, "trace-link")
     assert link.get_attribute("href") == TRACE_URL.replace("{trace_id}", france.trace_id)
-    assert f"{france.explanation.fidelity.max_abs_logprob_diff:.2e}" in browser.find_element(By.ID, "fidelity").text
+    fidelity = browser.find_element(By.ID, "fidelity")
+    gap = france.explanation.fidelity.max_abs_logprob_diff
+    assert float(attribute(fidelity, "data-value")) == pytest.approx(gap, rel=1e-6)
+    assert "max |served - recomputed log-prob|" in fidelity.text
 
     paris_index = next(i for i, p in enumerate(explanation.target_positions) if explanation.tokens[p].text == " Paris")
     paris = explanation.target_positions[paris_index]

@@ -162,8 +162,8 @@ function renderMeta() {
     ["state", e.state.replace("EXPLANATION_STATE_", "").toLowerCase()],
     ["created", e.created_at || "–"],
     ["trace", trace],
-    ["fidelity", element("span", { id: "fidelity" },
-      `max |served − recomputed log-prob| = ${e.fidelity.max_abs_logprob_diff.toExponential(2)}`)],
+    ["fidelity", element("span", { id: "fidelity", dataset: { value: String(e.fidelity.max_abs_logprob_diff) } },
+      `max |served - recomputed log-prob| = ${e.fidelity.max_abs_logprob_diff.toExponential(2)}`)],
     ["cache", e.cache_hit ? "hidden states from cache" : "computed (cache miss)"],
     ["target score", e.target_score.replace("TARGET_SCORE_", "").toLowerCase()],
   ];
