@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
+import orjson
 from aiohttp import web
 
 from server.auth import Authenticator
@@ -99,7 +100,12 @@ class Viewer:
 
     async def _get(self, request: web.Request, tenant: Tenant) -> web.StreamResponse:
         explanation = await self._broker.get(request.match_info["explanation_id"], tenant.name)
-        return web.json_response(explanation_payload(explanation, self._trace_url_template))
+        return web.json_response(explanation_payload(explanation, self._trace_url_template), dumps=_json)
+
+
+def _json(value: object) -> str:
+    # orjson: a long explanation's payload is megabytes.
+    return orjson.dumps(value).decode()
 
 
 def _metadata(request: web.Request) -> list[tuple[str, str]]:

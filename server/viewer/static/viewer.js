@@ -4,6 +4,7 @@
 
 const KEY_STORAGE = "sightline-api-key";
 const SOURCES_SHOWN = 10;
+const LENS_COLUMNS = 16;
 const state = { explanation: null, vocabulary: new Map(), method: null, granularity: "token", target: null, nextPage: "" };
 
 const $ = (selector) => document.querySelector(selector);
@@ -55,7 +56,9 @@ function failed(error) {
 
 function tensor(encoded) {
   if (!encoded) return null;
-  const bytes = Uint8Array.from(atob(encoded.data), (c) => c.charCodeAt(0));
+  const binary = atob(encoded.data);
+  const bytes = new Uint8Array(binary.length);
+  for (let i = 0; i < binary.length; i += 1) bytes[i] = binary.charCodeAt(i);
   const Kind = encoded.dtype === "int32" ? Int32Array : Float32Array;
   return { shape: encoded.shape, values: new Kind(bytes.buffer, 0, bytes.byteLength / 4) };
 }
@@ -223,6 +226,7 @@ function selectTarget(index) {
   state.target = index;
   renderHeatmap();
   renderSteps();
+  renderLens();
 }
 
 function heat(span, score, scale) {
@@ -306,23 +310,28 @@ function renderSteps() {
     element("tr", {}, element("th", {}, name), element("td", { className: "steps-value" }, value))));
 }
 
+// Layers (rows) by explained tokens (columns): at most LENS_COLUMNS columns, around the selected token, so that a
+// long explanation's grid stays a few hundred cells.
 function renderLens() {
   const e = state.explanation;
   const method = e.methods.find((m) => m.lens);
   $("#lens-panel").hidden = !method;
   if (!method) return;
   const [layers, targets, k] = method.lens.ids.shape;
+  const first = Math.max(0, Math.min((state.target ?? 0) - Math.floor(LENS_COLUMNS / 2), targets - LENS_COLUMNS));
+  const columns = [];
+  for (let t = first; t < Math.min(targets, first + LENS_COLUMNS); t += 1) columns.push(t);
   const head = element("tr", {}, element("th", {}, "layer"),
-    ...e.target_positions.map((p) => element("th", {}, JSON.stringify(e.tokens[p].text))));
+    ...columns.map((t) => element("th", { className: t === state.target ? "selected" : "" },
+      JSON.stringify(e.tokens[e.target_positions[t]].text))));
   const body = [];
   for (let layer = layers - 1; layer >= 0; layer -= 1) {
-    const cells = [];
-    for (let t = 0; t < targets; t += 1) {
+    const cells = columns.map((t) => {
       const top = method.lens.ids.values[(layer * targets + t) * k];
       const target = method.lens.target.values[layer * targets + t];
-      cells.push(element("td", { title: `log p(target) ${fmt(target)}` },
-        `${tokenText(top)}\n${fmt(Math.exp(target), 3)}`));
-    }
+      return element("td", { title: `log p(explained token) ${fmt(target)}` },
+        `${tokenText(top)}\n${fmt(Math.exp(target), 3)}`);
+    });
     body.push(element("tr", {}, element("th", {}, String(layer)), ...cells));
   }
   $("#lens").replaceChildren(element("thead", {}, head), element("tbody", {}, ...body));
