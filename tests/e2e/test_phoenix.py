@@ -48,8 +48,7 @@ def phoenix(
 @pytest.fixture(scope="module")
 def content_gateway(stack: LocalStack) -> Iterator[inference_pb2_grpc.InferenceServiceStub]:
     """A gateway of the session stack whose deployment opted in to prompt and answer text on spans."""
-    env = {CAPTURE_CONTENT_ENV: "true", "OTEL_BSP_SCHEDULE_DELAY": "200", "SIGHTLINE_METRICS_LISTEN": "off",
-           "SIGHTLINE_VIEWER_LISTEN": "off"}  # fmt: skip
+    env = {CAPTURE_CONTENT_ENV: "true", "OTEL_BSP_SCHEDULE_DELAY": "200"}
     with GatewayProcess(stack, "content-gateway", env) as process, grpc.insecure_channel(process.address) as channel:
         yield inference_pb2_grpc.InferenceServiceStub(channel)
 

@@ -63,7 +63,6 @@ def viewer_gateway(stack: LocalStack, tmp_path_factory: pytest.TempPathFactory) 
     env = {
         "SIGHTLINE_API_KEYS_FILE": str(key_file),
         "SIGHTLINE_VIEWER_LISTEN": f"127.0.0.1:{port}",
-        "SIGHTLINE_METRICS_LISTEN": "off",
         "SIGHTLINE_TRACE_URL_TEMPLATE": TRACE_URL,
     }
     with GatewayProcess(stack, "viewer-gateway", env) as process, grpc.insecure_channel(process.address) as channel:
