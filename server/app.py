@@ -132,7 +132,7 @@ async def serve(settings: GatewaySettings, *, ready: asyncio.Event | None = None
     broker.start()
     monitor_task = asyncio.create_task(monitor.run(settings.health_interval_seconds))
     await server.start()
-    http_endpoints = await start_http_endpoints(settings, authenticator, limiter, broker)
+    http_endpoints = await start_http_endpoints(settings, authenticator, limiter, broker, vllm)
     log.info(
         "gateway listening on %s (%s; vLLM %s, Redis %s)",
         settings.listen,

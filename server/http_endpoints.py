@@ -14,6 +14,8 @@ from server.explanations import ExplanationBroker
 from server.limits import TenantLimiter
 from server.metrics import REGISTRY
 from server.viewer.app import Viewer, start_viewer
+from server.viewer.token_texts import TokenTexts
+from server.vllm_client import VLLMClient
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,11 @@ class HttpEndpoints:
 
 
 async def start_http_endpoints(
-    settings: GatewaySettings, authenticator: Authenticator, limiter: TenantLimiter, broker: ExplanationBroker
+    settings: GatewaySettings,
+    authenticator: Authenticator,
+    limiter: TenantLimiter,
+    broker: ExplanationBroker,
+    vllm: VLLMClient,
 ) -> HttpEndpoints:
     """Start what the settings turn on. A port that cannot be bound is logged and left off: the gRPC API, which
     does not need it, still serves."""
@@ -39,7 +45,9 @@ async def start_http_endpoints(
     runner = None
     address = parse_listen(settings.viewer_listen)
     if address is not None:
-        viewer = Viewer(authenticator, limiter, broker, trace_url_template=settings.trace_url_template)
+        viewer = Viewer(
+            authenticator, limiter, broker, TokenTexts(vllm), trace_url_template=settings.trace_url_template
+        )
         try:
             runner = await start_viewer(viewer, *address)
         except OSError as exc:

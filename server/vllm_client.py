@@ -127,6 +127,13 @@ class VLLMClient:
         """Token ids of a text prompt, exactly as /v1/completions would tokenize it."""
         return await self._tokenize({"model": model, "prompt": text}, timeout)
 
+    async def detokenize(self, model: str, token_ids: Sequence[int], timeout: float | None) -> str:
+        """The text of ``token_ids`` as the model's tokenizer decodes them together."""
+        body = await self._request_json(
+            "POST", "/detokenize", json={"model": model, "tokens": list(token_ids)}, timeout=timeout
+        )
+        return str(body["prompt"])
+
     async def _tokenize(self, payload: dict[str, Any], timeout: float | None) -> list[int]:
         body = await self._request_json("POST", "/tokenize", json=payload, timeout=timeout)
         return [int(t) for t in body["tokens"]]

@@ -18,11 +18,12 @@ import orjson
 from aiohttp import web
 
 from server.auth import Authenticator
-from server.errors import GatewayError
+from server.errors import GatewayError, invalid_argument
 from server.explanations import ExplanationBroker
 from server.limits import Tenant, TenantLimiter
 from server.metrics import VIEWER_REQUESTS
 from server.viewer.payload import explanation_payload, summary_payload
+from server.viewer.token_texts import MAX_IDS_PER_REQUEST, TokenTexts
 
 STATIC = Path(__file__).parent / "static"
 PAGE_SIZE = 50
@@ -52,12 +53,14 @@ class Viewer:
         authenticator: Authenticator,
         limiter: TenantLimiter,
         broker: ExplanationBroker,
+        token_texts: TokenTexts,
         *,
         trace_url_template: str,
     ) -> None:
         self._authenticator = authenticator
         self._limiter = limiter
         self._broker = broker
+        self._token_texts = token_texts
         self._trace_url_template = trace_url_template
 
     def app(self) -> web.Application:
@@ -67,6 +70,7 @@ class Viewer:
         app.router.add_static("/static", STATIC)
         app.router.add_get("/api/explanations", self._data("list", self._list))
         app.router.add_get("/api/explanations/{explanation_id}", self._data("get", self._get))
+        app.router.add_get("/api/token-texts", self._data("token-texts", self._texts))
         return app
 
     def _data(self, endpoint: str, handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -101,6 +105,17 @@ class Viewer:
     async def _get(self, request: web.Request, tenant: Tenant) -> web.StreamResponse:
         explanation = await self._broker.get(request.match_info["explanation_id"], tenant.name)
         return web.json_response(explanation_payload(explanation, self._trace_url_template), dumps=_json)
+
+    async def _texts(self, request: web.Request, tenant: Tenant) -> web.StreamResponse:
+        model = request.query.get("model", "")
+        try:
+            ids = [int(i) for i in request.query.get("ids", "").split(",") if i]
+        except ValueError:
+            raise invalid_argument("ids must be comma-separated token ids") from None
+        if not model or len(ids) > MAX_IDS_PER_REQUEST:
+            raise invalid_argument(f"name the model and at most {MAX_IDS_PER_REQUEST} ids")
+        texts = await self._token_texts.texts(model, ids)
+        return web.json_response({"texts": {str(i): text for i, text in texts.items()}})
 
 
 def _json(value: object) -> str:

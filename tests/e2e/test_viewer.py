@@ -149,7 +149,7 @@ def test_no_key_or_a_wrong_key_gets_no_data(
 
 
 def test_the_france_explanation_renders_and_paris_shows_its_sources_in_api_order(
-    viewer_gateway: ViewerGateway, france: inference_pb2.GenerateResponse, browser: WebDriver
+    stack: LocalStack, viewer_gateway: ViewerGateway, france: inference_pb2.GenerateResponse, browser: WebDriver
 ) -> None:
     browser.get(viewer_gateway.url + "/")
     use_key(browser, viewer_gateway.keys["acme"])
@@ -182,6 +182,24 @@ def test_the_france_explanation_renders_and_paris_shows_its_sources_in_api_order
     steps = browser.find_element(By.ID, "steps").text
     assert explanation.step_scores is not None
     assert f"{explanation.step_scores.probabilities[paris_index]:.4f}" in steps
+    # The alternatives are named by their text, which the gateway gets from vLLM's tokenizer.
+    top_ids = explanation.step_scores.top_token_ids
+    k = top_ids.shape[1]
+    alternatives = list(top_ids.values[paris_index * k : (paris_index + 1) * k])
+    texts = [
+        httpx.post(
+            f"{stack.config.vllm_url}/detokenize", json={"model": france.model, "tokens": [i]}, timeout=10
+        ).json()["prompt"]
+        for i in alternatives
+    ]
+
+    def alternatives_shown() -> str:  # re-found each time: the row is redrawn when the texts arrive
+        cell = browser.find_element(By.CSS_SELECTOR, '#steps td[data-row="alternatives (p)"]')
+        return attribute(cell, "textContent")
+
+    WebDriverWait(browser, 30).until(lambda _: "#" not in alternatives_shown())
+    shown_texts = alternatives_shown().split("\n")
+    assert [line.rsplit(" ", 1)[0] for line in shown_texts] == [json.dumps(t, ensure_ascii=False) for t in texts]
     # Word aggregation: the same ranking over source groups as the SDK's.
     browser.find_element(By.CSS_SELECTOR, '#granularity button[data-value="group"]').click()
     wait(browser, "#group-sources li")

@@ -88,6 +88,30 @@ function tokenText(id) {
   return known === undefined ? `#${id}` : JSON.stringify(known);
 }
 
+// Asks the gateway (which asks vLLM) for the texts of ids shown on the page that the sequence does not hold, then
+// shows them; each id is asked for once per model.
+const requestedTexts = new Set();
+const MAX_TEXTS_PER_REQUEST = 1024;
+
+async function resolveTexts(ids) {
+  const e = state.explanation;
+  const wanted = [...new Set(ids)]
+    .filter((id) => !state.vocabulary.has(id) && !requestedTexts.has(`${e.model}:${id}`))
+    .slice(0, MAX_TEXTS_PER_REQUEST);
+  if (!wanted.length) return;
+  for (const id of wanted) requestedTexts.add(`${e.model}:${id}`);
+  let body;
+  try {
+    body = await api(`/api/token-texts?model=${encodeURIComponent(e.model)}&ids=${wanted.join(",")}`);
+  } catch {
+    return; // the ids stay shown as #id
+  }
+  if (state.explanation !== e) return;
+  for (const [id, text] of Object.entries(body.texts)) state.vocabulary.set(Number(id), text);
+  renderSteps();
+  renderLens();
+}
+
 // ---- list -----------------------------------------------------------------------------------------------------
 
 async function showList(append = false) {
@@ -305,9 +329,11 @@ function renderSteps() {
     const alternatives = Array.from(row(ids, i), (id, j) =>
       `${tokenText(id)} ${fmt(Math.exp(row(logprobs, i)[j]), 3)}`).join("\n");
     rows.push(["alternatives (p)", alternatives]);
+    resolveTexts(Array.from(row(ids, i)));
   }
   body.replaceChildren(...rows.map(([name, value]) =>
-    element("tr", {}, element("th", {}, name), element("td", { className: "steps-value" }, value))));
+    element("tr", {}, element("th", {}, name), element("td", { className: "steps-value", dataset: { row: name } },
+      value))));
 }
 
 // Layers (rows) by explained tokens (columns): at most LENS_COLUMNS columns, around the selected token, so that a
@@ -325,9 +351,11 @@ function renderLens() {
     ...columns.map((t) => element("th", { className: t === state.target ? "selected" : "" },
       JSON.stringify(e.tokens[e.target_positions[t]].text))));
   const body = [];
+  const shown = [];
   for (let layer = layers - 1; layer >= 0; layer -= 1) {
     const cells = columns.map((t) => {
       const top = method.lens.ids.values[(layer * targets + t) * k];
+      shown.push(top);
       const target = method.lens.target.values[layer * targets + t];
       return element("td", { title: `log p(explained token) ${fmt(target)}` },
         `${tokenText(top)}\n${fmt(Math.exp(target), 3)}`);
@@ -335,6 +363,7 @@ function renderLens() {
     body.push(element("tr", {}, element("th", {}, String(layer)), ...cells));
   }
   $("#lens").replaceChildren(element("thead", {}, head), element("tbody", {}, ...body));
+  resolveTexts(shown);
 }
 
 function renderFaithfulness() {
