@@ -1,7 +1,8 @@
 """The explanation viewer: a page of Sightline's own, served over HTTP by the gateway process.
 
 It lives in the gateway because everything it needs is already there: the tenant-scoped reads of the explanation
-broker, the Authenticator (with its key file reloading) and the tenant rate limits. It authenticates exactly as
+broker, the Authenticator (with its key file reloading), the tenant rate limits, and the vLLM client that names
+token ids the explanation does not hold. It authenticates exactly as
 the gRPC API does: the page sends ``Authorization: Bearer <key>`` on its data requests and the gateway's
 ``Authenticator`` resolves the tenant, so without a valid key there is no data, and a tenant sees only its own
 explanations (another tenant's id is 404, as it is NOT_FOUND over gRPC). The page itself (HTML, CSS, JS shipped
