@@ -14,8 +14,7 @@ from server.explanations import ExplanationBroker
 from server.limits import TenantLimiter
 from server.metrics import REGISTRY
 from server.viewer.app import Viewer, start_viewer
-from server.viewer.token_texts import TokenTexts
-from server.vllm_client import VLLMClient
+from server.viewer.token_texts import Detokenizer, TokenTexts
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +36,7 @@ async def start_http_endpoints(
     authenticator: Authenticator,
     limiter: TenantLimiter,
     broker: ExplanationBroker,
-    vllm: VLLMClient,
+    vllm: Detokenizer,
 ) -> HttpEndpoints:
     """Start what the settings turn on. A port that cannot be bound is logged and left off: the gRPC API, which
     does not need it, still serves."""

@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Sequence
+from typing import Protocol
 
 from server.errors import GatewayError
-from server.vllm_client import VLLMClient
 
 # Ids one viewer request may ask for: a layer-by-token logit-lens window and the selected token's alternatives.
 MAX_IDS_PER_REQUEST = 1024
@@ -19,8 +19,14 @@ CONCURRENT_LOOKUPS = 8
 LOOKUP_TIMEOUT_SECONDS = 10.0
 
 
+class Detokenizer(Protocol):
+    """What the gateway's vLLM client offers for this (server/vllm_client.py)."""
+
+    async def detokenize(self, model: str, token_ids: Sequence[int], timeout: float | None) -> str: ...
+
+
 class TokenTexts:
-    def __init__(self, vllm: VLLMClient) -> None:
+    def __init__(self, vllm: Detokenizer) -> None:
         self._vllm = vllm
         self._known: dict[tuple[str, int], str] = {}
         self._lookups = asyncio.Semaphore(CONCURRENT_LOOKUPS)
