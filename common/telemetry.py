@@ -16,6 +16,17 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+PROJECT_ATTRIBUTE = "openinference.project.name"
+PROJECT_ENV = "SIGHTLINE_TRACE_PROJECT"
+DEFAULT_PROJECT = "sightline"
+# The OpenTelemetry GenAI conventions' opt-in for recording prompt and answer text on spans.
+CAPTURE_CONTENT_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
+
+
+def capture_message_content() -> bool:
+    """Whether this deployment opted in to message text on spans (off by default: prompts may be confidential)."""
+    return os.environ.get(CAPTURE_CONTENT_ENV, "").strip().lower() in {"true", "1", "yes"}
+
 
 def otlp_endpoint() -> str | None:
     """The OTLP traces endpoint configured in the environment, if any."""
@@ -24,7 +35,13 @@ def otlp_endpoint() -> str | None:
 
 def configure_tracing(default_service_name: str) -> TracerProvider:
     """Install a global tracer provider for this process and return it."""
-    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", default_service_name)})
+    resource = Resource.create(
+        {
+            "service.name": os.environ.get("OTEL_SERVICE_NAME", default_service_name),
+            # Phoenix files spans by project: request traces stay apart from others' (docs/observability.md).
+            PROJECT_ATTRIBUTE: os.environ.get(PROJECT_ENV, DEFAULT_PROJECT),
+        }
+    )
     provider = TracerProvider(resource=resource)
     disabled = os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true"
     exporter_choice = os.environ.get("OTEL_TRACES_EXPORTER", "otlp").lower()

@@ -32,6 +32,7 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.jobs import CATALOG_KEY
+from common.telemetry import DEFAULT_PROJECT, PROJECT_ATTRIBUTE
 from deploy.supervisor import GaveUp, HealthCheck, RestartPolicy, Supervised, Supervisor
 
 DEFAULT_STATE_DIR = Path.home() / ".cache" / "sightline" / "state"
@@ -68,11 +69,19 @@ class StackConfig:
     # row, one every interval (each with the interval as its timeout).
     vllm_health_interval_s: float = 5.0
     vllm_health_failures: int = 3
+    # Prometheus /metrics of the gateway and of the explainer, and the gateway's explanation viewer (HTTP).
+    gateway_metrics_port: int = 9401
+    explainer_metrics_port: int = 9402
+    viewer_port: int = 8080
     extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def gateway_address(self) -> str:
         return f"{self.host}:{self.gateway_port}"
+
+    @property
+    def viewer_url(self) -> str:
+        return f"http://{self.host}:{self.viewer_port}/"
 
     @property
     def vllm_url(self) -> str:
@@ -230,6 +239,8 @@ class LocalStack:
         if self.config.otlp_endpoint:
             env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = self.config.otlp_endpoint
             env["OTEL_EXPORTER_OTLP_TRACES_INSECURE"] = "true"
+            # vLLM's spans join the gateway's and explainer's Phoenix project (common/telemetry.py).
+            env.setdefault("OTEL_RESOURCE_ATTRIBUTES", f"{PROJECT_ATTRIBUTE}={DEFAULT_PROJECT}")
         env.update(self.config.extra_env)
         return env
 
@@ -275,7 +286,9 @@ class LocalStack:
         ]  # fmt: skip
         if consumer is not None:
             argv += ["--consumer", consumer]
-        return Command(argv, self.child_env("sightline-explainer", config.explainer_threads))
+        env = self.child_env("sightline-explainer", config.explainer_threads)
+        env.setdefault("SIGHTLINE_METRICS_LISTEN", f"{config.host}:{config.explainer_metrics_port}")
+        return Command(argv, env)
 
     def gateway_command(self) -> Command:
         config = self.config
@@ -283,7 +296,10 @@ class LocalStack:
             sys.executable, "-m", "server", "--listen", config.gateway_address,
             "--vllm-url", config.vllm_url, "--redis-url", config.redis_url,
         ]  # fmt: skip
-        return Command(argv, self.child_env("sightline-gateway", 1))
+        env = self.child_env("sightline-gateway", 1)
+        env.setdefault("SIGHTLINE_METRICS_LISTEN", f"{config.host}:{config.gateway_metrics_port}")
+        env.setdefault("SIGHTLINE_VIEWER_LISTEN", f"{config.host}:{config.viewer_port}")
+        return Command(argv, env)
 
     def start(self) -> None:
         config = self.config
@@ -309,6 +325,9 @@ class LocalStack:
             f"  {_auth_line(gateway.env)}\n"
             f"  vLLM (HTTP)      {config.vllm_url}  model {config.served_model_name}\n"
             f"  Redis            {config.redis_url}\n"
+            f"  viewer (HTTP)    {config.viewer_url}\n"
+            f"  metrics          http://{config.host}:{config.gateway_metrics_port}/metrics (gateway), "
+            f"http://{config.host}:{config.explainer_metrics_port}/metrics (explainer)\n"
             f"  explainer        1 worker, model dir {config.model_dir}\n"
             f"  logs             {logs}"
         )
@@ -449,6 +468,9 @@ def main() -> None:
     parser.add_argument("--vllm-port", type=int, default=defaults.vllm_port)
     parser.add_argument("--redis-port", type=int, default=defaults.redis_port)
     parser.add_argument("--explainer-threads", type=int, default=defaults.explainer_threads)
+    parser.add_argument("--viewer-port", type=int, default=defaults.viewer_port)
+    parser.add_argument("--gateway-metrics-port", type=int, default=defaults.gateway_metrics_port)
+    parser.add_argument("--explainer-metrics-port", type=int, default=defaults.explainer_metrics_port)
     parser.add_argument(
         "--otlp-endpoint",
         default=os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"),
@@ -507,6 +529,9 @@ def main() -> None:
         otlp_endpoint=args.otlp_endpoint,
         vllm_health_interval_s=args.vllm_health_interval,
         vllm_health_failures=args.vllm_health_failures,
+        viewer_port=args.viewer_port,
+        gateway_metrics_port=args.gateway_metrics_port,
+        explainer_metrics_port=args.explainer_metrics_port,
     )
     try:
         policy = RestartPolicy(

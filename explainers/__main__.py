@@ -17,6 +17,7 @@ import torch
 from opentelemetry.sdk.trace import TracerProvider
 
 from common.telemetry import configure_tracing
+from explainers import metrics
 from explainers.embedded_model import default_model_dir
 from explainers.model import load_model
 from explainers.worker import ExplainerWorker, WorkerSettings
@@ -119,6 +120,11 @@ def main() -> None:
         25.0,
         "on SIGTERM, how long the job in hand may take to finish before it is handed back to other workers",
     )
+    parser.add_argument(
+        "--metrics-listen",
+        default=os.environ.get("SIGHTLINE_METRICS_LISTEN", metrics.DEFAULT_LISTEN),
+        help="HOST:PORT of the Prometheus /metrics endpoint, or 'off' (SIGHTLINE_METRICS_LISTEN)",
+    )
     args = parser.parse_args()
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s explainer %(levelname)s %(name)s: %(message)s")
@@ -134,6 +140,7 @@ def main() -> None:
     client = redis.Redis.from_url(
         args.redis_url, socket_connect_timeout=2, socket_timeout=30, client_name=args.consumer
     )
+    metrics.serve(args.metrics_listen, client)
     worker = ExplainerWorker(
         client,
         loaded,

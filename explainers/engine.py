@@ -33,6 +33,7 @@ from explainers.methods.registry import get_method
 from explainers.model import LoadedModel, forward_with_hidden_states
 from explainers.step_scores import Readout, read_out
 from explainers.targets import Targets, TargetScore
+from explainers.telemetry import SPAN_KIND, describe_faithfulness, describe_method
 
 logger = logging.getLogger(__name__)
 
@@ -105,17 +106,21 @@ def explain(
     for index, (method, params) in enumerate(requested):
         if not any(later.reuses_embedding_recording for later, _ in requested[index:]):
             ctx = replace(ctx, embedding_recording=None)
-        with tracer.start_as_current_span(f"method {method.name}", attributes={"sightline.method": method.name}):
+        with tracer.start_as_current_span(
+            f"method {method.name}", attributes={"sightline.method": method.name, SPAN_KIND: "EVALUATOR"}
+        ) as method_span:
             started = time.perf_counter()
             result = method.attribute(ctx, params)
             result.seconds = time.perf_counter() - started
+            describe_method(method_span, explanation, result)
         if result.HasField("attributions"):
             matrix = _float_matrix(result.attributions)
             aggregated = aggregate(matrix, groups, targets.positions, options.absolute, options.normalization)
             result.aggregated.CopyFrom(tensor_proto(aggregated))
             if options.faithfulness:
-                with tracer.start_as_current_span(f"faithfulness {method.name}"):
+                with tracer.start_as_current_span(f"faithfulness {method.name}") as faithfulness_span:
                     result.faithfulness.CopyFrom(faithfulness(loaded, token_ids, targets, matrix))
+                    describe_faithfulness(faithfulness_span, result.faithfulness)
         explanation.results.append(result)
 
     with tracer.start_as_current_span("fidelity") as span:

@@ -56,11 +56,13 @@ from common.jobs import (
     worker_group_info,
 )
 from common.telemetry import context_from_traceparent
+from explainers import metrics
 from explainers.engine import explain
 from explainers.hidden_cache import HiddenStateCache
 from explainers.methods.base import ModelShape
 from explainers.methods.registry import method_infos
 from explainers.model import LoadedModel
+from explainers.telemetry import record_evaluations
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("sightline.explainer")
@@ -311,18 +313,21 @@ class ExplainerWorker:
 
     def _compute(self, entry_id: bytes, job: ExplanationJob, record: types_pb2.Explanation) -> None:
         parent = context_from_traceparent(job.traceparent)
-        with tracer.start_as_current_span(
-            f"process {JOB_STREAM}",
-            context=parent,
-            kind=trace.SpanKind.CONSUMER,
-            attributes={
-                "messaging.system": "redis",
-                "messaging.operation.type": "process",
-                "messaging.destination.name": JOB_STREAM,
-                "sightline.explanation_id": job.explanation_id,
-                "sightline.attempt": record.attempts,
-            },
-        ) as span:
+        with (
+            tracer.start_as_current_span(
+                f"process {JOB_STREAM}",
+                context=parent,
+                kind=trace.SpanKind.CONSUMER,
+                attributes={
+                    "messaging.system": "redis",
+                    "messaging.operation.type": "process",
+                    "messaging.destination.name": JOB_STREAM,
+                    "sightline.explanation_id": job.explanation_id,
+                    "sightline.attempt": record.attempts,
+                },
+            ) as span,
+            metrics.JOB_SECONDS.time(),
+        ):
             try:
                 if job.weights_digest != self._loaded.weights_digest:
                     raise ValueError(
@@ -338,6 +343,8 @@ class ExplainerWorker:
                     job.served_logprobs,
                     job.options,
                 )
+                record_evaluations(span, result, served_compared=job.served_logprobs is not None)
+                span.set_status(trace.Status(trace.StatusCode.OK))
             except ValueError as exc:
                 # Invalid input fails the same way on every worker: no point retrying.
                 span.record_exception(exc)
@@ -348,9 +355,12 @@ class ExplainerWorker:
                 span.record_exception(exc)
                 if record.attempts >= self._settings.max_attempts:
                     self._fail(entry_id, job, record, f"{type(exc).__name__}: {exc}")
+                else:
+                    metrics.JOBS_FINISHED.labels("retried").inc()
                 # Otherwise the entry stays pending and is retried once claimable.
                 return
         self._succeed(entry_id, job, record, result)
+        metrics.observe_success(result, served_compared=job.served_logprobs is not None)
 
     def _succeed(
         self, entry_id: bytes, job: ExplanationJob, record: types_pb2.Explanation, result: types_pb2.Explanation
@@ -375,6 +385,7 @@ class ExplainerWorker:
         record.state = types_pb2.EXPLANATION_STATE_FAILED
         record.error = reason
         self._finish(entry_id, job, record)
+        metrics.JOBS_FINISHED.labels("failed").inc()
 
     def _finish(self, entry_id: bytes, job: ExplanationJob, record: types_pb2.Explanation) -> None:
         record.completed_at.GetCurrentTime()

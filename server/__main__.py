@@ -44,6 +44,16 @@ def main() -> None:
         default=defaults.health_listen,
         help="extra plaintext address serving only grpc.health.v1, for probes (SIGHTLINE_HEALTH_LISTEN)",
     )
+    parser.add_argument(
+        "--metrics-listen",
+        default=defaults.metrics_listen,
+        help="HOST:PORT of the Prometheus /metrics endpoint, or 'off' (SIGHTLINE_METRICS_LISTEN)",
+    )
+    parser.add_argument(
+        "--viewer-listen",
+        default=defaults.viewer_listen,
+        help="HOST:PORT of the explanation viewer page, or 'off' (SIGHTLINE_VIEWER_LISTEN)",
+    )
     args = parser.parse_args()
     settings = dataclasses.replace(
         defaults,
@@ -54,6 +64,8 @@ def main() -> None:
         tls_key_file=args.tls_key,
         tls_client_ca_file=args.tls_client_ca,
         health_listen=args.health_listen,
+        metrics_listen=args.metrics_listen,
+        viewer_listen=args.viewer_listen,
     )
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s gateway %(levelname)s %(name)s: %(message)s")

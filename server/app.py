@@ -19,6 +19,7 @@ from sightline.v1 import explanations_pb2, explanations_pb2_grpc, inference_pb2,
 from server.auth import Authenticator
 from server.config import GatewaySettings
 from server.explanations import ExplanationBroker
+from server.http_endpoints import start_http_endpoints
 from server.keys import configured_keys
 from server.limits import TenantLimiter
 from server.rpc import DecodeErrorsAsInvalidArgument
@@ -142,6 +143,7 @@ async def serve(settings: GatewaySettings, *, ready: asyncio.Event | None = None
     if health_server is not None:
         await health_server.start()
         log.info("grpc.health.v1 alone, plaintext, on %s", settings.health_listen)
+    http_endpoints = await start_http_endpoints(settings, authenticator, limiter, broker, vllm)
     log.info(
         "gateway listening on %s (%s; vLLM %s, Redis %s)",
         settings.listen,
@@ -166,6 +168,7 @@ async def serve(settings: GatewaySettings, *, ready: asyncio.Event | None = None
         await server.stop(grace=None)
         if health_server is not None:
             await health_server.stop(grace=None)
+        await http_endpoints.stop()
         monitor_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await monitor_task

@@ -8,6 +8,10 @@ from dataclasses import dataclass, field
 from server.limits import TenantLimits
 from server.vllm_client import SILENCE_TIMEOUT_SECONDS
 
+# Where `python -m server` serves Prometheus metrics and the explanation viewer unless told otherwise ("off": not).
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9401"
+DEFAULT_VIEWER_LISTEN = "127.0.0.1:8080"
+
 
 @dataclass(frozen=True)
 class GatewaySettings:
@@ -47,6 +51,12 @@ class GatewaySettings:
     vllm_silence_timeout_seconds: float = SILENCE_TIMEOUT_SECONDS
     # A second, plaintext port serving only grpc.health.v1, for probes that cannot speak TLS (Kubernetes' gRPC probes).
     health_listen: str | None = None
+    # HOST:PORT of the Prometheus /metrics endpoint and of the explanation viewer; "" or "off" serves none
+    # (from_env turns both on by default; settings built in code opt in).
+    metrics_listen: str = ""
+    viewer_listen: str = ""
+    # The viewer's link from an explanation to its trace, with {trace_id} in it; "" shows the id without a link.
+    trace_url_template: str = ""
 
     @classmethod
     def from_env(cls) -> GatewaySettings:
@@ -75,4 +85,7 @@ class GatewaySettings:
                 env.get("SIGHTLINE_VLLM_SILENCE_TIMEOUT_SECONDS", cls.vllm_silence_timeout_seconds)
             ),
             health_listen=env.get("SIGHTLINE_HEALTH_LISTEN") or None,
+            metrics_listen=env.get("SIGHTLINE_METRICS_LISTEN", DEFAULT_METRICS_LISTEN),
+            viewer_listen=env.get("SIGHTLINE_VIEWER_LISTEN", DEFAULT_VIEWER_LISTEN),
+            trace_url_template=env.get("SIGHTLINE_TRACE_URL_TEMPLATE", cls.trace_url_template),
         )

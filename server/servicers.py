@@ -28,7 +28,9 @@ from server.config import GatewaySettings
 from server.costs import PlannedMethod, check_cost
 from server.errors import GatewayError, invalid_argument, not_found, shown, unavailable
 from server.explanations import ExplanationBroker, ExplanationSlot
+from server.genai_spans import SPAN_KIND, describe_generation, describe_request
 from server.limits import Tenant, TenantLimiter
+from server.metrics import EXPLANATION_WAIT, RpcObservation
 from server.validation import (
     chat_messages,
     check_options_fit,
@@ -84,7 +86,7 @@ def _server_span(rpc: str, context: grpc.aio.ServicerContext) -> trace.Span:
         rpc,
         context=parent,
         kind=trace.SpanKind.SERVER,
-        attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
+        attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method, SPAN_KIND: "CHAIN"},
     )
 
 
@@ -112,11 +114,15 @@ def unary_rpc(
         @functools.wraps(handler)
         async def wrapper(self: Any, request: Request, context: grpc.aio.ServicerContext) -> Response:
             span = _server_span(rpc, context)
-            with trace.use_span(span, end_on_exit=True):
+            with trace.use_span(span, end_on_exit=True), RpcObservation(rpc) as call:
                 try:
                     tenant = await self.gateway.admit(context)
-                    return await handler(self, request, context, tenant)
+                    call.tenant = tenant.name
+                    response = await handler(self, request, context, tenant)
+                    span.set_status(trace.Status(trace.StatusCode.OK))
+                    return response
                 except Exception as exc:
+                    call.fail(exc)
                     await _abort(context, span, exc)
                     raise  # context.abort raises; this line satisfies the type checker
 
@@ -136,12 +142,17 @@ def stream_rpc(
         @functools.wraps(handler)
         async def wrapper(self: Any, request: Request, context: grpc.aio.ServicerContext) -> AsyncIterator[Response]:
             span = _server_span(rpc, context)
-            with trace.use_span(span, end_on_exit=True):
+            with trace.use_span(span, end_on_exit=True), RpcObservation(rpc) as call:
                 try:
                     tenant = await self.gateway.admit(context)
+                    call.tenant = tenant.name
                     async for item in handler(self, request, context, tenant):
+                        if getattr(item, "output_tokens", None):
+                            call.first_token()
                         yield item
+                    span.set_status(trace.Status(trace.StatusCode.OK))
                 except Exception as exc:
+                    call.fail(exc)
                     await _abort(context, span, exc)
 
         return wrapper
@@ -250,6 +261,7 @@ class Gateway:
     ) -> PreparedGeneration:
         """Everything checked before generating, so a bad or over-limit request costs no generation."""
         request_id = _request_id(request.request_id)
+        describe_request(request)
         model = self.resolve_model(request.model)
         sampling = sampling_from_proto(
             request.sampling,
@@ -317,7 +329,8 @@ class Gateway:
             return record
         remaining = context.time_remaining()
         budget = 3600.0 if remaining is None else remaining - self.settings.deadline_margin_seconds
-        return await self.broker.wait(record.explanation_id, tenant.name, budget)
+        with EXPLANATION_WAIT.time():
+            return await self.broker.wait(record.explanation_id, tenant.name, budget)
 
 
 def _output_tokens(chunk: CompletionChunk) -> list[types_pb2.Token]:
@@ -391,6 +404,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             response.explanation_id = explanation.explanation_id
             if plan.mode != types_pb2.EXPLAIN_MODE_ASYNC:
                 response.explanation.CopyFrom(explanation)
+        describe_generation(
+            request_id=prepared.request_id,
+            tenant=tenant.name,
+            text=response.text,
+            output_tokens=len(output_tokens),
+            finish_reason=response.finish_reason,
+            explanation=response.explanation,
+            explanation_id=response.explanation_id,
+        )
         return response
 
     @stream_rpc("sightline.v1.InferenceService/GenerateStream")
@@ -460,6 +482,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             final.explanation_id = explanation.explanation_id
             if plan.mode != types_pb2.EXPLAIN_MODE_ASYNC:
                 final.explanation.CopyFrom(explanation)
+        describe_generation(
+            request_id=prepared.request_id,
+            tenant=tenant.name,
+            text="".join(token.text for token in all_output),
+            output_tokens=len(all_output),
+            finish_reason=final.finish_reason,
+            explanation=final.explanation,
+            explanation_id=final.explanation_id,
+        )
         yield final
 
 

@@ -25,6 +25,7 @@ import orjson
 from opentelemetry import propagate, trace
 
 from server.errors import GatewayError, deadline_exceeded, invalid_argument, not_found, unavailable
+from server.genai_spans import llm_span_attributes, record_llm_output
 
 tracer = trace.get_tracer("sightline.gateway")
 
@@ -126,6 +127,13 @@ class VLLMClient:
         """Token ids of a text prompt, exactly as /v1/completions would tokenize it."""
         return await self._tokenize({"model": model, "prompt": text}, timeout)
 
+    async def detokenize(self, model: str, token_ids: Sequence[int], timeout: float | None) -> str:
+        """The text of ``token_ids`` as the model's tokenizer decodes them together."""
+        body = await self._request_json(
+            "POST", "/detokenize", json={"model": model, "tokens": list(token_ids)}, timeout=timeout
+        )
+        return str(body["prompt"])
+
     async def _tokenize(self, payload: dict[str, Any], timeout: float | None) -> list[int]:
         body = await self._request_json("POST", "/tokenize", json=payload, timeout=timeout)
         return [int(t) for t in body["tokens"]]
@@ -168,6 +176,7 @@ class VLLMClient:
                         if chunk is None:
                             continue
                         summary.finish_reason = summary.finish_reason or chunk.finish_reason
+                        summary.text += chunk.text
                         if chunk.input_tokens is not None:
                             summary.input_tokens = chunk.input_tokens
                             summary.output_tokens = chunk.output_tokens
@@ -217,6 +226,7 @@ class VLLMClient:
                 "gen_ai.request.top_p": sampling.top_p,
                 "server.address": self._host,
                 "server.port": self._port,
+                **llm_span_attributes(),
             },
         )
 
@@ -304,6 +314,8 @@ def _record_response(span: trace.Span, response_id: str | None, chunk: Completio
         span.set_attribute("gen_ai.usage.output_tokens", chunk.output_tokens)
     if chunk.finish_reason:
         span.set_attribute("gen_ai.response.finish_reasons", [chunk.finish_reason])
+    record_llm_output(span, chunk.text, chunk.finish_reason)
+    span.set_status(trace.Status(trace.StatusCode.OK))
 
 
 def _error_from_response(status: int, content: bytes) -> GatewayError:

@@ -271,6 +271,9 @@ class VLLMPool:
     async def tokenize_text(self, model: str, text: str, timeout: float | None) -> list[int]:
         return await self._with_failover(lambda client, left: client.tokenize_text(model, text, left), timeout)
 
+    async def detokenize(self, model: str, token_ids: Sequence[int], timeout: float | None) -> str:
+        return await self._with_failover(lambda client, left: client.detokenize(model, token_ids, left), timeout)
+
     async def complete(self, model: str, prompt: Prompt, sampling: Sampling, timeout: float | None) -> CompletionChunk:
         # A unary completion delivers nothing until it is done, so one that failed is retried whole.
         return await self._with_failover(lambda client, left: client.complete(model, prompt, sampling, left), timeout)

@@ -41,6 +41,9 @@ def stack(otlp_collector: OTLPCollector, tmp_path_factory: pytest.TempPathFactor
         vllm_port=free_port(),
         redis_port=free_port(),
         otlp_endpoint=otlp_collector.endpoint,
+        gateway_metrics_port=free_port(),
+        explainer_metrics_port=free_port(),
+        viewer_port=free_port(),
         # Export spans quickly so trace assertions do not wait for the default 5 s batch delay.
         extra_env={"OTEL_BSP_SCHEDULE_DELAY": "200"},
     )

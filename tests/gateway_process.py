@@ -33,6 +33,9 @@ class GatewayProcess:
             "SIGHTLINE_GATEWAY_LISTEN": self.address,
             "SIGHTLINE_VLLM_URL": stack.config.vllm_url,
             "SIGHTLINE_REDIS_URL": stack.config.redis_url,
+            # No well-known ports in tests: a test that needs /metrics or the viewer gives a free port in env.
+            "SIGHTLINE_METRICS_LISTEN": "off",
+            "SIGHTLINE_VIEWER_LISTEN": "off",
             **env,
         }
         self._channel = channel

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from concurrent import futures
@@ -51,6 +52,7 @@ class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
                             attributes={a.key: _value(a.value) for a in span.attributes},
                         )
                     )
+        self._collector.relay(request)
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
@@ -61,6 +63,8 @@ class OTLPCollector:
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceService(self), self._server)
         self.port = self._server.add_insecure_port("127.0.0.1:0")
+        self._relay_channel: grpc.Channel | None = None
+        self._relay: trace_service_pb2_grpc.TraceServiceStub | None = None
 
     @property
     def endpoint(self) -> str:
@@ -71,6 +75,25 @@ class OTLPCollector:
 
     def stop(self) -> None:
         self._server.stop(grace=None)
+
+    def relay_to(self, endpoint: str | None) -> None:
+        """Also forward every export from now on, as received, to the OTLP/gRPC ``endpoint`` (None: stop), as an
+        OpenTelemetry Collector does: a test reads the session stack's traces back from a real backend."""
+        with self._lock:
+            if self._relay_channel is not None:
+                self._relay_channel.close()
+            self._relay_channel = None if endpoint is None else grpc.insecure_channel(endpoint.split("://")[-1])
+            self._relay = (
+                None if self._relay_channel is None else trace_service_pb2_grpc.TraceServiceStub(self._relay_channel)
+            )
+
+    def relay(self, request: trace_service_pb2.ExportTraceServiceRequest) -> None:
+        with self._lock:
+            relay = self._relay
+        if relay is not None:
+            # A backend that fails to take the spans only loses them there; the collector keeps its copy.
+            with contextlib.suppress(grpc.RpcError):
+                relay.Export(request, timeout=10)
 
     def add(self, span: ReceivedSpan) -> None:
         with self._lock:

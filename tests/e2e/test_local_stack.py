@@ -24,7 +24,9 @@ def _launcher(tmp_path: Path, *ports: int) -> subprocess.Popen[str]:
     gateway, vllm, redis = ports
     return subprocess.Popen(
         [sys.executable, "-m", "deploy.local_stack", "--state-dir", str(tmp_path),
-         "--gateway-port", str(gateway), "--vllm-port", str(vllm), "--redis-port", str(redis)],
+         "--gateway-port", str(gateway), "--vllm-port", str(vllm), "--redis-port", str(redis),
+         "--viewer-port", str(free_port()), "--gateway-metrics-port", str(free_port()),
+         "--explainer-metrics-port", str(free_port())],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -89,6 +89,9 @@ class FaultCluster:
                 gateway_port=free_port(),
                 vllm_port=vllm_port,
                 redis_port=free_port(),
+                gateway_metrics_port=free_port(),
+                explainer_metrics_port=free_port(),
+                viewer_port=free_port(),
                 extra_env=env or {},
             )
         )
