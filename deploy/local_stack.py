@@ -244,7 +244,10 @@ class LocalStack:
             sys.executable, "-m", "server", "--listen", config.gateway_address,
             "--vllm-url", config.vllm_url, "--redis-url", config.redis_url,
         ]  # fmt: skip
-        return Command(argv, self.child_env("sightline-gateway", 1))
+        env = self.child_env("sightline-gateway", 1)
+        # The audit trail's SQLite database and signing key live under the state directory too.
+        env.setdefault("SIGHTLINE_STATE_DIR", str(config.state_dir))
+        return Command(argv, env)
 
     def start(self) -> None:
         config = self.config

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from server.audit.settings import AuditSettings
 from server.limits import TenantLimits
 from server.vllm_client import SILENCE_TIMEOUT_SECONDS
 
@@ -45,6 +46,8 @@ class GatewaySettings:
     shutdown_grace_seconds: float = 25.0
     # How long vLLM may send nothing on a call before it fails UNAVAILABLE (server/vllm_client.py).
     vllm_silence_timeout_seconds: float = SILENCE_TIMEOUT_SECONDS
+    # The audit trail: database, signing key, retention (server/audit/settings.py, docs/compliance.md).
+    audit: AuditSettings = field(default_factory=AuditSettings)
 
     @classmethod
     def from_env(cls) -> GatewaySettings:
@@ -72,4 +75,5 @@ class GatewaySettings:
             vllm_silence_timeout_seconds=float(
                 env.get("SIGHTLINE_VLLM_SILENCE_TIMEOUT_SECONDS", cls.vllm_silence_timeout_seconds)
             ),
+            audit=AuditSettings.from_env(env),
         )
