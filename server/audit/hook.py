@@ -188,6 +188,8 @@ def _explanation_fields(explanation_id: str, explanation: types_pb2.Explanation 
 def _outcome(response: Response) -> dict[str, Any]:
     explanation = response.explanation if response.HasField("explanation") else None
     outcome = _explanation_fields(response.explanation_id, explanation)
+    if response.request_id:  # the id the gateway made up when the caller sent none
+        outcome["request_id"] = response.request_id
     if isinstance(response, inference_pb2.GenerateResponse):
         outcome["model"] = response.model
         outcome["output_token_ids"] = [token.id for token in response.output_tokens]
