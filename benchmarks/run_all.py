@@ -5,7 +5,8 @@
     .venv/bin/python benchmarks/run_all.py --render-only   # only rebuild the docs section from benchmarks/results/
     .venv/bin/python benchmarks/run_all.py --only gateway_overhead
 
-Runs benchmarks/gateway_overhead.py, benchmarks/cache_and_scaling.py, benchmarks/soak.py and, when present,
+Runs benchmarks/gateway_overhead.py, benchmarks/cache_and_scaling.py, benchmarks/soak.py,
+benchmarks/audit_overhead.py and, when present,
 benchmarks/explainer_vs_peers.py, each in its own process. Each writes JSON to benchmarks/results/; this script
 reads it back and renders it (through the script's own ``render_markdown`` when it has one, else as generic
 tables) into the part of docs/performance.md between the ``run_all`` markers, leaving the rest of the file as it
@@ -79,6 +80,11 @@ BENCHMARKS = (
     ),
     Benchmark("explainer_vs_peers", "Explainer vs peer libraries", "explainer_vs_peers.py"),
     Benchmark("soak", "Soak: concurrent clients mixing streams and explanations (errors, memory, queue)", "soak.py"),
+    Benchmark(
+        "audit_overhead",
+        "Audit trail: added latency (off, SQLite, PostgreSQL), export and verify throughput, size",
+        "audit_overhead.py",
+    ),
 )
 
 

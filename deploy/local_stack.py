@@ -186,6 +186,8 @@ class LocalStack:
                 "TRANSFORMERS_OFFLINE": "1",
                 "PYTHONUNBUFFERED": "1",
                 "OTEL_SERVICE_NAME": service_name,
+                # The gateway's audit trail (SQLite database, signing key) lives under the state directory too.
+                "SIGHTLINE_STATE_DIR": str(self.config.state_dir),
             }
         )
         if self.config.otlp_endpoint:
@@ -244,10 +246,7 @@ class LocalStack:
             sys.executable, "-m", "server", "--listen", config.gateway_address,
             "--vllm-url", config.vllm_url, "--redis-url", config.redis_url,
         ]  # fmt: skip
-        env = self.child_env("sightline-gateway", 1)
-        # The audit trail's SQLite database and signing key live under the state directory too.
-        env.setdefault("SIGHTLINE_STATE_DIR", str(config.state_dir))
-        return Command(argv, env)
+        return Command(argv, self.child_env("sightline-gateway", 1))
 
     def start(self) -> None:
         config = self.config

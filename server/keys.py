@@ -223,7 +223,9 @@ def _api_key(entry: object, where: str) -> ApiKey:
     if "key" in entry:
         raise KeyFileError(f"{where} holds a key in clear; store its sha256 instead (python -m server.keys hash)")
     if not KEY_FIELDS <= set(entry) <= KEY_FIELDS | {"role"}:
-        raise KeyFileError(f"{where} must have the fields id, tenant, sha256 and optionally role; got {sorted(entry)}")
+        raise KeyFileError(
+            f"{where} must have exactly the fields id, tenant and sha256 (and optionally role); got {sorted(entry)}"
+        )
     role = entry.get("role", "tenant")
     if role not in KEY_ROLES:
         raise KeyFileError(f"{where}: role must be one of {', '.join(KEY_ROLES)}; got {str(role)[:40]!r}")

@@ -75,7 +75,8 @@ class StoredEntry:
 
 def entry_text(entry: NewEntry, index: int) -> str:
     """The canonical text of ``entry`` at ``index``: what is hashed, stored and exported."""
-    return canonical_json({**entry.fields, "index": index}).decode()
+    text: str = canonical_json({**entry.fields, "index": index}).decode()
+    return text
 
 
 class Connection(Protocol):
