@@ -132,6 +132,7 @@ class AuditRecorder:
         tenant: Tenant,
         started_ms: int,
         exc: BaseException,
+        outcome: dict[str, Any] | None = None,
     ) -> asyncio.Future[int]:
         """Queue the entry of a failed call; the caller need not wait (a cancelled call cannot)."""
         if isinstance(exc, GatewayError):
@@ -140,7 +141,7 @@ class AuditRecorder:
             status = grpc.StatusCode.CANCELLED.name
         else:
             status = grpc.StatusCode.INTERNAL.name
-        entry = self.entry(rpc, request, context, tenant, started_ms, {"status": status})
+        entry = self.entry(rpc, request, context, tenant, started_ms, {**(outcome or {}), "status": status})
         future = self.log.submit(entry)
         future.add_done_callback(_log_failure)
         return future
@@ -255,7 +256,8 @@ def _audited_stream(rpc: str, handler: Callable[..., AsyncIterator[inference_pb2
                 last = item
                 yield item
         except BaseException as exc:
-            recorder.failed(rpc, request, context, tenant, started, exc)
+            # A stream cut short (cancelled, failed) is logged with the tokens it had sent.
+            recorder.failed(rpc, request, context, tenant, started, exc, {"output_token_ids": output})
             raise
         # The stream's status (its acknowledgement) goes out once this returns: after the entry commits.
         outcome = {"model": _served_model(self, request), **_outcome(last)}

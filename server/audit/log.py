@@ -159,7 +159,7 @@ class AuditLog:
 
     # --- the explanation archive ---------------------------------------------------------------------
 
-    async def archive_finished(self, fetch: FetchExplanation, within_ms: int, limit: int = 100) -> int:
+    async def archive_finished(self, fetch: FetchExplanation, within_ms: int, limit: int = 500) -> int:
         """Archive the final records of logged explanations that have none yet; how many were archived."""
         pending = await asyncio.to_thread(self.store.unarchived_explanations, now_ms() - within_ms, limit)
         archived = 0

@@ -18,6 +18,7 @@ the log runs them on its own threads.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
@@ -89,11 +90,10 @@ class Connection(Protocol):
 class AuditStore:
     """Blocking SQL access to the audit tables; one connection per thread that uses it."""
 
-    def __init__(self, connect: Callable[[], Connection], *, placeholder: str, lock_head: str, begin: str) -> None:
+    def __init__(self, connect: Callable[[], Connection], *, placeholder: str, lock_head: str) -> None:
         self._connect = connect
         self._placeholder = placeholder
         self._lock_head = lock_head
-        self._begin = begin
         self._local = threading.local()
         self._all: list[Connection] = []
         self._all_lock = threading.Lock()
@@ -114,15 +114,26 @@ class AuditStore:
     def _run(self, work: Callable[[Connection], Any]) -> Any:
         """``work`` in one transaction: committed when it returns, rolled back when it raises."""
         connection = self._connection
-        if self._begin:
-            connection.execute(self._begin)
         try:
             result = work(connection)
+            connection.commit()
         except BaseException:
-            connection.rollback()
+            self._roll_back(connection)
             raise
-        connection.commit()
         return result
+
+    def _roll_back(self, connection: Connection) -> None:
+        """Roll back; a connection that cannot (the database restarted, the network dropped) is replaced by a new
+        one at this thread's next transaction."""
+        try:
+            connection.rollback()
+        except Exception:
+            self._local.connection = None
+            with self._all_lock:
+                if connection in self._all:
+                    self._all.remove(connection)
+            with contextlib.suppress(Exception):
+                connection.close()
 
     def create_schema(self, blob: str) -> None:
         def create(connection: Connection) -> None:
@@ -201,9 +212,11 @@ class AuditStore:
         rows = self._run(
             lambda c: c.execute(
                 self._sql(
-                    "SELECT DISTINCT l.explanation_id, l.tenant FROM audit_log l LEFT JOIN explanation_records r "
+                    # One request entry per explanation id, so no DISTINCT; oldest first, as they finish first.
+                    "SELECT l.explanation_id, l.tenant FROM audit_log l LEFT JOIN explanation_records r "
                     "ON r.explanation_id = l.explanation_id WHERE l.explanation_id IS NOT NULL "
-                    f"AND r.explanation_id IS NULL AND l.recorded_at_ms >= ? LIMIT {int(limit)}"
+                    "AND r.explanation_id IS NULL AND l.recorded_at_ms >= ? "
+                    f"ORDER BY l.seq LIMIT {int(limit)}"
                 ),
                 (since_ms,),
             ).fetchall()
@@ -291,19 +304,19 @@ class SqliteAuditStore(AuditStore):
             placeholder="?",
             # BEGIN IMMEDIATE already holds the file's write lock; this reads the size under it.
             lock_head="SELECT size FROM audit_head WHERE id = 1",
-            begin="BEGIN IMMEDIATE",
         )
         self.create_schema("BLOB")
 
     def _run(self, work: Callable[[Connection], Any]) -> Any:
         connection = self._connection
-        connection.execute(self._begin)
+        connection.execute("BEGIN IMMEDIATE")  # takes the file's write lock now: appends queue here, in order
         try:
             result = work(connection)
+            connection.execute("COMMIT")
         except BaseException:
-            connection.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):
+                connection.execute("ROLLBACK")
             raise
-        connection.execute("COMMIT")
         return result
 
     def database_bytes(self) -> int:
@@ -320,9 +333,7 @@ class PostgresAuditStore(AuditStore):
             connection: Connection = psycopg.connect(url, autocommit=False)
             return connection
 
-        super().__init__(
-            connect, placeholder="%s", lock_head="SELECT size FROM audit_head WHERE id = 1 FOR UPDATE", begin=""
-        )
+        super().__init__(connect, placeholder="%s", lock_head="SELECT size FROM audit_head WHERE id = 1 FOR UPDATE")
         self._create_schema()
 
     def _create_schema(self) -> None:
