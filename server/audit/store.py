@@ -82,6 +82,7 @@ def entry_text(entry: NewEntry, index: int) -> str:
 
 class Connection(Protocol):
     def execute(self, sql: str, params: Sequence[Any] = ...) -> Any: ...
+    def cursor(self) -> Any: ...
     def commit(self) -> None: ...
     def rollback(self) -> None: ...
     def close(self) -> None: ...
@@ -148,28 +149,28 @@ class AuditStore:
         return list(self._run(lambda connection: self._append(connection, entries)))
 
     def _append(self, connection: Connection, entries: Sequence[NewEntry]) -> list[int]:
-        size = int(connection.execute(self._lock_head).fetchone()[0])
-        rows = []
-        for offset, entry in enumerate(entries):
-            text = entry_text(entry, size + offset)
-            rows.append(
-                (
-                    size + offset,
-                    entry.tenant,
-                    entry.recorded_at_ms,
-                    entry.explanation_id,
-                    text,
-                    leaf_hash(text.encode()),
-                )
-            )
-        insert = self._sql(
-            "INSERT INTO audit_log (seq, tenant, recorded_at_ms, explanation_id, entry, leaf_hash) "
-            "VALUES (?, ?, ?, ?, ?, ?)"
+        # Allocating the indices takes the head row's lock until commit: the next append waits for this one.
+        end = int(
+            connection.execute(
+                self._sql("UPDATE audit_head SET size = size + ? WHERE id = 1 RETURNING size"), (len(entries),)
+            ).fetchone()[0]
         )
-        for row in rows:
-            connection.execute(insert, row)
-        connection.execute(self._sql("UPDATE audit_head SET size = ? WHERE id = 1"), (size + len(rows),))
-        return [row[0] for row in rows]
+        start = end - len(entries)
+        rows = []
+        for index, entry in enumerate(entries, start=start):
+            text = entry_text(entry, index)
+            rows.append(
+                (index, entry.tenant, entry.recorded_at_ms, entry.explanation_id, text, leaf_hash(text.encode()))
+            )
+        # executemany: psycopg sends every row without waiting for each answer (pipeline mode), one round trip.
+        connection.cursor().executemany(
+            self._sql(
+                "INSERT INTO audit_log (seq, tenant, recorded_at_ms, explanation_id, entry, leaf_hash) "
+                "VALUES (?, ?, ?, ?, ?, ?)"
+            ),
+            rows,
+        )
+        return list(range(start, end))
 
     def size(self) -> int:
         return int(self._run(lambda c: c.execute("SELECT size FROM audit_head WHERE id = 1").fetchone()[0]))
