@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from sightline import Client, ExplanationState
 from sightline.v1 import explanations_pb2, explanations_pb2_grpc
 
@@ -83,3 +84,9 @@ def test_an_explained_generate_is_logged_archived_exported_and_verified(
     ).explanation
     assert record_entry["record_sha256"] == hashlib.sha256(stored.SerializeToString(deterministic=True)).hexdigest()
     assert record_entry["state"] == "EXPLANATION_STATE_SUCCEEDED" and record_entry["methods"] == ["input_x_gradient"]
+
+
+def test_reflection_lists_the_audit_service(channel: grpc.Channel) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+    assert "sightline.v1.AuditService" in {s.name for r in responses for s in r.list_services_response.service}
