@@ -10,9 +10,10 @@ rotating order, so all three see the same machine load; the added latency of a t
 minus the audit-off gateway's. Every audited call waits for its entry's commit (group-committed with whatever
 other calls queued meanwhile), so this is the whole cost of "acknowledged means durable".
 
-Also measured: the audit write alone (``AuditLog.append`` in this process, no gRPC), export throughput (entries per
-second through ``sightline audit export``'s SDK call, proofs included), offline verification throughput, and the
-database size per thousand requests. Writes benchmarks/results/audit_overhead[_smoke].json.
+Also measured: the disk's fdatasync latency (the floor under any durable commit), the audit write alone
+(``AuditLog.append`` in this process, no gRPC), export throughput (entries per second through ``sightline audit
+export``'s SDK call, proofs included), offline verification throughput, and the database size per thousand
+requests. Writes benchmarks/results/audit_overhead[_smoke].json.
 Target: added p50 < 1 ms per request at concurrency 1, with SQLite and with PostgreSQL.
 """
 
@@ -200,6 +201,23 @@ def export_and_verify(address: str, public_key_pem: Path, out: Path) -> JsonDict
     }
 
 
+def disk_fsync(directory: Path, count: int) -> JsonDict:
+    """The floor under a durable commit: appending 512 bytes to a file in ``directory`` and fdatasync-ing it."""
+    path = directory / "fsync-probe"
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    timings = []
+    try:
+        for _ in range(count):
+            os.write(descriptor, b"x" * 512)
+            started = time.perf_counter()
+            os.fdatasync(descriptor)
+            timings.append((time.perf_counter() - started) * 1000)
+    finally:
+        os.close(descriptor)
+        path.unlink()
+    return {"fdatasyncs": count, "p50_ms": percentile(timings, 50), "p99_ms": percentile(timings, 99)}
+
+
 def database_bytes_per_1000(database_url: str | None, state_dir: Path) -> JsonDict:
     store = open_store(database_url, state_dir)
     try:
@@ -227,6 +245,7 @@ def run(calls: int, clients: int, many_calls: int, rounds: int, appends: int) ->
             for name in ("sqlite", "postgresql")
         }
         sizes = {name: database_bytes_per_1000(url, state_dir / name) for name, url in database_urls.items()}
+        fsync = disk_fsync(state_dir, appends // 3)
         with postgres_server("append") as append_url:
             alone = {
                 "sqlite": append_alone(None, state_dir / "append-sqlite", appends),
@@ -249,6 +268,7 @@ def run(calls: int, clients: int, many_calls: int, rounds: int, appends: int) ->
         "concurrency_1": concurrency_1,
         f"concurrency_{clients}": many,
         "append_alone": alone,
+        "disk_fdatasync": fsync,
         "export_verify": exports,
         "database_size": sizes,
         "target_added_p50_ms": TARGET_ADDED_P50_MS,
@@ -293,6 +313,11 @@ def render_markdown(result: JsonDict) -> str:
                 for name in ("sqlite", "postgresql")
             ],
         )
+    )
+    disk = result["disk_fdatasync"]
+    parts.append(
+        f"- The disk under the state directory: fdatasync of a 512-byte append p50 {fmt(disk['p50_ms'], 3)} ms, "
+        f"p99 {fmt(disk['p99_ms'], 3)} ms; every durable commit pays one."
     )
     met = result["target_met"]
     parts.append(
