@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -229,6 +230,13 @@ def database_bytes_per_1000(database_url: str | None, state_dir: Path) -> JsonDi
 
 def run(calls: int, clients: int, many_calls: int, rounds: int, appends: int) -> JsonDict:
     state_dir = Path(tempfile.mkdtemp(prefix="sightline-bench-audit-"))
+    try:
+        return measure(state_dir, calls, clients, many_calls, rounds, appends)
+    finally:
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def measure(state_dir: Path, calls: int, clients: int, many_calls: int, rounds: int, appends: int) -> JsonDict:
     with postgres_server("bench") as database_url, three_gateways(state_dir, database_url) as addresses:
         channels = {name: grpc.insecure_channel(address) for name, address in addresses.items()}
         stubs = {name: inference_pb2_grpc.InferenceServiceStub(channel) for name, channel in channels.items()}

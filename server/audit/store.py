@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import psycopg
 from sightline.audit_export import canonical_json
 from sightline.audit_merkle import leaf_hash
 
@@ -136,11 +137,13 @@ class AuditStore:
             with contextlib.suppress(Exception):
                 connection.close()
 
-    def create_schema(self, blob: str) -> None:
+    def _create_schema(self, blob: str, *, first: Sequence[str] = ()) -> None:
+        """Create the tables unless they exist; ``first`` runs before, in the same transaction."""
+
         def create(connection: Connection) -> None:
-            for statement in SCHEMA:
+            for statement in (*first, *SCHEMA):
                 connection.execute(statement.format(blob=blob))
-            connection.execute(self._sql("INSERT INTO audit_head (id, size) VALUES (1, 0) ON CONFLICT (id) DO NOTHING"))
+            connection.execute("INSERT INTO audit_head (id, size) VALUES (1, 0) ON CONFLICT (id) DO NOTHING")
 
         self._run(create)
 
@@ -306,7 +309,7 @@ class SqliteAuditStore(AuditStore):
             # BEGIN IMMEDIATE already holds the file's write lock; this reads the size under it.
             lock_head="SELECT size FROM audit_head WHERE id = 1",
         )
-        self.create_schema("BLOB")
+        self._create_schema("BLOB")
 
     def _run(self, work: Callable[[Connection], Any]) -> Any:
         connection = self._connection
@@ -328,24 +331,13 @@ class PostgresAuditStore(AuditStore):
     """PostgreSQL (``SIGHTLINE_DATABASE_URL``): appends lock the head row, so gateways share one log."""
 
     def __init__(self, url: str) -> None:
-        import psycopg  # only deployments that name a PostgreSQL database need the driver
-
         def connect() -> Connection:
             connection: Connection = psycopg.connect(url, autocommit=False)
             return connection
 
         super().__init__(connect, placeholder="%s", lock_head="SELECT size FROM audit_head WHERE id = 1 FOR UPDATE")
-        self._create_schema()
-
-    def _create_schema(self) -> None:
-        def create(connection: Connection) -> None:
-            # Two gateways starting together on a new database must not both create the tables.
-            connection.execute(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK_KEY})")
-            for statement in SCHEMA:
-                connection.execute(statement.format(blob="BYTEA"))
-            connection.execute("INSERT INTO audit_head (id, size) VALUES (1, 0) ON CONFLICT (id) DO NOTHING")
-
-        self._run(create)
+        # Two gateways starting together on a new database must not both create the tables.
+        self._create_schema("BYTEA", first=[f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK_KEY})"])
 
     def database_bytes(self) -> int:
         row = self._run(
