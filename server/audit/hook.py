@@ -13,12 +13,13 @@ import functools
 import hashlib
 import inspect
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
+from google.protobuf import json_format, struct_pb2
 from google.protobuf.message import Message
 from opentelemetry import trace
 from sightline.v1 import explanations_pb2, inference_pb2, types_pb2
@@ -133,16 +134,21 @@ class AuditRecorder:
         started_ms: int,
         exc: BaseException,
         outcome: dict[str, Any] | None = None,
-    ) -> asyncio.Future[int]:
-        """Queue the entry of a failed call; the caller need not wait (a cancelled call cannot)."""
+    ) -> asyncio.Future[int] | None:
+        """Queue the entry of a failed call; the caller need not wait (a cancelled call cannot). Never raises: the
+        call's own error is what its caller must see."""
         if isinstance(exc, GatewayError):
             status = exc.code.name
         elif isinstance(exc, asyncio.CancelledError | GeneratorExit):
             status = grpc.StatusCode.CANCELLED.name
         else:
             status = grpc.StatusCode.INTERNAL.name
-        entry = self.entry(rpc, request, context, tenant, started_ms, {**(outcome or {}), "status": status})
-        future = self.log.submit(entry)
+        try:
+            entry = self.entry(rpc, request, context, tenant, started_ms, {**(outcome or {}), "status": status})
+            future = self.log.submit(entry)
+        except Exception:
+            log.exception("could not log a failed %s call in the audit trail", rpc)
+            return None
         future.add_done_callback(_log_failure)
         return future
 
@@ -161,16 +167,57 @@ def _request_fields(request: Request, *, record_inputs: bool) -> dict[str, Any]:
         fields: dict[str, Any] = {"output_token_ids": list(request.output_token_ids), "sampling": None}
     else:
         given = request.input
-        fields = {"sampling": json_format.MessageToDict(request.sampling, preserving_proto_field_name=True)}
+        fields = {"sampling": _as_dict(request.sampling)}
     fields["input_sha256"] = hashlib.sha256(given.SerializeToString(deterministic=True)).hexdigest()
     if record_inputs:
-        fields["input"] = json_format.MessageToDict(given, preserving_proto_field_name=True)
+        fields["input"] = _as_dict(given)
     fields["methods"] = [
-        {"name": m.name, "params": json_format.MessageToDict(m.params) if m.HasField("params") else {}}
+        {"name": m.name, "params": {key: _value(item) for key, item in m.params.fields.items()}}
         for m in request.explain.methods
     ]
-    fields["explain_mode"] = types_pb2.ExplainMode.Name(request.explain.mode) if request.explain.methods else None
+    fields["explain_mode"] = (
+        _enum_name(types_pb2.ExplainMode, request.explain.mode) if request.explain.methods else None
+    )
     return fields
+
+
+def _as_dict(message: Message) -> Any:
+    """A message in protobuf's JSON mapping, with what JSON cannot hold (NaN, infinities) as text: a refused
+    request is logged with what it sent."""
+    return _json_safe(json_format.MessageToDict(message, preserving_proto_field_name=True))
+
+
+def _value(value: struct_pb2.Value) -> Any:
+    """A Struct value as JSON; unlike json_format, a NaN or infinite number does not fail (it is logged as text)."""
+    kind = value.WhichOneof("kind")
+    if kind == "number_value":
+        return _json_safe(value.number_value)
+    if kind == "struct_value":
+        return {key: _value(item) for key, item in value.struct_value.fields.items()}
+    if kind == "list_value":
+        return [_value(item) for item in value.list_value.values]
+    if kind in ("string_value", "bool_value"):
+        return getattr(value, kind)
+    return None
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        # Spelt as protobuf's JSON mapping spells them.
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+def _enum_name(enum: Any, value: int) -> str:
+    """The value's name; a number the enum does not define (proto3 keeps unknown values) as its digits."""
+    try:
+        return str(enum.Name(value))
+    except ValueError:
+        return str(value)
 
 
 def _explanation_fields(explanation_id: str, explanation: types_pb2.Explanation | None) -> dict[str, Any]:
@@ -178,7 +225,7 @@ def _explanation_fields(explanation_id: str, explanation: types_pb2.Explanation 
         return {}
     fields: dict[str, Any] = {"explanation_id": explanation_id, "explanation_state": "EXPLANATION_STATE_PENDING"}
     if explanation is not None and explanation.explanation_id:
-        fields["explanation_state"] = types_pb2.ExplanationState.Name(explanation.state)
+        fields["explanation_state"] = _enum_name(types_pb2.ExplanationState, explanation.state)
         if explanation.weights_digest:
             fields["weights_digest"] = explanation.weights_digest
         if explanation.HasField("fidelity"):
@@ -194,7 +241,7 @@ def _outcome(response: Response) -> dict[str, Any]:
     if isinstance(response, inference_pb2.GenerateResponse):
         outcome["model"] = response.model
         outcome["output_token_ids"] = [token.id for token in response.output_tokens]
-        outcome["finish_reason"] = types_pb2.FinishReason.Name(response.finish_reason)
+        outcome["finish_reason"] = _enum_name(types_pb2.FinishReason, response.finish_reason)
     return outcome
 
 
@@ -261,7 +308,7 @@ def _audited_stream(rpc: str, handler: Callable[..., AsyncIterator[inference_pb2
             raise
         # The stream's status (its acknowledgement) goes out once this returns: after the entry commits.
         outcome = {"model": _served_model(self, request), **_outcome(last)}
-        outcome.update(output_token_ids=output, finish_reason=types_pb2.FinishReason.Name(last.finish_reason))
+        outcome.update(output_token_ids=output, finish_reason=_enum_name(types_pb2.FinishReason, last.finish_reason))
         await recorder.succeeded(rpc, request, context, tenant, started, outcome)
 
     return wrapper
