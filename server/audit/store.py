@@ -19,6 +19,7 @@ the log runs them on its own threads.
 from __future__ import annotations
 
 import contextlib
+import secrets
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
@@ -76,8 +77,12 @@ class StoredEntry:
 
 
 def entry_text(entry: NewEntry, index: int) -> str:
-    """The canonical text of ``entry`` at ``index``: what is hashed, stored and exported."""
-    text: str = canonical_json({**entry.fields, "index": index}).decode()
+    """The canonical text of ``entry`` at ``index``: what is hashed, stored and exported.
+
+    Each entry gets 128 random bits (``nonce``): a leaf hash another tenant sees in a proof then cannot be matched
+    against a guessed entry (same prompt, same second), so the proof tells them nothing of its content.
+    """
+    text: str = canonical_json({**entry.fields, "index": index, "nonce": secrets.token_hex(16)}).decode()
     return text
 
 

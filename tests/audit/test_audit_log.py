@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sightline.audit_export import canonical_json
 from sightline.audit_merkle import leaf_hash, verify_consistency, verify_inclusion
 from sightline.v1 import types_pb2
 
@@ -40,10 +41,24 @@ def test_concurrent_appends_get_one_index_each_and_every_row_is_whole(store: Aud
     assert sorted(indices) == list(range(200))
     assert store.size() == 200
     hashes = store.leaf_hashes(0, 200)
+    nonces = set()
     for index in range(200):
         stored = store.entry(index)
         assert stored is not None and json.loads(stored.entry)["index"] == index
         assert leaf_hash(stored.entry.encode()) == hashes[index]
+        nonces.add(json.loads(stored.entry)["nonce"])
+    assert len(nonces) == 200 and all(len(nonce) == 32 for nonce in nonces)
+
+
+def test_a_guessed_entry_cannot_be_confirmed_from_its_leaf_hash(store: AuditStore) -> None:
+    known = entry("acme", 1_000, prompt_sha256="ab" * 32)
+    store.append([known])
+    (stored_hash,) = store.leaf_hashes(0, 1)
+    # Someone who knows every field and the index still lacks the nonce.
+    guess = canonical_json({**known.fields, "index": 0})
+    assert leaf_hash(guess) != stored_hash
+    stored = store.entry(0)
+    assert stored is not None and leaf_hash(stored.entry.encode()) == stored_hash
 
 
 def test_retention_purge_empties_old_entries_keeps_the_tree_and_logs_itself(store: AuditStore, tmp_path: Path) -> None:
