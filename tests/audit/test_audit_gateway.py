@@ -3,6 +3,7 @@ isolation, exports that verify offline, tampering that does not, checkpoints tha
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from sightline import Client, SightlineError
+from sightline import AsyncClient, Client, SightlineError
 from sightline.audit_export import AuditVerificationError, load_public_key, parse_checkpoint, verify_export
 from sightline.audit_merkle import leaf_hash, verify_consistency, verify_inclusion
 from sightline.cli import main as cli_main
@@ -50,6 +51,11 @@ def audited(tmp_path: Path, database_env: dict[str, str]) -> Iterator[AuditedGat
             gateway.stop()
 
 
+async def _export_async(audited: AuditedGateway, key_id: str, out: Path) -> int:
+    async with AsyncClient(audited.gateway.address, api_key=audited.keys[key_id], timeout=30) as client:
+        return await client.export_audit(out)
+
+
 def read_export(path: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in path.read_bytes().splitlines()]
 
@@ -71,8 +77,12 @@ def test_every_call_is_logged_and_each_tenant_exports_and_verifies_only_its_own(
         acme.export_audit(tmp_path / "acme.jsonl")
         beta.export_audit(tmp_path / "beta.jsonl")
 
+    async_exported = asyncio.run(_export_async(audited, "acme-1", tmp_path / "acme-async.jsonl"))
     verified = verify_export(tmp_path / "acme.jsonl", audited.public_key)
     assert verified.tenant == "acme" and verified.entries == 5
+    assert async_exported == 5
+    assert entries_of(tmp_path / "acme-async.jsonl") == entries_of(tmp_path / "acme.jsonl")
+    assert verify_export(tmp_path / "acme-async.jsonl", audited.public_key).entries == 5
     acme_entries = entries_of(tmp_path / "acme.jsonl")
     assert {e["tenant"] for e in acme_entries} == {"acme"}
     assert {e["key_id"] for e in acme_entries} == {"acme-1"}

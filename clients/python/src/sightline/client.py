@@ -1,4 +1,4 @@
-"""Blocking and asyncio clients for Sightline's InferenceService, ExplanationsService and (blocking) AuditService."""
+"""Blocking and asyncio clients for Sightline's InferenceService, ExplanationsService and AuditService."""
 
 from __future__ import annotations
 
@@ -313,12 +313,7 @@ class Client(_ClientCore):
 
         ``tenant`` other than the caller's own needs a key with the operator role ("*": every tenant).
         """
-        request = audit_pb2.ExportEntriesRequest(tenant=tenant)
-        if since is not None:
-            request.since.FromDatetime(since)
-        if until is not None:
-            request.until.FromDatetime(until)
-        call = self._audit.ExportEntries(request, **self._call_options(timeout))
+        call = self._audit.ExportEntries(_export_request(since, until, tenant), **self._call_options(timeout))
         entries = 0
         partial = Path(f"{out}.partial")
         try:
@@ -547,6 +542,35 @@ class AsyncClient(_ClientCore):
         request = list_explanations_request(page_size, page_token)
         return await self._call(self._explanations.ListExplanations, request, timeout, ExplanationPage.from_proto)
 
+    async def audit_checkpoint(self, *, timeout: float | None = None) -> audit_pb2.GetCheckpointResponse:
+        """See ``Client.audit_checkpoint``."""
+        return await self._call(self._audit.GetCheckpoint, audit_pb2.GetCheckpointRequest(), timeout, _checkpoint)
+
+    async def export_audit(
+        self,
+        out: Path | str,
+        *,
+        since: datetime.datetime | None = None,
+        until: datetime.datetime | None = None,
+        tenant: str = "",
+        timeout: float | None = None,
+    ) -> int:
+        """See ``Client.export_audit`` (the file is written with blocking writes, one line per message)."""
+        call = self._audit.ExportEntries(_export_request(since, until, tenant), **self._call_options(timeout))
+        entries = 0
+        partial = Path(f"{out}.partial")
+        try:
+            with partial.open("wb") as stream:
+                async for response in call:
+                    record = _export_record(response)
+                    entries += record["type"] == "entry"
+                    stream.writelines(export_lines([record]))
+        except grpc.RpcError as error:
+            partial.unlink(missing_ok=True)
+            raise SightlineError.from_rpc_error(error) from error
+        partial.replace(out)
+        return entries
+
     async def close(self) -> None:
         await self._channel.close()
 
@@ -584,6 +608,17 @@ def _checkpoint(response: Any) -> audit_pb2.GetCheckpointResponse:
     if not isinstance(response, audit_pb2.GetCheckpointResponse):
         raise ValueError("GetCheckpoint did not answer with a GetCheckpointResponse")
     return response
+
+
+def _export_request(
+    since: datetime.datetime | None, until: datetime.datetime | None, tenant: str
+) -> audit_pb2.ExportEntriesRequest:
+    request = audit_pb2.ExportEntriesRequest(tenant=tenant)
+    if since is not None:
+        request.since.FromDatetime(since)
+    if until is not None:
+        request.until.FromDatetime(until)
+    return request
 
 
 def _export_record(response: audit_pb2.ExportEntriesResponse) -> dict[str, Any]:
