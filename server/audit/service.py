@@ -10,20 +10,32 @@ its size and hashes, so every caller may have them.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import grpc
 from sightline.audit_export import EXPORT_FORMAT, canonical_json
 from sightline.v1 import audit_pb2, audit_pb2_grpc
 
 from server.audit.log import AuditLog, SignedCheckpoint, now_ms
-from server.errors import invalid_argument, not_found, out_of_range, permission_denied
+from server.audit.store import DATABASE_ERRORS
+from server.errors import invalid_argument, not_found, out_of_range, permission_denied, unavailable
 from server.limits import Tenant
 from server.servicers import Gateway, stream_rpc, unary_rpc
 
 # Entries read from the database per query while exporting.
 EXPORT_PAGE = 500
 ALL_TENANTS = "*"
+
+Result = TypeVar("Result")
+
+
+async def _in_database(work: Callable[..., Result], *args: Any) -> Result:
+    """Run blocking store work on a thread; a database that cannot answer is UNAVAILABLE, not INTERNAL."""
+    try:
+        return await asyncio.to_thread(work, *args)
+    except DATABASE_ERRORS as exc:
+        raise unavailable(f"the audit database cannot answer ({type(exc).__name__}); retry shortly") from exc
 
 
 def _signed(checkpoint: SignedCheckpoint) -> audit_pb2.SignedText:
@@ -43,7 +55,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
     async def GetCheckpoint(
         self, request: audit_pb2.GetCheckpointRequest, context: grpc.aio.ServicerContext, tenant: Tenant
     ) -> audit_pb2.GetCheckpointResponse:
-        tree = await asyncio.to_thread(self.log.tree)
+        tree = await _in_database(self.log.tree)
         return audit_pb2.GetCheckpointResponse(
             checkpoint=_signed(self.log.sign(tree)), public_key_pem=self.log.signer.public_key_pem
         )
@@ -52,11 +64,11 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
     async def GetInclusionProof(
         self, request: audit_pb2.GetInclusionProofRequest, context: grpc.aio.ServicerContext, tenant: Tenant
     ) -> audit_pb2.GetInclusionProofResponse:
-        tree = await asyncio.to_thread(self.log.tree)
+        tree = await _in_database(self.log.tree)
         size = request.tree_size or tree.size
         if size > tree.size:
             raise out_of_range(f"tree_size {size} is larger than the log, which holds {tree.size} entries")
-        stored = await asyncio.to_thread(self.log.store.entry, request.index)
+        stored = await _in_database(self.log.store.entry, request.index)
         if stored is None or request.index >= size or (stored.tenant != tenant.name and not self._is_operator(context)):
             raise not_found(
                 f"no entry {request.index} of tenant {tenant.name!r} in the log's first {size} entries "
@@ -73,7 +85,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
     async def GetConsistencyProof(
         self, request: audit_pb2.GetConsistencyProofRequest, context: grpc.aio.ServicerContext, tenant: Tenant
     ) -> audit_pb2.GetConsistencyProofResponse:
-        tree = await asyncio.to_thread(self.log.tree)
+        tree = await _in_database(self.log.tree)
         new_size = request.new_size or tree.size
         if new_size > tree.size:
             raise out_of_range(f"new_size {new_size} is larger than the log, which holds {tree.size} entries")
@@ -94,13 +106,13 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         until_ms = request.until.ToMilliseconds() if request.HasField("until") else now_ms() + 1
         if until_ms <= since_ms:
             raise invalid_argument(f"until ({until_ms} ms) must be after since ({since_ms} ms)")
-        tree = await asyncio.to_thread(self.log.tree)
+        tree = await _in_database(self.log.tree)
         checkpoint = self.log.sign(tree)
         yield audit_pb2.ExportEntriesResponse(checkpoint=_signed(checkpoint))
         indices: list[int] = []
         after = -1
         while True:
-            page = await asyncio.to_thread(
+            page = await _in_database(
                 self.log.store.entries_page, exported, since_ms, until_ms, checkpoint.tree_size, after, EXPORT_PAGE
             )
             for stored in page:

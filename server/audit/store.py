@@ -35,6 +35,8 @@ from server.errors import ConfigError
 
 # The PostgreSQL advisory lock taken while creating the tables (any constant; "audit" in ASCII, shortened).
 SCHEMA_LOCK_KEY = 0x617564
+# What a database that is down, restarting or unreachable raises, from either driver.
+DATABASE_ERRORS = (sqlite3.Error, psycopg.Error)
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS audit_log (
@@ -129,6 +131,16 @@ class AuditStore:
             raise
         return result
 
+    def _read(self, work: Callable[[Connection], Any]) -> Any:
+        """``work`` that only reads: tried once more on a new connection when this thread's was broken while idle
+        (the database restarted since), which a write must not be (its commit may have happened)."""
+        try:
+            return self._run(work)
+        except DATABASE_ERRORS:
+            if getattr(self._local, "connection", None) is not None:
+                raise  # the connection is fine: the error is the query's
+            return self._run(work)
+
     def _roll_back(self, connection: Connection) -> None:
         """Roll back; a connection that cannot (the database restarted, the network dropped) is replaced by a new
         one at this thread's next transaction."""
@@ -181,11 +193,11 @@ class AuditStore:
         return list(range(start, end))
 
     def size(self) -> int:
-        return int(self._run(lambda c: c.execute("SELECT size FROM audit_head WHERE id = 1").fetchone()[0]))
+        return int(self._read(lambda c: c.execute("SELECT size FROM audit_head WHERE id = 1").fetchone()[0]))
 
     def leaf_hashes(self, start: int, end: int) -> list[bytes]:
         """The leaf hashes of indices ``start`` to ``end - 1``, in order."""
-        rows = self._run(
+        rows = self._read(
             lambda c: c.execute(
                 self._sql("SELECT leaf_hash FROM audit_log WHERE seq >= ? AND seq < ? ORDER BY seq"), (start, end)
             ).fetchall()
@@ -193,7 +205,7 @@ class AuditStore:
         return [bytes(row[0]) for row in rows]
 
     def entry(self, index: int) -> StoredEntry | None:
-        row = self._run(
+        row = self._read(
             lambda c: c.execute(
                 self._sql("SELECT seq, tenant, entry FROM audit_log WHERE seq = ?"), (index,)
             ).fetchone()
@@ -213,12 +225,12 @@ class AuditStore:
             where += " AND tenant = ?"
             params.append(tenant)
         sql = self._sql(f"SELECT seq, tenant, entry FROM audit_log WHERE {where} ORDER BY seq LIMIT {int(limit)}")
-        rows = self._run(lambda c: c.execute(sql, params).fetchall())
+        rows = self._read(lambda c: c.execute(sql, params).fetchall())
         return [StoredEntry(int(row[0]), str(row[1]), str(row[2])) for row in rows]
 
     def unarchived_explanations(self, since_ms: int, limit: int) -> list[tuple[str, str]]:
         """(explanation id, tenant) of logged explanations, recorded since ``since_ms``, with no archived record."""
-        rows = self._run(
+        rows = self._read(
             lambda c: c.execute(
                 self._sql(
                     # One request entry per explanation id, so no DISTINCT; oldest first, as they finish first.
@@ -255,7 +267,7 @@ class AuditStore:
         return result
 
     def explanation_record(self, explanation_id: str, tenant: str | None) -> bytes | None:
-        row = self._run(
+        row = self._read(
             lambda c: c.execute(
                 self._sql("SELECT tenant, record FROM explanation_records WHERE explanation_id = ?"), (explanation_id,)
             ).fetchone()
