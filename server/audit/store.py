@@ -49,7 +49,6 @@ SCHEMA = (
     )""",
     "CREATE INDEX IF NOT EXISTS audit_log_tenant_time ON audit_log (tenant, recorded_at_ms)",
     "CREATE INDEX IF NOT EXISTS audit_log_time ON audit_log (recorded_at_ms)",
-    "CREATE INDEX IF NOT EXISTS audit_log_explanation ON audit_log (explanation_id)",
     "CREATE TABLE IF NOT EXISTS audit_head (id INTEGER PRIMARY KEY, size BIGINT NOT NULL)",
     """CREATE TABLE IF NOT EXISTS explanation_records (
         explanation_id TEXT PRIMARY KEY,
