@@ -3,12 +3,14 @@
 ``@audited`` goes under ``@unary_rpc``/``@stream_rpc`` (so it runs inside the call's span, after
 authentication). A call that succeeds replies only once its entry has committed; when the entry cannot be
 written the call fails UNAVAILABLE instead of answering without a trail. A call that fails is logged with its
-status too (best effort: its caller already gets an error).
+status too, and its error goes out after that entry commits (if the entry cannot be written, the call's own error
+still goes out; a cancelled call's entry is written after it ends).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import inspect
@@ -153,6 +155,15 @@ class AuditRecorder:
         return future
 
 
+async def _settled(exc: BaseException, logged: asyncio.Future[int] | None) -> None:
+    """Let an error reply wait for its entry's commit, like a result does; a cancelled call cannot wait (its entry
+    is written after it ends). A failed write is logged and the call's own error still goes out."""
+    if logged is None or isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        return
+    with contextlib.suppress(Exception):
+        await asyncio.shield(logged)
+
+
 def _log_failure(future: asyncio.Future[int]) -> None:
     if not future.cancelled() and future.exception() is not None:
         log.error("could not log a failed call in the audit trail: %s", future.exception())
@@ -275,7 +286,7 @@ def _audited_unary(rpc: str, handler: Callable[..., Awaitable[Response]]) -> Han
         try:
             response = await handler(self, request, context, tenant)
         except BaseException as exc:
-            recorder.failed(rpc, request, context, tenant, started, exc)
+            await _settled(exc, recorder.failed(rpc, request, context, tenant, started, exc))
             raise
         outcome = {"model": _served_model(self, request), **_outcome(response)}
         await recorder.succeeded(rpc, request, context, tenant, started, outcome)
@@ -304,7 +315,9 @@ def _audited_stream(rpc: str, handler: Callable[..., AsyncIterator[inference_pb2
                 yield item
         except BaseException as exc:
             # A stream cut short (cancelled, failed) is logged with the tokens it had sent.
-            recorder.failed(rpc, request, context, tenant, started, exc, {"output_token_ids": output})
+            await _settled(
+                exc, recorder.failed(rpc, request, context, tenant, started, exc, {"output_token_ids": output})
+            )
             raise
         # The stream's status (its acknowledgement) goes out once this returns: after the entry commits.
         outcome = {"model": _served_model(self, request), **_outcome(last)}
