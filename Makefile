@@ -21,6 +21,8 @@ PHOENIX_STAMP := $(PHOENIX_VENV)/.phoenix-installed
 system-deps:
 	@command -v redis-server >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server)
 	@command -v chromedriver >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver)
+	@# The audit tests and benchmark start their own PostgreSQL 15 from these binaries.
+	@[ -x /usr/lib/postgresql/15/bin/initdb ] || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq postgresql)
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)

@@ -6,7 +6,7 @@
     .venv/bin/python benchmarks/run_all.py --only gateway_overhead
 
 Runs benchmarks/gateway_overhead.py, benchmarks/cache_and_scaling.py, benchmarks/observability_overhead.py,
-benchmarks/soak.py and, when present,
+benchmarks/soak.py, benchmarks/audit_overhead.py and, when present,
 benchmarks/explainer_vs_peers.py, each in its own process. Each writes JSON to benchmarks/results/; this script
 reads it back and renders it (through the script's own ``render_markdown`` when it has one, else as generic
 tables) into the part of docs/performance.md between the ``run_all`` markers, leaving the rest of the file as it
@@ -87,6 +87,11 @@ BENCHMARKS = (
     Benchmark("soak", "Soak: concurrent clients mixing streams and explanations (errors, memory, queue)", "soak.py"),
     Benchmark(
         "scale_out", "Scaling out: explainer workers, gateways sharing Redis, vLLM replica failover", "scale_out.py"
+    ),
+    Benchmark(
+        "audit_overhead",
+        "Audit trail: added latency (off, SQLite, PostgreSQL), export and verify throughput, size",
+        "audit_overhead.py",
     ),
 )
 

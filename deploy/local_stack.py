@@ -234,6 +234,8 @@ class LocalStack:
                 "TRANSFORMERS_OFFLINE": "1",
                 "PYTHONUNBUFFERED": "1",
                 "OTEL_SERVICE_NAME": service_name,
+                # The gateway's audit trail (SQLite database, signing key) lives under the state directory too.
+                "SIGHTLINE_STATE_DIR": str(self.config.state_dir),
             }
         )
         if self.config.otlp_endpoint:

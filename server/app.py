@@ -14,8 +14,17 @@ from grpc_reflection.v1alpha import reflection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from sightline.v1 import explanations_pb2, explanations_pb2_grpc, inference_pb2, inference_pb2_grpc
+from sightline.v1 import (
+    audit_pb2,
+    audit_pb2_grpc,
+    explanations_pb2,
+    explanations_pb2_grpc,
+    inference_pb2,
+    inference_pb2_grpc,
+)
 
+from server.audit.service import AuditServicer
+from server.audit.trail import open_trail
 from server.auth import Authenticator
 from server.config import GatewaySettings
 from server.explanations import ExplanationBroker
@@ -36,6 +45,7 @@ EXPLANATIONS_SERVICE = explanations_pb2.DESCRIPTOR.services_by_name["Explanation
 # SERVING from start to shutdown whatever the dependencies say: what a liveness probe asks (a gateway whose vLLM
 # is down is alive and must not be restarted for it; its readiness, INFERENCE_SERVICE, says it cannot generate).
 LIVENESS_SERVICE = "sightline.gateway.liveness"
+AUDIT_SERVICE = audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name
 
 
 class DependencyMonitor:
@@ -111,7 +121,10 @@ async def serve(settings: GatewaySettings, *, ready: asyncio.Event | None = None
     )
     health_servicer = health.HealthServicer()
     monitor = DependencyMonitor(vllm, broker, health_servicer)
-    gateway = Gateway(settings, vllm, broker, monitor, authenticator, limiter)
+    audit = open_trail(settings.audit, broker, authenticator)
+    gateway = Gateway(
+        settings, vllm, broker, monitor, authenticator, limiter, None if audit is None else audit.recorder
+    )
 
     options = [
         ("grpc.max_receive_message_length", settings.max_request_bytes),
@@ -124,9 +137,11 @@ async def serve(settings: GatewaySettings, *, ready: asyncio.Event | None = None
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(gateway), server)
     explanations_pb2_grpc.add_ExplanationsServiceServicer_to_server(ExplanationsServicer(gateway), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (INFERENCE_SERVICE, EXPLANATIONS_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    services = [INFERENCE_SERVICE, EXPLANATIONS_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
+    if audit is not None:
+        audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(gateway, audit.log), server)
+        services.append(AUDIT_SERVICE)
+    reflection.enable_server_reflection(services, server)
     if credentials is None:
         server.add_insecure_port(settings.listen)
     else:
@@ -138,6 +153,8 @@ async def serve(settings: GatewaySettings, *, ready: asyncio.Event | None = None
 
     await monitor.check_once()
     broker.start()
+    if audit is not None:
+        audit.start(broker, settings.record_ttl_seconds)
     monitor_task = asyncio.create_task(monitor.run(settings.health_interval_seconds))
     await server.start()
     if health_server is not None:
@@ -173,6 +190,8 @@ async def serve(settings: GatewaySettings, *, ready: asyncio.Event | None = None
         with contextlib.suppress(asyncio.CancelledError):
             await monitor_task
         await broker.stop()
+        if audit is not None:
+            await audit.stop()
         await vllm.aclose()
         await redis_client.aclose()
 

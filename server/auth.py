@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import grpc
 
 from server.errors import GatewayError
-from server.keys import KeyRing, KeySource, hash_key
+from server.keys import ApiKey, KeyRing, KeySource, hash_key
 from server.limits import Tenant, TenantLimits
 
 BEARER = "bearer "
@@ -34,7 +34,7 @@ class Authenticator:
         self._open = Tenant(open_tenant, default_limits)
         self._indexed: KeyRing | None = None
         self._tenants: dict[str, Tenant] = {}
-        self._digests: list[tuple[bytes, str]] = []
+        self._digests: list[tuple[bytes, ApiKey]] = []
         if keys is not None:
             self._index(keys.current())
 
@@ -42,7 +42,7 @@ class Authenticator:
         self._tenants = {
             name: Tenant(name, key_ring.limits_for(name, self._default_limits)) for name in key_ring.tenants
         }
-        self._digests = [(key.sha256, key.tenant) for key in key_ring.keys]
+        self._digests = [(key.sha256, key) for key in key_ring.keys]
         self._indexed = key_ring
 
     @property
@@ -51,8 +51,13 @@ class Authenticator:
 
     def authenticate(self, metadata: Iterable[tuple[str, str | bytes]]) -> Tenant:
         """The caller's tenant; UNAUTHENTICATED when auth is on and the key is missing or unknown."""
+        key = self.api_key(metadata)
+        return self._open if key is None else self._tenants[key.tenant]
+
+    def api_key(self, metadata: Iterable[tuple[str, str | bytes]]) -> ApiKey | None:
+        """The caller's key (None while authentication is off); UNAUTHENTICATED when it is missing or unknown."""
         if self._keys is None:
-            return self._open
+            return None
         key_ring = self._keys.current()
         if key_ring is not self._indexed:
             self._index(key_ring)
@@ -62,18 +67,18 @@ class Authenticator:
         value = values[0]
         if not isinstance(value, str) or not value[: len(BEARER)].lower() == BEARER:
             raise unauthenticated(NOT_BEARER)
-        tenant = self._tenant_of(value[len(BEARER) :].strip())
-        if tenant is None:
+        key = self._key_of(value[len(BEARER) :].strip())
+        if key is None:
             raise unauthenticated(INVALID_KEY)
-        return self._tenants[tenant]
+        return key
 
-    def _tenant_of(self, key: str) -> str | None:
+    def _key_of(self, key: str) -> ApiKey | None:
         # Hashing first makes every comparison the same length whatever was sent; comparing against
         # every entry, in constant time and without stopping at a match, keeps the time it takes
         # independent of which key (if any) matched.
         presented = hash_key(key)
-        found: str | None = None
-        for digest, tenant in self._digests:
+        found: ApiKey | None = None
+        for digest, api_key in self._digests:
             if hmac.compare_digest(presented, digest):
-                found = tenant
+                found = api_key
         return found

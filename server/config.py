@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from server.audit.settings import AuditSettings
 from server.limits import TenantLimits
 from server.vllm_client import SILENCE_TIMEOUT_SECONDS
 
@@ -57,6 +58,8 @@ class GatewaySettings:
     viewer_listen: str = ""
     # The viewer's link from an explanation to its trace, with {trace_id} in it; "" shows the id without a link.
     trace_url_template: str = ""
+    # The audit trail: database, signing key, retention (server/audit/settings.py, docs/compliance.md).
+    audit: AuditSettings = field(default_factory=AuditSettings)
 
     @classmethod
     def from_env(cls) -> GatewaySettings:
@@ -88,4 +91,5 @@ class GatewaySettings:
             metrics_listen=env.get("SIGHTLINE_METRICS_LISTEN", DEFAULT_METRICS_LISTEN),
             viewer_listen=env.get("SIGHTLINE_VIEWER_LISTEN", DEFAULT_VIEWER_LISTEN),
             trace_url_template=env.get("SIGHTLINE_TRACE_URL_TEMPLATE", cls.trace_url_template),
+            audit=AuditSettings.from_env(env),
         )

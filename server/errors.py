@@ -42,6 +42,14 @@ def resource_exhausted(message: str) -> GatewayError:
     return GatewayError(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
 
 
+def permission_denied(message: str) -> GatewayError:
+    return GatewayError(grpc.StatusCode.PERMISSION_DENIED, message)
+
+
+def out_of_range(message: str) -> GatewayError:
+    return GatewayError(grpc.StatusCode.OUT_OF_RANGE, message)
+
+
 # Redis failures that a later retry can get past (a restart, a network blip), as opposed to bad commands.
 REDIS_UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 

@@ -45,6 +45,8 @@ KEY_PREFIX = "sl_"
 KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 KEY_FIELDS = frozenset({"id", "tenant", "sha256"})
+# A key's optional "role": "operator" lets it read every tenant's audit trail (docs/compliance.md).
+KEY_ROLES = ("tenant", "operator")
 # How often a call may look at the key file for changes: a stat, at most once a second.
 KEY_FILE_RECHECK_SECONDS = 1.0
 
@@ -60,6 +62,11 @@ class ApiKey:
     key_id: str
     tenant: str
     sha256: bytes
+    role: str = "tenant"
+
+    @property
+    def operator(self) -> bool:
+        return self.role == "operator"
 
 
 @dataclass(frozen=True)
@@ -215,8 +222,13 @@ def _api_key(entry: object, where: str) -> ApiKey:
         raise KeyFileError(f"{where} must be an object with id, tenant and sha256")
     if "key" in entry:
         raise KeyFileError(f"{where} holds a key in clear; store its sha256 instead (python -m server.keys hash)")
-    if set(entry) != KEY_FIELDS:
-        raise KeyFileError(f"{where} must have exactly the fields id, tenant and sha256; got {sorted(entry)}")
+    if not KEY_FIELDS <= set(entry) <= KEY_FIELDS | {"role"}:
+        raise KeyFileError(
+            f"{where} must have exactly the fields id, tenant and sha256 (and optionally role); got {sorted(entry)}"
+        )
+    role = entry.get("role", "tenant")
+    if role not in KEY_ROLES:
+        raise KeyFileError(f"{where}: role must be one of {', '.join(KEY_ROLES)}; got {str(role)[:40]!r}")
     key_id, tenant, digest = entry["id"], entry["tenant"], entry["sha256"]
     if not isinstance(key_id, str) or not KEY_ID.fullmatch(key_id):
         raise KeyFileError(f"{where}: id must be 1-64 letters, digits, '.', '_' or '-'; got {key_id!r}")
@@ -224,7 +236,7 @@ def _api_key(entry: object, where: str) -> ApiKey:
         raise KeyFileError(f"{where}: tenant must be 1-64 letters, digits, '.', '_' or '-'; got {tenant!r}")
     if not isinstance(digest, str) or not SHA256_HEX.fullmatch(digest):
         raise KeyFileError(f"{where}: sha256 must be 64 lowercase hex digits, the SHA-256 of the key")
-    return ApiKey(key_id=key_id, tenant=tenant, sha256=bytes.fromhex(digest))
+    return ApiKey(key_id=key_id, tenant=tenant, sha256=bytes.fromhex(digest), role=role)
 
 
 def _check_unique(values: Sequence[str], what: str) -> None:

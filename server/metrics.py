@@ -52,11 +52,11 @@ VIEWER_REQUESTS = Counter(
     ["endpoint", "status"],
     registry=REGISTRY,
 )
-# Incremented by the audit log for each record it appends, by tenant; stays at zero where no audit log runs.
+# Incremented by the audit log (server/audit/log.py) for each entry it commits; zero where no audit log runs.
 AUDIT_APPENDS = Counter(
     "sightline_audit_appends",
-    "Records appended to the audit log, by tenant",
-    ["tenant"],
+    "Entries committed to the audit log, by tenant and kind (request, explanation, retention_purge)",
+    ["tenant", "kind"],
     registry=REGISTRY,
 )
 

@@ -23,6 +23,7 @@ from sightline.v1 import (
 
 from common.jobs import ExplainOptions
 from common.telemetry import trace_id_hex
+from server.audit.hook import AuditRecorder, audited
 from server.auth import Authenticator
 from server.config import GatewaySettings
 from server.costs import PlannedMethod, check_cost
@@ -208,6 +209,7 @@ class Gateway:
         models: ModelSource,
         authenticator: Authenticator,
         limiter: TenantLimiter,
+        audit: AuditRecorder | None = None,
     ) -> None:
         self.settings = settings
         self.vllm = vllm
@@ -215,6 +217,8 @@ class Gateway:
         self.models = models
         self.authenticator = authenticator
         self.limiter = limiter
+        # Appends each Generate, GenerateStream and Explain call to the audit trail; None: audit off.
+        self.audit = audit
 
     async def admit(self, context: grpc.aio.ServicerContext) -> Tenant:
         """The caller's tenant, once its key is checked and the call fits the tenant's request rate."""
@@ -353,6 +357,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self.gateway = gateway
 
     @unary_rpc("sightline.v1.InferenceService/Generate")
+    @audited("Generate")
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext, tenant: Tenant
     ) -> inference_pb2.GenerateResponse:
@@ -416,6 +421,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return response
 
     @stream_rpc("sightline.v1.InferenceService/GenerateStream")
+    @audited("GenerateStream")
     async def GenerateStream(
         self, request: inference_pb2.GenerateStreamRequest, context: grpc.aio.ServicerContext, tenant: Tenant
     ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
@@ -499,6 +505,7 @@ class ExplanationsServicer(explanations_pb2_grpc.ExplanationsServiceServicer):
         self.gateway = gateway
 
     @unary_rpc("sightline.v1.ExplanationsService/Explain")
+    @audited("Explain")
     async def Explain(
         self, request: explanations_pb2.ExplainRequest, context: grpc.aio.ServicerContext, tenant: Tenant
     ) -> explanations_pb2.ExplainResponse:

@@ -102,6 +102,8 @@ def test_counters_move_by_exactly_the_workload(
     assert gateway_delta("sightline_gateway_time_to_first_token_seconds_count") == 1
     assert gateway_delta("sightline_gateway_explanation_wait_seconds_count") == 1
     assert gateway_delta("sightline_gateway_explanation_wait_seconds_sum") > 0
+    # One audit entry per served call, refused ones included, each committed before its reply went out.
+    assert gateway_delta("sightline_audit_appends_total", tenant=TENANT, kind="request") == 5
 
     assert explainer_delta("sightline_explainer_jobs_finished_total", state="succeeded") == 1
     assert explainer_delta("sightline_explainer_jobs_finished_total", state="failed") == 0

@@ -84,6 +84,7 @@ def entry(**fields: object) -> dict[str, object]:
         ({"keys": [entry(key="sl_plain")]}, r"keys\[0\] holds a key in clear; store its sha256"),
         ({"keys": [entry(sha265="ab" * 32)]}, "exactly the fields id, tenant and sha256"),
         ({"keys": [entry(sha256="AB" * 32)]}, "sha256 must be 64 lowercase hex digits"),
+        ({"keys": [entry(role="admin")]}, "role must be one of tenant, operator; got 'admin'"),
         ({"keys": [entry(sha256="ab" * 31)]}, "sha256 must be 64 lowercase hex digits"),
         ({"keys": [entry(tenant="a:b")]}, "tenant must be 1-64 letters"),
         ({"keys": [entry(tenant="")]}, "tenant must be 1-64 letters"),
@@ -103,6 +104,12 @@ def test_a_bad_key_file_is_refused_naming_the_problem(tmp_path: Path, document: 
     with pytest.raises(ConfigError, match=message) as caught:
         load_key_file(path, DEFAULTS)
     assert str(path) in str(caught.value)
+
+
+def test_a_key_may_carry_the_operator_role(tmp_path: Path) -> None:
+    path = write_json(tmp_path, {"keys": [entry(), entry(id="ops", sha256="cd" * 32, role="operator")]})
+    keys = load_key_file(path, DEFAULTS).keys
+    assert [(k.key_id, k.role, k.operator) for k in keys] == [("k1", "tenant", False), ("ops", "operator", True)]
 
 
 def test_unreadable_or_unparsable_files_are_refused(tmp_path: Path) -> None:

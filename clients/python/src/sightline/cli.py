@@ -1,11 +1,14 @@
-"""The ``sightline`` command: generate, stream, fetch and list explanations, list methods."""
+"""The ``sightline`` command: generate, stream, fetch and list explanations, list methods, export and verify
+the audit trail."""
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, get_args
 
 from google.protobuf.json_format import MessageToJson
@@ -199,6 +202,21 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true", help="print the response as proto JSON")
     listing.set_defaults(command=_list)
 
+    audit = commands.add_parser("audit", help="export the audit trail, or verify an export offline")
+    audit_commands = audit.add_subparsers(title="audit commands", required=True, metavar="AUDIT_COMMAND")
+    export = audit_commands.add_parser("export", help="write your audit entries with their proofs to a JSONL file")
+    export.add_argument("--since", type=_time, metavar="TIME", help="ISO 8601 time (UTC if no zone); default: all")
+    export.add_argument("--until", type=_time, metavar="TIME", help="ISO 8601 time (UTC if no zone); default: now")
+    export.add_argument("--tenant", default="", help="another tenant, or * for all (needs an operator key)")
+    export.add_argument("--out", required=True, type=Path, metavar="FILE", help="where to write the export")
+    export.set_defaults(command=_audit_export)
+    verify = audit_commands.add_parser("verify", help="check an export offline: proofs, signatures, completeness")
+    verify.add_argument("export_file", type=Path, metavar="FILE", help="an export written by `sightline audit export`")
+    verify.add_argument(
+        "--public-key", required=True, type=Path, metavar="PEM", help="the gateway's Ed25519 public key"
+    )
+    verify.set_defaults(command=_audit_verify)
+
     methods = commands.add_parser("methods", help="list the attribution methods on offer")
     methods.add_argument("--json", action="store_true", help="print the response as proto JSON")
     methods.set_defaults(command=_methods)
@@ -347,6 +365,49 @@ def _list(client: Client, args: argparse.Namespace) -> int:
         print("no explanations")
     if page.next_page_token:
         print(f"more: sightline list --page-size {args.page_size} --page-token {page.next_page_token}")
+    return 0
+
+
+def _time(text: str) -> datetime.datetime:
+    try:
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an ISO 8601 time such as 2026-01-31T12:00:00Z, got {text!r}"
+        ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=datetime.UTC)
+
+
+def _audit_export(client: Client, args: argparse.Namespace) -> int:
+    entries = client.export_audit(args.out, since=args.since, until=args.until, tenant=args.tenant)
+    print(f"wrote {entries} audit entries with their proofs to {args.out}")
+    return 0
+
+
+def _audit_verify(client: Client, args: argparse.Namespace) -> int:
+    """Offline: the client is never called."""
+    from sightline.audit_export import AuditVerificationError, load_public_key, verify_export
+
+    try:
+        public_key = load_public_key(args.public_key.read_bytes())
+    except (OSError, ValueError) as error:
+        print(f"error: cannot use the public key {args.public_key}: {error}", file=sys.stderr)
+        return 2
+    try:
+        verified = verify_export(args.export_file, public_key)
+    except AuditVerificationError as error:
+        print(f"FAILED: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        print(f"error: cannot read {args.export_file}: {error}", file=sys.stderr)
+        return 2
+    checkpoint = verified.checkpoint
+    signed_at = datetime.datetime.fromtimestamp(checkpoint.timestamp_ms / 1000, datetime.UTC).isoformat()
+    print(
+        f"OK: {verified.entries} entries of tenant {verified.tenant!r} verified against the checkpoint of "
+        f"{checkpoint.tree_size} entries (root {checkpoint.root_hash.hex()}, signed {signed_at}); "
+        "every entry of the signed manifest is present, in order"
+    )
     return 0
 
 

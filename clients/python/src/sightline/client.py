@@ -1,8 +1,11 @@
-"""Blocking and asyncio clients for Sightline's InferenceService and ExplanationsService."""
+"""Blocking and asyncio clients for Sightline's InferenceService, ExplanationsService and AuditService."""
 
 from __future__ import annotations
 
+import base64
+import datetime
 from collections.abc import AsyncGenerator, Callable, Generator, Sequence
+from pathlib import Path
 from types import ModuleType, TracebackType
 from typing import Any, Literal, Self, TypeVar, overload
 
@@ -18,6 +21,7 @@ from sightline._messages import (
     list_explanations_request,
     method_infos,
 )
+from sightline.audit_export import export_lines
 from sightline.errors import SightlineError
 from sightline.tls import TLS
 from sightline.types import (
@@ -32,6 +36,8 @@ from sightline.types import (
     StreamChunk,
 )
 from sightline.v1 import (
+    audit_pb2,
+    audit_pb2_grpc,
     explanations_pb2,
     explanations_pb2_grpc,
     inference_pb2,
@@ -73,6 +79,7 @@ class _ClientCore:
         )
         self._inference = inference_pb2_grpc.InferenceServiceStub(self._channel)
         self._explanations = explanations_pb2_grpc.ExplanationsServiceStub(self._channel)
+        self._audit = audit_pb2_grpc.AuditServiceStub(self._channel)
         # Sent on every call rather than as call credentials, which gRPC allows on secure channels only.
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self._timeout = timeout
@@ -288,6 +295,39 @@ class Client(_ClientCore):
         request = list_explanations_request(page_size, page_token)
         return self._call(self._explanations.ListExplanations, request, timeout, ExplanationPage.from_proto)
 
+    def audit_checkpoint(self, *, timeout: float | None = None) -> audit_pb2.GetCheckpointResponse:
+        """The audit log's latest signed checkpoint and the gateway's public key (PEM)."""
+        return self._call(self._audit.GetCheckpoint, audit_pb2.GetCheckpointRequest(), timeout, _checkpoint)
+
+    def export_audit(
+        self,
+        out: Path | str,
+        *,
+        since: datetime.datetime | None = None,
+        until: datetime.datetime | None = None,
+        tenant: str = "",
+        timeout: float | None = None,
+    ) -> int:
+        """Write the caller's audit entries that ended in [since, until) to ``out`` as JSON Lines (the format
+        ``sightline.audit_export.verify_export`` checks offline); returns how many entries were written.
+
+        ``tenant`` other than the caller's own needs a key with the operator role ("*": every tenant).
+        """
+        call = self._audit.ExportEntries(_export_request(since, until, tenant), **self._call_options(timeout))
+        entries = 0
+        partial = Path(f"{out}.partial")
+        try:
+            with partial.open("wb") as stream:
+                for response in call:
+                    record = _export_record(response)
+                    entries += record["type"] == "entry"
+                    stream.writelines(export_lines([record]))
+        except grpc.RpcError as error:
+            partial.unlink(missing_ok=True)
+            raise SightlineError.from_rpc_error(error) from error
+        partial.replace(out)  # only a complete export takes the name asked for
+        return entries
+
     def close(self) -> None:
         self._channel.close()
 
@@ -502,6 +542,35 @@ class AsyncClient(_ClientCore):
         request = list_explanations_request(page_size, page_token)
         return await self._call(self._explanations.ListExplanations, request, timeout, ExplanationPage.from_proto)
 
+    async def audit_checkpoint(self, *, timeout: float | None = None) -> audit_pb2.GetCheckpointResponse:
+        """See ``Client.audit_checkpoint``."""
+        return await self._call(self._audit.GetCheckpoint, audit_pb2.GetCheckpointRequest(), timeout, _checkpoint)
+
+    async def export_audit(
+        self,
+        out: Path | str,
+        *,
+        since: datetime.datetime | None = None,
+        until: datetime.datetime | None = None,
+        tenant: str = "",
+        timeout: float | None = None,
+    ) -> int:
+        """See ``Client.export_audit`` (the file is written with blocking writes, one line per message)."""
+        call = self._audit.ExportEntries(_export_request(since, until, tenant), **self._call_options(timeout))
+        entries = 0
+        partial = Path(f"{out}.partial")
+        try:
+            with partial.open("wb") as stream:
+                async for response in call:
+                    record = _export_record(response)
+                    entries += record["type"] == "entry"
+                    stream.writelines(export_lines([record]))
+        except grpc.RpcError as error:
+            partial.unlink(missing_ok=True)
+            raise SightlineError.from_rpc_error(error) from error
+        partial.replace(out)
+        return entries
+
     async def close(self) -> None:
         await self._channel.close()
 
@@ -533,3 +602,30 @@ class AsyncClient(_ClientCore):
             raise SightlineError.from_rpc_error(error) from error
         finally:
             call.cancel()  # a no-op once the stream has ended; stops the server when the caller quits early
+
+
+def _checkpoint(response: Any) -> audit_pb2.GetCheckpointResponse:
+    if not isinstance(response, audit_pb2.GetCheckpointResponse):
+        raise ValueError("GetCheckpoint did not answer with a GetCheckpointResponse")
+    return response
+
+
+def _export_request(
+    since: datetime.datetime | None, until: datetime.datetime | None, tenant: str
+) -> audit_pb2.ExportEntriesRequest:
+    request = audit_pb2.ExportEntriesRequest(tenant=tenant)
+    if since is not None:
+        request.since.FromDatetime(since)
+    if until is not None:
+        request.until.FromDatetime(until)
+    return request
+
+
+def _export_record(response: audit_pb2.ExportEntriesResponse) -> dict[str, Any]:
+    """One export stream message as the JSON Lines record docs/compliance.md describes."""
+    kind = response.WhichOneof("item")
+    if kind == "entry":
+        entry = response.entry
+        return {"type": "entry", "index": entry.index, "entry": entry.entry, "proof": [h.hex() for h in entry.proof]}
+    signed = response.checkpoint if kind == "checkpoint" else response.manifest
+    return {"type": kind, kind: signed.text, "signature": base64.b64encode(signed.signature).decode()}
