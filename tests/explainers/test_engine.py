@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -83,7 +84,15 @@ def test_explain_fills_tokens_results_and_fidelity(
 
     recorded = by_name(spans)
     assert set(recorded) == {"forward", "method input_x_gradient", "method logit_lens", "fidelity"}
-    assert recorded["method logit_lens"].attributes == {"sightline.method": "logit_lens"}
+    # An OpenInference evaluator span (docs/observability.md): the explained tokens in, the method's own time.
+    lens_span = dict(recorded["method logit_lens"].attributes or {})
+    assert lens_span.pop("sightline.method.seconds") == pytest.approx(lens.seconds, rel=1e-6)
+    assert lens_span == {
+        "sightline.method": "logit_lens",
+        "openinference.span.kind": "EVALUATOR",
+        "input.mime_type": "application/json",
+        "input.value": json.dumps([{"position": p} for p in range(6, 14)], separators=(",", ":")),
+    }
     fidelity = recorded["fidelity"].attributes or {}
     assert fidelity["sightline.fidelity.max_abs_logprob_diff"] == explanation.fidelity.max_abs_logprob_diff
 
