@@ -20,6 +20,7 @@ from server.auth import Authenticator
 from server.config import GatewaySettings
 from server.explanations import ExplanationBroker
 from server.http_endpoints import start_http_endpoints
+from server.job_control import JobControl
 from server.keys import configured_keys
 from server.limits import TenantLimiter
 from server.rpc import DecodeErrorsAsInvalidArgument
@@ -111,7 +112,8 @@ async def serve(settings: GatewaySettings, *, ready: asyncio.Event | None = None
     )
     health_servicer = health.HealthServicer()
     monitor = DependencyMonitor(vllm, broker, health_servicer)
-    gateway = Gateway(settings, vllm, broker, monitor, authenticator, limiter)
+    jobs = JobControl(redis_client, settings.redis_url, broker)
+    gateway = Gateway(settings, vllm, broker, monitor, authenticator, limiter, jobs)
 
     options = [
         ("grpc.max_receive_message_length", settings.max_request_bytes),
