@@ -94,26 +94,31 @@ class JobProgress:
         """The job's forward pass: its time calibrates the seconds of one pass, unless the block sets the list it
         is given to [True] (the hidden states came from the cache: no pass was run)."""
         cache_hit = [False]
-        with self._running(self._forward):
+
+        def calibrate(elapsed: float) -> None:
+            if elapsed > 0 and not cache_hit[0]:
+                self.seconds_per_pass = elapsed
+
+        with self._running(self._forward, calibrate):
             yield cache_hit
-        elapsed = (self._forward.finished or 0.0) - (self._forward.started or 0.0)
-        if elapsed > 0 and not cache_hit[0]:
-            self.seconds_per_pass = elapsed
 
     @contextlib.contextmanager
     def method(self, index: int) -> Iterator[None]:
         """Method ``index`` (of ``methods``) runs in the block."""
-        with self._running(self._clocks[index]):
-            yield
         clock = self._clocks[index]
-        # How far this method was off its prediction corrects the guesses for the ones still to run.
-        taken = (clock.finished or 0.0) - (clock.started or 0.0)
-        predicted = clock.predicted_passes * self.seconds_per_pass
-        if taken > 0 and predicted > 0:
-            self.seconds_per_pass *= taken / predicted
+
+        def calibrate(taken: float) -> None:
+            # How far this method was off its prediction corrects the guesses for the ones still to run.
+            predicted = clock.predicted_passes * self.seconds_per_pass
+            if taken > 0 and predicted > 0:
+                self.seconds_per_pass *= taken / predicted
+
+        with self._running(clock, calibrate):
+            yield
 
     @contextlib.contextmanager
-    def _running(self, clock: _MethodClock) -> Iterator[None]:
+    def _running(self, clock: _MethodClock, calibrate: Callable[[float], None]) -> Iterator[None]:
+        """``clock``'s work runs in the block; ``calibrate`` gets its seconds before the closing publish."""
         clock.started = self.clock()
         self._current, self._frames = clock, []
         self.checkpoint(force=True)
@@ -124,6 +129,7 @@ class JobProgress:
             _ACTIVE.reset(token)
             self._current = None
         clock.fraction, clock.finished = 1.0, self.clock()
+        calibrate(clock.finished - clock.started)
         self.checkpoint(force=True)
 
     def snapshot(self) -> types_pb2.ExplanationProgress:
