@@ -28,7 +28,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import cast
 
@@ -65,7 +65,7 @@ from explainers.hidden_cache import HiddenStateCache
 from explainers.methods.base import ModelShape
 from explainers.methods.registry import method_infos
 from explainers.model import LoadedModel
-from explainers.progress import JobCancelled, Tracking
+from explainers.progress import JobCancelled, Publisher, Tracking
 from explainers.telemetry import record_evaluations
 
 log = logging.getLogger(__name__)
@@ -361,7 +361,9 @@ class ExplainerWorker:
                         f"{self._loaded.weights_digest[:12]}…"
                     )
                 num_tokens = len(job.prompt_token_ids) + len(job.output_token_ids)
-                tracking = Tracking(self._publisher(record, num_tokens), self._seconds_per_token_pass() * num_tokens)
+                tracking = Tracking(
+                    progress_publisher(self._redis, record), self._seconds_per_token_pass() * num_tokens
+                )
                 result = explain(
                     self._loaded,
                     HiddenStateCache(self._redis, self._settings.cache_ttl_seconds, job.tenant),
@@ -395,28 +397,6 @@ class ExplainerWorker:
         self._succeed(entry_id, job, record, result)
         metrics.observe_success(result, served_compared=job.served_logprobs is not None)
         self._publish_pass_seconds(tracking.seconds_per_pass / num_tokens)
-
-    def _publisher(
-        self, record: types_pb2.Explanation, num_tokens: int
-    ) -> Callable[[types_pb2.ExplanationProgress], str | None]:
-        """Writes a job's progress into its record's progress field and reads back who cancelled it, if anyone:
-        one round trip, made at most a few times a second (see explainers/progress.py)."""
-        key = explanation_key(record.explanation_id)
-
-        def publish(progress: types_pb2.ExplanationProgress) -> str | None:
-            record.progress.CopyFrom(progress)
-            try:
-                with self._redis.pipeline(transaction=False) as pipe:
-                    pipe.hset(key, RECORD_PROGRESS, progress.SerializeToString())
-                    pipe.hget(key, RECORD_CANCEL)
-                    _, cancelled_by = pipe.execute()
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                # Progress is advisory: the job goes on, and the next checkpoint asks again.
-                log.warning("could not publish the progress of %s: %s", record.explanation_id, exc)
-                return None
-            return None if cancelled_by is None else redis_text(cancelled_by)
-
-        return publish
 
     def _seconds_per_token_pass(self) -> float:
         """The seconds of one forward pass per token, as the workers last measured it for this model."""
@@ -495,6 +475,28 @@ class ExplainerWorker:
                 )
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+
+def progress_publisher(client: redis.Redis, record: types_pb2.Explanation) -> Publisher:
+    """Writes a job's progress into its record's progress field (and ``record``, so a cancelled or failed record
+    keeps how far it got) and reads back who cancelled the job, if anyone: one round trip, made at most a few
+    times a second (see explainers/progress.py)."""
+    key = explanation_key(record.explanation_id)
+
+    def publish(progress: types_pb2.ExplanationProgress) -> str | None:
+        record.progress.CopyFrom(progress)
+        try:
+            with client.pipeline(transaction=False) as pipe:
+                pipe.hset(key, RECORD_PROGRESS, progress.SerializeToString())
+                pipe.hget(key, RECORD_CANCEL)
+                _, cancelled_by = pipe.execute()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            # Progress is advisory: the job goes on, and the next checkpoint asks again.
+            log.warning("could not publish the progress of %s: %s", record.explanation_id, exc)
+            return None
+        return None if cancelled_by is None else redis_text(cancelled_by)
+
+    return publish
 
 
 def _stream_id(value: bytes | str) -> tuple[int, int]:

@@ -9,7 +9,13 @@ Stated bounds (issue 21):
 
 from __future__ import annotations
 
+import os
+import pty
+import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import cast
 
 import grpc
@@ -222,3 +228,71 @@ def test_estimate_predicts_passes_from_the_cost_model_and_seconds_from_measured_
 def stack_unfinished_jobs(client: redis.Redis) -> int:
     """Turns on the job stream in a worker's hands (delivered, not acknowledged)."""
     return int(cast(dict[str, int], client.xpending(JOB_STREAM, WORKER_GROUP))["pending"])
+
+
+def _sightline(stack: LocalStack) -> list[str]:
+    return [str(Path(sys.executable).parent / "sightline"), "--target", stack.config.gateway_address]
+
+
+def test_cli_wait_draws_a_progress_bar_on_a_terminal(
+    stack: LocalStack, explanations: explanations_pb2_grpc.ExplanationsServiceStub
+) -> None:
+    explanation_id = _explain(explanations, prompt_tokens=96, output_tokens=24, steps=8).explanation_id
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [*_sightline(stack), "explain", explanation_id, "--wait"], stdin=terminal, stdout=terminal, stderr=terminal
+    )
+    os.close(terminal)
+    shown = b""
+    while True:
+        try:
+            data = os.read(controller, 4096)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not data:
+            break
+        shown += data
+    os.close(controller)
+    assert process.wait(timeout=60) == 0, shown.decode(errors="replace")
+    text = shown.decode()
+    # Redrawn in place: carriage returns, a bar, percentages, and the line cleared after each draw.
+    bars = re.findall(r"\r\[([#-]{30})\] (\w+) +(\d+\.\d)%", text)
+    assert len(bars) >= 2, text
+    assert bars[-1] == ("#" * 30, "succeeded", "100.0")
+    assert "\x1b[K" in text
+    assert f"explanation {explanation_id}: succeeded" in text
+
+
+def test_cli_wait_prints_plain_lines_into_a_pipe(
+    stack: LocalStack, explanations: explanations_pb2_grpc.ExplanationsServiceStub
+) -> None:
+    explanation_id = _explain(explanations, prompt_tokens=96, output_tokens=24, steps=8).explanation_id
+    shown = subprocess.run(
+        [*_sightline(stack), "explain", explanation_id, "--wait"], capture_output=True, text=True, timeout=300
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "\r" not in shown.stderr and "\x1b" not in shown.stderr
+    lines = shown.stderr.splitlines()
+    assert all(re.fullmatch(rf"{explanation_id}: (pending|running|succeeded) +\d+\.\d%.*", line) for line in lines)
+    assert lines[-1].startswith(f"{explanation_id}: succeeded 100.0%")
+    assert len(lines) <= 2 + 10 + 1  # a line per state and per tenth of the work, no more
+    assert f"explanation {explanation_id}: succeeded" in shown.stdout
+
+    generated = subprocess.run(
+        [
+            *_sightline(stack),
+            "generate",
+            "--explain",
+            "saliency",
+            "--async",
+            "--wait",
+            "What is the capital of France?",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert generated.returncode == 0, generated.stderr
+    assert generated.stdout.startswith("The capital of France is Paris.")
+    assert re.search(r"explanation exp_\w+: succeeded", generated.stdout)
+    assert re.search(r"exp_\w+: succeeded 100\.0%", generated.stderr)

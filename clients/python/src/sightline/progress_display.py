@@ -28,8 +28,8 @@ def _duration(seconds: float) -> str:
 def describe(explanation: Explanation) -> str:
     """One line: state, percentage done, time left and the method under way."""
     progress = explanation.progress
-    if progress is None:
-        return explanation.state.value
+    if progress is None:  # not started yet, or finished without completing (failed)
+        return f"{explanation.state.value} {0.0:5.1f}%"
     running = next((m for m in progress.methods if 0 < m.fraction < 1), None)
     where = f", {running.method}" if running else ""
     left = "" if explanation.finished else f", about {_duration(progress.seconds_left)} left"
