@@ -7,8 +7,10 @@ it is installed for the job's thread in a context variable, and outside a job :f
 
 Each step costs a clock read; at most every ``interval`` seconds it also publishes the progress and learns
 whether the job was cancelled (one Redis round trip, see explainers/worker.py), raising :class:`JobCancelled`
-when it was. A job is therefore stopped within one interval plus the longest stretch between two steps: one
-chunk of targets through the backward pass, one batch of perturbed sequences, or the first forward pass.
+when it was; :func:`tick` does the same without advancing, inside a long step. A job is therefore stopped within
+one interval plus the longest stretch between two checkpoints: one decoder layer of a group of targets' backward
+pass (explainers/backprop.py steps per layer) or of a recorded forward pass over the path points, one batch of
+perturbed sequences, or the first forward pass.
 
 The fraction of the whole job weights each method by its predicted passes (its published cost model), the forward
 pass counting one. The time left is, for a method under way, the time it has taken so far extrapolated over what
@@ -198,6 +200,14 @@ def step() -> None:
     progress = _ACTIVE.get()
     if progress is not None:
         progress._step()
+
+
+def tick() -> None:
+    """A checkpoint inside a long step, advancing nothing: publishes and checks for a cancel if the interval has
+    passed (a clock read otherwise)."""
+    progress = _ACTIVE.get()
+    if progress is not None:
+        progress.checkpoint()
 
 
 def checkpoint() -> None:
