@@ -100,6 +100,10 @@ def test_progress_is_monotonic_reaches_one_at_success_and_estimates_the_time_lef
         f"{actual_left:.1f} s were"
     )
 
+    print(
+        f"estimate at {half.progress.fraction:.2f} done: {predicted_left:.1f} s left predicted, "
+        f"{actual_left:.1f} s actual"
+    )
     # GetExplanation of a final record carries its progress too.
     fetched = explanations.GetExplanation(explanations_pb2.GetExplanationRequest(explanation_id=explanation_id))
     assert fetched.explanation.progress.fraction == 1.0
@@ -135,6 +139,7 @@ def test_cancel_stops_a_running_integrated_gradients_job_within_the_bound(
     took = time.monotonic() - asked
     assert cancelled.state == types_pb2.EXPLANATION_STATE_CANCELLED, f"still {cancelled.state} after {took:.1f} s"
     assert took <= CANCEL_BOUND_S
+    print(f"cancel took effect {took:.2f} s after the call, at {cancelled.progress.fraction:.4f} done")
     assert cancelled.cancelled_by == f"tenant {tenant} (CancelExplanation)"
     assert not cancelled.results
     assert record.progress.fraction <= cancelled.progress.fraction < 1.0  # as far as it got
@@ -153,6 +158,53 @@ def test_cancel_stops_a_running_integrated_gradients_job_within_the_bound(
     ).explanation
     assert again == cancelled
     client.close()
+
+
+def _running_sync_call(
+    explanations: explanations_pb2_grpc.ExplanationsServiceStub, keep_on_disconnect: bool
+) -> tuple[grpc.Future, str]:
+    """A SYNC Explain of a long job, in flight, and its explanation's id once the job runs."""
+    spec = types_pb2.ExplainSpec(mode=types_pb2.EXPLAIN_MODE_SYNC, keep_on_disconnect=keep_on_disconnect)
+    spec.methods.add(name="integrated_gradients").params.update({"steps": 32})
+    newest_before = explanations.ListExplanations(explanations_pb2.ListExplanationsRequest(page_size=1)).explanations
+    call = explanations.Explain.future(
+        explanations_pb2.ExplainRequest(
+            prompt_token_ids=[1000 + i for i in range(200)],
+            output_token_ids=[3000 + i for i in range(40)],
+            explain=spec,
+        ),
+        timeout=600,
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        newest = explanations.ListExplanations(explanations_pb2.ListExplanationsRequest(page_size=1)).explanations
+        if newest and newest != newest_before and newest[0].state == types_pb2.EXPLANATION_STATE_RUNNING:
+            return call, newest[0].explanation_id
+        time.sleep(0.2)
+    raise AssertionError("the SYNC job never started")
+
+
+def test_a_sync_caller_going_away_cancels_its_job_unless_asked_to_keep_it(
+    explanations: explanations_pb2_grpc.ExplanationsServiceStub,
+) -> None:
+    call, explanation_id = _running_sync_call(explanations, keep_on_disconnect=False)
+    call.cancel()  # the client goes away
+    record = explanations.GetExplanation(
+        explanations_pb2.GetExplanationRequest(explanation_id=explanation_id, wait_seconds=CANCEL_BOUND_S)
+    ).explanation
+    assert record.state == types_pb2.EXPLANATION_STATE_CANCELLED
+    assert record.cancelled_by.endswith("(its SYNC caller went away)")
+
+    call, kept_id = _running_sync_call(explanations, keep_on_disconnect=True)
+    call.cancel()
+    kept = explanations.GetExplanation(
+        explanations_pb2.GetExplanationRequest(explanation_id=kept_id, wait_seconds=3)
+    ).explanation
+    assert kept.state == types_pb2.EXPLANATION_STATE_RUNNING  # still computing for a later fetch
+    stopped = explanations.CancelExplanation(
+        explanations_pb2.CancelExplanationRequest(explanation_id=kept_id, wait_seconds=CANCEL_BOUND_S)
+    ).explanation
+    assert stopped.state == types_pb2.EXPLANATION_STATE_CANCELLED
 
 
 def test_cancel_of_a_finished_job_is_a_no_op(explanations: explanations_pb2_grpc.ExplanationsServiceStub) -> None:

@@ -115,12 +115,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     generation.add_argument(
         "--wait",
-        type=float,
-        nargs="?",
-        const=math.inf,
-        default=0.0,
-        metavar="SECONDS",
-        help="with --async: then wait for the explanation (up to SECONDS if given), showing its progress on stderr",
+        action="store_true",
+        help="with --async: then wait for the explanation (within --timeout), showing its progress on stderr",
     )
     generation.add_argument("--max-tokens", type=_positive_int, metavar="N")
     generation.add_argument("--temperature", type=float, metavar="T", help="0 decodes greedily")
@@ -320,9 +316,9 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
     print(generation.text)
     _note_finish(generation.finish_reason)
     explanation = generation.explanation
-    if explanation is None and generation.explanation_id and args.wait > 0:
+    if explanation is None and generation.explanation_id and args.wait:
         print(flush=True)
-        explanation = _watch(client, generation.explanation_id, args.wait)
+        explanation = _watch(client, generation.explanation_id, math.inf)
     return _report_explanation(generation.explanation_id, explanation, args.top, _by_groups(args))
 
 
@@ -363,7 +359,8 @@ def _explain(client: Client, args: argparse.Namespace) -> int:
 
 
 def _watch(client: Client, explanation_id: str, wait: float) -> Explanation:
-    """Wait up to ``wait`` seconds (inf: until done) for the explanation, drawing its progress on stderr."""
+    """Wait up to ``wait`` seconds (inf: until done, within --timeout) for the explanation, drawing its progress on
+    stderr."""
     display = ProgressDisplay(sys.stderr)
     try:
         return client.wait_for_explanation(explanation_id, display, timeout=None if math.isinf(wait) else wait)
