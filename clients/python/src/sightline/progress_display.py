@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import TextIO
 
-from sightline.types import Explanation
+from sightline.types import Explanation, ExplanationState
 
 BAR_WIDTH = 30
 # In plain-line mode, a line for each state change and each time the work done passes another tenth.
@@ -28,8 +28,9 @@ def _duration(seconds: float) -> str:
 def describe(explanation: Explanation) -> str:
     """One line: state, percentage done, time left and the method under way."""
     progress = explanation.progress
-    if progress is None:  # not started yet, or finished without completing (failed)
-        return f"{explanation.state.value} {0.0:5.1f}%"
+    if progress is None:  # not started yet, failed, or from a server that reports no progress
+        done = 100.0 if explanation.state is ExplanationState.SUCCEEDED else 0.0
+        return f"{explanation.state.value} {done:5.1f}%"
     running = next((m for m in progress.methods if 0 < m.fraction < 1), None)
     where = f", {running.method}" if running else ""
     left = "" if explanation.finished else f", about {_duration(progress.seconds_left)} left"
