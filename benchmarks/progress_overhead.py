@@ -1,6 +1,6 @@
 """What publishing a job's progress costs: the same explanation with and without it, on the embedded model.
 
-    .venv/bin/python benchmarks/progress_overhead.py            # 5 rounds of each side
+    .venv/bin/python benchmarks/progress_overhead.py            # 3 rounds of each side
     .venv/bin/python benchmarks/progress_overhead.py --smoke    # 1 round, a short job (CI: checks it still runs)
 
 Each round runs one integrated-gradients job (in-process, through explainers.engine.explain, no hidden-state cache so
@@ -30,6 +30,7 @@ from explainers.progress import Tracking
 from explainers.worker import progress_publisher
 
 RESULT = bench_util.RESULTS_DIR / "progress_overhead.json"
+SMOKE_RESULT = bench_util.RESULTS_DIR / "progress_overhead_smoke.json"
 
 
 def _job(loaded: LoadedModel, tokens: int, steps: int, tracking: Tracking | None) -> float:
@@ -105,9 +106,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--smoke", action="store_true", help="one round of a short job")
     args = parser.parse_args(argv)
-    result = run(1, 32, 4) if args.smoke else run(5, 128, 16)
-    if not args.smoke:
-        bench_util.write_result(RESULT, result)
+    result = run(1, 32, 4) if args.smoke else run(3, 96, 8)
+    bench_util.write_result(SMOKE_RESULT if args.smoke else RESULT, result)
     print(render_markdown(result))
 
 
