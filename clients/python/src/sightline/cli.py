@@ -430,6 +430,9 @@ def _print_explanation(explanation: Explanation, top: int, by_groups: bool | Non
     if explanation.state is ExplanationState.FAILED:
         print(f"  {explanation.error or 'no reason given'}")
         return 1
+    if explanation.state is ExplanationState.CANCELLED:
+        print(f"  cancelled by {explanation.cancelled_by or 'an unknown caller'}")
+        return 0
     if not explanation.finished:
         print(f"  not finished; wait for it with: sightline explain {explanation.explanation_id} --wait SECONDS")
         return 0
