@@ -123,7 +123,9 @@ class JobProgress:
         """``clock``'s work runs in the block; ``calibrate`` gets its seconds before the closing publish."""
         clock.started = self.clock()
         self._current, self._frames = clock, []
-        self.checkpoint(force=True)
+        # Rate-limited like any step (the job's first checkpoint always publishes): a job of quick methods costs a
+        # round trip or two, not four per method.
+        self.checkpoint()
         token = _ACTIVE.set(self)
         try:
             yield
@@ -132,7 +134,7 @@ class JobProgress:
             self._current = None
         clock.fraction, clock.finished = 1.0, self.clock()
         calibrate(clock.finished - clock.started)
-        self.checkpoint(force=True)
+        self.checkpoint()
 
     def snapshot(self) -> types_pb2.ExplanationProgress:
         now = self.clock()
