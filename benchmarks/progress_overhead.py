@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--smoke", action="store_true", help="one round of a short job")
     args = parser.parse_args(argv)
-    result = run(1, 32, 4) if args.smoke else run(3, 96, 8)
+    result = run(1, 24, 2) if args.smoke else run(3, 48, 4)
     bench_util.write_result(SMOKE_RESULT if args.smoke else RESULT, result)
     print(render_markdown(result))
 
