@@ -18,6 +18,10 @@ transaction.
 
 Each job's hidden states are cached under its own tenant (see explainers/hidden_cache.py).
 
+While it computes, a worker publishes the job's progress into its record a few times a second and, in the same
+round trip, learns whether someone cancelled it (explainers/progress.py); a cancelled job is stored CANCELLED, as far
+as it got, in the same transaction that acknowledges its turn and frees its tenant's slot.
+
 A worker asked to stop finishes the job in hand; one that cannot within its shutdown grace
 hands the job back (immediately claimable, the attempt not counted) and exits.
 """
