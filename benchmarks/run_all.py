@@ -84,6 +84,11 @@ BENCHMARKS = (
         "Observability: tracing + metrics per request (on vs off), viewer page load of a 1,024-token explanation",
         "observability_overhead.py",
     ),
+    Benchmark(
+        "progress_overhead",
+        "Progress publishing: an integrated-gradients job with and without its progress published",
+        "progress_overhead.py",
+    ),
     Benchmark("soak", "Soak: concurrent clients mixing streams and explanations (errors, memory, queue)", "soak.py"),
     Benchmark(
         "scale_out", "Scaling out: explainer workers, gateways sharing Redis, vLLM replica failover", "scale_out.py"

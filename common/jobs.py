@@ -24,7 +24,10 @@ Everything crossing the process boundary is JSON or protobuf, never pickle:
   serialized ``sightline.v1.Explanation`` (whose tensors are raw bytes with dtype and shape),
   ``summary``, the serialized ``ExplanationSummary`` without its state, and ``state``, the
   ``ExplanationState`` number, kept beside the record so listing never reads whole results;
-  until the record is final also ``job``, the :class:`ExplanationJob` as JSON.
+  until the record is final also ``job``, the :class:`ExplanationJob` as JSON; while it runs
+  ``progress``, the serialized ``ExplanationProgress`` its worker last published (a few times a
+  second at most, so the record itself is never rewritten for progress); and, once someone asked
+  for it to stop, ``cancel``, who asked, which the worker reads at its next checkpoint.
 * ``sl:tenant:{tenant}:explanations`` — a sorted set per tenant of its explanation ids scored
   by creation time in milliseconds: the index ListExplanations pages through.
 * ``sl:tenant:{tenant}:inflight`` — a sorted set per tenant of its unfinished explanation ids
@@ -33,6 +36,9 @@ Everything crossing the process boundary is JSON or protobuf, never pickle:
 * ``sl:tenant:{tenant}:rate`` — the tenant's request-rate state (see server/limits.py).
 * ``sl:explanations:done`` — a pub/sub channel; a worker publishes an explanation id when
   its record reaches a final state, so waiting gateways wake without polling.
+* ``sl:pass-seconds`` — a hash from served model name to the seconds one forward pass takes per
+  token of the sequence, as the workers last measured it: what EstimateExplanation multiplies
+  the cost model's passes by.
 * ``sl:catalog`` — the serialized ``ListMethodsResponse`` of the workers' method registry, and
   ``sl:models`` — a hash from served model name to a JSON :class:`ModelRecord` (the weights
   digest the workers hold, the vocabulary size). The gateway reads both, so it validates
@@ -62,6 +68,7 @@ JOB_ASSIGNED_KEY = "sl:jobs:assigned"
 DONE_CHANNEL = "sl:explanations:done"
 CATALOG_KEY = "sl:catalog"
 MODELS_KEY = "sl:models"
+PASS_SECONDS_KEY = "sl:pass-seconds"
 
 # Fields of the per-explanation hash.
 RECORD_TENANT = "tenant"
@@ -70,6 +77,8 @@ RECORD_EXPLANATION = "explanation"
 RECORD_SUMMARY = "summary"
 RECORD_STATE = "state"
 RECORD_JOB = "job"
+RECORD_PROGRESS = "progress"
+RECORD_CANCEL = "cancel"
 
 # Fields of a turn in the job stream.
 TURN_EXPLANATION_ID = "explanation_id"

@@ -378,15 +378,16 @@ class LocalStack:
 
     def _prepare_model(self) -> None:
         self._say(f"preparing the embedded model in {self.config.model_dir} …")
+        # Its progress bar (and any error) goes straight to this process's stderr; only the manifest is captured.
         result = subprocess.run(
             [sys.executable, "-m", "explainers.embedded_model", "--out", str(self.config.model_dir)],
             env=self.child_env("sightline-prepare", 2),
-            capture_output=True,
+            stdout=subprocess.PIPE,
             text=True,
             check=False,
         )
         if result.returncode != 0:
-            raise StackError(f"could not prepare the embedded model:\n{result.stderr[-4000:]}")
+            raise StackError("could not prepare the embedded model; its error is printed above")
 
     def _spawn(self, name: str, command: Command, logs: Path) -> Child:
         child = Child(name, command.argv, command.env, logs / f"{name}.log")
@@ -394,11 +395,13 @@ class LocalStack:
         return child
 
     def _wait(self, name: str, child: Child, ready: Callable[[], bool], *, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
+        self._say(f"waiting for {name} (up to {timeout:.0f} s; log {child.log_path}) …")
         while time.monotonic() < deadline:
             self.check_children()
             if ready():
-                self._say(f"{name} is ready")
+                self._say(f"{name} is ready after {time.monotonic() - started:.1f} s")
                 return
             time.sleep(0.5)
         raise StackError(f"{name} was not ready within {timeout:.0f} s; log {child.log_path}:\n{child.log_tail()}")

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from explainers import progress
+
 if TYPE_CHECKING:
     # Annotation only: explainers.model checks a model against this module when it loads one.
     from explainers.model import LoadedModel
@@ -175,6 +177,8 @@ def run_layers(
     records = []
     with torch.no_grad():
         for layer_weights in weights:
+            # A long pass is a long stretch without a step: a cancelled job may stop between its layers.
+            progress.tick()
             layer_record, hidden = _layer_forward(layer_weights, residual_stream[-1], cos[0], sin[0], record)
             residual_stream.append(hidden)
             if layer_record is not None:
@@ -203,6 +207,15 @@ def backward_to_layer(
     keeps no reference to the sequence has its tensors freed once the top layer has run."""
     gradients = list(output_gradients)
     del output_gradients  # so that each layer's gradients replace the last's in memory
+    with progress.steps(len(recorded.records)):
+        gradients = _layers_backward(recorded, gradients, map_chunks)
+    return [chunk.dense() if isinstance(chunk, Seeds) else chunk for chunk in gradients]
+
+
+def _layers_backward(
+    recorded: RecordedLayers, gradients: list[torch.Tensor | Seeds], map_chunks: ChunkMap
+) -> list[torch.Tensor | Seeds]:
+    """backward_to_layer's layers, top down, each a progress step."""
     for weights, record in zip(reversed(recorded.weights), reversed(recorded.records), strict=True):
 
         def layer_backward(chunk: torch.Tensor | Seeds) -> torch.Tensor:
@@ -214,7 +227,8 @@ def backward_to_layer(
             return _layer_backward(weights, record, chunk, cos, sin)  # noqa: B023
 
         gradients = list(map_chunks(layer_backward, gradients))
-    return [chunk.dense() if isinstance(chunk, Seeds) else chunk for chunk in gradients]
+        progress.step()
+    return gradients
 
 
 def _layer_forward(

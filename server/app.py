@@ -29,6 +29,7 @@ from server.auth import Authenticator
 from server.config import GatewaySettings
 from server.explanations import ExplanationBroker
 from server.http_endpoints import start_http_endpoints
+from server.job_control import JobControl
 from server.keys import configured_keys
 from server.limits import TenantLimiter
 from server.rpc import DecodeErrorsAsInvalidArgument
@@ -121,9 +122,10 @@ async def serve(settings: GatewaySettings, *, ready: asyncio.Event | None = None
     )
     health_servicer = health.HealthServicer()
     monitor = DependencyMonitor(vllm, broker, health_servicer)
+    jobs = JobControl(redis_client, settings.redis_url, broker)
     audit = open_trail(settings.audit, broker, authenticator)
     gateway = Gateway(
-        settings, vllm, broker, monitor, authenticator, limiter, None if audit is None else audit.recorder
+        settings, vllm, broker, monitor, authenticator, limiter, jobs, None if audit is None else audit.recorder
     )
 
     options = [

@@ -7,12 +7,9 @@ from dataclasses import dataclass
 
 from sightline.v1 import explanations_pb2
 
+from common.costs import FAITHFULNESS_PASSES_PER_TARGET, method_passes
 from common.jobs import MethodRequest
 from server.limits import Tenant
-
-# Faithfulness perturbs each target's sources at 5 fractions, removing and keeping, for the method
-# and for the random reference: 20 forward passes per explained token.
-FAITHFULNESS_PASSES_PER_TARGET = 20.0
 
 
 @dataclass(frozen=True)
@@ -22,10 +19,8 @@ class PlannedMethod:
 
     def passes(self, num_tokens: int, num_targets: int) -> float:
         cost = self.info.cost
-        passes = cost.passes + cost.passes_per_target * num_targets + cost.passes_per_token * num_tokens
-        if cost.scaled_by_param:
-            passes *= self._number_param(cost.scaled_by_param)
-        return passes
+        scale = self._number_param(cost.scaled_by_param) if cost.scaled_by_param else 1.0
+        return method_passes(cost, num_tokens=num_tokens, num_targets=num_targets, scale=scale)
 
     def _number_param(self, name: str) -> float:
         value = self.request.params.get(name)
@@ -34,14 +29,20 @@ class PlannedMethod:
         return float(next(p.default_value for p in self.info.params if p.name == name))
 
 
+def total_passes(methods: Sequence[PlannedMethod], *, num_tokens: int, num_targets: int, faithfulness: bool) -> float:
+    """Forward passes over the whole sequence of the methods together, faithfulness checks included."""
+    passes = sum(m.passes(num_tokens, num_targets) for m in methods)
+    if faithfulness:
+        passes += FAITHFULNESS_PASSES_PER_TARGET * num_targets * sum(m.info.attributes_tokens for m in methods)
+    return passes
+
+
 def check_cost(
     methods: Sequence[PlannedMethod], *, num_tokens: int, num_targets: int, faithfulness: bool, tenant: Tenant
 ) -> None:
     """Refuse, with RESOURCE_EXHAUSTED naming the limit, an explanation costing more than the tenant's limit."""
     limit = tenant.limits.max_explanation_cost
-    passes = sum(m.passes(num_tokens, num_targets) for m in methods)
-    if faithfulness:
-        passes += FAITHFULNESS_PASSES_PER_TARGET * num_targets * sum(m.info.attributes_tokens for m in methods)
+    passes = total_passes(methods, num_tokens=num_tokens, num_targets=num_targets, faithfulness=faithfulness)
     cost = passes * num_tokens
     if limit and cost > limit:
         raise tenant.limit_exceeded(

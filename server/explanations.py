@@ -33,6 +33,7 @@ from common.jobs import (
     RECORD_ATTEMPTS,
     RECORD_EXPLANATION,
     RECORD_JOB,
+    RECORD_PROGRESS,
     RECORD_STATE,
     RECORD_SUMMARY,
     RECORD_TENANT,
@@ -64,7 +65,11 @@ from server.validation import method_params
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("sightline.gateway")
 
-FINAL_STATES = (types_pb2.EXPLANATION_STATE_SUCCEEDED, types_pb2.EXPLANATION_STATE_FAILED)
+FINAL_STATES = (
+    types_pb2.EXPLANATION_STATE_SUCCEEDED,
+    types_pb2.EXPLANATION_STATE_FAILED,
+    types_pb2.EXPLANATION_STATE_CANCELLED,
+)
 
 
 @dataclass
@@ -351,14 +356,20 @@ class ExplanationBroker:
 
     async def _read(self, explanation_id: str, tenant: str) -> types_pb2.Explanation:
         key = explanation_key(explanation_id)
-        tenant_value, blob = await self._redis.hmget(key, [RECORD_TENANT, RECORD_EXPLANATION])
+        tenant_value, blob, progress = await self._redis.hmget(
+            key, [RECORD_TENANT, RECORD_EXPLANATION, RECORD_PROGRESS]
+        )
         # Another tenant's explanation is reported exactly like a missing one: no existence leak.
         if blob is None or tenant_value is None or cast(bytes, tenant_value).decode() != tenant:
             raise not_found(
                 f"no explanation with id {shown(explanation_id)}; ids come from Generate or Explain responses "
                 f"and expire {self._record_ttl_seconds} s after creation"
             )
-        return types_pb2.Explanation.FromString(cast(bytes, blob))
+        record = types_pb2.Explanation.FromString(cast(bytes, blob))
+        if progress is not None and record.state not in FINAL_STATES:
+            # Published by the worker beside the record, a few times a second (a final record carries its own).
+            record.progress.ParseFromString(cast(bytes, progress))
+        return record
 
     async def wait(self, explanation_id: str, tenant: str, timeout: float) -> types_pb2.Explanation:
         """The record once final, or its latest readable state when ``timeout`` seconds pass first.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
@@ -30,6 +31,7 @@ from server.costs import PlannedMethod, check_cost
 from server.errors import GatewayError, invalid_argument, not_found, shown, unavailable
 from server.explanations import ExplanationBroker, ExplanationSlot
 from server.genai_spans import SPAN_KIND, describe_generation, describe_request
+from server.job_control import JobControl
 from server.limits import Tenant, TenantLimiter
 from server.metrics import EXPLANATION_WAIT, RpcObservation
 from server.validation import (
@@ -177,6 +179,8 @@ class ExplanationPlan:
     methods: list[PlannedMethod]
     options: ExplainOptions
     mode: types_pb2.ExplainMode
+    # Whether a SYNC job goes on when its caller goes away (ExplainSpec.keep_on_disconnect).
+    keep_on_disconnect: bool = False
 
     def check_cost(self, num_tokens: int, num_generated: int, tenant: Tenant) -> None:
         num_targets = len(self.options.output_indices) or num_generated
@@ -209,11 +213,13 @@ class Gateway:
         models: ModelSource,
         authenticator: Authenticator,
         limiter: TenantLimiter,
+        jobs: JobControl,
         audit: AuditRecorder | None = None,
     ) -> None:
         self.settings = settings
         self.vllm = vllm
         self.broker = broker
+        self.jobs = jobs
         self.models = models
         self.authenticator = authenticator
         self.limiter = limiter
@@ -254,7 +260,10 @@ class Gateway:
         if not spec.methods:
             return None
         return ExplanationPlan(
-            methods=await self.broker.validate_methods(spec), options=explain_options(spec), mode=explain_mode(spec)
+            methods=await self.broker.validate_methods(spec),
+            options=explain_options(spec),
+            mode=explain_mode(spec),
+            keep_on_disconnect=spec.keep_on_disconnect,
         )
 
     async def prepare_generation(
@@ -334,7 +343,15 @@ class Gateway:
         remaining = context.time_remaining()
         budget = 3600.0 if remaining is None else remaining - self.settings.deadline_margin_seconds
         with EXPLANATION_WAIT.time():
-            return await self.broker.wait(record.explanation_id, tenant.name, budget)
+            try:
+                return await self.broker.wait(record.explanation_id, tenant.name, budget)
+            except asyncio.CancelledError:
+                # The caller went away (gRPC cancels the handler): nobody will read the result unless asked to keep it.
+                if not plan.keep_on_disconnect:
+                    self.jobs.cancel_in_background(
+                        record.explanation_id, tenant.name, f"tenant {tenant.name} (its SYNC caller went away)"
+                    )
+                raise
 
 
 def _output_tokens(chunk: CompletionChunk) -> list[types_pb2.Token]:
@@ -589,3 +606,71 @@ class ExplanationsServicer(explanations_pb2_grpc.ExplanationsServiceServicer):
         self, request: explanations_pb2.ListMethodsRequest, context: grpc.aio.ServicerContext, tenant: Tenant
     ) -> explanations_pb2.ListMethodsResponse:
         return await self.gateway.broker.catalog()
+
+    @unary_rpc("sightline.v1.ExplanationsService/CancelExplanation")
+    async def CancelExplanation(
+        self, request: explanations_pb2.CancelExplanationRequest, context: grpc.aio.ServicerContext, tenant: Tenant
+    ) -> explanations_pb2.CancelExplanationResponse:
+        if not request.explanation_id:
+            raise invalid_argument("explanation_id is empty; pass the id a Generate or Explain call returned")
+        budget = self._wait_budget(request.wait_seconds, context)
+        explanation = await self.gateway.jobs.cancel(
+            request.explanation_id, tenant.name, f"tenant {tenant.name} (CancelExplanation)", budget
+        )
+        return explanations_pb2.CancelExplanationResponse(
+            request_id=uuid.uuid4().hex, trace_id=trace_id_hex(trace.get_current_span()), explanation=explanation
+        )
+
+    @stream_rpc("sightline.v1.ExplanationsService/WatchExplanation")
+    async def WatchExplanation(
+        self, request: explanations_pb2.WatchExplanationRequest, context: grpc.aio.ServicerContext, tenant: Tenant
+    ) -> AsyncIterator[explanations_pb2.WatchExplanationResponse]:
+        if not request.explanation_id:
+            raise invalid_argument("explanation_id is empty; pass the id a Generate or Explain call returned")
+        async for explanation in self.gateway.jobs.watch(request.explanation_id, tenant.name):
+            yield explanations_pb2.WatchExplanationResponse(explanation=explanation)
+
+    @unary_rpc("sightline.v1.ExplanationsService/EstimateExplanation")
+    async def EstimateExplanation(
+        self, request: explanations_pb2.EstimateExplanationRequest, context: grpc.aio.ServicerContext, tenant: Tenant
+    ) -> explanations_pb2.EstimateExplanationResponse:
+        model = self.gateway.resolve_model(request.model)
+        plan = await self.gateway.plan_explanation(request.explain)
+        if plan is None:
+            raise invalid_argument("explain.methods is empty; name at least one method (see ListMethods)")
+        if request.prompt_tokens < 1 or request.output_tokens < 1:
+            raise invalid_argument(
+                f"prompt_tokens and output_tokens must be at least 1; got {request.prompt_tokens} and "
+                f"{request.output_tokens}"
+            )
+        num_tokens = request.prompt_tokens + request.output_tokens
+        if num_tokens > model.max_model_len:
+            raise invalid_argument(
+                f"prompt_tokens + output_tokens is {num_tokens}; the model's context window is {model.max_model_len}"
+            )
+        check_options_fit(plan.options, num_tokens, request.output_tokens)
+        estimate = await self.gateway.jobs.estimate(
+            model.name,
+            plan.methods,
+            num_tokens=num_tokens,
+            num_targets=len(plan.options.output_indices) or request.output_tokens,
+            faithfulness=plan.options.faithfulness,
+        )
+        return explanations_pb2.EstimateExplanationResponse(
+            request_id=uuid.uuid4().hex,
+            trace_id=trace_id_hex(trace.get_current_span()),
+            passes=estimate.passes,
+            seconds=estimate.seconds,
+            methods=estimate.methods,
+            seconds_per_token_pass=estimate.seconds_per_token_pass,
+        )
+
+    def _wait_budget(self, wait_seconds: float, context: grpc.aio.ServicerContext) -> float:
+        """``wait_seconds``, checked, within the call's deadline less the gateway's margin."""
+        if not wait_seconds >= 0:
+            raise invalid_argument(f"wait_seconds must be >= 0; got {wait_seconds}")
+        remaining = context.time_remaining()
+        budget = float(wait_seconds)
+        if remaining is not None:
+            budget = min(budget, remaining - self.gateway.settings.deadline_margin_seconds)
+        return budget

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from sightline.v1 import types_pb2
 
+from explainers import progress
 from explainers.backprop import RecordedLayers, Seeds, backward_to_layer, record_forward
 from explainers.methods.base import (
     GRADIENT_COST,
@@ -113,7 +114,16 @@ def score_gradients(
     # The last target is predicted from the position before its own: nothing from there on is needed.
     if recorded is None:
         recorded = record_forward(loaded, states[:, : int(targets.positions[-1])], layer)
-    for group in plan_chunks(targets.positions, target_batch_size, states.shape[0]):
+    groups = plan_chunks(targets.positions, target_batch_size, states.shape[0])
+    with progress.steps(len(groups)):
+        yield from _group_gradients(loaded, recorded, groups, targets, weights)
+
+
+def _group_gradients(
+    loaded: LoadedModel, recorded: RecordedLayers, groups: list[list[slice]], targets: Targets, weights: torch.Tensor
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """score_gradients' backward passes, a group of chunks at a time: each group a progress step."""
+    for group in groups:
         first = group[0].start
         seed_rows = _seed_rows(loaded, recorded.final_residual, targets[first : group[-1].stop], weights)
         with _one_thread_per_op() as threads, ThreadPoolExecutor(max_workers=threads) as pool:
@@ -124,6 +134,7 @@ def score_gradients(
                 pool.map,
             )
         yield from zip(group, gradients, strict=True)
+        progress.step()
 
 
 def _seed_rows(loaded: LoadedModel, final: torch.Tensor, targets: Targets, weights: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from sightline.v1 import types_pb2
 
+from explainers import progress
 from explainers.methods.base import (
     AttributionContext,
     AttributionMethod,
@@ -125,16 +126,18 @@ def integrated_gradients(
     # A forward pass keeps every layer's activations of all its path points for the backward pass.
     points_per_pass = max(1, min(params.internal_batch_size, MAX_GRAPH_ROWS // num_tokens))
     attributions = inputs.new_zeros(len(targets), num_tokens)
-    for start in range(0, params.steps, points_per_pass):
-        stop = start + points_per_pass
-        # This pass's points on the path: [points, num_tokens, hidden].
-        path = baselines + alphas[start:stop, None, None] * difference
-        for chunk, gradients in score_gradients(
-            loaded, path, layer, targets, params.target_batch_size, point_weights=weights[start:stop]
-        ):
-            # gradients [chunk, points, prefix, hidden] are weighted: summing over the points integrates.
-            prefix = gradients.shape[2]
-            attributions[chunk, :prefix] += gradient_times_state(gradients.sum(dim=1), difference[0, :prefix])
+    with progress.steps(len(range(0, params.steps, points_per_pass))):
+        for start in range(0, params.steps, points_per_pass):
+            stop = start + points_per_pass
+            # This pass's points on the path: [points, num_tokens, hidden].
+            path = baselines + alphas[start:stop, None, None] * difference
+            for chunk, gradients in score_gradients(
+                loaded, path, layer, targets, params.target_batch_size, point_weights=weights[start:stop]
+            ):
+                # gradients [chunk, points, prefix, hidden] are weighted: summing over the points integrates.
+                prefix = gradients.shape[2]
+                attributions[chunk, :prefix] += gradient_times_state(gradients.sum(dim=1), difference[0, :prefix])
+            progress.step()
 
     with torch.no_grad():
         input_scores, baseline_scores = forward_from_layer(loaded, torch.cat([inputs, baselines]), layer, targets)

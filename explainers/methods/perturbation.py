@@ -15,6 +15,7 @@ import torch
 from sightline.v1 import types_pb2
 from transformers import DynamicCache
 
+from explainers import progress
 from explainers.methods.base import (
     AttributionContext,
     AttributionMethod,
@@ -117,23 +118,26 @@ def replaced_scores(
         first_replaced = torch.where(replaced.any(dim=1), replaced.to(torch.int8).argmax(dim=1), num_sources)
         order = torch.argsort(first_replaced, stable=True)
         perturbed_order = order[first_replaced[order] < num_sources]
-        for batch in torch.split(perturbed_order, batch_size):
-            start = int(first_replaced[batch[0]])
-            # Targets predicted before `start` keep their unperturbed scores; positions ascend.
-            first_target = int(torch.searchsorted(targets.predicting_positions, start))
-            rescored = targets[first_target:]
-            past = DynamicCache(
-                [
-                    (
-                        keys[:, :, :start].expand(len(batch), -1, -1, -1),
-                        values[:, :, :start].expand(len(batch), -1, -1, -1),
-                    )
-                    for keys, values in layer_states
-                ]
-            )
-            perturbed = torch.where(replaced[batch, start:], replacement_id, sequence[start:])
-            normed = loaded.model.base_model(input_ids=perturbed, past_key_values=past).last_hidden_state
-            scores[batch, first_target:] = _read_out_scores(loaded, normed, rescored, start)
+        batches = torch.split(perturbed_order, batch_size)
+        with progress.steps(len(batches)):
+            for batch in batches:
+                start = int(first_replaced[batch[0]])
+                # Targets predicted before `start` keep their unperturbed scores; positions ascend.
+                first_target = int(torch.searchsorted(targets.predicting_positions, start))
+                rescored = targets[first_target:]
+                past = DynamicCache(
+                    [
+                        (
+                            keys[:, :, :start].expand(len(batch), -1, -1, -1),
+                            values[:, :, :start].expand(len(batch), -1, -1, -1),
+                        )
+                        for keys, values in layer_states
+                    ]
+                )
+                perturbed = torch.where(replaced[batch, start:], replacement_id, sequence[start:])
+                normed = loaded.model.base_model(input_ids=perturbed, past_key_values=past).last_hidden_state
+                scores[batch, first_target:] = _read_out_scores(loaded, normed, rescored, start)
+                progress.step()
     return scores
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from explainers import progress
 from explainers.methods.base import AttributionContext, CostModel, ParamSpec
 from explainers.methods.perturbation import (
     PERTURBATION_PARAMS,
@@ -73,10 +74,12 @@ class ShapleySampling(PerturbationMethod[ShapleySamplingParams]):
         # once would take samples * num_players**2 bytes of masks, gigabytes on a long sequence.
         chunk = max(1, params.batch_size // (num_players - 1))
         total = torch.zeros(num_players, len(ctx.targets), dtype=end_scores.dtype)
-        for start in range(0, params.samples, chunk):
-            total += _summed_contributions(
-                ctx, join_steps[start : start + chunk], end_scores, replacement_id, params.batch_size
-            )
+        with progress.steps(len(range(0, params.samples, chunk))):
+            for start in range(0, params.samples, chunk):
+                total += _summed_contributions(
+                    ctx, join_steps[start : start + chunk], end_scores, replacement_id, params.batch_size
+                )
+                progress.step()
         return (total / params.samples).T
 
 

@@ -266,6 +266,15 @@ class FakeSightline(inference_pb2_grpc.InferenceServiceServicer, explanations_pb
             context.abort(grpc.StatusCode.NOT_FOUND, f"no explanation {request.explanation_id!r}")
         return explanations_pb2.GetExplanationResponse(explanation=self.explanations[request.explanation_id])
 
+    def WatchExplanation(
+        self, request: explanations_pb2.WatchExplanationRequest, context: grpc.ServicerContext
+    ) -> Iterator[explanations_pb2.WatchExplanationResponse]:
+        """The stored explanation, once: its final state."""
+        self._record(request, context)
+        if request.explanation_id not in self.explanations:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no explanation {request.explanation_id!r}")
+        yield explanations_pb2.WatchExplanationResponse(explanation=self.explanations[request.explanation_id])
+
     def ListExplanations(
         self, request: explanations_pb2.ListExplanationsRequest, context: grpc.ServicerContext
     ) -> explanations_pb2.ListExplanationsResponse:

@@ -109,10 +109,13 @@ def test_generate_reads_a_dash_prompt_from_stdin(fake: FakeSightline, monkeypatc
 def test_explain_prints_state_and_sources(fake: FakeSightline, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(fake, "explain", "exp-1", "--wait", "5", "--top", "1") == 0
 
+    # --wait watches the explanation (WatchExplanation, drawing its progress on stderr) for up to 5 s.
     request = fake.requests[-1]
-    assert isinstance(request, explanations_pb2.GetExplanationRequest)
-    assert request.wait_seconds == 5
-    out = capsys.readouterr().out
+    assert isinstance(request, explanations_pb2.WatchExplanationRequest)
+    assert request.explanation_id == "exp-1"
+    captured = capsys.readouterr()
+    assert captured.err == "exp-1: succeeded 100.0%\n"  # not a terminal: plain lines
+    out = captured.out
     assert out.startswith("explanation exp-1: succeeded")
     assert "[1] ' capital'" in out
     assert "[3] ' France'" in out

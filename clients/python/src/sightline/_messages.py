@@ -103,6 +103,7 @@ def _options_spec(options: ExplainOptions) -> types_pb2.ExplainSpec:
         ),
         faithfulness=options.faithfulness,
         step_scores_top_k=options.step_scores_top_k,  # None leaves it unset, for the server's default
+        keep_on_disconnect=options.keep_on_disconnect,
     )
 
 
@@ -182,6 +183,21 @@ def explain_result(mode: ExplainModeName) -> Callable[[explanations_pb2.ExplainR
     if mode == "async":
         return lambda response: response.explanation_id
     return lambda response: attached_explanation(response.explanation, response.HasField("explanation"))
+
+
+def estimate_request(
+    methods: ExplainMethods,
+    prompt_tokens: int,
+    output_tokens: int,
+    options: ExplainOptions | None,
+    model: str,
+) -> explanations_pb2.EstimateExplanationRequest:
+    spec = explain_spec(methods, "async", options)
+    if spec is None:
+        raise ValueError("name at least one method to estimate")
+    return explanations_pb2.EstimateExplanationRequest(
+        model=model, prompt_tokens=prompt_tokens, output_tokens=output_tokens, explain=spec
+    )
 
 
 def get_explanation_result(response: explanations_pb2.GetExplanationResponse) -> Explanation:

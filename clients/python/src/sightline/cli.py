@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -14,6 +15,7 @@ from typing import Any, get_args
 from google.protobuf.json_format import MessageToJson
 from sightline.client import DEFAULT_TARGET, Client
 from sightline.errors import SightlineError
+from sightline.progress_display import ProgressDisplay
 from sightline.tls import TLS
 from sightline.types import (
     ExplainOptions,
@@ -114,6 +116,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not wait for the explanation; print its id for `sightline explain`",
     )
+    generation.add_argument(
+        "--wait",
+        action="store_true",
+        help="with --async: then wait for the explanation (within --timeout), showing its progress on stderr",
+    )
     generation.add_argument("--max-tokens", type=_positive_int, metavar="N")
     generation.add_argument("--temperature", type=float, metavar="T", help="0 decodes greedily")
     generation.add_argument("--model", default="", help="served model name (default: the server's default)")
@@ -191,8 +198,20 @@ def _parser() -> argparse.ArgumentParser:
 
     explain = commands.add_parser("explain", parents=[summary], help="fetch an explanation by id")
     explain.add_argument("explanation_id", metavar="ID")
-    explain.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait this long for it to finish")
+    explain.add_argument(
+        "--wait",
+        type=float,
+        nargs="?",
+        const=math.inf,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait for it to finish (up to SECONDS if given), showing its progress on stderr",
+    )
     explain.set_defaults(command=_explain)
+
+    cancel = commands.add_parser("cancel", help="stop a pending or running explanation")
+    cancel.add_argument("explanation_id", metavar="ID")
+    cancel.set_defaults(command=_cancel)
 
     listing = commands.add_parser("list", help="list your explanations, newest first")
     listing.add_argument(
@@ -314,7 +333,11 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
         return 0
     print(generation.text)
     _note_finish(generation.finish_reason)
-    return _report_explanation(generation.explanation_id, generation.explanation, args.top, _by_groups(args))
+    explanation = generation.explanation
+    if explanation is None and generation.explanation_id and args.wait:
+        print(flush=True)
+        explanation = _watch(client, generation.explanation_id, math.inf)
+    return _report_explanation(generation.explanation_id, explanation, args.top, _by_groups(args))
 
 
 def _note_finish(reason: FinishReason | None) -> None:
@@ -343,11 +366,31 @@ def _stream(client: Client, args: argparse.Namespace) -> int:
 
 
 def _explain(client: Client, args: argparse.Namespace) -> int:
-    explanation = client.get_explanation(args.explanation_id, wait_seconds=args.wait)
+    if args.wait > 0 and not args.json:
+        explanation = _watch(client, args.explanation_id, args.wait)
+    else:
+        explanation = client.get_explanation(args.explanation_id, wait_seconds=min(args.wait, 3600.0))
     if args.json:
         print(MessageToJson(explanation.raw))
         return 0
     return _print_explanation(explanation, args.top)
+
+
+def _watch(client: Client, explanation_id: str, wait: float) -> Explanation:
+    """Wait up to ``wait`` seconds (inf: until done, within --timeout) for the explanation, drawing its progress on
+    stderr."""
+    display = ProgressDisplay(sys.stderr)
+    try:
+        return client.wait_for_explanation(explanation_id, display, timeout=None if math.isinf(wait) else wait)
+    finally:
+        display.close()
+
+
+def _cancel(client: Client, args: argparse.Namespace) -> int:
+    explanation = client.cancel_explanation(args.explanation_id, wait_seconds=10)
+    by = f" by {explanation.cancelled_by}" if explanation.cancelled_by else ""
+    print(f"explanation {explanation.explanation_id}: {explanation.state.value}{by}")
+    return 0
 
 
 def _list(client: Client, args: argparse.Namespace) -> int:
@@ -448,6 +491,9 @@ def _print_explanation(explanation: Explanation, top: int, by_groups: bool | Non
     if explanation.state is ExplanationState.FAILED:
         print(f"  {explanation.error or 'no reason given'}")
         return 1
+    if explanation.state is ExplanationState.CANCELLED:
+        print(f"  cancelled by {explanation.cancelled_by or 'an unknown caller'}")
+        return 0
     if not explanation.finished:
         print(f"  not finished; wait for it with: sightline explain {explanation.explanation_id} --wait SECONDS")
         return 0

@@ -14,6 +14,7 @@ import grpc.aio
 from google.protobuf.message import Message
 from sightline._messages import (
     decode,
+    estimate_request,
     explain_request,
     explain_result,
     generate_request,
@@ -25,6 +26,7 @@ from sightline.audit_export import export_lines
 from sightline.errors import SightlineError
 from sightline.tls import TLS
 from sightline.types import (
+    Estimate,
     ExplainMethods,
     ExplainModeName,
     ExplainOptions,
@@ -279,6 +281,65 @@ class Client(_ClientCore):
         request = explanations_pb2.GetExplanationRequest(explanation_id=explanation_id, wait_seconds=wait_seconds)
         return self._call(self._explanations.GetExplanation, request, timeout, get_explanation_result)
 
+    def cancel_explanation(
+        self, explanation_id: str, wait_seconds: float = 0, *, timeout: float | None = None
+    ) -> Explanation:
+        """Stop a pending or running explanation; waits up to ``wait_seconds`` for a running one to stop. Returns
+        the record: CANCELLED, still running if its worker has not reached a checkpoint yet, or unchanged if it
+        had already finished (cancelling is idempotent)."""
+        request = explanations_pb2.CancelExplanationRequest(explanation_id=explanation_id, wait_seconds=wait_seconds)
+        return self._call(self._explanations.CancelExplanation, request, timeout, get_explanation_result)
+
+    def watch_explanation(
+        self, explanation_id: str, *, timeout: float | None = None
+    ) -> Generator[Explanation, None, None]:
+        """The explanation now and each time its state or progress changes (``Explanation.progress``), ending
+        with the final record."""
+        request = explanations_pb2.WatchExplanationRequest(explanation_id=explanation_id)
+        call = self._explanations.WatchExplanation(request, **self._call_options(timeout))
+        try:
+            for response in call:
+                yield decode(get_explanation_result, response)
+        except grpc.RpcError as error:
+            raise SightlineError.from_rpc_error(error) from error
+        finally:
+            call.cancel()
+
+    def wait_for_explanation(
+        self,
+        explanation_id: str,
+        on_progress: Callable[[Explanation], None] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Explanation:
+        """Wait for the explanation to finish, calling ``on_progress`` with every update on the way; returns the
+        final record (or the latest, if ``timeout`` ends the wait first)."""
+        latest: Explanation | None = None
+        try:
+            for latest in self.watch_explanation(explanation_id, timeout=timeout):
+                if on_progress is not None:
+                    on_progress(latest)
+        except SightlineError as error:
+            if latest is None or error.code != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise
+        assert latest is not None  # the stream always sends the record first
+        return latest
+
+    def estimate_explanation(
+        self,
+        methods: ExplainMethods,
+        *,
+        prompt_tokens: int,
+        output_tokens: int,
+        options: ExplainOptions | None = None,
+        model: str = "",
+        timeout: float | None = None,
+    ) -> Estimate:
+        """The forward passes and seconds explaining a sequence of this many tokens with ``methods`` would take
+        on this deployment, without queueing anything."""
+        request = estimate_request(methods, prompt_tokens, output_tokens, options, model)
+        return self._call(self._explanations.EstimateExplanation, request, timeout, Estimate.from_proto)
+
     def list_methods(self, *, timeout: float | None = None) -> list[MethodInfo]:
         """The attribution methods this deployment offers."""
         request = explanations_pb2.ListMethodsRequest()
@@ -529,6 +590,60 @@ class AsyncClient(_ClientCore):
         """See ``Client.get_explanation``."""
         request = explanations_pb2.GetExplanationRequest(explanation_id=explanation_id, wait_seconds=wait_seconds)
         return await self._call(self._explanations.GetExplanation, request, timeout, get_explanation_result)
+
+    async def cancel_explanation(
+        self, explanation_id: str, wait_seconds: float = 0, *, timeout: float | None = None
+    ) -> Explanation:
+        """See ``Client.cancel_explanation``."""
+        request = explanations_pb2.CancelExplanationRequest(explanation_id=explanation_id, wait_seconds=wait_seconds)
+        return await self._call(self._explanations.CancelExplanation, request, timeout, get_explanation_result)
+
+    async def watch_explanation(
+        self, explanation_id: str, *, timeout: float | None = None
+    ) -> AsyncGenerator[Explanation, None]:
+        """See ``Client.watch_explanation``: ``async for explanation in client.watch_explanation(id)``."""
+        request = explanations_pb2.WatchExplanationRequest(explanation_id=explanation_id)
+        call = self._explanations.WatchExplanation(request, **self._call_options(timeout))
+        try:
+            async for response in call:
+                yield decode(get_explanation_result, response)
+        except grpc.RpcError as error:
+            raise SightlineError.from_rpc_error(error) from error
+        finally:
+            call.cancel()
+
+    async def wait_for_explanation(
+        self,
+        explanation_id: str,
+        on_progress: Callable[[Explanation], None] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Explanation:
+        """See ``Client.wait_for_explanation``."""
+        latest: Explanation | None = None
+        try:
+            async for latest in self.watch_explanation(explanation_id, timeout=timeout):
+                if on_progress is not None:
+                    on_progress(latest)
+        except SightlineError as error:
+            if latest is None or error.code != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise
+        assert latest is not None  # the stream always sends the record first
+        return latest
+
+    async def estimate_explanation(
+        self,
+        methods: ExplainMethods,
+        *,
+        prompt_tokens: int,
+        output_tokens: int,
+        options: ExplainOptions | None = None,
+        model: str = "",
+        timeout: float | None = None,
+    ) -> Estimate:
+        """See ``Client.estimate_explanation``."""
+        request = estimate_request(methods, prompt_tokens, output_tokens, options, model)
+        return await self._call(self._explanations.EstimateExplanation, request, timeout, Estimate.from_proto)
 
     async def list_methods(self, *, timeout: float | None = None) -> list[MethodInfo]:
         """See ``Client.list_methods``."""

@@ -73,6 +73,9 @@ class ExplainOptions:
     normalization: NormalizationName = "none"
     faithfulness: bool = False
     step_scores_top_k: int | None = None
+    keep_on_disconnect: bool = False
+    """In sync mode, let the job run on if this call ends (e.g. interrupted) before it is done; by default the
+    server cancels it."""
 
     def __post_init__(self) -> None:
         for name, allowed in (
@@ -114,6 +117,7 @@ class ExplanationState(StrEnum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
 class TargetScore(StrEnum):
@@ -145,6 +149,7 @@ _EXPLANATION_STATES = {
     types_pb2.EXPLANATION_STATE_RUNNING: ExplanationState.RUNNING,
     types_pb2.EXPLANATION_STATE_SUCCEEDED: ExplanationState.SUCCEEDED,
     types_pb2.EXPLANATION_STATE_FAILED: ExplanationState.FAILED,
+    types_pb2.EXPLANATION_STATE_CANCELLED: ExplanationState.CANCELLED,
 }
 _TARGET_SCORES = {
     # The protocol treats an unset score as the log-probability.
@@ -443,6 +448,56 @@ _MATRIX_KINDS: dict[_MatrixKind, tuple[str, str]] = {
 
 
 @dataclass(frozen=True)
+class MethodProgress:
+    """How far one method of a running explanation has got."""
+
+    method: str
+    fraction: float
+    seconds_left: float
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far a job has got, as its worker last published it (a few times a second at most).
+
+    ``fraction`` is in [0, 1] and never decreases; it is 1.0 only once the explanation succeeded.
+    ``seconds_left`` is the worker's estimate: the cost model's at first, then extrapolated from the
+    time the finished chunks took."""
+
+    fraction: float
+    seconds_left: float
+    methods: tuple[MethodProgress, ...]
+
+    @classmethod
+    def from_proto(cls, progress: types_pb2.ExplanationProgress) -> Progress:
+        return cls(
+            fraction=progress.fraction,
+            seconds_left=progress.seconds_left,
+            methods=tuple(MethodProgress(m.method, m.fraction, m.seconds_left) for m in progress.methods),
+        )
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """An explanation's predicted cost on a deployment, before queueing it (``estimate_explanation``)."""
+
+    passes: float
+    """Forward passes over the whole sequence, all methods together (the published cost model)."""
+    seconds: float
+    """Worker seconds, from the workers' measured seconds per pass (0 until a worker has measured one)."""
+    methods: Mapping[str, tuple[float, float]]
+    """(passes, seconds) by method, in request order."""
+
+    @classmethod
+    def from_proto(cls, response: explanations_pb2.EstimateExplanationResponse) -> Estimate:
+        return cls(
+            passes=response.passes,
+            seconds=response.seconds,
+            methods={m.method: (m.passes, m.seconds) for m in response.methods},
+        )
+
+
+@dataclass(frozen=True)
 class Explanation:
     explanation_id: str
     state: ExplanationState
@@ -471,6 +526,10 @@ class Explanation:
     attempts: int
     created_at: datetime | None
     completed_at: datetime | None
+    cancelled_by: str
+    """Who stopped the explanation and how, when state is CANCELLED."""
+    progress: Progress | None
+    """How far the job has got, while pending or running (1.0 once succeeded)."""
     raw: types_pb2.Explanation = field(repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -524,13 +583,15 @@ class Explanation:
             attempts=explanation.attempts,
             created_at=_optional_datetime(explanation.created_at, explanation.HasField("created_at")),
             completed_at=_optional_datetime(explanation.completed_at, explanation.HasField("completed_at")),
+            cancelled_by=explanation.cancelled_by,
+            progress=Progress.from_proto(explanation.progress) if explanation.HasField("progress") else None,
             raw=explanation,
         )
 
     @property
     def finished(self) -> bool:
-        """Whether the explanation reached a final state (succeeded or failed)."""
-        return self.state in (ExplanationState.SUCCEEDED, ExplanationState.FAILED)
+        """Whether the explanation reached a final state (succeeded, failed or cancelled)."""
+        return self.state in (ExplanationState.SUCCEEDED, ExplanationState.FAILED, ExplanationState.CANCELLED)
 
     @property
     def token_attribution_methods(self) -> list[str]:

@@ -26,39 +26,53 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from sightline.v1 import types_pb2 as sightline_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsightline/v1/explanations.proto\x12\x0csightline.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18sightline/v1/types.proto\"\xac\x01\n\x0e\x45xplainRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x18\n\x10output_token_ids\x18\x03 \x03(\x05\x12\x17\n\x0foutput_logprobs\x18\x04 \x03(\x02\x12*\n\x07\x65xplain\x18\x05 \x01(\x0b\x32\x19.sightline.v1.ExplainSpec\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"\x7f\n\x0f\x45xplainResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08trace_id\x18\x02 \x01(\t\x12\x16\n\x0e\x65xplanation_id\x18\x03 \x01(\t\x12.\n\x0b\x65xplanation\x18\x04 \x01(\x0b\x32\x19.sightline.v1.Explanation\"E\n\x15GetExplanationRequest\x12\x16\n\x0e\x65xplanation_id\x18\x01 \x01(\t\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\x02\"n\n\x16GetExplanationResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08trace_id\x18\x02 \x01(\t\x12.\n\x0b\x65xplanation\x18\x03 \x01(\x0b\x32\x19.sightline.v1.Explanation\"@\n\x17ListExplanationsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"\xbd\x01\n\x12\x45xplanationSummary\x12\x16\n\x0e\x65xplanation_id\x18\x01 \x01(\t\x12-\n\x05state\x18\x02 \x01(\x0e\x32\x1e.sightline.v1.ExplanationState\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07methods\x18\x04 \x03(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08trace_id\x18\x06 \x01(\t\"\x91\x01\n\x18ListExplanationsResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08trace_id\x18\x02 \x01(\t\x12\x36\n\x0c\x65xplanations\x18\x03 \x03(\x0b\x32 .sightline.v1.ExplanationSummary\x12\x17\n\x0fnext_page_token\x18\x04 \x01(\t\"\x14\n\x12ListMethodsRequest\"\xc3\x01\n\x0bMethodParam\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x04type\x18\x02 \x01(\x0e\x32\x17.sightline.v1.ParamType\x12\x15\n\rdefault_value\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x14\n\x07minimum\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07maximum\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x0f\n\x07\x63hoices\x18\x07 \x03(\tB\n\n\x08_minimumB\n\n\x08_maximum\"\x84\x02\n\nMethodInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12)\n\x06params\x18\x03 \x03(\x0b\x32\x19.sightline.v1.MethodParam\x12\x17\n\x0fneeds_gradients\x18\x04 \x01(\x08\x12\x12\n\nuses_cache\x18\x05 \x01(\x08\x12$\n\x1csupports_contrastive_targets\x18\x06 \x01(\x08\x12\x12\n\nmultimodal\x18\x07 \x01(\x08\x12\x19\n\x11\x61ttributes_tokens\x18\x08 \x01(\x08\x12&\n\x04\x63ost\x18\t \x01(\x0b\x32\x18.sightline.v1.MethodCost\"j\n\nMethodCost\x12\x0e\n\x06passes\x18\x01 \x01(\x01\x12\x19\n\x11passes_per_target\x18\x02 \x01(\x01\x12\x18\n\x10passes_per_token\x18\x03 \x01(\x01\x12\x17\n\x0fscaled_by_param\x18\x04 \x01(\t\"@\n\x13ListMethodsResponse\x12)\n\x07methods\x18\x01 \x03(\x0b\x32\x18.sightline.v1.MethodInfo*}\n\tParamType\x12\x1a\n\x16PARAM_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0ePARAM_TYPE_INT\x10\x01\x12\x14\n\x10PARAM_TYPE_FLOAT\x10\x02\x12\x15\n\x11PARAM_TYPE_STRING\x10\x03\x12\x13\n\x0fPARAM_TYPE_BOOL\x10\x04\x32\xf1\x02\n\x13\x45xplanationsService\x12\x46\n\x07\x45xplain\x12\x1c.sightline.v1.ExplainRequest\x1a\x1d.sightline.v1.ExplainResponse\x12[\n\x0eGetExplanation\x12#.sightline.v1.GetExplanationRequest\x1a$.sightline.v1.GetExplanationResponse\x12\x61\n\x10ListExplanations\x12%.sightline.v1.ListExplanationsRequest\x1a&.sightline.v1.ListExplanationsResponse\x12R\n\x0bListMethods\x12 .sightline.v1.ListMethodsRequest\x1a!.sightline.v1.ListMethodsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsightline/v1/explanations.proto\x12\x0csightline.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18sightline/v1/types.proto\"H\n\x18\x43\x61ncelExplanationRequest\x12\x16\n\x0e\x65xplanation_id\x18\x01 \x01(\t\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\x02\"q\n\x19\x43\x61ncelExplanationResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08trace_id\x18\x02 \x01(\t\x12.\n\x0b\x65xplanation\x18\x03 \x01(\x0b\x32\x19.sightline.v1.Explanation\"1\n\x17WatchExplanationRequest\x12\x16\n\x0e\x65xplanation_id\x18\x01 \x01(\t\"J\n\x18WatchExplanationResponse\x12.\n\x0b\x65xplanation\x18\x01 \x01(\x0b\x32\x19.sightline.v1.Explanation\"\x85\x01\n\x1a\x45stimateExplanationRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x15\n\routput_tokens\x18\x03 \x01(\x05\x12*\n\x07\x65xplain\x18\x04 \x01(\x0b\x32\x19.sightline.v1.ExplainSpec\"A\n\x0eMethodEstimate\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x0e\n\x06passes\x18\x02 \x01(\x01\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\"\xb3\x01\n\x1b\x45stimateExplanationResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08trace_id\x18\x02 \x01(\t\x12\x0e\n\x06passes\x18\x03 \x01(\x01\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\x12-\n\x07methods\x18\x05 \x03(\x0b\x32\x1c.sightline.v1.MethodEstimate\x12\x1e\n\x16seconds_per_token_pass\x18\x06 \x01(\x01\"\xac\x01\n\x0e\x45xplainRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x18\n\x10output_token_ids\x18\x03 \x03(\x05\x12\x17\n\x0foutput_logprobs\x18\x04 \x03(\x02\x12*\n\x07\x65xplain\x18\x05 \x01(\x0b\x32\x19.sightline.v1.ExplainSpec\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"\x7f\n\x0f\x45xplainResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08trace_id\x18\x02 \x01(\t\x12\x16\n\x0e\x65xplanation_id\x18\x03 \x01(\t\x12.\n\x0b\x65xplanation\x18\x04 \x01(\x0b\x32\x19.sightline.v1.Explanation\"E\n\x15GetExplanationRequest\x12\x16\n\x0e\x65xplanation_id\x18\x01 \x01(\t\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\x02\"n\n\x16GetExplanationResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08trace_id\x18\x02 \x01(\t\x12.\n\x0b\x65xplanation\x18\x03 \x01(\x0b\x32\x19.sightline.v1.Explanation\"@\n\x17ListExplanationsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"\xbd\x01\n\x12\x45xplanationSummary\x12\x16\n\x0e\x65xplanation_id\x18\x01 \x01(\t\x12-\n\x05state\x18\x02 \x01(\x0e\x32\x1e.sightline.v1.ExplanationState\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07methods\x18\x04 \x03(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08trace_id\x18\x06 \x01(\t\"\x91\x01\n\x18ListExplanationsResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08trace_id\x18\x02 \x01(\t\x12\x36\n\x0c\x65xplanations\x18\x03 \x03(\x0b\x32 .sightline.v1.ExplanationSummary\x12\x17\n\x0fnext_page_token\x18\x04 \x01(\t\"\x14\n\x12ListMethodsRequest\"\xc3\x01\n\x0bMethodParam\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x04type\x18\x02 \x01(\x0e\x32\x17.sightline.v1.ParamType\x12\x15\n\rdefault_value\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x14\n\x07minimum\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07maximum\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x0f\n\x07\x63hoices\x18\x07 \x03(\tB\n\n\x08_minimumB\n\n\x08_maximum\"\x84\x02\n\nMethodInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12)\n\x06params\x18\x03 \x03(\x0b\x32\x19.sightline.v1.MethodParam\x12\x17\n\x0fneeds_gradients\x18\x04 \x01(\x08\x12\x12\n\nuses_cache\x18\x05 \x01(\x08\x12$\n\x1csupports_contrastive_targets\x18\x06 \x01(\x08\x12\x12\n\nmultimodal\x18\x07 \x01(\x08\x12\x19\n\x11\x61ttributes_tokens\x18\x08 \x01(\x08\x12&\n\x04\x63ost\x18\t \x01(\x0b\x32\x18.sightline.v1.MethodCost\"j\n\nMethodCost\x12\x0e\n\x06passes\x18\x01 \x01(\x01\x12\x19\n\x11passes_per_target\x18\x02 \x01(\x01\x12\x18\n\x10passes_per_token\x18\x03 \x01(\x01\x12\x17\n\x0fscaled_by_param\x18\x04 \x01(\t\"@\n\x13ListMethodsResponse\x12)\n\x07methods\x18\x01 \x03(\x0b\x32\x18.sightline.v1.MethodInfo*}\n\tParamType\x12\x1a\n\x16PARAM_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0ePARAM_TYPE_INT\x10\x01\x12\x14\n\x10PARAM_TYPE_FLOAT\x10\x02\x12\x15\n\x11PARAM_TYPE_STRING\x10\x03\x12\x13\n\x0fPARAM_TYPE_BOOL\x10\x04\x32\xa8\x05\n\x13\x45xplanationsService\x12\x46\n\x07\x45xplain\x12\x1c.sightline.v1.ExplainRequest\x1a\x1d.sightline.v1.ExplainResponse\x12[\n\x0eGetExplanation\x12#.sightline.v1.GetExplanationRequest\x1a$.sightline.v1.GetExplanationResponse\x12\x61\n\x10ListExplanations\x12%.sightline.v1.ListExplanationsRequest\x1a&.sightline.v1.ListExplanationsResponse\x12R\n\x0bListMethods\x12 .sightline.v1.ListMethodsRequest\x1a!.sightline.v1.ListMethodsResponse\x12\x64\n\x11\x43\x61ncelExplanation\x12&.sightline.v1.CancelExplanationRequest\x1a\'.sightline.v1.CancelExplanationResponse\x12\x63\n\x10WatchExplanation\x12%.sightline.v1.WatchExplanationRequest\x1a&.sightline.v1.WatchExplanationResponse0\x01\x12j\n\x13\x45stimateExplanation\x12(.sightline.v1.EstimateExplanationRequest\x1a).sightline.v1.EstimateExplanationResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sightline.v1.explanations_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PARAMTYPE']._serialized_start=1658
-  _globals['_PARAMTYPE']._serialized_end=1783
-  _globals['_EXPLAINREQUEST']._serialized_start=109
-  _globals['_EXPLAINREQUEST']._serialized_end=281
-  _globals['_EXPLAINRESPONSE']._serialized_start=283
-  _globals['_EXPLAINRESPONSE']._serialized_end=410
-  _globals['_GETEXPLANATIONREQUEST']._serialized_start=412
-  _globals['_GETEXPLANATIONREQUEST']._serialized_end=481
-  _globals['_GETEXPLANATIONRESPONSE']._serialized_start=483
-  _globals['_GETEXPLANATIONRESPONSE']._serialized_end=593
-  _globals['_LISTEXPLANATIONSREQUEST']._serialized_start=595
-  _globals['_LISTEXPLANATIONSREQUEST']._serialized_end=659
-  _globals['_EXPLANATIONSUMMARY']._serialized_start=662
-  _globals['_EXPLANATIONSUMMARY']._serialized_end=851
-  _globals['_LISTEXPLANATIONSRESPONSE']._serialized_start=854
-  _globals['_LISTEXPLANATIONSRESPONSE']._serialized_end=999
-  _globals['_LISTMETHODSREQUEST']._serialized_start=1001
-  _globals['_LISTMETHODSREQUEST']._serialized_end=1021
-  _globals['_METHODPARAM']._serialized_start=1024
-  _globals['_METHODPARAM']._serialized_end=1219
-  _globals['_METHODINFO']._serialized_start=1222
-  _globals['_METHODINFO']._serialized_end=1482
-  _globals['_METHODCOST']._serialized_start=1484
-  _globals['_METHODCOST']._serialized_end=1590
-  _globals['_LISTMETHODSRESPONSE']._serialized_start=1592
-  _globals['_LISTMETHODSRESPONSE']._serialized_end=1656
-  _globals['_EXPLANATIONSSERVICE']._serialized_start=1786
-  _globals['_EXPLANATIONSSERVICE']._serialized_end=2155
+  _globals['_PARAMTYPE']._serialized_start=2359
+  _globals['_PARAMTYPE']._serialized_end=2484
+  _globals['_CANCELEXPLANATIONREQUEST']._serialized_start=108
+  _globals['_CANCELEXPLANATIONREQUEST']._serialized_end=180
+  _globals['_CANCELEXPLANATIONRESPONSE']._serialized_start=182
+  _globals['_CANCELEXPLANATIONRESPONSE']._serialized_end=295
+  _globals['_WATCHEXPLANATIONREQUEST']._serialized_start=297
+  _globals['_WATCHEXPLANATIONREQUEST']._serialized_end=346
+  _globals['_WATCHEXPLANATIONRESPONSE']._serialized_start=348
+  _globals['_WATCHEXPLANATIONRESPONSE']._serialized_end=422
+  _globals['_ESTIMATEEXPLANATIONREQUEST']._serialized_start=425
+  _globals['_ESTIMATEEXPLANATIONREQUEST']._serialized_end=558
+  _globals['_METHODESTIMATE']._serialized_start=560
+  _globals['_METHODESTIMATE']._serialized_end=625
+  _globals['_ESTIMATEEXPLANATIONRESPONSE']._serialized_start=628
+  _globals['_ESTIMATEEXPLANATIONRESPONSE']._serialized_end=807
+  _globals['_EXPLAINREQUEST']._serialized_start=810
+  _globals['_EXPLAINREQUEST']._serialized_end=982
+  _globals['_EXPLAINRESPONSE']._serialized_start=984
+  _globals['_EXPLAINRESPONSE']._serialized_end=1111
+  _globals['_GETEXPLANATIONREQUEST']._serialized_start=1113
+  _globals['_GETEXPLANATIONREQUEST']._serialized_end=1182
+  _globals['_GETEXPLANATIONRESPONSE']._serialized_start=1184
+  _globals['_GETEXPLANATIONRESPONSE']._serialized_end=1294
+  _globals['_LISTEXPLANATIONSREQUEST']._serialized_start=1296
+  _globals['_LISTEXPLANATIONSREQUEST']._serialized_end=1360
+  _globals['_EXPLANATIONSUMMARY']._serialized_start=1363
+  _globals['_EXPLANATIONSUMMARY']._serialized_end=1552
+  _globals['_LISTEXPLANATIONSRESPONSE']._serialized_start=1555
+  _globals['_LISTEXPLANATIONSRESPONSE']._serialized_end=1700
+  _globals['_LISTMETHODSREQUEST']._serialized_start=1702
+  _globals['_LISTMETHODSREQUEST']._serialized_end=1722
+  _globals['_METHODPARAM']._serialized_start=1725
+  _globals['_METHODPARAM']._serialized_end=1920
+  _globals['_METHODINFO']._serialized_start=1923
+  _globals['_METHODINFO']._serialized_end=2183
+  _globals['_METHODCOST']._serialized_start=2185
+  _globals['_METHODCOST']._serialized_end=2291
+  _globals['_LISTMETHODSRESPONSE']._serialized_start=2293
+  _globals['_LISTMETHODSRESPONSE']._serialized_end=2357
+  _globals['_EXPLANATIONSSERVICE']._serialized_start=2487
+  _globals['_EXPLANATIONSSERVICE']._serialized_end=3167
 # @@protoc_insertion_point(module_scope)

@@ -24,6 +24,74 @@ PARAM_TYPE_FLOAT: ParamType
 PARAM_TYPE_STRING: ParamType
 PARAM_TYPE_BOOL: ParamType
 
+class CancelExplanationRequest(_message.Message):
+    __slots__ = ("explanation_id", "wait_seconds")
+    EXPLANATION_ID_FIELD_NUMBER: _ClassVar[int]
+    WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    explanation_id: str
+    wait_seconds: float
+    def __init__(self, explanation_id: _Optional[str] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
+
+class CancelExplanationResponse(_message.Message):
+    __slots__ = ("request_id", "trace_id", "explanation")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPLANATION_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    trace_id: str
+    explanation: _types_pb2.Explanation
+    def __init__(self, request_id: _Optional[str] = ..., trace_id: _Optional[str] = ..., explanation: _Optional[_Union[_types_pb2.Explanation, _Mapping]] = ...) -> None: ...
+
+class WatchExplanationRequest(_message.Message):
+    __slots__ = ("explanation_id",)
+    EXPLANATION_ID_FIELD_NUMBER: _ClassVar[int]
+    explanation_id: str
+    def __init__(self, explanation_id: _Optional[str] = ...) -> None: ...
+
+class WatchExplanationResponse(_message.Message):
+    __slots__ = ("explanation",)
+    EXPLANATION_FIELD_NUMBER: _ClassVar[int]
+    explanation: _types_pb2.Explanation
+    def __init__(self, explanation: _Optional[_Union[_types_pb2.Explanation, _Mapping]] = ...) -> None: ...
+
+class EstimateExplanationRequest(_message.Message):
+    __slots__ = ("model", "prompt_tokens", "output_tokens", "explain")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EXPLAIN_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    prompt_tokens: int
+    output_tokens: int
+    explain: _types_pb2.ExplainSpec
+    def __init__(self, model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., explain: _Optional[_Union[_types_pb2.ExplainSpec, _Mapping]] = ...) -> None: ...
+
+class MethodEstimate(_message.Message):
+    __slots__ = ("method", "passes", "seconds")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    PASSES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    method: str
+    passes: float
+    seconds: float
+    def __init__(self, method: _Optional[str] = ..., passes: _Optional[float] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class EstimateExplanationResponse(_message.Message):
+    __slots__ = ("request_id", "trace_id", "passes", "seconds", "methods", "seconds_per_token_pass")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    PASSES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    METHODS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_PER_TOKEN_PASS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    trace_id: str
+    passes: float
+    seconds: float
+    methods: _containers.RepeatedCompositeFieldContainer[MethodEstimate]
+    seconds_per_token_pass: float
+    def __init__(self, request_id: _Optional[str] = ..., trace_id: _Optional[str] = ..., passes: _Optional[float] = ..., seconds: _Optional[float] = ..., methods: _Optional[_Iterable[_Union[MethodEstimate, _Mapping]]] = ..., seconds_per_token_pass: _Optional[float] = ...) -> None: ...
+
 class ExplainRequest(_message.Message):
     __slots__ = ("model", "prompt_token_ids", "output_token_ids", "output_logprobs", "explain", "request_id")
     MODEL_FIELD_NUMBER: _ClassVar[int]

@@ -55,6 +55,21 @@ class ExplanationsServiceStub:
                 request_serializer=sightline_dot_v1_dot_explanations__pb2.ListMethodsRequest.SerializeToString,
                 response_deserializer=sightline_dot_v1_dot_explanations__pb2.ListMethodsResponse.FromString,
                 _registered_method=True)
+        self.CancelExplanation = channel.unary_unary(
+                '/sightline.v1.ExplanationsService/CancelExplanation',
+                request_serializer=sightline_dot_v1_dot_explanations__pb2.CancelExplanationRequest.SerializeToString,
+                response_deserializer=sightline_dot_v1_dot_explanations__pb2.CancelExplanationResponse.FromString,
+                _registered_method=True)
+        self.WatchExplanation = channel.unary_stream(
+                '/sightline.v1.ExplanationsService/WatchExplanation',
+                request_serializer=sightline_dot_v1_dot_explanations__pb2.WatchExplanationRequest.SerializeToString,
+                response_deserializer=sightline_dot_v1_dot_explanations__pb2.WatchExplanationResponse.FromString,
+                _registered_method=True)
+        self.EstimateExplanation = channel.unary_unary(
+                '/sightline.v1.ExplanationsService/EstimateExplanation',
+                request_serializer=sightline_dot_v1_dot_explanations__pb2.EstimateExplanationRequest.SerializeToString,
+                response_deserializer=sightline_dot_v1_dot_explanations__pb2.EstimateExplanationResponse.FromString,
+                _registered_method=True)
 
 
 class ExplanationsServiceServicer:
@@ -90,6 +105,30 @@ class ExplanationsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelExplanation(self, request, context):
+        """Stop a pending or running explanation: it becomes CANCELLED once its worker reaches its next
+        checkpoint, and its tenant's slot is freed. Cancelling a finished explanation changes nothing
+        and returns it as it is.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchExplanation(self, request, context):
+        """The explanation's record each time its state or progress changes, until it is final.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EstimateExplanation(self, request, context):
+        """The predicted forward passes and seconds an explanation would take on this deployment,
+        without queueing it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExplanationsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +151,21 @@ def add_ExplanationsServiceServicer_to_server(servicer, server):
                     servicer.ListMethods,
                     request_deserializer=sightline_dot_v1_dot_explanations__pb2.ListMethodsRequest.FromString,
                     response_serializer=sightline_dot_v1_dot_explanations__pb2.ListMethodsResponse.SerializeToString,
+            ),
+            'CancelExplanation': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelExplanation,
+                    request_deserializer=sightline_dot_v1_dot_explanations__pb2.CancelExplanationRequest.FromString,
+                    response_serializer=sightline_dot_v1_dot_explanations__pb2.CancelExplanationResponse.SerializeToString,
+            ),
+            'WatchExplanation': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchExplanation,
+                    request_deserializer=sightline_dot_v1_dot_explanations__pb2.WatchExplanationRequest.FromString,
+                    response_serializer=sightline_dot_v1_dot_explanations__pb2.WatchExplanationResponse.SerializeToString,
+            ),
+            'EstimateExplanation': grpc.unary_unary_rpc_method_handler(
+                    servicer.EstimateExplanation,
+                    request_deserializer=sightline_dot_v1_dot_explanations__pb2.EstimateExplanationRequest.FromString,
+                    response_serializer=sightline_dot_v1_dot_explanations__pb2.EstimateExplanationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +277,87 @@ class ExplanationsService:
             '/sightline.v1.ExplanationsService/ListMethods',
             sightline_dot_v1_dot_explanations__pb2.ListMethodsRequest.SerializeToString,
             sightline_dot_v1_dot_explanations__pb2.ListMethodsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelExplanation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sightline.v1.ExplanationsService/CancelExplanation',
+            sightline_dot_v1_dot_explanations__pb2.CancelExplanationRequest.SerializeToString,
+            sightline_dot_v1_dot_explanations__pb2.CancelExplanationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchExplanation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/sightline.v1.ExplanationsService/WatchExplanation',
+            sightline_dot_v1_dot_explanations__pb2.WatchExplanationRequest.SerializeToString,
+            sightline_dot_v1_dot_explanations__pb2.WatchExplanationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EstimateExplanation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sightline.v1.ExplanationsService/EstimateExplanation',
+            sightline_dot_v1_dot_explanations__pb2.EstimateExplanationRequest.SerializeToString,
+            sightline_dot_v1_dot_explanations__pb2.EstimateExplanationResponse.FromString,
             options,
             channel_credentials,
             insecure,

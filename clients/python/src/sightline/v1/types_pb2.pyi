@@ -59,6 +59,7 @@ class ExplanationState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EXPLANATION_STATE_RUNNING: _ClassVar[ExplanationState]
     EXPLANATION_STATE_SUCCEEDED: _ClassVar[ExplanationState]
     EXPLANATION_STATE_FAILED: _ClassVar[ExplanationState]
+    EXPLANATION_STATE_CANCELLED: _ClassVar[ExplanationState]
 D_TYPE_UNSPECIFIED: DType
 D_TYPE_FLOAT32: DType
 D_TYPE_INT32: DType
@@ -87,6 +88,7 @@ EXPLANATION_STATE_PENDING: ExplanationState
 EXPLANATION_STATE_RUNNING: ExplanationState
 EXPLANATION_STATE_SUCCEEDED: ExplanationState
 EXPLANATION_STATE_FAILED: ExplanationState
+EXPLANATION_STATE_CANCELLED: ExplanationState
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
@@ -185,20 +187,22 @@ class AggregationSpec(_message.Message):
     def __init__(self, granularity: _Optional[_Union[Granularity, str]] = ..., spans: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., absolute: _Optional[bool] = ..., normalization: _Optional[_Union[Normalization, str]] = ...) -> None: ...
 
 class ExplainSpec(_message.Message):
-    __slots__ = ("methods", "mode", "targets", "aggregation", "faithfulness", "step_scores_top_k")
+    __slots__ = ("methods", "mode", "targets", "aggregation", "faithfulness", "step_scores_top_k", "keep_on_disconnect")
     METHODS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
     AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     FAITHFULNESS_FIELD_NUMBER: _ClassVar[int]
     STEP_SCORES_TOP_K_FIELD_NUMBER: _ClassVar[int]
+    KEEP_ON_DISCONNECT_FIELD_NUMBER: _ClassVar[int]
     methods: _containers.RepeatedCompositeFieldContainer[MethodSpec]
     mode: ExplainMode
     targets: TargetSpec
     aggregation: AggregationSpec
     faithfulness: bool
     step_scores_top_k: int
-    def __init__(self, methods: _Optional[_Iterable[_Union[MethodSpec, _Mapping]]] = ..., mode: _Optional[_Union[ExplainMode, str]] = ..., targets: _Optional[_Union[TargetSpec, _Mapping]] = ..., aggregation: _Optional[_Union[AggregationSpec, _Mapping]] = ..., faithfulness: _Optional[bool] = ..., step_scores_top_k: _Optional[int] = ...) -> None: ...
+    keep_on_disconnect: bool
+    def __init__(self, methods: _Optional[_Iterable[_Union[MethodSpec, _Mapping]]] = ..., mode: _Optional[_Union[ExplainMode, str]] = ..., targets: _Optional[_Union[TargetSpec, _Mapping]] = ..., aggregation: _Optional[_Union[AggregationSpec, _Mapping]] = ..., faithfulness: _Optional[bool] = ..., step_scores_top_k: _Optional[int] = ..., keep_on_disconnect: _Optional[bool] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("input_tokens", "output_tokens")
@@ -207,6 +211,26 @@ class Usage(_message.Message):
     input_tokens: int
     output_tokens: int
     def __init__(self, input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ...) -> None: ...
+
+class ExplanationProgress(_message.Message):
+    __slots__ = ("fraction", "seconds_left", "methods")
+    FRACTION_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_LEFT_FIELD_NUMBER: _ClassVar[int]
+    METHODS_FIELD_NUMBER: _ClassVar[int]
+    fraction: float
+    seconds_left: float
+    methods: _containers.RepeatedCompositeFieldContainer[MethodProgress]
+    def __init__(self, fraction: _Optional[float] = ..., seconds_left: _Optional[float] = ..., methods: _Optional[_Iterable[_Union[MethodProgress, _Mapping]]] = ...) -> None: ...
+
+class MethodProgress(_message.Message):
+    __slots__ = ("method", "fraction", "seconds_left")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    FRACTION_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_LEFT_FIELD_NUMBER: _ClassVar[int]
+    method: str
+    fraction: float
+    seconds_left: float
+    def __init__(self, method: _Optional[str] = ..., fraction: _Optional[float] = ..., seconds_left: _Optional[float] = ...) -> None: ...
 
 class MethodResult(_message.Message):
     __slots__ = ("method", "attributions", "extras", "seconds", "aggregated", "faithfulness")
@@ -290,7 +314,7 @@ class Fidelity(_message.Message):
     def __init__(self, recomputed_logprobs: _Optional[_Iterable[float]] = ..., max_abs_logprob_diff: _Optional[float] = ...) -> None: ...
 
 class Explanation(_message.Message):
-    __slots__ = ("explanation_id", "state", "error", "model", "weights_digest", "tokens", "prompt_length", "target_positions", "results", "fidelity", "cache_hit", "created_at", "completed_at", "trace_id", "attempts", "foil_token_ids", "target_score", "step_scores", "source_groups")
+    __slots__ = ("explanation_id", "state", "error", "model", "weights_digest", "tokens", "prompt_length", "target_positions", "results", "fidelity", "cache_hit", "created_at", "completed_at", "trace_id", "attempts", "foil_token_ids", "target_score", "step_scores", "source_groups", "cancelled_by", "progress")
     EXPLANATION_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
@@ -310,6 +334,8 @@ class Explanation(_message.Message):
     TARGET_SCORE_FIELD_NUMBER: _ClassVar[int]
     STEP_SCORES_FIELD_NUMBER: _ClassVar[int]
     SOURCE_GROUPS_FIELD_NUMBER: _ClassVar[int]
+    CANCELLED_BY_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
     explanation_id: str
     state: ExplanationState
     error: str
@@ -329,4 +355,6 @@ class Explanation(_message.Message):
     target_score: TargetScore
     step_scores: StepScores
     source_groups: _containers.RepeatedCompositeFieldContainer[SourceGroup]
-    def __init__(self, explanation_id: _Optional[str] = ..., state: _Optional[_Union[ExplanationState, str]] = ..., error: _Optional[str] = ..., model: _Optional[str] = ..., weights_digest: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ..., prompt_length: _Optional[int] = ..., target_positions: _Optional[_Iterable[int]] = ..., results: _Optional[_Iterable[_Union[MethodResult, _Mapping]]] = ..., fidelity: _Optional[_Union[Fidelity, _Mapping]] = ..., cache_hit: _Optional[bool] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., completed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., trace_id: _Optional[str] = ..., attempts: _Optional[int] = ..., foil_token_ids: _Optional[_Iterable[int]] = ..., target_score: _Optional[_Union[TargetScore, str]] = ..., step_scores: _Optional[_Union[StepScores, _Mapping]] = ..., source_groups: _Optional[_Iterable[_Union[SourceGroup, _Mapping]]] = ...) -> None: ...
+    cancelled_by: str
+    progress: ExplanationProgress
+    def __init__(self, explanation_id: _Optional[str] = ..., state: _Optional[_Union[ExplanationState, str]] = ..., error: _Optional[str] = ..., model: _Optional[str] = ..., weights_digest: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ..., prompt_length: _Optional[int] = ..., target_positions: _Optional[_Iterable[int]] = ..., results: _Optional[_Iterable[_Union[MethodResult, _Mapping]]] = ..., fidelity: _Optional[_Union[Fidelity, _Mapping]] = ..., cache_hit: _Optional[bool] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., completed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., trace_id: _Optional[str] = ..., attempts: _Optional[int] = ..., foil_token_ids: _Optional[_Iterable[int]] = ..., target_score: _Optional[_Union[TargetScore, str]] = ..., step_scores: _Optional[_Union[StepScores, _Mapping]] = ..., source_groups: _Optional[_Iterable[_Union[SourceGroup, _Mapping]]] = ..., cancelled_by: _Optional[str] = ..., progress: _Optional[_Union[ExplanationProgress, _Mapping]] = ...) -> None: ...
