@@ -18,18 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, overload
+from typing import Literal, Protocol, overload
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-if TYPE_CHECKING:
-    # Annotation only: explainers.model checks a model against this module when it loads one.
-    from explainers.model import LoadedModel
-
-# LlamaMLP's activation, the one _layer_forward differentiates by hand.
-SUPPORTED_ACTIVATIONS = ("silu", "swish")
 
 
 @dataclass(frozen=True)
@@ -147,23 +140,27 @@ ChunkMap = Callable[
 ]
 
 
-def check_supported(config: object) -> None:
-    """Refuse, at load time, a model whose layers this backward pass does not differentiate."""
-    activation = getattr(config, "hidden_act", None)
-    if activation not in SUPPORTED_ACTIVATIONS:
-        raise TypeError(f"the gradient methods need a SiLU-gated MLP; this model's hidden_act is {activation!r}")
+class FastDecoder(Protocol):
+    """What the fast path reads of a loaded model (explainers.model.LoadedModel is one): each decoder layer's
+    weights and the rotary embedding. A protocol, so that this module needs nothing from explainers.model."""
+
+    @property
+    def layer_weights(self) -> list[LayerWeights]: ...
+
+    @property
+    def rotary_embedding(self) -> nn.Module: ...
 
 
 @overload
 def run_layers(
-    loaded: LoadedModel, states: torch.Tensor, layer: int, record: Literal[True]
+    loaded: FastDecoder, states: torch.Tensor, layer: int, record: Literal[True]
 ) -> tuple[list[torch.Tensor], RecordedLayers]: ...
 @overload
 def run_layers(
-    loaded: LoadedModel, states: torch.Tensor, layer: int, record: bool
+    loaded: FastDecoder, states: torch.Tensor, layer: int, record: bool
 ) -> tuple[list[torch.Tensor], RecordedLayers | None]: ...
 def run_layers(
-    loaded: LoadedModel, states: torch.Tensor, layer: int, record: bool
+    loaded: FastDecoder, states: torch.Tensor, layer: int, record: bool
 ) -> tuple[list[torch.Tensor], RecordedLayers | None]:
     """Run the decoder layers above `layer` on residual-stream states [P, N, D], as residual_from_layer does, without
     gradients. Returns the residual stream (states, then each layer's output) and, with record, what
@@ -186,7 +183,7 @@ def run_layers(
     )
 
 
-def record_forward(loaded: LoadedModel, states: torch.Tensor, layer: int) -> RecordedLayers:
+def record_forward(loaded: FastDecoder, states: torch.Tensor, layer: int) -> RecordedLayers:
     """Run the decoder layers above `layer` on residual-stream states [P, N, D], keeping what backward_to_layer
     needs."""
     return run_layers(loaded, states, layer, record=True)[1]
