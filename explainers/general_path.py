@@ -13,7 +13,7 @@ which calls them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -23,8 +23,8 @@ from transformers import PreTrainedModel
 
 from explainers.targets import Targets
 
-# Attention implementation with materialised probabilities (`output_attentions`), switched to for the attention
-# methods only: SDPA never forms them.
+# Attention with materialised probabilities (`output_attentions`), switched to for the attention methods: SDPA
+# never forms them.
 EAGER = "eager"
 
 
@@ -198,12 +198,29 @@ def _eager_attention(model: PreTrainedModel) -> Iterator[None]:
 
 
 def attention_probabilities(
-    model: PreTrainedModel, decoder_layers: nn.ModuleList, final_norm: nn.Module, first_states: torch.Tensor
+    model: PreTrainedModel, decoder_layers: nn.ModuleList, layer_inputs: torch.Tensor
 ) -> tuple[torch.Tensor, ...]:
     """Every decoder layer's attention probabilities [heads, num_tokens, num_tokens], as the module's own
-    `output_attentions` gives them, from a pass that starts at the first layer's input first_states [num_tokens,
-    hidden]."""
-    states = first_states[None]
-    with torch.no_grad(), _eager_attention(model), _states_at(decoder_layers, final_norm, 0, states):
-        outputs = model.base_model(input_ids=_placeholder_ids(states), output_attentions=True, use_cache=False)
+    `output_attentions` gives them, each layer run on its own input from layer_inputs [num_layers, num_tokens,
+    hidden] (the cached residual stream but its last layer), as the fast path recomputes them: a layer's
+    attention then depends on its cached input only, not on the rounding of the states below it."""
+
+    def substitute(index: int) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], tuple[Any, Any]]:
+        def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+            return _with_hidden(args, kwargs, layer_inputs[index][None])
+
+        return hook
+
+    handles = [
+        block.register_forward_pre_hook(substitute(index), with_kwargs=True)
+        for index, block in enumerate(decoder_layers)
+    ]
+    try:
+        with torch.no_grad(), _eager_attention(model):
+            outputs = model.base_model(
+                input_ids=_placeholder_ids(layer_inputs[:1]), output_attentions=True, use_cache=False
+            )
+    finally:
+        for handle in handles:
+            handle.remove()
     return tuple(attention[0] for attention in outputs.attentions)

@@ -134,6 +134,12 @@ def _submodule(model: PreTrainedModel, path: str, kind: type[ModuleT]) -> Module
     return submodule
 
 
+def attention_implementation(config: object) -> str:
+    """ATTN_IMPLEMENTATION, but eager for a model that soft-caps its attention scores (Gemma 2), which SDPA would
+    silently skip."""
+    return general_path.EAGER if getattr(config, "attn_logit_softcapping", None) else ATTN_IMPLEMENTATION
+
+
 def load_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a local Hugging Face causal LM directory (safetensors + tokenizer) for attribution.
 
@@ -141,9 +147,10 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> LoadedMod
     unsupported model fails before its weights are read. Every parameter is frozen, so gradients only ever flow to
     the states a method asks about.
     """
-    architecture_of(AutoConfig.from_pretrained(model_dir, local_files_only=True))
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    architecture_of(config)
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION, local_files_only=True
+        model_dir, dtype=dtype, attn_implementation=attention_implementation(config), local_files_only=True
     )
     model.train(False)
     model.requires_grad_(False)

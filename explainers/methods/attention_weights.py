@@ -32,12 +32,10 @@ def attention_probabilities(
     Layers are computed a group at a time, every elementwise step once for the group: a layer's few hundred
     thousand probabilities are too small a job for a step of its own. A group holds at most MAX_GROUP_PROBABILITIES
     (one layer, if a layer has more). On the general path they are the module's own `output_attentions`, from one
-    pass over the cached first-layer input (explainers.general_path).
+    pass in which every layer reads its cached input (explainers.general_path).
     """
     if loaded.path is ExplainPath.GENERAL:
-        every_layer = general_path.attention_probabilities(
-            loaded.model, loaded.decoder_layers, loaded.final_norm, hidden_states[0]
-        )
+        every_layer = general_path.attention_probabilities(loaded.model, loaded.decoder_layers, hidden_states[:-1])
         for layer in layers:
             yield every_layer[layer - 1][:, query_positions]
         return
