@@ -1,10 +1,11 @@
 """The decoder architectures the explainer knows, and which of its two paths explains each.
 
 The fast path (explainers.backprop) writes a decoder layer's backward pass out by hand, so it covers one layer
-skeleton: Llama's. The general path (explainers.general_path) differentiates the Hugging Face module itself with
-autograd, so it is correct for any causal LM transformers loads, at autograd's speed. An architecture is listed here
-when the tests prove every method on a tiny random model of it (tests/explainers/test_families.py); anything else is
-refused when the model loads, before a job is taken.
+skeleton: Llama's, which Mistral and Qwen2 share when no layer has a sliding window. The general path
+(explainers.general_path) differentiates the Hugging Face module itself with autograd, so it is correct for any
+causal LM transformers loads, at autograd's speed. An architecture is listed here when the tests prove every method
+on a tiny random model of it (tests/explainers/test_families.py); anything else is refused when the model loads,
+before a job is taken.
 """
 
 from __future__ import annotations
@@ -44,10 +45,21 @@ class Architecture:
     fast_path: bool = False
 
     def path_for(self, config: object) -> ExplainPath:
-        """The fastest path that is exact for a model of this architecture with this config."""
-        if self.fast_path and getattr(config, "hidden_act", None) in FAST_PATH_ACTIVATIONS:
+        """The fastest path that is exact for a model of this architecture with this config: the fast path needs
+        SiLU gating and every layer attending to every earlier position (no sliding window)."""
+        activation = getattr(config, "hidden_act", None)
+        if self.fast_path and activation in FAST_PATH_ACTIVATIONS and attends_fully(config):
             return ExplainPath.FAST
         return ExplainPath.GENERAL
+
+
+def attends_fully(config: object) -> bool:
+    """Whether every layer attends to every earlier position: no layer of a sliding window, as config says it
+    (per-layer layer_types where the family has them, else one sliding_window for all layers)."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return all(layer_type == "full_attention" for layer_type in layer_types)
+    return getattr(config, "sliding_window", None) is None
 
 
 # Llama's layout, which most families copy: the decoder blocks and the final norm.
@@ -57,8 +69,10 @@ ARCHITECTURES: dict[str, Architecture] = {
     architecture.model_type: architecture
     for architecture in (
         Architecture("llama", "Llama (Llama 2/3, SmolLM2)", _LAYERS, _NORM, fast_path=True),
-        Architecture("mistral", "Mistral", _LAYERS, _NORM),
-        Architecture("qwen2", "Qwen2 / Qwen2.5", _LAYERS, _NORM),
+        # Llama's skeleton but for a sliding window (Mistral v0.1) and q/k/v biases (Qwen2), which the fast path's
+        # forward adds and its backward needs no term for.
+        Architecture("mistral", "Mistral", _LAYERS, _NORM, fast_path=True),
+        Architecture("qwen2", "Qwen2 / Qwen2.5", _LAYERS, _NORM, fast_path=True),
         Architecture("qwen3", "Qwen3", _LAYERS, _NORM),
         Architecture("gemma2", "Gemma 2", _LAYERS, _NORM),
         Architecture("gemma3_text", "Gemma 3 (text)", _LAYERS, _NORM),

@@ -67,9 +67,10 @@ def _layer_group(
     """attention_probabilities of `layers` [len(layers), heads, num_queries, num_tokens]; cos, sin [num_tokens,
     head_dim]."""
     config = loaded.model.config
-    num_heads, num_kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    group, num_queries, num_tokens = len(layers), len(query_positions), hidden_states.shape[1]
     weights = [loaded.layer_weights[layer - 1] for layer in layers]
+    # The attention module's head size: some configs (Qwen2) leave head_dim to be derived.
+    num_heads, num_kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, weights[0].head_size
+    group, num_queries, num_tokens = len(layers), len(query_positions), hidden_states.shape[1]
     stacked_norm = Norm(
         weight=torch.stack([w.attention_norm.weight for w in weights])[:, None], eps=weights[0].attention_norm.eps
     )

@@ -15,6 +15,7 @@ import torch
 from sightline.v1 import types_pb2
 from transformers import DynamicCache
 
+from explainers.architectures import attends_fully
 from explainers.methods.base import (
     AttributionContext,
     AttributionMethod,
@@ -142,8 +143,9 @@ def replaced_scores(
 def _keeps_every_key(loaded: LoadedModel, num_tokens: int) -> bool:
     """Whether the model's own KV cache of num_tokens positions holds every position's keys and values: not when a
     sliding-window layer's window is shorter (its cache then keeps the last window only)."""
-    window = getattr(loaded.model.config, "sliding_window", None)
-    return not isinstance(window, int) or window >= num_tokens
+    config = loaded.model.config
+    window = getattr(config, "sliding_window", None)
+    return attends_fully(config) or not isinstance(window, int) or window >= num_tokens
 
 
 def _read_out_scores(loaded: LoadedModel, normed: torch.Tensor, targets: Targets, offset: int) -> torch.Tensor:

@@ -50,6 +50,8 @@ from explainers.model import (
 from explainers.targets import Targets, token_scores
 from tests.explainers.conftest import NUM_LAYERS, OUTPUT_IDS, PROMPT_IDS, VOCAB_SIZE, word_tokenizer
 
+# The families whose tiny models the hand-written fast path explains; the rest take the general path.
+FAST_FAMILIES = ("llama", "mistral", "qwen2")
 TOKEN_IDS = torch.tensor(PROMPT_IDS + OUTPUT_IDS)
 POSITIONS = torch.arange(len(PROMPT_IDS), len(TOKEN_IDS))
 TARGETS = Targets(positions=POSITIONS, token_ids=TOKEN_IDS[POSITIONS], foil_ids=None)
@@ -181,7 +183,7 @@ def prefix(matrix: torch.Tensor) -> torch.Tensor:
 
 
 def test_each_family_loads_on_its_path_with_the_models_own_hidden_states(family: LoadedModel) -> None:
-    expected = ExplainPath.FAST if family.architecture.model_type == "llama" else ExplainPath.GENERAL
+    expected = ExplainPath.FAST if family.architecture.model_type in FAST_FAMILIES else ExplainPath.GENERAL
     assert family.path is expected
     published = catalog(family)
     assert (published.architecture, published.explain_path) == (family.architecture.model_type, expected.proto)
@@ -285,29 +287,42 @@ def test_attention_and_logit_lens_equal_the_models_own_outputs(family: LoadedMod
 
 
 def test_the_general_path_equals_the_fast_path_on_llama(tiny_model: LoadedModel) -> None:
-    """Every method, through the engine, on the float64 tiny Llama: the same numbers from either path."""
-    general = dataclasses.replace(tiny_model, force_general_path=True)
-    assert (tiny_model.path, general.path) == (ExplainPath.FAST, ExplainPath.GENERAL)
+    """On the float64 tiny Llama whose norms stay in float64, the two paths agree to float32 output rounding."""
+    assert_paths_agree(tiny_model, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAST_FAMILIES, indirect=True)
+def test_the_general_path_equals_the_fast_path_on_every_fast_family(family: LoadedModel) -> None:
+    """With transformers' norms rounding through float32 inside the module, to that rounding."""
+    assert_paths_agree(family, atol=1e-5)
+
+
+def assert_paths_agree(fast: LoadedModel, atol: float) -> None:
+    """Every method, through the engine: the same numbers from either path."""
+    general = dataclasses.replace(fast, force_general_path=True)
+    assert (fast.path, general.path) == (ExplainPath.FAST, ExplainPath.GENERAL)
+    replacement = {"replacement": "token", "replacement_token_id": 7}
     methods: list[tuple[str, dict[str, object]]] = [
         ("saliency", {}),
         ("input_x_gradient", {}),
         ("integrated_gradients", {"steps": 8}),
         ("layer_integrated_gradients", {"steps": 8, "layer": 1}),
         ("gradient_x_activation", {"layer": 1}),
-        ("occlusion", {"replacement": "token", "replacement_token_id": 7}),
-        ("shapley_sampling", {"samples": 2, "replacement": "token", "replacement_token_id": 7}),
+        ("occlusion", replacement),
+        ("shapley_sampling", {"samples": 2, **replacement}),
         ("attention", {}),
         ("attention_rollout", {}),
         ("logit_lens", {}),
     ]
-    fast = explain(tiny_model, None, PROMPT_IDS, OUTPUT_IDS, methods, None)
-    slow = explain(general, None, PROMPT_IDS, OUTPUT_IDS, methods, None)
-    assert (fast.explain_path, slow.explain_path) == (types_pb2.EXPLAIN_PATH_FAST, types_pb2.EXPLAIN_PATH_GENERAL)
-    for ours, theirs in zip(fast.results, slow.results, strict=True):
+    by_fast = explain(fast, None, PROMPT_IDS, OUTPUT_IDS, methods, None)
+    by_general = explain(general, None, PROMPT_IDS, OUTPUT_IDS, methods, None)
+    assert by_fast.explain_path == types_pb2.EXPLAIN_PATH_FAST
+    assert by_general.explain_path == types_pb2.EXPLAIN_PATH_GENERAL
+    for ours, theirs in zip(by_fast.results, by_general.results, strict=True):
         for name, tensor in [("attributions", ours.attributions), *ours.extras.items()]:
             other = theirs.attributions if name == "attributions" else theirs.extras[name]
             np.testing.assert_allclose(
-                np.frombuffer(tensor.data, dtype="<f4"), np.frombuffer(other.data, dtype="<f4"), rtol=1e-5, atol=1e-6,
+                np.frombuffer(tensor.data, dtype="<f4"), np.frombuffer(other.data, dtype="<f4"), rtol=1e-5, atol=atol,
                 err_msg=f"{ours.method} {name}",
             )  # fmt: skip
 
