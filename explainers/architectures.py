@@ -68,24 +68,24 @@ _LAYERS, _NORM = "model.layers", "model.norm"
 ARCHITECTURES: dict[str, Architecture] = {
     architecture.model_type: architecture
     for architecture in (
-        Architecture("llama", "Llama (Llama 2/3, SmolLM2)", _LAYERS, _NORM, fast_path=True),
+        Architecture("llama", "Llama 2/3, SmolLM2", _LAYERS, _NORM, fast_path=True),
         # Llama's skeleton but for a sliding window (Mistral v0.1) and q/k/v biases (Qwen2), which the fast path's
         # forward adds and its backward needs no term for.
         Architecture("mistral", "Mistral", _LAYERS, _NORM, fast_path=True),
         Architecture("qwen2", "Qwen2 / Qwen2.5", _LAYERS, _NORM, fast_path=True),
         Architecture("qwen3", "Qwen3", _LAYERS, _NORM),
         Architecture("gemma2", "Gemma 2", _LAYERS, _NORM),
-        Architecture("gemma3_text", "Gemma 3 (text)", _LAYERS, _NORM),
+        Architecture("gemma3_text", "Gemma 3 text", _LAYERS, _NORM),
         Architecture("phi3", "Phi-3", _LAYERS, _NORM),
-        Architecture("gpt_neox", "GPT-NeoX (Pythia)", "gpt_neox.layers", "gpt_neox.final_layer_norm"),
+        Architecture("gpt_neox", "GPT-NeoX, Pythia", "gpt_neox.layers", "gpt_neox.final_layer_norm"),
         Architecture("gpt2", "GPT-2", "transformer.h", "transformer.ln_f"),
     )
 }
 
 
 def supported_text() -> str:
-    """Every supported architecture as a person reads the list: "llama (Llama 2/3, SmolLM2), mistral (...)"."""
-    return ", ".join(f"{arch.model_type} ({arch.family})" for arch in ARCHITECTURES.values())
+    """Every supported architecture as a person reads the list: "llama: Llama 2/3, SmolLM2; mistral: Mistral; ..."."""
+    return "; ".join(f"{arch.model_type}: {arch.family}" for arch in ARCHITECTURES.values())
 
 
 def architecture_of(config: object) -> Architecture:

@@ -10,6 +10,9 @@ than the explained sequence for Gemma, so that a window actually cuts attention 
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -333,7 +336,24 @@ def test_an_unsupported_architecture_is_refused_before_its_weights_are_read(tmp_
         load_model(tmp_path)
     message = str(refused.value)
     assert "'bloom'" in message and "is not supported" in message
-    assert all(f"{model_type} (" in message for model_type in ("llama", "qwen3", "gemma3_text", "gpt2"))
+    assert all(f"{model_type}: " in message for model_type in ("llama", "qwen3", "gemma3_text", "gpt2"))
+
+
+def test_the_worker_refuses_an_unsupported_architecture_at_start_up(tmp_path: Path) -> None:
+    """`python -m explainers` on a BLOOM directory exits at once with the reason, before it connects to Redis (the
+    URL below has nothing listening)."""
+    BloomConfig(vocab_size=VOCAB_SIZE, hidden_size=32, n_layer=2, n_head=4).save_pretrained(tmp_path)
+    worker = subprocess.run(
+        [sys.executable, "-m", "explainers", "--model-dir", str(tmp_path), "--redis-url", "redis://127.0.0.1:1/0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "SIGHTLINE_METRICS_LISTEN": "off"},
+    )
+    assert worker.returncode == 1
+    last_line = worker.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"explainer: cannot explain the model in {tmp_path}: model architecture 'bloom'")
+    assert "supported: llama: Llama 2/3, SmolLM2; mistral: Mistral; qwen2: Qwen2 / Qwen2.5;" in last_line
 
 
 def test_list_methods_names_the_model_and_path(tiny_model: LoadedModel) -> None:
