@@ -1,7 +1,7 @@
 """The decoder architectures the explainer knows, and which of its two paths explains each.
 
 The fast path (explainers.backprop) writes a decoder layer's backward pass out by hand, so it covers one layer
-skeleton: Llama's, which Mistral and Qwen2 share when no layer has a sliding window. The general path
+skeleton: Llama's, which Mistral, Qwen2 and Qwen3 share when no layer has a sliding window. The general path
 (explainers.general_path) differentiates the Hugging Face module itself with autograd, so it is correct for any
 causal LM transformers loads, at autograd's speed. An architecture is listed here when the tests prove every method
 on a tiny random model of it (tests/explainers/test_families.py); anything else is refused when the model loads,
@@ -73,7 +73,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         # forward adds and its backward needs no term for.
         Architecture("mistral", "Mistral", _LAYERS, _NORM, fast_path=True),
         Architecture("qwen2", "Qwen2 / Qwen2.5", _LAYERS, _NORM, fast_path=True),
-        Architecture("qwen3", "Qwen3", _LAYERS, _NORM),
+        # And q/k norms per head before the rotary embedding, which the fast path differentiates.
+        Architecture("qwen3", "Qwen3", _LAYERS, _NORM, fast_path=True),
         Architecture("gemma2", "Gemma 2", _LAYERS, _NORM),
         Architecture("gemma3_text", "Gemma 3 text", _LAYERS, _NORM),
         Architecture("phi3", "Phi-3", _LAYERS, _NORM),

@@ -55,10 +55,14 @@ class LayerWeights:
     gate: Linear
     up: Linear
     down: Linear
+    # Qwen3's RMSNorm of each query and key head (over the head size), before the rotary embedding; None without.
+    query_norm: Norm | None = None
+    key_norm: Norm | None = None
 
     @classmethod
     def of(cls, decoder_layer: nn.Module) -> LayerWeights:
         attention = decoder_layer.get_submodule("self_attn")
+        has_head_norms = hasattr(attention, "q_norm")
         return cls(
             attention_norm=_norm(decoder_layer, "input_layernorm"),
             q=_linear(attention, "q_proj"),
@@ -71,6 +75,8 @@ class LayerWeights:
             gate=_linear(decoder_layer, "mlp.gate_proj"),
             up=_linear(decoder_layer, "mlp.up_proj"),
             down=_linear(decoder_layer, "mlp.down_proj"),
+            query_norm=_norm(attention, "q_norm") if has_head_norms else None,
+            key_norm=_norm(attention, "k_norm") if has_head_norms else None,
         )
 
 
@@ -103,6 +109,9 @@ class LayerRecord:
     mlp_rstd: torch.Tensor  # [P, N, 1]
     gate_activation: torch.Tensor  # silu(gate) [P, N, I]
     up_times_gate_slope: torch.Tensor  # up * silu'(gate) [P, N, I]
+    # With head norms: each query and key head normalised, and 1 / its rms ([P, H or KV, N, hd], [..., 1]).
+    query_heads: tuple[torch.Tensor, torch.Tensor] | None = None
+    key_heads: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -220,8 +229,9 @@ def _layer_forward(
     """LlamaDecoderLayer.forward on hidden [P, N, D], with its activations if record."""
     attention_normed, attention_rstd = _rms_normalize(hidden, weights.attention_norm)
     attention_input = weights.attention_norm.weight * attention_normed.to(hidden.dtype)
-    queries = rotate(_split_heads(weights.q(attention_input), weights.head_size), cos, sin)
-    keys = rotate(_split_heads(weights.k(attention_input), weights.head_size), cos, sin)
+    query_heads, queries = _head_norm(_split_heads(weights.q(attention_input), weights.head_size), weights.query_norm)
+    key_heads, keys = _head_norm(_split_heads(weights.k(attention_input), weights.head_size), weights.key_norm)
+    queries, keys = rotate(queries, cos, sin), rotate(keys, cos, sin)
     values = _split_heads(weights.v(attention_input), weights.head_size)
     attention_output = F.scaled_dot_product_attention(
         queries, keys, values, is_causal=True, scale=weights.scale, enable_gqa=True
@@ -249,8 +259,33 @@ def _layer_forward(
         mlp_rstd=mlp_rstd,
         gate_activation=gate_activation,
         up_times_gate_slope=up_times_gate_slope,
+        query_heads=query_heads,
+        key_heads=key_heads,
     )
     return layer_record, hidden
+
+
+def _head_norm(heads: torch.Tensor, norm: Norm | None) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor]:
+    """((normalised heads, 1 / rms) or None, the heads after the norm) for heads [..., N, hd]: Qwen3's per-head
+    RMSNorm, or the heads themselves without one."""
+    if norm is None:
+        return None, heads
+    normed, rstd = _rms_normalize(heads, norm)
+    return (normed, rstd), norm.weight * normed.to(heads.dtype)
+
+
+def _head_norm_backward(
+    gradients: torch.Tensor,
+    norm: Norm | None,
+    recorded: tuple[torch.Tensor, torch.Tensor] | None,
+    rows: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """d/d heads before the head norm from d/d heads after it, whose rows rows() picks out of the recorded
+    (normalised heads, 1 / rms) [P, heads, N, ...]. The identity without a norm."""
+    if norm is None or recorded is None:
+        return gradients
+    normed, rstd = recorded
+    return _rms_backward(gradients, norm, rows(normed), rows(rstd))
 
 
 def _layer_backward(
@@ -275,9 +310,19 @@ def _layer_backward(
         record.attention_output[None, :, :, :b],
         weights.scale,
     )
+
+    def head_prefix(activations: torch.Tensor) -> torch.Tensor:  # [P, heads, N, ...] -> [P, heads, b, ...]
+        return activations[:, :, :b]
+
+    query_gradients = _head_norm_backward(
+        _rotate_backward(query_gradients, cos, sin), weights.query_norm, record.query_heads, head_prefix
+    )
+    key_gradients = _head_norm_backward(
+        _rotate_backward(key_gradients, cos, sin), weights.key_norm, record.key_heads, head_prefix
+    )
     attention_input_gradients = _linear_input_gradients(
-        (_merge_heads(_rotate_backward(query_gradients, cos, sin)), weights.q),
-        (_merge_heads(_rotate_backward(key_gradients, cos, sin)), weights.k),
+        (_merge_heads(query_gradients), weights.q),
+        (_merge_heads(key_gradients), weights.k),
         (_merge_heads(value_gradients), weights.v),
     )
     return _rms_backward(
@@ -311,13 +356,26 @@ def _seeded_layer_backward(
         heads_at_positions(record.attention_output),
         weights.scale,
     )
+
+    def head_prefix(activations: torch.Tensor) -> torch.Tensor:  # [P, heads, N, ...] -> [P, heads, b, ...]
+        return activations[:, :, : seeds.prefix]
+
+    key_gradients = _head_norm_backward(
+        _rotate_backward(key_gradients, cos, sin), weights.key_norm, record.key_heads, head_prefix
+    )
     attention_input_gradients = _linear_input_gradients(
-        (_merge_heads(_rotate_backward(key_gradients, cos, sin)), weights.k),
+        (_merge_heads(key_gradients), weights.k),
         (_merge_heads(value_gradients), weights.v),
     )  # [C, P, b, D]
     # Each target's query row at its own position: the rotary tables broadcast over points and heads.
     query_cos, query_sin = cos[positions, None, None, None], sin[positions, None, None, None]
-    query_input_gradients = _merge_heads(_rotate_backward(query_gradients, query_cos, query_sin)) @ weights.q.weight
+    query_gradients = _head_norm_backward(
+        _rotate_backward(query_gradients, query_cos, query_sin),
+        weights.query_norm,
+        record.query_heads,
+        heads_at_positions,
+    )
+    query_input_gradients = _merge_heads(query_gradients) @ weights.q.weight
     attention_input_gradients[targets, :, positions] += query_input_gradients[:, :, 0]
     gradients = _rms_backward(
         attention_input_gradients,

@@ -83,15 +83,28 @@ def _layer_group(
     # Scaled before the product, not after: [queries, hidden] products instead of [heads, queries, tokens]; the
     # same bits when the scale is a power of two (head_dim 64: 1/8).
     queries = rotate(
-        queries.view(group, num_queries, num_kv_heads, -1, head_dim),
+        _head_normed(queries.view(group, num_queries, num_kv_heads, -1, head_dim), [w.query_norm for w in weights]),
         cos[query_positions, None, None],
         sin[query_positions, None, None],
     ).mul_(head_dim**-0.5)
-    keys = rotate(keys.view(group, num_tokens, num_kv_heads, head_dim), cos[:, None], sin[:, None])
+    keys = rotate(
+        _head_normed(keys.view(group, num_tokens, num_kv_heads, head_dim), [w.key_norm for w in weights]),
+        cos[:, None],
+        sin[:, None],
+    )
     logits = torch.einsum("lqkgd,lnkd->lkgqn", queries, keys).reshape(group, num_heads, num_queries, num_tokens)
     causal = torch.arange(num_tokens)[None, :] <= query_positions[:, None]  # [num_queries, num_tokens]
     probabilities: torch.Tensor = logits.masked_fill_(~causal, float("-inf")).softmax(dim=-1)
     return probabilities
+
+
+def _head_normed(heads: torch.Tensor, norms: list[Norm | None]) -> torch.Tensor:
+    """heads [group, ..., head_dim] through each layer's per-head RMSNorm (Qwen3), or as they are without one."""
+    present = [norm for norm in norms if norm is not None]
+    if not present:
+        return heads
+    weight = torch.stack([norm.weight for norm in present]).view(len(present), *[1] * (heads.dim() - 2), -1)
+    return rms_norm(heads, Norm(weight=weight, eps=present[0].eps))
 
 
 def fuse(stacked: torch.Tensor, how: str) -> torch.Tensor:
