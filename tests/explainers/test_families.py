@@ -15,10 +15,11 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
+import redis
 import torch
 from captum.attr import InputXGradient as CaptumInputXGradient
 from sightline.v1 import explanations_pb2, types_pb2
@@ -38,6 +39,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from common.jobs import CATALOG_KEY
 from explainers.architectures import ExplainPath, UnsupportedArchitectureError
 from explainers.engine import explain
 from explainers.methods.attention_weights import attention_probabilities
@@ -51,6 +53,7 @@ from explainers.model import (
     load_model,
 )
 from explainers.targets import Targets, token_scores
+from explainers.worker import ExplainerWorker, WorkerSettings
 from tests.explainers.conftest import NUM_LAYERS, OUTPUT_IDS, PROMPT_IDS, VOCAB_SIZE, word_tokenizer
 
 # The families whose tiny models the hand-written fast path explains; the rest take the general path.
@@ -356,8 +359,13 @@ def test_the_worker_refuses_an_unsupported_architecture_at_start_up(tmp_path: Pa
     assert "supported: llama: Llama 2/3, SmolLM2; mistral: Mistral; qwen2: Qwen2 / Qwen2.5;" in last_line
 
 
-def test_list_methods_names_the_model_and_path(tiny_model: LoadedModel) -> None:
-    published = explanations_pb2.ListMethodsResponse.FromString(catalog(tiny_model).SerializeToString())
-    assert (published.model, published.architecture) == ("tiny-llama", "llama")
-    assert published.explain_path == types_pb2.EXPLAIN_PATH_FAST
+def test_the_published_catalogue_names_the_model_architecture_and_path(
+    family: LoadedModel, redis_client: redis.Redis
+) -> None:
+    """What a worker publishes for the gateway's ListMethods, read back from Redis."""
+    ExplainerWorker(redis_client, family, WorkerSettings(consumer="worker-a")).register()
+    published = explanations_pb2.ListMethodsResponse.FromString(cast(bytes, redis_client.get(CATALOG_KEY)))
+    expected_path = ExplainPath.FAST if family.architecture.model_type in FAST_FAMILIES else ExplainPath.GENERAL
+    assert (published.model, published.architecture) == (family.model_name, family.architecture.model_type)
+    assert published.explain_path == expected_path.proto
     assert len(published.methods) == 10
