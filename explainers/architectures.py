@@ -1,7 +1,7 @@
 """The decoder architectures the explainer knows, and which of its two paths explains each.
 
 The fast path (explainers.backprop) writes a decoder layer's backward pass out by hand, so it covers one layer
-skeleton: Llama's, which Mistral, Qwen2 and Qwen3 share when no layer has a sliding window. The general path
+skeleton: Llama's, which Mistral, Qwen2, Qwen3 and Phi-3 share when no layer has a sliding window. The general path
 (explainers.general_path) differentiates the Hugging Face module itself with autograd, so it is correct for any
 causal LM transformers loads, at autograd's speed. An architecture is listed here when the tests prove every method
 on a tiny random model of it (tests/explainers/test_families.py); anything else is refused when the model loads,
@@ -48,18 +48,27 @@ class Architecture:
         """The fastest path that is exact for a model of this architecture with this config: the fast path needs
         SiLU gating and every layer attending to every earlier position (no sliding window)."""
         activation = getattr(config, "hidden_act", None)
-        if self.fast_path and activation in FAST_PATH_ACTIVATIONS and attends_fully(config):
+        if self.fast_path and activation in FAST_PATH_ACTIVATIONS and attends_fully(config) and _rotates(config):
             return ExplainPath.FAST
         return ExplainPath.GENERAL
 
 
+def _rotates(config: object) -> bool:
+    """Whether the rotary embedding turns every dimension of a head (the fast path's rotate()), not a part."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    factor = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None))
+    return factor is None or factor == 1.0
+
+
 def attends_fully(config: object) -> bool:
     """Whether every layer attends to every earlier position: no layer of a sliding window, as config says it
-    (per-layer layer_types where the family has them, else one sliding_window for all layers)."""
+    (per-layer layer_types where the family has them, else one sliding_window for all layers), or a window no
+    shorter than the model's positions."""
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
         return all(layer_type == "full_attention" for layer_type in layer_types)
-    return getattr(config, "sliding_window", None) is None
+    window = getattr(config, "sliding_window", None)
+    return window is None or window >= getattr(config, "max_position_embeddings", window + 1)
 
 
 # Llama's layout, which most families copy: the decoder blocks and the final norm.
@@ -77,7 +86,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("qwen3", "Qwen3", _LAYERS, _NORM, fast_path=True),
         Architecture("gemma2", "Gemma 2", _LAYERS, _NORM),
         Architecture("gemma3_text", "Gemma 3 text", _LAYERS, _NORM),
-        Architecture("phi3", "Phi-3", _LAYERS, _NORM),
+        # And fused q/k/v and gate/up projections, which the fast path splits into views.
+        Architecture("phi3", "Phi-3", _LAYERS, _NORM, fast_path=True),
         Architecture("gpt_neox", "GPT-NeoX, Pythia", "gpt_neox.layers", "gpt_neox.final_layer_norm"),
         Architecture("gpt2", "GPT-2", "transformer.h", "transformer.ln_f"),
     )

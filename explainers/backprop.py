@@ -62,19 +62,34 @@ class LayerWeights:
     @classmethod
     def of(cls, decoder_layer: nn.Module) -> LayerWeights:
         attention = decoder_layer.get_submodule("self_attn")
+        head_size = int(getattr(attention, "head_dim"))  # noqa: B009 (a plain attribute, not a submodule)
         has_head_norms = hasattr(attention, "q_norm")
+        if hasattr(attention, "qkv_proj"):
+            # Phi-3 fuses the projections: query heads, then key heads, then value heads along the output.
+            query_size = int(getattr(attention, "config").num_attention_heads) * head_size  # noqa: B009
+            key_size = int(getattr(attention, "num_key_value_heads")) * head_size  # noqa: B009
+            q, k, v = _split_linear(attention, "qkv_proj", (query_size, key_size, key_size))
+        else:
+            q, k, v = (_linear(attention, f"{name}_proj") for name in "qkv")
+        mlp = decoder_layer.get_submodule("mlp")
+        if hasattr(mlp, "gate_up_proj"):
+            # Phi-3 fuses gate and up: the gate is the first half of the output, as Phi3MLP chunks it.
+            intermediate_size = int(getattr(mlp, "down_proj").in_features)  # noqa: B009
+            gate, up = _split_linear(mlp, "gate_up_proj", (intermediate_size, intermediate_size))
+        else:
+            gate, up = _linear(mlp, "gate_proj"), _linear(mlp, "up_proj")
         return cls(
             attention_norm=_norm(decoder_layer, "input_layernorm"),
-            q=_linear(attention, "q_proj"),
-            k=_linear(attention, "k_proj"),
-            v=_linear(attention, "v_proj"),
+            q=q,
+            k=k,
+            v=v,
             o=_linear(attention, "o_proj"),
-            head_size=int(getattr(attention, "head_dim")),  # noqa: B009 (a plain attribute, not a submodule)
+            head_size=head_size,
             scale=float(getattr(attention, "scaling")),  # noqa: B009
             mlp_norm=_norm(decoder_layer, "post_attention_layernorm"),
-            gate=_linear(decoder_layer, "mlp.gate_proj"),
-            up=_linear(decoder_layer, "mlp.up_proj"),
-            down=_linear(decoder_layer, "mlp.down_proj"),
+            gate=gate,
+            up=up,
+            down=_linear(mlp, "down_proj"),
             query_norm=_norm(attention, "q_norm") if has_head_norms else None,
             key_norm=_norm(attention, "k_norm") if has_head_norms else None,
         )
@@ -85,6 +100,20 @@ def _linear(module: nn.Module, path: str) -> Linear:
     if not isinstance(linear, nn.Linear):
         raise TypeError(f"{path} is a {type(linear).__name__}, not an nn.Linear")
     return Linear(weight=linear.weight, bias=linear.bias)
+
+
+def _split_linear(module: nn.Module, path: str, sizes: tuple[int, ...]) -> list[Linear]:
+    """A fused nn.Linear as the linear layers whose outputs it concatenates, of those output sizes (views of the
+    frozen weights, not copies)."""
+    fused = _linear(module, path)
+    if sum(sizes) != fused.weight.shape[0]:
+        raise TypeError(f"{path} has {fused.weight.shape[0]} outputs, expected {' + '.join(map(str, sizes))}")
+    starts = [sum(sizes[:index]) for index in range(len(sizes))]
+    bias = fused.bias
+    return [
+        Linear(weight=fused.weight[start : start + size], bias=None if bias is None else bias[start : start + size])
+        for start, size in zip(starts, sizes, strict=True)
+    ]
 
 
 def _norm(module: nn.Module, path: str) -> Norm:

@@ -57,7 +57,7 @@ from explainers.worker import ExplainerWorker, WorkerSettings
 from tests.explainers.conftest import NUM_LAYERS, OUTPUT_IDS, PROMPT_IDS, VOCAB_SIZE, word_tokenizer
 
 # The families whose tiny models the hand-written fast path explains; the rest take the general path.
-FAST_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAST_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 TOKEN_IDS = torch.tensor(PROMPT_IDS + OUTPUT_IDS)
 POSITIONS = torch.arange(len(PROMPT_IDS), len(TOKEN_IDS))
 TARGETS = Targets(positions=POSITIONS, token_ids=TOKEN_IDS[POSITIONS], foil_ids=None)
