@@ -79,6 +79,7 @@ BENCHMARKS = (
         "cache_and_scaling", "Explainer: hidden-state cache, scaling, memory, efficiency", "cache_and_scaling.py"
     ),
     Benchmark("explainer_vs_peers", "Explainer vs peer libraries", "explainer_vs_peers.py"),
+    Benchmark("explain_paths", "Explainer: fast path vs general path", "explain_paths.py"),
     Benchmark(
         "observability_overhead",
         "Observability: tracing + metrics per request (on vs off), viewer page load of a 1,024-token explanation",

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from common.telemetry import configure_tracing
 from explainers import metrics
+from explainers.architectures import UnsupportedArchitectureError
 from explainers.embedded_model import default_model_dir
 from explainers.model import load_model
 from explainers.worker import ExplainerWorker, WorkerSettings
@@ -135,7 +137,12 @@ def main() -> None:
     signal.signal(signal.SIGTERM, shutdown.request)
     signal.signal(signal.SIGINT, shutdown.request)
 
-    loaded = load_model(args.model_dir)
+    try:
+        loaded = load_model(args.model_dir)
+    except UnsupportedArchitectureError as error:
+        # A configuration error, not a crash: the reason alone, and no restart will change it.
+        provider.shutdown()
+        sys.exit(f"explainer: cannot explain the model in {args.model_dir}: {error}")
     # Named after the consumer, so CLIENT LIST tells which worker each connection belongs to.
     client = redis.Redis.from_url(
         args.redis_url, socket_connect_timeout=2, socket_timeout=30, client_name=args.consumer
@@ -155,10 +162,12 @@ def main() -> None:
     shutdown.worker = worker
     worker.register()
     log.info(
-        "explainer %s ready: model %s (%s) on %s",
+        "explainer %s ready: model %s (%s, %s, %s path) on %s",
         args.consumer,
         loaded.model_name,
         loaded.weights_digest[:12],
+        loaded.architecture.model_type,
+        loaded.path.value,
         args.redis_url,
     )
     try:

@@ -18,20 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, overload
+from typing import Literal, Protocol, overload
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from explainers import progress
-
-if TYPE_CHECKING:
-    # Annotation only: explainers.model checks a model against this module when it loads one.
-    from explainers.model import LoadedModel
-
-# LlamaMLP's activation, the one _layer_forward differentiates by hand.
-SUPPORTED_ACTIVATIONS = ("silu", "swish")
 
 
 @dataclass(frozen=True)
@@ -64,22 +57,43 @@ class LayerWeights:
     gate: Linear
     up: Linear
     down: Linear
+    # Qwen3's RMSNorm of each query and key head (over the head size), before the rotary embedding; None without.
+    query_norm: Norm | None = None
+    key_norm: Norm | None = None
 
     @classmethod
     def of(cls, decoder_layer: nn.Module) -> LayerWeights:
         attention = decoder_layer.get_submodule("self_attn")
+        head_size = int(getattr(attention, "head_dim"))  # noqa: B009 (a plain attribute, not a submodule)
+        has_head_norms = hasattr(attention, "q_norm")
+        if hasattr(attention, "qkv_proj"):
+            # Phi-3 fuses the projections: query heads, then key heads, then value heads along the output.
+            query_size = int(getattr(attention, "config").num_attention_heads) * head_size  # noqa: B009
+            key_size = int(getattr(attention, "num_key_value_heads")) * head_size  # noqa: B009
+            q, k, v = _split_linear(attention, "qkv_proj", (query_size, key_size, key_size))
+        else:
+            q, k, v = (_linear(attention, f"{name}_proj") for name in "qkv")
+        mlp = decoder_layer.get_submodule("mlp")
+        if hasattr(mlp, "gate_up_proj"):
+            # Phi-3 fuses gate and up: the gate is the first half of the output, as Phi3MLP chunks it.
+            intermediate_size = int(getattr(mlp, "down_proj").in_features)  # noqa: B009
+            gate, up = _split_linear(mlp, "gate_up_proj", (intermediate_size, intermediate_size))
+        else:
+            gate, up = _linear(mlp, "gate_proj"), _linear(mlp, "up_proj")
         return cls(
             attention_norm=_norm(decoder_layer, "input_layernorm"),
-            q=_linear(attention, "q_proj"),
-            k=_linear(attention, "k_proj"),
-            v=_linear(attention, "v_proj"),
+            q=q,
+            k=k,
+            v=v,
             o=_linear(attention, "o_proj"),
-            head_size=int(getattr(attention, "head_dim")),  # noqa: B009 (a plain attribute, not a submodule)
+            head_size=head_size,
             scale=float(getattr(attention, "scaling")),  # noqa: B009
             mlp_norm=_norm(decoder_layer, "post_attention_layernorm"),
-            gate=_linear(decoder_layer, "mlp.gate_proj"),
-            up=_linear(decoder_layer, "mlp.up_proj"),
-            down=_linear(decoder_layer, "mlp.down_proj"),
+            gate=gate,
+            up=up,
+            down=_linear(mlp, "down_proj"),
+            query_norm=_norm(attention, "q_norm") if has_head_norms else None,
+            key_norm=_norm(attention, "k_norm") if has_head_norms else None,
         )
 
 
@@ -88,6 +102,20 @@ def _linear(module: nn.Module, path: str) -> Linear:
     if not isinstance(linear, nn.Linear):
         raise TypeError(f"{path} is a {type(linear).__name__}, not an nn.Linear")
     return Linear(weight=linear.weight, bias=linear.bias)
+
+
+def _split_linear(module: nn.Module, path: str, sizes: tuple[int, ...]) -> list[Linear]:
+    """A fused nn.Linear as the linear layers whose outputs it concatenates, of those output sizes (views of the
+    frozen weights, not copies)."""
+    fused = _linear(module, path)
+    if sum(sizes) != fused.weight.shape[0]:
+        raise TypeError(f"{path} has {fused.weight.shape[0]} outputs, expected {' + '.join(map(str, sizes))}")
+    starts = [sum(sizes[:index]) for index in range(len(sizes))]
+    bias = fused.bias
+    return [
+        Linear(weight=fused.weight[start : start + size], bias=None if bias is None else bias[start : start + size])
+        for start, size in zip(starts, sizes, strict=True)
+    ]
 
 
 def _norm(module: nn.Module, path: str) -> Norm:
@@ -112,6 +140,9 @@ class LayerRecord:
     mlp_rstd: torch.Tensor  # [P, N, 1]
     gate_activation: torch.Tensor  # silu(gate) [P, N, I]
     up_times_gate_slope: torch.Tensor  # up * silu'(gate) [P, N, I]
+    # With head norms: each query and key head normalised, and 1 / its rms ([P, H or KV, N, hd], [..., 1]).
+    query_heads: tuple[torch.Tensor, torch.Tensor] | None = None
+    key_heads: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -149,23 +180,27 @@ ChunkMap = Callable[
 ]
 
 
-def check_supported(config: object) -> None:
-    """Refuse, at load time, a model whose layers this backward pass does not differentiate."""
-    activation = getattr(config, "hidden_act", None)
-    if activation not in SUPPORTED_ACTIVATIONS:
-        raise TypeError(f"the gradient methods need a SiLU-gated MLP; this model's hidden_act is {activation!r}")
+class FastDecoder(Protocol):
+    """What the fast path reads of a loaded model (explainers.model.LoadedModel is one): each decoder layer's
+    weights and the rotary embedding. A protocol, so that this module needs nothing from explainers.model."""
+
+    @property
+    def layer_weights(self) -> list[LayerWeights]: ...
+
+    @property
+    def rotary_embedding(self) -> nn.Module: ...
 
 
 @overload
 def run_layers(
-    loaded: LoadedModel, states: torch.Tensor, layer: int, record: Literal[True]
+    loaded: FastDecoder, states: torch.Tensor, layer: int, record: Literal[True]
 ) -> tuple[list[torch.Tensor], RecordedLayers]: ...
 @overload
 def run_layers(
-    loaded: LoadedModel, states: torch.Tensor, layer: int, record: bool
+    loaded: FastDecoder, states: torch.Tensor, layer: int, record: bool
 ) -> tuple[list[torch.Tensor], RecordedLayers | None]: ...
 def run_layers(
-    loaded: LoadedModel, states: torch.Tensor, layer: int, record: bool
+    loaded: FastDecoder, states: torch.Tensor, layer: int, record: bool
 ) -> tuple[list[torch.Tensor], RecordedLayers | None]:
     """Run the decoder layers above `layer` on residual-stream states [P, N, D], as residual_from_layer does, without
     gradients. Returns the residual stream (states, then each layer's output) and, with record, what
@@ -190,7 +225,7 @@ def run_layers(
     )
 
 
-def record_forward(loaded: LoadedModel, states: torch.Tensor, layer: int) -> RecordedLayers:
+def record_forward(loaded: FastDecoder, states: torch.Tensor, layer: int) -> RecordedLayers:
     """Run the decoder layers above `layer` on residual-stream states [P, N, D], keeping what backward_to_layer
     needs."""
     return run_layers(loaded, states, layer, record=True)[1]
@@ -237,8 +272,9 @@ def _layer_forward(
     """LlamaDecoderLayer.forward on hidden [P, N, D], with its activations if record."""
     attention_normed, attention_rstd = _rms_normalize(hidden, weights.attention_norm)
     attention_input = weights.attention_norm.weight * attention_normed.to(hidden.dtype)
-    queries = rotate(_split_heads(weights.q(attention_input), weights.head_size), cos, sin)
-    keys = rotate(_split_heads(weights.k(attention_input), weights.head_size), cos, sin)
+    query_heads, queries = _head_norm(_split_heads(weights.q(attention_input), weights.head_size), weights.query_norm)
+    key_heads, keys = _head_norm(_split_heads(weights.k(attention_input), weights.head_size), weights.key_norm)
+    queries, keys = rotate(queries, cos, sin), rotate(keys, cos, sin)
     values = _split_heads(weights.v(attention_input), weights.head_size)
     attention_output = F.scaled_dot_product_attention(
         queries, keys, values, is_causal=True, scale=weights.scale, enable_gqa=True
@@ -266,8 +302,33 @@ def _layer_forward(
         mlp_rstd=mlp_rstd,
         gate_activation=gate_activation,
         up_times_gate_slope=up_times_gate_slope,
+        query_heads=query_heads,
+        key_heads=key_heads,
     )
     return layer_record, hidden
+
+
+def _head_norm(heads: torch.Tensor, norm: Norm | None) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor]:
+    """((normalised heads, 1 / rms) or None, the heads after the norm) for heads [..., N, hd]: Qwen3's per-head
+    RMSNorm, or the heads themselves without one."""
+    if norm is None:
+        return None, heads
+    normed, rstd = _rms_normalize(heads, norm)
+    return (normed, rstd), norm.weight * normed.to(heads.dtype)
+
+
+def _head_norm_backward(
+    gradients: torch.Tensor,
+    norm: Norm | None,
+    recorded: tuple[torch.Tensor, torch.Tensor] | None,
+    rows: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """d/d heads before the head norm from d/d heads after it, whose rows rows() picks out of the recorded
+    (normalised heads, 1 / rms) [P, heads, N, ...]. The identity without a norm."""
+    if norm is None or recorded is None:
+        return gradients
+    normed, rstd = recorded
+    return _rms_backward(gradients, norm, rows(normed), rows(rstd))
 
 
 def _layer_backward(
@@ -292,9 +353,19 @@ def _layer_backward(
         record.attention_output[None, :, :, :b],
         weights.scale,
     )
+
+    def head_prefix(activations: torch.Tensor) -> torch.Tensor:  # [P, heads, N, ...] -> [P, heads, b, ...]
+        return activations[:, :, :b]
+
+    query_gradients = _head_norm_backward(
+        _rotate_backward(query_gradients, cos, sin), weights.query_norm, record.query_heads, head_prefix
+    )
+    key_gradients = _head_norm_backward(
+        _rotate_backward(key_gradients, cos, sin), weights.key_norm, record.key_heads, head_prefix
+    )
     attention_input_gradients = _linear_input_gradients(
-        (_merge_heads(_rotate_backward(query_gradients, cos, sin)), weights.q),
-        (_merge_heads(_rotate_backward(key_gradients, cos, sin)), weights.k),
+        (_merge_heads(query_gradients), weights.q),
+        (_merge_heads(key_gradients), weights.k),
         (_merge_heads(value_gradients), weights.v),
     )
     return _rms_backward(
@@ -328,13 +399,26 @@ def _seeded_layer_backward(
         heads_at_positions(record.attention_output),
         weights.scale,
     )
+
+    def head_prefix(activations: torch.Tensor) -> torch.Tensor:  # [P, heads, N, ...] -> [P, heads, b, ...]
+        return activations[:, :, : seeds.prefix]
+
+    key_gradients = _head_norm_backward(
+        _rotate_backward(key_gradients, cos, sin), weights.key_norm, record.key_heads, head_prefix
+    )
     attention_input_gradients = _linear_input_gradients(
-        (_merge_heads(_rotate_backward(key_gradients, cos, sin)), weights.k),
+        (_merge_heads(key_gradients), weights.k),
         (_merge_heads(value_gradients), weights.v),
     )  # [C, P, b, D]
     # Each target's query row at its own position: the rotary tables broadcast over points and heads.
     query_cos, query_sin = cos[positions, None, None, None], sin[positions, None, None, None]
-    query_input_gradients = _merge_heads(_rotate_backward(query_gradients, query_cos, query_sin)) @ weights.q.weight
+    query_gradients = _head_norm_backward(
+        _rotate_backward(query_gradients, query_cos, query_sin),
+        weights.query_norm,
+        record.query_heads,
+        heads_at_positions,
+    )
+    query_input_gradients = _merge_heads(query_gradients) @ weights.q.weight
     attention_input_gradients[targets, :, positions] += query_input_gradients[:, :, 0]
     gradients = _rms_backward(
         attention_input_gradients,

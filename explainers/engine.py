@@ -110,6 +110,7 @@ def explain(
         step_scores=step_scores,
         cache_hit=cache_hit,
         source_groups=[types_pb2.SourceGroup(start=g.start, end=g.end, label=g.label) for g in groups],
+        explain_path=loaded.path.proto,
     )
     for index, (method, params) in enumerate(requested):
         if not any(later.reuses_embedding_recording for later, _ in requested[index:]):

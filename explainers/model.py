@@ -1,4 +1,11 @@
-"""The explainer's PyTorch replica of the served weights, and the forward passes every method shares."""
+"""The explainer's PyTorch replica of the served weights, and the forward passes every method shares.
+
+Each pass runs on one of two paths (explainers.architectures.ExplainPath): the fast path's hand-written layers
+(explainers.backprop, Llama's skeleton) or the general path's Hugging Face module (explainers.general_path, any
+supported architecture). Both give the same residual stream: hidden_states[0] is the first decoder layer's input
+(the embedding output, scaled or position-summed as the architecture does it) and hidden_states[l] decoder layer
+l's output, all before the final norm.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +13,18 @@ import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from explainers.backprop import LayerWeights, RecordedLayers, check_supported, run_layers
+from explainers import general_path
+from explainers.architectures import Architecture, ExplainPath, architecture_of
+from explainers.backprop import LayerWeights, RecordedLayers, run_layers
 from explainers.embedded_model import MANIFEST_FILE
 from explainers.embedded_model import weights_digest as safetensors_digest
-
-if TYPE_CHECKING:
-    # Annotation only: explainers.targets imports this module.
-    from explainers.targets import Targets
+from explainers.targets import Targets, log_probs
 
 # Both "eager" and "sdpa" give exact batched vector-Jacobian products (`is_grads_batched`, no double backward;
 # checked against a per-target loop) at about the same CPU speed. SDPA is chosen because eager keeps every layer's
@@ -41,6 +47,19 @@ class LoadedModel:
     weights_digest: str
     model_name: str
     num_layers: int
+    # The general path even where the fast path covers the architecture (to check one against the other).
+    force_general_path: bool = False
+
+    @functools.cached_property
+    def architecture(self) -> Architecture:
+        return architecture_of(self.model.config)
+
+    @functools.cached_property
+    def path(self) -> ExplainPath:
+        """The path every pass over this model takes."""
+        if self.force_general_path:
+            return ExplainPath.GENERAL
+        return self.architecture.path_for(self.model.config)
 
     @property
     def vocab_size(self) -> int:
@@ -67,7 +86,7 @@ class LoadedModel:
 
     @property
     def decoder_layers(self) -> nn.ModuleList:
-        return _submodule(self.model, "model.layers", nn.ModuleList)
+        return _submodule(self.model, self.architecture.decoder_layers, nn.ModuleList)
 
     @functools.cached_property
     def layer_weights(self) -> list[LayerWeights]:
@@ -77,40 +96,62 @@ class LoadedModel:
 
     @property
     def final_norm(self) -> nn.Module:
-        return _submodule(self.model, "model.norm", nn.Module)
+        return _submodule(self.model, self.architecture.final_norm, nn.Module)
 
     @property
     def unembedding(self) -> nn.Linear:
-        return _submodule(self.model, "lm_head", nn.Linear)
+        unembedding = self.model.get_output_embeddings()  # type: ignore[no-untyped-call]
+        if not isinstance(unembedding, nn.Linear):
+            raise TypeError(f"expected an nn.Linear unembedding, got {type(unembedding).__name__}")
+        return unembedding
+
+    @property
+    def final_logit_softcap(self) -> float | None:
+        """Gemma's cap on the logits, tanh(logits / cap) * cap, applied after the unembedding (None: uncapped)."""
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        return float(cap) if cap else None
 
     @property
     def rotary_embedding(self) -> nn.Module:
         return _submodule(self.model, "model.rotary_emb", nn.Module)
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """Input embeddings [1, num_tokens, hidden] of token ids [num_tokens]."""
+        """The residual stream at layer 0 [1, num_tokens, hidden] of token ids [num_tokens]: the first decoder
+        layer's input, which is the input embeddings themselves for Llama, scaled by sqrt(hidden) for Gemma and
+        summed with the position embeddings for GPT-2."""
+        if self.path is ExplainPath.GENERAL:
+            return general_path.decoder_input(self.model, self.decoder_layers, token_ids)
         with torch.no_grad():
             embeddings: torch.Tensor = self.input_embeddings(token_ids[None])
         return embeddings
 
 
 def _submodule(model: PreTrainedModel, path: str, kind: type[ModuleT]) -> ModuleT:
-    # Llama-family layout: model.layers (the decoder blocks), model.norm (the final RMSNorm), lm_head.
+    # The layout the architecture registry names, e.g. Llama's model.layers (decoder blocks) and model.norm.
     submodule = model.get_submodule(path)
     if not isinstance(submodule, kind):
         raise TypeError(f"{type(model).__name__}.{path} is a {type(submodule).__name__}, not a {kind.__name__}")
     return submodule
 
 
-def load_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a local Hugging Face Llama directory (safetensors + tokenizer) for attribution.
+def attention_implementation(config: object) -> str:
+    """ATTN_IMPLEMENTATION, but eager for a model that soft-caps its attention scores (Gemma 2), which SDPA would
+    silently skip."""
+    return general_path.EAGER if getattr(config, "attn_logit_softcapping", None) else ATTN_IMPLEMENTATION
 
-    Every parameter is frozen, so gradients only ever flow to the input embeddings a method asks about.
+
+def load_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a local Hugging Face causal LM directory (safetensors + tokenizer) for attribution.
+
+    The architecture is checked first (UnsupportedArchitectureError names it and lists the supported ones), so an
+    unsupported model fails before its weights are read. Every parameter is frozen, so gradients only ever flow to
+    the states a method asks about.
     """
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    architecture_of(config)
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION, local_files_only=True
+        model_dir, dtype=dtype, attn_implementation=attention_implementation(config), local_files_only=True
     )
-    check_supported(model.config)
     model.train(False)
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
@@ -123,7 +164,9 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> LoadedMod
         num_layers=int(model.config.num_hidden_layers),
     )
     # Fail at load time, not on the first job, when the architecture lacks what the methods read.
-    _ = loaded.layer_weights, loaded.final_norm, loaded.unembedding, loaded.input_embeddings, loaded.rotary_embedding
+    _ = loaded.decoder_layers, loaded.final_norm, loaded.unembedding, loaded.input_embeddings
+    if loaded.path is ExplainPath.FAST:
+        _ = loaded.layer_weights, loaded.rotary_embedding
     return loaded
 
 
@@ -144,8 +187,11 @@ def _identity(model_dir: Path) -> tuple[str, str]:
 def residual_from_layer(loaded: LoadedModel, hidden: torch.Tensor, layer: int) -> torch.Tensor:
     """The last decoder layer's output [batch, num_tokens, hidden] (before the final norm) from residual-stream
     states hidden [batch, num_tokens, hidden] at ``layer`` (indexed like hidden_states: 0 is the embedding output,
-    l the output of decoder layer l). Runs decoder layers layer + 1..L only; differentiable when grad mode is on.
+    l the output of decoder layer l). Runs decoder layers layer + 1..L only (all of them on the general path, whose
+    module runs whole, the states standing in for layer's output); differentiable when grad mode is on.
     """
+    if loaded.path is ExplainPath.GENERAL:
+        return general_path.final_residual(loaded.model, loaded.decoder_layers, loaded.final_norm, hidden, layer)
     position_ids = torch.arange(hidden.shape[1], device=hidden.device)[None]
     position_embeddings = loaded.rotary_embedding(hidden, position_ids)
     for decoder_layer in loaded.decoder_layers[layer:]:
@@ -160,20 +206,24 @@ def residual_from_layer(loaded: LoadedModel, hidden: torch.Tensor, layer: int) -
 def readout_logits(loaded: LoadedModel, residual: torch.Tensor) -> torch.Tensor:
     """Vocabulary logits [..., vocab] from last-layer residual states [..., hidden]: final norm, then unembedding.
     The final norm is per position, so reading out only some positions changes nothing."""
-    logits: torch.Tensor = loaded.unembedding(loaded.final_norm(residual))
-    return logits
+    return logits_from_normed(loaded, loaded.final_norm(residual))
+
+
+def logits_from_normed(loaded: LoadedModel, normed: torch.Tensor) -> torch.Tensor:
+    """Vocabulary logits [..., vocab] from the final norm's output [..., hidden]: the unembedding, then the
+    architecture's logit soft-cap if it has one."""
+    logits: torch.Tensor = loaded.unembedding(normed)
+    cap = loaded.final_logit_softcap
+    return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 def forward_from_layer(loaded: LoadedModel, hidden: torch.Tensor, layer: int, targets: Targets) -> torch.Tensor:
     """``targets.score`` [batch, num_targets] from residual-stream states hidden [batch, num_tokens, hidden] at
     ``layer``: decoder layers layer + 1..L, then the readout at the predicting positions only."""
+    if loaded.path is ExplainPath.GENERAL:
+        return general_path.layer_scores(loaded.model, loaded.decoder_layers, loaded.final_norm, hidden, layer, targets)
     residual = residual_from_layer(loaded, hidden, layer)
     return targets.score_logits(readout_logits(loaded, residual[:, targets.predicting_positions]))
-
-
-def log_probs(logits: torch.Tensor) -> torch.Tensor:
-    """Log-softmax over the vocabulary, in at least float32 so bf16 logits keep their tail."""
-    return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
 
 
 def readout_log_probs(loaded: LoadedModel, residual: torch.Tensor) -> torch.Tensor:
@@ -194,7 +244,11 @@ def forward_with_hidden_states(loaded: LoadedModel, token_ids: torch.Tensor, rec
 
     hidden_states[0] is the embedding output and hidden_states[l] the output of decoder layer l, all BEFORE the
     final norm (transformers' `output_hidden_states` ends with the state after it). The layers run as the gradient
-    methods' own recording pass runs them (explainers.backprop), so that a recording made here serves them.
+    methods' own recording pass runs them (explainers.backprop), so that a recording made here serves them. The
+    general path records nothing: its gradients come from autograd over a pass of their own.
     """
+    if loaded.path is ExplainPath.GENERAL:
+        states = general_path.hidden_states(loaded.model, loaded.decoder_layers, token_ids)
+        return RecordedForward(hidden_states=states, recorded=None)
     residual_stream, recorded = run_layers(loaded, loaded.embed(token_ids), 0, record)
     return RecordedForward(hidden_states=torch.cat(residual_stream), recorded=recorded)

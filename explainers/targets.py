@@ -8,10 +8,23 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
+from torch import nn
 
-from explainers.model import LoadedModel, log_probs
+
+class CausalLM(Protocol):
+    """What scoring token ids needs of a loaded model (explainers.model.LoadedModel is one): the Hugging Face
+    module. A protocol, so that this module needs nothing from explainers.model, which scores through it."""
+
+    @property
+    def model(self) -> nn.Module: ...
+
+
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Log-softmax over the vocabulary, in at least float32 so bf16 logits keep their tail."""
+    return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
 
 
 class TargetScore(enum.Enum):
@@ -61,7 +74,7 @@ class Targets:
         return logprobs.exp() if self.score is TargetScore.PROBABILITY else logprobs
 
 
-def target_scores(loaded: LoadedModel, inputs_embeds: torch.Tensor, targets: Targets) -> torch.Tensor:
+def target_scores(loaded: CausalLM, inputs_embeds: torch.Tensor, targets: Targets) -> torch.Tensor:
     """``targets.score`` for every target [batch, num_targets], from one forward pass over inputs_embeds [batch,
     num_tokens, hidden]; differentiable with respect to inputs_embeds when grad mode is on."""
     # Only the positions that predict a target go through the unembedding: [num_targets, vocab], not [seq, vocab].
@@ -69,7 +82,7 @@ def target_scores(loaded: LoadedModel, inputs_embeds: torch.Tensor, targets: Tar
     return targets.score_logits(logits)
 
 
-def token_scores(loaded: LoadedModel, token_ids: torch.Tensor, targets: Targets) -> torch.Tensor:
+def token_scores(loaded: CausalLM, token_ids: torch.Tensor, targets: Targets) -> torch.Tensor:
     """``targets.score`` [batch, num_targets] for a batch of (perturbed) token-id sequences [batch, num_tokens]."""
     logits = loaded.model(input_ids=token_ids, logits_to_keep=targets.predicting_positions).logits
     return targets.score_logits(logits)

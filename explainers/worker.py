@@ -38,7 +38,7 @@ from typing import cast
 
 import redis
 from opentelemetry import trace
-from sightline.v1 import explanations_pb2, types_pb2
+from sightline.v1 import types_pb2
 
 from common.fair_queue import TAKE_TURN_KEYS, TAKE_TURN_SCRIPT
 from common.jobs import (
@@ -66,8 +66,7 @@ from common.telemetry import context_from_traceparent
 from explainers import metrics
 from explainers.engine import explain
 from explainers.hidden_cache import HiddenStateCache
-from explainers.methods.base import ModelShape
-from explainers.methods.registry import method_infos
+from explainers.methods.registry import catalog as method_catalog
 from explainers.model import LoadedModel
 from explainers.progress import JobCancelled, Publisher, Tracking
 from explainers.telemetry import record_evaluations
@@ -161,7 +160,7 @@ class ExplainerWorker:
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
-        catalog = explanations_pb2.ListMethodsResponse(methods=method_infos(ModelShape.of(self._loaded)))
+        catalog = method_catalog(self._loaded)
         with self._redis.pipeline(transaction=True) as pipe:
             pipe.set(CATALOG_KEY, catalog.SerializeToString())
             pipe.hset(

@@ -12,6 +12,8 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from explainers import general_path
+from explainers.architectures import ExplainPath
 from explainers.backprop import Norm, rms_norm, rotate
 from explainers.model import LoadedModel
 
@@ -29,8 +31,14 @@ def attention_probabilities(
 
     Layers are computed a group at a time, every elementwise step once for the group: a layer's few hundred
     thousand probabilities are too small a job for a step of its own. A group holds at most MAX_GROUP_PROBABILITIES
-    (one layer, if a layer has more).
+    (one layer, if a layer has more). On the general path they are the module's own `output_attentions`, from one
+    pass in which every layer reads its cached input (explainers.general_path).
     """
+    if loaded.path is ExplainPath.GENERAL:
+        every_layer = general_path.attention_probabilities(loaded.model, loaded.decoder_layers, hidden_states[:-1])
+        for layer in layers:
+            yield every_layer[layer - 1][:, query_positions]
+        return
     config = loaded.model.config
     num_heads = int(config.num_attention_heads)
     num_tokens = hidden_states.shape[1]
@@ -59,9 +67,10 @@ def _layer_group(
     """attention_probabilities of `layers` [len(layers), heads, num_queries, num_tokens]; cos, sin [num_tokens,
     head_dim]."""
     config = loaded.model.config
-    num_heads, num_kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    group, num_queries, num_tokens = len(layers), len(query_positions), hidden_states.shape[1]
     weights = [loaded.layer_weights[layer - 1] for layer in layers]
+    # The attention module's head size: some configs (Qwen2) leave head_dim to be derived.
+    num_heads, num_kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, weights[0].head_size
+    group, num_queries, num_tokens = len(layers), len(query_positions), hidden_states.shape[1]
     stacked_norm = Norm(
         weight=torch.stack([w.attention_norm.weight for w in weights])[:, None], eps=weights[0].attention_norm.eps
     )
@@ -74,15 +83,28 @@ def _layer_group(
     # Scaled before the product, not after: [queries, hidden] products instead of [heads, queries, tokens]; the
     # same bits when the scale is a power of two (head_dim 64: 1/8).
     queries = rotate(
-        queries.view(group, num_queries, num_kv_heads, -1, head_dim),
+        _head_normed(queries.view(group, num_queries, num_kv_heads, -1, head_dim), [w.query_norm for w in weights]),
         cos[query_positions, None, None],
         sin[query_positions, None, None],
     ).mul_(head_dim**-0.5)
-    keys = rotate(keys.view(group, num_tokens, num_kv_heads, head_dim), cos[:, None], sin[:, None])
+    keys = rotate(
+        _head_normed(keys.view(group, num_tokens, num_kv_heads, head_dim), [w.key_norm for w in weights]),
+        cos[:, None],
+        sin[:, None],
+    )
     logits = torch.einsum("lqkgd,lnkd->lkgqn", queries, keys).reshape(group, num_heads, num_queries, num_tokens)
     causal = torch.arange(num_tokens)[None, :] <= query_positions[:, None]  # [num_queries, num_tokens]
     probabilities: torch.Tensor = logits.masked_fill_(~causal, float("-inf")).softmax(dim=-1)
     return probabilities
+
+
+def _head_normed(heads: torch.Tensor, norms: list[Norm | None]) -> torch.Tensor:
+    """heads [group, ..., head_dim] through each layer's per-head RMSNorm (Qwen3), or as they are without one."""
+    present = [norm for norm in norms if norm is not None]
+    if not present:
+        return heads
+    weight = torch.stack([norm.weight for norm in present]).view(len(present), *[1] * (heads.dim() - 2), -1)
+    return rms_norm(heads, Norm(weight=weight, eps=present[0].eps))
 
 
 def fuse(stacked: torch.Tensor, how: str) -> torch.Tensor:

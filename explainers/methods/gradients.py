@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 from sightline.v1 import types_pb2
 
-from explainers import progress
+from explainers import general_path, progress
+from explainers.architectures import ExplainPath
 from explainers.backprop import RecordedLayers, Seeds, backward_to_layer, record_forward
 from explainers.methods.base import (
     GRADIENT_COST,
@@ -109,8 +110,14 @@ def score_gradients(
     together, as each score reads one position only. A group goes through one layer at a time,
     its chunks side by side, one per torch thread, each op on a single thread: independent matrix products on
     separate cores beat one product split across them, and the layer's weights stay in cache for all the chunks.
+    On the general path (explainers.general_path) autograd takes the vector-Jacobian products instead, batched.
     """
     weights = torch.ones(states.shape[0], dtype=states.dtype) if point_weights is None else point_weights
+    if loaded.path is ExplainPath.GENERAL:
+        yield from general_path.score_gradients(
+            loaded.model, loaded.decoder_layers, loaded.final_norm, states, layer, targets, target_batch_size, weights
+        )
+        return
     # The last target is predicted from the position before its own: nothing from there on is needed.
     if recorded is None:
         recorded = record_forward(loaded, states[:, : int(targets.positions[-1])], layer)
@@ -233,7 +240,8 @@ class EmbeddingGradientMethod(AttributionMethod[EmbeddingGradientParams]):
         embeddings = ctx.loaded.embed(ctx.token_ids)  # [1, num_tokens, hidden]
         # Without the engine's recording, the same pass over the whole sequence: a cache hit then computes exactly
         # what a miss computes.
-        recording = ctx.embedding_recording or record_forward(ctx.loaded, embeddings, 0)
+        fast = ctx.loaded.path is ExplainPath.FAST
+        recording = (ctx.embedding_recording or record_forward(ctx.loaded, embeddings, 0)) if fast else None
         scores = reduced_gradients(
             ctx.loaded, embeddings, 0, ctx.targets, params.target_batch_size, self.reduce, recording
         )

@@ -16,6 +16,7 @@ from sightline.v1 import types_pb2
 from transformers import DynamicCache
 
 from explainers import progress
+from explainers.architectures import attends_fully
 from explainers.methods.base import (
     AttributionContext,
     AttributionMethod,
@@ -24,7 +25,7 @@ from explainers.methods.base import (
     prefix_only,
     tensor_proto,
 )
-from explainers.model import READOUT_ROWS, LoadedModel
+from explainers.model import READOUT_ROWS, LoadedModel, logits_from_normed
 from explainers.targets import Targets
 
 
@@ -118,10 +119,12 @@ def replaced_scores(
         first_replaced = torch.where(replaced.any(dim=1), replaced.to(torch.int8).argmax(dim=1), num_sources)
         order = torch.argsort(first_replaced, stable=True)
         perturbed_order = order[first_replaced[order] < num_sources]
+        reuse_keys = _keeps_every_key(loaded, num_sources)
         batches = torch.split(perturbed_order, batch_size)
         with progress.steps(len(batches)):
             for batch in batches:
-                start = int(first_replaced[batch[0]])
+                # Without every position's keys (a sliding-window layer keeps only its window), the pass runs whole.
+                start = int(first_replaced[batch[0]]) if reuse_keys else 0
                 # Targets predicted before `start` keep their unperturbed scores; positions ascend.
                 first_target = int(torch.searchsorted(targets.predicting_positions, start))
                 rescored = targets[first_target:]
@@ -141,6 +144,14 @@ def replaced_scores(
     return scores
 
 
+def _keeps_every_key(loaded: LoadedModel, num_tokens: int) -> bool:
+    """Whether the model's own KV cache of num_tokens positions holds every position's keys and values: not when a
+    sliding-window layer's window is shorter (its cache then keeps the last window only)."""
+    config = loaded.model.config
+    window = getattr(config, "sliding_window", None)
+    return attends_fully(config) or not isinstance(window, int) or window >= num_tokens
+
+
 def _read_out_scores(loaded: LoadedModel, normed: torch.Tensor, targets: Targets, offset: int) -> torch.Tensor:
     """targets.score [batch, num_targets] from the final norm's output normed [batch, positions, hidden] of
     positions offset.., READOUT_ROWS rows (batch x targets) of vocabulary logits at a time: a batch of long
@@ -150,7 +161,10 @@ def _read_out_scores(loaded: LoadedModel, normed: torch.Tensor, targets: Targets
     predicting = normed[:, targets.predicting_positions - offset]  # [batch, num_targets, hidden]
     slices = range(0, len(targets), per_slice)
     return torch.cat(
-        [targets[s : s + per_slice].score_logits(loaded.unembedding(predicting[:, s : s + per_slice])) for s in slices],
+        [
+            targets[s : s + per_slice].score_logits(logits_from_normed(loaded, predicting[:, s : s + per_slice]))
+            for s in slices
+        ],
         dim=1,
     )
 

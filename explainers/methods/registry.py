@@ -17,6 +17,7 @@ from explainers.methods.logit_lens import LogitLens
 from explainers.methods.occlusion import Occlusion
 from explainers.methods.saliency import Saliency
 from explainers.methods.shapley_sampling import ShapleySampling
+from explainers.model import LoadedModel
 
 _METHODS: dict[str, AttributionMethod[Any]] = {}
 
@@ -42,6 +43,17 @@ def get_method(name: str) -> AttributionMethod[Any]:
 
 def all_methods() -> list[AttributionMethod[Any]]:
     return [_METHODS[name] for name in sorted(_METHODS)]
+
+
+def catalog(loaded: LoadedModel) -> explanations_pb2.ListMethodsResponse:
+    """What ListMethods answers for workers holding `loaded`: the catalogue with that model's parameter bounds, and
+    which model, architecture and explainer path produce the explanations."""
+    return explanations_pb2.ListMethodsResponse(
+        methods=method_infos(ModelShape.of(loaded)),
+        model=loaded.model_name,
+        architecture=loaded.architecture.model_type,
+        explain_path=loaded.path.proto,
+    )
 
 
 def method_infos(shape: ModelShape | None = None) -> list[explanations_pb2.MethodInfo]:

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from explainers.architectures import ExplainPath
 from explainers.backprop import Seeds, backward_to_layer, record_forward
 from explainers.model import LoadedModel, load_model, residual_from_layer
 
@@ -86,9 +87,12 @@ def test_seeded_chunks_skip_only_zeros(tiny_model: LoadedModel, token_ids: torch
         torch.testing.assert_close(seeded_gradients, dense_gradients, rtol=0, atol=1e-12 * scale)
 
 
-def test_a_model_without_a_silu_gated_mlp_is_refused_at_load(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_a_llama_without_a_silu_gated_mlp_takes_the_general_path(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The hand-written backward pass differentiates SiLU gating only: any other activation is explained by autograd
+    over the module (explainers.general_path) instead of being refused."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, hidden_act="gelu")
     model.save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path)
 
-    with pytest.raises(TypeError, match="SiLU-gated MLP; this model's hidden_act is 'gelu'"):
-        load_model(tmp_path)
+    assert load_model(tmp_path).path is ExplainPath.GENERAL
+    assert load_model(tiny_model_dir).path is ExplainPath.FAST

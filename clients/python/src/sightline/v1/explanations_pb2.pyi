@@ -231,7 +231,13 @@ class MethodCost(_message.Message):
     def __init__(self, passes: _Optional[float] = ..., passes_per_target: _Optional[float] = ..., passes_per_token: _Optional[float] = ..., scaled_by_param: _Optional[str] = ...) -> None: ...
 
 class ListMethodsResponse(_message.Message):
-    __slots__ = ("methods",)
+    __slots__ = ("methods", "model", "architecture", "explain_path")
     METHODS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    EXPLAIN_PATH_FIELD_NUMBER: _ClassVar[int]
     methods: _containers.RepeatedCompositeFieldContainer[MethodInfo]
-    def __init__(self, methods: _Optional[_Iterable[_Union[MethodInfo, _Mapping]]] = ...) -> None: ...
+    model: str
+    architecture: str
+    explain_path: _types_pb2.ExplainPath
+    def __init__(self, methods: _Optional[_Iterable[_Union[MethodInfo, _Mapping]]] = ..., model: _Optional[str] = ..., architecture: _Optional[str] = ..., explain_path: _Optional[_Union[_types_pb2.ExplainPath, str]] = ...) -> None: ...

@@ -23,6 +23,12 @@ class ExplainMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EXPLAIN_MODE_SYNC: _ClassVar[ExplainMode]
     EXPLAIN_MODE_ASYNC: _ClassVar[ExplainMode]
 
+class ExplainPath(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EXPLAIN_PATH_UNSPECIFIED: _ClassVar[ExplainPath]
+    EXPLAIN_PATH_FAST: _ClassVar[ExplainPath]
+    EXPLAIN_PATH_GENERAL: _ClassVar[ExplainPath]
+
 class TargetScore(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     TARGET_SCORE_UNSPECIFIED: _ClassVar[TargetScore]
@@ -66,6 +72,9 @@ D_TYPE_INT32: DType
 EXPLAIN_MODE_UNSPECIFIED: ExplainMode
 EXPLAIN_MODE_SYNC: ExplainMode
 EXPLAIN_MODE_ASYNC: ExplainMode
+EXPLAIN_PATH_UNSPECIFIED: ExplainPath
+EXPLAIN_PATH_FAST: ExplainPath
+EXPLAIN_PATH_GENERAL: ExplainPath
 TARGET_SCORE_UNSPECIFIED: TargetScore
 TARGET_SCORE_LOGPROB: TargetScore
 TARGET_SCORE_PROBABILITY: TargetScore
@@ -314,7 +323,7 @@ class Fidelity(_message.Message):
     def __init__(self, recomputed_logprobs: _Optional[_Iterable[float]] = ..., max_abs_logprob_diff: _Optional[float] = ...) -> None: ...
 
 class Explanation(_message.Message):
-    __slots__ = ("explanation_id", "state", "error", "model", "weights_digest", "tokens", "prompt_length", "target_positions", "results", "fidelity", "cache_hit", "created_at", "completed_at", "trace_id", "attempts", "foil_token_ids", "target_score", "step_scores", "source_groups", "cancelled_by", "progress")
+    __slots__ = ("explanation_id", "state", "error", "model", "weights_digest", "tokens", "prompt_length", "target_positions", "results", "fidelity", "cache_hit", "created_at", "completed_at", "trace_id", "attempts", "foil_token_ids", "target_score", "step_scores", "source_groups", "cancelled_by", "progress", "explain_path")
     EXPLANATION_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
@@ -336,6 +345,7 @@ class Explanation(_message.Message):
     SOURCE_GROUPS_FIELD_NUMBER: _ClassVar[int]
     CANCELLED_BY_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    EXPLAIN_PATH_FIELD_NUMBER: _ClassVar[int]
     explanation_id: str
     state: ExplanationState
     error: str
@@ -357,4 +367,5 @@ class Explanation(_message.Message):
     source_groups: _containers.RepeatedCompositeFieldContainer[SourceGroup]
     cancelled_by: str
     progress: ExplanationProgress
-    def __init__(self, explanation_id: _Optional[str] = ..., state: _Optional[_Union[ExplanationState, str]] = ..., error: _Optional[str] = ..., model: _Optional[str] = ..., weights_digest: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ..., prompt_length: _Optional[int] = ..., target_positions: _Optional[_Iterable[int]] = ..., results: _Optional[_Iterable[_Union[MethodResult, _Mapping]]] = ..., fidelity: _Optional[_Union[Fidelity, _Mapping]] = ..., cache_hit: _Optional[bool] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., completed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., trace_id: _Optional[str] = ..., attempts: _Optional[int] = ..., foil_token_ids: _Optional[_Iterable[int]] = ..., target_score: _Optional[_Union[TargetScore, str]] = ..., step_scores: _Optional[_Union[StepScores, _Mapping]] = ..., source_groups: _Optional[_Iterable[_Union[SourceGroup, _Mapping]]] = ..., cancelled_by: _Optional[str] = ..., progress: _Optional[_Union[ExplanationProgress, _Mapping]] = ...) -> None: ...
+    explain_path: ExplainPath
+    def __init__(self, explanation_id: _Optional[str] = ..., state: _Optional[_Union[ExplanationState, str]] = ..., error: _Optional[str] = ..., model: _Optional[str] = ..., weights_digest: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ..., prompt_length: _Optional[int] = ..., target_positions: _Optional[_Iterable[int]] = ..., results: _Optional[_Iterable[_Union[MethodResult, _Mapping]]] = ..., fidelity: _Optional[_Union[Fidelity, _Mapping]] = ..., cache_hit: _Optional[bool] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., completed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., trace_id: _Optional[str] = ..., attempts: _Optional[int] = ..., foil_token_ids: _Optional[_Iterable[int]] = ..., target_score: _Optional[_Union[TargetScore, str]] = ..., step_scores: _Optional[_Union[StepScores, _Mapping]] = ..., source_groups: _Optional[_Iterable[_Union[SourceGroup, _Mapping]]] = ..., cancelled_by: _Optional[str] = ..., progress: _Optional[_Union[ExplanationProgress, _Mapping]] = ..., explain_path: _Optional[_Union[ExplainPath, str]] = ...) -> None: ...
