@@ -13,6 +13,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.sightline-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Arize Phoenix, which the observability tests export to, in a virtualenv of its own: its pins conflict with ours.
+KEDA_CRD := deploy/k8s/keda-crd
+KEDA_STAMP := $(KEDA_CRD)/node_modules/.sightline-installed
 PHOENIX_VENV := .venv-phoenix
 PHOENIX_STAMP := $(PHOENIX_VENV)/.phoenix-installed
 
@@ -45,10 +47,17 @@ $(PHOENIX_STAMP):
 
 phoenix: $(PHOENIX_STAMP)
 
+# Validators generated from KEDA's CRDs (npm), for the ScaledObject check in tests/deploy.
+$(KEDA_STAMP): $(KEDA_CRD)/package.json $(KEDA_CRD)/package-lock.json
+	@command -v npm >/dev/null || (echo "==> installing nodejs and npm (apt, for the KEDA CRD check)" && $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq nodejs npm)
+	@echo "==> installing @kubernetes-models/keda (npm, for the KEDA CRD check)"
+	cd $(KEDA_CRD) && npm ci --no-audit --no-fund --silent
+	touch $(KEDA_STAMP)
+
 serve: system-deps $(STAMP)
 	$(BIN)/python -m deploy.local_stack
 
-test: system-deps $(STAMP) $(PHOENIX_STAMP)
+test: system-deps $(STAMP) $(PHOENIX_STAMP) $(KEDA_STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
@@ -75,5 +84,5 @@ soak: system-deps $(STAMP)
 
 # Render every Kubernetes overlay and validate it offline (also part of `make test`); docs/deploy.md.
 .PHONY: k8s-check
-k8s-check: $(STAMP)
+k8s-check: $(STAMP) $(KEDA_STAMP)
 	$(BIN)/python -m pytest tests/deploy -q

@@ -1,10 +1,12 @@
 """deploy/k8s: every overlay renders (kubectl kustomize), every object validates offline against the Kubernetes
-API's schemas (kubernetes-validate, strict) or, for KEDA's ScaledObject, against deploy/k8s/schemas/, and the
-wiring no schema sees holds: the queue KEDA watches is common/jobs.py's, ports and probes match the processes'
-flags, the Secrets are the ones the containers read, vLLM and the workers load the same model directory."""
+API's schemas (kubernetes-validate, strict) or, for KEDA's ScaledObject, against KEDA's own CRD (deploy/k8s/keda-crd)
+and the stricter deploy/k8s/schemas/, and the wiring no schema sees holds: the queue KEDA watches is common/jobs.py's,
+ports and probes match the processes' flags, the Secrets are the ones the containers read, vLLM and the workers load
+the same model directory."""
 
 from __future__ import annotations
 
+import copy
 import json
 import shlex
 import shutil
@@ -152,6 +154,38 @@ def test_every_object_validates_strictly_against_its_schema(rendered: dict[str, 
                 pytest.fail(f"{where}: {error.message} at {list(error.absolute_path)}")
         checked += 1
     assert checked >= 3 * 17
+
+
+KEDA_CRD_CHECK = K8S / "keda-crd"
+
+
+def validate_against_kedas_crd(objects: list[Manifest]) -> subprocess.CompletedProcess[str]:
+    """Run deploy/k8s/keda-crd/validate.mjs: validators generated from KEDA's own CRDs (@kubernetes-models/keda)."""
+    node = shutil.which("node")
+    if node is None or not (KEDA_CRD_CHECK / "node_modules" / "@kubernetes-models" / "keda").is_dir():
+        pytest.fail("node or @kubernetes-models/keda is not installed; `make test` installs them (deploy/k8s/keda-crd)")
+    return subprocess.run(
+        [node, str(KEDA_CRD_CHECK / "validate.mjs")],
+        input=json.dumps(objects),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+
+
+def test_every_scaled_object_validates_against_kedas_own_crd(rendered: dict[str, list[Manifest]]) -> None:
+    scaled = [manifest for _, manifest in objects(rendered) if manifest["kind"] == "ScaledObject"]
+    assert len(scaled) == len(rendered)
+    result = validate_against_kedas_crd(scaled)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines() == [f"ok {manifest['metadata']['name']}" for manifest in scaled]
+    # The same check refuses what KEDA's API would: a replica count that is no integer.
+    broken = copy.deepcopy(scaled[0])
+    broken["spec"]["minReplicaCount"] = "one"
+    refused = validate_against_kedas_crd([broken])
+    assert refused.returncode == 1
+    assert "minReplicaCount must be integer" in refused.stdout
 
 
 def test_the_keda_schema_rejects_what_keda_would_not_scale_on() -> None:
