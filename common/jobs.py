@@ -58,6 +58,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from sightline.v1 import types_pb2
+
 # What an autoscaler watches (KEDA redis-streams: stream, consumerGroup, lagCount): see the module docstring.
 JOB_STREAM = "sl:jobs"
 WORKER_GROUP = "explainers"
@@ -76,6 +78,12 @@ RECORD_ATTEMPTS = "attempts"
 RECORD_EXPLANATION = "explanation"
 RECORD_SUMMARY = "summary"
 RECORD_STATE = "state"
+# The states a record never leaves once written (its result, its failure, or its cancellation).
+FINAL_STATES = (
+    types_pb2.EXPLANATION_STATE_SUCCEEDED,
+    types_pb2.EXPLANATION_STATE_FAILED,
+    types_pb2.EXPLANATION_STATE_CANCELLED,
+)
 RECORD_JOB = "job"
 RECORD_PROGRESS = "progress"
 RECORD_CANCEL = "cancel"

@@ -44,6 +44,7 @@ from common.fair_queue import TAKE_TURN_KEYS, TAKE_TURN_SCRIPT
 from common.jobs import (
     CATALOG_KEY,
     DONE_CHANNEL,
+    FINAL_STATES,
     JOB_ASSIGNED_KEY,
     JOB_STREAM,
     MODELS_KEY,
@@ -73,12 +74,6 @@ from explainers.telemetry import record_evaluations
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("sightline.explainer")
-
-FINAL_STATES = (
-    types_pb2.EXPLANATION_STATE_SUCCEEDED,
-    types_pb2.EXPLANATION_STATE_FAILED,
-    types_pb2.EXPLANATION_STATE_CANCELLED,
-)
 
 # Both scripts act only while ARGV[2] (this consumer) still owns entry ARGV[3] of stream KEYS[1] in
 # group ARGV[1]: an entry another worker claimed, or one already acknowledged, is left alone.

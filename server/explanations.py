@@ -28,6 +28,7 @@ from common.fair_queue import ENQUEUE_KEYS, ENQUEUE_SCRIPT
 from common.jobs import (
     CATALOG_KEY,
     DONE_CHANNEL,
+    FINAL_STATES,
     JOB_STREAM,
     MODELS_KEY,
     RECORD_ATTEMPTS,
@@ -64,12 +65,6 @@ from server.validation import method_params
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("sightline.gateway")
-
-FINAL_STATES = (
-    types_pb2.EXPLANATION_STATE_SUCCEEDED,
-    types_pb2.EXPLANATION_STATE_FAILED,
-    types_pb2.EXPLANATION_STATE_CANCELLED,
-)
 
 
 @dataclass

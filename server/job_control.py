@@ -25,6 +25,7 @@ from sightline.v1 import explanations_pb2, types_pb2
 
 from common.jobs import (
     DONE_CHANNEL,
+    FINAL_STATES,
     PASS_SECONDS_KEY,
     RECORD_CANCEL,
     RECORD_EXPLANATION,
@@ -37,7 +38,7 @@ from common.jobs import (
 )
 from server.costs import PlannedMethod, total_passes
 from server.errors import redis_errors_as_unavailable
-from server.explanations import FINAL_STATES, ExplanationBroker
+from server.explanations import ExplanationBroker
 
 log = logging.getLogger(__name__)
 
