@@ -7,10 +7,8 @@ from typing import NamedTuple
 
 import torch
 
+from common.explain_spec import NORMALIZATIONS, check_aggregation
 from common.jobs import ExplainOptions, SpanRequest
-
-GRANULARITIES = ("token", "word", "span")
-NORMALIZATIONS = ("none", "l1", "max_abs")
 
 
 class TokenGroup(NamedTuple):
@@ -21,39 +19,13 @@ class TokenGroup(NamedTuple):
     label: str
 
 
-def validate_options(options: ExplainOptions, num_tokens: int) -> None:
-    """Raise ValueError, saying what to change, for aggregation options that cannot apply to num_tokens tokens."""
-    if options.granularity not in GRANULARITIES:
-        raise ValueError(f"unknown granularity {options.granularity!r}; use one of {', '.join(GRANULARITIES)}")
-    if options.normalization not in NORMALIZATIONS:
-        raise ValueError(f"unknown normalization {options.normalization!r}; use one of {', '.join(NORMALIZATIONS)}")
-    if options.granularity != "span":
-        if options.spans:
-            raise ValueError(f"spans are only used with granularity 'span', not {options.granularity!r}; drop them")
-        return
-    if not options.spans:
-        raise ValueError("granularity 'span' needs at least one span")
-    for span in options.spans:
-        if not 0 <= span.start < span.end <= num_tokens:
-            raise ValueError(
-                f"span [{span.start}, {span.end}) is out of range: spans need 0 <= start < end <= {num_tokens}, "
-                f"the number of tokens (prompt and output)"
-            )
-    ordered = sorted(options.spans, key=lambda span: span.start)
-    for before, after in pairwise(ordered):
-        if after.start < before.end:
-            raise ValueError(
-                f"spans [{before.start}, {before.end}) and [{after.start}, {after.end}) overlap; spans must be disjoint"
-            )
-
-
 def source_groups(token_texts: list[str], special_positions: set[int], options: ExplainOptions) -> list[TokenGroup]:
     """The groups, in sequence order and tiling every position, that options.granularity reports attributions for.
 
     token_texts are the tokens decoded one by one; special_positions are where special tokens (BOS, chat markers)
-    sit. Raises ValueError for invalid options (see validate_options).
+    sit. Raises InvalidInputError (a ValueError) for options the explain spec refuses for these tokens.
     """
-    validate_options(options, len(token_texts))
+    check_aggregation(options.granularity, options.normalization, options.spans, len(token_texts))
     if options.granularity == "word":
         return _words(token_texts, special_positions)
     if options.granularity == "span":

@@ -25,6 +25,18 @@ from opentelemetry import trace
 from sightline.v1 import types_pb2
 
 from common.costs import method_passes
+
+# Re-exported: what explain() raises for a request the spec refuses; the worker fails such a job without retrying.
+from common.explain_spec import InvalidInputError as InvalidInputError
+from common.explain_spec import (
+    check_contrastive_support,
+    check_distinct_methods,
+    check_explain_options,
+    check_sequence_length,
+    check_served_logprobs,
+    check_token_ids,
+    params_path,
+)
 from common.jobs import ExplainOptions
 from explainers.aggregation import TokenGroup, aggregate, source_groups
 from explainers.backprop import RecordedLayers
@@ -48,10 +60,6 @@ TARGET_SCORES = {
 tracer = trace.get_tracer("sightline.explainer")
 
 
-class InvalidInputError(ValueError):
-    """Token ids or served log-probabilities that cannot be explained with this model."""
-
-
 def explain(
     loaded: LoadedModel,
     cache: HiddenStateCache | None,
@@ -64,18 +72,22 @@ def explain(
 ) -> types_pb2.Explanation:
     """Attribute the generated tokens of prompt_ids + output_ids that options select with each (method, params).
 
-    Raises UnknownMethodError, InvalidParamsError or InvalidInputError (all ValueError) before any model work.
+    Raises InvalidInputError (a ValueError; UnknownMethodError and InvalidParamsError are kinds of it) before any
+    model work, for anything the explain spec refuses: the worker re-checks every job it takes from the queue with
+    the rules the gateway checked it with (common/explain_spec.py), against the model it holds.
     Fills the computed fields; the caller owns id, state, timestamps, trace id and attempts. With ``tracking``,
     publishes progress as it goes and raises JobCancelled at the first checkpoint after the job was cancelled.
     """
     options = options or ExplainOptions()
     requested = _parse_methods(methods, ModelShape.of(loaded))
-    _validate_input(loaded, prompt_ids, output_ids, served_logprobs)
+    _validate_input(loaded, prompt_ids, output_ids, served_logprobs, options)
+    check_contrastive_support(
+        options.foil_token_ids, {method.name: method.supports_contrastive_targets for method, _ in requested}
+    )
     sequence = [*prompt_ids, *output_ids]
     token_ids = torch.tensor(sequence, dtype=torch.long)
     generated_positions = torch.arange(len(prompt_ids), len(sequence))
-    targets = _targets(loaded, token_ids, generated_positions, options)
-    _check_contrastive_support(requested, targets)
+    targets = _targets(token_ids, generated_positions, options)
     tokens = _tokens(loaded, sequence, len(prompt_ids), served_logprobs)
     groups = _source_groups(loaded, sequence, tokens, options)
 
@@ -170,37 +182,15 @@ def _job_progress(
     )
 
 
-def _targets(
-    loaded: LoadedModel, token_ids: torch.Tensor, generated_positions: torch.Tensor, options: ExplainOptions
-) -> Targets:
+def _targets(token_ids: torch.Tensor, generated_positions: torch.Tensor, options: ExplainOptions) -> Targets:
+    """The targets ``options`` select, which _validate_input has checked."""
     indices = options.output_indices or list(range(len(generated_positions)))
-    if any(not 0 <= i < len(generated_positions) for i in indices) or indices != sorted(set(indices)):
-        raise InvalidInputError(
-            f"target output indices must be distinct, ascending and in [0, {len(generated_positions)}), "
-            f"got {options.output_indices}"
-        )
     positions = generated_positions[indices]
     foils = options.foil_token_ids
-    if foils and len(foils) not in (1, len(positions)):
-        raise InvalidInputError(
-            f"give one foil token id for every target or one per explained token ({len(positions)}), got {len(foils)}"
-        )
-    if any(not 0 <= foil < loaded.vocab_size for foil in foils):
-        raise InvalidInputError(f"foil token ids must be in [0, {loaded.vocab_size}), got {foils}")
-    try:
-        score = TargetScore(options.score)
-    except ValueError as exc:
-        raise InvalidInputError(f"unknown target score {options.score!r}; use logprob, probability or logit") from exc
     foil_ids = torch.tensor(foils * len(positions) if len(foils) == 1 else foils) if foils else None
-    return Targets(positions=positions, token_ids=token_ids[positions], foil_ids=foil_ids, score=score)
-
-
-def _check_contrastive_support(requested: list[tuple[AttributionMethod[Any], Any]], targets: Targets) -> None:
-    if targets.foil_ids is None:
-        return
-    unsupported = [method.name for method, _ in requested if not method.supports_contrastive_targets]
-    if unsupported:
-        raise InvalidInputError(f"methods {unsupported} do not support contrastive (foil) targets")
+    return Targets(
+        positions=positions, token_ids=token_ids[positions], foil_ids=foil_ids, score=TargetScore(options.score)
+    )
 
 
 def _source_groups(
@@ -208,10 +198,7 @@ def _source_groups(
 ) -> list[TokenGroup]:
     special_ids = set(loaded.tokenizer.all_special_ids)
     special_positions = {position for position, token in enumerate(sequence) if token in special_ids}
-    try:
-        return source_groups([token.text for token in tokens], special_positions, options)
-    except ValueError as exc:
-        raise InvalidInputError(str(exc)) from exc
+    return source_groups([token.text for token in tokens], special_positions, options)
 
 
 def _float_matrix(packed: types_pb2.Tensor) -> torch.Tensor:
@@ -223,39 +210,33 @@ def _float_matrix(packed: types_pb2.Tensor) -> torch.Tensor:
 def _parse_methods(
     methods: Sequence[tuple[str, Mapping[str, object]]], shape: ModelShape
 ) -> list[tuple[AttributionMethod[Any], Any]]:
-    parsed: list[tuple[AttributionMethod[Any], Any]] = []
-    for name, params in methods:
-        method = get_method(name)
-        if any(seen.name == name for seen, _ in parsed):
-            raise InvalidInputError(f"method {name!r} is requested twice; request each method once")
-        parsed.append((method, method.parse_params(params, shape)))
-    return parsed
+    check_distinct_methods([name for name, _ in methods])
+    return [
+        (method, method.parse_params(params, shape, params_path(index)))
+        for index, (name, params) in enumerate(methods)
+        for method in (get_method(name),)
+    ]
 
 
 def _validate_input(
-    loaded: LoadedModel, prompt_ids: list[int], output_ids: list[int], served_logprobs: list[float] | None
+    loaded: LoadedModel,
+    prompt_ids: list[int],
+    output_ids: list[int],
+    served_logprobs: list[float] | None,
+    options: ExplainOptions,
 ) -> None:
-    if not prompt_ids or not output_ids:
-        raise InvalidInputError(
-            f"need at least one prompt token and one output token, got {len(prompt_ids)} and {len(output_ids)}"
-        )
-    num_tokens = len(prompt_ids) + len(output_ids)
-    if num_tokens > loaded.max_positions:
-        raise InvalidInputError(
-            f"{num_tokens} tokens exceed the model's {loaded.max_positions} positions; explain a shorter sequence"
-        )
-    for where, ids in (("prompt", prompt_ids), ("output", output_ids)):
-        bad = [(index, token) for index, token in enumerate(ids) if not 0 <= token < loaded.vocab_size]
-        if bad:
-            index, token = bad[0]
-            raise InvalidInputError(
-                f"{where} token id {token} at index {index} is outside the vocabulary [0, {loaded.vocab_size})"
-                f" ({len(bad)} such ids)"
-            )
-    if served_logprobs is not None and len(served_logprobs) != len(output_ids):
-        raise InvalidInputError(
-            f"got {len(served_logprobs)} served logprobs for {len(output_ids)} output tokens; send one per token"
-        )
+    """The explain spec's rules about the sequence and the options, with this model's bounds."""
+    check_sequence_length(len(prompt_ids), len(output_ids), loaded.max_positions)
+    check_token_ids("prompt_token_ids", prompt_ids, loaded.vocab_size)
+    check_token_ids("output_token_ids", output_ids, loaded.vocab_size)
+    if served_logprobs is not None:
+        check_served_logprobs("served_logprobs", served_logprobs, len(output_ids))
+    check_explain_options(
+        options,
+        num_tokens=len(prompt_ids) + len(output_ids),
+        num_generated=len(output_ids),
+        vocab_size=loaded.vocab_size,
+    )
 
 
 @dataclass(frozen=True)

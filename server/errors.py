@@ -8,6 +8,11 @@ from collections.abc import Iterator
 import grpc
 import redis.exceptions
 
+from common.explain_spec import InvalidInputError
+
+# Re-exported: the gateway's modules quote refused input through here.
+from common.quoting import shown as shown
+
 
 class ConfigError(ValueError):
     """Settings the gateway cannot start with; the message says which and why."""
@@ -65,10 +70,11 @@ def redis_errors_as_unavailable(redis_url: str) -> Iterator[None]:
         ) from exc
 
 
-def shown(value: object, limit: int = 60) -> str:
-    """``repr(value)`` cut to ``limit`` characters: a message names what it refuses without echoing all of it."""
-    text = repr(value)
-    if len(text) <= limit:
-        return text
-    size = f"{len(value):,} characters" if isinstance(value, str) else f"{len(text):,} characters written out"
-    return f"{text[:limit]}… ({size})"
+@contextlib.contextmanager
+def spec_errors_as_invalid_argument() -> Iterator[None]:
+    """The explain spec's rules (common/explain_spec.py) refuse with INVALID_ARGUMENT and their own message, which
+    names the field and says what to change."""
+    try:
+        yield
+    except InvalidInputError as exc:
+        raise invalid_argument(str(exc)) from exc

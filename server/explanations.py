@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -24,6 +24,7 @@ import redis.exceptions
 from opentelemetry import trace
 from sightline.v1 import explanations_pb2, types_pb2
 
+from common.explain_spec import check_contrastive_support, check_distinct_methods, method_named
 from common.fair_queue import ENQUEUE_KEYS, ENQUEUE_SCRIPT
 from common.jobs import (
     CATALOG_KEY,
@@ -58,10 +59,11 @@ from server.errors import (
     redis_errors_as_unavailable,
     resource_exhausted,
     shown,
+    spec_errors_as_invalid_argument,
     unavailable,
 )
 from server.limits import Tenant, TenantLimiter
-from server.validation import method_params
+from server.validation import check_within_vocabulary, method_request
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("sightline.gateway")
@@ -126,20 +128,18 @@ class ExplanationBroker:
         """Check method names and parameter types against the workers' registry."""
         if not spec.methods:
             return []
-        names = Counter(method.name for method in spec.methods)
-        repeated = [name for name, count in names.items() if count > 1]
-        if repeated:
-            raise invalid_argument(f"explain methods must be distinct; named more than once: {shown(repeated)}")
+        with spec_errors_as_invalid_argument():
+            check_distinct_methods([method.name for method in spec.methods])
         catalog = {info.name: info for info in (await self.catalog()).methods}
-        planned = []
-        for index, method in enumerate(spec.methods):
-            info = catalog.get(method.name)
-            if info is None:
-                known = ", ".join(sorted(catalog))
-                raise invalid_argument(f"unknown explain method {shown(method.name)}; available methods: {known}")
-            params = method_params(method, index)
-            planned.append(PlannedMethod(MethodRequest(method.name, _typed_params(info, params)), info))
-        return planned
+        with spec_errors_as_invalid_argument():
+            infos = [method_named(method.name, catalog) for method in spec.methods]
+            check_contrastive_support(
+                list(spec.targets.foil_token_ids), {info.name: info.supports_contrastive_targets for info in infos}
+            )
+        return [
+            PlannedMethod(method_request(method, index, info), info)
+            for index, (method, info) in enumerate(zip(spec.methods, infos, strict=True))
+        ]
 
     async def check_backlog(self) -> None:
         """Refuse a new explanation with RESOURCE_EXHAUSTED while the workers are at the bound behind."""
@@ -209,18 +209,7 @@ class ExplanationBroker:
         atomically; return the record. The slot then belongs to the job."""
         model_record = await self.model_record(model)
         digest = model_record.weights_digest
-        out_of_vocabulary = sorted(
-            {
-                t
-                for t in [*prompt_token_ids, *(t.id for t in output_tokens), *options.foil_token_ids]
-                if t >= model_record.vocab_size
-            }
-        )
-        if out_of_vocabulary:
-            raise invalid_argument(
-                f"token ids {out_of_vocabulary[:5]} are outside the model's vocabulary "
-                f"(ids 0 to {model_record.vocab_size - 1})"
-            )
+        check_within_vocabulary(prompt_token_ids, [t.id for t in output_tokens], options, model_record.vocab_size)
         explanation_id = slot.explanation_id
         pending = types_pb2.Explanation(
             explanation_id=explanation_id,
@@ -450,44 +439,3 @@ def _decode_page_token(token: str) -> tuple[str, float]:
         "page_token is not one this server issued; pass next_page_token from the previous ListExplanations "
         "response unchanged, or leave it empty for the first page"
     )
-
-
-def _typed_params(info: explanations_pb2.MethodInfo, params: dict[str, object]) -> dict[str, object]:
-    declared = {p.name: p for p in info.params}
-    typed: dict[str, object] = {}
-    for name, value in params.items():
-        param = declared.get(name)
-        if param is None:
-            known = ", ".join(sorted(declared)) or "none"
-            raise invalid_argument(f"method {info.name!r} has no parameter {shown(name)}; its parameters: {known}")
-        typed[name] = _coerce(info.name, param, value)
-    return typed
-
-
-def _coerce(method: str, param: explanations_pb2.MethodParam, value: object) -> object:
-    where = f"parameter {param.name!r} of method {method!r}"
-    if param.type == explanations_pb2.PARAM_TYPE_BOOL:
-        if isinstance(value, bool):
-            return value
-        raise invalid_argument(f"{where} must be a boolean; got {shown(value)}")
-    if param.type == explanations_pb2.PARAM_TYPE_STRING:
-        if not isinstance(value, str):
-            raise invalid_argument(f"{where} must be a string; got {shown(value)}")
-        if param.choices and value not in param.choices:
-            raise invalid_argument(f"{where} must be one of {', '.join(param.choices)}; got {shown(value)}")
-        return value
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise invalid_argument(f"{where} must be a finite number; got {shown(value)}")
-    if param.type == explanations_pb2.PARAM_TYPE_INT and not float(value).is_integer():
-        raise invalid_argument(f"{where} must be an integer; got {shown(value)}")
-    too_low = param.HasField("minimum") and value < param.minimum
-    too_high = param.HasField("maximum") and value > param.maximum
-    if too_low or too_high:
-        low = _number(param.minimum) if param.HasField("minimum") else ""
-        high = _number(param.maximum) if param.HasField("maximum") else ""
-        raise invalid_argument(f"{where} must be in {low}..{high}; got {shown(value)}")
-    return int(value) if param.type == explanations_pb2.PARAM_TYPE_INT else float(value)
-
-
-def _number(value: float) -> str:
-    return str(int(value)) if value.is_integer() else str(value)

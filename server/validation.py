@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from google.protobuf import struct_pb2
-from sightline.v1 import types_pb2
+from sightline.v1 import explanations_pb2, types_pb2
 
-from common.jobs import ExplainOptions, SpanRequest
-from server.errors import invalid_argument, shown
+from common.explain_spec import (
+    ParamSpec,
+    check_explain_options,
+    check_foil_token_ids,
+    check_served_logprobs,
+    check_token_ids,
+    params_path,
+    parse_params,
+)
+from common.jobs import ExplainOptions, MethodRequest, SpanRequest
+from server.errors import invalid_argument, shown, spec_errors_as_invalid_argument
 from server.vllm_client import Sampling
 
 CHAT_ROLES = ("system", "user", "assistant")
@@ -60,11 +70,8 @@ def chat_messages(chat: types_pb2.ChatMessages) -> list[dict[str, str]]:
 
 
 def token_ids(ids: list[int], *, field: str, max_model_len: int, allow_empty: bool = False) -> list[int]:
-    if not ids and not allow_empty:
-        raise invalid_argument(f"{field} is empty; send at least one token id")
-    negative = [t for t in ids if t < 0]
-    if negative:
-        raise invalid_argument(f"{field} holds negative token ids {negative[:5]}; token ids are >= 0")
+    with spec_errors_as_invalid_argument():
+        check_token_ids(field, ids, allow_empty=allow_empty)
     if len(ids) >= max_model_len:
         raise invalid_argument(
             f"{field} has {len(ids)} tokens; the model's context window is {max_model_len} tokens "
@@ -75,19 +82,14 @@ def token_ids(ids: list[int], *, field: str, max_model_len: int, allow_empty: bo
 
 def served_logprobs(values: list[float], num_outputs: int) -> list[float]:
     """The served log-probabilities an Explain request carries for the fidelity check: none, or one per output."""
-    if values and len(values) != num_outputs:
-        raise invalid_argument(
-            f"output_logprobs has {len(values)} values for {num_outputs} output tokens; "
-            "send one per output token or none"
-        )
-    not_finite = [index for index, value in enumerate(values) if not math.isfinite(value)]
-    if not_finite:
-        raise invalid_argument(
-            f"output_logprobs[{not_finite[0]}] is {values[not_finite[0]]}; served log-probabilities are finite numbers"
-        )
+    if values:
+        with spec_errors_as_invalid_argument():
+            check_served_logprobs("output_logprobs", values, num_outputs)
     return values
 
 
+# What an unset explain.step_scores_top_k means: ExplainOptions' default.
+DEFAULT_STEP_SCORES_TOP_K = ExplainOptions.step_scores_top_k
 EXPLAIN_MODES = (types_pb2.EXPLAIN_MODE_UNSPECIFIED, types_pb2.EXPLAIN_MODE_SYNC, types_pb2.EXPLAIN_MODE_ASYNC)
 
 
@@ -100,7 +102,6 @@ def explain_mode(spec: types_pb2.ExplainSpec) -> types_pb2.ExplainMode:
     return spec.mode
 
 
-MAX_STEP_SCORES_TOP_K = 50
 TARGET_SCORES = {
     types_pb2.TARGET_SCORE_UNSPECIFIED: "logprob",
     types_pb2.TARGET_SCORE_LOGPROB: "logprob",
@@ -122,17 +123,8 @@ NORMALIZATIONS = {
 
 
 def explain_options(spec: types_pb2.ExplainSpec) -> ExplainOptions:
-    """The checks that need no generation: everything but the bounds that depend on the output length."""
+    """The spec's options, checked as far as they can be before generating (common/explain_spec.py)."""
     targets, aggregation = spec.targets, spec.aggregation
-    indices = list(targets.output_indices)
-    if any(i < 0 for i in indices) or indices != sorted(set(indices)):
-        raise invalid_argument(
-            f"explain.targets.output_indices must be distinct, ascending and >= 0 (0 is the first generated "
-            f"token); got {indices[:10]}"
-        )
-    foils = list(targets.foil_token_ids)
-    if any(f < 0 for f in foils):
-        raise invalid_argument(f"explain.targets.foil_token_ids must be token ids >= 0; got {foils[:10]}")
     if targets.score not in TARGET_SCORES:
         raise invalid_argument(f"explain.targets.score {targets.score} is not a TargetScore value")
     if aggregation.granularity not in GRANULARITIES:
@@ -141,50 +133,49 @@ def explain_options(spec: types_pb2.ExplainSpec) -> ExplainOptions:
         raise invalid_argument(
             f"explain.aggregation.normalization {aggregation.normalization} is not a Normalization value"
         )
-    granularity = GRANULARITIES[aggregation.granularity]
-    if aggregation.spans and granularity != "span":
-        raise invalid_argument("explain.aggregation.spans are only used with GRANULARITY_SPAN; set granularity")
-    if granularity == "span" and not aggregation.spans:
-        raise invalid_argument("GRANULARITY_SPAN needs explain.aggregation.spans")
-    spans = sorted(aggregation.spans, key=lambda span: span.start)
-    for index, span in enumerate(spans):
-        if not 0 <= span.start < span.end:
-            raise invalid_argument(f"aggregation span [{span.start}, {span.end}) must satisfy 0 <= start < end")
-        if index and span.start < spans[index - 1].end:
-            raise invalid_argument(f"aggregation spans overlap at token {span.start}; spans must be disjoint")
-    top_k = spec.step_scores_top_k if spec.HasField("step_scores_top_k") else 5
-    if not 1 <= top_k <= MAX_STEP_SCORES_TOP_K:
-        raise invalid_argument(f"explain.step_scores_top_k must be between 1 and {MAX_STEP_SCORES_TOP_K}; got {top_k}")
-    return ExplainOptions(
-        output_indices=indices,
-        foil_token_ids=foils,
+    options = ExplainOptions(
+        output_indices=list(targets.output_indices),
+        foil_token_ids=list(targets.foil_token_ids),
         score=TARGET_SCORES[targets.score],
-        granularity=granularity,
-        spans=[SpanRequest(span.start, span.end, span.label) for span in spans],
+        granularity=GRANULARITIES[aggregation.granularity],
+        spans=[SpanRequest(span.start, span.end, span.label) for span in sorted(aggregation.spans, key=_start)],
         absolute=aggregation.absolute,
         normalization=NORMALIZATIONS[aggregation.normalization],
         faithfulness=spec.faithfulness,
-        step_scores_top_k=top_k,
+        step_scores_top_k=spec.step_scores_top_k if spec.HasField("step_scores_top_k") else DEFAULT_STEP_SCORES_TOP_K,
     )
+    with spec_errors_as_invalid_argument():
+        check_explain_options(options)
+    return options
+
+
+def _start(span: types_pb2.Span) -> int:
+    return span.start
 
 
 def check_options_fit(options: ExplainOptions, num_tokens: int, num_generated: int) -> None:
     """The checks that need the generation's length."""
-    if options.output_indices and options.output_indices[-1] >= num_generated:
-        raise invalid_argument(
-            f"explain.targets.output_indices go up to {options.output_indices[-1]}, but only {num_generated} "
-            "tokens were generated"
-        )
-    explained = len(options.output_indices) or num_generated
-    if len(options.foil_token_ids) not in (0, 1, explained):
-        raise invalid_argument(
-            f"explain.targets.foil_token_ids has {len(options.foil_token_ids)} ids; give one for every target "
-            f"or one per explained token ({explained})"
-        )
-    if options.spans and options.spans[-1].end > num_tokens:
-        raise invalid_argument(
-            f"aggregation span ends at {options.spans[-1].end}, past the sequence's {num_tokens} tokens"
-        )
+    with spec_errors_as_invalid_argument():
+        check_explain_options(options, num_tokens=num_tokens, num_generated=num_generated)
+
+
+def check_within_vocabulary(
+    prompt_token_ids: Sequence[int], output_token_ids: Sequence[int], options: ExplainOptions, vocab_size: int
+) -> None:
+    """The token ids of an explanation, foils included, against the vocabulary of the model the workers hold."""
+    with spec_errors_as_invalid_argument():
+        check_token_ids("prompt_token_ids", prompt_token_ids, vocab_size)
+        check_token_ids("output_token_ids", output_token_ids, vocab_size)
+        check_foil_token_ids(options.foil_token_ids, vocab_size=vocab_size)
+
+
+def method_request(method: types_pb2.MethodSpec, index: int, info: explanations_pb2.MethodInfo) -> MethodRequest:
+    """The request's ``index``-th method with its parameters typed and checked against those the workers'
+    catalogue declares for it (with the bounds their model gives them), as the workers will check them."""
+    declared = [ParamSpec.from_info(param) for param in info.params]
+    with spec_errors_as_invalid_argument():
+        params = parse_params(info.name, declared, method_params(method, index), params_path(index))
+    return MethodRequest(info.name, dict(params))
 
 
 def method_params(method: types_pb2.MethodSpec, index: int) -> dict[str, object]:
@@ -195,7 +186,7 @@ def method_params(method: types_pb2.MethodSpec, index: int) -> dict[str, object]
     """
     if not method.HasField("params"):
         return {}
-    where = f"explain.methods[{index}].params"
+    where = params_path(index)
     return {key: _struct_value(value, f"{where}.{key}", method.name) for key, value in method.params.fields.items()}
 
 

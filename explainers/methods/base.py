@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -13,30 +11,17 @@ import numpy as np
 import torch
 from sightline.v1 import explanations_pb2, types_pb2
 
+# The parameter declarations, their parsing and their errors are the explain spec's, shared with the gateway;
+# methods take them from here.
+from common.explain_spec import InvalidParamsError as InvalidParamsError
+from common.explain_spec import ParamSpec as ParamSpec
+from common.explain_spec import parse_params
 from explainers.backprop import RecordedLayers
 from explainers.hidden_cache import DerivedTensors
 from explainers.model import LoadedModel
 from explainers.targets import Targets
 
-ParamValue = int | float | str | bool
 ParamsT = TypeVar("ParamsT")
-
-_PARAM_TYPES = {
-    int: explanations_pb2.PARAM_TYPE_INT,
-    float: explanations_pb2.PARAM_TYPE_FLOAT,
-    str: explanations_pb2.PARAM_TYPE_STRING,
-    bool: explanations_pb2.PARAM_TYPE_BOOL,
-}
-_TYPE_NAMES: dict[type[ParamValue], str] = {
-    int: "an integer",
-    float: "a finite number",
-    str: "a string",
-    bool: "true or false",
-}
-
-
-class InvalidParamsError(ValueError):
-    """Method parameters that are unknown, of the wrong type or out of range."""
 
 
 @dataclass(frozen=True)
@@ -58,97 +43,6 @@ class ModelShape:
             "num_layers": self.num_layers,
             "last_head": self.num_heads - 1,
         }
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """One method parameter: its Python type, default and inclusive bounds (numbers only)."""
-
-    name: str
-    type: type[ParamValue]
-    default: ParamValue
-    description: str
-    minimum: float | None = None
-    maximum: float | None = None
-    # For string parameters: the accepted values.
-    choices: tuple[str, ...] = ()
-    # For numbers bounded by the model (a token id, a layer, a head): the name of the ModelShape bound that is the
-    # maximum, filled in by for_model().
-    maximum_from: str = ""
-
-    def for_model(self, shape: ModelShape) -> ParamSpec:
-        """This parameter with the maximum the model gives it, if it takes one from the model."""
-        if not self.maximum_from:
-            return self
-        return dataclasses.replace(self, maximum=shape.bounds()[self.maximum_from])
-
-    @property
-    def range_text(self) -> str:
-        """Inclusive bounds as "lo..hi" (an open side is left empty, as in "0.."), or "" when unbounded."""
-        if self.minimum is None and self.maximum is None:
-            return ""
-        return f"{_render(self.minimum)}..{_render(self.maximum)}"
-
-    def describe(self) -> str:
-        bounds = f", {self.range_text}" if self.range_text else ""
-        return f"{self.name} ({self.type.__name__}{bounds}, default {_render(self.default)})"
-
-    def parse(self, method: str, value: object) -> ParamValue:
-        where = f"parameter {self.name!r} of method {method!r}"
-        parsed = _coerce(self.type, value)
-        if parsed is None:
-            raise InvalidParamsError(f"{where} must be {_TYPE_NAMES[self.type]}, got {value!r}")
-        if isinstance(parsed, int | float) and not isinstance(parsed, bool) and not self._in_range(parsed):
-            raise InvalidParamsError(f"{where} must be in {self.range_text}, got {_quoted(parsed)}")
-        if self.choices and parsed not in self.choices:
-            raise InvalidParamsError(f"{where} must be one of {', '.join(self.choices)}, got {parsed!r}")
-        return parsed
-
-    def _in_range(self, number: float) -> bool:
-        return (self.minimum is None or number >= self.minimum) and (self.maximum is None or number <= self.maximum)
-
-    def info(self) -> explanations_pb2.MethodParam:
-        # Bounds are also spelled out in the description, for people reading `sightline methods`.
-        bounds = f" Range {self.range_text} (inclusive)." if self.range_text else ""
-        return explanations_pb2.MethodParam(
-            name=self.name,
-            type=_PARAM_TYPES[self.type],
-            default_value=_render(self.default),
-            description=self.description + bounds,
-            minimum=self.minimum,
-            maximum=self.maximum,
-            choices=self.choices,
-        )
-
-
-def _coerce(kind: type[ParamValue], value: object) -> ParamValue | None:
-    """value as `kind`, or None when it is not one. A bool is never taken for a number, though it subclasses int."""
-    if kind is bool:
-        return value if isinstance(value, bool) else None
-    if kind is str:
-        return value if isinstance(value, str) else None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return None
-    if kind is float:
-        return float(value)
-    # google.protobuf.Struct carries every number as a double, so 16.0 is a valid int.
-    return int(value) if float(value).is_integer() else None
-
-
-def _quoted(number: float) -> str:
-    """A number as a message quotes it: in full when short, else in scientific notation (never 300 digits)."""
-    text = repr(number)
-    return text if len(text) <= 24 else f"{float(number):.6g}"
-
-
-def _render(value: ParamValue | None) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
 
 
 @dataclass(frozen=True)
@@ -214,23 +108,16 @@ class AttributionMethod(ABC, Generic[ParamsT]):
 
     def param_specs(self, shape: ModelShape | None = None) -> tuple[ParamSpec, ...]:
         """The parameters, with the bounds ``shape`` gives those bounded by the model (unbounded above without)."""
-        return self.params if shape is None else tuple(spec.for_model(shape) for spec in self.params)
+        return self.params if shape is None else tuple(spec.for_model(shape.bounds()) for spec in self.params)
 
-    def parse_params(self, params: Mapping[str, object], shape: ModelShape | None = None) -> ParamsT:
+    def parse_params(
+        self, params: Mapping[str, object], shape: ModelShape | None = None, where: str = "params"
+    ) -> ParamsT:
         """Typed parameters from a request's loose values, within the bounds of the model of ``shape`` if
-        given; defaults fill what is missing."""
-        specs = {spec.name: spec for spec in self.param_specs(shape)}
-        unknown = sorted(set(params) - set(specs))
-        if unknown:
-            valid = "; ".join(spec.describe() for spec in specs.values()) or "none"
-            raise InvalidParamsError(
-                f"unknown parameter(s) {', '.join(map(repr, unknown))} for method {self.name!r}; valid: {valid}"
-            )
-        values = {
-            name: spec.parse(self.name, params[name]) if name in params else spec.default
-            for name, spec in specs.items()
-        }
-        return self.params_type(**values)
+        given; defaults fill what is missing. ``where`` is the path in the request that messages name."""
+        specs = self.param_specs(shape)
+        given = parse_params(self.name, specs, params, where)
+        return self.params_type(**{spec.name: given.get(spec.name, spec.default) for spec in specs})
 
     @abstractmethod
     def attribute(self, ctx: AttributionContext, params: ParamsT) -> types_pb2.MethodResult:

@@ -6,6 +6,9 @@ from typing import Any
 
 from sightline.v1 import explanations_pb2
 
+# Raised by get_method; its callers catch it from here.
+from common.explain_spec import UnknownMethodError as UnknownMethodError
+from common.explain_spec import method_named
 from explainers.methods.attention import Attention
 from explainers.methods.attention_rollout import AttentionRollout
 from explainers.methods.base import AttributionMethod, ModelShape
@@ -22,10 +25,6 @@ from explainers.model import LoadedModel
 _METHODS: dict[str, AttributionMethod[Any]] = {}
 
 
-class UnknownMethodError(ValueError):
-    """A method name that is not registered."""
-
-
 def register(method: AttributionMethod[Any]) -> None:
     if method.name in _METHODS:
         raise ValueError(f"method {method.name!r} is already registered")
@@ -33,12 +32,8 @@ def register(method: AttributionMethod[Any]) -> None:
 
 
 def get_method(name: str) -> AttributionMethod[Any]:
-    try:
-        return _METHODS[name]
-    except KeyError:
-        raise UnknownMethodError(
-            f"unknown explain method {name!r}; available methods: {', '.join(sorted(_METHODS))}"
-        ) from None
+    """The method called ``name``; UnknownMethodError naming those registered if there is none."""
+    return method_named(name, _METHODS)
 
 
 def all_methods() -> list[AttributionMethod[Any]]:

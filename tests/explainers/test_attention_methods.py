@@ -176,7 +176,7 @@ def test_attention_params_and_capabilities() -> None:
     assert Attention().parse_params({}) == AttentionParams(layer=-1, head=-1, aggregate="mean")
     with pytest.raises(InvalidParamsError, match="must be one of mean, max"):
         Attention().parse_params({"aggregate": "min"})
-    with pytest.raises(InvalidParamsError, match=r"must be in -1..\s*, got -2"):
+    with pytest.raises(InvalidParamsError, match=r"'params.layer' of method 'attention' must be in -1..\s*; got -2"):
         Attention().parse_params({"layer": -2})
     for method in (Attention(), AttentionRollout()):
         info = method.info()

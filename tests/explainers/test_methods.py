@@ -71,13 +71,16 @@ def test_parse_params_fills_defaults_and_takes_integral_numbers() -> None:
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        ({"kk": 3}, r"unknown parameter\(s\) 'kk' for method 'logit_lens'; valid: k \(int, 1..50, default 5\)"),
-        ({"k": "3"}, "parameter 'k' of method 'logit_lens' must be an integer, got '3'"),
-        ({"k": 2.5}, "must be an integer, got 2.5"),
-        ({"k": True}, "must be an integer, got True"),
-        ({"k": float("nan")}, "must be an integer, got nan"),
-        ({"k": 0}, "parameter 'k' of method 'logit_lens' must be in 1..50, got 0"),
-        ({"k": 51.0}, "must be in 1..50, got 51"),
+        (
+            {"kk": 3},
+            r"'params.kk' is not a parameter of method 'logit_lens'; its parameters: k \(int, 1..50, default 5\)",
+        ),
+        ({"k": "3"}, "'params.k' of method 'logit_lens' must be an integer; got '3'"),
+        ({"k": 2.5}, "must be an integer; got 2.5"),
+        ({"k": True}, "must be an integer; got True"),
+        ({"k": float("nan")}, "must be an integer; got nan"),
+        ({"k": 0}, "'params.k' of method 'logit_lens' must be in 1..50; got 0"),
+        ({"k": 51.0}, "must be in 1..50; got 51"),
     ],
 )
 def test_parse_params_rejects_bad_values_with_actionable_messages(params: dict[str, object], message: str) -> None:
@@ -110,7 +113,7 @@ def test_every_numeric_parameter_is_bounded_once_the_model_is_known(tiny_model: 
     with pytest.raises(InvalidParamsError) as caught:
         get_method("integrated_gradients").parse_params({"baseline_token_id": 1e300}, shape)
     message = str(caught.value)
-    assert message == "parameter 'baseline_token_id' of method 'integrated_gradients' must be in 0..63, got 1e+300"
+    assert message == "'params.baseline_token_id' of method 'integrated_gradients' must be in 0..63; got 1e+300"
     assert get_method("integrated_gradients").parse_params({"baseline_token_id": 63}, shape).baseline_token_id == 63
 
 

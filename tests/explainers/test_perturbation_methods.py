@@ -134,7 +134,7 @@ def test_a_special_token_the_tokenizer_lacks_is_refused_naming_what_it_has(
         Occlusion().attribute(ctx, Occlusion().parse_params({}))
     with pytest.raises(InvalidParamsError, match="replacement_token_id must be in \\[0, 64\\) for model 'tiny-llama'"):
         Occlusion().attribute(ctx, occlusion(replacement="token", replacement_token_id=64))
-    with pytest.raises(InvalidParamsError, match="must be one of pad, unk, bos, token, got 'mask'"):
+    with pytest.raises(InvalidParamsError, match="must be one of pad, unk, bos, token; got 'mask'"):
         occlusion(replacement="mask")
 
 

@@ -135,11 +135,15 @@ def test_explain_options_rejects(spec: types_pb2.ExplainSpec, message: str) -> N
 
 
 def test_options_must_fit_the_generation() -> None:
-    options = explain_options(_spec(targets=types_pb2.TargetSpec(output_indices=[0, 5], foil_token_ids=[1, 2, 3])))
+    options = explain_options(_spec(targets=types_pb2.TargetSpec(output_indices=[0, 5], foil_token_ids=[1])))
     with pytest.raises(GatewayError, match="only 3 tokens were generated"):
         check_options_fit(options, num_tokens=10, num_generated=3)
-    with pytest.raises(GatewayError, match="one per explained token"):
+    options = explain_options(_spec(targets=types_pb2.TargetSpec(foil_token_ids=[1, 2, 3])))
+    with pytest.raises(GatewayError, match=r"one per explained token \(6\)"):
         check_options_fit(options, num_tokens=10, num_generated=6)
+    # With the explained tokens named, a wrong number of foils is refused before anything is generated.
+    with pytest.raises(GatewayError, match=r"has 3 ids; give one for every target or one per explained token \(2\)"):
+        explain_options(_spec(targets=types_pb2.TargetSpec(output_indices=[0, 5], foil_token_ids=[1, 2, 3])))
 
 
 def test_explain_mode_must_be_a_known_value() -> None:
