@@ -385,3 +385,24 @@ def check_served_logprobs(field: str, values: Sequence[float], num_outputs: int)
         raise InvalidInputError(
             f"{field}[{not_finite[0]}] is {values[not_finite[0]]}; served log-probabilities are finite numbers"
         )
+
+
+def check_explained_sequence(
+    prompt_ids: Sequence[int],
+    output_ids: Sequence[int],
+    served_logprobs: Sequence[float] | None,
+    options: ExplainOptions,
+    *,
+    context_window: int,
+    vocab_size: int,
+) -> None:
+    """Everything about one explained sequence and its options, with the model's bounds: what a worker checks on
+    every job it takes from the queue, and what the gateway has checked piecemeal by the time it enqueues one."""
+    check_sequence_length(len(prompt_ids), len(output_ids), context_window)
+    check_token_ids("prompt_token_ids", prompt_ids, vocab_size)
+    check_token_ids("output_token_ids", output_ids, vocab_size)
+    if served_logprobs is not None:
+        check_served_logprobs("served_logprobs", served_logprobs, len(output_ids))
+    check_explain_options(
+        options, num_tokens=len(prompt_ids) + len(output_ids), num_generated=len(output_ids), vocab_size=vocab_size
+    )

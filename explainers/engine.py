@@ -31,10 +31,7 @@ from common.explain_spec import InvalidInputError as InvalidInputError
 from common.explain_spec import (
     check_contrastive_support,
     check_distinct_methods,
-    check_explain_options,
-    check_sequence_length,
-    check_served_logprobs,
-    check_token_ids,
+    check_explained_sequence,
     params_path,
 )
 from common.jobs import ExplainOptions
@@ -80,7 +77,14 @@ def explain(
     """
     options = options or ExplainOptions()
     requested = _parse_methods(methods, ModelShape.of(loaded))
-    _validate_input(loaded, prompt_ids, output_ids, served_logprobs, options)
+    check_explained_sequence(
+        prompt_ids,
+        output_ids,
+        served_logprobs,
+        options,
+        context_window=loaded.max_positions,
+        vocab_size=loaded.vocab_size,
+    )
     check_contrastive_support(
         options.foil_token_ids, {method.name: method.supports_contrastive_targets for method, _ in requested}
     )
@@ -183,7 +187,7 @@ def _job_progress(
 
 
 def _targets(token_ids: torch.Tensor, generated_positions: torch.Tensor, options: ExplainOptions) -> Targets:
-    """The targets ``options`` select, which _validate_input has checked."""
+    """The targets ``options`` select, which check_explained_sequence has checked."""
     indices = options.output_indices or list(range(len(generated_positions)))
     positions = generated_positions[indices]
     foils = options.foil_token_ids
@@ -216,27 +220,6 @@ def _parse_methods(
         for index, (name, params) in enumerate(methods)
         for method in (get_method(name),)
     ]
-
-
-def _validate_input(
-    loaded: LoadedModel,
-    prompt_ids: list[int],
-    output_ids: list[int],
-    served_logprobs: list[float] | None,
-    options: ExplainOptions,
-) -> None:
-    """The explain spec's rules about the sequence and the options, with this model's bounds."""
-    check_sequence_length(len(prompt_ids), len(output_ids), loaded.max_positions)
-    check_token_ids("prompt_token_ids", prompt_ids, loaded.vocab_size)
-    check_token_ids("output_token_ids", output_ids, loaded.vocab_size)
-    if served_logprobs is not None:
-        check_served_logprobs("served_logprobs", served_logprobs, len(output_ids))
-    check_explain_options(
-        options,
-        num_tokens=len(prompt_ids) + len(output_ids),
-        num_generated=len(output_ids),
-        vocab_size=loaded.vocab_size,
-    )
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,7 @@ def _request(**fields: object) -> inference_pb2.GenerateRequest:
                 )
             },
             grpc.StatusCode.INVALID_ARGUMENT,
-            "parameter 'k' of method 'logit_lens' must be a finite number",
+            "'explain.methods[0].params.k' of method 'logit_lens' must be an integer; got 'x'",
         ),
     ],
 )

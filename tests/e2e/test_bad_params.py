@@ -149,4 +149,4 @@ def test_parameters_past_the_models_bounds_are_refused_at_the_gateway_quoting_th
 ) -> None:
     """Regression (issue 13): these were accepted, and the job FAILED in the worker quoting a 300-digit number."""
     details = _refused(_senders(inference, explanations)[rpc], _spec(method, {param: 1e300}))
-    assert details == f"parameter {param!r} of method {method!r} must be in {bounds}; got 1e+300"
+    assert details == f"'explain.methods[0].params.{param}' of method {method!r} must be in {bounds}; got 1e+300"

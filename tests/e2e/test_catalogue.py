@@ -156,4 +156,6 @@ def test_parameter_bounds_are_enforced_before_generating(inference: inference_pb
             timeout=30,
         )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "parameter 'steps' of method 'integrated_gradients' must be in 2..512" in caught.value.details()
+    assert "'explain.methods[0].params.steps' of method 'integrated_gradients' must be in 2..512; got 100000" in (
+        caught.value.details()
+    )

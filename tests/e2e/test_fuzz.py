@@ -35,6 +35,15 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from sightline.v1 import explanations_pb2, explanations_pb2_grpc, inference_pb2, inference_pb2_grpc, types_pb2
 
+from common.explain_spec import (
+    ParamSpec,
+    check_contrastive_support,
+    check_distinct_methods,
+    check_explained_sequence,
+    method_named,
+    params_path,
+    parse_params,
+)
 from common.jobs import (
     JOB_STREAM,
     MODELS_KEY,
@@ -75,12 +84,13 @@ NON_FINITE = (math.nan, math.inf, -math.inf)
 @dataclass(frozen=True)
 class Known:
     """What plausible requests are made of: the catalogue, the vocabulary, ids of real (pending) explanations
-    and a real ListExplanations page token."""
+    and a real ListExplanations page token; and the context window the gateway bounds sequences by."""
 
     methods: list[explanations_pb2.MethodInfo]
     vocab_size: int
     explanation_ids: list[str]
     page_token: str
+    context_window: int
 
 
 @dataclass(frozen=True)
@@ -313,7 +323,7 @@ def fuzz_channel(fuzz_gateway: IsolatedGateway) -> Iterator[grpc.Channel]:
 
 
 @pytest.fixture(scope="module")
-def known(fuzz_gateway: IsolatedGateway, fuzz_channel: grpc.Channel) -> Known:
+def known(stack: LocalStack, fuzz_gateway: IsolatedGateway, fuzz_channel: grpc.Channel) -> Known:
     stub = explanations_pb2_grpc.ExplanationsServiceStub(fuzz_channel)
     methods = list(stub.ListMethods(explanations_pb2.ListMethodsRequest(), timeout=10).methods)
     record = fuzz_gateway.redis.hget(MODELS_KEY, MODEL)
@@ -334,7 +344,13 @@ def known(fuzz_gateway: IsolatedGateway, fuzz_channel: grpc.Channel) -> Known:
     listed = stub.ListExplanations(explanations_pb2.ListExplanationsRequest(page_size=1), timeout=10)
     assert listed.next_page_token
     vocab_size = ModelRecord.from_json(record).vocab_size
-    return Known(methods, vocab_size, explanation_ids=pending, page_token=listed.next_page_token)
+    return Known(
+        methods,
+        vocab_size,
+        explanation_ids=pending,
+        page_token=listed.next_page_token,
+        context_window=stack.config.max_model_len,
+    )
 
 
 @dataclass
@@ -438,3 +454,26 @@ def test_every_request_gets_a_precise_status(
             cast(bytes, fuzz_gateway.redis.hget(explanation_key(explanation_id), RECORD_JOB))
         )
         assert job.explanation_id == explanation_id and job.methods and job.output_token_ids
+        _assert_a_worker_accepts(job, known)
+
+
+def _assert_a_worker_accepts(job: ExplanationJob, known: Known) -> None:
+    """A job the gateway enqueued passes the explain spec's rules that a worker checks again on every job it takes
+    (the same code, common/explain_spec.py), with the bounds of the model the workers hold: its catalogue's
+    parameter maxima and vocabulary."""
+    catalogue = {info.name: info for info in known.methods}
+    check_distinct_methods([method.name for method in job.methods])
+    for index, method in enumerate(job.methods):
+        info = method_named(method.name, catalogue)
+        declared = [ParamSpec.from_info(param) for param in info.params]
+        parse_params(method.name, declared, method.params, params_path(index))
+    contrastive = {method.name: catalogue[method.name].supports_contrastive_targets for method in job.methods}
+    check_contrastive_support(job.options.foil_token_ids, contrastive)
+    check_explained_sequence(
+        job.prompt_token_ids,
+        job.output_token_ids,
+        job.served_logprobs,
+        job.options,
+        context_window=known.context_window,
+        vocab_size=known.vocab_size,
+    )
