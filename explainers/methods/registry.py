@@ -9,6 +9,7 @@ from sightline.v1 import explanations_pb2
 from explainers.methods.attention import Attention
 from explainers.methods.attention_rollout import AttentionRollout
 from explainers.methods.base import AttributionMethod, ModelShape
+from explainers.methods.gradient_shap import GradientShap
 from explainers.methods.gradient_x_activation import GradientXActivation
 from explainers.methods.input_x_gradient import InputXGradient
 from explainers.methods.integrated_gradients import IntegratedGradients
@@ -65,6 +66,7 @@ for method in (
     Saliency(),
     InputXGradient(),
     IntegratedGradients(),
+    GradientShap(),
     LayerIntegratedGradients(),
     GradientXActivation(),
     Occlusion(),

@@ -19,7 +19,7 @@ from explainers.targets import Targets
 
 # Every method the registry offers, as its error messages list them.
 REGISTERED_METHODS = (
-    "attention, attention_rollout, gradient_x_activation, input_x_gradient, integrated_gradients, "
+    "attention, attention_rollout, gradient_shap, gradient_x_activation, input_x_gradient, integrated_gradients, "
     "layer_integrated_gradients, logit_lens, occlusion, saliency, shapley_sampling"
 )
 VOCAB_SIZE = 64

@@ -44,6 +44,7 @@ from explainers.architectures import ExplainPath, UnsupportedArchitectureError
 from explainers.engine import explain
 from explainers.methods.attention_weights import attention_probabilities
 from explainers.methods.base import AttributionContext
+from explainers.methods.gradient_shap import Samples
 from explainers.methods.registry import catalog, get_method
 from explainers.model import (
     LoadedModel,
@@ -218,6 +219,22 @@ def test_gradient_methods_equal_plain_autograd_and_captum(family: LoadedModel) -
     close(input_x_gradient, prefix(captum))
 
 
+def test_gradient_shap_equals_plain_autograd_at_its_own_samples(family: LoadedModel) -> None:
+    """Gradient SHAP's average, recomputed with autograd through the whole module at the points it drew."""
+    h0, _ = layer_zero_gradients(family)
+    baseline = family.embed(torch.full_like(TOKEN_IDS, 5))
+    method = get_method("gradient_shap")
+    params = method.parse_params({"samples": 3, "stdev": 0.05, "seed": 4, "baseline_token_id": 5})
+    samples = Samples.draw(h0[None], params)
+    expected = torch.zeros(len(TARGETS), len(TOKEN_IDS), dtype=h0.dtype)
+    for noisy, alpha in zip(samples.noisy_inputs, samples.alphas, strict=True):
+        point = (alpha * noisy + (1 - alpha) * baseline[0]).requires_grad_(True)
+        for index in range(len(TARGETS)):
+            (gradient,) = torch.autograd.grad(scores_of_first_layer_input(family, point[None])[0, index], point)
+            expected[index] += (gradient * (noisy - baseline[0])).sum(dim=-1) / len(samples.alphas)
+    close(attributions(family, "gradient_shap", samples=3, stdev=0.05, seed=4, baseline_token_id=5), prefix(expected))
+
+
 def test_integrated_gradients_are_complete_and_start_at_any_layer(family: LoadedModel) -> None:
     """The convergence delta is the completeness error against the model's own scores, and it shrinks as the
     quadrature refines (the wide random weights make the path integrand sharp: 64 steps do not make it tiny)."""
@@ -312,6 +329,7 @@ def assert_paths_agree(fast: LoadedModel, atol: float) -> None:
         ("saliency", {}),
         ("input_x_gradient", {}),
         ("integrated_gradients", {"steps": 8}),
+        ("gradient_shap", {"samples": 4, "stdev": 0.1}),
         ("layer_integrated_gradients", {"steps": 8, "layer": 1}),
         ("gradient_x_activation", {"layer": 1}),
         ("occlusion", replacement),
