@@ -18,6 +18,7 @@ from explainers.methods.logit_lens import LogitLens
 from explainers.methods.occlusion import Occlusion
 from explainers.methods.saliency import Saliency
 from explainers.methods.shapley_sampling import ShapleySampling
+from explainers.methods.value_zeroing import ValueZeroing
 from explainers.model import LoadedModel
 
 _METHODS: dict[str, AttributionMethod[Any]] = {}
@@ -74,5 +75,6 @@ for method in (
     Attention(),
     AttentionRollout(),
     LogitLens(),
+    ValueZeroing(),
 ):
     register(method)

@@ -46,6 +46,7 @@ from explainers.methods.attention_weights import attention_probabilities
 from explainers.methods.base import AttributionContext
 from explainers.methods.gradient_shap import Samples
 from explainers.methods.registry import catalog, get_method
+from explainers.methods.value_zeroing import VALUE_PROJECTIONS
 from explainers.model import (
     LoadedModel,
     attention_implementation,
@@ -309,6 +310,46 @@ def test_attention_and_logit_lens_equal_the_models_own_outputs(family: LoadedMod
     np.testing.assert_allclose(target_logprobs[-1], expected.numpy(), rtol=1e-5, atol=1e-5)
 
 
+def test_value_zeroing_zeroes_each_familys_values_and_nothing_else(family: LoadedModel) -> None:
+    """Where a family computes its values (value_zeroing.VALUE_PROJECTIONS), checked on the module: zeroing those
+    features at one position leaves every attention probability as it was and changes the layer's output; zeroing
+    the rest of a fused projection's features there (queries, keys) changes the probabilities."""
+    projection = VALUE_PROJECTIONS[family.architecture.model_type]
+    module = family.decoder_layers[0].get_submodule(projection.module)
+    source = 3
+
+    def run_zeroing(features: Callable[[int], torch.Tensor]) -> OwnOutputs:
+        def zero(_: torch.nn.Module, _args: object, output: torch.Tensor) -> torch.Tensor:
+            output = output.clone()
+            output[0, source, features(output.shape[-1])] = 0
+            return output
+
+        handle = module.register_forward_hook(zero)
+        try:
+            return own_outputs(family, attentions=True)
+        finally:
+            handle.remove()
+
+    def values(width: int) -> torch.Tensor:
+        return projection.values(family.model.config, width)
+
+    family.model.set_attn_implementation("eager")
+    try:
+        clean, zeroed = own_outputs(family, attentions=True), run_zeroing(values)
+        others = run_zeroing(lambda width: ~values(width))
+    finally:
+        family.model.set_attn_implementation(attention_implementation(family.model.config))
+    torch.testing.assert_close(zeroed.attentions[0], clean.attentions[0], rtol=0, atol=1e-12)
+    assert (zeroed.hidden_states[1] - clean.hidden_states[1]).abs().max() > 1e-3
+    width = module(torch.zeros(1, 1, family.hidden_size, dtype=family.dtype)).shape[-1]
+    if not values(width).all():  # fused with the queries and keys
+        assert (others.attentions[0] - clean.attentions[0]).abs().max() > 1e-6
+
+    # And the method on the family: rows sum to 1 over the positions up to each target's predicting one.
+    rows = attributions(family, "value_zeroing", aggregation="layer", layer=1)
+    np.testing.assert_allclose(rows.sum(dim=1).numpy(), 1.0, rtol=0, atol=1e-5)
+
+
 def test_the_general_path_equals_the_fast_path_on_llama(tiny_model: LoadedModel) -> None:
     """On the float64 tiny Llama whose norms stay in float64, the two paths agree to float32 output rounding."""
     assert_paths_agree(tiny_model, atol=1e-6)
@@ -337,6 +378,7 @@ def assert_paths_agree(fast: LoadedModel, atol: float) -> None:
         ("attention", {}),
         ("attention_rollout", {}),
         ("logit_lens", {}),
+        ("value_zeroing", {}),
     ]
     by_fast = explain(fast, None, PROMPT_IDS, OUTPUT_IDS, methods, None)
     by_general = explain(general, None, PROMPT_IDS, OUTPUT_IDS, methods, None)
