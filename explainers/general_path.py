@@ -255,3 +255,23 @@ def layer_outputs(
         for handle in handles:
             handle.remove()
     return torch.stack(outputs)
+
+
+def residual_stream_from(
+    model: PreTrainedModel, decoder_layers: nn.ModuleList, final_norm: nn.Module, states: torch.Tensor
+) -> torch.Tensor:
+    """The residual stream [num_layers + 1, batch, num_tokens, hidden] of one no-grad pass from first-layer inputs
+    states [batch, num_tokens, hidden]: the states, then every decoder layer's output."""
+    stream = [states]
+
+    def capture(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        stream.append(_output_of(output))
+
+    handles = [block.register_forward_hook(capture, with_kwargs=True) for block in decoder_layers]
+    try:
+        with torch.no_grad(), _states_at(decoder_layers, final_norm, 0, states):
+            model.base_model(input_ids=_placeholder_ids(states), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack(stream)

@@ -6,6 +6,7 @@ from typing import Any
 
 from sightline.v1 import explanations_pb2
 
+from explainers.methods.activation_patching import ActivationPatching
 from explainers.methods.attention import Attention
 from explainers.methods.attention_rollout import AttentionRollout
 from explainers.methods.base import AttributionMethod, ModelShape
@@ -64,6 +65,7 @@ def method_infos(shape: ModelShape | None = None) -> list[explanations_pb2.Metho
 
 
 for method in (
+    ActivationPatching(),
     Saliency(),
     InputXGradient(),
     IntegratedGradients(),

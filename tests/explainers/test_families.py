@@ -350,6 +350,22 @@ def test_value_zeroing_zeroes_each_familys_values_and_nothing_else(family: Loade
     np.testing.assert_allclose(rows.sum(dim=1).numpy(), 1.0, rtol=0, atol=1e-5)
 
 
+def test_activation_patching_restores_what_each_score_reads(family: LoadedModel) -> None:
+    """Putting the clean last-layer state back at the position that predicts a target gives its clean score back;
+    putting back a first-layer state the corruption never touched gives nothing."""
+    method = get_method("activation_patching")
+    result = method.attribute(context(family), method.parse_params({"corrupt_stop": 3, "samples": 2}))
+
+    def extra(name: str) -> np.ndarray:
+        tensor = result.extras[name]
+        return np.frombuffer(tensor.data, dtype="<f4").reshape(tuple(tensor.shape))
+
+    recovered, lost = extra("recovered"), extra("clean_scores") - extra("corrupted_scores")
+    assert np.abs(lost).max() > 1e-3
+    np.testing.assert_allclose(recovered[-1][np.arange(len(TARGETS)), TARGETS.predicting_positions], lost, atol=1e-5)
+    np.testing.assert_allclose(recovered[0][:, 3:], 0.0, rtol=0, atol=1e-5)
+
+
 def test_the_general_path_equals_the_fast_path_on_llama(tiny_model: LoadedModel) -> None:
     """On the float64 tiny Llama whose norms stay in float64, the two paths agree to float32 output rounding."""
     assert_paths_agree(tiny_model, atol=1e-6)
@@ -379,6 +395,7 @@ def assert_paths_agree(fast: LoadedModel, atol: float) -> None:
         ("attention_rollout", {}),
         ("logit_lens", {}),
         ("value_zeroing", {}),
+        ("activation_patching", {"samples": 2}),
     ]
     by_fast = explain(fast, None, PROMPT_IDS, OUTPUT_IDS, methods, None)
     by_general = explain(general, None, PROMPT_IDS, OUTPUT_IDS, methods, None)
