@@ -19,6 +19,7 @@ CHEAP_PARAMS: dict[str, dict[str, int]] = {
     "gradient_x_activation": {"layer": 20},
     "shapley_sampling": {"samples": 2},
     "gradient_shap": {"samples": 2},
+    "activation_patching": {"samples": 1},
 }
 
 
