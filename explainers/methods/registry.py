@@ -9,6 +9,7 @@ from sightline.v1 import explanations_pb2
 from explainers.methods.activation_patching import ActivationPatching
 from explainers.methods.attention import Attention
 from explainers.methods.attention_rollout import AttentionRollout
+from explainers.methods.attn_lrp import AttnLrp
 from explainers.methods.base import AttributionMethod, ModelShape
 from explainers.methods.gradient_shap import GradientShap
 from explainers.methods.gradient_x_activation import GradientXActivation
@@ -76,6 +77,7 @@ for method in (
     ShapleySampling(),
     Attention(),
     AttentionRollout(),
+    AttnLrp(),
     LogitLens(),
     ValueZeroing(),
 ):

@@ -43,7 +43,8 @@ from common.jobs import CATALOG_KEY
 from explainers.architectures import ExplainPath, UnsupportedArchitectureError
 from explainers.engine import explain
 from explainers.methods.attention_weights import attention_probabilities
-from explainers.methods.base import AttributionContext
+from explainers.methods.attn_lrp import COVERED as ATTN_LRP_COVERED
+from explainers.methods.base import AttributionContext, InvalidParamsError
 from explainers.methods.gradient_shap import Samples
 from explainers.methods.registry import catalog, get_method
 from explainers.methods.value_zeroing import VALUE_PROJECTIONS
@@ -54,7 +55,7 @@ from explainers.model import (
     forward_with_hidden_states,
     load_model,
 )
-from explainers.targets import Targets, token_scores
+from explainers.targets import Targets, TargetScore, token_scores
 from explainers.worker import ExplainerWorker, WorkerSettings
 from tests.explainers.conftest import NUM_LAYERS, OUTPUT_IDS, PROMPT_IDS, VOCAB_SIZE, word_tokenizer
 
@@ -366,6 +367,24 @@ def test_activation_patching_restores_what_each_score_reads(family: LoadedModel)
     np.testing.assert_allclose(recovered[0][:, 3:], 0.0, rtol=0, atol=1e-5)
 
 
+def test_attn_lrp_runs_on_the_families_it_covers_and_refuses_the_others_saying_why(family: LoadedModel) -> None:
+    method = get_method("attn_lrp")
+    model_type = family.architecture.model_type
+    if model_type not in ATTN_LRP_COVERED:
+        with pytest.raises(InvalidParamsError, match=f"does not support {model_type!r} models: .+"):
+            method.attribute(context(family), method.parse_params({}))
+        return
+    result = method.attribute(context(family), method.parse_params({}))
+    relevance = np.frombuffer(result.attributions.data, dtype="<f4").reshape(tuple(result.attributions.shape))
+    delta = np.frombuffer(result.extras["conservation_delta"].data, dtype="<f4")
+    with torch.no_grad():
+        logits = forward_from_layer(
+            family, family.embed(TOKEN_IDS), 0, dataclasses.replace(TARGETS, score=TargetScore.LOGIT)
+        )[0]
+    np.testing.assert_allclose(delta, relevance.sum(axis=1) - logits.numpy(), rtol=0, atol=1e-4)
+    assert np.abs(relevance).max() > 1e-3
+
+
 def test_the_general_path_equals_the_fast_path_on_llama(tiny_model: LoadedModel) -> None:
     """On the float64 tiny Llama whose norms stay in float64, the two paths agree to float32 output rounding."""
     assert_paths_agree(tiny_model, atol=1e-6)
@@ -397,6 +416,8 @@ def assert_paths_agree(fast: LoadedModel, atol: float) -> None:
         ("value_zeroing", {}),
         ("activation_patching", {"samples": 2}),
     ]
+    if fast.architecture.model_type in ATTN_LRP_COVERED:
+        methods.append(("attn_lrp", {}))
     by_fast = explain(fast, None, PROMPT_IDS, OUTPUT_IDS, methods, None)
     by_general = explain(general, None, PROMPT_IDS, OUTPUT_IDS, methods, None)
     assert by_fast.explain_path == types_pb2.EXPLAIN_PATH_FAST
