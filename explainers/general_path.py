@@ -224,3 +224,54 @@ def attention_probabilities(
         for handle in handles:
             handle.remove()
     return tuple(attention[0] for attention in outputs.attentions)
+
+
+def layer_outputs(
+    model: PreTrainedModel, decoder_layers: nn.ModuleList, layer_inputs: torch.Tensor, batch: int
+) -> torch.Tensor:
+    """Every decoder layer's output [num_layers, batch, num_tokens, hidden], each layer run on its own input from
+    layer_inputs [num_layers, num_tokens, hidden] repeated `batch` times, in one no-grad pass: what a layer changes
+    (through hooks the caller holds on its submodules, per batch row) reaches its own output and nothing above it."""
+    outputs: list[torch.Tensor] = []
+
+    def substitute(index: int) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], tuple[Any, Any]]:
+        def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+            return _with_hidden(args, kwargs, layer_inputs[index][None].expand(batch, -1, -1))
+
+        return hook
+
+    def capture(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        outputs.append(_output_of(output))
+
+    handles = [
+        block.register_forward_pre_hook(substitute(i), with_kwargs=True) for i, block in enumerate(decoder_layers)
+    ]
+    handles += [block.register_forward_hook(capture, with_kwargs=True) for block in decoder_layers]
+    placeholder = torch.zeros(batch, layer_inputs.shape[1], dtype=torch.long, device=layer_inputs.device)
+    try:
+        with torch.no_grad():
+            model.base_model(input_ids=placeholder, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack(outputs)
+
+
+def residual_stream_from(
+    model: PreTrainedModel, decoder_layers: nn.ModuleList, final_norm: nn.Module, states: torch.Tensor
+) -> torch.Tensor:
+    """The residual stream [num_layers + 1, batch, num_tokens, hidden] of one no-grad pass from first-layer inputs
+    states [batch, num_tokens, hidden]: the states, then every decoder layer's output."""
+    stream = [states]
+
+    def capture(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        stream.append(_output_of(output))
+
+    handles = [block.register_forward_hook(capture, with_kwargs=True) for block in decoder_layers]
+    try:
+        with torch.no_grad(), _states_at(decoder_layers, final_norm, 0, states):
+            model.base_model(input_ids=_placeholder_ids(states), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack(stream)

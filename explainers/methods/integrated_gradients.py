@@ -4,6 +4,7 @@ path from a baseline to the actual input embeddings."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -150,9 +151,17 @@ def integrated_gradients(
     )
 
 
-def baseline_states(
-    ctx: AttributionContext, params: IntegratedGradientsParams, layer: int, method: str
-) -> torch.Tensor:
+class BaselineChoice(Protocol):
+    """The parameters that choose a path's start: integrated gradients' and every method that starts where it does."""
+
+    @property
+    def baseline(self) -> str: ...
+
+    @property
+    def baseline_token_id(self) -> int: ...
+
+
+def baseline_states(ctx: AttributionContext, params: BaselineChoice, layer: int, method: str) -> torch.Tensor:
     """The path's start [1, num_tokens, hidden] at `layer`: zeros, or the residual stream there of a sequence that
     repeats baseline_token_id, from one extra forward pass (as Captum's LayerIntegratedGradients derives a layer's
     baseline from baseline inputs).

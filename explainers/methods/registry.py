@@ -9,9 +9,12 @@ from sightline.v1 import explanations_pb2
 # Raised by get_method; its callers catch it from here.
 from common.explain_spec import UnknownMethodError as UnknownMethodError
 from common.explain_spec import method_named
+from explainers.methods.activation_patching import ActivationPatching
 from explainers.methods.attention import Attention
 from explainers.methods.attention_rollout import AttentionRollout
+from explainers.methods.attn_lrp import AttnLrp
 from explainers.methods.base import AttributionMethod, ModelShape
+from explainers.methods.gradient_shap import GradientShap
 from explainers.methods.gradient_x_activation import GradientXActivation
 from explainers.methods.input_x_gradient import InputXGradient
 from explainers.methods.integrated_gradients import IntegratedGradients
@@ -20,6 +23,7 @@ from explainers.methods.logit_lens import LogitLens
 from explainers.methods.occlusion import Occlusion
 from explainers.methods.saliency import Saliency
 from explainers.methods.shapley_sampling import ShapleySampling
+from explainers.methods.value_zeroing import ValueZeroing
 from explainers.model import LoadedModel
 
 _METHODS: dict[str, AttributionMethod[Any]] = {}
@@ -57,15 +61,19 @@ def method_infos(shape: ModelShape | None = None) -> list[explanations_pb2.Metho
 
 
 for method in (
+    ActivationPatching(),
     Saliency(),
     InputXGradient(),
     IntegratedGradients(),
+    GradientShap(),
     LayerIntegratedGradients(),
     GradientXActivation(),
     Occlusion(),
     ShapleySampling(),
     Attention(),
     AttentionRollout(),
+    AttnLrp(),
     LogitLens(),
+    ValueZeroing(),
 ):
     register(method)

@@ -18,6 +18,8 @@ CHEAP_PARAMS: dict[str, dict[str, int]] = {
     "layer_integrated_gradients": {"steps": 4, "layer": 20},
     "gradient_x_activation": {"layer": 20},
     "shapley_sampling": {"samples": 2},
+    "gradient_shap": {"samples": 2},
+    "activation_patching": {"samples": 1},
 }
 
 

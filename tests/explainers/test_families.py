@@ -43,8 +43,11 @@ from common.jobs import CATALOG_KEY
 from explainers.architectures import ExplainPath, UnsupportedArchitectureError
 from explainers.engine import explain
 from explainers.methods.attention_weights import attention_probabilities
-from explainers.methods.base import AttributionContext
+from explainers.methods.attn_lrp import COVERED as ATTN_LRP_COVERED
+from explainers.methods.base import AttributionContext, InvalidParamsError
+from explainers.methods.gradient_shap import Samples
 from explainers.methods.registry import catalog, get_method
+from explainers.methods.value_zeroing import VALUE_PROJECTIONS
 from explainers.model import (
     LoadedModel,
     attention_implementation,
@@ -52,7 +55,7 @@ from explainers.model import (
     forward_with_hidden_states,
     load_model,
 )
-from explainers.targets import Targets, token_scores
+from explainers.targets import Targets, TargetScore, token_scores
 from explainers.worker import ExplainerWorker, WorkerSettings
 from tests.explainers.conftest import NUM_LAYERS, OUTPUT_IDS, PROMPT_IDS, VOCAB_SIZE, word_tokenizer
 
@@ -218,6 +221,22 @@ def test_gradient_methods_equal_plain_autograd_and_captum(family: LoadedModel) -
     close(input_x_gradient, prefix(captum))
 
 
+def test_gradient_shap_equals_plain_autograd_at_its_own_samples(family: LoadedModel) -> None:
+    """Gradient SHAP's average, recomputed with autograd through the whole module at the points it drew."""
+    h0, _ = layer_zero_gradients(family)
+    baseline = family.embed(torch.full_like(TOKEN_IDS, 5))
+    method = get_method("gradient_shap")
+    params = method.parse_params({"samples": 3, "stdev": 0.05, "seed": 4, "baseline_token_id": 5})
+    samples = Samples.draw(h0[None], params)
+    expected = torch.zeros(len(TARGETS), len(TOKEN_IDS), dtype=h0.dtype)
+    for noisy, alpha in zip(samples.noisy_inputs, samples.alphas, strict=True):
+        point = (alpha * noisy + (1 - alpha) * baseline[0]).requires_grad_(True)
+        for index in range(len(TARGETS)):
+            (gradient,) = torch.autograd.grad(scores_of_first_layer_input(family, point[None])[0, index], point)
+            expected[index] += (gradient * (noisy - baseline[0])).sum(dim=-1) / len(samples.alphas)
+    close(attributions(family, "gradient_shap", samples=3, stdev=0.05, seed=4, baseline_token_id=5), prefix(expected))
+
+
 def test_integrated_gradients_are_complete_and_start_at_any_layer(family: LoadedModel) -> None:
     """The convergence delta is the completeness error against the model's own scores, and it shrinks as the
     quadrature refines (the wide random weights make the path integrand sharp: 64 steps do not make it tiny)."""
@@ -292,6 +311,80 @@ def test_attention_and_logit_lens_equal_the_models_own_outputs(family: LoadedMod
     np.testing.assert_allclose(target_logprobs[-1], expected.numpy(), rtol=1e-5, atol=1e-5)
 
 
+def test_value_zeroing_zeroes_each_familys_values_and_nothing_else(family: LoadedModel) -> None:
+    """Where a family computes its values (value_zeroing.VALUE_PROJECTIONS), checked on the module: zeroing those
+    features at one position leaves every attention probability as it was and changes the layer's output; zeroing
+    the rest of a fused projection's features there (queries, keys) changes the probabilities."""
+    projection = VALUE_PROJECTIONS[family.architecture.model_type]
+    module = family.decoder_layers[0].get_submodule(projection.module)
+    source = 3
+
+    def run_zeroing(features: Callable[[int], torch.Tensor]) -> OwnOutputs:
+        def zero(_: torch.nn.Module, _args: object, output: torch.Tensor) -> torch.Tensor:
+            output = output.clone()
+            output[0, source, features(output.shape[-1])] = 0
+            return output
+
+        handle = module.register_forward_hook(zero)
+        try:
+            return own_outputs(family, attentions=True)
+        finally:
+            handle.remove()
+
+    def values(width: int) -> torch.Tensor:
+        return projection.values(family.model.config, width)
+
+    family.model.set_attn_implementation("eager")
+    try:
+        clean, zeroed = own_outputs(family, attentions=True), run_zeroing(values)
+        others = run_zeroing(lambda width: ~values(width))
+    finally:
+        family.model.set_attn_implementation(attention_implementation(family.model.config))
+    torch.testing.assert_close(zeroed.attentions[0], clean.attentions[0], rtol=0, atol=1e-12)
+    assert (zeroed.hidden_states[1] - clean.hidden_states[1]).abs().max() > 1e-3
+    width = module(torch.zeros(1, 1, family.hidden_size, dtype=family.dtype)).shape[-1]
+    if not values(width).all():  # fused with the queries and keys
+        assert (others.attentions[0] - clean.attentions[0]).abs().max() > 1e-6
+
+    # And the method on the family: rows sum to 1 over the positions up to each target's predicting one.
+    rows = attributions(family, "value_zeroing", aggregation="layer", layer=1)
+    np.testing.assert_allclose(rows.sum(dim=1).numpy(), 1.0, rtol=0, atol=1e-5)
+
+
+def test_activation_patching_restores_what_each_score_reads(family: LoadedModel) -> None:
+    """Putting the clean last-layer state back at the position that predicts a target gives its clean score back;
+    putting back a first-layer state the corruption never touched gives nothing."""
+    method = get_method("activation_patching")
+    result = method.attribute(context(family), method.parse_params({"corrupt_stop": 3, "samples": 2}))
+
+    def extra(name: str) -> np.ndarray:
+        tensor = result.extras[name]
+        return np.frombuffer(tensor.data, dtype="<f4").reshape(tuple(tensor.shape))
+
+    recovered, lost = extra("recovered"), extra("clean_scores") - extra("corrupted_scores")
+    assert np.abs(lost).max() > 1e-3
+    np.testing.assert_allclose(recovered[-1][np.arange(len(TARGETS)), TARGETS.predicting_positions], lost, atol=1e-5)
+    np.testing.assert_allclose(recovered[0][:, 3:], 0.0, rtol=0, atol=1e-5)
+
+
+def test_attn_lrp_runs_on_the_families_it_covers_and_refuses_the_others_saying_why(family: LoadedModel) -> None:
+    method = get_method("attn_lrp")
+    model_type = family.architecture.model_type
+    if model_type not in ATTN_LRP_COVERED:
+        with pytest.raises(InvalidParamsError, match=f"does not support {model_type!r} models: .+"):
+            method.attribute(context(family), method.parse_params({}))
+        return
+    result = method.attribute(context(family), method.parse_params({}))
+    relevance = np.frombuffer(result.attributions.data, dtype="<f4").reshape(tuple(result.attributions.shape))
+    delta = np.frombuffer(result.extras["conservation_delta"].data, dtype="<f4")
+    with torch.no_grad():
+        logits = forward_from_layer(
+            family, family.embed(TOKEN_IDS), 0, dataclasses.replace(TARGETS, score=TargetScore.LOGIT)
+        )[0]
+    np.testing.assert_allclose(delta, relevance.sum(axis=1) - logits.numpy(), rtol=0, atol=1e-4)
+    assert np.abs(relevance).max() > 1e-3
+
+
 def test_the_general_path_equals_the_fast_path_on_llama(tiny_model: LoadedModel) -> None:
     """On the float64 tiny Llama whose norms stay in float64, the two paths agree to float32 output rounding."""
     assert_paths_agree(tiny_model, atol=1e-6)
@@ -312,6 +405,7 @@ def assert_paths_agree(fast: LoadedModel, atol: float) -> None:
         ("saliency", {}),
         ("input_x_gradient", {}),
         ("integrated_gradients", {"steps": 8}),
+        ("gradient_shap", {"samples": 4, "stdev": 0.1}),
         ("layer_integrated_gradients", {"steps": 8, "layer": 1}),
         ("gradient_x_activation", {"layer": 1}),
         ("occlusion", replacement),
@@ -319,7 +413,11 @@ def assert_paths_agree(fast: LoadedModel, atol: float) -> None:
         ("attention", {}),
         ("attention_rollout", {}),
         ("logit_lens", {}),
+        ("value_zeroing", {}),
+        ("activation_patching", {"samples": 2}),
     ]
+    if fast.architecture.model_type in ATTN_LRP_COVERED:
+        methods.append(("attn_lrp", {}))
     by_fast = explain(fast, None, PROMPT_IDS, OUTPUT_IDS, methods, None)
     by_general = explain(general, None, PROMPT_IDS, OUTPUT_IDS, methods, None)
     assert by_fast.explain_path == types_pb2.EXPLAIN_PATH_FAST
