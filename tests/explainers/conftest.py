@@ -19,9 +19,9 @@ from explainers.targets import Targets
 
 # Every method the registry offers, as its error messages list them.
 REGISTERED_METHODS = (
-    "activation_patching, attention, attention_rollout, gradient_shap, gradient_x_activation, input_x_gradient, "
-    "integrated_gradients, layer_integrated_gradients, logit_lens, occlusion, saliency, shapley_sampling, "
-    "value_zeroing"
+    "activation_patching, attention, attention_rollout, attn_lrp, gradient_shap, gradient_x_activation, "
+    "input_x_gradient, integrated_gradients, layer_integrated_gradients, logit_lens, occlusion, saliency, "
+    "shapley_sampling, value_zeroing"
 )
 VOCAB_SIZE = 64
 NUM_LAYERS = 2
