@@ -33,6 +33,9 @@ from explainers.targets import Targets
 
 # Rows (restored positions x positions) of one pass through the layers above the restored one.
 MAX_PASS_ROWS = 4096
+# The catalogue's bound on a position: beyond any context window, so that the gateway refuses absurd numbers;
+# attribute() then holds a range to the sequence's own length, which it names.
+MAX_POSITION = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -56,9 +59,14 @@ ACTIVATION_PATCHING_PARAMS = (
         "prompt of the same length).",
         choices=("noise", "token"),
     ),
-    ParamSpec("corrupt_start", int, 0, "The first corrupted position.", minimum=0),
+    ParamSpec("corrupt_start", int, 0, "The first corrupted position.", minimum=0, maximum=MAX_POSITION),
     ParamSpec(
-        "corrupt_stop", int, 0, "The position after the last corrupted one; 0 means the end of the prompt.", minimum=0
+        "corrupt_stop",
+        int,
+        0,
+        "The position after the last corrupted one; 0 means the end of the prompt.",
+        minimum=0,
+        maximum=MAX_POSITION,
     ),
     ParamSpec(
         "noise_scale",
