@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from itertools import pairwise
 from typing import TypeVar
 
-from sightline.v1 import explanations_pb2
+from sightline.v1 import explanations_pb2, types_pb2
 
 from common.jobs import ExplainOptions, SpanRequest
 from common.quoting import shown
@@ -123,7 +123,7 @@ class ParamSpec:
         return explanations_pb2.MethodParam(
             name=self.name,
             type=_PARAM_TYPES[self.type],
-            default_value=_render(self.default),
+            default_value=param_value(self.default),
             description=self.description + bounds,
             minimum=self.minimum,
             maximum=self.maximum,
@@ -136,9 +136,10 @@ class ParamSpec:
         kind = next((kind for kind, number in _PARAM_TYPES.items() if number == info.type), None)
         if kind is None:
             raise ValueError(f"parameter {info.name!r} has type {info.type}, which this version does not know")
-        default = _coerce(kind, _parse_rendered(kind, info.default_value))
+        given = info.default_value.WhichOneof("kind")
+        default = _coerce(kind, getattr(info.default_value, given)) if given else None
         if default is None:
-            raise ValueError(f"parameter {info.name!r} has default {info.default_value!r}, not {_TYPE_NAMES[kind]}")
+            raise ValueError(f"parameter {info.name!r} has default {info.default_value}, not {_TYPE_NAMES[kind]}")
         return cls(
             name=info.name,
             type=kind,
@@ -184,16 +185,15 @@ def _coerce(kind: type[ParamValue], value: object) -> ParamValue | None:
     return int(value) if float(value).is_integer() else None
 
 
-def _parse_rendered(kind: type[ParamValue], text: str) -> object:
-    """A value as _render wrote it, back as ``kind`` (None when it is not one)."""
-    if kind is str:
-        return text
-    if kind is bool:
-        return {"true": True, "false": False}.get(text)
-    try:
-        return float(text)
-    except ValueError:
-        return None
+def param_value(value: ParamValue) -> types_pb2.ParamValue:
+    """A parameter value as the API carries it, typed (a bool is never taken for an int)."""
+    if isinstance(value, bool):
+        return types_pb2.ParamValue(bool_value=value)
+    if isinstance(value, int):
+        return types_pb2.ParamValue(int_value=value)
+    if isinstance(value, float):
+        return types_pb2.ParamValue(float_value=value)
+    return types_pb2.ParamValue(string_value=value)
 
 
 def _quoted(value: object) -> str:

@@ -86,7 +86,7 @@ ACTIVATION_PATCHING_PARAMS = (
         maximum_from="last_token_id",
     ),
     ParamSpec("samples", int, 4, "Noise draws averaged (with corruption 'noise').", minimum=1, maximum=64),
-    ParamSpec("seed", int, 0, "Seeds the noise: the same seed gives the same result.", minimum=0, maximum=2**32 - 1),
+    ParamSpec("seed", int, 0, "Seeds the noise: the same seed gives the same result.", minimum=0, maximum=2**31 - 1),
 )
 
 

@@ -139,13 +139,20 @@ class AttributionMethod(ABC, Generic[ParamsT]):
 
 
 def tensor_proto(values: torch.Tensor) -> types_pb2.Tensor:
-    """Pack a tensor as float32 (floating) or int32 (integer) little-endian bytes."""
+    """A tensor as float32 (floating) or int32 (integer) elements, row-major."""
     tensor = values.detach().cpu()
     if tensor.is_floating_point():
-        dtype, packed = types_pb2.D_TYPE_FLOAT32, tensor.to(torch.float32).numpy().astype("<f4")
-    else:
-        dtype, packed = types_pb2.D_TYPE_INT32, tensor.to(torch.int32).numpy().astype("<i4")
-    return types_pb2.Tensor(dtype=dtype, shape=list(tensor.shape), data=np.ascontiguousarray(packed).tobytes())
+        flat = tensor.to(torch.float32).reshape(-1).numpy()
+        return types_pb2.Tensor(dtype=types_pb2.DTYPE_FLOAT32, shape=list(tensor.shape), float_values=flat)
+    flat = tensor.to(torch.int32).reshape(-1).numpy()
+    return types_pb2.Tensor(dtype=types_pb2.DTYPE_INT32, shape=list(tensor.shape), int_values=flat)
+
+
+def tensor_array(packed: types_pb2.Tensor) -> np.ndarray:
+    """A Tensor's elements as an array of its shape: float32 or int32, as its dtype says."""
+    if packed.dtype == types_pb2.DTYPE_INT32:
+        return np.array(packed.int_values, dtype=np.int32).reshape(tuple(packed.shape))
+    return np.array(packed.float_values, dtype=np.float32).reshape(tuple(packed.shape))
 
 
 def prefix_only(scores: torch.Tensor, targets: Targets) -> torch.Tensor:

@@ -58,7 +58,7 @@ GRADIENT_SHAP_PARAMS = (
         "Seeds the samples' noise (torch) and positions on the path (NumPy) as Captum draws them after "
         "torch.manual_seed(seed) and np.random.seed(seed): the same seed gives the same attributions.",
         minimum=0,
-        maximum=2**32 - 1,
+        maximum=2**31 - 1,
     ),
     ParamSpec(
         "internal_batch_size",

@@ -1,8 +1,6 @@
 from __future__ import annotations
 
 import dataclasses
-import struct
-import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -21,6 +19,8 @@ from fake_sightline import (
 from sightline import (
     ExplainOptions,
     Explanation,
+    ExplanationError,
+    ExplanationErrorCode,
     ExplanationState,
     Faithfulness,
     FinishReason,
@@ -32,6 +32,7 @@ from sightline import (
     StreamChunk,
     TargetScore,
     Token,
+    TokenRole,
 )
 from sightline.v1 import inference_pb2, types_pb2
 
@@ -64,10 +65,8 @@ def test_empty_axes_decode_to_empty_rows() -> None:
     assert matrix.row(2) == []
 
 
-def test_decoding_swaps_bytes_on_big_endian_hosts(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Simulate a big-endian host: its native order is what the wire's little-endian bytes look like reversed.
-    monkeypatch.setattr(sys, "byteorder", "big")
-    tensor = types_pb2.Tensor(dtype=types_pb2.D_TYPE_INT32, shape=[2], data=struct.pack(">2i", 1, -2))
+def test_int32_tensors_decode_from_int_values() -> None:
+    tensor = types_pb2.Tensor(dtype=types_pb2.DTYPE_INT32, shape=[2], int_values=[1, -2], float_values=[9.0])
 
     assert Matrix.from_proto(tensor).tolist() == [1, -2]
 
@@ -75,9 +74,9 @@ def test_decoding_swaps_bytes_on_big_endian_hosts(monkeypatch: pytest.MonkeyPatc
 @pytest.mark.parametrize(
     ("tensor", "message"),
     [
-        (types_pb2.Tensor(dtype=types_pb2.D_TYPE_FLOAT32, shape=[2, 2], data=b"\0" * 12), "do not fill"),
-        (types_pb2.Tensor(dtype=types_pb2.D_TYPE_FLOAT32, shape=[1], data=b"\0" * 3), "multiple"),
-        (types_pb2.Tensor(dtype=types_pb2.D_TYPE_UNSPECIFIED, shape=[1], data=b"\0" * 4), "dtype"),
+        (types_pb2.Tensor(dtype=types_pb2.DTYPE_FLOAT32, shape=[2, 2], float_values=[0, 0, 0]), "do not fill"),
+        (types_pb2.Tensor(dtype=types_pb2.DTYPE_FLOAT32, shape=[1], int_values=[0]), "do not fill"),
+        (types_pb2.Tensor(dtype=types_pb2.DTYPE_UNSPECIFIED, shape=[1], float_values=[0]), "dtype"),
     ],
 )
 def test_malformed_tensors_are_refused(tensor: types_pb2.Tensor, message: str) -> None:
@@ -147,6 +146,55 @@ def test_top_sources_ranks_only_the_causal_prefix_by_absolute_score() -> None:
     assert [source.position for source in explanation.top_sources(-1, k=5)] == [3, 1, 4, 0, 2]
 
 
+def test_tokens_carry_their_role_and_content_only_ranks_the_callers_words() -> None:
+    message = make_explanation("exp-1")
+    # As a chat: "The" is template markup, " capital of" the user's message 1, " France" a default system prompt.
+    roles = [types_pb2.TOKEN_ROLE_TEMPLATE, types_pb2.TOKEN_ROLE_USER, types_pb2.TOKEN_ROLE_USER]
+    for token, role in zip(message.tokens, [*roles, types_pb2.TOKEN_ROLE_SYSTEM], strict=False):
+        token.role = role
+    message.tokens[1].message_index = message.tokens[2].message_index = 1
+    for token in message.tokens[4:]:
+        token.role = types_pb2.TOKEN_ROLE_OUTPUT
+    explanation = Explanation.from_proto(message)
+
+    assert [(t.role, t.message_index, t.is_content) for t in explanation.tokens] == [
+        (TokenRole.TEMPLATE, None, False),
+        (TokenRole.USER, 1, True),
+        (TokenRole.USER, 1, True),
+        (TokenRole.SYSTEM, None, False),
+        (TokenRole.OUTPUT, None, False),
+        (TokenRole.OUTPUT, None, False),
+    ]
+    # Target 1 (position 5) ranks positions 3, 1, 4 overall; within the caller's words only 1, then 2.
+    assert [s.position for s in explanation.top_sources(1, k=3, method="saliency")] == [3, 1, 4]
+    assert [s.position for s in explanation.top_sources(1, k=3, method="saliency", content_only=True)] == [1, 2]
+
+
+def test_a_text_prompt_is_all_content() -> None:
+    message = make_explanation("exp-1")
+    for token in message.tokens[:4]:
+        token.role = types_pb2.TOKEN_ROLE_PROMPT
+    explanation = Explanation.from_proto(message)
+    assert explanation.top_sources(0, content_only=True) == explanation.top_sources(0)
+
+
+def test_a_failed_explanation_has_a_structured_error() -> None:
+    message = make_explanation("exp-failed", types_pb2.EXPLANATION_STATE_FAILED)
+    message.error.CopyFrom(
+        types_pb2.ExplanationError(
+            code=types_pb2.EXPLANATION_ERROR_CODE_INTERNAL,
+            message="RuntimeError: boom",
+            details={"exception": "RuntimeError", "attempts": "3"},
+        )
+    )
+    explanation = Explanation.from_proto(message)
+    assert explanation.error == ExplanationError(
+        ExplanationErrorCode.INTERNAL, "RuntimeError: boom", {"exception": "RuntimeError", "attempts": "3"}
+    )
+    assert str(explanation.error) == "RuntimeError: boom"
+    assert Explanation.from_proto(make_explanation("exp-1")).error is None
+
+
 def test_top_sources_refuses_methods_without_attributions() -> None:
     explanation = Explanation.from_proto(make_explanation("exp-1"))
 
@@ -193,10 +241,14 @@ def test_unknown_enum_values_from_newer_servers_map_to_unspecified() -> None:
 
 
 def test_stream_chunks_leave_final_fields_unset_until_the_end() -> None:
-    middle = StreamChunk.from_proto(inference_pb2.GenerateStreamResponse(text_delta=" is"))
+    middle = StreamChunk.from_proto(
+        inference_pb2.GenerateStreamResponse(delta=inference_pb2.GenerateStreamDelta(text_delta=" is"))
+    )
     last = StreamChunk.from_proto(
         inference_pb2.GenerateStreamResponse(
-            finish_reason=types_pb2.FINISH_REASON_STOP, usage=types_pb2.Usage(input_tokens=4, output_tokens=2)
+            end=inference_pb2.GenerateStreamEnd(
+                finish_reason=types_pb2.FINISH_REASON_STOP, usage=types_pb2.Usage(input_tokens=4, output_tokens=2)
+            )
         )
     )
 
