@@ -2,7 +2,7 @@
 #   make serve   start the whole local stack on the embedded model (gateway on 127.0.0.1:50051)
 #   make test    run the whole test suite (unit and end to end) against real components
 #   make lint    ruff, mypy, buf lint, and a check that generated proto code is current
-#   make proto   regenerate the Python code from protos/
+#   make proto   regenerate the Python code from protos/ (and the Go client's, proto-go)
 #   make bench   run the benchmarks (peers included) and rewrite docs/performance.md; bench-smoke: a quick check they run
 #   make soak    3 minutes of 64 clients against a local stack: errors, latency, memory and queue over time
 #   make k8s-check  render deploy/k8s overlays and validate them against the Kubernetes and KEDA schemas
@@ -18,13 +18,18 @@ KEDA_STAMP := $(KEDA_CRD)/node_modules/.sightline-installed
 PHOENIX_VENV := .venv-phoenix
 PHOENIX_STAMP := $(PHOENIX_VENV)/.phoenix-installed
 
-.PHONY: serve test lint proto bench bench-smoke bench-deps soak system-deps phoenix
+.PHONY: serve test lint proto proto-go bench bench-smoke bench-deps soak system-deps phoenix
+# Debian's Go 1.19 toolchain, plugins and Go sources the Go client (clients/go) builds with, offline.
+# golang-google-grpc-dev accepts either golang/protobuf line; only 1.5 runs protoc-gen-go's messages.
+GO_DEBS := golang-go golang-google-grpc-dev golang-google-protobuf-dev golang-github-golang-protobuf-1-5-dev \
+	protoc-gen-go protoc-gen-go-grpc
 
 system-deps:
 	@command -v redis-server >/dev/null || (echo "==> installing redis-server (apt)" && $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server)
 	@command -v chromedriver >/dev/null || (echo "==> installing chromium and chromium-driver (apt, for the viewer tests)" && $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver)
 	@# The audit tests and benchmark start their own PostgreSQL 15 from these binaries.
 	@[ -x /usr/lib/postgresql/15/bin/initdb ] || (echo "==> installing postgresql (apt, for the audit tests)" && $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq postgresql)
+	@[ "$$(dpkg-query -W -f='$${Status}\n' $(GO_DEBS) 2>/dev/null | grep -c '^install ok installed$$')" = $(words $(GO_DEBS)) ] || (echo "==> installing Go 1.19, protoc-gen-go(-grpc) and Go's gRPC sources (apt, for the Go client)" && $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(GO_DEBS))
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
@@ -66,9 +71,12 @@ lint: $(STAMP)
 	$(BIN)/mypy .
 	cd protos && ../$(BIN)/buf lint
 
-proto: $(STAMP)
+proto: $(STAMP) proto-go
 	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=clients/python/src --pyi_out=clients/python/src \
 		--grpc_python_out=clients/python/src protos/sightline/v1/*.proto
+
+proto-go: system-deps $(STAMP)
+	clients/go/generate.sh $(BIN)/python
 
 bench-deps: $(STAMP)
 	$(BIN)/pip install -q -e ".[bench]"
