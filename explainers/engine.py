@@ -19,7 +19,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-import numpy as np
 import torch
 from opentelemetry import trace
 from sightline.v1 import types_pb2
@@ -30,7 +29,7 @@ from explainers.aggregation import TokenGroup, aggregate, source_groups
 from explainers.backprop import RecordedLayers
 from explainers.faithfulness import faithfulness
 from explainers.hidden_cache import LAST_LAYER_DTYPE, STORAGE_DTYPE, DerivedTensors, HiddenStateCache
-from explainers.methods.base import AttributionContext, AttributionMethod, ModelShape, tensor_proto
+from explainers.methods.base import AttributionContext, AttributionMethod, ModelShape, tensor_array, tensor_proto
 from explainers.methods.registry import get_method
 from explainers.model import LoadedModel, forward_with_hidden_states
 from explainers.progress import JobProgress, Tracking, checkpoint
@@ -216,8 +215,7 @@ def _source_groups(
 
 def _float_matrix(packed: types_pb2.Tensor) -> torch.Tensor:
     """The float32 tensor a MethodResult's attributions hold."""
-    values = np.frombuffer(packed.data, dtype="<f4").reshape(tuple(packed.shape))
-    return torch.from_numpy(values.copy())
+    return torch.from_numpy(tensor_array(packed))
 
 
 def _parse_methods(

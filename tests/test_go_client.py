@@ -14,8 +14,8 @@ GENERATED = GO_MODULE / "sightline" / "v1"
 
 
 def test_generated_go_code_matches_protos(tmp_path: Path) -> None:
-    subprocess.run([str(GO_MODULE / "generate.sh"), sys.executable, str(tmp_path)], check=True)
-    fresh = tmp_path / "sightline" / "v1"
+    fresh = tmp_path / "sightlinev1"
+    subprocess.run([str(GO_MODULE / "generate.sh"), sys.executable, str(fresh)], check=True)
     names = sorted(p.name for p in fresh.iterdir())
     assert names == sorted(p.name for p in GENERATED.iterdir())
     _, mismatch, errors = filecmp.cmpfiles(fresh, GENERATED, names, shallow=False)

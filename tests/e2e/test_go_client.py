@@ -82,14 +82,15 @@ def test_go_live_tests_and_cross_language_decoding(
     assert sorted(decoded["matrices"]) == ["input_x_gradient"]
     # Go widened each float32 to float64, as array('f').tolist() does: equal means bit for bit.
     assert decoded["matrices"]["input_x_gradient"] == explanation.attributions("input_x_gradient").tolist()
-    python_sources = [
-        [
-            {"position": s.position, "token_id": s.token.id, "text": s.token.text, "score": s.score}
-            for s in explanation.top_sources(target, k=5, method="input_x_gradient")
+    for key, content_only in (("top_sources", False), ("top_content_sources", True)):
+        python_sources = [
+            [
+                {"position": s.position, "token_id": s.token.id, "text": s.token.text, "score": s.score}
+                for s in explanation.top_sources(target, k=5, method="input_x_gradient", content_only=content_only)
+            ]
+            for target in range(len(explanation.target_positions))
         ]
-        for target in range(len(explanation.target_positions))
-    ]
-    assert decoded["top_sources"]["input_x_gradient"] == python_sources
+        assert decoded[key]["input_x_gradient"] == python_sources, key
 
 
 def test_go_france_example(stack: LocalStack) -> None:

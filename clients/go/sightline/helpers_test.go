@@ -1,7 +1,6 @@
 package sightline
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -19,16 +18,12 @@ import (
 	sightlinev1 "github.com/sightline/sightline-go/sightline/v1"
 )
 
-func float32Tensor(shape []int64, values ...float32) *sightlinev1.Tensor {
-	data := make([]byte, 4*len(values))
-	for i, value := range values {
-		binary.LittleEndian.PutUint32(data[4*i:], math.Float32bits(value))
-	}
-	return &sightlinev1.Tensor{Dtype: sightlinev1.DType_D_TYPE_FLOAT32, Shape: shape, Data: data}
+func float32Tensor(shape []int32, values ...float32) *sightlinev1.Tensor {
+	return &sightlinev1.Tensor{Dtype: sightlinev1.Dtype_DTYPE_FLOAT32, Shape: shape, FloatValues: values}
 }
 
-func TestFloat32MatrixDecodesRowMajorLittleEndian(t *testing.T) {
-	matrix, err := Float32Matrix(float32Tensor([]int64{2, 3}, 1, -2.5, 3, 0, float32(math.Inf(1)), 1e-30))
+func TestFloat32MatrixSplitsRowMajorValuesIntoRows(t *testing.T) {
+	matrix, err := Float32Matrix(float32Tensor([]int32{2, 3}, 1, -2.5, 3, 0, float32(math.Inf(1)), 1e-30))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -43,30 +38,20 @@ func TestFloat32MatrixDecodesRowMajorLittleEndian(t *testing.T) {
 	}
 }
 
-func TestFloat32MatrixReadsDataAtAnyOffset(t *testing.T) {
-	tensor := float32Tensor([]int64{1, 2}, 0.5, -0.25)
-	// The same bytes starting one byte into a buffer: decoding must not rely on alignment.
-	shifted := append([]byte{0xff}, tensor.Data...)
-	tensor.Data = shifted[1:]
-	matrix, err := Float32Matrix(tensor)
-	if err != nil || !reflect.DeepEqual(matrix, [][]float32{{0.5, -0.25}}) {
-		t.Fatalf("got %v, %v", matrix, err)
-	}
-}
-
 func TestTensorDecodingRefusesWhatDoesNotFit(t *testing.T) {
-	int32Tensor := &sightlinev1.Tensor{Dtype: sightlinev1.DType_D_TYPE_INT32, Shape: []int64{2}, Data: make([]byte, 8)}
+	int32Tensor := &sightlinev1.Tensor{Dtype: sightlinev1.Dtype_DTYPE_INT32, Shape: []int32{2}, IntValues: []int32{1, 2}}
 	for _, c := range []struct {
 		name   string
 		tensor *sightlinev1.Tensor
 		want   string
 	}{
 		{"nil", nil, "no tensor"},
-		{"wrong dtype", int32Tensor, "is D_TYPE_INT32, not D_TYPE_FLOAT32"},
-		{"short data", &sightlinev1.Tensor{Dtype: sightlinev1.DType_D_TYPE_FLOAT32, Shape: []int64{2, 2}, Data: make([]byte, 12)}, "12 bytes of data do not fill a tensor of shape [2 2]"},
-		{"negative axis", &sightlinev1.Tensor{Dtype: sightlinev1.DType_D_TYPE_FLOAT32, Shape: []int64{-1}}, "impossible"},
-		{"overflowing shape", &sightlinev1.Tensor{Dtype: sightlinev1.DType_D_TYPE_FLOAT32, Shape: []int64{1 << 40, 1 << 40}}, "impossible"},
-		{"not a matrix", float32Tensor([]int64{3}, 1, 2, 3), "shape [3] is not a matrix"},
+		{"wrong dtype", int32Tensor, "is DTYPE_INT32, not DTYPE_FLOAT32"},
+		{"too few values", float32Tensor([]int32{2, 2}, 1, 2, 3), "3 elements do not fill a tensor of shape [2 2]"},
+		{"values of the other dtype", &sightlinev1.Tensor{Dtype: sightlinev1.Dtype_DTYPE_FLOAT32, Shape: []int32{2}, IntValues: []int32{1, 2}}, "0 elements do not fill"},
+		{"negative axis", float32Tensor([]int32{-1}), "impossible"},
+		{"overflowing shape", float32Tensor([]int32{1 << 30, 1 << 30}), "impossible"},
+		{"not a matrix", float32Tensor([]int32{3}, 1, 2, 3), "shape [3] is not a matrix"},
 	} {
 		if _, err := Float32Matrix(c.tensor); err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("%s: got %v, want an error containing %q", c.name, err, c.want)
@@ -75,19 +60,22 @@ func TestTensorDecodingRefusesWhatDoesNotFit(t *testing.T) {
 }
 
 func TestInt32ValuesKeepsShapeAndSign(t *testing.T) {
-	data := make([]byte, 12)
-	for i, value := range []int32{7, -3, 1 << 30} {
-		binary.LittleEndian.PutUint32(data[4*i:], uint32(value))
-	}
-	values, shape, err := Int32Values(&sightlinev1.Tensor{Dtype: sightlinev1.DType_D_TYPE_INT32, Shape: []int64{1, 1, 3}, Data: data})
+	values, shape, err := Int32Values(&sightlinev1.Tensor{Dtype: sightlinev1.Dtype_DTYPE_INT32, Shape: []int32{1, 1, 3}, IntValues: []int32{7, -3, 1 << 30}})
 	if err != nil || !reflect.DeepEqual(values, []int32{7, -3, 1 << 30}) || !reflect.DeepEqual(shape, []int{1, 1, 3}) {
 		t.Fatalf("got %v %v %v", values, shape, err)
 	}
 }
 
-// An explanation of tokens a b c d, explaining c (position 2) and d (position 3).
+// An explanation of tokens a b c d, explaining c (position 2) and d (position 3); a is chat
+// template markup, b the user's words.
 func explanationOfFourTokens() *sightlinev1.Explanation {
-	tokens := []*sightlinev1.Token{{Id: 1, Text: "a"}, {Id: 2, Text: " b"}, {Id: 3, Text: " Paris"}, {Id: 4, Text: "."}}
+	user := int32(0)
+	tokens := []*sightlinev1.Token{
+		{Id: 1, Text: "a", Role: sightlinev1.TokenRole_TOKEN_ROLE_TEMPLATE},
+		{Id: 2, Text: " b", Role: sightlinev1.TokenRole_TOKEN_ROLE_USER, MessageIndex: &user},
+		{Id: 3, Text: " Paris", Role: sightlinev1.TokenRole_TOKEN_ROLE_OUTPUT},
+		{Id: 4, Text: ".", Role: sightlinev1.TokenRole_TOKEN_ROLE_OUTPUT},
+	}
 	return &sightlinev1.Explanation{
 		Tokens:          tokens,
 		PromptLength:    2,
@@ -95,7 +83,7 @@ func explanationOfFourTokens() *sightlinev1.Explanation {
 		Results: []*sightlinev1.MethodResult{
 			{Method: "logit_lens"},
 			// Row 1 ties |0.5| at positions 0 and 2: the earlier position ranks first.
-			{Method: "saliency", Attributions: float32Tensor([]int64{2, 3}, 0.1, -0.9, 0, 0.5, 0.2, -0.5)},
+			{Method: "saliency", Attributions: float32Tensor([]int32{2, 3}, 0.1, -0.9, 0, 0.5, 0.2, -0.5)},
 		},
 	}
 }
@@ -121,6 +109,23 @@ func TestTopSourcesRanksTheCausalPrefixByAbsoluteScore(t *testing.T) {
 	}
 	if got := fmt.Sprint(describe(sources)); got != "[0 \"a\" 0.5 2 \" Paris\" -0.5]" {
 		t.Fatalf("got %s", got)
+	}
+}
+
+func TestTopContentSourcesRanksOnlyTheCallersTokens(t *testing.T) {
+	explanation := explanationOfFourTokens()
+	// Of row 1's prefix (a, b, Paris), only b is the caller's: a is template, Paris output.
+	sources, err := TopContentSources(explanation, "saliency", 1, 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := fmt.Sprint(describe(sources)); got != "[1 \" b\" 0.2]" {
+		t.Fatalf("got %s", got)
+	}
+	prompt := &sightlinev1.Token{Role: sightlinev1.TokenRole_TOKEN_ROLE_PROMPT}
+	system := &sightlinev1.Token{Role: sightlinev1.TokenRole_TOKEN_ROLE_SYSTEM}
+	if !IsContent(prompt) || IsContent(system) {
+		t.Fatal("a text prompt's tokens are the caller's; the template's default system prompt is not")
 	}
 }
 
@@ -192,12 +197,19 @@ func TestPromptBuildersFillTheInputOneof(t *testing.T) {
 	if spec.GetMode() != sightlinev1.ExplainMode_EXPLAIN_MODE_SYNC || len(spec.GetMethods()) != 2 || spec.GetMethods()[1].GetName() != "logit_lens" {
 		t.Fatalf("got %v", spec)
 	}
-	method, err := Method("integrated_gradients", map[string]interface{}{"steps": 32})
-	if err != nil || method.GetParams().GetFields()["steps"].GetNumberValue() != 32 {
-		t.Fatalf("got %v, %v", method, err)
+	method, err := Method("integrated_gradients", map[string]interface{}{"steps": 32, "baseline": "zeros", "absolute": true, "alpha": 0.5})
+	if err != nil {
+		t.Fatal(err)
 	}
-	if _, err := Method("x", map[string]interface{}{"bad": struct{}{}}); err == nil {
-		t.Fatal("a value a Struct cannot hold must fail")
+	params := method.GetParams()
+	if params["steps"].GetKind().(*sightlinev1.ParamValue_IntValue).IntValue != 32 ||
+		params["baseline"].GetStringValue() != "zeros" || !params["absolute"].GetBoolValue() || params["alpha"].GetFloatValue() != 0.5 {
+		t.Fatalf("got %v", params)
+	}
+	for _, bad := range []interface{}{struct{}{}, int64(1) << 40, uint(3)} {
+		if _, err := Method("x", map[string]interface{}{"p": bad}); err == nil {
+			t.Errorf("the parameter value %v (%T) must be refused", bad, bad)
+		}
 	}
 }
 
@@ -213,7 +225,7 @@ func TestGRPCCodecRoundTripsGeneratedMessages(t *testing.T) {
 	}
 	response := &sightlinev1.GenerateResponse{Explanation: &sightlinev1.Explanation{Results: []*sightlinev1.MethodResult{{
 		Method: "logit_lens",
-		Extras: map[string]*sightlinev1.Tensor{"target_logprobs": float32Tensor([]int64{1, 1}, -0.5)},
+		Extras: map[string]*sightlinev1.Tensor{"target_logprobs": float32Tensor([]int32{1, 1}, -0.5)},
 	}}}}
 	codec := encoding.GetCodec("proto")
 	for _, message := range []proto.Message{request, response} {

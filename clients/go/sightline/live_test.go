@@ -92,7 +92,7 @@ func TestLiveGenerateWithSyncExplanation(t *testing.T) {
 	}
 	explanation := response.Explanation
 	if explanation.GetState() != sightlinev1.ExplanationState_EXPLANATION_STATE_SUCCEEDED || explanation.ExplanationId != response.ExplanationId {
-		t.Fatalf("explanation %s is %s (%s)", explanation.GetExplanationId(), explanation.GetState(), explanation.GetError())
+		t.Fatalf("explanation %s is %s (%s)", explanation.GetExplanationId(), explanation.GetState(), explanation.GetError().GetMessage())
 	}
 	if diff := explanation.Fidelity.MaxAbsLogprobDiff; diff >= 0.02 {
 		t.Errorf("the explainer's log-probabilities differ from vLLM's by %g", diff)
@@ -134,6 +134,20 @@ func TestLiveGenerateWithSyncExplanation(t *testing.T) {
 		}
 	}
 
+	// Ranked among the user's words only, the sources are tokens of the question (message 0).
+	content, err := sightline.TopContentSources(explanation, "input_x_gradient", paris, 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, source := range content {
+		if source.Token.GetRole() != sightlinev1.TokenRole_TOKEN_ROLE_USER || source.Token.GetMessageIndex() != 0 {
+			t.Errorf("content source %+v is not a token of the user's message", source)
+		}
+	}
+	if len(content) != 3 {
+		t.Errorf("%d content sources of the question's tokens", len(content))
+	}
+
 	fetched, err := client.Explanations.GetExplanation(ctx, &sightlinev1.GetExplanationRequest{ExplanationId: response.ExplanationId})
 	if err != nil {
 		t.Fatal(err)
@@ -150,11 +164,13 @@ func TestLiveGenerateWithSyncExplanation(t *testing.T) {
 }
 
 // What the cross-language check compares: every attributing method's matrix and every target's
-// top 5 sources, with float32 values widened exactly to float64 for JSON.
+// top 5 sources (of all tokens, and of the caller's), float32 values widened exactly to float64.
 type decoded struct {
 	ExplanationID string                       `json:"explanation_id"`
 	Matrices      map[string][][]float64       `json:"matrices"`
 	TopSources    map[string][][]decodedSource `json:"top_sources"`
+	// The same, over the caller's own tokens only (TopContentSources).
+	TopContentSources map[string][][]decodedSource `json:"top_content_sources"`
 }
 
 type decodedSource struct {
@@ -169,7 +185,7 @@ func dump(t *testing.T, explanation *sightlinev1.Explanation) {
 	if path == "" {
 		return
 	}
-	out := decoded{explanation.ExplanationId, map[string][][]float64{}, map[string][][]decodedSource{}}
+	out := decoded{explanation.ExplanationId, map[string][][]float64{}, map[string][][]decodedSource{}, map[string][][]decodedSource{}}
 	for _, result := range explanation.Results {
 		matrix, err := sightline.Attributions(explanation, result.Method)
 		if err != nil {
@@ -183,15 +199,8 @@ func dump(t *testing.T, explanation *sightlinev1.Explanation) {
 			out.Matrices[result.Method] = append(out.Matrices[result.Method], widened)
 		}
 		for target := range explanation.TargetPositions {
-			sources, err := sightline.TopSources(explanation, result.Method, target, 5)
-			if err != nil {
-				t.Fatal(err)
-			}
-			var row []decodedSource
-			for _, source := range sources {
-				row = append(row, decodedSource{source.Position, source.Token.Id, source.Token.Text, float64(source.Score)})
-			}
-			out.TopSources[result.Method] = append(out.TopSources[result.Method], row)
+			out.TopSources[result.Method] = append(out.TopSources[result.Method], decodeSources(t, sightline.TopSources, explanation, result.Method, target))
+			out.TopContentSources[result.Method] = append(out.TopContentSources[result.Method], decodeSources(t, sightline.TopContentSources, explanation, result.Method, target))
 		}
 	}
 	encoded, err := json.Marshal(out)
@@ -203,15 +212,31 @@ func dump(t *testing.T, explanation *sightlinev1.Explanation) {
 	}
 }
 
-func TestLiveGenerateStream(t *testing.T) {
-	client, ctx := liveClient(t)
-	unexplained, err := client.Inference.Generate(ctx, &sightlinev1.GenerateRequest{Input: question, Sampling: maxTokens(8)})
+func decodeSources(
+	t *testing.T, rank func(*sightlinev1.Explanation, string, int, int) ([]sightline.Source, error),
+	explanation *sightlinev1.Explanation, method string, target int,
+) []decodedSource {
+	sources, err := rank(explanation, method, target, 5)
 	if err != nil {
 		t.Fatal(err)
 	}
-	stream, err := client.Inference.GenerateStream(ctx, &sightlinev1.GenerateStreamRequest{
-		Input: question, Sampling: maxTokens(8), Explain: sightline.Explain("logit_lens"),
-	})
+	row := []decodedSource{}
+	for _, source := range sources {
+		row = append(row, decodedSource{source.Position, source.Token.Id, source.Token.Text, float64(source.Score)})
+	}
+	return row
+}
+
+func TestLiveGenerateStream(t *testing.T) {
+	client, ctx := liveClient(t)
+	request := &sightlinev1.GenerateRequest{Input: question, Sampling: maxTokens(8)}
+	unexplained, err := client.Inference.Generate(ctx, request)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The same request message serves both calls.
+	request.Explain = sightline.Explain("logit_lens")
+	stream, err := client.Inference.GenerateStream(ctx, request)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -226,23 +251,28 @@ func TestLiveGenerateStream(t *testing.T) {
 			t.Fatal(err)
 		}
 		messages = append(messages, message)
-		text += message.TextDelta
+		text += message.GetDelta().GetTextDelta()
 	}
-	if len(messages) < 2 {
-		t.Fatalf("%d stream messages", len(messages))
+	if len(messages) < 3 {
+		t.Fatalf("%d stream messages: a start, deltas and an end were expected", len(messages))
 	}
 	if text != unexplained.Text {
 		t.Errorf("the stream's text %q differs from Generate's %q (greedy decoding)", text, unexplained.Text)
 	}
-	first, last := messages[0], messages[len(messages)-1]
-	if len(first.PromptTokenIds) == 0 || len(last.PromptTokenIds) != 0 {
-		t.Error("the first message, and only it, carries the prompt's token ids")
+	start, end := messages[0].GetStart(), messages[len(messages)-1].GetEnd()
+	if start == nil || len(start.PromptTokenIds) == 0 || end == nil {
+		t.Fatalf("the stream does not open with a start carrying the prompt and close with an end: %v ... %v", messages[0], messages[len(messages)-1])
 	}
-	if last.FinishReason == sightlinev1.FinishReason_FINISH_REASON_UNSPECIFIED || last.Usage.GetOutputTokens() != int32(len(unexplained.OutputTokens)) {
-		t.Errorf("the last message has finish reason %s and usage %v", last.FinishReason, last.Usage)
+	for _, middle := range messages[1 : len(messages)-1] {
+		if middle.GetDelta() == nil {
+			t.Errorf("a message between start and end is not a delta: %v", middle)
+		}
 	}
-	if last.Explanation.GetState() != sightlinev1.ExplanationState_EXPLANATION_STATE_SUCCEEDED || last.Explanation.Results[0].Method != "logit_lens" {
-		t.Errorf("the last message's explanation is %s", last.Explanation.GetState())
+	if end.FinishReason == sightlinev1.FinishReason_FINISH_REASON_UNSPECIFIED || end.Usage.GetOutputTokens() != int32(len(unexplained.OutputTokens)) {
+		t.Errorf("the end message has finish reason %s and usage %v", end.FinishReason, end.Usage)
+	}
+	if end.Explanation.GetState() != sightlinev1.ExplanationState_EXPLANATION_STATE_SUCCEEDED || end.Explanation.Results[0].Method != "logit_lens" {
+		t.Errorf("the end message's explanation is %s", end.Explanation.GetState())
 	}
 }
 
@@ -254,7 +284,7 @@ func TestLiveBadRequestsAreInvalidArgument(t *testing.T) {
 		t.Fatalf("an unknown method gave %v", err)
 	}
 	// On a stream the error arrives with the first Recv.
-	stream, err := client.Inference.GenerateStream(ctx, &sightlinev1.GenerateStreamRequest{Input: question, Explain: sightline.Explain("no_such_method")})
+	stream, err := client.Inference.GenerateStream(ctx, &sightlinev1.GenerateRequest{Input: question, Explain: sightline.Explain("no_such_method")})
 	if err == nil {
 		_, err = stream.Recv()
 	}

@@ -1,26 +1,27 @@
 package sightline
 
 import (
-	"google.golang.org/protobuf/types/known/structpb"
+	"fmt"
+	"math"
 
 	sightlinev1 "github.com/sightline/sightline-go/sightline/v1"
 )
 
 // Text is a plain-text prompt, completed as raw text.
 func Text(prompt string) *sightlinev1.GenerationInput {
-	return &sightlinev1.GenerationInput{Input: &sightlinev1.GenerationInput_Prompt{Prompt: prompt}}
+	return &sightlinev1.GenerationInput{Kind: &sightlinev1.GenerationInput_Prompt{Prompt: prompt}}
 }
 
 // Chat is a conversation, rendered with the model's chat template.
 func Chat(messages ...*sightlinev1.ChatMessage) *sightlinev1.GenerationInput {
-	return &sightlinev1.GenerationInput{Input: &sightlinev1.GenerationInput_Chat{
+	return &sightlinev1.GenerationInput{Kind: &sightlinev1.GenerationInput_Chat{
 		Chat: &sightlinev1.ChatMessages{Messages: messages},
 	}}
 }
 
 // TokenIDs is a prompt of token ids, used exactly as given.
 func TokenIDs(ids ...int32) *sightlinev1.GenerationInput {
-	return &sightlinev1.GenerationInput{Input: &sightlinev1.GenerationInput_PromptTokenIds{
+	return &sightlinev1.GenerationInput{Kind: &sightlinev1.GenerationInput_PromptTokenIds{
 		PromptTokenIds: &sightlinev1.TokenIds{Ids: ids},
 	}}
 }
@@ -50,11 +51,43 @@ func Explain(methods ...string) *sightlinev1.ExplainSpec {
 }
 
 // Method is one method with parameters, e.g. Method("integrated_gradients", map[string]interface{}{"steps": 32}),
-// for ExplainSpec.Methods. It fails on values a protobuf Struct cannot hold.
+// for ExplainSpec.Methods. Values are Go ints (int, int32, int64 within int32's range), floats,
+// strings or bools, as ListMethods types them; Method fails on anything else.
 func Method(name string, params map[string]interface{}) (*sightlinev1.MethodSpec, error) {
-	values, err := structpb.NewStruct(params)
-	if err != nil {
-		return nil, err
+	spec := &sightlinev1.MethodSpec{Name: name, Params: map[string]*sightlinev1.ParamValue{}}
+	for param, value := range params {
+		converted, err := paramValue(value)
+		if err != nil {
+			return nil, fmt.Errorf("sightline: %s parameter %s: %w", name, param, err)
+		}
+		spec.Params[param] = converted
 	}
-	return &sightlinev1.MethodSpec{Name: name, Params: values}, nil
+	return spec, nil
+}
+
+func paramValue(value interface{}) (*sightlinev1.ParamValue, error) {
+	switch typed := value.(type) {
+	case int:
+		return intParam(int64(typed))
+	case int32:
+		return intParam(int64(typed))
+	case int64:
+		return intParam(typed)
+	case float32:
+		return &sightlinev1.ParamValue{Kind: &sightlinev1.ParamValue_FloatValue{FloatValue: float64(typed)}}, nil
+	case float64:
+		return &sightlinev1.ParamValue{Kind: &sightlinev1.ParamValue_FloatValue{FloatValue: typed}}, nil
+	case string:
+		return &sightlinev1.ParamValue{Kind: &sightlinev1.ParamValue_StringValue{StringValue: typed}}, nil
+	case bool:
+		return &sightlinev1.ParamValue{Kind: &sightlinev1.ParamValue_BoolValue{BoolValue: typed}}, nil
+	}
+	return nil, fmt.Errorf("%v is a %T, not an int, float, string or bool", value, value)
+}
+
+func intParam(value int64) (*sightlinev1.ParamValue, error) {
+	if value < math.MinInt32 || value > math.MaxInt32 {
+		return nil, fmt.Errorf("%d does not fit an int32", value)
+	}
+	return &sightlinev1.ParamValue{Kind: &sightlinev1.ParamValue_IntValue{IntValue: int32(value)}}, nil
 }

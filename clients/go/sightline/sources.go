@@ -32,6 +32,26 @@ func Attributions(explanation *sightlinev1.Explanation, method string) ([][]floa
 // Only the target's causal prefix is ranked. Ranking is by absolute score; scores keep their
 // sign; ties keep the earlier position first. It ranks as the Python SDK's top_sources does.
 func TopSources(explanation *sightlinev1.Explanation, method string, target, k int) ([]Source, error) {
+	return topSources(explanation, method, target, k, func(*sightlinev1.Token) bool { return true })
+}
+
+// TopContentSources is TopSources over the tokens the caller wrote only (IsContent): a chat's
+// message contents without the chat template's markup around them, or a text prompt. It ranks
+// as the Python SDK's top_sources(..., content_only=True) does.
+func TopContentSources(explanation *sightlinev1.Explanation, method string, target, k int) ([]Source, error) {
+	return topSources(explanation, method, target, k, IsContent)
+}
+
+// IsContent reports whether the caller wrote the token: the content of one of the chat messages,
+// or part of a text or token-id prompt; not the chat template's markup or default system prompt,
+// nor generated output. Roles are set on an explanation's tokens.
+func IsContent(token *sightlinev1.Token) bool {
+	return token.MessageIndex != nil || token.GetRole() == sightlinev1.TokenRole_TOKEN_ROLE_PROMPT
+}
+
+func topSources(
+	explanation *sightlinev1.Explanation, method string, target, k int, keep func(*sightlinev1.Token) bool,
+) ([]Source, error) {
 	if k < 1 {
 		return nil, fmt.Errorf("sightline: k must be at least 1, got %d", k)
 	}
@@ -48,9 +68,11 @@ func TopSources(explanation *sightlinev1.Explanation, method string, target, k i
 	if prefix > len(scores) || prefix > len(explanation.GetTokens()) {
 		return nil, fmt.Errorf("sightline: target position %d is outside the %d attributed tokens", prefix, len(scores))
 	}
-	ranked := make([]int, prefix)
-	for position := range ranked {
-		ranked[position] = position
+	var ranked []int
+	for position := 0; position < prefix; position++ {
+		if keep(explanation.GetTokens()[position]) {
+			ranked = append(ranked, position)
+		}
 	}
 	sort.SliceStable(ranked, func(a, b int) bool {
 		return math.Abs(float64(scores[ranked[a]])) > math.Abs(float64(scores[ranked[b]]))
@@ -80,7 +102,7 @@ func attributingResult(explanation *sightlinev1.Explanation, method string) (*si
 	var names []string
 	for _, result := range explanation.GetResults() {
 		// Methods that do not attribute to tokens leave the tensor empty or unset, which read the same.
-		attributes := len(result.GetAttributions().GetShape()) > 0 || len(result.GetAttributions().GetData()) > 0
+		attributes := len(result.GetAttributions().GetShape()) > 0 || len(result.GetAttributions().GetFloatValues()) > 0
 		if (method == "" && attributes) || result.GetMethod() == method {
 			if !attributes {
 				return nil, fmt.Errorf("sightline: method %q does not attribute to tokens", method)

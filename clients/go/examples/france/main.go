@@ -1,5 +1,5 @@
 // Command france asks the model what the capital of France is, with the answer explained, and
-// prints which prompt tokens made it say " Paris" (the README's example).
+// prints which words of the question made it say " Paris" (the README's example).
 //
 //	go run ./examples/france -target 127.0.0.1:50051
 package main
@@ -37,7 +37,7 @@ func main() {
 	if !found {
 		log.Fatal("the answer has no token \" Paris\"")
 	}
-	sources, err := sightline.TopSources(explanation, "input_x_gradient", paris, 3)
+	sources, err := sightline.TopContentSources(explanation, "input_x_gradient", paris, 3)
 	if err != nil {
 		log.Fatal(err)
 	}

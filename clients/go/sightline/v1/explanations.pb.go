@@ -21,14 +21,20 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+// The type of a method parameter, and so which ParamValue field carries it.
 type ParamType int32
 
 const (
+	// Not known.
 	ParamType_PARAM_TYPE_UNSPECIFIED ParamType = 0
-	ParamType_PARAM_TYPE_INT         ParamType = 1
-	ParamType_PARAM_TYPE_FLOAT       ParamType = 2
-	ParamType_PARAM_TYPE_STRING      ParamType = 3
-	ParamType_PARAM_TYPE_BOOL        ParamType = 4
+	// A whole number: ParamValue.int_value.
+	ParamType_PARAM_TYPE_INT ParamType = 1
+	// A finite number: ParamValue.float_value (or int_value).
+	ParamType_PARAM_TYPE_FLOAT ParamType = 2
+	// Text: ParamValue.string_value.
+	ParamType_PARAM_TYPE_STRING ParamType = 3
+	// True or false: ParamValue.bool_value.
+	ParamType_PARAM_TYPE_BOOL ParamType = 4
 )
 
 // Enum value maps for ParamType.
@@ -538,18 +544,24 @@ func (x *EstimateExplanationResponse) GetSecondsPerTokenPass() float64 {
 	return 0
 }
 
+// A token sequence to explain as it is, without generating.
 type ExplainRequest struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
-	Model          string  `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
+	// Served model name; empty selects the default model.
+	Model string `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
+	// The prompt's token ids.
 	PromptTokenIds []int32 `protobuf:"varint,2,rep,packed,name=prompt_token_ids,json=promptTokenIds,proto3" json:"prompt_token_ids,omitempty"`
+	// The output's token ids: the tokens that can be explained.
 	OutputTokenIds []int32 `protobuf:"varint,3,rep,packed,name=output_token_ids,json=outputTokenIds,proto3" json:"output_token_ids,omitempty"`
 	// Served log-probabilities of output_token_ids, for the fidelity check; optional.
-	OutputLogprobs []float32    `protobuf:"fixed32,4,rep,packed,name=output_logprobs,json=outputLogprobs,proto3" json:"output_logprobs,omitempty"`
-	Explain        *ExplainSpec `protobuf:"bytes,5,opt,name=explain,proto3" json:"explain,omitempty"`
-	RequestId      string       `protobuf:"bytes,6,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	OutputLogprobs []float32 `protobuf:"fixed32,4,rep,packed,name=output_logprobs,json=outputLogprobs,proto3" json:"output_logprobs,omitempty"`
+	// Methods, targets, aggregation and mode.
+	Explain *ExplainSpec `protobuf:"bytes,5,opt,name=explain,proto3" json:"explain,omitempty"`
+	// Caller-chosen id echoed in responses and traces; generated when empty.
+	RequestId string `protobuf:"bytes,6,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 }
 
 func (x *ExplainRequest) Reset() {
@@ -626,13 +638,17 @@ func (x *ExplainRequest) GetRequestId() string {
 	return ""
 }
 
+// The explanation of an Explain call.
 type ExplainResponse struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
-	RequestId     string `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
-	TraceId       string `protobuf:"bytes,2,opt,name=trace_id,json=traceId,proto3" json:"trace_id,omitempty"`
+	// The request's id.
+	RequestId string `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	// The trace of this call.
+	TraceId string `protobuf:"bytes,2,opt,name=trace_id,json=traceId,proto3" json:"trace_id,omitempty"`
+	// The explanation's id, for GetExplanation.
 	ExplanationId string `protobuf:"bytes,3,opt,name=explanation_id,json=explanationId,proto3" json:"explanation_id,omitempty"`
 	// Attached in EXPLAIN_MODE_SYNC.
 	Explanation *Explanation `protobuf:"bytes,4,opt,name=explanation,proto3" json:"explanation,omitempty"`
@@ -698,11 +714,13 @@ func (x *ExplainResponse) GetExplanation() *Explanation {
 	return nil
 }
 
+// Which explanation to fetch.
 type GetExplanationRequest struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
+	// The id a Generate or Explain call returned.
 	ExplanationId string `protobuf:"bytes,1,opt,name=explanation_id,json=explanationId,proto3" json:"explanation_id,omitempty"`
 	// Wait up to this many seconds (bounded by the call's deadline) for a
 	// pending explanation to finish; 0 returns its current state at once.
@@ -755,13 +773,17 @@ func (x *GetExplanationRequest) GetWaitSeconds() float32 {
 	return 0
 }
 
+// The fetched explanation.
 type GetExplanationResponse struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
-	RequestId   string       `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
-	TraceId     string       `protobuf:"bytes,2,opt,name=trace_id,json=traceId,proto3" json:"trace_id,omitempty"`
+	// The request's id, for logs.
+	RequestId string `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	// The trace of this call.
+	TraceId string `protobuf:"bytes,2,opt,name=trace_id,json=traceId,proto3" json:"trace_id,omitempty"`
+	// The record, in whatever state it is.
 	Explanation *Explanation `protobuf:"bytes,3,opt,name=explanation,proto3" json:"explanation,omitempty"`
 }
 
@@ -818,6 +840,7 @@ func (x *GetExplanationResponse) GetExplanation() *Explanation {
 	return nil
 }
 
+// A page of the caller's explanations.
 type ListExplanationsRequest struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache
@@ -882,11 +905,15 @@ type ExplanationSummary struct {
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
-	ExplanationId string           `protobuf:"bytes,1,opt,name=explanation_id,json=explanationId,proto3" json:"explanation_id,omitempty"`
-	State         ExplanationState `protobuf:"varint,2,opt,name=state,proto3,enum=sightline.v1.ExplanationState" json:"state,omitempty"`
-	Model         string           `protobuf:"bytes,3,opt,name=model,proto3" json:"model,omitempty"`
+	// The explanation's id.
+	ExplanationId string `protobuf:"bytes,1,opt,name=explanation_id,json=explanationId,proto3" json:"explanation_id,omitempty"`
+	// Where it is in its life.
+	State ExplanationState `protobuf:"varint,2,opt,name=state,proto3,enum=sightline.v1.ExplanationState" json:"state,omitempty"`
+	// The served model's name.
+	Model string `protobuf:"bytes,3,opt,name=model,proto3" json:"model,omitempty"`
 	// The requested methods, in request order.
-	Methods   []string               `protobuf:"bytes,4,rep,name=methods,proto3" json:"methods,omitempty"`
+	Methods []string `protobuf:"bytes,4,rep,name=methods,proto3" json:"methods,omitempty"`
+	// When it was requested.
 	CreatedAt *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
 	// The trace of the request that created the explanation.
 	TraceId string `protobuf:"bytes,6,opt,name=trace_id,json=traceId,proto3" json:"trace_id,omitempty"`
@@ -966,13 +993,17 @@ func (x *ExplanationSummary) GetTraceId() string {
 	return ""
 }
 
+// One page of the caller's explanations, newest first.
 type ListExplanationsResponse struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
-	RequestId    string                `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
-	TraceId      string                `protobuf:"bytes,2,opt,name=trace_id,json=traceId,proto3" json:"trace_id,omitempty"`
+	// The request's id, for logs.
+	RequestId string `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	// The trace of this call.
+	TraceId string `protobuf:"bytes,2,opt,name=trace_id,json=traceId,proto3" json:"trace_id,omitempty"`
+	// The page's summaries.
 	Explanations []*ExplanationSummary `protobuf:"bytes,3,rep,name=explanations,proto3" json:"explanations,omitempty"`
 	// Pass as page_token for the next page; empty when this is the last one.
 	NextPageToken string `protobuf:"bytes,4,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
@@ -1038,6 +1069,7 @@ func (x *ListExplanationsResponse) GetNextPageToken() string {
 	return ""
 }
 
+// Asks for the methods this deployment offers.
 type ListMethodsRequest struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache
@@ -1076,18 +1108,23 @@ func (*ListMethodsRequest) Descriptor() ([]byte, []int) {
 	return file_sightline_v1_explanations_proto_rawDescGZIP(), []int{14}
 }
 
+// One parameter of a method.
 type MethodParam struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
-	Name string    `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// The parameter's name, the key in MethodSpec.params.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// Its type.
 	Type ParamType `protobuf:"varint,2,opt,name=type,proto3,enum=sightline.v1.ParamType" json:"type,omitempty"`
-	// Default rendered as text.
-	DefaultValue string `protobuf:"bytes,3,opt,name=default_value,json=defaultValue,proto3" json:"default_value,omitempty"`
-	Description  string `protobuf:"bytes,4,opt,name=description,proto3" json:"description,omitempty"`
-	// Inclusive bounds of numeric parameters, when they have them.
+	// The value used when the request leaves the parameter out, of the parameter's type.
+	DefaultValue *ParamValue `protobuf:"bytes,8,opt,name=default_value,json=defaultValue,proto3" json:"default_value,omitempty"`
+	// What the parameter does, for people.
+	Description string `protobuf:"bytes,4,opt,name=description,proto3" json:"description,omitempty"`
+	// Inclusive lower bound of a numeric parameter, when it has one.
 	Minimum *float64 `protobuf:"fixed64,5,opt,name=minimum,proto3,oneof" json:"minimum,omitempty"`
+	// Inclusive upper bound of a numeric parameter, when it has one.
 	Maximum *float64 `protobuf:"fixed64,6,opt,name=maximum,proto3,oneof" json:"maximum,omitempty"`
 	// The accepted values of string parameters, when they are an enumeration.
 	Choices []string `protobuf:"bytes,7,rep,name=choices,proto3" json:"choices,omitempty"`
@@ -1139,11 +1176,11 @@ func (x *MethodParam) GetType() ParamType {
 	return ParamType_PARAM_TYPE_UNSPECIFIED
 }
 
-func (x *MethodParam) GetDefaultValue() string {
+func (x *MethodParam) GetDefaultValue() *ParamValue {
 	if x != nil {
 		return x.DefaultValue
 	}
-	return ""
+	return nil
 }
 
 func (x *MethodParam) GetDescription() string {
@@ -1174,21 +1211,30 @@ func (x *MethodParam) GetChoices() []string {
 	return nil
 }
 
+// One attribution method and what it can do.
 type MethodInfo struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
-	Name                       string         `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	Description                string         `protobuf:"bytes,2,opt,name=description,proto3" json:"description,omitempty"`
-	Params                     []*MethodParam `protobuf:"bytes,3,rep,name=params,proto3" json:"params,omitempty"`
-	NeedsGradients             bool           `protobuf:"varint,4,opt,name=needs_gradients,json=needsGradients,proto3" json:"needs_gradients,omitempty"`
-	UsesCache                  bool           `protobuf:"varint,5,opt,name=uses_cache,json=usesCache,proto3" json:"uses_cache,omitempty"`
-	SupportsContrastiveTargets bool           `protobuf:"varint,6,opt,name=supports_contrastive_targets,json=supportsContrastiveTargets,proto3" json:"supports_contrastive_targets,omitempty"`
-	Multimodal                 bool           `protobuf:"varint,7,opt,name=multimodal,proto3" json:"multimodal,omitempty"`
+	// The method's name, for MethodSpec.name.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// What it computes, for people.
+	Description string `protobuf:"bytes,2,opt,name=description,proto3" json:"description,omitempty"`
+	// Its parameters.
+	Params []*MethodParam `protobuf:"bytes,3,rep,name=params,proto3" json:"params,omitempty"`
+	// Whether it runs backward passes.
+	NeedsGradients bool `protobuf:"varint,4,opt,name=needs_gradients,json=needsGradients,proto3" json:"needs_gradients,omitempty"`
+	// Whether it reads the hidden-state cache.
+	UsesCache bool `protobuf:"varint,5,opt,name=uses_cache,json=usesCache,proto3" json:"uses_cache,omitempty"`
+	// Whether it honours TargetSpec.foil_token_ids.
+	SupportsContrastiveTargets bool `protobuf:"varint,6,opt,name=supports_contrastive_targets,json=supportsContrastiveTargets,proto3" json:"supports_contrastive_targets,omitempty"`
+	// Whether it explains image inputs too.
+	Multimodal bool `protobuf:"varint,7,opt,name=multimodal,proto3" json:"multimodal,omitempty"`
 	// Whether results carry a [targets, tokens] attribution matrix.
-	AttributesTokens bool        `protobuf:"varint,8,opt,name=attributes_tokens,json=attributesTokens,proto3" json:"attributes_tokens,omitempty"`
-	Cost             *MethodCost `protobuf:"bytes,9,opt,name=cost,proto3" json:"cost,omitempty"`
+	AttributesTokens bool `protobuf:"varint,8,opt,name=attributes_tokens,json=attributesTokens,proto3" json:"attributes_tokens,omitempty"`
+	// Its compute cost.
+	Cost *MethodCost `protobuf:"bytes,9,opt,name=cost,proto3" json:"cost,omitempty"`
 }
 
 func (x *MethodInfo) Reset() {
@@ -1295,10 +1341,14 @@ type MethodCost struct {
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
-	Passes          float64 `protobuf:"fixed64,1,opt,name=passes,proto3" json:"passes,omitempty"`
+	// Passes regardless of the sequence.
+	Passes float64 `protobuf:"fixed64,1,opt,name=passes,proto3" json:"passes,omitempty"`
+	// Passes per explained token.
 	PassesPerTarget float64 `protobuf:"fixed64,2,opt,name=passes_per_target,json=passesPerTarget,proto3" json:"passes_per_target,omitempty"`
-	PassesPerToken  float64 `protobuf:"fixed64,3,opt,name=passes_per_token,json=passesPerToken,proto3" json:"passes_per_token,omitempty"`
-	ScaledByParam   string  `protobuf:"bytes,4,opt,name=scaled_by_param,json=scaledByParam,proto3" json:"scaled_by_param,omitempty"`
+	// Passes per token of the sequence.
+	PassesPerToken float64 `protobuf:"fixed64,3,opt,name=passes_per_token,json=passesPerToken,proto3" json:"passes_per_token,omitempty"`
+	// The parameter whose value multiplies the cost; empty for none.
+	ScaledByParam string `protobuf:"bytes,4,opt,name=scaled_by_param,json=scaledByParam,proto3" json:"scaled_by_param,omitempty"`
 }
 
 func (x *MethodCost) Reset() {
@@ -1361,17 +1411,20 @@ func (x *MethodCost) GetScaledByParam() string {
 	return ""
 }
 
+// The methods this deployment offers, and the model they explain.
 type ListMethodsResponse struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
+	// The methods, by name.
 	Methods []*MethodInfo `protobuf:"bytes,1,rep,name=methods,proto3" json:"methods,omitempty"`
-	// The model the explainer workers hold, its architecture (config model_type), and the path
-	// that explains it.
-	Model        string      `protobuf:"bytes,2,opt,name=model,proto3" json:"model,omitempty"`
-	Architecture string      `protobuf:"bytes,3,opt,name=architecture,proto3" json:"architecture,omitempty"`
-	ExplainPath  ExplainPath `protobuf:"varint,4,opt,name=explain_path,json=explainPath,proto3,enum=sightline.v1.ExplainPath" json:"explain_path,omitempty"`
+	// The model the explainer workers hold.
+	Model string `protobuf:"bytes,2,opt,name=model,proto3" json:"model,omitempty"`
+	// Its architecture (the config's model_type).
+	Architecture string `protobuf:"bytes,3,opt,name=architecture,proto3" json:"architecture,omitempty"`
+	// The path that explains it.
+	ExplainPath ExplainPath `protobuf:"varint,4,opt,name=explain_path,json=explainPath,proto3,enum=sightline.v1.ExplainPath" json:"explain_path,omitempty"`
 }
 
 func (x *ListMethodsResponse) Reset() {
@@ -1578,23 +1631,25 @@ var file_sightline_v1_explanations_proto_rawDesc = []byte{
 	0x5f, 0x70, 0x61, 0x67, 0x65, 0x5f, 0x74, 0x6f, 0x6b, 0x65, 0x6e, 0x18, 0x04, 0x20, 0x01, 0x28,
 	0x09, 0x52, 0x0d, 0x6e, 0x65, 0x78, 0x74, 0x50, 0x61, 0x67, 0x65, 0x54, 0x6f, 0x6b, 0x65, 0x6e,
 	0x22, 0x14, 0x0a, 0x12, 0x4c, 0x69, 0x73, 0x74, 0x4d, 0x65, 0x74, 0x68, 0x6f, 0x64, 0x73, 0x52,
-	0x65, 0x71, 0x75, 0x65, 0x73, 0x74, 0x22, 0x85, 0x02, 0x0a, 0x0b, 0x4d, 0x65, 0x74, 0x68, 0x6f,
+	0x65, 0x71, 0x75, 0x65, 0x73, 0x74, 0x22, 0xa5, 0x02, 0x0a, 0x0b, 0x4d, 0x65, 0x74, 0x68, 0x6f,
 	0x64, 0x50, 0x61, 0x72, 0x61, 0x6d, 0x12, 0x12, 0x0a, 0x04, 0x6e, 0x61, 0x6d, 0x65, 0x18, 0x01,
 	0x20, 0x01, 0x28, 0x09, 0x52, 0x04, 0x6e, 0x61, 0x6d, 0x65, 0x12, 0x2b, 0x0a, 0x04, 0x74, 0x79,
 	0x70, 0x65, 0x18, 0x02, 0x20, 0x01, 0x28, 0x0e, 0x32, 0x17, 0x2e, 0x73, 0x69, 0x67, 0x68, 0x74,
 	0x6c, 0x69, 0x6e, 0x65, 0x2e, 0x76, 0x31, 0x2e, 0x50, 0x61, 0x72, 0x61, 0x6d, 0x54, 0x79, 0x70,
-	0x65, 0x52, 0x04, 0x74, 0x79, 0x70, 0x65, 0x12, 0x23, 0x0a, 0x0d, 0x64, 0x65, 0x66, 0x61, 0x75,
-	0x6c, 0x74, 0x5f, 0x76, 0x61, 0x6c, 0x75, 0x65, 0x18, 0x03, 0x20, 0x01, 0x28, 0x09, 0x52, 0x0c,
-	0x64, 0x65, 0x66, 0x61, 0x75, 0x6c, 0x74, 0x56, 0x61, 0x6c, 0x75, 0x65, 0x12, 0x20, 0x0a, 0x0b,
-	0x64, 0x65, 0x73, 0x63, 0x72, 0x69, 0x70, 0x74, 0x69, 0x6f, 0x6e, 0x18, 0x04, 0x20, 0x01, 0x28,
-	0x09, 0x52, 0x0b, 0x64, 0x65, 0x73, 0x63, 0x72, 0x69, 0x70, 0x74, 0x69, 0x6f, 0x6e, 0x12, 0x1d,
-	0x0a, 0x07, 0x6d, 0x69, 0x6e, 0x69, 0x6d, 0x75, 0x6d, 0x18, 0x05, 0x20, 0x01, 0x28, 0x01, 0x48,
-	0x00, 0x52, 0x07, 0x6d, 0x69, 0x6e, 0x69, 0x6d, 0x75, 0x6d, 0x88, 0x01, 0x01, 0x12, 0x1d, 0x0a,
-	0x07, 0x6d, 0x61, 0x78, 0x69, 0x6d, 0x75, 0x6d, 0x18, 0x06, 0x20, 0x01, 0x28, 0x01, 0x48, 0x01,
-	0x52, 0x07, 0x6d, 0x61, 0x78, 0x69, 0x6d, 0x75, 0x6d, 0x88, 0x01, 0x01, 0x12, 0x18, 0x0a, 0x07,
-	0x63, 0x68, 0x6f, 0x69, 0x63, 0x65, 0x73, 0x18, 0x07, 0x20, 0x03, 0x28, 0x09, 0x52, 0x07, 0x63,
-	0x68, 0x6f, 0x69, 0x63, 0x65, 0x73, 0x42, 0x0a, 0x0a, 0x08, 0x5f, 0x6d, 0x69, 0x6e, 0x69, 0x6d,
-	0x75, 0x6d, 0x42, 0x0a, 0x0a, 0x08, 0x5f, 0x6d, 0x61, 0x78, 0x69, 0x6d, 0x75, 0x6d, 0x22, 0xfa,
+	0x65, 0x52, 0x04, 0x74, 0x79, 0x70, 0x65, 0x12, 0x3d, 0x0a, 0x0d, 0x64, 0x65, 0x66, 0x61, 0x75,
+	0x6c, 0x74, 0x5f, 0x76, 0x61, 0x6c, 0x75, 0x65, 0x18, 0x08, 0x20, 0x01, 0x28, 0x0b, 0x32, 0x18,
+	0x2e, 0x73, 0x69, 0x67, 0x68, 0x74, 0x6c, 0x69, 0x6e, 0x65, 0x2e, 0x76, 0x31, 0x2e, 0x50, 0x61,
+	0x72, 0x61, 0x6d, 0x56, 0x61, 0x6c, 0x75, 0x65, 0x52, 0x0c, 0x64, 0x65, 0x66, 0x61, 0x75, 0x6c,
+	0x74, 0x56, 0x61, 0x6c, 0x75, 0x65, 0x12, 0x20, 0x0a, 0x0b, 0x64, 0x65, 0x73, 0x63, 0x72, 0x69,
+	0x70, 0x74, 0x69, 0x6f, 0x6e, 0x18, 0x04, 0x20, 0x01, 0x28, 0x09, 0x52, 0x0b, 0x64, 0x65, 0x73,
+	0x63, 0x72, 0x69, 0x70, 0x74, 0x69, 0x6f, 0x6e, 0x12, 0x1d, 0x0a, 0x07, 0x6d, 0x69, 0x6e, 0x69,
+	0x6d, 0x75, 0x6d, 0x18, 0x05, 0x20, 0x01, 0x28, 0x01, 0x48, 0x00, 0x52, 0x07, 0x6d, 0x69, 0x6e,
+	0x69, 0x6d, 0x75, 0x6d, 0x88, 0x01, 0x01, 0x12, 0x1d, 0x0a, 0x07, 0x6d, 0x61, 0x78, 0x69, 0x6d,
+	0x75, 0x6d, 0x18, 0x06, 0x20, 0x01, 0x28, 0x01, 0x48, 0x01, 0x52, 0x07, 0x6d, 0x61, 0x78, 0x69,
+	0x6d, 0x75, 0x6d, 0x88, 0x01, 0x01, 0x12, 0x18, 0x0a, 0x07, 0x63, 0x68, 0x6f, 0x69, 0x63, 0x65,
+	0x73, 0x18, 0x07, 0x20, 0x03, 0x28, 0x09, 0x52, 0x07, 0x63, 0x68, 0x6f, 0x69, 0x63, 0x65, 0x73,
+	0x42, 0x0a, 0x0a, 0x08, 0x5f, 0x6d, 0x69, 0x6e, 0x69, 0x6d, 0x75, 0x6d, 0x42, 0x0a, 0x0a, 0x08,
+	0x5f, 0x6d, 0x61, 0x78, 0x69, 0x6d, 0x75, 0x6d, 0x4a, 0x04, 0x08, 0x03, 0x10, 0x04, 0x22, 0xfa,
 	0x02, 0x0a, 0x0a, 0x4d, 0x65, 0x74, 0x68, 0x6f, 0x64, 0x49, 0x6e, 0x66, 0x6f, 0x12, 0x12, 0x0a,
 	0x04, 0x6e, 0x61, 0x6d, 0x65, 0x18, 0x01, 0x20, 0x01, 0x28, 0x09, 0x52, 0x04, 0x6e, 0x61, 0x6d,
 	0x65, 0x12, 0x20, 0x0a, 0x0b, 0x64, 0x65, 0x73, 0x63, 0x72, 0x69, 0x70, 0x74, 0x69, 0x6f, 0x6e,
@@ -1691,8 +1746,17 @@ var file_sightline_v1_explanations_proto_rawDesc = []byte{
 	0x65, 0x45, 0x78, 0x70, 0x6c, 0x61, 0x6e, 0x61, 0x74, 0x69, 0x6f, 0x6e, 0x52, 0x65, 0x71, 0x75,
 	0x65, 0x73, 0x74, 0x1a, 0x29, 0x2e, 0x73, 0x69, 0x67, 0x68, 0x74, 0x6c, 0x69, 0x6e, 0x65, 0x2e,
 	0x76, 0x31, 0x2e, 0x45, 0x73, 0x74, 0x69, 0x6d, 0x61, 0x74, 0x65, 0x45, 0x78, 0x70, 0x6c, 0x61,
-	0x6e, 0x61, 0x74, 0x69, 0x6f, 0x6e, 0x52, 0x65, 0x73, 0x70, 0x6f, 0x6e, 0x73, 0x65, 0x62, 0x06,
-	0x70, 0x72, 0x6f, 0x74, 0x6f, 0x33,
+	0x6e, 0x61, 0x74, 0x69, 0x6f, 0x6e, 0x52, 0x65, 0x73, 0x70, 0x6f, 0x6e, 0x73, 0x65, 0x42, 0x97,
+	0x01, 0x0a, 0x10, 0x63, 0x6f, 0x6d, 0x2e, 0x73, 0x69, 0x67, 0x68, 0x74, 0x6c, 0x69, 0x6e, 0x65,
+	0x2e, 0x76, 0x31, 0x42, 0x11, 0x45, 0x78, 0x70, 0x6c, 0x61, 0x6e, 0x61, 0x74, 0x69, 0x6f, 0x6e,
+	0x73, 0x50, 0x72, 0x6f, 0x74, 0x6f, 0x50, 0x01, 0x5a, 0x3a, 0x67, 0x69, 0x74, 0x68, 0x75, 0x62,
+	0x2e, 0x63, 0x6f, 0x6d, 0x2f, 0x73, 0x69, 0x67, 0x68, 0x74, 0x6c, 0x69, 0x6e, 0x65, 0x2f, 0x73,
+	0x69, 0x67, 0x68, 0x74, 0x6c, 0x69, 0x6e, 0x65, 0x2d, 0x67, 0x6f, 0x2f, 0x73, 0x69, 0x67, 0x68,
+	0x74, 0x6c, 0x69, 0x6e, 0x65, 0x2f, 0x76, 0x31, 0x3b, 0x73, 0x69, 0x67, 0x68, 0x74, 0x6c, 0x69,
+	0x6e, 0x65, 0x76, 0x31, 0xa2, 0x02, 0x03, 0x53, 0x4c, 0x56, 0xaa, 0x02, 0x0c, 0x53, 0x69, 0x67,
+	0x68, 0x74, 0x6c, 0x69, 0x6e, 0x65, 0x2e, 0x56, 0x31, 0xca, 0x02, 0x0c, 0x53, 0x69, 0x67, 0x68,
+	0x74, 0x6c, 0x69, 0x6e, 0x65, 0x5c, 0x56, 0x31, 0xea, 0x02, 0x0d, 0x53, 0x69, 0x67, 0x68, 0x74,
+	0x6c, 0x69, 0x6e, 0x65, 0x3a, 0x3a, 0x56, 0x31, 0x62, 0x06, 0x70, 0x72, 0x6f, 0x74, 0x6f, 0x33,
 }
 
 var (
@@ -1734,7 +1798,8 @@ var file_sightline_v1_explanations_proto_goTypes = []interface{}{
 	(*ExplainSpec)(nil),                 // 21: sightline.v1.ExplainSpec
 	(ExplanationState)(0),               // 22: sightline.v1.ExplanationState
 	(*timestamppb.Timestamp)(nil),       // 23: google.protobuf.Timestamp
-	(ExplainPath)(0),                    // 24: sightline.v1.ExplainPath
+	(*ParamValue)(nil),                  // 24: sightline.v1.ParamValue
+	(ExplainPath)(0),                    // 25: sightline.v1.ExplainPath
 }
 var file_sightline_v1_explanations_proto_depIdxs = []int32{
 	20, // 0: sightline.v1.CancelExplanationResponse.explanation:type_name -> sightline.v1.Explanation
@@ -1748,29 +1813,30 @@ var file_sightline_v1_explanations_proto_depIdxs = []int32{
 	23, // 8: sightline.v1.ExplanationSummary.created_at:type_name -> google.protobuf.Timestamp
 	13, // 9: sightline.v1.ListExplanationsResponse.explanations:type_name -> sightline.v1.ExplanationSummary
 	0,  // 10: sightline.v1.MethodParam.type:type_name -> sightline.v1.ParamType
-	16, // 11: sightline.v1.MethodInfo.params:type_name -> sightline.v1.MethodParam
-	18, // 12: sightline.v1.MethodInfo.cost:type_name -> sightline.v1.MethodCost
-	17, // 13: sightline.v1.ListMethodsResponse.methods:type_name -> sightline.v1.MethodInfo
-	24, // 14: sightline.v1.ListMethodsResponse.explain_path:type_name -> sightline.v1.ExplainPath
-	8,  // 15: sightline.v1.ExplanationsService.Explain:input_type -> sightline.v1.ExplainRequest
-	10, // 16: sightline.v1.ExplanationsService.GetExplanation:input_type -> sightline.v1.GetExplanationRequest
-	12, // 17: sightline.v1.ExplanationsService.ListExplanations:input_type -> sightline.v1.ListExplanationsRequest
-	15, // 18: sightline.v1.ExplanationsService.ListMethods:input_type -> sightline.v1.ListMethodsRequest
-	1,  // 19: sightline.v1.ExplanationsService.CancelExplanation:input_type -> sightline.v1.CancelExplanationRequest
-	3,  // 20: sightline.v1.ExplanationsService.WatchExplanation:input_type -> sightline.v1.WatchExplanationRequest
-	5,  // 21: sightline.v1.ExplanationsService.EstimateExplanation:input_type -> sightline.v1.EstimateExplanationRequest
-	9,  // 22: sightline.v1.ExplanationsService.Explain:output_type -> sightline.v1.ExplainResponse
-	11, // 23: sightline.v1.ExplanationsService.GetExplanation:output_type -> sightline.v1.GetExplanationResponse
-	14, // 24: sightline.v1.ExplanationsService.ListExplanations:output_type -> sightline.v1.ListExplanationsResponse
-	19, // 25: sightline.v1.ExplanationsService.ListMethods:output_type -> sightline.v1.ListMethodsResponse
-	2,  // 26: sightline.v1.ExplanationsService.CancelExplanation:output_type -> sightline.v1.CancelExplanationResponse
-	4,  // 27: sightline.v1.ExplanationsService.WatchExplanation:output_type -> sightline.v1.WatchExplanationResponse
-	7,  // 28: sightline.v1.ExplanationsService.EstimateExplanation:output_type -> sightline.v1.EstimateExplanationResponse
-	22, // [22:29] is the sub-list for method output_type
-	15, // [15:22] is the sub-list for method input_type
-	15, // [15:15] is the sub-list for extension type_name
-	15, // [15:15] is the sub-list for extension extendee
-	0,  // [0:15] is the sub-list for field type_name
+	24, // 11: sightline.v1.MethodParam.default_value:type_name -> sightline.v1.ParamValue
+	16, // 12: sightline.v1.MethodInfo.params:type_name -> sightline.v1.MethodParam
+	18, // 13: sightline.v1.MethodInfo.cost:type_name -> sightline.v1.MethodCost
+	17, // 14: sightline.v1.ListMethodsResponse.methods:type_name -> sightline.v1.MethodInfo
+	25, // 15: sightline.v1.ListMethodsResponse.explain_path:type_name -> sightline.v1.ExplainPath
+	8,  // 16: sightline.v1.ExplanationsService.Explain:input_type -> sightline.v1.ExplainRequest
+	10, // 17: sightline.v1.ExplanationsService.GetExplanation:input_type -> sightline.v1.GetExplanationRequest
+	12, // 18: sightline.v1.ExplanationsService.ListExplanations:input_type -> sightline.v1.ListExplanationsRequest
+	15, // 19: sightline.v1.ExplanationsService.ListMethods:input_type -> sightline.v1.ListMethodsRequest
+	1,  // 20: sightline.v1.ExplanationsService.CancelExplanation:input_type -> sightline.v1.CancelExplanationRequest
+	3,  // 21: sightline.v1.ExplanationsService.WatchExplanation:input_type -> sightline.v1.WatchExplanationRequest
+	5,  // 22: sightline.v1.ExplanationsService.EstimateExplanation:input_type -> sightline.v1.EstimateExplanationRequest
+	9,  // 23: sightline.v1.ExplanationsService.Explain:output_type -> sightline.v1.ExplainResponse
+	11, // 24: sightline.v1.ExplanationsService.GetExplanation:output_type -> sightline.v1.GetExplanationResponse
+	14, // 25: sightline.v1.ExplanationsService.ListExplanations:output_type -> sightline.v1.ListExplanationsResponse
+	19, // 26: sightline.v1.ExplanationsService.ListMethods:output_type -> sightline.v1.ListMethodsResponse
+	2,  // 27: sightline.v1.ExplanationsService.CancelExplanation:output_type -> sightline.v1.CancelExplanationResponse
+	4,  // 28: sightline.v1.ExplanationsService.WatchExplanation:output_type -> sightline.v1.WatchExplanationResponse
+	7,  // 29: sightline.v1.ExplanationsService.EstimateExplanation:output_type -> sightline.v1.EstimateExplanationResponse
+	23, // [23:30] is the sub-list for method output_type
+	16, // [16:23] is the sub-list for method input_type
+	16, // [16:16] is the sub-list for extension type_name
+	16, // [16:16] is the sub-list for extension extendee
+	0,  // [0:16] is the sub-list for field type_name
 }
 
 func init() { file_sightline_v1_explanations_proto_init() }

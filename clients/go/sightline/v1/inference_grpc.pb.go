@@ -19,9 +19,10 @@ const _ = grpc.SupportPackageIsVersion7
 type InferenceServiceClient interface {
 	// Generate a completion and, if asked, its explanation.
 	Generate(ctx context.Context, in *GenerateRequest, opts ...grpc.CallOption) (*GenerateResponse, error)
-	// Generate a completion, streaming tokens as they are produced. The last
-	// message carries the finish reason, usage and explanation (id or result).
-	GenerateStream(ctx context.Context, in *GenerateStreamRequest, opts ...grpc.CallOption) (InferenceService_GenerateStreamClient, error)
+	// Generate a completion, streaming tokens as they are produced: one start message, then
+	// deltas, then one end message with the finish reason, usage and explanation (id or result).
+	// It takes the same request as Generate, so a client builds one message for either call.
+	GenerateStream(ctx context.Context, in *GenerateRequest, opts ...grpc.CallOption) (InferenceService_GenerateStreamClient, error)
 }
 
 type inferenceServiceClient struct {
@@ -41,7 +42,7 @@ func (c *inferenceServiceClient) Generate(ctx context.Context, in *GenerateReque
 	return out, nil
 }
 
-func (c *inferenceServiceClient) GenerateStream(ctx context.Context, in *GenerateStreamRequest, opts ...grpc.CallOption) (InferenceService_GenerateStreamClient, error) {
+func (c *inferenceServiceClient) GenerateStream(ctx context.Context, in *GenerateRequest, opts ...grpc.CallOption) (InferenceService_GenerateStreamClient, error) {
 	stream, err := c.cc.NewStream(ctx, &_InferenceService_serviceDesc.Streams[0], "/sightline.v1.InferenceService/GenerateStream", opts...)
 	if err != nil {
 		return nil, err
@@ -79,9 +80,10 @@ func (x *inferenceServiceGenerateStreamClient) Recv() (*GenerateStreamResponse, 
 type InferenceServiceServer interface {
 	// Generate a completion and, if asked, its explanation.
 	Generate(context.Context, *GenerateRequest) (*GenerateResponse, error)
-	// Generate a completion, streaming tokens as they are produced. The last
-	// message carries the finish reason, usage and explanation (id or result).
-	GenerateStream(*GenerateStreamRequest, InferenceService_GenerateStreamServer) error
+	// Generate a completion, streaming tokens as they are produced: one start message, then
+	// deltas, then one end message with the finish reason, usage and explanation (id or result).
+	// It takes the same request as Generate, so a client builds one message for either call.
+	GenerateStream(*GenerateRequest, InferenceService_GenerateStreamServer) error
 	mustEmbedUnimplementedInferenceServiceServer()
 }
 
@@ -92,7 +94,7 @@ type UnimplementedInferenceServiceServer struct {
 func (UnimplementedInferenceServiceServer) Generate(context.Context, *GenerateRequest) (*GenerateResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method Generate not implemented")
 }
-func (UnimplementedInferenceServiceServer) GenerateStream(*GenerateStreamRequest, InferenceService_GenerateStreamServer) error {
+func (UnimplementedInferenceServiceServer) GenerateStream(*GenerateRequest, InferenceService_GenerateStreamServer) error {
 	return status.Errorf(codes.Unimplemented, "method GenerateStream not implemented")
 }
 func (UnimplementedInferenceServiceServer) mustEmbedUnimplementedInferenceServiceServer() {}
@@ -127,7 +129,7 @@ func _InferenceService_Generate_Handler(srv interface{}, ctx context.Context, de
 }
 
 func _InferenceService_GenerateStream_Handler(srv interface{}, stream grpc.ServerStream) error {
-	m := new(GenerateStreamRequest)
+	m := new(GenerateRequest)
 	if err := stream.RecvMsg(m); err != nil {
 		return err
 	}
