@@ -36,6 +36,7 @@ from explainers.progress import JobProgress, Tracking, checkpoint
 from explainers.step_scores import Readout, read_out
 from explainers.targets import Targets, TargetScore
 from explainers.telemetry import SPAN_KIND, describe_faithfulness, describe_method
+from explainers.token_roles import assign_roles
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +61,14 @@ def explain(
     served_logprobs: list[float] | None,
     options: ExplainOptions | None = None,
     tracking: Tracking | None = None,
+    chat: Sequence[Mapping[str, str]] | None = None,
 ) -> types_pb2.Explanation:
     """Attribute the generated tokens of prompt_ids + output_ids that options select with each (method, params).
 
     Raises UnknownMethodError, InvalidParamsError or InvalidInputError (all ValueError) before any model work.
     Fills the computed fields; the caller owns id, state, timestamps, trace id and attempts. With ``tracking``,
     publishes progress as it goes and raises JobCancelled at the first checkpoint after the job was cancelled.
+    ``chat``: the messages a chat prompt was rendered from, which tell each prompt token's role.
     """
     options = options or ExplainOptions()
     requested = _parse_methods(methods, ModelShape.of(loaded))
@@ -76,6 +79,7 @@ def explain(
     targets = _targets(loaded, token_ids, generated_positions, options)
     _check_contrastive_support(requested, targets)
     tokens = _tokens(loaded, sequence, len(prompt_ids), served_logprobs)
+    assign_roles(loaded.tokenizer, tokens, len(prompt_ids), chat)
     groups = _source_groups(loaded, sequence, tokens, options)
 
     progress = _job_progress(requested, tracking, len(sequence), len(targets.positions))

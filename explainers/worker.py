@@ -372,6 +372,7 @@ class ExplainerWorker:
                     job.served_logprobs,
                     job.options,
                     tracking,
+                    job.chat,
                 )
                 record_evaluations(span, result, served_compared=job.served_logprobs is not None)
                 span.set_status(trace.Status(trace.StatusCode.OK))

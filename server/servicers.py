@@ -200,6 +200,8 @@ class PreparedGeneration:
     sampling: Sampling
     plan: ExplanationPlan | None
     prompt: Prompt
+    # The chat messages the prompt was rendered from, when it is a chat (for the explanation's token roles).
+    chat: list[dict[str, str]] | None = None
 
 
 class Gateway:
@@ -298,7 +300,8 @@ class Gateway:
             prompt = prompt_ids
         if plan is not None:
             await self.broker.check_backlog()
-        return PreparedGeneration(request_id, model, sampling, plan, prompt)
+        chat = chat_messages(request.input.chat) if request.input.WhichOneof("kind") == "chat" else None
+        return PreparedGeneration(request_id, model, sampling, plan, prompt, chat)
 
     def explanation_slot(
         self, plan: ExplanationPlan | None, tenant: Tenant
@@ -318,6 +321,7 @@ class Gateway:
         served_logprobs: list[float] | None,
         tenant: Tenant,
         slot: ExplanationSlot | None = None,
+        chat: list[dict[str, str]] | None = None,
     ) -> types_pb2.Explanation:
         """Enqueue an explanation for the tenant, in ``slot`` if one was taken before generating, else in a slot
         taken now; in SYNC mode wait for it until just before the deadline."""
@@ -337,6 +341,7 @@ class Gateway:
                 methods=[m.request for m in plan.methods],
                 options=plan.options,
                 trace_id=trace_id_hex(trace.get_current_span()),
+                chat=chat,
             )
         if plan.mode == types_pb2.EXPLAIN_MODE_ASYNC:
             return record
@@ -422,6 +427,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 _served_logprobs(output_tokens),
                 tenant,
                 slot,
+                prepared.chat,
             )
             response.explanation_id = explanation.explanation_id
             if plan.mode != types_pb2.EXPLAIN_MODE_ASYNC:
@@ -507,7 +513,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             )
         if plan is not None:
             explanation = await gateway.explain(
-                plan, model.name, prompt_token_ids, all_output, context, _served_logprobs(all_output), tenant, slot
+                plan,
+                model.name,
+                prompt_token_ids,
+                all_output,
+                context,
+                _served_logprobs(all_output),
+                tenant,
+                slot,
+                prepared.chat,
             )
             end.explanation_id = explanation.explanation_id
             if plan.mode != types_pb2.EXPLAIN_MODE_ASYNC:
