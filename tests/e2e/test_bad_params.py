@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
 
 import grpc
 import pytest
 from sightline.v1 import explanations_pb2, explanations_pb2_grpc, inference_pb2, inference_pb2_grpc, types_pb2
+
+from tests.params import param_values
 
 pytestmark = pytest.mark.e2e
 
@@ -21,10 +22,8 @@ LAST_HEAD = 8
 Send = Callable[[types_pb2.MethodSpec], None]
 
 
-def _spec(name: str, params: dict[str, Any]) -> types_pb2.MethodSpec:
-    spec = types_pb2.MethodSpec(name=name)
-    spec.params.update(params)
-    return spec
+def _spec(name: str, params: dict[str, float]) -> types_pb2.MethodSpec:
+    return types_pb2.MethodSpec(name=name, params=param_values(params))
 
 
 def _senders(
@@ -81,15 +80,14 @@ def _refused(send: Send, method: types_pb2.MethodSpec) -> str:
         ({"steps": math.nan}, "steps", "nan"),
         ({"steps": math.inf}, "steps", "inf"),
         ({"no_such_param": -math.inf}, "no_such_param", "-inf"),
-        ({"outer": {"inner": [1, math.nan]}}, "outer.inner[1]", "nan"),
     ],
-    ids=["nan", "infinity", "unknown", "nested"],
+    ids=["nan", "infinity", "unknown"],
 )
 def test_non_finite_parameters_are_invalid_argument_naming_the_parameter(
     inference: inference_pb2_grpc.InferenceServiceStub,
     explanations: explanations_pb2_grpc.ExplanationsServiceStub,
     rpc: str,
-    params: dict[str, Any],
+    params: dict[str, float],
     path: str,
     value: str,
 ) -> None:

@@ -112,6 +112,30 @@ def test_explaining_the_same_tokens_again_hits_the_cache(
     assert second.state == types_pb2.EXPLANATION_STATE_SUCCEEDED, second.error
     assert second.cache_hit
     assert second.results[0].extras["top_token_ids"] == first.explanation.results[0].extras["top_token_ids"]
+    # Token ids alone say nothing of a chat's structure: the prompt is the caller's, as given.
+    roles = [t.role for t in second.tokens]
+    prompt_length = len(first.prompt_token_ids)
+    assert roles == [types_pb2.TOKEN_ROLE_PROMPT] * prompt_length + [types_pb2.TOKEN_ROLE_OUTPUT] * (
+        len(roles) - prompt_length
+    )
+    assert not any(t.HasField("message_index") for t in second.tokens)
+
+
+def test_chat_prompt_tokens_are_marked_with_their_role(inference: inference_pb2_grpc.InferenceServiceStub) -> None:
+    response = _generate(inference, "input_x_gradient")
+    explanation = response.explanation
+    prompt, output = explanation.tokens[: explanation.prompt_length], explanation.tokens[explanation.prompt_length :]
+    # The user's message, exactly its text and nothing else, is message 0.
+    user = [t for t in prompt if t.HasField("message_index")]
+    assert {(t.role, t.message_index) for t in user} == {(types_pb2.TOKEN_ROLE_USER, 0)}
+    assert "".join(t.text for t in user) == FRANCE.messages[0].content
+    # SmolLM2's template inserts a default system prompt when the chat has none: a system prompt of no message.
+    system = "".join(t.text for t in prompt if t.role == types_pb2.TOKEN_ROLE_SYSTEM)
+    assert system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    template = [t.text for t in prompt if t.role == types_pb2.TOKEN_ROLE_TEMPLATE]
+    assert template[0] == "<|im_start|>" and "<|im_end|>" in template
+    assert all(t.role != types_pb2.TOKEN_ROLE_UNSPECIFIED for t in prompt)
+    assert {t.role for t in output} == {types_pb2.TOKEN_ROLE_OUTPUT}
 
 
 def test_streamed_generation_carries_its_explanation(inference: inference_pb2_grpc.InferenceServiceStub) -> None:

@@ -51,8 +51,7 @@ def _explain(
     mode: types_pb2.ExplainMode = types_pb2.EXPLAIN_MODE_ASYNC,
 ) -> explanations_pb2.ExplainResponse:
     spec = types_pb2.ExplainSpec(mode=mode)
-    method = spec.methods.add(name="integrated_gradients")
-    method.params.update(param_values({"steps": steps, "target_batch_size": 4}))
+    spec.methods.add(name="integrated_gradients", params=param_values({"steps": steps, "target_batch_size": 4}))
     response: explanations_pb2.ExplainResponse = explanations.Explain(
         explanations_pb2.ExplainRequest(
             # Ordinary vocabulary ids: a sequence of any length without special tokens.
@@ -166,7 +165,7 @@ def _running_sync_call(
 ) -> tuple[grpc.Future, str]:
     """A SYNC Explain of a long job, in flight, and its explanation's id once the job runs."""
     spec = types_pb2.ExplainSpec(mode=types_pb2.EXPLAIN_MODE_SYNC, keep_on_disconnect=keep_on_disconnect)
-    spec.methods.add(name="integrated_gradients").params.update(param_values({"steps": 32}))
+    spec.methods.add(name="integrated_gradients", params=param_values({"steps": 32}))
     newest_before = explanations.ListExplanations(explanations_pb2.ListExplanationsRequest(page_size=1)).explanations
     call = explanations.Explain.future(
         explanations_pb2.ExplainRequest(
@@ -262,7 +261,7 @@ def test_estimate_predicts_passes_from_the_cost_model_and_seconds_from_measured_
     # A job first, so a worker has measured a pass on this deployment.
     _explain(explanations, prompt_tokens=16, output_tokens=4, steps=2, mode=types_pb2.EXPLAIN_MODE_SYNC)
     spec = types_pb2.ExplainSpec()
-    spec.methods.add(name="integrated_gradients").params.update(param_values({"steps": 8}))
+    spec.methods.add(name="integrated_gradients", params=param_values({"steps": 8}))
     spec.methods.add(name="occlusion")
     estimate = explanations.EstimateExplanation(
         explanations_pb2.EstimateExplanationRequest(prompt_tokens=40, output_tokens=10, explain=spec)

@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from sightline import AsyncClient, Client, ExplanationState, SightlineError
+from sightline import AsyncClient, Client, ExplanationState, SightlineError, TokenRole
 
 from deploy.local_stack import LocalStack
 
@@ -33,6 +33,13 @@ def test_sdk_generate_with_explanation(stack: LocalStack) -> None:
     scores = [abs(s.score) for s in sources]
     assert scores == sorted(scores, reverse=True)
     assert explanation.fidelity is not None and explanation.fidelity.max_abs_logprob_diff < 0.02
+    # Ranked within the user's own words: the strongest of the question's tokens, none of the chat template's.
+    in_question = explanation.top_sources(paris, k=3, content_only=True)
+    assert [s.token.role for s in in_question] == [TokenRole.USER] * 3
+    row = explanation.attributions().row(paris)
+    question = [p for p, t in enumerate(explanation.tokens) if t.message_index == 0]
+    expected = sorted(question, key=lambda p: abs(row[p]), reverse=True)[:3]
+    assert [s.position for s in in_question] == expected
 
 
 def test_sdk_async_mode_streaming_and_errors(stack: LocalStack) -> None:
@@ -72,11 +79,14 @@ def test_cli_generate_explain_and_fetch(stack: LocalStack) -> None:
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.startswith("The capital of France is Paris.")
     assert "succeeded" in shown.stdout and "' Paris'" in shown.stdout
+    # A chat prompt's sources are ranked within the user's message, and the summary says so.
+    assert "top 2 sources within your messages" in shown.stdout
+    assert "<|im_start|>" not in shown.stdout
 
     as_json = _cli(stack, "generate", "--json", "--explain", "input_x_gradient", "What is the capital of France?")
     response = json.loads(as_json.stdout)
     assert response["explanation"]["state"] == "EXPLANATION_STATE_SUCCEEDED"
-    assert response["explanation"]["results"][0]["attributions"]["shape"][0] == str(len(response["outputTokens"]))
+    assert response["explanation"]["results"][0]["attributions"]["shape"][0] == len(response["outputTokens"])
 
     queued = _cli(stack, "generate", "--async", "--explain", "input_x_gradient", "--json", "Hello!")
     explanation_id = json.loads(queued.stdout)["explanationId"]
@@ -98,3 +108,27 @@ def test_reflection_lists_the_services(channel: grpc.Channel) -> None:
         "sightline.v1.ExplanationsService",
         "grpc.health.v1.Health",
     } <= services
+
+
+@pytest.mark.parametrize("protocol", ["grpc-v1", "grpc-v1alpha"])
+def test_reflection_answers_both_protocols(stack: LocalStack, protocol: str) -> None:
+    # buf curl speaks only the reflection protocol it is told to; clients on newer gRPC libraries ask v1.
+    listed = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "buf"),
+            "curl",
+            "--protocol=grpc",
+            "--http2-prior-knowledge",
+            f"--reflect-protocol={protocol}",
+            "--list-methods",
+            f"http://{stack.config.gateway_address}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert {"sightline.v1.InferenceService/Generate", "sightline.v1.ExplanationsService/ListMethods"} <= set(
+        listed.stdout.split()
+    )

@@ -136,6 +136,32 @@ def test_explain_dict_carries_parameters_and_async_mode(client: Client, fake: Fa
     assert generation.explanation is None
 
 
+def test_parameters_travel_typed_as_the_python_values_are(client: Client, fake: FakeSightline) -> None:
+    client.generate("x", explain={"m": {"n": 16, "f": 0.5, "b": True, "s": "pad"}}, mode="async")
+
+    request = last_request(fake)
+    assert isinstance(request, inference_pb2.GenerateRequest)
+    kinds = {
+        name: (value.WhichOneof("kind"), getattr(value, str(value.WhichOneof("kind"))))
+        for name, value in request.explain.methods[0].params.items()
+    }
+    # A bool is never taken for an int, nor an int for a float.
+    assert kinds == {
+        "n": ("int_value", 16),
+        "f": ("float_value", 0.5),
+        "b": ("bool_value", True),
+        "s": ("string_value", "pad"),
+    }
+
+
+def test_parameters_the_api_cannot_carry_are_refused_before_sending(client: Client, fake: FakeSightline) -> None:
+    with pytest.raises(ValueError, match="parameter 'steps' of method 'ig' is 4294967296, outside the 32-bit"):
+        client.generate("x", explain={"ig": {"steps": 2**32}})
+    with pytest.raises(TypeError, match="parameter 'steps' of method 'ig' must be a bool, int, float or str"):
+        client.generate("x", explain={"ig": {"steps": [1, 2]}})  # type: ignore[dict-item]
+    assert fake.requests == []
+
+
 def test_a_single_method_name_is_one_method(client: Client, fake: FakeSightline) -> None:
     client.generate("x", explain="saliency")
 

@@ -19,6 +19,8 @@ from fake_sightline import (
 from sightline import (
     ExplainOptions,
     Explanation,
+    ExplanationError,
+    ExplanationErrorCode,
     ExplanationState,
     Faithfulness,
     FinishReason,
@@ -30,6 +32,7 @@ from sightline import (
     StreamChunk,
     TargetScore,
     Token,
+    TokenRole,
 )
 from sightline.v1 import inference_pb2, types_pb2
 
@@ -141,6 +144,55 @@ def test_top_sources_ranks_only_the_causal_prefix_by_absolute_score() -> None:
         Source(4, explanation.tokens[4], 0.5),
     ]
     assert [source.position for source in explanation.top_sources(-1, k=5)] == [3, 1, 4, 0, 2]
+
+
+def test_tokens_carry_their_role_and_content_only_ranks_the_callers_words() -> None:
+    message = make_explanation("exp-1")
+    # As a chat: "The" is template markup, " capital of" the user's message 1, " France" a default system prompt.
+    roles = [types_pb2.TOKEN_ROLE_TEMPLATE, types_pb2.TOKEN_ROLE_USER, types_pb2.TOKEN_ROLE_USER]
+    for token, role in zip(message.tokens, [*roles, types_pb2.TOKEN_ROLE_SYSTEM], strict=False):
+        token.role = role
+    message.tokens[1].message_index = message.tokens[2].message_index = 1
+    for token in message.tokens[4:]:
+        token.role = types_pb2.TOKEN_ROLE_OUTPUT
+    explanation = Explanation.from_proto(message)
+
+    assert [(t.role, t.message_index, t.is_content) for t in explanation.tokens] == [
+        (TokenRole.TEMPLATE, None, False),
+        (TokenRole.USER, 1, True),
+        (TokenRole.USER, 1, True),
+        (TokenRole.SYSTEM, None, False),
+        (TokenRole.OUTPUT, None, False),
+        (TokenRole.OUTPUT, None, False),
+    ]
+    # Target 1 (position 5) ranks positions 3, 1, 4 overall; within the caller's words only 1, then 2.
+    assert [s.position for s in explanation.top_sources(1, k=3, method="saliency")] == [3, 1, 4]
+    assert [s.position for s in explanation.top_sources(1, k=3, method="saliency", content_only=True)] == [1, 2]
+
+
+def test_a_text_prompt_is_all_content() -> None:
+    message = make_explanation("exp-1")
+    for token in message.tokens[:4]:
+        token.role = types_pb2.TOKEN_ROLE_PROMPT
+    explanation = Explanation.from_proto(message)
+    assert explanation.top_sources(0, content_only=True) == explanation.top_sources(0)
+
+
+def test_a_failed_explanation_has_a_structured_error() -> None:
+    message = make_explanation("exp-failed", types_pb2.EXPLANATION_STATE_FAILED)
+    message.error.CopyFrom(
+        types_pb2.ExplanationError(
+            code=types_pb2.EXPLANATION_ERROR_CODE_INTERNAL,
+            message="RuntimeError: boom",
+            details={"exception": "RuntimeError", "attempts": "3"},
+        )
+    )
+    explanation = Explanation.from_proto(message)
+    assert explanation.error == ExplanationError(
+        ExplanationErrorCode.INTERNAL, "RuntimeError: boom", {"exception": "RuntimeError", "attempts": "3"}
+    )
+    assert str(explanation.error) == "RuntimeError: boom"
+    assert Explanation.from_proto(make_explanation("exp-1")).error is None
 
 
 def test_top_sources_refuses_methods_without_attributions() -> None:
