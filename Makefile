@@ -19,12 +19,17 @@ PHOENIX_VENV := .venv-phoenix
 PHOENIX_STAMP := $(PHOENIX_VENV)/.phoenix-installed
 
 .PHONY: serve test lint proto bench bench-smoke bench-deps soak system-deps phoenix
+# Debian's Go 1.19 toolchain, plugins and Go sources the Go client (clients/go) builds with, offline.
+# golang-google-grpc-dev accepts either golang/protobuf line; only 1.5 runs protoc-gen-go's messages.
+GO_DEBS := golang-go golang-google-grpc-dev golang-google-protobuf-dev golang-github-golang-protobuf-1-5-dev \
+	protoc-gen-go protoc-gen-go-grpc
 
 system-deps:
 	@command -v redis-server >/dev/null || (echo "==> installing redis-server (apt)" && $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server)
 	@command -v chromedriver >/dev/null || (echo "==> installing chromium and chromium-driver (apt, for the viewer tests)" && $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver)
 	@# The audit tests and benchmark start their own PostgreSQL 15 from these binaries.
 	@[ -x /usr/lib/postgresql/15/bin/initdb ] || (echo "==> installing postgresql (apt, for the audit tests)" && $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq postgresql)
+	@[ "$$(dpkg-query -W -f='$${Status}\n' $(GO_DEBS) 2>/dev/null | grep -c '^install ok installed$$')" = $(words $(GO_DEBS)) ] || (echo "==> installing Go 1.19, protoc-gen-go(-grpc) and Go's gRPC sources (apt, for the Go client)" && $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(GO_DEBS))
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
@@ -89,8 +94,9 @@ proto-python: $(STAMP)
 # The TypeScript SDK's generated code (clients/typescript, buf generate with protoc-gen-es); filled in with it.
 proto-ts:
 
-# The Go SDK's generated code (clients/go, protoc-gen-go and protoc-gen-go-grpc); filled in with it.
-proto-go:
+# The Go SDK's generated code (clients/go), with Debian's protoc-gen-go and protoc-gen-go-grpc.
+proto-go: system-deps $(STAMP)
+	clients/go/generate.sh $(BIN)/python $(PROTO_OUT_GO)
 
 proto-check: proto
 	@git status --porcelain --untracked-files=all -- $(PROTO_OUT_PYTHON) $(PROTO_OUT_TS) $(PROTO_OUT_GO) | \
