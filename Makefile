@@ -2,7 +2,7 @@
 #   make serve   start the whole local stack on the embedded model (gateway on 127.0.0.1:50051)
 #   make test    run the whole test suite (unit and end to end) against real components
 #   make lint    ruff, mypy, buf lint, and a check that generated proto code is current
-#   make proto   regenerate the Python code from protos/
+#   make proto   regenerate the Python code from protos/ (and the TypeScript SDK's: proto-ts)
 #   make bench   run the benchmarks (peers included) and rewrite docs/performance.md; bench-smoke: a quick check they run
 #   make soak    3 minutes of 64 clients against a local stack: errors, latency, memory and queue over time
 #   make k8s-check  render deploy/k8s overlays and validate them against the Kubernetes and KEDA schemas
@@ -17,14 +17,18 @@ KEDA_CRD := deploy/k8s/keda-crd
 KEDA_STAMP := $(KEDA_CRD)/node_modules/.sightline-installed
 PHOENIX_VENV := .venv-phoenix
 PHOENIX_STAMP := $(PHOENIX_VENV)/.phoenix-installed
+# The TypeScript SDK: its npm dependencies (protoc-gen-es included) pinned by its package-lock.json.
+TS_CLIENT := clients/typescript
+TS_STAMP := $(TS_CLIENT)/node_modules/.sightline-installed
 
-.PHONY: serve test lint proto bench bench-smoke bench-deps soak system-deps phoenix
+.PHONY: serve test lint proto proto-ts bench bench-smoke bench-deps soak system-deps phoenix
 
 system-deps:
 	@command -v redis-server >/dev/null || (echo "==> installing redis-server (apt)" && $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server)
 	@command -v chromedriver >/dev/null || (echo "==> installing chromium and chromium-driver (apt, for the viewer tests)" && $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver)
 	@# The audit tests and benchmark start their own PostgreSQL 15 from these binaries.
 	@[ -x /usr/lib/postgresql/15/bin/initdb ] || (echo "==> installing postgresql (apt, for the audit tests)" && $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq postgresql)
+	@command -v npm >/dev/null || (echo "==> installing nodejs and npm (apt, for the TypeScript SDK; it needs Node.js 20 or newer)" && $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq nodejs npm)
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
@@ -54,21 +58,34 @@ $(KEDA_STAMP): $(KEDA_CRD)/package.json $(KEDA_CRD)/package-lock.json
 	cd $(KEDA_CRD) && npm ci --no-audit --no-fund --silent
 	touch $(KEDA_STAMP)
 
+# The TypeScript SDK's dependencies, for its tests (tests/e2e/test_typescript_client.py) and `make proto-ts`.
+$(TS_STAMP): $(TS_CLIENT)/package.json $(TS_CLIENT)/package-lock.json
+	@command -v npm >/dev/null || (echo "==> installing nodejs and npm (apt, for the TypeScript SDK)" && $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq nodejs npm)
+	@echo "==> installing the TypeScript SDK's dependencies (npm ci in $(TS_CLIENT))"
+	cd $(TS_CLIENT) && npm ci --no-audit --no-fund --silent
+	touch $(TS_STAMP)
+
 serve: system-deps $(STAMP)
 	$(BIN)/python -m deploy.local_stack
 
-test: system-deps $(STAMP) $(PHOENIX_STAMP) $(KEDA_STAMP)
+test: system-deps $(STAMP) $(PHOENIX_STAMP) $(KEDA_STAMP) $(TS_STAMP)
 	$(BIN)/python -m pytest
 
-lint: $(STAMP)
+lint: $(STAMP) $(TS_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy .
 	cd protos && ../$(BIN)/buf lint
+	cd $(TS_CLIENT) && node node_modules/typescript/bin/tsc -p tsconfig.json --noEmit
 
-proto: $(STAMP)
+proto: $(STAMP) proto-ts
 	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=clients/python/src --pyi_out=clients/python/src \
 		--grpc_python_out=clients/python/src protos/sightline/v1/*.proto
+
+# The TypeScript SDK's messages and service descriptors (clients/typescript/buf.gen.yaml: protoc-gen-es from
+# its node_modules, offline).
+proto-ts: $(STAMP) $(TS_STAMP)
+	cd $(TS_CLIENT) && ../../$(BIN)/buf generate
 
 bench-deps: $(STAMP)
 	$(BIN)/pip install -q -e ".[bench]"
