@@ -2,7 +2,7 @@
 #   make serve   start the whole local stack on the embedded model (gateway on 127.0.0.1:50051)
 #   make test    run the whole test suite (unit and end to end) against real components
 #   make lint    ruff, mypy, buf lint, and a check that generated proto code is current
-#   make proto   regenerate the Python code from protos/ (and the TypeScript SDK's: proto-ts)
+#   make proto   regenerate every client's generated code from protos/ (proto-python, proto-ts, proto-go)
 #   make bench   run the benchmarks (peers included) and rewrite docs/performance.md; bench-smoke: a quick check they run
 #   make soak    3 minutes of 64 clients against a local stack: errors, latency, memory and queue over time
 #   make k8s-check  render deploy/k8s overlays and validate them against the Kubernetes and KEDA schemas
@@ -77,15 +77,41 @@ lint: $(STAMP) $(TS_STAMP)
 	$(BIN)/mypy .
 	cd protos && ../$(BIN)/buf lint
 	cd $(TS_CLIENT) && node node_modules/typescript/bin/tsc -p tsconfig.json --noEmit
+	$(MAKE) proto-breaking proto-check
 
-proto: $(STAMP) proto-ts
+# The API's generated code, one target per client language, each writing only its own directory (PROTO_OUT_*).
+# proto-check (part of lint) regenerates all of them and fails when the committed code differs.
+PROTO_OUT_PYTHON := clients/python/src/sightline/v1
+PROTO_OUT_TS := clients/typescript/src/gen
+PROTO_OUT_GO := clients/go/sightline/v1
+# The API that changes must stay wire- and source-compatible with (buf breaking, FILE rules): the v1 API as
+# committed. Only a deliberate new API version replaces it (make proto-baseline).
+PROTO_BASELINE := protos/baseline/sightline-v1.binpb
+
+.PHONY: proto-python proto-ts proto-go proto-check proto-breaking proto-baseline
+proto: proto-python proto-ts proto-go
+
+proto-python: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=clients/python/src --pyi_out=clients/python/src \
 		--grpc_python_out=clients/python/src protos/sightline/v1/*.proto
 
-# The TypeScript SDK's messages and service descriptors (clients/typescript/buf.gen.yaml: protoc-gen-es from
-# its node_modules, offline).
+# The TypeScript SDK's generated code: clients/typescript/buf.gen.yaml, protoc-gen-es from its node_modules
+# (pinned by its package-lock.json), offline.
 proto-ts: $(STAMP) $(TS_STAMP)
 	cd $(TS_CLIENT) && ../../$(BIN)/buf generate
+
+# The Go SDK's generated code (clients/go, protoc-gen-go and protoc-gen-go-grpc); filled in with it.
+proto-go:
+
+proto-check: proto
+	@git status --porcelain --untracked-files=all -- $(PROTO_OUT_PYTHON) $(PROTO_OUT_TS) $(PROTO_OUT_GO) | \
+		{ ! grep . ; } || { echo "generated code differs from protos/: run make proto and commit the result"; exit 1; }
+
+proto-breaking: $(STAMP)
+	cd protos && ../$(BIN)/buf breaking --against ../$(PROTO_BASELINE)
+
+proto-baseline: $(STAMP)
+	cd protos && ../$(BIN)/buf build --exclude-source-info -o ../$(PROTO_BASELINE)
 
 bench-deps: $(STAMP)
 	$(BIN)/pip install -q -e ".[bench]"

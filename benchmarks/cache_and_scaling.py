@@ -536,7 +536,7 @@ def run_identity(spec: IdentitySpec, model_dir: Path) -> JsonDict:
         with observed_loops(loaded, record, None, 0), mock.patch.object(gradients, "CHUNK_ROWS", rows_per_chunk):
             result = explain(loaded, None, prompt_ids, output_ids, [(method, params)], None).results[0]
         packed = result.attributions
-        return np.frombuffer(packed.data, dtype="<f4").reshape(tuple(packed.shape)), len(record.shapes)
+        return np.array(packed.float_values, dtype=np.float32).reshape(tuple(packed.shape)), len(record.shapes)
 
     def pair(loaded: LoadedModel, method: str, unchunked: dict[str, Any], chunked: dict[str, Any]) -> list[Any]:
         return [attributions(loaded, method, unchunked, whole=True), attributions(loaded, method, chunked, whole=False)]

@@ -60,7 +60,7 @@ def measure(model_dir: Path, generated: int, repeats: int) -> JsonDict:
                 seconds[name].append(time.perf_counter() - started)
                 result = explanation.results[0]
                 packed = result.attributions if result.HasField("attributions") else result.extras["target_logprobs"]
-                results[name] = np.frombuffer(packed.data, dtype="<f4")
+                results[name] = np.array(packed.float_values, dtype=np.float32)
         fast_s, general_s = statistics.median(seconds["fast"]), statistics.median(seconds["general"])
         scale = float(np.abs(results["fast"]).max()) or 1.0
         rows.append(

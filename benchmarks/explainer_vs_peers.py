@@ -214,7 +214,7 @@ def _sightline(method: str, warm_cache: bool = False) -> Callable[[Workload], Pr
 
         def to_matrix(output: object) -> torch.Tensor:
             packed = cast(Any, output).results[0].attributions
-            values = np.frombuffer(packed.data, dtype="<f4").reshape(tuple(packed.shape))
+            values = np.array(packed.float_values, dtype=np.float32).reshape(tuple(packed.shape))
             return torch.from_numpy(values.astype(np.float64))
 
         if warm_cache:

@@ -178,7 +178,7 @@ def gateway_unary(stub: inference_pb2_grpc.InferenceServiceStub, max_tokens: int
 
 def gateway_stream(stub: inference_pb2_grpc.InferenceServiceStub, max_tokens: int) -> Call:
     async def call(prompt: str) -> Sample:
-        request = inference_pb2.GenerateStreamRequest(
+        request = inference_pb2.GenerateRequest(
             input=inference_pb2.GenerationInput(prompt=prompt),
             sampling=types_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0),
         )
@@ -186,7 +186,7 @@ def gateway_stream(stub: inference_pb2_grpc.InferenceServiceStub, max_tokens: in
         first: float | None = None
         tokens = 0
         async for message in stub.GenerateStream(request, timeout=RPC_TIMEOUT_S):
-            count = len(message.output_tokens)
+            count = len(message.delta.output_tokens)
             if count and first is None:
                 first = time.perf_counter() - started
             tokens += count

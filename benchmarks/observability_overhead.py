@@ -208,9 +208,9 @@ def measure_overhead(logs: Path, requests_per_round: int, rounds: int) -> JsonDi
 
 
 def tensor(values: np.ndarray) -> types_pb2.Tensor:
-    dtype = types_pb2.D_TYPE_INT32 if values.dtype.kind == "i" else types_pb2.D_TYPE_FLOAT32
-    data = values.astype("<i4" if dtype == types_pb2.D_TYPE_INT32 else "<f4").tobytes()
-    return types_pb2.Tensor(dtype=dtype, shape=list(values.shape), data=data)
+    if values.dtype.kind == "i":
+        return types_pb2.Tensor(dtype=types_pb2.DTYPE_INT32, shape=list(values.shape), int_values=values.reshape(-1))
+    return types_pb2.Tensor(dtype=types_pb2.DTYPE_FLOAT32, shape=list(values.shape), float_values=values.reshape(-1))
 
 
 def long_explanation(explanation_id: str) -> types_pb2.Explanation:

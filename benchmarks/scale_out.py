@@ -234,9 +234,9 @@ def one_call(stub: inference_pb2_grpc.InferenceServiceStub, streaming: bool, max
     source = inference_pb2.GenerationInput(prompt="spread the load")
     try:
         if streaming:
-            stream_request = inference_pb2.GenerateStreamRequest(input=source, sampling=sampling)
+            stream_request = inference_pb2.GenerateRequest(input=source, sampling=sampling)
             for reply in stub.GenerateStream(stream_request, timeout=60):
-                tokens += len(reply.output_tokens)
+                tokens += len(reply.delta.output_tokens)
         else:
             unary_request = inference_pb2.GenerateRequest(input=source, sampling=sampling)
             tokens = len(stub.Generate(unary_request, timeout=60).output_tokens)

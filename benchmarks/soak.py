@@ -132,12 +132,12 @@ async def _one(
     if kind == "stream":
         started = time.perf_counter()
         first: float | None = None
-        request = inference_pb2.GenerateStreamRequest(
+        request = inference_pb2.GenerateRequest(
             input=inference_pb2.GenerationInput(prompt=prompt),
             sampling=types_pb2.SamplingParams(max_tokens=STREAM_TOKENS, temperature=0.0),
         )
         async for message in inference.GenerateStream(request, timeout=CALL_DEADLINE_S):
-            if message.output_tokens and first is None:
+            if message.delta.output_tokens and first is None:
                 first = time.perf_counter() - started
         return (first if first is not None else time.perf_counter() - started), True
     if kind == "sync":

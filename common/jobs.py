@@ -187,6 +187,13 @@ class ExplainOptions:
         return cls(**fields)
 
 
+def _chat(text: str) -> list[dict[str, str]]:
+    messages = json.loads(text)
+    if not isinstance(messages, list):
+        raise TypeError("chat is not a list of messages")
+    return [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+
+
 @dataclass(frozen=True)
 class ExplanationJob:
     """One explanation to compute, exactly as the serving engine produced its tokens."""
@@ -201,8 +208,12 @@ class ExplanationJob:
     methods: list[MethodRequest]
     traceparent: str
     options: ExplainOptions = field(default_factory=ExplainOptions)
+    # The chat messages the prompt was rendered from, when it was a chat: the worker marks each prompt token's
+    # role (template, system prompt, a message's content) from them. None: a text or token-id prompt.
+    chat: list[dict[str, str]] | None = None
 
     def to_fields(self) -> dict[str, str]:
+        chat = {} if self.chat is None else {"chat": json.dumps(self.chat)}
         return {
             "explanation_id": self.explanation_id,
             "tenant": self.tenant,
@@ -214,6 +225,7 @@ class ExplanationJob:
             "methods": json.dumps([{"name": m.name, "params": m.params} for m in self.methods]),
             "traceparent": self.traceparent,
             "options": self.options.to_json(),
+            **chat,
         }
 
     def to_json(self) -> str:
@@ -253,6 +265,7 @@ class ExplanationJob:
                 ],
                 traceparent=text.get("traceparent", ""),
                 options=ExplainOptions.from_json(text["options"]) if "options" in text else ExplainOptions(),
+                chat=_chat(text["chat"]) if "chat" in text else None,
             )
         except (KeyError, TypeError, json.JSONDecodeError) as exc:
             raise ValueError(f"malformed explanation job: {exc!r}") from exc

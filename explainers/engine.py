@@ -19,7 +19,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-import numpy as np
 import torch
 from opentelemetry import trace
 from sightline.v1 import types_pb2
@@ -30,13 +29,14 @@ from explainers.aggregation import TokenGroup, aggregate, source_groups
 from explainers.backprop import RecordedLayers
 from explainers.faithfulness import faithfulness
 from explainers.hidden_cache import LAST_LAYER_DTYPE, STORAGE_DTYPE, DerivedTensors, HiddenStateCache
-from explainers.methods.base import AttributionContext, AttributionMethod, ModelShape, tensor_proto
+from explainers.methods.base import AttributionContext, AttributionMethod, ModelShape, tensor_array, tensor_proto
 from explainers.methods.registry import get_method
 from explainers.model import LoadedModel, forward_with_hidden_states
 from explainers.progress import JobProgress, Tracking, checkpoint
 from explainers.step_scores import Readout, read_out
 from explainers.targets import Targets, TargetScore
 from explainers.telemetry import SPAN_KIND, describe_faithfulness, describe_method
+from explainers.token_roles import assign_roles
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +61,14 @@ def explain(
     served_logprobs: list[float] | None,
     options: ExplainOptions | None = None,
     tracking: Tracking | None = None,
+    chat: Sequence[Mapping[str, str]] | None = None,
 ) -> types_pb2.Explanation:
     """Attribute the generated tokens of prompt_ids + output_ids that options select with each (method, params).
 
     Raises UnknownMethodError, InvalidParamsError or InvalidInputError (all ValueError) before any model work.
     Fills the computed fields; the caller owns id, state, timestamps, trace id and attempts. With ``tracking``,
     publishes progress as it goes and raises JobCancelled at the first checkpoint after the job was cancelled.
+    ``chat``: the messages a chat prompt was rendered from, which tell each prompt token's role.
     """
     options = options or ExplainOptions()
     requested = _parse_methods(methods, ModelShape.of(loaded))
@@ -77,6 +79,7 @@ def explain(
     targets = _targets(loaded, token_ids, generated_positions, options)
     _check_contrastive_support(requested, targets)
     tokens = _tokens(loaded, sequence, len(prompt_ids), served_logprobs)
+    assign_roles(loaded.tokenizer, tokens, len(prompt_ids), chat)
     groups = _source_groups(loaded, sequence, tokens, options)
 
     progress = _job_progress(requested, tracking, len(sequence), len(targets.positions))
@@ -216,8 +219,7 @@ def _source_groups(
 
 def _float_matrix(packed: types_pb2.Tensor) -> torch.Tensor:
     """The float32 tensor a MethodResult's attributions hold."""
-    values = np.frombuffer(packed.data, dtype="<f4").reshape(tuple(packed.shape))
-    return torch.from_numpy(values.copy())
+    return torch.from_numpy(tensor_array(packed))
 
 
 def _parse_methods(

@@ -19,6 +19,7 @@ from opentelemetry import trace
 from sightline.v1 import types_pb2
 
 from common.telemetry import capture_message_content
+from explainers.methods.base import tensor_array
 
 SPAN_KIND = "openinference.span.kind"
 EVALUATION_EVENT = "gen_ai.evaluation.result"
@@ -33,10 +34,6 @@ MAX_TARGETS_ON_SPAN = 32
 
 def _json(value: object) -> str:
     return orjson.dumps(value).decode()
-
-
-def _matrix(tensor: types_pb2.Tensor) -> np.ndarray:
-    return np.frombuffer(tensor.data, dtype="<f4").reshape(tuple(tensor.shape))
 
 
 def _token(explanation: types_pb2.Explanation, position: int, content: bool) -> dict[str, Any]:
@@ -61,7 +58,7 @@ def describe_method(span: trace.Span, explanation: types_pb2.Explanation, result
     span.set_attribute("sightline.method.seconds", result.seconds)
     if not result.HasField("attributions"):
         return
-    matrix = _matrix(result.attributions)
+    matrix = tensor_array(result.attributions)
     described = []
     for index, position in enumerate(positions):
         sources = [
@@ -86,7 +83,7 @@ def describe_faithfulness(span: trace.Span, faithfulness: types_pb2.Faithfulness
 
 def overall_sources(explanation: types_pb2.Explanation, result: types_pb2.MethodResult, k: int) -> list[int]:
     """The ``k`` positions with the largest |score| summed over every explained token, strongest first."""
-    matrix = np.abs(_matrix(result.attributions).astype(np.float64))
+    matrix = np.abs(tensor_array(result.attributions).astype(np.float64))
     for index, position in enumerate(explanation.target_positions):
         matrix[index, position:] = 0.0  # outside the causal prefix (already 0; made sure)
     totals = matrix.sum(axis=0)

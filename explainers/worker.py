@@ -283,6 +283,7 @@ class ExplainerWorker:
                 entry_id,
                 job,
                 record,
+                types_pb2.EXPLANATION_ERROR_CODE_ATTEMPTS_EXHAUSTED,
                 f"gave up after {self._settings.max_attempts} attempts: every worker that took this job stopped "
                 "before finishing it (killed, crashed or out of memory); see the explainer workers' logs",
             )
@@ -371,6 +372,7 @@ class ExplainerWorker:
                     job.served_logprobs,
                     job.options,
                     tracking,
+                    job.chat,
                 )
                 record_evaluations(span, result, served_compared=job.served_logprobs is not None)
                 span.set_status(trace.Status(trace.StatusCode.OK))
@@ -381,13 +383,20 @@ class ExplainerWorker:
             except ValueError as exc:
                 # Invalid input fails the same way on every worker: no point retrying.
                 span.record_exception(exc)
-                self._fail(entry_id, job, record, str(exc))
+                self._fail(entry_id, job, record, types_pb2.EXPLANATION_ERROR_CODE_INVALID_INPUT, str(exc))
                 return
             except Exception as exc:
                 log.exception("explanation %s failed (attempt %d)", job.explanation_id, record.attempts)
                 span.record_exception(exc)
                 if record.attempts >= self._settings.max_attempts:
-                    self._fail(entry_id, job, record, f"{type(exc).__name__}: {exc}")
+                    self._fail(
+                        entry_id,
+                        job,
+                        record,
+                        types_pb2.EXPLANATION_ERROR_CODE_INTERNAL,
+                        f"{type(exc).__name__}: {exc}",
+                        exception=type(exc).__name__,
+                    )
                 else:
                     metrics.JOBS_FINISHED.labels("retried").inc()
                 # Otherwise the entry stays pending and is retried once claimable.
@@ -441,10 +450,20 @@ class ExplainerWorker:
         self._finish(entry_id, job, final)
         log.info("explanation %s succeeded (attempt %d)", final.explanation_id, final.attempts)
 
-    def _fail(self, entry_id: bytes, job: ExplanationJob, record: types_pb2.Explanation, reason: str) -> None:
+    def _fail(
+        self,
+        entry_id: bytes,
+        job: ExplanationJob,
+        record: types_pb2.Explanation,
+        code: types_pb2.ExplanationErrorCode,
+        reason: str,
+        **details: str,
+    ) -> None:
         log.warning("explanation %s failed: %s", record.explanation_id, reason)
         record.state = types_pb2.EXPLANATION_STATE_FAILED
-        record.error = reason
+        record.error.CopyFrom(
+            types_pb2.ExplanationError(code=code, message=reason, details={"attempts": str(record.attempts), **details})
+        )
         self._finish(entry_id, job, record)
         metrics.JOBS_FINISHED.labels("failed").inc()
 

@@ -10,7 +10,6 @@ import logging
 import grpc
 import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -32,6 +31,7 @@ from server.http_endpoints import start_http_endpoints
 from server.job_control import JobControl
 from server.keys import configured_keys
 from server.limits import TenantLimiter
+from server.reflection import enable_reflection
 from server.rpc import DecodeErrorsAsInvalidArgument
 from server.servicers import ExplanationsServicer, Gateway, InferenceServicer
 from server.shutdown import DrainingInterceptor
@@ -139,11 +139,11 @@ async def serve(settings: GatewaySettings, *, ready: asyncio.Event | None = None
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(gateway), server)
     explanations_pb2_grpc.add_ExplanationsServiceServicer_to_server(ExplanationsServicer(gateway), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    services = [INFERENCE_SERVICE, EXPLANATIONS_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
+    services = [INFERENCE_SERVICE, EXPLANATIONS_SERVICE, health.SERVICE_NAME]
     if audit is not None:
         audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(gateway, audit.log), server)
         services.append(AUDIT_SERVICE)
-    reflection.enable_server_reflection(services, server)
+    enable_reflection(services, server)
     if credentials is None:
         server.add_insecure_port(settings.listen)
     else:

@@ -26,7 +26,8 @@ class PlannedMethod:
         value = self.request.params.get(name)
         if isinstance(value, int | float):
             return float(value)
-        return float(next(p.default_value for p in self.info.params if p.name == name))
+        default = next(p.default_value for p in self.info.params if p.name == name)
+        return float(default.int_value if default.WhichOneof("kind") == "int_value" else default.float_value)
 
 
 def total_passes(methods: Sequence[PlannedMethod], *, num_tokens: int, num_targets: int, faithfulness: bool) -> float:

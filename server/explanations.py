@@ -204,9 +204,11 @@ class ExplanationBroker:
         methods: list[MethodRequest],
         options: ExplainOptions,
         trace_id: str,
+        chat: list[dict[str, str]] | None = None,
     ) -> types_pb2.Explanation:
         """Write a PENDING record under the slot's explanation id, index it under the tenant and enqueue its job
-        atomically; return the record. The slot then belongs to the job."""
+        atomically; return the record. The slot then belongs to the job. ``chat``: the messages a chat prompt was
+        rendered from, for the worker to mark each token's role."""
         model_record = await self.model_record(model)
         digest = model_record.weights_digest
         out_of_vocabulary = sorted(
@@ -255,6 +257,7 @@ class ExplanationBroker:
                 methods=methods,
                 traceparent=current_traceparent(),
                 options=options,
+                chat=chat,
             )
             summary = explanations_pb2.ExplanationSummary(
                 explanation_id=explanation_id,

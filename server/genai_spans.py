@@ -36,7 +36,7 @@ def _text_message(role: str, content: str) -> dict[str, Any]:
 
 
 def _messages(source: inference_pb2.GenerationInput) -> list[dict[str, Any]]:
-    kind = source.WhichOneof("input")
+    kind = source.WhichOneof("kind")
     if kind == "chat":
         return [_text_message(m.role, m.content) for m in source.chat.messages]
     if kind == "prompt":
@@ -46,7 +46,7 @@ def _messages(source: inference_pb2.GenerationInput) -> list[dict[str, Any]]:
     return []
 
 
-def describe_request(request: inference_pb2.GenerateRequest | inference_pb2.GenerateStreamRequest) -> None:
+def describe_request(request: inference_pb2.GenerateRequest) -> None:
     """Put the request on the current (root) span as its OpenInference input."""
     span = trace.get_current_span()
     if capture_message_content():
@@ -60,7 +60,7 @@ def describe_request(request: inference_pb2.GenerateRequest | inference_pb2.Gene
             _json(
                 {
                     "model": request.model,
-                    "input": request.input.WhichOneof("input"),
+                    "input": request.input.WhichOneof("kind"),
                     "explain": [m.name for m in request.explain.methods],
                 }
             ),

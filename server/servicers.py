@@ -200,6 +200,8 @@ class PreparedGeneration:
     sampling: Sampling
     plan: ExplanationPlan | None
     prompt: Prompt
+    # The chat messages the prompt was rendered from, when it is a chat (for the explanation's token roles).
+    chat: list[dict[str, str]] | None = None
 
 
 class Gateway:
@@ -242,7 +244,7 @@ class Gateway:
         return served
 
     async def prompt(self, source: inference_pb2.GenerationInput, model: ServedModel, timeout: float | None) -> Prompt:
-        kind = source.WhichOneof("input")
+        kind = source.WhichOneof("kind")
         if kind == "prompt":
             if not source.prompt.strip():
                 raise invalid_argument("input.prompt is empty; send the text to complete")
@@ -268,7 +270,7 @@ class Gateway:
 
     async def prepare_generation(
         self,
-        request: inference_pb2.GenerateRequest | inference_pb2.GenerateStreamRequest,
+        request: inference_pb2.GenerateRequest,
         context: grpc.aio.ServicerContext,
         tenant: Tenant,
     ) -> PreparedGeneration:
@@ -298,7 +300,8 @@ class Gateway:
             prompt = prompt_ids
         if plan is not None:
             await self.broker.check_backlog()
-        return PreparedGeneration(request_id, model, sampling, plan, prompt)
+        chat = chat_messages(request.input.chat) if request.input.WhichOneof("kind") == "chat" else None
+        return PreparedGeneration(request_id, model, sampling, plan, prompt, chat)
 
     def explanation_slot(
         self, plan: ExplanationPlan | None, tenant: Tenant
@@ -318,6 +321,7 @@ class Gateway:
         served_logprobs: list[float] | None,
         tenant: Tenant,
         slot: ExplanationSlot | None = None,
+        chat: list[dict[str, str]] | None = None,
     ) -> types_pb2.Explanation:
         """Enqueue an explanation for the tenant, in ``slot`` if one was taken before generating, else in a slot
         taken now; in SYNC mode wait for it until just before the deadline."""
@@ -337,6 +341,7 @@ class Gateway:
                 methods=[m.request for m in plan.methods],
                 options=plan.options,
                 trace_id=trace_id_hex(trace.get_current_span()),
+                chat=chat,
             )
         if plan.mode == types_pb2.EXPLAIN_MODE_ASYNC:
             return record
@@ -422,6 +427,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 _served_logprobs(output_tokens),
                 tenant,
                 slot,
+                prepared.chat,
             )
             response.explanation_id = explanation.explanation_id
             if plan.mode != types_pb2.EXPLAIN_MODE_ASYNC:
@@ -440,7 +446,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     @stream_rpc("sightline.v1.InferenceService/GenerateStream")
     @audited("GenerateStream")
     async def GenerateStream(
-        self, request: inference_pb2.GenerateStreamRequest, context: grpc.aio.ServicerContext, tenant: Tenant
+        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext, tenant: Tenant
     ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
         prepared = await self.gateway.prepare_generation(request, context, tenant)
         async with (
@@ -458,14 +464,17 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         tenant: Tenant,
         slot: ExplanationSlot | None,
     ) -> AsyncGenerator[inference_pb2.GenerateStreamResponse, None]:
-        """Stream the generation, then enqueue the explanation in ``slot``, taken before generating, if asked."""
+        """Stream the generation (a start message, deltas, an end message), then enqueue the explanation in
+        ``slot``, taken before generating, if asked."""
         gateway = self.gateway
         model, plan = prepared.model, prepared.plan
         trace_id = trace_id_hex(trace.get_current_span())
         prompt_token_ids: list[int] = []
         all_output: list[types_pb2.Token] = []
         vllm_finish_reason: str | None = None
+        started = False
         final = inference_pb2.GenerateStreamResponse(request_id=prepared.request_id, trace_id=trace_id)
+        end = final.end
         stream = gateway.vllm.complete_stream(model.name, prepared.prompt, prepared.sampling, _timeout(context))
         try:
             async for chunk in stream:
@@ -474,24 +483,28 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 if chunk.finish_reason:
                     vllm_finish_reason = chunk.finish_reason
                 if chunk.input_tokens is not None:
-                    final.usage.input_tokens = chunk.input_tokens
-                    final.usage.output_tokens = chunk.output_tokens or 0
+                    end.usage.input_tokens = chunk.input_tokens
+                    end.usage.output_tokens = chunk.output_tokens or 0
+                if not started:
+                    # vLLM's first chunk carries the prompt's token ids.
+                    started = True
+                    yield self._stream_start(prepared, trace_id, prompt_token_ids)
                 tokens = _output_tokens(chunk)
-                if not tokens and not chunk.text and chunk.prompt_token_ids is None:
+                if not tokens and not chunk.text:
                     continue
                 all_output.extend(tokens)
                 yield inference_pb2.GenerateStreamResponse(
                     request_id=prepared.request_id,
                     trace_id=trace_id,
-                    output_tokens=tokens,
-                    text_delta=chunk.text,
-                    prompt_token_ids=chunk.prompt_token_ids or [],
+                    delta=inference_pb2.GenerateStreamDelta(output_tokens=tokens, text_delta=chunk.text),
                 )
         finally:
             # Closing the upstream stream on cancellation is what makes vLLM abort the request.
             await stream.aclose()  # type: ignore[attr-defined]
+        if not started:
+            yield self._stream_start(prepared, trace_id, prompt_token_ids)
         if vllm_finish_reason is not None:
-            final.finish_reason = _finish_reason(
+            end.finish_reason = _finish_reason(
                 vllm_finish_reason,
                 num_tokens=len(prompt_token_ids) + len(all_output),
                 num_generated=len(all_output),
@@ -500,21 +513,39 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             )
         if plan is not None:
             explanation = await gateway.explain(
-                plan, model.name, prompt_token_ids, all_output, context, _served_logprobs(all_output), tenant, slot
+                plan,
+                model.name,
+                prompt_token_ids,
+                all_output,
+                context,
+                _served_logprobs(all_output),
+                tenant,
+                slot,
+                prepared.chat,
             )
-            final.explanation_id = explanation.explanation_id
+            end.explanation_id = explanation.explanation_id
             if plan.mode != types_pb2.EXPLAIN_MODE_ASYNC:
-                final.explanation.CopyFrom(explanation)
+                end.explanation.CopyFrom(explanation)
         describe_generation(
             request_id=prepared.request_id,
             tenant=tenant.name,
             text="".join(token.text for token in all_output),
             output_tokens=len(all_output),
-            finish_reason=final.finish_reason,
-            explanation=final.explanation,
-            explanation_id=final.explanation_id,
+            finish_reason=end.finish_reason,
+            explanation=end.explanation,
+            explanation_id=end.explanation_id,
         )
         yield final
+
+    @staticmethod
+    def _stream_start(
+        prepared: PreparedGeneration, trace_id: str, prompt_token_ids: list[int]
+    ) -> inference_pb2.GenerateStreamResponse:
+        return inference_pb2.GenerateStreamResponse(
+            request_id=prepared.request_id,
+            trace_id=trace_id,
+            start=inference_pb2.GenerateStreamStart(model=prepared.model.name, prompt_token_ids=prompt_token_ids),
+        )
 
 
 class ExplanationsServicer(explanations_pb2_grpc.ExplanationsServiceServicer):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-from google.protobuf import struct_pb2
 from sightline.v1 import types_pb2
 
 from common.jobs import ExplainOptions, SpanRequest
@@ -188,31 +187,21 @@ def check_options_fit(options: ExplainOptions, num_tokens: int, num_generated: i
 
 
 def method_params(method: types_pb2.MethodSpec, index: int) -> dict[str, object]:
-    """A method's ``params`` Struct as plain values, refusing a non-finite number wherever it sits.
-
-    Done by hand, not with json_format.MessageToDict: that raises on NaN and the infinities (JSON has no
-    spelling for them) before any check could name the parameter, which made such requests INTERNAL.
-    """
-    if not method.HasField("params"):
-        return {}
+    """A method's typed ``params`` as plain values (an int stays an int), refusing a non-finite number and a
+    value with no kind set."""
     where = f"explain.methods[{index}].params"
-    return {key: _struct_value(value, f"{where}.{key}", method.name) for key, value in method.params.fields.items()}
+    return {key: _param_value(value, f"{where}.{key}", method.name) for key, value in method.params.items()}
 
 
-def _struct_value(value: struct_pb2.Value, where: str, method: str) -> object:
+def _param_value(value: types_pb2.ParamValue, where: str, method: str) -> object:
     kind = value.WhichOneof("kind")
-    if kind == "number_value":
-        if not math.isfinite(value.number_value):
-            raise invalid_argument(
-                f"{shown(where)} of method {shown(method)} is {value.number_value}; parameters must be finite numbers"
-            )
-        return value.number_value
-    if kind == "struct_value":
-        return {key: _struct_value(item, f"{where}.{key}", method) for key, item in value.struct_value.fields.items()}
-    if kind == "list_value":
-        return [_struct_value(item, f"{where}[{i}]", method) for i, item in enumerate(value.list_value.values)]
-    if kind == "string_value":
-        return value.string_value
-    if kind == "bool_value":
-        return value.bool_value
-    return None  # null_value, or a Value with no kind set
+    if kind is None:
+        raise invalid_argument(
+            f"{shown(where)} of method {shown(method)} has no value; set one of int_value, float_value, "
+            "string_value or bool_value"
+        )
+    if kind == "float_value" and not math.isfinite(value.float_value):
+        raise invalid_argument(
+            f"{shown(where)} of method {shown(method)} is {value.float_value}; parameters must be finite numbers"
+        )
+    return getattr(value, kind)

@@ -113,7 +113,7 @@ class ParamSpec:
         return explanations_pb2.MethodParam(
             name=self.name,
             type=_PARAM_TYPES[self.type],
-            default_value=_render(self.default),
+            default_value=param_value(self.default),
             description=self.description + bounds,
             minimum=self.minimum,
             maximum=self.maximum,
@@ -131,7 +131,7 @@ def _coerce(kind: type[ParamValue], value: object) -> ParamValue | None:
         return None
     if kind is float:
         return float(value)
-    # google.protobuf.Struct carries every number as a double, so 16.0 is a valid int.
+    # A whole number written as a float (16.0, as JSON clients may send it) is a valid int.
     return int(value) if float(value).is_integer() else None
 
 
@@ -139,6 +139,17 @@ def _quoted(number: float) -> str:
     """A number as a message quotes it: in full when short, else in scientific notation (never 300 digits)."""
     text = repr(number)
     return text if len(text) <= 24 else f"{float(number):.6g}"
+
+
+def param_value(value: ParamValue) -> types_pb2.ParamValue:
+    """A parameter value as the API carries it, typed (a bool is never taken for an int)."""
+    if isinstance(value, bool):
+        return types_pb2.ParamValue(bool_value=value)
+    if isinstance(value, int):
+        return types_pb2.ParamValue(int_value=value)
+    if isinstance(value, float):
+        return types_pb2.ParamValue(float_value=value)
+    return types_pb2.ParamValue(string_value=value)
 
 
 def _render(value: ParamValue | None) -> str:
@@ -252,13 +263,20 @@ class AttributionMethod(ABC, Generic[ParamsT]):
 
 
 def tensor_proto(values: torch.Tensor) -> types_pb2.Tensor:
-    """Pack a tensor as float32 (floating) or int32 (integer) little-endian bytes."""
+    """A tensor as float32 (floating) or int32 (integer) elements, row-major."""
     tensor = values.detach().cpu()
     if tensor.is_floating_point():
-        dtype, packed = types_pb2.D_TYPE_FLOAT32, tensor.to(torch.float32).numpy().astype("<f4")
-    else:
-        dtype, packed = types_pb2.D_TYPE_INT32, tensor.to(torch.int32).numpy().astype("<i4")
-    return types_pb2.Tensor(dtype=dtype, shape=list(tensor.shape), data=np.ascontiguousarray(packed).tobytes())
+        flat = tensor.to(torch.float32).reshape(-1).numpy()
+        return types_pb2.Tensor(dtype=types_pb2.DTYPE_FLOAT32, shape=list(tensor.shape), float_values=flat)
+    flat = tensor.to(torch.int32).reshape(-1).numpy()
+    return types_pb2.Tensor(dtype=types_pb2.DTYPE_INT32, shape=list(tensor.shape), int_values=flat)
+
+
+def tensor_array(packed: types_pb2.Tensor) -> np.ndarray:
+    """A Tensor's elements as an array of its shape: float32 or int32, as its dtype says."""
+    if packed.dtype == types_pb2.DTYPE_INT32:
+        return np.array(packed.int_values, dtype=np.int32).reshape(tuple(packed.shape))
+    return np.array(packed.float_values, dtype=np.float32).reshape(tuple(packed.shape))
 
 
 def prefix_only(scores: torch.Tensor, targets: Targets) -> torch.Tensor:

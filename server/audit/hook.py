@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import json_format
 from google.protobuf.message import Message
 from opentelemetry import trace
 from sightline.v1 import explanations_pb2, inference_pb2, types_pb2
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 MODEL_INFO_TTL_S = 30.0
 
 Response = inference_pb2.GenerateResponse | inference_pb2.GenerateStreamResponse | explanations_pb2.ExplainResponse
-Request = inference_pb2.GenerateRequest | inference_pb2.GenerateStreamRequest | explanations_pb2.ExplainRequest
+Request = inference_pb2.GenerateRequest | explanations_pb2.ExplainRequest
 
 
 class AuditRecorder:
@@ -183,7 +183,7 @@ def _request_fields(request: Request, *, record_inputs: bool) -> dict[str, Any]:
     if record_inputs:
         fields["input"] = _as_dict(given)
     fields["methods"] = [
-        {"name": m.name, "params": {key: _value(item) for key, item in m.params.fields.items()}}
+        {"name": m.name, "params": {key: _param_value(item) for key, item in m.params.items()}}
         for m in request.explain.methods
     ]
     fields["explain_mode"] = (
@@ -198,18 +198,11 @@ def _as_dict(message: Message) -> Any:
     return _json_safe(json_format.MessageToDict(message, preserving_proto_field_name=True))
 
 
-def _value(value: struct_pb2.Value) -> Any:
-    """A Struct value as JSON; unlike json_format, a NaN or infinite number does not fail (it is logged as text)."""
+def _param_value(value: types_pb2.ParamValue) -> Any:
+    """A parameter's value as JSON; unlike json_format, a NaN or infinite number does not fail (it is logged as
+    text)."""
     kind = value.WhichOneof("kind")
-    if kind == "number_value":
-        return _json_safe(value.number_value)
-    if kind == "struct_value":
-        return {key: _value(item) for key, item in value.struct_value.fields.items()}
-    if kind == "list_value":
-        return [_value(item) for item in value.list_value.values]
-    if kind in ("string_value", "bool_value"):
-        return getattr(value, kind)
-    return None
+    return None if kind is None else _json_safe(getattr(value, kind))
 
 
 def _json_safe(value: Any) -> Any:
@@ -245,8 +238,10 @@ def _explanation_fields(explanation_id: str, explanation: types_pb2.Explanation 
 
 
 def _outcome(response: Response) -> dict[str, Any]:
-    explanation = response.explanation if response.HasField("explanation") else None
-    outcome = _explanation_fields(response.explanation_id, explanation)
+    # A stream's outcome is on its last message, the end.
+    result = response.end if isinstance(response, inference_pb2.GenerateStreamResponse) else response
+    explanation = result.explanation if result.HasField("explanation") else None
+    outcome = _explanation_fields(result.explanation_id, explanation)
     if response.request_id:  # the id the gateway made up when the caller sent none
         outcome["request_id"] = response.request_id
     if isinstance(response, inference_pb2.GenerateResponse):
@@ -298,7 +293,7 @@ def _audited_unary(rpc: str, handler: Callable[..., Awaitable[Response]]) -> Han
 def _audited_stream(rpc: str, handler: Callable[..., AsyncIterator[inference_pb2.GenerateStreamResponse]]) -> Handler:
     @functools.wraps(handler)
     async def wrapper(
-        self: Any, request: inference_pb2.GenerateStreamRequest, context: grpc.aio.ServicerContext, tenant: Tenant
+        self: Any, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext, tenant: Tenant
     ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
         recorder: AuditRecorder | None = self.gateway.audit
         if recorder is None:
@@ -310,7 +305,7 @@ def _audited_stream(rpc: str, handler: Callable[..., AsyncIterator[inference_pb2
         last = inference_pb2.GenerateStreamResponse()
         try:
             async for item in handler(self, request, context, tenant):
-                output.extend(token.id for token in item.output_tokens)
+                output.extend(token.id for token in item.delta.output_tokens)
                 last = item
                 yield item
         except BaseException as exc:
@@ -321,7 +316,8 @@ def _audited_stream(rpc: str, handler: Callable[..., AsyncIterator[inference_pb2
             raise
         # The stream's status (its acknowledgement) goes out once this returns: after the entry commits.
         outcome = {"model": _served_model(self, request), **_outcome(last)}
-        outcome.update(output_token_ids=output, finish_reason=_enum_name(types_pb2.FinishReason, last.finish_reason))
+        finish_reason = _enum_name(types_pb2.FinishReason, last.end.finish_reason)
+        outcome.update(output_token_ids=output, finish_reason=finish_reason)
         await recorder.succeeded(rpc, request, context, tenant, started, outcome)
 
     return wrapper

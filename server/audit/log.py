@@ -220,7 +220,7 @@ def explanation_entry(record: types_pb2.Explanation, tenant: str, blob: bytes) -
             "weights_digest": record.weights_digest,
             "methods": [result.method for result in record.results],
             "fidelity_max_abs_logprob_diff": None if fidelity is None else finite(fidelity),
-            "error": record.error,
+            "error": record.error.message,
             "trace_id": record.trace_id,
             "record_sha256": hashlib.sha256(blob).hexdigest(),
             "recorded_at_ms": now_ms(),

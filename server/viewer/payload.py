@@ -9,17 +9,16 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+import numpy as np
 from sightline.v1 import explanations_pb2, types_pb2
-
-DTYPES = {types_pb2.D_TYPE_FLOAT32: "float32", types_pb2.D_TYPE_INT32: "int32"}
 
 
 def _tensor(tensor: types_pb2.Tensor) -> dict[str, Any]:
-    return {
-        "dtype": DTYPES.get(tensor.dtype, "float32"),
-        "shape": list(tensor.shape),
-        "data": base64.b64encode(tensor.data).decode("ascii"),
-    }
+    if tensor.dtype == types_pb2.DTYPE_INT32:
+        dtype, packed = "int32", np.array(tensor.int_values, dtype="<i4")
+    else:
+        dtype, packed = "float32", np.array(tensor.float_values, dtype="<f4")
+    return {"dtype": dtype, "shape": list(tensor.shape), "data": base64.b64encode(packed.tobytes()).decode("ascii")}
 
 
 def _timestamp(message: Any, field: str) -> str | None:
@@ -59,7 +58,7 @@ def explanation_payload(explanation: types_pb2.Explanation, trace_url_template: 
     return {
         "explanation_id": explanation.explanation_id,
         "state": types_pb2.ExplanationState.Name(explanation.state),
-        "error": explanation.error,
+        "error": explanation.error.message,
         "model": explanation.model,
         "created_at": _timestamp(explanation, "created_at"),
         "completed_at": _timestamp(explanation, "completed_at"),

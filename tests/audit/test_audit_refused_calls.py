@@ -8,16 +8,15 @@ import math
 from pathlib import Path
 
 import grpc
-from google.protobuf import struct_pb2
 from sightline import Client
 from sightline.v1 import inference_pb2, inference_pb2_grpc, types_pb2
 
 from tests.audit.harness import Gateway, backend
+from tests.params import param_values
 
 
 def test_refused_calls_keep_their_status_and_are_logged_with_what_they_sent(tmp_path: Path) -> None:
-    nan_params = struct_pb2.Struct()
-    nan_params.update({"steps": math.nan})
+    nan_params = param_values({"steps": math.nan})
     requests = {
         "nan-temperature": inference_pb2.GenerateRequest(
             request_id="nan-temperature",

@@ -94,7 +94,7 @@ def test_a_tenant_at_its_explanation_limit_is_refused_before_anything_is_generat
     request = inference_pb2.GenerateRequest(
         input=HELLO, sampling=types_pb2.SamplingParams(max_tokens=8), explain=ASYNC_LOGIT_LENS
     )
-    stream_request = inference_pb2.GenerateStreamRequest(
+    stream_request = inference_pb2.GenerateRequest(
         input=HELLO, sampling=types_pb2.SamplingParams(max_tokens=8), explain=ASYNC_LOGIT_LENS
     )
     unary = _error(lambda: inference.Generate(request, metadata=serial, timeout=60))
@@ -127,7 +127,7 @@ def test_the_slot_taken_before_generating_is_given_back_on_every_failure_and_kep
 
     # A stream cancelled part-way: the slot goes back.
     long_stream = inference.GenerateStream(
-        inference_pb2.GenerateStreamRequest(
+        inference_pb2.GenerateRequest(
             input=inference_pb2.GenerationInput(prompt="Count from one to one thousand:"),
             sampling=types_pb2.SamplingParams(max_tokens=500),
             explain=ASYNC_LOGIT_LENS,

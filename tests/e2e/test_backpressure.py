@@ -81,7 +81,7 @@ def test_explanations_past_the_bound_are_refused_until_a_job_finishes(
             explain=LOGIT_LENS_ASYNC,
         )
         _refused(lambda: inference.Generate(explained, timeout=30))
-        streamed = inference_pb2.GenerateStreamRequest(
+        streamed = inference_pb2.GenerateRequest(
             input=explained.input, sampling=explained.sampling, explain=explained.explain
         )
         _refused(lambda: list(inference.GenerateStream(streamed, timeout=30)))

@@ -7,12 +7,11 @@ from typing import cast
 
 import grpc
 import pytest
-from google.protobuf import struct_pb2
 from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import Message
 from sightline.v1 import explanations_pb2, explanations_pb2_grpc, inference_pb2, inference_pb2_grpc, types_pb2
 
-from tests.protofuzz import Fields, deep_struct, encode
+from tests.protofuzz import UNKNOWN_FIELDS, Fields, encode
 
 pytestmark = pytest.mark.e2e
 
@@ -82,10 +81,7 @@ def _request(**fields: object) -> inference_pb2.GenerateRequest:
             {
                 "explain": types_pb2.ExplainSpec(
                     methods=[
-                        types_pb2.MethodSpec(
-                            name="logit_lens",
-                            params=struct_pb2.Struct(fields={"k": struct_pb2.Value(string_value="x")}),
-                        )
+                        types_pb2.MethodSpec(name="logit_lens", params={"k": types_pb2.ParamValue(string_value="x")})
                     ]
                 )
             },
@@ -164,7 +160,7 @@ def _send_raw(channel: grpc.Channel, path: str, fields: Fields, *, streaming: bo
     """Send a hand-encoded request (tests/protofuzz.py), which may hold what protobuf will not serialize."""
     request: type[Message] = {
         "Generate": inference_pb2.GenerateRequest,
-        "GenerateStream": inference_pb2.GenerateStreamRequest,
+        "GenerateStream": inference_pb2.GenerateRequest,
         "GetExplanation": explanations_pb2.GetExplanationRequest,
     }[path.rsplit("/", 1)[1]]
     wire = encode(cast(Descriptor, request.DESCRIPTOR), fields)
@@ -187,16 +183,20 @@ def test_invalid_utf8_gets_invalid_argument_naming_the_field(channel: grpc.Chann
     assert "input.chat.messages[0].content is not valid UTF-8 (byte 3" in error.details()
 
 
-def test_parameters_nested_past_the_parser_limit(channel: grpc.Channel) -> None:
-    """Regression (found by the fuzzing): a Struct nested 40 deep could not be parsed and got UNKNOWN."""
+def test_nesting_past_the_parser_limit(channel: grpc.Channel) -> None:
+    """Regression (found by the fuzzing): a method's params nested past protobuf's depth limit (a Struct then; typed
+    params do not nest, so unknown groups now) could not be parsed and got UNKNOWN."""
+    start_group, end_group = bytes([0xA3, 0x06]), bytes([0xA4, 0x06])  # field 100, wire types 3 and 4
+    method = {"name": "logit_lens", UNKNOWN_FIELDS: start_group * 150 + end_group * 150}
     error = _send_raw(
         channel,
         "/sightline.v1.InferenceService/Generate",
-        {"input": {"prompt": "Hi"}, "explain": {"methods": [{"name": "logit_lens", "params": deep_struct(40)}]}},
+        {"input": {"prompt": "Hi"}, "explain": {"methods": [method]}},
     )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert error.details().startswith("the request is not a valid sightline.v1.GenerateRequest: explain.methods[0].")
-    assert "is nested more than 100 messages deep" in error.details()
+    assert error.details().startswith(
+        "the request is not a valid sightline.v1.GenerateRequest: field 100 of explain.methods[0]"
+    )
 
 
 @pytest.mark.parametrize(

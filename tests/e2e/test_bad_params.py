@@ -46,7 +46,7 @@ def _senders(
     def generate_stream(method: types_pb2.MethodSpec) -> None:
         list(
             inference.GenerateStream(
-                inference_pb2.GenerateStreamRequest(
+                inference_pb2.GenerateRequest(
                     input=inference_pb2.GenerationInput(prompt="Hello"),
                     sampling=types_pb2.SamplingParams(max_tokens=2),
                     explain=explain_spec(method),

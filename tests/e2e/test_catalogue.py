@@ -7,8 +7,10 @@ import itertools
 import grpc
 import numpy as np
 import pytest
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import json_format
 from sightline.v1 import explanations_pb2, explanations_pb2_grpc, inference_pb2, inference_pb2_grpc, types_pb2
+
+from tests.params import param_values
 
 pytestmark = pytest.mark.e2e
 
@@ -22,8 +24,9 @@ CHEAP_PARAMS: dict[str, dict[str, int]] = {
 
 
 def _array(tensor: types_pb2.Tensor) -> np.ndarray:
-    dtype = "<f4" if tensor.dtype == types_pb2.D_TYPE_FLOAT32 else "<i4"
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(tuple(tensor.shape))
+    if tensor.dtype == types_pb2.DTYPE_FLOAT32:
+        return np.array(tensor.float_values, dtype=np.float32).reshape(tuple(tensor.shape))
+    return np.array(tensor.int_values, dtype=np.int32).reshape(tuple(tensor.shape))
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +68,7 @@ def test_every_method_explains_a_real_generation(
     assert len(infos) >= 10, [m.name for m in infos]
     specs = []
     for info in infos:
-        params = struct_pb2.Struct()
-        params.update(CHEAP_PARAMS.get(info.name, {}))
-        specs.append(types_pb2.MethodSpec(name=info.name, params=params))
+        specs.append(types_pb2.MethodSpec(name=info.name, params=param_values(CHEAP_PARAMS.get(info.name, {}))))
     explanation = _explain(explanations, generation, specs)
 
     num_tokens = len(explanation.tokens)
@@ -124,8 +125,7 @@ def test_contrastive_words_and_faithfulness(
 def test_an_explanation_over_the_cost_limit_is_refused_before_generating(
     inference: inference_pb2_grpc.InferenceServiceStub,
 ) -> None:
-    params = struct_pb2.Struct()
-    params.update({"steps": 512})
+    params = param_values({"steps": 512})
     with pytest.raises(grpc.RpcError) as caught:
         inference.Generate(
             inference_pb2.GenerateRequest(
@@ -143,8 +143,7 @@ def test_an_explanation_over_the_cost_limit_is_refused_before_generating(
 
 
 def test_parameter_bounds_are_enforced_before_generating(inference: inference_pb2_grpc.InferenceServiceStub) -> None:
-    params = struct_pb2.Struct()
-    params.update({"steps": 100000})
+    params = param_values({"steps": 100000})
     with pytest.raises(grpc.RpcError) as caught:
         inference.Generate(
             inference_pb2.GenerateRequest(

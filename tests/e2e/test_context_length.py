@@ -34,14 +34,14 @@ def test_generate_says_the_context_window_ended_it(inference: inference_pb2_grpc
 def test_stream_and_sdk_say_so_too(inference: inference_pb2_grpc.InferenceServiceStub, stack: LocalStack) -> None:
     chunks = list(
         inference.GenerateStream(
-            inference_pb2.GenerateStreamRequest(
+            inference_pb2.GenerateRequest(
                 input=inference_pb2.GenerationInput(prompt_token_ids=types_pb2.TokenIds(ids=LONG_PROMPT)),
                 sampling=types_pb2.SamplingParams(max_tokens=MAX_TOKENS),
             ),
             timeout=120,
         )
     )
-    assert chunks[-1].finish_reason == types_pb2.FINISH_REASON_CONTEXT_LENGTH
+    assert chunks[-1].end.finish_reason == types_pb2.FINISH_REASON_CONTEXT_LENGTH
     with Client(stack.config.gateway_address) as client:
         generation = client.generate(LONG_PROMPT, max_tokens=MAX_TOKENS)
         short = client.generate(LONG_PROMPT[:16], max_tokens=2)

@@ -16,8 +16,8 @@ FIDELITY_BOUND = 0.02
 
 
 def _matrix(tensor: types_pb2.Tensor) -> np.ndarray:
-    assert tensor.dtype == types_pb2.D_TYPE_FLOAT32
-    return np.frombuffer(tensor.data, dtype="<f4").reshape(tuple(tensor.shape))
+    assert tensor.dtype == types_pb2.DTYPE_FLOAT32
+    return np.array(tensor.float_values, dtype=np.float32).reshape(tuple(tensor.shape))
 
 
 def _generate(
@@ -61,7 +61,7 @@ def test_sync_explanation_is_attached(inference: inference_pb2_grpc.InferenceSer
         assert np.all(np.isfinite(matrix[row]))
 
     lens = results["logit_lens"]
-    top_ids = np.frombuffer(lens.extras["top_token_ids"].data, dtype="<i4").reshape(
+    top_ids = np.array(lens.extras["top_token_ids"].int_values, dtype=np.int32).reshape(
         tuple(lens.extras["top_token_ids"].shape)
     )
     assert top_ids.shape[1] == generated
@@ -117,7 +117,7 @@ def test_explaining_the_same_tokens_again_hits_the_cache(
 def test_streamed_generation_carries_its_explanation(inference: inference_pb2_grpc.InferenceServiceStub) -> None:
     chunks = list(
         inference.GenerateStream(
-            inference_pb2.GenerateStreamRequest(
+            inference_pb2.GenerateRequest(
                 input=inference_pb2.GenerationInput(chat=FRANCE),
                 sampling=types_pb2.SamplingParams(max_tokens=8),
                 explain=types_pb2.ExplainSpec(methods=[types_pb2.MethodSpec(name="input_x_gradient")]),
@@ -125,8 +125,8 @@ def test_streamed_generation_carries_its_explanation(inference: inference_pb2_gr
             timeout=300,
         )
     )
-    final = chunks[-1]
-    generated = sum(len(c.output_tokens) for c in chunks)
+    final = chunks[-1].end
+    generated = sum(len(c.delta.output_tokens) for c in chunks)
     assert final.explanation.state == types_pb2.EXPLANATION_STATE_SUCCEEDED, final.explanation.error
     assert _matrix(final.explanation.results[0].attributions).shape[0] == generated
 

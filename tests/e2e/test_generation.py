@@ -66,16 +66,19 @@ def test_stream_yields_the_same_tokens_as_unary(inference: inference_pb2_grpc.In
     )
     chunks = list(
         inference.GenerateStream(
-            inference_pb2.GenerateStreamRequest(input=inference_pb2.GenerationInput(chat=FRANCE), sampling=sampling),
+            inference_pb2.GenerateRequest(input=inference_pb2.GenerationInput(chat=FRANCE), sampling=sampling),
             timeout=60,
         )
     )
     assert len(chunks) >= 3, "tokens should arrive incrementally, not in one message"
-    streamed = [t for chunk in chunks for t in chunk.output_tokens]
+    events = [chunk.WhichOneof("event") for chunk in chunks]
+    assert events == ["start", *["delta"] * (len(chunks) - 2), "end"]
+    streamed = [t for chunk in chunks for t in chunk.delta.output_tokens]
     assert [t.id for t in streamed] == [t.id for t in unary.output_tokens]
-    assert "".join(c.text_delta for c in chunks) == unary.text
-    assert list(chunks[0].prompt_token_ids) == list(unary.prompt_token_ids)
-    final = chunks[-1]
+    assert "".join(c.delta.text_delta for c in chunks) == unary.text
+    assert list(chunks[0].start.prompt_token_ids) == list(unary.prompt_token_ids)
+    assert chunks[0].start.model == unary.model
+    final = chunks[-1].end
     assert final.finish_reason == unary.finish_reason
     assert final.usage.output_tokens == len(streamed)
     assert len({c.trace_id for c in chunks}) == 1
@@ -85,7 +88,7 @@ def test_cancelling_a_stream_aborts_the_upstream_request(
     inference: inference_pb2_grpc.InferenceServiceStub, stack: LocalStack
 ) -> None:
     call = inference.GenerateStream(
-        inference_pb2.GenerateStreamRequest(
+        inference_pb2.GenerateRequest(
             input=inference_pb2.GenerationInput(prompt="Count from one to one thousand:"),
             sampling=types_pb2.SamplingParams(max_tokens=1000),
         ),

@@ -34,6 +34,7 @@ from common.jobs import (
     tenant_inflight_key,
 )
 from deploy.local_stack import LocalStack
+from tests.params import param_values
 
 pytestmark = pytest.mark.e2e
 
@@ -51,7 +52,7 @@ def _explain(
 ) -> explanations_pb2.ExplainResponse:
     spec = types_pb2.ExplainSpec(mode=mode)
     method = spec.methods.add(name="integrated_gradients")
-    method.params.update({"steps": steps, "target_batch_size": 4})
+    method.params.update(param_values({"steps": steps, "target_batch_size": 4}))
     response: explanations_pb2.ExplainResponse = explanations.Explain(
         explanations_pb2.ExplainRequest(
             # Ordinary vocabulary ids: a sequence of any length without special tokens.
@@ -165,7 +166,7 @@ def _running_sync_call(
 ) -> tuple[grpc.Future, str]:
     """A SYNC Explain of a long job, in flight, and its explanation's id once the job runs."""
     spec = types_pb2.ExplainSpec(mode=types_pb2.EXPLAIN_MODE_SYNC, keep_on_disconnect=keep_on_disconnect)
-    spec.methods.add(name="integrated_gradients").params.update({"steps": 32})
+    spec.methods.add(name="integrated_gradients").params.update(param_values({"steps": 32}))
     newest_before = explanations.ListExplanations(explanations_pb2.ListExplanationsRequest(page_size=1)).explanations
     call = explanations.Explain.future(
         explanations_pb2.ExplainRequest(
@@ -261,7 +262,7 @@ def test_estimate_predicts_passes_from_the_cost_model_and_seconds_from_measured_
     # A job first, so a worker has measured a pass on this deployment.
     _explain(explanations, prompt_tokens=16, output_tokens=4, steps=2, mode=types_pb2.EXPLAIN_MODE_SYNC)
     spec = types_pb2.ExplainSpec()
-    spec.methods.add(name="integrated_gradients").params.update({"steps": 8})
+    spec.methods.add(name="integrated_gradients").params.update(param_values({"steps": 8}))
     spec.methods.add(name="occlusion")
     estimate = explanations.EstimateExplanation(
         explanations_pb2.EstimateExplanationRequest(prompt_tokens=40, output_tokens=10, explain=spec)

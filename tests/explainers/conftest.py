@@ -149,7 +149,8 @@ def read_tensor() -> Callable[[types_pb2.Tensor], np.ndarray]:
     """The numpy array a packed sightline.v1.Tensor holds."""
 
     def read(packed: types_pb2.Tensor) -> np.ndarray:
-        element = {types_pb2.D_TYPE_FLOAT32: "<f4", types_pb2.D_TYPE_INT32: "<i4"}[packed.dtype]
-        return np.frombuffer(packed.data, dtype=element).reshape(tuple(packed.shape))
+        element = {types_pb2.DTYPE_FLOAT32: np.float32, types_pb2.DTYPE_INT32: np.int32}[packed.dtype]
+        values = packed.float_values if packed.dtype == types_pb2.DTYPE_FLOAT32 else packed.int_values
+        return np.array(values, dtype=element).reshape(tuple(packed.shape))
 
     return read

@@ -151,7 +151,7 @@ def attributions(loaded: LoadedModel, method: str, **params: object) -> torch.Te
     explained = get_method(method)
     result = explained.attribute(context(loaded), explained.parse_params(params))
     return torch.from_numpy(
-        np.frombuffer(result.attributions.data, dtype="<f4").reshape(tuple(result.attributions.shape)).copy()
+        np.array(result.attributions.float_values, dtype=np.float32).reshape(tuple(result.attributions.shape)).copy()
     ).double()
 
 
@@ -231,8 +231,10 @@ def test_integrated_gradients_are_complete_and_start_at_any_layer(family: Loaded
     for steps in (8, 64):
         params = method.parse_params({"steps": steps, "baseline": "token", "baseline_token_id": 5})
         result = method.attribute(context(family), params)
-        rows = np.frombuffer(result.attributions.data, dtype="<f4").reshape(tuple(result.attributions.shape))
-        delta = torch.from_numpy(np.frombuffer(result.extras["convergence_delta"].data, dtype="<f4").copy()).double()
+        rows = np.array(result.attributions.float_values, dtype=np.float32).reshape(tuple(result.attributions.shape))
+        delta = torch.from_numpy(
+            np.array(result.extras["convergence_delta"].float_values, dtype=np.float32).copy()
+        ).double()
         torch.testing.assert_close(delta, torch.from_numpy(rows.sum(axis=1)).double() - change, rtol=1e-4, atol=1e-4)
         deltas.append(float(delta.abs().max()))
     assert deltas[1] < deltas[0]
@@ -285,7 +287,9 @@ def test_attention_and_logit_lens_equal_the_models_own_outputs(family: LoadedMod
 
     method = get_method("logit_lens")
     lens = method.attribute(context(family), method.parse_params({"k": 3}))
-    target_logprobs = np.frombuffer(lens.extras["target_logprobs"].data, dtype="<f4").reshape(NUM_LAYERS + 1, -1)
+    target_logprobs = np.array(lens.extras["target_logprobs"].float_values, dtype=np.float32).reshape(
+        NUM_LAYERS + 1, -1
+    )
     # The last layer's readout is the model's own prediction (final norm, unembedding, soft-cap).
     own_logprobs = torch.log_softmax(own.logits[0, TARGETS.predicting_positions], dim=-1)
     expected = own_logprobs.gather(-1, TARGETS.token_ids[:, None])[:, 0]
@@ -328,7 +332,8 @@ def assert_paths_agree(fast: LoadedModel, atol: float) -> None:
         for name, tensor in [("attributions", ours.attributions), *ours.extras.items()]:
             other = theirs.attributions if name == "attributions" else theirs.extras[name]
             np.testing.assert_allclose(
-                np.frombuffer(tensor.data, dtype="<f4"), np.frombuffer(other.data, dtype="<f4"), rtol=1e-5, atol=atol,
+                np.array(tensor.float_values, dtype=np.float32), np.array(other.float_values, dtype=np.float32),
+                rtol=1e-5, atol=atol,
                 err_msg=f"{ours.method} {name}",
             )  # fmt: skip
 

@@ -56,7 +56,7 @@ def run(
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """(attributions, extras) of one method on ctx."""
     result = method.attribute(ctx, method.parse_params(params))
-    assert result.attributions.dtype == types_pb2.D_TYPE_FLOAT32
+    assert result.attributions.dtype == types_pb2.DTYPE_FLOAT32
     return read_tensor(result.attributions), {name: read_tensor(extra) for name, extra in result.extras.items()}
 
 

@@ -37,10 +37,14 @@ def test_registry_lists_input_x_gradient_and_logit_lens_with_their_capabilities(
     assert gradient.supports_contrastive_targets and not lens.supports_contrastive_targets
     assert not gradient.multimodal
     (k,) = lens.params
-    assert (k.name, k.type, k.default_value) == ("k", explanations_pb2.PARAM_TYPE_INT, "5")
+    assert (k.name, k.type, k.default_value) == (
+        "k",
+        explanations_pb2.PARAM_TYPE_INT,
+        types_pb2.ParamValue(int_value=5),
+    )
     assert k.description.endswith("Range 1..50 (inclusive).")
     assert (k.minimum, k.maximum) == (1, 50)
-    assert [p.default_value for p in gradient.params] == ["64"]
+    assert [p.default_value for p in gradient.params] == [types_pb2.ParamValue(int_value=64)]
 
 
 def test_unknown_method_names_the_valid_ones() -> None:
@@ -64,7 +68,7 @@ def test_param_declarations_match_the_typed_params(method: Any) -> None:
 
 def test_parse_params_fills_defaults_and_takes_integral_numbers() -> None:
     assert LogitLens().parse_params({}) == LogitLensParams(k=5)
-    # google.protobuf.Struct delivers every number as a double.
+    # A whole number written as a float (16.0, as JSON clients may send it) is a valid int.
     assert InputXGradient().parse_params({"target_batch_size": 4.0}) == EmbeddingGradientParams(target_batch_size=4)
 
 
@@ -137,7 +141,7 @@ def test_input_x_gradient_matches_one_forward_per_target(
     result = InputXGradient().attribute(ctx, EmbeddingGradientParams(target_batch_size=16))
     attributions = read_tensor(result.attributions)
 
-    assert result.attributions.dtype == types_pb2.D_TYPE_FLOAT32
+    assert result.attributions.dtype == types_pb2.DTYPE_FLOAT32
     assert attributions.shape == (8, 13)
     reference = per_target_reference(tiny_model, ctx.token_ids, ctx.targets.positions)
     # float32 on the wire: 1e-5 is well above its rounding of values up to ~0.5.
@@ -191,7 +195,7 @@ def test_logit_lens_last_layer_is_the_model_prediction(
 
     assert not result.HasField("attributions")
     assert top_ids.shape == top_logprobs.shape == (3, 8, 4) and target_logprobs.shape == (3, 8)
-    assert result.extras["top_token_ids"].dtype == types_pb2.D_TYPE_INT32
+    assert result.extras["top_token_ids"].dtype == types_pb2.DTYPE_INT32
     assert np.all(np.diff(top_logprobs, axis=-1) <= 0)
 
     with torch.no_grad():

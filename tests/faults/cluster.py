@@ -19,13 +19,13 @@ from typing import TypeVar, cast
 
 import grpc
 import redis
-from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sightline.v1 import explanations_pb2, explanations_pb2_grpc, inference_pb2_grpc, types_pb2
 
 from common.jobs import JOB_ASSIGNED_KEY, JOB_STREAM, RECORD_EXPLANATION, WORKER_GROUP, explanation_key
 from deploy.local_stack import Child, LocalStack, StackConfig, free_port
 from explainers.embedded_model import default_model_dir
+from tests.params import param_values
 
 MODEL_DIR = Path(os.environ.get("SIGHTLINE_MODEL_DIR", default_model_dir()))
 SERVING: int = health_pb2.HealthCheckResponse.SERVING
@@ -58,8 +58,7 @@ def explain_request(
     mode: types_pb2.ExplainMode, method: str = "integrated_gradients", **params: float
 ) -> explanations_pb2.ExplainRequest:
     """Explain the fixed long-job sequence with one method (by default the long job's integrated gradients)."""
-    struct = struct_pb2.Struct()
-    struct.update(params or ({"steps": LONG_JOB_STEPS} if method == "integrated_gradients" else {}))
+    struct = param_values(params or ({"steps": LONG_JOB_STEPS} if method == "integrated_gradients" else {}))
     return explanations_pb2.ExplainRequest(
         prompt_token_ids=LONG_JOB_PROMPT,
         output_token_ids=LONG_JOB_OUTPUT,

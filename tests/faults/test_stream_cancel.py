@@ -31,7 +31,7 @@ def test_cancelled_explained_stream_aborts_vllm_and_enqueues_nothing(
     tokens_before = generated_tokens(vllm_url)
 
     call = inference.GenerateStream(
-        inference_pb2.GenerateStreamRequest(
+        inference_pb2.GenerateRequest(
             input=inference_pb2.GenerationInput(prompt="Count from one to one thousand:"),
             sampling=types_pb2.SamplingParams(max_tokens=MAX_TOKENS),
             explain=types_pb2.ExplainSpec(
@@ -42,7 +42,7 @@ def test_cancelled_explained_stream_aborts_vllm_and_enqueues_nothing(
     )
     streamed = 0
     for chunk in call:
-        streamed += len(chunk.output_tokens)
+        streamed += len(chunk.delta.output_tokens)
         if streamed >= 3:
             break
     call.cancel()

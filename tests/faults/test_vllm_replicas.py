@@ -46,9 +46,8 @@ class CallResult:
     message: str = ""
 
 
-def request(stream: bool) -> inference_pb2.GenerateRequest | inference_pb2.GenerateStreamRequest:
-    kind = inference_pb2.GenerateStreamRequest if stream else inference_pb2.GenerateRequest
-    return kind(
+def request() -> inference_pb2.GenerateRequest:
+    return inference_pb2.GenerateRequest(
         input=inference_pb2.GenerationInput(prompt="replicas share the load"),
         sampling=types_pb2.SamplingParams(max_tokens=MAX_TOKENS),
     )
@@ -59,10 +58,10 @@ def one_call(stub: inference_pb2_grpc.InferenceServiceStub, streaming: bool) -> 
     tokens = 0
     try:
         if streaming:
-            for reply in stub.GenerateStream(request(True), timeout=30):
-                tokens += len(reply.output_tokens)
+            for reply in stub.GenerateStream(request(), timeout=30):
+                tokens += len(reply.delta.output_tokens)
         else:
-            tokens = len(stub.Generate(request(False), timeout=30).output_tokens)
+            tokens = len(stub.Generate(request(), timeout=30).output_tokens)
     except grpc.RpcError as exc:
         return CallResult(streaming, started, time.monotonic(), exc.code(), tokens, exc.details() or "")
     return CallResult(streaming, started, time.monotonic(), grpc.StatusCode.OK, tokens)
@@ -139,7 +138,7 @@ def check_probe_port(address: str) -> None:
             reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
             assert reply.status == SERVING, service
         with pytest.raises(grpc.RpcError) as refused:
-            inference_pb2_grpc.InferenceServiceStub(channel).Generate(request(False), timeout=5)
+            inference_pb2_grpc.InferenceServiceStub(channel).Generate(request(), timeout=5)
         assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 

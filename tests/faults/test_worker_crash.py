@@ -84,7 +84,9 @@ def test_sync_client_gets_the_explanation_a_killed_worker_was_computing(cluster:
     assert explanation.state == types_pb2.EXPLANATION_STATE_SUCCEEDED, explanation.error
     assert explanation.attempts == 2
     (result,) = explanation.results
-    attributions = np.frombuffer(result.attributions.data, dtype="<f4").reshape(tuple(result.attributions.shape))
+    attributions = np.array(result.attributions.float_values, dtype=np.float32).reshape(
+        tuple(result.attributions.shape)
+    )
     assert attributions.shape == (len(LONG_JOB_OUTPUT), len(LONG_JOB_PROMPT) + len(LONG_JOB_OUTPUT) - 1)
     assert np.all(np.isfinite(attributions)) and np.any(attributions != 0)
     _assert_stored_once(cluster, explanation)
@@ -127,8 +129,10 @@ def test_a_job_that_keeps_killing_its_workers_is_failed_with_its_reason(cluster:
     assert len(set(victims)) == MAX_ATTEMPTS
     assert fetched.state == types_pb2.EXPLANATION_STATE_FAILED
     assert fetched.attempts == MAX_ATTEMPTS
-    assert f"gave up after {MAX_ATTEMPTS} attempts" in fetched.error
-    assert "killed, crashed or out of memory" in fetched.error
+    assert f"gave up after {MAX_ATTEMPTS} attempts" in fetched.error.message
+    assert "killed, crashed or out of memory" in fetched.error.message
+    assert fetched.error.code == types_pb2.EXPLANATION_ERROR_CODE_ATTEMPTS_EXHAUSTED
+    assert fetched.error.details["attempts"] == str(MAX_ATTEMPTS)
     assert not fetched.results
     _assert_stored_once(cluster, fetched)
     # The worker that gave up is still serving.

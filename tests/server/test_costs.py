@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from sightline.v1 import explanations_pb2
+from sightline.v1 import explanations_pb2, types_pb2
 
 from common.jobs import MethodRequest
 from server.costs import PlannedMethod, check_cost
@@ -14,7 +14,11 @@ from server.limits import Tenant, TenantLimits
 IG = explanations_pb2.MethodInfo(
     name="integrated_gradients",
     attributes_tokens=True,
-    params=[explanations_pb2.MethodParam(name="steps", type=explanations_pb2.PARAM_TYPE_INT, default_value="16")],
+    params=[
+        explanations_pb2.MethodParam(
+            name="steps", type=explanations_pb2.PARAM_TYPE_INT, default_value=types_pb2.ParamValue(int_value=16)
+        )
+    ],
     cost=explanations_pb2.MethodCost(passes=1, passes_per_target=2, scaled_by_param="steps"),
 )
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import grpc
 import pytest
@@ -171,16 +170,18 @@ def test_messages_quote_enormous_input_only_in_part() -> None:
     [
         ({"steps": math.nan}, "'explain.methods[0].params.steps'", "nan"),
         ({"not_a_param": math.inf}, "'explain.methods[0].params.not_a_param'", "inf"),
-        ({"outer": {"inner": [1.0, -math.inf]}}, "'explain.methods[0].params.outer.inner[1]'", "-inf"),
+        ({"baseline_token_id": -math.inf}, "'explain.methods[0].params.baseline_token_id'", "-inf"),
     ],
-    ids=["declared", "unknown", "nested"],
+    ids=["declared", "unknown", "negative"],
 )
 def test_method_params_refuse_non_finite_numbers_naming_the_parameter(
-    params: dict[str, Any], where: str, shown_value: str
+    params: dict[str, float], where: str, shown_value: str
 ) -> None:
     """Regression (issue 13): json_format.MessageToDict raised on NaN and infinities, which answered INTERNAL."""
-    spec = types_pb2.MethodSpec(name="integrated_gradients")
-    spec.params.update(params)
+    spec = types_pb2.MethodSpec(
+        name="integrated_gradients",
+        params={name: types_pb2.ParamValue(float_value=value) for name, value in params.items()},
+    )
     with pytest.raises(GatewayError) as caught:
         method_params(spec, 0)
     assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
@@ -192,11 +193,21 @@ def test_method_params_refuse_non_finite_numbers_naming_the_parameter(
 def test_method_params_keep_every_kind_of_value() -> None:
     spec = types_pb2.MethodSpec(name="m")
     assert method_params(spec, 0) == {}
-    spec.params.update({"n": 16, "s": "token", "b": True, "none": None, "nested": {"list": [1, "x"]}})
-    assert method_params(spec, 0) == {
-        "n": 16.0,
-        "s": "token",
-        "b": True,
-        "none": None,
-        "nested": {"list": [1.0, "x"]},
-    }
+    spec.params["n"].int_value = 16
+    spec.params["f"].float_value = 0.5
+    spec.params["s"].string_value = "token"
+    spec.params["b"].bool_value = True
+    params = method_params(spec, 0)
+    assert params == {"n": 16, "f": 0.5, "s": "token", "b": True}
+    assert type(params["n"]) is int  # ints stay ints (a Struct carried them as doubles)
+
+
+def test_method_params_refuse_a_value_with_no_kind() -> None:
+    spec = types_pb2.MethodSpec(name="m", params={"steps": types_pb2.ParamValue()})
+    with pytest.raises(GatewayError) as caught:
+        method_params(spec, 0)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.message == (
+        "'explain.methods[0].params.steps' of method 'm' has no value; set one of int_value, float_value, "
+        "string_value or bool_value"
+    )

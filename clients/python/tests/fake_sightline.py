@@ -8,7 +8,6 @@ groups and faithfulness follow the explain spec (but the targets are always both
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterator, Sequence
 
 import grpc
@@ -84,11 +83,11 @@ def flatten(nested: Sequence[object]) -> list[float]:
 
 
 def float32_tensor(values: Sequence[float], shape: Sequence[int]) -> types_pb2.Tensor:
-    return types_pb2.Tensor(dtype=types_pb2.D_TYPE_FLOAT32, shape=shape, data=struct.pack(f"<{len(values)}f", *values))
+    return types_pb2.Tensor(dtype=types_pb2.DTYPE_FLOAT32, shape=shape, float_values=values)
 
 
 def int32_tensor(values: Sequence[int], shape: Sequence[int]) -> types_pb2.Tensor:
-    return types_pb2.Tensor(dtype=types_pb2.D_TYPE_INT32, shape=shape, data=struct.pack(f"<{len(values)}i", *values))
+    return types_pb2.Tensor(dtype=types_pb2.DTYPE_INT32, shape=shape, int_values=values)
 
 
 def output_tokens() -> list[types_pb2.Token]:
@@ -101,7 +100,11 @@ def make_explanation(
     error: str = "",
     spec: types_pb2.ExplainSpec | None = None,
 ) -> types_pb2.Explanation:
-    explanation = types_pb2.Explanation(explanation_id=explanation_id, state=state, error=error, model="tiny-lm")
+    explanation = types_pb2.Explanation(explanation_id=explanation_id, state=state, model="tiny-lm")
+    if error:
+        explanation.error.CopyFrom(
+            types_pb2.ExplanationError(code=types_pb2.EXPLANATION_ERROR_CODE_INVALID_INPUT, message=error)
+        )
     if state != types_pb2.EXPLANATION_STATE_SUCCEEDED:
         return explanation
     explanation.weights_digest = "sha256:abc"
@@ -203,7 +206,7 @@ class FakeSightline(inference_pb2_grpc.InferenceServiceServicer, explanations_pb
         self, request: inference_pb2.GenerateRequest, context: grpc.ServicerContext
     ) -> inference_pb2.GenerateResponse:
         self._record(request, context)
-        if request.input.WhichOneof("input") == "prompt" and not request.input.prompt:
+        if request.input.WhichOneof("kind") == "prompt" and not request.input.prompt:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty")
         explanation_id, explanation = self._explanation_for(request.input.prompt, request.explain)
         return inference_pb2.GenerateResponse(
@@ -225,28 +228,37 @@ class FakeSightline(inference_pb2_grpc.InferenceServiceServicer, explanations_pb
         )
 
     def GenerateStream(
-        self, request: inference_pb2.GenerateStreamRequest, context: grpc.ServicerContext
+        self, request: inference_pb2.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[inference_pb2.GenerateStreamResponse]:
         self._record(request, context)
         tokens = output_tokens()
         yield inference_pb2.GenerateStreamResponse(
             request_id="req-stream",
             trace_id="trace-1",
-            output_tokens=tokens[:1],
-            text_delta=tokens[0].text,
-            prompt_token_ids=[token_id for token_id, _ in PROMPT_TOKENS],
+            start=inference_pb2.GenerateStreamStart(
+                model="tiny-lm", prompt_token_ids=[token_id for token_id, _ in PROMPT_TOKENS]
+            ),
         )
         yield inference_pb2.GenerateStreamResponse(
-            request_id="req-stream", trace_id="trace-1", output_tokens=tokens[1:], text_delta=tokens[1].text
+            request_id="req-stream",
+            trace_id="trace-1",
+            delta=inference_pb2.GenerateStreamDelta(output_tokens=tokens[:1], text_delta=tokens[0].text),
+        )
+        yield inference_pb2.GenerateStreamResponse(
+            request_id="req-stream",
+            trace_id="trace-1",
+            delta=inference_pb2.GenerateStreamDelta(output_tokens=tokens[1:], text_delta=tokens[1].text),
         )
         explanation_id, explanation = self._explanation_for(request.input.prompt, request.explain)
         yield inference_pb2.GenerateStreamResponse(
             request_id="req-stream",
             trace_id="trace-1",
-            finish_reason=types_pb2.FINISH_REASON_LENGTH,
-            usage=types_pb2.Usage(input_tokens=len(PROMPT_TOKENS), output_tokens=len(OUTPUT_TOKENS)),
-            explanation_id=explanation_id,
-            explanation=explanation,
+            end=inference_pb2.GenerateStreamEnd(
+                finish_reason=types_pb2.FINISH_REASON_LENGTH,
+                usage=types_pb2.Usage(input_tokens=len(PROMPT_TOKENS), output_tokens=len(OUTPUT_TOKENS)),
+                explanation_id=explanation_id,
+                explanation=explanation,
+            ),
         )
 
     def Explain(
@@ -297,13 +309,13 @@ class FakeSightline(inference_pb2_grpc.InferenceServiceServicer, explanations_pb
                         explanations_pb2.MethodParam(
                             name="normalize",
                             type=explanations_pb2.PARAM_TYPE_BOOL,
-                            default_value="true",
+                            default_value=types_pb2.ParamValue(bool_value=True),
                             description="scale each row to unit L1 norm",
                         ),
                         explanations_pb2.MethodParam(
                             name="steps",
                             type=explanations_pb2.PARAM_TYPE_INT,
-                            default_value="32",
+                            default_value=types_pb2.ParamValue(int_value=32),
                             description="interpolation steps",
                             minimum=1,
                             maximum=256,
@@ -317,7 +329,7 @@ class FakeSightline(inference_pb2_grpc.InferenceServiceServicer, explanations_pb
                         explanations_pb2.MethodParam(
                             name="baseline",
                             type=explanations_pb2.PARAM_TYPE_STRING,
-                            default_value="pad",
+                            default_value=types_pb2.ParamValue(string_value="pad"),
                             description="what replaces a token",
                             choices=["pad", "zero", "mask"],
                         ),

@@ -91,7 +91,7 @@ def test_generate_async_prints_how_to_fetch_the_explanation(
     request = fake.requests[-1]
     assert isinstance(request, inference_pb2.GenerateRequest)
     assert request.explain.mode == types_pb2.EXPLAIN_MODE_ASYNC
-    assert request.input.WhichOneof("input") == "chat"
+    assert request.input.WhichOneof("kind") == "chat"
     assert [(m.role, m.content) for m in request.input.chat.messages] == [("user", "Capital?")]
     assert "sightline explain exp-1 --wait 30" in capsys.readouterr().out
 
@@ -177,7 +177,8 @@ def test_stream_with_explanation_and_json_lines(fake: FakeSightline, capsys: pyt
     assert run(fake, "stream", "--json", "x") == 0
     lines = capsys.readouterr().out.splitlines()
     chunks = [json_format.Parse(line, inference_pb2.GenerateStreamResponse()) for line in lines]
-    assert [chunk.text_delta for chunk in chunks] == [" is", " Paris", ""]
+    assert [chunk.WhichOneof("event") for chunk in chunks] == ["start", "delta", "delta", "end"]
+    assert [chunk.delta.text_delta for chunk in chunks] == ["", " is", " Paris", ""]
     assert all(json.loads(line) for line in lines)
 
 
@@ -299,7 +300,7 @@ def test_stream_takes_the_explanation_flags_too(fake: FakeSightline) -> None:
     assert run(fake, "stream", "--explain", "saliency", "--granularity", "word", "--score", "logit", "x") == 0
 
     request = fake.requests[-1]
-    assert isinstance(request, inference_pb2.GenerateStreamRequest)
+    assert isinstance(request, inference_pb2.GenerateRequest)
     assert request.explain.aggregation.granularity == types_pb2.GRANULARITY_WORD
     assert request.explain.targets.score == types_pb2.TARGET_SCORE_LOGIT
 

@@ -53,7 +53,7 @@ def test_generate_sends_text_and_only_the_sampling_fields_given(client: Client, 
 
     request = last_request(fake)
     assert isinstance(request, inference_pb2.GenerateRequest)
-    assert request.input.WhichOneof("input") == "prompt"
+    assert request.input.WhichOneof("kind") == "prompt"
     assert request.input.prompt == "hello"
     assert request.model == "tiny-lm"
     sampling = request.sampling
@@ -74,7 +74,7 @@ def test_chat_messages_become_the_chat_input(client: Client, fake: FakeSightline
 
     request = last_request(fake)
     assert isinstance(request, inference_pb2.GenerateRequest)
-    assert request.input.WhichOneof("input") == "chat"
+    assert request.input.WhichOneof("kind") == "chat"
     assert [(m.role, m.content) for m in request.input.chat.messages] == [
         ("system", "Be brief."),
         ("user", "Capital?"),
@@ -86,7 +86,7 @@ def test_token_ids_become_the_token_id_input(client: Client, fake: FakeSightline
 
     request = last_request(fake)
     assert isinstance(request, inference_pb2.GenerateRequest)
-    assert request.input.WhichOneof("input") == "prompt_token_ids"
+    assert request.input.WhichOneof("kind") == "prompt_token_ids"
     assert list(request.input.prompt_token_ids.ids) == [464, 3139, 286, 4881]
 
 
@@ -110,7 +110,7 @@ def test_explain_list_in_sync_mode_attaches_the_explanation(client: Client, fake
     request = last_request(fake)
     assert isinstance(request, inference_pb2.GenerateRequest)
     assert [method.name for method in request.explain.methods] == ["saliency", "logit_lens"]
-    assert not request.explain.methods[0].HasField("params")
+    assert not request.explain.methods[0].params
     assert request.explain.mode == types_pb2.EXPLAIN_MODE_SYNC
     assert generation.explanation_id == "exp-1"
     assert generation.explanation is not None
@@ -127,7 +127,11 @@ def test_explain_dict_carries_parameters_and_async_mode(client: Client, fake: Fa
     assert isinstance(request, inference_pb2.GenerateRequest)
     assert request.explain.mode == types_pb2.EXPLAIN_MODE_ASYNC
     assert [method.name for method in request.explain.methods] == ["integrated_gradients", "saliency"]
-    assert json_format.MessageToDict(request.explain.methods[0].params) == {"steps": 16, "baseline": "pad"}
+    params = request.explain.methods[0].params
+    assert {name: json_format.MessageToDict(value) for name, value in params.items()} == {
+        "steps": {"intValue": 16},
+        "baseline": {"stringValue": "pad"},
+    }
     assert generation.explanation_id == "exp-1"
     assert generation.explanation is None
 
@@ -149,12 +153,13 @@ def test_generate_stream_yields_chunks_in_order(client: Client, fake: FakeSightl
     chunks = list(client.generate_stream("The capital of France", explain=["saliency"], max_tokens=2))
 
     request = last_request(fake)
-    assert isinstance(request, inference_pb2.GenerateStreamRequest)
+    assert isinstance(request, inference_pb2.GenerateRequest)
     assert request.sampling.max_tokens == 2
     assert [method.name for method in request.explain.methods] == ["saliency"]
     assert "".join(chunk.text_delta for chunk in chunks) == GENERATED_TEXT
     assert chunks[0].prompt_token_ids == (464, 3139, 286, 4881)
-    assert [chunk.finish_reason for chunk in chunks] == [None, None, FinishReason.LENGTH]
+    assert [chunk.kind for chunk in chunks] == ["start", "delta", "delta", "end"]
+    assert [chunk.finish_reason for chunk in chunks] == [None, None, None, FinishReason.LENGTH]
     assert chunks[-1].usage is not None
     assert chunks[-1].explanation is not None
     assert chunks[-1].explanation.explanation_id == "exp-1"
@@ -164,6 +169,7 @@ def test_generate_stream_starts_the_call_on_first_iteration(client: Client, fake
     chunks = client.generate_stream("x")
     assert fake.requests == []
 
+    assert next(chunks).kind == "start"
     assert next(chunks).text_delta == " is"
     chunks.close()  # leaving early cancels the call instead of leaving it open
     assert len(fake.requests) == 1
@@ -187,7 +193,8 @@ def test_explain_rpc_async_returns_the_id(client: Client, fake: FakeSightline) -
     request = last_request(fake)
     assert isinstance(request, explanations_pb2.ExplainRequest)
     assert request.explain.mode == types_pb2.EXPLAIN_MODE_ASYNC
-    assert request.explain.methods[0].params.fields["normalize"].bool_value is False
+    assert request.explain.methods[0].params["normalize"].WhichOneof("kind") == "bool_value"
+    assert request.explain.methods[0].params["normalize"].bool_value is False
     assert explanation_id == "exp-1"
 
 
@@ -212,7 +219,7 @@ def test_list_methods(client: Client) -> None:
     saliency = methods[0]
     assert saliency.attributes_tokens and saliency.needs_gradients
     assert saliency.params[0].type.value == "bool"
-    assert saliency.params[0].default_value == "true"
+    assert saliency.params[0].default_value is True
     assert not methods[1].attributes_tokens
 
 
@@ -337,7 +344,7 @@ def test_stream_and_explain_send_the_options_too(client: Client, fake: FakeSight
     client.explain([1, 2], [3, 4], ["saliency"], options=EVERY_OPTION)
     explain_request = last_request(fake)
 
-    assert isinstance(stream_request, inference_pb2.GenerateStreamRequest)
+    assert isinstance(stream_request, inference_pb2.GenerateRequest)
     assert isinstance(explain_request, explanations_pb2.ExplainRequest)
     assert stream_request.explain == explain_request.explain == EVERY_OPTION_SPEC
 

@@ -1,8 +1,6 @@
 from __future__ import annotations
 
 import dataclasses
-import struct
-import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -64,10 +62,8 @@ def test_empty_axes_decode_to_empty_rows() -> None:
     assert matrix.row(2) == []
 
 
-def test_decoding_swaps_bytes_on_big_endian_hosts(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Simulate a big-endian host: its native order is what the wire's little-endian bytes look like reversed.
-    monkeypatch.setattr(sys, "byteorder", "big")
-    tensor = types_pb2.Tensor(dtype=types_pb2.D_TYPE_INT32, shape=[2], data=struct.pack(">2i", 1, -2))
+def test_int32_tensors_decode_from_int_values() -> None:
+    tensor = types_pb2.Tensor(dtype=types_pb2.DTYPE_INT32, shape=[2], int_values=[1, -2], float_values=[9.0])
 
     assert Matrix.from_proto(tensor).tolist() == [1, -2]
 
@@ -75,9 +71,9 @@ def test_decoding_swaps_bytes_on_big_endian_hosts(monkeypatch: pytest.MonkeyPatc
 @pytest.mark.parametrize(
     ("tensor", "message"),
     [
-        (types_pb2.Tensor(dtype=types_pb2.D_TYPE_FLOAT32, shape=[2, 2], data=b"\0" * 12), "do not fill"),
-        (types_pb2.Tensor(dtype=types_pb2.D_TYPE_FLOAT32, shape=[1], data=b"\0" * 3), "multiple"),
-        (types_pb2.Tensor(dtype=types_pb2.D_TYPE_UNSPECIFIED, shape=[1], data=b"\0" * 4), "dtype"),
+        (types_pb2.Tensor(dtype=types_pb2.DTYPE_FLOAT32, shape=[2, 2], float_values=[0, 0, 0]), "do not fill"),
+        (types_pb2.Tensor(dtype=types_pb2.DTYPE_FLOAT32, shape=[1], int_values=[0]), "do not fill"),
+        (types_pb2.Tensor(dtype=types_pb2.DTYPE_UNSPECIFIED, shape=[1], float_values=[0]), "dtype"),
     ],
 )
 def test_malformed_tensors_are_refused(tensor: types_pb2.Tensor, message: str) -> None:
@@ -193,10 +189,14 @@ def test_unknown_enum_values_from_newer_servers_map_to_unspecified() -> None:
 
 
 def test_stream_chunks_leave_final_fields_unset_until_the_end() -> None:
-    middle = StreamChunk.from_proto(inference_pb2.GenerateStreamResponse(text_delta=" is"))
+    middle = StreamChunk.from_proto(
+        inference_pb2.GenerateStreamResponse(delta=inference_pb2.GenerateStreamDelta(text_delta=" is"))
+    )
     last = StreamChunk.from_proto(
         inference_pb2.GenerateStreamResponse(
-            finish_reason=types_pb2.FINISH_REASON_STOP, usage=types_pb2.Usage(input_tokens=4, output_tokens=2)
+            end=inference_pb2.GenerateStreamEnd(
+                finish_reason=types_pb2.FINISH_REASON_STOP, usage=types_pb2.Usage(input_tokens=4, output_tokens=2)
+            )
         )
     )
 

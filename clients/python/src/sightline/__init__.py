@@ -6,6 +6,7 @@ Needs only grpcio and protobuf; ``Matrix.to_numpy()`` additionally needs numpy.
 from sightline import types
 from sightline.client import DEFAULT_TARGET, AsyncClient, Client
 from sightline.errors import SightlineError
+from sightline.matrix import Matrix
 from sightline.tls import TLS
 from sightline.types import (
     Estimate,
@@ -13,6 +14,8 @@ from sightline.types import (
     ExplainModeName,
     ExplainOptions,
     Explanation,
+    ExplanationError,
+    ExplanationErrorCode,
     ExplanationPage,
     ExplanationState,
     ExplanationSummary,
@@ -22,7 +25,6 @@ from sightline.types import (
     Generation,
     GranularityName,
     LogitLensLayer,
-    Matrix,
     MethodInfo,
     MethodParam,
     MethodProgress,
@@ -38,6 +40,7 @@ from sightline.types import (
     TargetScore,
     TargetScoreName,
     Token,
+    TokenRole,
     Usage,
 )
 
@@ -51,6 +54,8 @@ __all__ = [
     "ExplainModeName",
     "ExplainOptions",
     "Explanation",
+    "ExplanationError",
+    "ExplanationErrorCode",
     "ExplanationPage",
     "ExplanationState",
     "ExplanationSummary",
@@ -77,6 +82,7 @@ __all__ = [
     "TargetScore",
     "TargetScoreName",
     "Token",
+    "TokenRole",
     "Usage",
     "types",
 ]

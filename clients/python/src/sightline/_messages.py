@@ -15,12 +15,12 @@ from sightline.types import (
     GranularityName,
     MethodInfo,
     NormalizationName,
+    ParamValue,
     Prompt,
     TargetScoreName,
 )
 from sightline.v1 import explanations_pb2, inference_pb2, types_pb2
 
-GenerateMessage = TypeVar("GenerateMessage", inference_pb2.GenerateRequest, inference_pb2.GenerateStreamRequest)
 Response = TypeVar("Response")
 Result = TypeVar("Result")
 
@@ -41,6 +41,24 @@ _NORMALIZATIONS: dict[NormalizationName, types_pb2.Normalization] = {
     "max_abs": types_pb2.NORMALIZATION_MAX_ABS,
 }
 _CHAT_MESSAGE_KEYS = frozenset({"role", "content"})
+INT32 = range(-(2**31), 2**31)
+
+
+def param_value(method: str, name: str, value: ParamValue) -> types_pb2.ParamValue:
+    """A parameter's value, typed as the API carries it: a bool is never taken for an int, nor an int for a float."""
+    if isinstance(value, bool):
+        return types_pb2.ParamValue(bool_value=value)
+    if isinstance(value, int):
+        if value not in INT32:
+            raise ValueError(f"parameter {name!r} of method {method!r} is {value}, outside the 32-bit integers")
+        return types_pb2.ParamValue(int_value=value)
+    if isinstance(value, float):
+        return types_pb2.ParamValue(float_value=value)
+    if isinstance(value, str):
+        return types_pb2.ParamValue(string_value=value)
+    raise TypeError(
+        f"parameter {name!r} of method {method!r} must be a bool, int, float or str, got {type(value).__name__}"
+    )
 
 
 def generation_input(prompt: Prompt) -> inference_pb2.GenerationInput:
@@ -78,7 +96,12 @@ def explain_spec(
     if isinstance(methods, str):  # one method's name, not a sequence of one-letter names
         methods = [methods]
     if isinstance(methods, Mapping):
-        specs = [types_pb2.MethodSpec(name=name, params=dict(params)) for name, params in methods.items()]
+        specs = [
+            types_pb2.MethodSpec(
+                name=name, params={key: param_value(name, key, value) for key, value in params.items()}
+            )
+            for name, params in methods.items()
+        ]
     else:
         specs = [types_pb2.MethodSpec(name=name) for name in methods]
     spec = types_pb2.ExplainSpec(methods=specs, mode=_EXPLAIN_MODES[mode])
@@ -108,7 +131,6 @@ def _options_spec(options: ExplainOptions) -> types_pb2.ExplainSpec:
 
 
 def generate_request(
-    message_type: type[GenerateMessage],
     prompt: Prompt,
     *,
     max_tokens: int | None,
@@ -122,8 +144,8 @@ def generate_request(
     options: ExplainOptions | None,
     model: str,
     request_id: str | None,
-) -> GenerateMessage:
-    """A GenerateRequest or GenerateStreamRequest, which share their fields."""
+) -> inference_pb2.GenerateRequest:
+    """The request of Generate and of GenerateStream."""
     # protobuf leaves a field passed as None unset, so the server applies its documented default.
     sampling = types_pb2.SamplingParams(
         max_tokens=max_tokens,
@@ -133,7 +155,7 @@ def generate_request(
         seed=seed,
         stop=[stop] if isinstance(stop, str) else stop,
     )
-    return message_type(
+    return inference_pb2.GenerateRequest(
         model=model,
         input=generation_input(prompt),
         sampling=sampling,

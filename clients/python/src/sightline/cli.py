@@ -27,6 +27,7 @@ from sightline.types import (
     MethodInfo,
     MethodParam,
     NormalizationName,
+    ParamValue,
     Prompt,
     SourceGroup,
     StreamChunk,
@@ -183,6 +184,11 @@ def _parser() -> argparse.ArgumentParser:
         "--top", type=_positive_int, default=5, metavar="K", help="sources shown per token (default %(default)s)"
     )
     summary.add_argument("--json", action="store_true", help="print the response as proto JSON")
+    summary.add_argument(
+        "--all-sources",
+        action="store_true",
+        help="for a chat prompt, rank every source token, the chat template's too (default: only your messages)",
+    )
 
     generate = commands.add_parser(
         "generate", parents=[generation, summary], help="generate a completion, optionally explained"
@@ -337,7 +343,7 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
     if explanation is None and generation.explanation_id and args.wait:
         print(flush=True)
         explanation = _watch(client, generation.explanation_id, math.inf)
-    return _report_explanation(generation.explanation_id, explanation, args.top, _by_groups(args))
+    return _report_explanation(generation.explanation_id, explanation, args, _by_groups(args))
 
 
 def _note_finish(reason: FinishReason | None) -> None:
@@ -362,7 +368,7 @@ def _stream(client: Client, args: argparse.Namespace) -> int:
         return 0
     print()
     _note_finish(final.finish_reason)
-    return _report_explanation(final.explanation_id, final.explanation, args.top, _by_groups(args))
+    return _report_explanation(final.explanation_id, final.explanation, args, _by_groups(args))
 
 
 def _explain(client: Client, args: argparse.Namespace) -> int:
@@ -373,7 +379,7 @@ def _explain(client: Client, args: argparse.Namespace) -> int:
     if args.json:
         print(MessageToJson(explanation.raw))
         return 0
-    return _print_explanation(explanation, args.top)
+    return _print_explanation(explanation, args.top, all_sources=args.all_sources)
 
 
 def _watch(client: Client, explanation_id: str, wait: float) -> Explanation:
@@ -464,22 +470,27 @@ def _methods(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
-def _report_explanation(explanation_id: str, explanation: Explanation | None, top: int, by_groups: bool) -> int:
+def _report_explanation(
+    explanation_id: str, explanation: Explanation | None, args: argparse.Namespace, by_groups: bool
+) -> int:
     """Summarize what a generation says about its explanation, if one was asked for."""
     if explanation is not None:
         print()
-        return _print_explanation(explanation, top, by_groups)
+        return _print_explanation(explanation, args.top, by_groups, all_sources=args.all_sources)
     if explanation_id:
         print(f"\nexplanation {explanation_id} queued; fetch it with:")
         print(f"  sightline explain {explanation_id} --wait {_WAIT_HINT_SECONDS}")
     return 0
 
 
-def _print_explanation(explanation: Explanation, top: int, by_groups: bool | None = None) -> int:
+def _print_explanation(
+    explanation: Explanation, top: int, by_groups: bool | None = None, *, all_sources: bool = False
+) -> int:
     """Print the explanation's state, each target's strongest sources and faithfulness; 1 if it failed.
 
     Sources are source groups (words, spans) when ``by_groups``; None, when it is not known what
-    was asked for, means when some group is more than one token.
+    was asked for, means when some group is more than one token. The sources of a chat prompt's
+    explanation are only the tokens of its messages (not the template's) unless ``all_sources``.
     """
     notes = [f"model {explanation.model}"] if explanation.model else []
     if explanation.cache_hit:
@@ -505,12 +516,16 @@ def _print_explanation(explanation: Explanation, top: int, by_groups: bool | Non
     if by_groups is None:
         by_groups = any(group.end - group.start > 1 for group in explanation.source_groups)
     by_groups = by_groups and explanation.result(method).aggregated is not None
-    print(f"{method}: top {top} {'source groups' if by_groups else 'sources'} of each explained token, by |score|")
+    # A chat prompt's tokens say which message they belong to; rank within those unless asked not to.
+    content_only = not by_groups and not all_sources and any(t.message_index is not None for t in explanation.tokens)
+    kind = "source groups" if by_groups else "sources"
+    within = " within your messages (--all-sources: the chat template's tokens too)" if content_only else ""
+    print(f"{method}: top {top} {kind}{within} of each explained token, by |score|")
     width = len(str(len(explanation.tokens)))
     for target_index, position in enumerate(explanation.target_positions):
         token_line = f"  [{position:>{width}}] {explanation.tokens[position].text!r}"
         print(token_line + _target_notes(explanation, target_index))
-        for where, text, score in _strongest_sources(explanation, target_index, top, method, by_groups):
+        for where, text, score in _strongest_sources(explanation, target_index, top, method, by_groups, content_only):
             print(f"      {where} {text!r:<24} {score:+.4f}")
     for name, result in explanation.results.items():
         if result.faithfulness is not None:
@@ -519,7 +534,7 @@ def _print_explanation(explanation: Explanation, top: int, by_groups: bool | Non
 
 
 def _strongest_sources(
-    explanation: Explanation, target_index: int, top: int, method: str, by_groups: bool
+    explanation: Explanation, target_index: int, top: int, method: str, by_groups: bool, content_only: bool
 ) -> list[tuple[str, str, float]]:
     """(where, text, score) of the target's ``top`` strongest source tokens or groups.
 
@@ -529,7 +544,7 @@ def _strongest_sources(
     if not by_groups:
         return [
             (f"[{source.position:>{width}}]", source.token.text, source.score)
-            for source in explanation.top_sources(target_index, top, method)
+            for source in explanation.top_sources(target_index, top, method, content_only=content_only)
         ]
     return [
         (f"[{group.start}:{group.end}]".ljust(2 * width + 3), group.label or _text(explanation, group), score)
@@ -582,14 +597,21 @@ def _print_method(info: MethodInfo) -> None:
         print(f"    {info.description}")
     for param in info.params:
         details = [param.type.value]
-        if param.default_value:
-            details.append(f"default {param.default_value}")
+        if param.default_value is not None:
+            details.append(f"default {_param_text(param.default_value)}")
         bounds = _bounds(param)
         if bounds:
             details.append(bounds)
         if param.choices:
             details.append(f"one of {'|'.join(param.choices)}")
         print(f"    {param.name} ({', '.join(details)}): {param.description}")
+
+
+def _param_text(value: ParamValue) -> str:
+    """A parameter value as a person would type it: true/false, 16, 0.5, mean."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return f"{value:.15g}" if isinstance(value, float) else str(value)
 
 
 def _bounds(param: MethodParam) -> str:

@@ -142,7 +142,6 @@ class Client(_ClientCore):
         ``model`` selects the server's default; ``request_id`` is generated when None.
         """
         request = generate_request(
-            inference_pb2.GenerateRequest,
             prompt,
             max_tokens=max_tokens,
             temperature=temperature,
@@ -182,7 +181,6 @@ class Client(_ClientCore):
         dropping it after ``break``) cancels the call.
         """
         request = generate_request(
-            inference_pb2.GenerateStreamRequest,
             prompt,
             max_tokens=max_tokens,
             temperature=temperature,
@@ -410,7 +408,7 @@ class Client(_ClientCore):
         return decode(convert, response)
 
     def _stream_chunks(
-        self, request: inference_pb2.GenerateStreamRequest, timeout: float | None
+        self, request: inference_pb2.GenerateRequest, timeout: float | None
     ) -> Generator[StreamChunk, None, None]:
         call = self._inference.GenerateStream(request, **self._call_options(timeout))
         try:
@@ -458,7 +456,6 @@ class AsyncClient(_ClientCore):
     ) -> Generation:
         """See ``Client.generate``."""
         request = generate_request(
-            inference_pb2.GenerateRequest,
             prompt,
             max_tokens=max_tokens,
             temperature=temperature,
@@ -497,7 +494,6 @@ class AsyncClient(_ClientCore):
         cancels the call; an abandoned async generator is only closed when collected.
         """
         request = generate_request(
-            inference_pb2.GenerateStreamRequest,
             prompt,
             max_tokens=max_tokens,
             temperature=temperature,
@@ -707,7 +703,7 @@ class AsyncClient(_ClientCore):
         return decode(convert, response)
 
     async def _stream_chunks(
-        self, request: inference_pb2.GenerateStreamRequest, timeout: float | None
+        self, request: inference_pb2.GenerateRequest, timeout: float | None
     ) -> AsyncGenerator[StreamChunk, None]:
         call = self._inference.GenerateStream(request, **self._call_options(timeout))
         try:

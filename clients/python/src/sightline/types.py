@@ -7,20 +7,18 @@ Every object the clients return directly (``Generation``, ``StreamChunk``,
 
 from __future__ import annotations
 
-import math
-import sys
-from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeAlias, get_args
+from typing import TYPE_CHECKING, Literal, NamedTuple, TypeAlias, get_args
 
 from google.protobuf import timestamp_pb2
+from sightline.matrix import Matrix, optional_matrix
 from sightline.v1 import explanations_pb2, inference_pb2, types_pb2
 
 if TYPE_CHECKING:
-    from numpy.typing import NDArray
+    pass
 
 # ---------------------------------------------------------------------------
 # Inputs
@@ -129,6 +127,32 @@ class TargetScore(StrEnum):
     LOGIT = "logit"
 
 
+class TokenRole(StrEnum):
+    """Which part of a sequence a token belongs to (``Token.role``)."""
+
+    UNSPECIFIED = "unspecified"
+    TEMPLATE = "template"
+    """Markup the chat template added: special tokens, role names, separators, the generation prompt."""
+    SYSTEM = "system"
+    """A system message's content, or the default system prompt the chat template inserts."""
+    USER = "user"
+    ASSISTANT = "assistant"
+    """An earlier assistant message's content, in the prompt."""
+    PROMPT = "prompt"
+    """A prompt given as text or token ids: all of it the caller's."""
+    OUTPUT = "output"
+
+
+class ExplanationErrorCode(StrEnum):
+    UNSPECIFIED = "unspecified"
+    INVALID_INPUT = "invalid_input"
+    """The job is invalid for the model the workers hold; not retried. Fix the request."""
+    ATTEMPTS_EXHAUSTED = "attempts_exhausted"
+    """Every worker that took the job stopped before finishing it."""
+    INTERNAL = "internal"
+    """A method failed unexpectedly on every attempt; ``details["exception"]`` names the error."""
+
+
 class ParamType(StrEnum):
     UNSPECIFIED = "unspecified"
     INT = "int"
@@ -151,6 +175,19 @@ _EXPLANATION_STATES = {
     types_pb2.EXPLANATION_STATE_FAILED: ExplanationState.FAILED,
     types_pb2.EXPLANATION_STATE_CANCELLED: ExplanationState.CANCELLED,
 }
+_TOKEN_ROLES = {
+    types_pb2.TOKEN_ROLE_TEMPLATE: TokenRole.TEMPLATE,
+    types_pb2.TOKEN_ROLE_SYSTEM: TokenRole.SYSTEM,
+    types_pb2.TOKEN_ROLE_USER: TokenRole.USER,
+    types_pb2.TOKEN_ROLE_ASSISTANT: TokenRole.ASSISTANT,
+    types_pb2.TOKEN_ROLE_PROMPT: TokenRole.PROMPT,
+    types_pb2.TOKEN_ROLE_OUTPUT: TokenRole.OUTPUT,
+}
+_ERROR_CODES = {
+    types_pb2.EXPLANATION_ERROR_CODE_INVALID_INPUT: ExplanationErrorCode.INVALID_INPUT,
+    types_pb2.EXPLANATION_ERROR_CODE_ATTEMPTS_EXHAUSTED: ExplanationErrorCode.ATTEMPTS_EXHAUSTED,
+    types_pb2.EXPLANATION_ERROR_CODE_INTERNAL: ExplanationErrorCode.INTERNAL,
+}
 _TARGET_SCORES = {
     # The protocol treats an unset score as the log-probability.
     types_pb2.TARGET_SCORE_UNSPECIFIED: TargetScore.LOGPROB,
@@ -164,96 +201,6 @@ _PARAM_TYPES = {
     explanations_pb2.PARAM_TYPE_STRING: ParamType.STRING,
     explanations_pb2.PARAM_TYPE_BOOL: ParamType.BOOL,
 }
-
-# ---------------------------------------------------------------------------
-# Tensors
-
-TensorDType: TypeAlias = Literal["float32", "int32"]
-
-# (dtype name, array typecode): 'f' is a C float and 'i' a C int, both 4 bytes on every
-# platform CPython supports, matching the wire's float32 and int32.
-_TENSOR_ELEMENTS: dict[int, tuple[TensorDType, str]] = {
-    types_pb2.D_TYPE_FLOAT32: ("float32", "f"),
-    types_pb2.D_TYPE_INT32: ("int32", "i"),
-}
-
-
-@dataclass(frozen=True)
-class Matrix:
-    """A dense row-major tensor decoded from a packed ``sightline.v1.Tensor``.
-
-    Usually two-dimensional (an attribution matrix is ``[targets, tokens - 1]``),
-    but method extras may have other ranks, e.g. logit lens ``[layers + 1, targets, k]``.
-    ``values`` holds every element flat, in row-major order and native byte order.
-    """
-
-    dtype: TensorDType
-    shape: tuple[int, ...]
-    values: array[float] | array[int]
-
-    def __post_init__(self) -> None:
-        if any(size < 0 for size in self.shape) or len(self.values) != math.prod(self.shape):
-            raise ValueError(f"{len(self.values)} values do not fill a {self.dtype} tensor of shape {self.shape}")
-
-    @classmethod
-    def from_proto(cls, tensor: types_pb2.Tensor) -> Matrix:
-        if tensor.dtype not in _TENSOR_ELEMENTS:
-            raise ValueError(f"unsupported tensor dtype {tensor.dtype} (expected float32 or int32)")
-        dtype, typecode = _TENSOR_ELEMENTS[tensor.dtype]
-        values = array(typecode)
-        values.frombytes(tensor.data)
-        if sys.byteorder == "big":  # the wire format is little-endian
-            values.byteswap()
-        return cls(dtype, tuple(tensor.shape), values)
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    def row(self, *index: int) -> list[float] | list[int]:
-        """The values under a leading index, flattened.
-
-        For a 2-D matrix ``row(i)`` is row ``i``; for a ``[layers, targets, k]``
-        tensor ``row(layer, target)`` is that cell's ``k`` values. Negative indices
-        count from the end, as in Python sequences.
-        """
-        if not 0 < len(index) < self.ndim:
-            raise IndexError(f"row() takes 1 to {self.ndim - 1} indices for shape {self.shape}, got {len(index)}")
-        offset = 0
-        for axis, (position, size) in enumerate(zip(index, self.shape, strict=False)):
-            resolved = position + size if position < 0 else position
-            if not 0 <= resolved < size:
-                raise IndexError(f"index {position} is out of range for axis {axis} of size {size}")
-            offset = offset * size + resolved
-        block = math.prod(self.shape[len(index) :])
-        return self.values[offset * block : (offset + 1) * block].tolist()
-
-    def tolist(self) -> list[Any]:
-        """Nested lists following ``shape``, like ``numpy.ndarray.tolist``."""
-        return _nest(self.values.tolist(), self.shape)
-
-    def to_numpy(self) -> NDArray[Any]:
-        """A new numpy array of this shape and dtype. Needs numpy, which the SDK does not."""
-        try:
-            import numpy
-        except ImportError as error:
-            raise ImportError("Matrix.to_numpy() needs numpy: pip install numpy") from error
-        # Copied so that writes to the result cannot change this (frozen) matrix.
-        return numpy.frombuffer(self.values, dtype=self.dtype).reshape(self.shape).copy()
-
-
-def _nest(flat: list[Any], shape: tuple[int, ...]) -> list[Any]:
-    if len(shape) <= 1:
-        return flat
-    stride = math.prod(shape[1:])
-    return [_nest(flat[i * stride : (i + 1) * stride], shape[1:]) for i in range(shape[0])]
-
-
-def _optional_matrix(tensor: types_pb2.Tensor) -> Matrix | None:
-    # Methods that do not attribute to tokens leave the tensor empty (or unset, which reads the same).
-    if not tensor.shape and not tensor.data:
-        return None
-    return Matrix.from_proto(tensor)
 
 
 def _optional_datetime(timestamp: timestamp_pb2.Timestamp, present: bool) -> datetime | None:
@@ -271,10 +218,43 @@ class Token:
     """The token's text as the tokenizer renders it on its own (may be a word piece)."""
     logprob: float | None
     """The serving engine's log-probability, for generated tokens."""
+    role: TokenRole = TokenRole.UNSPECIFIED
+    """Which part of the sequence the token belongs to (set on an explanation's tokens)."""
+    message_index: int | None = None
+    """For a token of a chat message's content: the message's index in the request's messages."""
+
+    @property
+    def is_content(self) -> bool:
+        """Whether the caller wrote this token: a chat message's content, or a text or token-id prompt (not the
+        chat template's markup or default system prompt, nor generated output)."""
+        return self.message_index is not None or self.role == TokenRole.PROMPT
 
     @classmethod
     def from_proto(cls, token: types_pb2.Token) -> Token:
-        return cls(token.id, token.text, token.logprob if token.HasField("logprob") else None)
+        return cls(
+            token.id,
+            token.text,
+            token.logprob if token.HasField("logprob") else None,
+            _TOKEN_ROLES.get(token.role, TokenRole.UNSPECIFIED),
+            token.message_index if token.HasField("message_index") else None,
+        )
+
+
+@dataclass(frozen=True)
+class ExplanationError:
+    """Why an explanation failed."""
+
+    code: ExplanationErrorCode
+    message: str
+    details: Mapping[str, str]
+    """Machine-readable context: "attempts", and "exception" for INTERNAL."""
+
+    def __str__(self) -> str:
+        return self.message
+
+    @classmethod
+    def from_proto(cls, error: types_pb2.ExplanationError) -> ExplanationError:
+        return cls(_ERROR_CODES.get(error.code, ExplanationErrorCode.UNSPECIFIED), error.message, dict(error.details))
 
 
 @dataclass(frozen=True)
@@ -358,10 +338,10 @@ class MethodResult:
     def from_proto(cls, result: types_pb2.MethodResult) -> MethodResult:
         return cls(
             method=result.method,
-            attributions=_optional_matrix(result.attributions),
+            attributions=optional_matrix(result.attributions),
             extras={name: Matrix.from_proto(tensor) for name, tensor in result.extras.items()},
             seconds=result.seconds,
-            aggregated=_optional_matrix(result.aggregated),
+            aggregated=optional_matrix(result.aggregated),
             faithfulness=(Faithfulness.from_proto(result.faithfulness) if result.HasField("faithfulness") else None),
         )
 
@@ -501,8 +481,8 @@ class Estimate:
 class Explanation:
     explanation_id: str
     state: ExplanationState
-    error: str
-    """Why the explanation failed, when state is FAILED."""
+    error: ExplanationError | None
+    """Why the explanation failed, when state is FAILED (``str()`` of it is the message)."""
     model: str
     weights_digest: str
     tokens: tuple[Token, ...]
@@ -563,7 +543,7 @@ class Explanation:
         return cls(
             explanation_id=explanation.explanation_id,
             state=_EXPLANATION_STATES.get(explanation.state, ExplanationState.UNSPECIFIED),
-            error=explanation.error,
+            error=ExplanationError.from_proto(explanation.error) if explanation.HasField("error") else None,
             model=explanation.model,
             weights_digest=explanation.weights_digest,
             tokens=tuple(Token.from_proto(token) for token in explanation.tokens),
@@ -612,14 +592,20 @@ class Explanation:
         """The per-group matrix of ``method`` (see ``source_groups``), by default of the first method that has one."""
         return self._matrix("aggregated", method)
 
-    def top_sources(self, target_index: int, k: int = 5, method: str | None = None) -> list[Source]:
+    def top_sources(
+        self, target_index: int, k: int = 5, method: str | None = None, *, content_only: bool = False
+    ) -> list[Source]:
         """The ``k`` tokens that most influenced target ``target_index``, strongest first.
 
         Only the target's causal prefix (positions before it) is ranked. Ranking is by
         absolute score; scores keep their sign. Ties keep the earlier position first.
+        ``content_only`` ranks only the tokens the caller wrote (``Token.is_content``): a chat's
+        message contents without the template around them, or a text prompt.
         """
         scores = self.attributions(method).row(target_index)
-        prefix = range(self.target_positions[target_index])
+        prefix: Iterable[int] = range(self.target_positions[target_index])
+        if content_only:
+            prefix = [position for position in prefix if self.tokens[position].is_content]
         return [
             Source(position, self.tokens[position], float(scores[position]))
             for position in _strongest(scores, prefix, k)
@@ -727,8 +713,11 @@ class Generation:
 
 @dataclass(frozen=True)
 class StreamChunk:
-    """One message of a generation stream: the tokens produced since the previous one."""
+    """One message of a generation stream: the start (``kind`` "start", with the prompt's token ids), the tokens
+    produced since the previous message ("delta"), or the end ("end", with the finish reason, usage and
+    explanation)."""
 
+    kind: Literal["start", "delta", "end"]
     request_id: str
     trace_id: str
     output_tokens: tuple[Token, ...]
@@ -744,20 +733,25 @@ class StreamChunk:
 
     @classmethod
     def from_proto(cls, response: inference_pb2.GenerateStreamResponse) -> StreamChunk:
+        kind = response.WhichOneof("event")
+        if kind is None:
+            raise ValueError("a stream message is neither start, delta nor end")
+        start, delta, end = response.start, response.delta, response.end
         return cls(
+            kind=kind,
             request_id=response.request_id,
             trace_id=response.trace_id,
-            output_tokens=tuple(Token.from_proto(token) for token in response.output_tokens),
-            text_delta=response.text_delta,
-            prompt_token_ids=tuple(response.prompt_token_ids),
+            output_tokens=tuple(Token.from_proto(token) for token in delta.output_tokens),
+            text_delta=delta.text_delta,
+            prompt_token_ids=tuple(start.prompt_token_ids),
             finish_reason=(
-                _FINISH_REASONS.get(response.finish_reason, FinishReason.UNSPECIFIED)
-                if response.finish_reason != types_pb2.FINISH_REASON_UNSPECIFIED
+                _FINISH_REASONS.get(end.finish_reason, FinishReason.UNSPECIFIED)
+                if end.finish_reason != types_pb2.FINISH_REASON_UNSPECIFIED
                 else None
             ),
-            usage=Usage.from_proto(response.usage) if response.HasField("usage") else None,
-            explanation_id=response.explanation_id,
-            explanation=_optional_explanation(response.explanation, response.HasField("explanation")),
+            usage=Usage.from_proto(end.usage) if end.HasField("usage") else None,
+            explanation_id=end.explanation_id,
+            explanation=_optional_explanation(end.explanation, end.HasField("explanation")),
             raw=response,
         )
 
@@ -766,8 +760,8 @@ class StreamChunk:
 class MethodParam:
     name: str
     type: ParamType
-    default_value: str
-    """The default rendered as text."""
+    default_value: ParamValue | None
+    """The value used when a request leaves the parameter out, of the parameter's type."""
     description: str
     minimum: float | None
     """Inclusive lower bound of a numeric parameter, if it has one."""
@@ -781,12 +775,18 @@ class MethodParam:
         return cls(
             name=param.name,
             type=_PARAM_TYPES.get(param.type, ParamType.UNSPECIFIED),
-            default_value=param.default_value,
+            default_value=_param_default(param.default_value),
             description=param.description,
             minimum=param.minimum if param.HasField("minimum") else None,
             maximum=param.maximum if param.HasField("maximum") else None,
             choices=tuple(param.choices),
         )
+
+
+def _param_default(value: types_pb2.ParamValue) -> ParamValue | None:
+    kind = value.WhichOneof("kind")
+    default: ParamValue | None = None if kind is None else getattr(value, kind)
+    return default
 
 
 @dataclass(frozen=True)

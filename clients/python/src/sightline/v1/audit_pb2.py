@@ -25,13 +25,30 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18sightline/v1/audit.proto\x12\x0csightline.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"-\n\nSignedText\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\x16\n\x14GetCheckpointRequest\"]\n\x15GetCheckpointResponse\x12,\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x18.sightline.v1.SignedText\x12\x16\n\x0epublic_key_pem\x18\x02 \x01(\t\"<\n\x18GetInclusionProofRequest\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x11\n\ttree_size\x18\x02 \x01(\x04\"{\n\x19GetInclusionProofResponse\x12\r\n\x05\x65ntry\x18\x01 \x01(\t\x12\x11\n\ttree_size\x18\x02 \x01(\x04\x12\x0e\n\x06hashes\x18\x03 \x03(\x0c\x12,\n\ncheckpoint\x18\x04 \x01(\x0b\x32\x18.sightline.v1.SignedText\"@\n\x1aGetConsistencyProofRequest\x12\x10\n\x08old_size\x18\x01 \x01(\x04\x12\x10\n\x08new_size\x18\x02 \x01(\x04\"Q\n\x1bGetConsistencyProofResponse\x12\x10\n\x08old_size\x18\x01 \x01(\x04\x12\x10\n\x08new_size\x18\x02 \x01(\x04\x12\x0e\n\x06hashes\x18\x03 \x03(\x0c\"|\n\x14\x45xportEntriesRequest\x12)\n\x05since\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06tenant\x18\x03 \x01(\t\"<\n\rExportedEntry\x12\r\n\x05index\x18\x01 \x01(\x04\x12\r\n\x05\x65ntry\x18\x02 \x01(\t\x12\r\n\x05proof\x18\x03 \x03(\x0c\"\xab\x01\n\x15\x45xportEntriesResponse\x12.\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x18.sightline.v1.SignedTextH\x00\x12,\n\x05\x65ntry\x18\x02 \x01(\x0b\x32\x1b.sightline.v1.ExportedEntryH\x00\x12,\n\x08manifest\x18\x03 \x01(\x0b\x32\x18.sightline.v1.SignedTextH\x00\x42\x06\n\x04item2\x96\x03\n\x0c\x41uditService\x12X\n\rGetCheckpoint\x12\".sightline.v1.GetCheckpointRequest\x1a#.sightline.v1.GetCheckpointResponse\x12\x64\n\x11GetInclusionProof\x12&.sightline.v1.GetInclusionProofRequest\x1a\'.sightline.v1.GetInclusionProofResponse\x12j\n\x13GetConsistencyProof\x12(.sightline.v1.GetConsistencyProofRequest\x1a).sightline.v1.GetConsistencyProofResponse\x12Z\n\rExportEntries\x12\".sightline.v1.ExportEntriesRequest\x1a#.sightline.v1.ExportEntriesResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18sightline/v1/audit.proto\x12\x0csightline.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"-\n\nSignedText\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\x16\n\x14GetCheckpointRequest\"]\n\x15GetCheckpointResponse\x12,\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x18.sightline.v1.SignedText\x12\x16\n\x0epublic_key_pem\x18\x02 \x01(\t\"D\n\x18GetInclusionProofRequest\x12\x11\n\x05index\x18\x01 \x01(\x04\x42\x02\x30\x02\x12\x15\n\ttree_size\x18\x02 \x01(\x04\x42\x02\x30\x02\"\x7f\n\x19GetInclusionProofResponse\x12\r\n\x05\x65ntry\x18\x01 \x01(\t\x12\x15\n\ttree_size\x18\x02 \x01(\x04\x42\x02\x30\x02\x12\x0e\n\x06hashes\x18\x03 \x03(\x0c\x12,\n\ncheckpoint\x18\x04 \x01(\x0b\x32\x18.sightline.v1.SignedText\"H\n\x1aGetConsistencyProofRequest\x12\x14\n\x08old_size\x18\x01 \x01(\x04\x42\x02\x30\x02\x12\x14\n\x08new_size\x18\x02 \x01(\x04\x42\x02\x30\x02\"Y\n\x1bGetConsistencyProofResponse\x12\x14\n\x08old_size\x18\x01 \x01(\x04\x42\x02\x30\x02\x12\x14\n\x08new_size\x18\x02 \x01(\x04\x42\x02\x30\x02\x12\x0e\n\x06hashes\x18\x03 \x03(\x0c\"|\n\x14\x45xportEntriesRequest\x12)\n\x05since\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06tenant\x18\x03 \x01(\t\"@\n\rExportedEntry\x12\x11\n\x05index\x18\x01 \x01(\x04\x42\x02\x30\x02\x12\r\n\x05\x65ntry\x18\x02 \x01(\t\x12\r\n\x05proof\x18\x03 \x03(\x0c\"\xab\x01\n\x15\x45xportEntriesResponse\x12.\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x18.sightline.v1.SignedTextH\x00\x12,\n\x05\x65ntry\x18\x02 \x01(\x0b\x32\x1b.sightline.v1.ExportedEntryH\x00\x12,\n\x08manifest\x18\x03 \x01(\x0b\x32\x18.sightline.v1.SignedTextH\x00\x42\x06\n\x04item2\x96\x03\n\x0c\x41uditService\x12X\n\rGetCheckpoint\x12\".sightline.v1.GetCheckpointRequest\x1a#.sightline.v1.GetCheckpointResponse\x12\x64\n\x11GetInclusionProof\x12&.sightline.v1.GetInclusionProofRequest\x1a\'.sightline.v1.GetInclusionProofResponse\x12j\n\x13GetConsistencyProof\x12(.sightline.v1.GetConsistencyProofRequest\x1a).sightline.v1.GetConsistencyProofResponse\x12Z\n\rExportEntries\x12\".sightline.v1.ExportEntriesRequest\x1a#.sightline.v1.ExportEntriesResponse0\x01\x42\x90\x01\n\x10\x63om.sightline.v1B\nAuditProtoP\x01Z:github.com/sightline/sightline-go/sightline/v1;sightlinev1\xa2\x02\x03SLV\xaa\x02\x0cSightline.V1\xca\x02\x0cSightline\\V1\xea\x02\rSightline::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sightline.v1.audit_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\020com.sightline.v1B\nAuditProtoP\001Z:github.com/sightline/sightline-go/sightline/v1;sightlinev1\242\002\003SLV\252\002\014Sightline.V1\312\002\014Sightline\\V1\352\002\rSightline::V1'
+  _globals['_GETINCLUSIONPROOFREQUEST'].fields_by_name['index']._loaded_options = None
+  _globals['_GETINCLUSIONPROOFREQUEST'].fields_by_name['index']._serialized_options = b'0\002'
+  _globals['_GETINCLUSIONPROOFREQUEST'].fields_by_name['tree_size']._loaded_options = None
+  _globals['_GETINCLUSIONPROOFREQUEST'].fields_by_name['tree_size']._serialized_options = b'0\002'
+  _globals['_GETINCLUSIONPROOFRESPONSE'].fields_by_name['tree_size']._loaded_options = None
+  _globals['_GETINCLUSIONPROOFRESPONSE'].fields_by_name['tree_size']._serialized_options = b'0\002'
+  _globals['_GETCONSISTENCYPROOFREQUEST'].fields_by_name['old_size']._loaded_options = None
+  _globals['_GETCONSISTENCYPROOFREQUEST'].fields_by_name['old_size']._serialized_options = b'0\002'
+  _globals['_GETCONSISTENCYPROOFREQUEST'].fields_by_name['new_size']._loaded_options = None
+  _globals['_GETCONSISTENCYPROOFREQUEST'].fields_by_name['new_size']._serialized_options = b'0\002'
+  _globals['_GETCONSISTENCYPROOFRESPONSE'].fields_by_name['old_size']._loaded_options = None
+  _globals['_GETCONSISTENCYPROOFRESPONSE'].fields_by_name['old_size']._serialized_options = b'0\002'
+  _globals['_GETCONSISTENCYPROOFRESPONSE'].fields_by_name['new_size']._loaded_options = None
+  _globals['_GETCONSISTENCYPROOFRESPONSE'].fields_by_name['new_size']._serialized_options = b'0\002'
+  _globals['_EXPORTEDENTRY'].fields_by_name['index']._loaded_options = None
+  _globals['_EXPORTEDENTRY'].fields_by_name['index']._serialized_options = b'0\002'
   _globals['_SIGNEDTEXT']._serialized_start=75
   _globals['_SIGNEDTEXT']._serialized_end=120
   _globals['_GETCHECKPOINTREQUEST']._serialized_start=122
@@ -39,19 +56,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETCHECKPOINTRESPONSE']._serialized_start=146
   _globals['_GETCHECKPOINTRESPONSE']._serialized_end=239
   _globals['_GETINCLUSIONPROOFREQUEST']._serialized_start=241
-  _globals['_GETINCLUSIONPROOFREQUEST']._serialized_end=301
-  _globals['_GETINCLUSIONPROOFRESPONSE']._serialized_start=303
-  _globals['_GETINCLUSIONPROOFRESPONSE']._serialized_end=426
-  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_start=428
-  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_end=492
-  _globals['_GETCONSISTENCYPROOFRESPONSE']._serialized_start=494
-  _globals['_GETCONSISTENCYPROOFRESPONSE']._serialized_end=575
-  _globals['_EXPORTENTRIESREQUEST']._serialized_start=577
-  _globals['_EXPORTENTRIESREQUEST']._serialized_end=701
-  _globals['_EXPORTEDENTRY']._serialized_start=703
-  _globals['_EXPORTEDENTRY']._serialized_end=763
-  _globals['_EXPORTENTRIESRESPONSE']._serialized_start=766
-  _globals['_EXPORTENTRIESRESPONSE']._serialized_end=937
-  _globals['_AUDITSERVICE']._serialized_start=940
-  _globals['_AUDITSERVICE']._serialized_end=1346
+  _globals['_GETINCLUSIONPROOFREQUEST']._serialized_end=309
+  _globals['_GETINCLUSIONPROOFRESPONSE']._serialized_start=311
+  _globals['_GETINCLUSIONPROOFRESPONSE']._serialized_end=438
+  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_start=440
+  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_end=512
+  _globals['_GETCONSISTENCYPROOFRESPONSE']._serialized_start=514
+  _globals['_GETCONSISTENCYPROOFRESPONSE']._serialized_end=603
+  _globals['_EXPORTENTRIESREQUEST']._serialized_start=605
+  _globals['_EXPORTENTRIESREQUEST']._serialized_end=729
+  _globals['_EXPORTEDENTRY']._serialized_start=731
+  _globals['_EXPORTEDENTRY']._serialized_end=795
+  _globals['_EXPORTENTRIESRESPONSE']._serialized_start=798
+  _globals['_EXPORTENTRIESRESPONSE']._serialized_end=969
+  _globals['_AUDITSERVICE']._serialized_start=972
+  _globals['_AUDITSERVICE']._serialized_end=1378
 # @@protoc_insertion_point(module_scope)

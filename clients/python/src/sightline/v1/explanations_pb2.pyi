@@ -189,12 +189,12 @@ class MethodParam(_message.Message):
     CHOICES_FIELD_NUMBER: _ClassVar[int]
     name: str
     type: ParamType
-    default_value: str
+    default_value: _types_pb2.ParamValue
     description: str
     minimum: float
     maximum: float
     choices: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., type: _Optional[_Union[ParamType, str]] = ..., default_value: _Optional[str] = ..., description: _Optional[str] = ..., minimum: _Optional[float] = ..., maximum: _Optional[float] = ..., choices: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[_Union[ParamType, str]] = ..., default_value: _Optional[_Union[_types_pb2.ParamValue, _Mapping]] = ..., description: _Optional[str] = ..., minimum: _Optional[float] = ..., maximum: _Optional[float] = ..., choices: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class MethodInfo(_message.Message):
     __slots__ = ("name", "description", "params", "needs_gradients", "uses_cache", "supports_contrastive_targets", "multimodal", "attributes_tokens", "cost")

@@ -25,23 +25,28 @@ _sym_db = _symbol_database.Default()
 from sightline.v1 import types_pb2 as sightline_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csightline/v1/inference.proto\x12\x0csightline.v1\x1a\x18sightline/v1/types.proto\"\x8c\x01\n\x0fGenerationInput\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12*\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x1a.sightline.v1.ChatMessagesH\x00\x12\x32\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x16.sightline.v1.TokenIdsH\x00\x42\x07\n\x05input\"\xbe\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12,\n\x05input\x18\x02 \x01(\x0b\x32\x1d.sightline.v1.GenerationInput\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.sightline.v1.SamplingParams\x12*\n\x07\x65xplain\x18\x04 \x01(\x0b\x32\x19.sightline.v1.ExplainSpec\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\xba\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08trace_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\x05\x12*\n\routput_tokens\x18\x06 \x03(\x0b\x32\x13.sightline.v1.Token\x12\x31\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x1a.sightline.v1.FinishReason\x12\"\n\x05usage\x18\x08 \x01(\x0b\x32\x13.sightline.v1.Usage\x12\x16\n\x0e\x65xplanation_id\x18\t \x01(\t\x12.\n\x0b\x65xplanation\x18\n \x01(\x0b\x32\x19.sightline.v1.Explanation\"\xc4\x01\n\x15GenerateStreamRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12,\n\x05input\x18\x02 \x01(\x0b\x32\x1d.sightline.v1.GenerationInput\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.sightline.v1.SamplingParams\x12*\n\x07\x65xplain\x18\x04 \x01(\x0b\x32\x19.sightline.v1.ExplainSpec\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\xb7\x02\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08trace_id\x18\x02 \x01(\t\x12*\n\routput_tokens\x18\x03 \x03(\x0b\x32\x13.sightline.v1.Token\x12\x12\n\ntext_delta\x18\x04 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\x05\x12\x31\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1a.sightline.v1.FinishReason\x12\"\n\x05usage\x18\x07 \x01(\x0b\x32\x13.sightline.v1.Usage\x12\x16\n\x0e\x65xplanation_id\x18\x08 \x01(\t\x12.\n\x0b\x65xplanation\x18\t \x01(\x0b\x32\x19.sightline.v1.Explanation2\xbc\x01\n\x10InferenceService\x12I\n\x08Generate\x12\x1d.sightline.v1.GenerateRequest\x1a\x1e.sightline.v1.GenerateResponse\x12]\n\x0eGenerateStream\x12#.sightline.v1.GenerateStreamRequest\x1a$.sightline.v1.GenerateStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csightline/v1/inference.proto\x12\x0csightline.v1\x1a\x18sightline/v1/types.proto\"\x8b\x01\n\x0fGenerationInput\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12*\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x1a.sightline.v1.ChatMessagesH\x00\x12\x32\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x16.sightline.v1.TokenIdsH\x00\x42\x06\n\x04kind\"\xbe\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12,\n\x05input\x18\x02 \x01(\x0b\x32\x1d.sightline.v1.GenerationInput\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.sightline.v1.SamplingParams\x12*\n\x07\x65xplain\x18\x04 \x01(\x0b\x32\x19.sightline.v1.ExplainSpec\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\xba\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08trace_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\x05\x12*\n\routput_tokens\x18\x06 \x03(\x0b\x32\x13.sightline.v1.Token\x12\x31\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x1a.sightline.v1.FinishReason\x12\"\n\x05usage\x18\x08 \x01(\x0b\x32\x13.sightline.v1.Usage\x12\x16\n\x0e\x65xplanation_id\x18\t \x01(\t\x12.\n\x0b\x65xplanation\x18\n \x01(\x0b\x32\x19.sightline.v1.Explanation\">\n\x13GenerateStreamStart\x12\r\n\x05model\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\"U\n\x13GenerateStreamDelta\x12*\n\routput_tokens\x18\x01 \x03(\x0b\x32\x13.sightline.v1.Token\x12\x12\n\ntext_delta\x18\x02 \x01(\t\"\xb2\x01\n\x11GenerateStreamEnd\x12\x31\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1a.sightline.v1.FinishReason\x12\"\n\x05usage\x18\x02 \x01(\x0b\x32\x13.sightline.v1.Usage\x12\x16\n\x0e\x65xplanation_id\x18\x03 \x01(\t\x12.\n\x0b\x65xplanation\x18\x04 \x01(\x0b\x32\x19.sightline.v1.Explanation\"\xe5\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08trace_id\x18\x02 \x01(\t\x12\x32\n\x05start\x18\n \x01(\x0b\x32!.sightline.v1.GenerateStreamStartH\x00\x12\x32\n\x05\x64\x65lta\x18\x0b \x01(\x0b\x32!.sightline.v1.GenerateStreamDeltaH\x00\x12.\n\x03\x65nd\x18\x0c \x01(\x0b\x32\x1f.sightline.v1.GenerateStreamEndH\x00\x42\x07\n\x05\x65ventJ\x04\x08\x03\x10\n2\xb6\x01\n\x10InferenceService\x12I\n\x08Generate\x12\x1d.sightline.v1.GenerateRequest\x1a\x1e.sightline.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.sightline.v1.GenerateRequest\x1a$.sightline.v1.GenerateStreamResponse0\x01\x42\x94\x01\n\x10\x63om.sightline.v1B\x0eInferenceProtoP\x01Z:github.com/sightline/sightline-go/sightline/v1;sightlinev1\xa2\x02\x03SLV\xaa\x02\x0cSightline.V1\xca\x02\x0cSightline\\V1\xea\x02\rSightline::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sightline.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\020com.sightline.v1B\016InferenceProtoP\001Z:github.com/sightline/sightline-go/sightline/v1;sightlinev1\242\002\003SLV\252\002\014Sightline.V1\312\002\014Sightline\\V1\352\002\rSightline::V1'
   _globals['_GENERATIONINPUT']._serialized_start=73
-  _globals['_GENERATIONINPUT']._serialized_end=213
-  _globals['_GENERATEREQUEST']._serialized_start=216
-  _globals['_GENERATEREQUEST']._serialized_end=406
-  _globals['_GENERATERESPONSE']._serialized_start=409
-  _globals['_GENERATERESPONSE']._serialized_end=723
-  _globals['_GENERATESTREAMREQUEST']._serialized_start=726
-  _globals['_GENERATESTREAMREQUEST']._serialized_end=922
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=925
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1236
-  _globals['_INFERENCESERVICE']._serialized_start=1239
-  _globals['_INFERENCESERVICE']._serialized_end=1427
+  _globals['_GENERATIONINPUT']._serialized_end=212
+  _globals['_GENERATEREQUEST']._serialized_start=215
+  _globals['_GENERATEREQUEST']._serialized_end=405
+  _globals['_GENERATERESPONSE']._serialized_start=408
+  _globals['_GENERATERESPONSE']._serialized_end=722
+  _globals['_GENERATESTREAMSTART']._serialized_start=724
+  _globals['_GENERATESTREAMSTART']._serialized_end=786
+  _globals['_GENERATESTREAMDELTA']._serialized_start=788
+  _globals['_GENERATESTREAMDELTA']._serialized_end=873
+  _globals['_GENERATESTREAMEND']._serialized_start=876
+  _globals['_GENERATESTREAMEND']._serialized_end=1054
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1057
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1286
+  _globals['_INFERENCESERVICE']._serialized_start=1289
+  _globals['_INFERENCESERVICE']._serialized_end=1471
 # @@protoc_insertion_point(module_scope)

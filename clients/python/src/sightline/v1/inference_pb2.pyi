@@ -55,38 +55,44 @@ class GenerateResponse(_message.Message):
     explanation: _types_pb2.Explanation
     def __init__(self, request_id: _Optional[str] = ..., trace_id: _Optional[str] = ..., model: _Optional[str] = ..., text: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., output_tokens: _Optional[_Iterable[_Union[_types_pb2.Token, _Mapping]]] = ..., finish_reason: _Optional[_Union[_types_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_types_pb2.Usage, _Mapping]] = ..., explanation_id: _Optional[str] = ..., explanation: _Optional[_Union[_types_pb2.Explanation, _Mapping]] = ...) -> None: ...
 
-class GenerateStreamRequest(_message.Message):
-    __slots__ = ("model", "input", "sampling", "explain", "request_id")
+class GenerateStreamStart(_message.Message):
+    __slots__ = ("model", "prompt_token_ids")
     MODEL_FIELD_NUMBER: _ClassVar[int]
-    INPUT_FIELD_NUMBER: _ClassVar[int]
-    SAMPLING_FIELD_NUMBER: _ClassVar[int]
-    EXPLAIN_FIELD_NUMBER: _ClassVar[int]
-    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     model: str
-    input: GenerationInput
-    sampling: _types_pb2.SamplingParams
-    explain: _types_pb2.ExplainSpec
-    request_id: str
-    def __init__(self, model: _Optional[str] = ..., input: _Optional[_Union[GenerationInput, _Mapping]] = ..., sampling: _Optional[_Union[_types_pb2.SamplingParams, _Mapping]] = ..., explain: _Optional[_Union[_types_pb2.ExplainSpec, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
-class GenerateStreamResponse(_message.Message):
-    __slots__ = ("request_id", "trace_id", "output_tokens", "text_delta", "prompt_token_ids", "finish_reason", "usage", "explanation_id", "explanation")
-    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
-    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+class GenerateStreamDelta(_message.Message):
+    __slots__ = ("output_tokens", "text_delta")
     OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEXT_DELTA_FIELD_NUMBER: _ClassVar[int]
-    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    output_tokens: _containers.RepeatedCompositeFieldContainer[_types_pb2.Token]
+    text_delta: str
+    def __init__(self, output_tokens: _Optional[_Iterable[_Union[_types_pb2.Token, _Mapping]]] = ..., text_delta: _Optional[str] = ...) -> None: ...
+
+class GenerateStreamEnd(_message.Message):
+    __slots__ = ("finish_reason", "usage", "explanation_id", "explanation")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     EXPLANATION_ID_FIELD_NUMBER: _ClassVar[int]
     EXPLANATION_FIELD_NUMBER: _ClassVar[int]
-    request_id: str
-    trace_id: str
-    output_tokens: _containers.RepeatedCompositeFieldContainer[_types_pb2.Token]
-    text_delta: str
-    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     finish_reason: _types_pb2.FinishReason
     usage: _types_pb2.Usage
     explanation_id: str
     explanation: _types_pb2.Explanation
-    def __init__(self, request_id: _Optional[str] = ..., trace_id: _Optional[str] = ..., output_tokens: _Optional[_Iterable[_Union[_types_pb2.Token, _Mapping]]] = ..., text_delta: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[_types_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_types_pb2.Usage, _Mapping]] = ..., explanation_id: _Optional[str] = ..., explanation: _Optional[_Union[_types_pb2.Explanation, _Mapping]] = ...) -> None: ...
+    def __init__(self, finish_reason: _Optional[_Union[_types_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_types_pb2.Usage, _Mapping]] = ..., explanation_id: _Optional[str] = ..., explanation: _Optional[_Union[_types_pb2.Explanation, _Mapping]] = ...) -> None: ...
+
+class GenerateStreamResponse(_message.Message):
+    __slots__ = ("request_id", "trace_id", "start", "delta", "end")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    trace_id: str
+    start: GenerateStreamStart
+    delta: GenerateStreamDelta
+    end: GenerateStreamEnd
+    def __init__(self, request_id: _Optional[str] = ..., trace_id: _Optional[str] = ..., start: _Optional[_Union[GenerateStreamStart, _Mapping]] = ..., delta: _Optional[_Union[GenerateStreamDelta, _Mapping]] = ..., end: _Optional[_Union[GenerateStreamEnd, _Mapping]] = ...) -> None: ...

@@ -42,7 +42,7 @@ class InferenceServiceStub:
                 _registered_method=True)
         self.GenerateStream = channel.unary_stream(
                 '/sightline.v1.InferenceService/GenerateStream',
-                request_serializer=sightline_dot_v1_dot_inference__pb2.GenerateStreamRequest.SerializeToString,
+                request_serializer=sightline_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=sightline_dot_v1_dot_inference__pb2.GenerateStreamResponse.FromString,
                 _registered_method=True)
 
@@ -59,8 +59,9 @@ class InferenceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GenerateStream(self, request, context):
-        """Generate a completion, streaming tokens as they are produced. The last
-        message carries the finish reason, usage and explanation (id or result).
+        """Generate a completion, streaming tokens as they are produced: one start message, then
+        deltas, then one end message with the finish reason, usage and explanation (id or result).
+        It takes the same request as Generate, so a client builds one message for either call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -76,7 +77,7 @@ def add_InferenceServiceServicer_to_server(servicer, server):
             ),
             'GenerateStream': grpc.unary_stream_rpc_method_handler(
                     servicer.GenerateStream,
-                    request_deserializer=sightline_dot_v1_dot_inference__pb2.GenerateStreamRequest.FromString,
+                    request_deserializer=sightline_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
                     response_serializer=sightline_dot_v1_dot_inference__pb2.GenerateStreamResponse.SerializeToString,
             ),
     }
@@ -133,7 +134,7 @@ class InferenceService:
             request,
             target,
             '/sightline.v1.InferenceService/GenerateStream',
-            sightline_dot_v1_dot_inference__pb2.GenerateStreamRequest.SerializeToString,
+            sightline_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
             sightline_dot_v1_dot_inference__pb2.GenerateStreamResponse.FromString,
             options,
             channel_credentials,

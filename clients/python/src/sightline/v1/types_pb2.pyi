@@ -1,6 +1,5 @@
 import datetime
 
-from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -11,11 +10,21 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+class Dtype(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
-    D_TYPE_UNSPECIFIED: _ClassVar[DType]
-    D_TYPE_FLOAT32: _ClassVar[DType]
-    D_TYPE_INT32: _ClassVar[DType]
+    DTYPE_UNSPECIFIED: _ClassVar[Dtype]
+    DTYPE_FLOAT32: _ClassVar[Dtype]
+    DTYPE_INT32: _ClassVar[Dtype]
+
+class TokenRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TOKEN_ROLE_UNSPECIFIED: _ClassVar[TokenRole]
+    TOKEN_ROLE_TEMPLATE: _ClassVar[TokenRole]
+    TOKEN_ROLE_SYSTEM: _ClassVar[TokenRole]
+    TOKEN_ROLE_USER: _ClassVar[TokenRole]
+    TOKEN_ROLE_ASSISTANT: _ClassVar[TokenRole]
+    TOKEN_ROLE_PROMPT: _ClassVar[TokenRole]
+    TOKEN_ROLE_OUTPUT: _ClassVar[TokenRole]
 
 class ExplainMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -66,9 +75,23 @@ class ExplanationState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EXPLANATION_STATE_SUCCEEDED: _ClassVar[ExplanationState]
     EXPLANATION_STATE_FAILED: _ClassVar[ExplanationState]
     EXPLANATION_STATE_CANCELLED: _ClassVar[ExplanationState]
-D_TYPE_UNSPECIFIED: DType
-D_TYPE_FLOAT32: DType
-D_TYPE_INT32: DType
+
+class ExplanationErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EXPLANATION_ERROR_CODE_UNSPECIFIED: _ClassVar[ExplanationErrorCode]
+    EXPLANATION_ERROR_CODE_INVALID_INPUT: _ClassVar[ExplanationErrorCode]
+    EXPLANATION_ERROR_CODE_ATTEMPTS_EXHAUSTED: _ClassVar[ExplanationErrorCode]
+    EXPLANATION_ERROR_CODE_INTERNAL: _ClassVar[ExplanationErrorCode]
+DTYPE_UNSPECIFIED: Dtype
+DTYPE_FLOAT32: Dtype
+DTYPE_INT32: Dtype
+TOKEN_ROLE_UNSPECIFIED: TokenRole
+TOKEN_ROLE_TEMPLATE: TokenRole
+TOKEN_ROLE_SYSTEM: TokenRole
+TOKEN_ROLE_USER: TokenRole
+TOKEN_ROLE_ASSISTANT: TokenRole
+TOKEN_ROLE_PROMPT: TokenRole
+TOKEN_ROLE_OUTPUT: TokenRole
 EXPLAIN_MODE_UNSPECIFIED: ExplainMode
 EXPLAIN_MODE_SYNC: ExplainMode
 EXPLAIN_MODE_ASYNC: ExplainMode
@@ -98,26 +121,36 @@ EXPLANATION_STATE_RUNNING: ExplanationState
 EXPLANATION_STATE_SUCCEEDED: ExplanationState
 EXPLANATION_STATE_FAILED: ExplanationState
 EXPLANATION_STATE_CANCELLED: ExplanationState
+EXPLANATION_ERROR_CODE_UNSPECIFIED: ExplanationErrorCode
+EXPLANATION_ERROR_CODE_INVALID_INPUT: ExplanationErrorCode
+EXPLANATION_ERROR_CODE_ATTEMPTS_EXHAUSTED: ExplanationErrorCode
+EXPLANATION_ERROR_CODE_INTERNAL: ExplanationErrorCode
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data")
+    __slots__ = ("dtype", "shape", "float_values", "int_values")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
-    DATA_FIELD_NUMBER: _ClassVar[int]
-    dtype: DType
+    FLOAT_VALUES_FIELD_NUMBER: _ClassVar[int]
+    INT_VALUES_FIELD_NUMBER: _ClassVar[int]
+    dtype: Dtype
     shape: _containers.RepeatedScalarFieldContainer[int]
-    data: bytes
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    float_values: _containers.RepeatedScalarFieldContainer[float]
+    int_values: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, dtype: _Optional[_Union[Dtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., float_values: _Optional[_Iterable[float]] = ..., int_values: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Token(_message.Message):
-    __slots__ = ("id", "text", "logprob")
+    __slots__ = ("id", "text", "logprob", "role", "message_index")
     ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
     id: int
     text: str
     logprob: float
-    def __init__(self, id: _Optional[int] = ..., text: _Optional[str] = ..., logprob: _Optional[float] = ...) -> None: ...
+    role: TokenRole
+    message_index: int
+    def __init__(self, id: _Optional[int] = ..., text: _Optional[str] = ..., logprob: _Optional[float] = ..., role: _Optional[_Union[TokenRole, str]] = ..., message_index: _Optional[int] = ...) -> None: ...
 
 class TokenIds(_message.Message):
     __slots__ = ("ids",)
@@ -155,13 +188,32 @@ class SamplingParams(_message.Message):
     stop: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class ParamValue(_message.Message):
+    __slots__ = ("int_value", "float_value", "string_value", "bool_value")
+    INT_VALUE_FIELD_NUMBER: _ClassVar[int]
+    FLOAT_VALUE_FIELD_NUMBER: _ClassVar[int]
+    STRING_VALUE_FIELD_NUMBER: _ClassVar[int]
+    BOOL_VALUE_FIELD_NUMBER: _ClassVar[int]
+    int_value: int
+    float_value: float
+    string_value: str
+    bool_value: bool
+    def __init__(self, int_value: _Optional[int] = ..., float_value: _Optional[float] = ..., string_value: _Optional[str] = ..., bool_value: _Optional[bool] = ...) -> None: ...
+
 class MethodSpec(_message.Message):
     __slots__ = ("name", "params")
+    class ParamsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: ParamValue
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[ParamValue, _Mapping]] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     name: str
-    params: _struct_pb2.Struct
-    def __init__(self, name: _Optional[str] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    params: _containers.MessageMap[str, ParamValue]
+    def __init__(self, name: _Optional[str] = ..., params: _Optional[_Mapping[str, ParamValue]] = ...) -> None: ...
 
 class TargetSpec(_message.Message):
     __slots__ = ("output_indices", "foil_token_ids", "score")
@@ -220,6 +272,23 @@ class Usage(_message.Message):
     input_tokens: int
     output_tokens: int
     def __init__(self, input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ...) -> None: ...
+
+class ExplanationError(_message.Message):
+    __slots__ = ("code", "message", "details")
+    class DetailsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    code: ExplanationErrorCode
+    message: str
+    details: _containers.ScalarMap[str, str]
+    def __init__(self, code: _Optional[_Union[ExplanationErrorCode, str]] = ..., message: _Optional[str] = ..., details: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ExplanationProgress(_message.Message):
     __slots__ = ("fraction", "seconds_left", "methods")
@@ -348,7 +417,7 @@ class Explanation(_message.Message):
     EXPLAIN_PATH_FIELD_NUMBER: _ClassVar[int]
     explanation_id: str
     state: ExplanationState
-    error: str
+    error: ExplanationError
     model: str
     weights_digest: str
     tokens: _containers.RepeatedCompositeFieldContainer[Token]
@@ -368,4 +437,4 @@ class Explanation(_message.Message):
     cancelled_by: str
     progress: ExplanationProgress
     explain_path: ExplainPath
-    def __init__(self, explanation_id: _Optional[str] = ..., state: _Optional[_Union[ExplanationState, str]] = ..., error: _Optional[str] = ..., model: _Optional[str] = ..., weights_digest: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ..., prompt_length: _Optional[int] = ..., target_positions: _Optional[_Iterable[int]] = ..., results: _Optional[_Iterable[_Union[MethodResult, _Mapping]]] = ..., fidelity: _Optional[_Union[Fidelity, _Mapping]] = ..., cache_hit: _Optional[bool] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., completed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., trace_id: _Optional[str] = ..., attempts: _Optional[int] = ..., foil_token_ids: _Optional[_Iterable[int]] = ..., target_score: _Optional[_Union[TargetScore, str]] = ..., step_scores: _Optional[_Union[StepScores, _Mapping]] = ..., source_groups: _Optional[_Iterable[_Union[SourceGroup, _Mapping]]] = ..., cancelled_by: _Optional[str] = ..., progress: _Optional[_Union[ExplanationProgress, _Mapping]] = ..., explain_path: _Optional[_Union[ExplainPath, str]] = ...) -> None: ...
+    def __init__(self, explanation_id: _Optional[str] = ..., state: _Optional[_Union[ExplanationState, str]] = ..., error: _Optional[_Union[ExplanationError, _Mapping]] = ..., model: _Optional[str] = ..., weights_digest: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ..., prompt_length: _Optional[int] = ..., target_positions: _Optional[_Iterable[int]] = ..., results: _Optional[_Iterable[_Union[MethodResult, _Mapping]]] = ..., fidelity: _Optional[_Union[Fidelity, _Mapping]] = ..., cache_hit: _Optional[bool] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., completed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., trace_id: _Optional[str] = ..., attempts: _Optional[int] = ..., foil_token_ids: _Optional[_Iterable[int]] = ..., target_score: _Optional[_Union[TargetScore, str]] = ..., step_scores: _Optional[_Union[StepScores, _Mapping]] = ..., source_groups: _Optional[_Iterable[_Union[SourceGroup, _Mapping]]] = ..., cancelled_by: _Optional[str] = ..., progress: _Optional[_Union[ExplanationProgress, _Mapping]] = ..., explain_path: _Optional[_Union[ExplainPath, str]] = ...) -> None: ...
