@@ -100,8 +100,8 @@ def test_typescript_client_against_the_stack(
     summary = {name: int(count) for name, count in SUMMARY_LINE.findall(run.stdout)}
     report = f"node --test exited {run.returncode}; {summary}\n{run.stdout[-20000:]}\n{run.stderr[-5000:]}"
     assert run.returncode == 0, report
-    # Every test ran and passed: none skipped, cancelled or left out (7 unit, 7 live).
-    assert summary == {"tests": 14, "pass": 14, "fail": 0, "cancelled": 0, "skipped": 0, "todo": 0}, report
+    # Every test ran and passed: none skipped, cancelled or left out (8 unit, 8 live).
+    assert summary == {"tests": 16, "pass": 16, "fail": 0, "cancelled": 0, "skipped": 0, "todo": 0}, report
 
     # The explanation the TypeScript client decoded from its SYNC Generate response, fetched again and
     # decoded by the Python SDK: the same float32 cells, int32 extras and ranking, exactly.
@@ -114,9 +114,13 @@ def test_typescript_client_against_the_stack(
     extras = explanation.result("logit_lens").extras
     assert {name: matrix.tolist() for name, matrix in extras.items()} == decoded["logitLens"]
     assert set(decoded["logitLens"]) == {"top_token_ids", "top_logprobs", "target_logprobs"}
-    python_top_sources = [
-        [[source.position, source.token.id, source.score] for source in explanation.top_sources(index, k=5)]
-        for index in range(len(explanation.target_positions))
-    ]
-    assert python_top_sources == decoded["topSources"]
-    assert len(python_top_sources) > 1 and all(len(sources) > 0 for sources in python_top_sources)
+    for content_only, key in ((False, "topSources"), (True, "contentTopSources")):
+        python_top_sources = [
+            [
+                [source.position, source.token.id, source.score]
+                for source in explanation.top_sources(index, k=5, content_only=content_only)
+            ]
+            for index in range(len(explanation.target_positions))
+        ]
+        assert python_top_sources == decoded[key], key
+        assert len(python_top_sources) > 1 and all(len(sources) > 0 for sources in python_top_sources)

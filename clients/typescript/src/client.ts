@@ -1,12 +1,11 @@
 // The Sightline client: InferenceService and ExplanationsService over gRPC (Connect for Node, HTTP/2),
 // with the Python SDK's calls and result types.
-import { create } from "@bufbuild/protobuf";
 import { createClient, type Client as ConnectClient, type Interceptor } from "@connectrpc/connect";
 import { Http2SessionManager, createGrpcTransport } from "@connectrpc/connect-node";
 import { Explanation } from "./explanation.js";
 import { malformedResponse, toSightlineError, SightlineError } from "./errors.js";
 import { ExplanationsService, type GetExplanationResponse } from "./gen/sightline/v1/explanations_pb.js";
-import { GenerateStreamRequestSchema, InferenceService } from "./gen/sightline/v1/inference_pb.js";
+import { InferenceService } from "./gen/sightline/v1/inference_pb.js";
 import type { Explanation as ExplanationProto } from "./gen/sightline/v1/types_pb.js";
 import {
   estimateRequest,
@@ -121,8 +120,7 @@ export class Client {
    * carries the finish reason, usage and explanation. Leaving the loop early cancels the call.
    */
   generateStream(prompt: Prompt, options: GenerateOptions & CallOptions = {}): AsyncGenerator<StreamChunk> {
-    const { model, input, sampling, explain, requestId } = generateRequest(prompt, options); // bad arguments throw here
-    const request = create(GenerateStreamRequestSchema, { model, input, sampling, explain, requestId });
+    const request = generateRequest(prompt, options); // bad arguments throw here, before any iteration
     return stream((signal) => this.inference.generateStream(request, callOptions(options, signal)), decodeStreamChunk);
   }
 

@@ -3,8 +3,10 @@
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import {
+  ExplanationErrorCode as ExplanationErrorCodeProto,
   ExplanationState as ExplanationStateProto,
   TargetScore as TargetScoreProto,
+  TokenRole as TokenRoleProto,
   type Explanation as ExplanationProto,
   type Faithfulness as FaithfulnessProto,
   type MethodResult as MethodResultProto,
@@ -16,6 +18,12 @@ import { Matrix, optionalMatrix } from "./matrix.js";
 export type ExplanationState = "unspecified" | "pending" | "running" | "succeeded" | "failed" | "cancelled";
 /** What an explained token's score was; attributions explain this number. */
 export type TargetScore = "unspecified" | "logprob" | "probability" | "logit";
+/** Which part of a sequence a token belongs to: the chat template's markup, a system prompt, a user's or an
+ * earlier assistant message's content, a text or token-id prompt (all the caller's), or generated output. */
+export type TokenRole = "unspecified" | "template" | "system" | "user" | "assistant" | "prompt" | "output";
+/** Why an explanation failed: the request is invalid for the model ("invalid_input", not retried), every worker
+ * that took it stopped ("attempts_exhausted"), or a method failed unexpectedly ("internal", a server bug). */
+export type ExplanationErrorCode = "unspecified" | "invalid_input" | "attempts_exhausted" | "internal";
 
 // Values a newer server may add read as "unspecified" rather than failing the whole response.
 const EXPLANATION_STATES: Partial<Record<ExplanationStateProto, ExplanationState>> = {
@@ -32,6 +40,19 @@ const TARGET_SCORES: Partial<Record<TargetScoreProto, TargetScore>> = {
   [TargetScoreProto.PROBABILITY]: "probability",
   [TargetScoreProto.LOGIT]: "logit",
 };
+const TOKEN_ROLES: Partial<Record<TokenRoleProto, TokenRole>> = {
+  [TokenRoleProto.TEMPLATE]: "template",
+  [TokenRoleProto.SYSTEM]: "system",
+  [TokenRoleProto.USER]: "user",
+  [TokenRoleProto.ASSISTANT]: "assistant",
+  [TokenRoleProto.PROMPT]: "prompt",
+  [TokenRoleProto.OUTPUT]: "output",
+};
+const ERROR_CODES: Partial<Record<ExplanationErrorCodeProto, ExplanationErrorCode>> = {
+  [ExplanationErrorCodeProto.INVALID_INPUT]: "invalid_input",
+  [ExplanationErrorCodeProto.ATTEMPTS_EXHAUSTED]: "attempts_exhausted",
+  [ExplanationErrorCodeProto.INTERNAL]: "internal",
+};
 const FINAL_STATES: ReadonlySet<ExplanationState> = new Set(["succeeded", "failed", "cancelled"]);
 
 export function decodeExplanationState(state: ExplanationStateProto): ExplanationState {
@@ -44,10 +65,43 @@ export interface Token {
   readonly text: string;
   /** The serving engine's log-probability, for generated tokens. */
   readonly logprob: number | undefined;
+  /** Which part of the sequence the token belongs to (set on an explanation's tokens). */
+  readonly role: TokenRole;
+  /** For a token of a chat message's content: the message's index in the request's messages. */
+  readonly messageIndex: number | undefined;
+  /** Whether the caller wrote this token: a chat message's content, or a text or token-id prompt (not the chat
+   * template's markup or default system prompt, nor generated output). */
+  readonly isContent: boolean;
 }
 
 export function decodeToken(token: TokenProto): Token {
-  return { id: token.id, text: token.text, logprob: token.logprob };
+  const role = TOKEN_ROLES[token.role] ?? "unspecified";
+  return {
+    id: token.id,
+    text: token.text,
+    logprob: token.logprob,
+    role,
+    messageIndex: token.messageIndex,
+    isContent: token.messageIndex !== undefined || role === "prompt",
+  };
+}
+
+/** Why an explanation failed. */
+export interface ExplanationError {
+  readonly code: ExplanationErrorCode;
+  /** What happened, for a person. */
+  readonly message: string;
+  /** Machine-readable context: "attempts", and "exception" for "internal". */
+  readonly details: Readonly<Record<string, string>>;
+}
+
+/** Options of `topSources` and `topGroups`. */
+export interface RankOptions {
+  /** The method whose matrix to rank; by default the first that has one. */
+  method?: string;
+  /** `topSources` only: rank only the tokens the caller wrote (`Token.isContent`), e.g. a chat's message
+   * contents without the template around them. */
+  contentOnly?: boolean;
 }
 
 /** One source token's contribution to a target token. */
@@ -148,7 +202,7 @@ export class Explanation {
   readonly explanationId: string;
   readonly state: ExplanationState;
   /** Why the explanation failed, when state is "failed". */
-  readonly error: string;
+  readonly error: ExplanationError | undefined;
   readonly model: string;
   readonly weightsDigest: string;
   /** Every token of the sequence: prompt first, then the generated output. */
@@ -182,7 +236,11 @@ export class Explanation {
   constructor(explanation: ExplanationProto) {
     this.explanationId = explanation.explanationId;
     this.state = decodeExplanationState(explanation.state);
-    this.error = explanation.error;
+    this.error = explanation.error && {
+      code: ERROR_CODES[explanation.error.code] ?? "unspecified",
+      message: explanation.error.message,
+      details: { ...explanation.error.details },
+    };
     this.model = explanation.model;
     this.weightsDigest = explanation.weightsDigest;
     this.tokens = explanation.tokens.map(decodeToken);
@@ -251,11 +309,13 @@ export class Explanation {
   /**
    * The `k` tokens that most influenced target `targetIndex`, strongest first. Only the target's causal
    * prefix (positions before it) is ranked, by absolute score; scores keep their sign; ties keep the earlier
-   * position first.
+   * position first. `contentOnly` ranks only the tokens the caller wrote.
    */
-  topSources(targetIndex: number, k = 5, method?: string): Source[] {
-    const scores = this.attributions(method).row(targetIndex);
-    const prefix = Array.from({ length: this.targetPositions[targetIndex] }, (_, position) => position);
+  topSources(targetIndex: number, k = 5, options: RankOptions = {}): Source[] {
+    const scores = this.attributions(options.method).row(targetIndex);
+    const prefix = Array.from({ length: this.targetPositions[targetIndex] }, (_, position) => position).filter(
+      (position) => !options.contentOnly || this.tokens[position].isContent,
+    );
     return strongest(scores, prefix, k).map((position) => ({
       position,
       token: this.tokens[position],
@@ -264,8 +324,8 @@ export class Explanation {
   }
 
   /** The `k` source groups that most influenced target `targetIndex`, strongest first, with their scores. */
-  topGroups(targetIndex: number, k = 5, method?: string): Array<{ group: SourceGroup; score: number }> {
-    const scores = this.aggregated(method).row(targetIndex);
+  topGroups(targetIndex: number, k = 5, options: Pick<RankOptions, "method"> = {}): Array<{ group: SourceGroup; score: number }> {
+    const scores = this.aggregated(options.method).row(targetIndex);
     const position = this.targetPositions[targetIndex];
     const before = this.sourceGroups.flatMap((group, index) => (group.start < position ? [index] : []));
     return strongest(scores, before, k).map((index) => ({ group: this.sourceGroups[index], score: scores[index] }));

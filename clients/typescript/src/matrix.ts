@@ -1,16 +1,14 @@
-// Decoding of the packed `sightline.v1.Tensor`: raw little-endian float32 or int32 bytes, row-major.
-import { DType, type Tensor } from "./gen/sightline/v1/types_pb.js";
+// Decoding of `sightline.v1.Tensor`: a shape and its elements, row-major, in float_values or int_values.
+import { Dtype, type Tensor } from "./gen/sightline/v1/types_pb.js";
 
 export type TensorDType = "float32" | "int32";
 
-const ELEMENT_BYTES = 4;
-
 /**
- * A dense row-major tensor decoded from a packed `sightline.v1.Tensor`.
+ * A dense row-major tensor decoded from a `sightline.v1.Tensor`.
  *
  * Usually two-dimensional (an attribution matrix is `[targets, tokens - 1]`), but method extras may have
  * other ranks, e.g. logit lens `[layers + 1, targets, k]`. `values` holds every element flat, in row-major
- * order, in a typed array of its own (never a view into the response's buffer).
+ * order, in a typed array of the tensor's element type.
  */
 export class Matrix {
   readonly dtype: TensorDType;
@@ -27,38 +25,24 @@ export class Matrix {
     this.values = values;
   }
 
-  /**
-   * Decode a wire tensor. The bytes are read through a DataView: protobuf hands out `data` as a view into
-   * the response at whatever offset the field had, which a Float32Array over the same memory would refuse
-   * unless it is a multiple of 4, and DataView also reads little-endian on big-endian hosts.
-   */
+  /** Decode a wire tensor; its elements must be in the value field its dtype names, the other one empty. */
   static fromProto(tensor: Tensor): Matrix {
-    const dtype = tensorDType(tensor.dtype);
-    const shape = tensor.shape.map((dimension) => {
-      if (dimension < 0n || dimension > BigInt(Number.MAX_SAFE_INTEGER)) {
-        throw new RangeError(`tensor dimension ${dimension} is out of range`);
-      }
-      return Number(dimension);
-    });
-    const { data } = tensor;
-    if (data.byteLength % ELEMENT_BYTES !== 0) {
-      throw new RangeError(`${data.byteLength} bytes are not a whole number of ${dtype} elements`);
+    const { floatValues, intValues } = tensor;
+    switch (tensor.dtype) {
+      case Dtype.FLOAT32:
+        if (intValues.length > 0) {
+          throw new RangeError(`a float32 tensor carries ${intValues.length} int_values`);
+        }
+        // Exact: each element was a float32 on the wire.
+        return new Matrix("float32", tensor.shape, Float32Array.from(floatValues));
+      case Dtype.INT32:
+        if (floatValues.length > 0) {
+          throw new RangeError(`an int32 tensor carries ${floatValues.length} float_values`);
+        }
+        return new Matrix("int32", tensor.shape, Int32Array.from(intValues));
+      default:
+        throw new RangeError(`unsupported tensor dtype ${tensor.dtype} (expected float32 or int32)`);
     }
-    const count = data.byteLength / ELEMENT_BYTES;
-    const view = new DataView(data.buffer, data.byteOffset, data.byteLength);
-    let values: Float32Array | Int32Array;
-    if (dtype === "float32") {
-      values = new Float32Array(count);
-      for (let index = 0; index < count; index++) {
-        values[index] = view.getFloat32(index * ELEMENT_BYTES, true);
-      }
-    } else {
-      values = new Int32Array(count);
-      for (let index = 0; index < count; index++) {
-        values[index] = view.getInt32(index * ELEMENT_BYTES, true);
-      }
-    }
-    return new Matrix(dtype, shape, values);
   }
 
   get ndim(): number {
@@ -108,20 +92,9 @@ function nest(flat: number[], shape: readonly number[]): NestedNumbers {
   );
 }
 
-function tensorDType(dtype: DType): TensorDType {
-  switch (dtype) {
-    case DType.FLOAT32:
-      return "float32";
-    case DType.INT32:
-      return "int32";
-    default:
-      throw new RangeError(`unsupported tensor dtype ${dtype} (expected float32 or int32)`);
-  }
-}
-
 /** Methods that do not attribute to tokens leave the tensor empty or unset; both read as undefined. */
 export function optionalMatrix(tensor: Tensor | undefined): Matrix | undefined {
-  if (tensor === undefined || (tensor.shape.length === 0 && tensor.data.byteLength === 0)) {
+  if (tensor === undefined || (tensor.shape.length === 0 && tensor.floatValues.length + tensor.intValues.length === 0)) {
     return undefined;
   }
   return Matrix.fromProto(tensor);

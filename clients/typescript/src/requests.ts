@@ -1,6 +1,6 @@
 // Request building: the prompt shapes, method lists and explain options the client takes, turned into the
 // generated messages (the Python SDK's sightline._messages). The one place that knows the request layout.
-import { create, type JsonObject, type MessageInitShape } from "@bufbuild/protobuf";
+import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import {
   EstimateExplanationRequestSchema,
   ExplainRequestSchema,
@@ -19,10 +19,12 @@ import {
   ExplainSpecSchema,
   Granularity,
   Normalization,
+  ParamValueSchema,
   SamplingParamsSchema,
   TargetScore,
   TargetSpecSchema,
   type ExplainSpec,
+  type ParamValue as ParamValueProto,
 } from "./gen/sightline/v1/types_pb.js";
 
 /** `{ role: "system" | "user" | "assistant", content: "..." }`. */
@@ -71,7 +73,8 @@ export interface GenerateOptions {
   temperature?: number;
   topP?: number;
   topK?: number;
-  seed?: number | bigint;
+  /** A 32-bit integer. */
+  seed?: number;
   stop?: string | readonly string[];
   explain?: ExplainMethods;
   /** "sync" (default): the explanation is attached; "async": only its id is, for `getExplanation`. */
@@ -115,17 +118,47 @@ function isChatMessage(item: unknown): item is ChatMessage {
 
 export function generationInput(prompt: Prompt): GenerationInput {
   if (typeof prompt === "string") {
-    return create(GenerationInputSchema, { input: { case: "prompt", value: prompt } });
+    return create(GenerationInputSchema, { kind: { case: "prompt", value: prompt } });
   }
   if (prompt.length > 0 && prompt.every((item: unknown) => Number.isSafeInteger(item))) {
     const ids = prompt as readonly number[];
-    return create(GenerationInputSchema, { input: { case: "promptTokenIds", value: { ids: [...ids] } } });
+    return create(GenerationInputSchema, { kind: { case: "promptTokenIds", value: { ids: [...ids] } } });
   }
   if (prompt.length > 0 && prompt.every((item: unknown) => isChatMessage(item))) {
     const messages = (prompt as readonly ChatMessage[]).map(({ role, content }) => ({ role, content }));
-    return create(GenerationInputSchema, { input: { case: "chat", value: { messages } } });
+    return create(GenerationInputSchema, { kind: { case: "chat", value: { messages } } });
   }
   throw new TypeError("prompt must be a string, a non-empty array of token ids, or a non-empty array of chat messages");
+}
+
+const INT32_MIN = -(2 ** 31);
+const INT32_MAX = 2 ** 31 - 1;
+
+/**
+ * Parameter values typed as the API carries them. JavaScript has one number type, so a whole number in the
+ * 32-bit range travels as an int (which float parameters accept too) and any other number as a float.
+ */
+function typedParams(method: string, params: Readonly<Record<string, ParamValue>>): Record<string, ParamValueProto> {
+  const typed: Record<string, ParamValueProto> = {};
+  for (const [name, value] of Object.entries(params)) {
+    typed[name] = create(ParamValueSchema, { kind: paramKind(method, name, value) });
+  }
+  return typed;
+}
+
+function paramKind(method: string, name: string, value: unknown): ParamValueProto["kind"] {
+  switch (typeof value) {
+    case "boolean":
+      return { case: "boolValue", value };
+    case "string":
+      return { case: "stringValue", value };
+    case "number":
+      return Number.isInteger(value) && value >= INT32_MIN && value <= INT32_MAX
+        ? { case: "intValue", value }
+        : { case: "floatValue", value };
+    default:
+      throw new TypeError(`parameter '${name}' of method '${method}' must be a boolean, number or string, got ${typeof value}`);
+  }
 }
 
 /** The explain spec for `methods`, or undefined (no explanation) when there are none. */
@@ -142,7 +175,7 @@ export function explainSpec(
       ? [{ name: methods }]
       : Array.isArray(methods)
         ? (methods as readonly string[]).map((name) => ({ name }))
-        : Object.entries(methods ?? {}).map(([name, params]) => ({ name, params: { ...params } as JsonObject }));
+        : Object.entries(methods ?? {}).map(([name, params]) => ({ name, params: typedParams(name, params) }));
   if (specs.length === 0) {
     if (options !== undefined) {
       // Refused rather than dropped: they would explain nothing.
@@ -198,7 +231,7 @@ export function generateRequest(prompt: Prompt, options: GenerateOptions): Gener
       temperature: options.temperature,
       topP: options.topP,
       topK: options.topK,
-      seed: options.seed === undefined ? undefined : BigInt(options.seed),
+      seed: options.seed,
       stop: stop === undefined ? [] : typeof stop === "string" ? [stop] : [...stop],
     }),
     explain: explainSpec(options.explain, options.mode ?? "sync", options.options),

@@ -11,6 +11,7 @@ import {
 import type { GenerateResponse, GenerateStreamResponse } from "./gen/sightline/v1/inference_pb.js";
 import { FinishReason as FinishReasonProto } from "./gen/sightline/v1/types_pb.js";
 import type { Explanation as ExplanationProto, Usage as UsageProto } from "./gen/sightline/v1/types_pb.js";
+import type { ParamValue } from "./requests.js";
 import { Explanation, decodeExplanationState, decodeToken, type ExplanationState, type Token } from "./explanation.js";
 
 export type FinishReason = "unspecified" | "stop" | "length" | "abort" | "context_length";
@@ -51,15 +52,20 @@ export interface Generation {
   readonly raw: GenerateResponse;
 }
 
-/** One message of a generation stream: the tokens produced since the previous one. */
+/**
+ * One message of a generation stream: the start (`kind` "start", with the prompt's token ids), the tokens
+ * produced since the previous message ("delta"), or the end ("end", with the finish reason, usage and
+ * explanation). Fields a kind does not carry are empty or undefined.
+ */
 export interface StreamChunk {
+  readonly kind: "start" | "delta" | "end";
   readonly requestId: string;
   readonly traceId: string;
   readonly outputTokens: readonly Token[];
   readonly textDelta: string;
-  /** Set on the first chunk only. */
+  /** Set on the start only. */
   readonly promptTokenIds: readonly number[];
-  /** Set on the last chunk only, like `usage` and the explanation. */
+  /** Set on the end only, like `usage` and the explanation. */
   readonly finishReason: FinishReason | undefined;
   readonly usage: Usage | undefined;
   readonly explanationId: string;
@@ -70,8 +76,8 @@ export interface StreamChunk {
 export interface MethodParam {
   readonly name: string;
   readonly type: ParamType;
-  /** The default rendered as text. */
-  readonly defaultValue: string;
+  /** The value used when a request leaves the parameter out, of the parameter's type. */
+  readonly defaultValue: ParamValue | undefined;
   readonly description: string;
   /** Inclusive bounds of a numeric parameter, if it has them. */
   readonly minimum: number | undefined;
@@ -144,19 +150,27 @@ export function decodeGeneration(response: GenerateResponse): Generation {
 }
 
 export function decodeStreamChunk(response: GenerateStreamResponse): StreamChunk {
+  const { event } = response;
+  if (event.case === undefined) {
+    throw new RangeError("a stream message is neither start, delta nor end");
+  }
+  const start = event.case === "start" ? event.value : undefined;
+  const delta = event.case === "delta" ? event.value : undefined;
+  const end = event.case === "end" ? event.value : undefined;
   return {
+    kind: event.case,
     requestId: response.requestId,
     traceId: response.traceId,
-    outputTokens: response.outputTokens.map(decodeToken),
-    textDelta: response.textDelta,
-    promptTokenIds: [...response.promptTokenIds],
+    outputTokens: (delta?.outputTokens ?? []).map(decodeToken),
+    textDelta: delta?.textDelta ?? "",
+    promptTokenIds: [...(start?.promptTokenIds ?? [])],
     finishReason:
-      response.finishReason === FinishReasonProto.UNSPECIFIED
+      end === undefined || end.finishReason === FinishReasonProto.UNSPECIFIED
         ? undefined
-        : (FINISH_REASONS[response.finishReason] ?? "unspecified"),
-    usage: decodeUsage(response.usage),
-    explanationId: response.explanationId,
-    explanation: optionalExplanation(response.explanation),
+        : (FINISH_REASONS[end.finishReason] ?? "unspecified"),
+    usage: decodeUsage(end?.usage),
+    explanationId: end?.explanationId ?? "",
+    explanation: optionalExplanation(end?.explanation),
     raw: response,
   };
 }
@@ -165,7 +179,7 @@ function decodeMethodParam(param: MethodParamProto): MethodParam {
   return {
     name: param.name,
     type: PARAM_TYPES[param.type] ?? "unspecified",
-    defaultValue: param.defaultValue,
+    defaultValue: param.defaultValue?.kind.value,
     description: param.description,
     minimum: param.minimum,
     maximum: param.maximum,

@@ -6,7 +6,10 @@
 //   SIGHTLINE_PLAINTEXT_TARGET  a plaintext gateway without keys
 //   SIGHTLINE_DECODED_OUT       where to write the decoded explanation for the cross-language check
 import assert from "node:assert/strict";
+import { execFile } from "node:child_process";
 import { writeFileSync } from "node:fs";
+import { fileURLToPath } from "node:url";
+import { promisify } from "node:util";
 import { after, before, test } from "node:test";
 import {
   Client,
@@ -58,6 +61,7 @@ test("ListMethods over TLS with an API key, and over plaintext without one", asy
   assert.equal(byName.get("logit_lens")?.attributesTokens, false);
   const steps = byName.get("integrated_gradients")?.params.find((param) => param.name === "steps");
   assert.equal(steps?.type, "int");
+  assert.equal(typeof steps?.defaultValue, "number");
 
   const plaintext = new Client(required("SIGHTLINE_PLAINTEXT_TARGET"), { timeoutMs: 60_000 });
   try {
@@ -108,6 +112,20 @@ test("Generate with a SYNC explanation: the answer, its matrices and top sources
   assert.deepEqual(strengths, [...strengths].sort((a, b) => b - a));
   assert.equal(strengths[0], Math.max(...row.slice(0, position).map(Math.abs)));
 
+  // Token roles: the chat template's markup around the question, the question itself as message 0, the answer.
+  const prompt = explanation.tokens.slice(0, explanation.promptLength);
+  const question = prompt.filter((token) => token.isContent);
+  assert.ok(question.every((token) => token.role === "user" && token.messageIndex === 0));
+  assert.equal(question.map((token) => token.text).join("").trim(), QUESTION[0].content);
+  assert.ok(prompt.some((token) => token.role === "template"));
+  assert.ok(explanation.tokens.slice(explanation.promptLength).every((token) => token.role === "output"));
+  // Ranked within the words the user wrote, leaving out the template around them.
+  const content = explanation.topSources(paris, 3, { contentOnly: true });
+  assert.equal(content.length, 3);
+  assert.ok(content.every((source) => source.token.isContent && source.position < position));
+  const contentStrengths = content.map((source) => Math.abs(source.score));
+  assert.deepEqual(contentStrengths, [...contentStrengths].sort((a, b) => b - a));
+
   // logit_lens: int32 and float32 extras of rank 3, read per layer.
   const layers = explanation.logitLens(paris);
   const lens = explanation.result("logit_lens");
@@ -123,7 +141,12 @@ test("GenerateStream: async iteration yields the answer token by token, the expl
   for await (const chunk of client.generateStream(QUESTION, { maxTokens: 16, explain: "logit_lens" })) {
     chunks.push(chunk);
   }
-  assert.ok(chunks.length > 1, `${chunks.length} chunks`);
+  // One start, the deltas, one end.
+  assert.deepEqual(
+    [chunks[0].kind, chunks[chunks.length - 1].kind],
+    ["start", "end"],
+  );
+  assert.ok(chunks.slice(1, -1).length > 1 && chunks.slice(1, -1).every((chunk) => chunk.kind === "delta"));
   assert.deepEqual(chunks[0].promptTokenIds, france.promptTokenIds);
   assert.equal(chunks.map((chunk) => chunk.textDelta).join(""), france.text);
   assert.deepEqual(
@@ -134,6 +157,7 @@ test("GenerateStream: async iteration yields the answer token by token, the expl
   assert.equal(last.finishReason, france.finishReason);
   assert.equal(last.usage?.outputTokens, france.outputTokens.length);
   assert.equal(last.explanation?.state, "succeeded");
+  assert.deepEqual(Object.keys(last.explanation?.results ?? {}), ["logit_lens"]);
   assert.ok(chunks.slice(0, -1).every((chunk) => chunk.finishReason === undefined && chunk.explanation === undefined));
 
   // Leaving the loop early ends the call rather than leaving it running.
@@ -193,6 +217,19 @@ test("a bad request is an InvalidArgumentError naming what is wrong", async () =
   });
 });
 
+test("the README's example answers and explains the France question", async () => {
+  const example = fileURLToPath(new URL("../examples/france.js", import.meta.url));
+  const { stdout } = await promisify(execFile)(process.execPath, [example, required("SIGHTLINE_PLAINTEXT_TARGET")], {
+    timeout: TIMEOUT_MS,
+  });
+  const [answer, ...sources] = stdout.trim().split("\n");
+  assert.match(answer, /Paris/);
+  assert.equal(sources.length, 3, stdout);
+  for (const line of sources) {
+    assert.match(line, /^\d+ ".*" -?\d+\.\d{4}$/);
+  }
+});
+
 test("the decoded explanation, written for the cross-language comparison", () => {
   const explanation = france.explanation!;
   const decoded = {
@@ -205,6 +242,11 @@ test("the decoded explanation, written for the cross-language comparison", () =>
     ),
     topSources: explanation.targetPositions.map((_, index) =>
       explanation.topSources(index, 5).map((source) => [source.position, source.token.id, source.score]),
+    ),
+    contentTopSources: explanation.targetPositions.map((_, index) =>
+      explanation
+        .topSources(index, 5, { contentOnly: true })
+        .map((source) => [source.position, source.token.id, source.score]),
     ),
   };
   writeFileSync(required("SIGHTLINE_DECODED_OUT"), JSON.stringify(decoded));

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file sightline/v1/audit.proto.
  */
 export const file_sightline_v1_audit: GenFile = /*@__PURE__*/
-  fileDesc("ChhzaWdodGxpbmUvdjEvYXVkaXQucHJvdG8SDHNpZ2h0bGluZS52MSItCgpTaWduZWRUZXh0EgwKBHRleHQYASABKAkSEQoJc2lnbmF0dXJlGAIgASgMIhYKFEdldENoZWNrcG9pbnRSZXF1ZXN0Il0KFUdldENoZWNrcG9pbnRSZXNwb25zZRIsCgpjaGVja3BvaW50GAEgASgLMhguc2lnaHRsaW5lLnYxLlNpZ25lZFRleHQSFgoOcHVibGljX2tleV9wZW0YAiABKAkiPAoYR2V0SW5jbHVzaW9uUHJvb2ZSZXF1ZXN0Eg0KBWluZGV4GAEgASgEEhEKCXRyZWVfc2l6ZRgCIAEoBCJ7ChlHZXRJbmNsdXNpb25Qcm9vZlJlc3BvbnNlEg0KBWVudHJ5GAEgASgJEhEKCXRyZWVfc2l6ZRgCIAEoBBIOCgZoYXNoZXMYAyADKAwSLAoKY2hlY2twb2ludBgEIAEoCzIYLnNpZ2h0bGluZS52MS5TaWduZWRUZXh0IkAKGkdldENvbnNpc3RlbmN5UHJvb2ZSZXF1ZXN0EhAKCG9sZF9zaXplGAEgASgEEhAKCG5ld19zaXplGAIgASgEIlEKG0dldENvbnNpc3RlbmN5UHJvb2ZSZXNwb25zZRIQCghvbGRfc2l6ZRgBIAEoBBIQCghuZXdfc2l6ZRgCIAEoBBIOCgZoYXNoZXMYAyADKAwifAoURXhwb3J0RW50cmllc1JlcXVlc3QSKQoFc2luY2UYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEikKBXVudGlsGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIOCgZ0ZW5hbnQYAyABKAkiPAoNRXhwb3J0ZWRFbnRyeRINCgVpbmRleBgBIAEoBBINCgVlbnRyeRgCIAEoCRINCgVwcm9vZhgDIAMoDCKrAQoVRXhwb3J0RW50cmllc1Jlc3BvbnNlEi4KCmNoZWNrcG9pbnQYASABKAsyGC5zaWdodGxpbmUudjEuU2lnbmVkVGV4dEgAEiwKBWVudHJ5GAIgASgLMhsuc2lnaHRsaW5lLnYxLkV4cG9ydGVkRW50cnlIABIsCghtYW5pZmVzdBgDIAEoCzIYLnNpZ2h0bGluZS52MS5TaWduZWRUZXh0SABCBgoEaXRlbTKWAwoMQXVkaXRTZXJ2aWNlElgKDUdldENoZWNrcG9pbnQSIi5zaWdodGxpbmUudjEuR2V0Q2hlY2twb2ludFJlcXVlc3QaIy5zaWdodGxpbmUudjEuR2V0Q2hlY2twb2ludFJlc3BvbnNlEmQKEUdldEluY2x1c2lvblByb29mEiYuc2lnaHRsaW5lLnYxLkdldEluY2x1c2lvblByb29mUmVxdWVzdBonLnNpZ2h0bGluZS52MS5HZXRJbmNsdXNpb25Qcm9vZlJlc3BvbnNlEmoKE0dldENvbnNpc3RlbmN5UHJvb2YSKC5zaWdodGxpbmUudjEuR2V0Q29uc2lzdGVuY3lQcm9vZlJlcXVlc3QaKS5zaWdodGxpbmUudjEuR2V0Q29uc2lzdGVuY3lQcm9vZlJlc3BvbnNlEloKDUV4cG9ydEVudHJpZXMSIi5zaWdodGxpbmUudjEuRXhwb3J0RW50cmllc1JlcXVlc3QaIy5zaWdodGxpbmUudjEuRXhwb3J0RW50cmllc1Jlc3BvbnNlMAFiBnByb3RvMw", [file_google_protobuf_timestamp]);
+  fileDesc("ChhzaWdodGxpbmUvdjEvYXVkaXQucHJvdG8SDHNpZ2h0bGluZS52MSItCgpTaWduZWRUZXh0EgwKBHRleHQYASABKAkSEQoJc2lnbmF0dXJlGAIgASgMIhYKFEdldENoZWNrcG9pbnRSZXF1ZXN0Il0KFUdldENoZWNrcG9pbnRSZXNwb25zZRIsCgpjaGVja3BvaW50GAEgASgLMhguc2lnaHRsaW5lLnYxLlNpZ25lZFRleHQSFgoOcHVibGljX2tleV9wZW0YAiABKAkiRAoYR2V0SW5jbHVzaW9uUHJvb2ZSZXF1ZXN0EhEKBWluZGV4GAEgASgEQgIwAhIVCgl0cmVlX3NpemUYAiABKARCAjACIn8KGUdldEluY2x1c2lvblByb29mUmVzcG9uc2USDQoFZW50cnkYASABKAkSFQoJdHJlZV9zaXplGAIgASgEQgIwAhIOCgZoYXNoZXMYAyADKAwSLAoKY2hlY2twb2ludBgEIAEoCzIYLnNpZ2h0bGluZS52MS5TaWduZWRUZXh0IkgKGkdldENvbnNpc3RlbmN5UHJvb2ZSZXF1ZXN0EhQKCG9sZF9zaXplGAEgASgEQgIwAhIUCghuZXdfc2l6ZRgCIAEoBEICMAIiWQobR2V0Q29uc2lzdGVuY3lQcm9vZlJlc3BvbnNlEhQKCG9sZF9zaXplGAEgASgEQgIwAhIUCghuZXdfc2l6ZRgCIAEoBEICMAISDgoGaGFzaGVzGAMgAygMInwKFEV4cG9ydEVudHJpZXNSZXF1ZXN0EikKBXNpbmNlGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIpCgV1bnRpbBgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDgoGdGVuYW50GAMgASgJIkAKDUV4cG9ydGVkRW50cnkSEQoFaW5kZXgYASABKARCAjACEg0KBWVudHJ5GAIgASgJEg0KBXByb29mGAMgAygMIqsBChVFeHBvcnRFbnRyaWVzUmVzcG9uc2USLgoKY2hlY2twb2ludBgBIAEoCzIYLnNpZ2h0bGluZS52MS5TaWduZWRUZXh0SAASLAoFZW50cnkYAiABKAsyGy5zaWdodGxpbmUudjEuRXhwb3J0ZWRFbnRyeUgAEiwKCG1hbmlmZXN0GAMgASgLMhguc2lnaHRsaW5lLnYxLlNpZ25lZFRleHRIAEIGCgRpdGVtMpYDCgxBdWRpdFNlcnZpY2USWAoNR2V0Q2hlY2twb2ludBIiLnNpZ2h0bGluZS52MS5HZXRDaGVja3BvaW50UmVxdWVzdBojLnNpZ2h0bGluZS52MS5HZXRDaGVja3BvaW50UmVzcG9uc2USZAoRR2V0SW5jbHVzaW9uUHJvb2YSJi5zaWdodGxpbmUudjEuR2V0SW5jbHVzaW9uUHJvb2ZSZXF1ZXN0Gicuc2lnaHRsaW5lLnYxLkdldEluY2x1c2lvblByb29mUmVzcG9uc2USagoTR2V0Q29uc2lzdGVuY3lQcm9vZhIoLnNpZ2h0bGluZS52MS5HZXRDb25zaXN0ZW5jeVByb29mUmVxdWVzdBopLnNpZ2h0bGluZS52MS5HZXRDb25zaXN0ZW5jeVByb29mUmVzcG9uc2USWgoNRXhwb3J0RW50cmllcxIiLnNpZ2h0bGluZS52MS5FeHBvcnRFbnRyaWVzUmVxdWVzdBojLnNpZ2h0bGluZS52MS5FeHBvcnRFbnRyaWVzUmVzcG9uc2UwAUKQAQoQY29tLnNpZ2h0bGluZS52MUIKQXVkaXRQcm90b1ABWjpnaXRodWIuY29tL3NpZ2h0bGluZS9zaWdodGxpbmUtZ28vc2lnaHRsaW5lL3YxO3NpZ2h0bGluZXYxogIDU0xWqgIMU2lnaHRsaW5lLlYxygIMU2lnaHRsaW5lXFYx6gINU2lnaHRsaW5lOjpWMWIGcHJvdG8z", [file_google_protobuf_timestamp]);
 
 /**
  * A signed statement: canonical JSON text and its Ed25519 signature over the
@@ -96,14 +96,14 @@ export type GetInclusionProofRequest = Message<"sightline.v1.GetInclusionProofRe
   /**
    * The entry's index in the log (its "index" field).
    *
-   * @generated from field: uint64 index = 1;
+   * @generated from field: uint64 index = 1 [jstype = JS_NUMBER];
    */
   index: bigint;
 
   /**
    * The tree size to prove against; 0 means the latest, whose signed checkpoint comes back.
    *
-   * @generated from field: uint64 tree_size = 2;
+   * @generated from field: uint64 tree_size = 2 [jstype = JS_NUMBER];
    */
   treeSize: bigint;
 };
@@ -131,7 +131,7 @@ export type GetInclusionProofResponse = Message<"sightline.v1.GetInclusionProofR
   /**
    * The tree size the proof is for.
    *
-   * @generated from field: uint64 tree_size = 2;
+   * @generated from field: uint64 tree_size = 2 [jstype = JS_NUMBER];
    */
   treeSize: bigint;
 
@@ -166,14 +166,14 @@ export type GetConsistencyProofRequest = Message<"sightline.v1.GetConsistencyPro
   /**
    * The smaller tree size.
    *
-   * @generated from field: uint64 old_size = 1;
+   * @generated from field: uint64 old_size = 1 [jstype = JS_NUMBER];
    */
   oldSize: bigint;
 
   /**
    * The larger tree size; 0 means the latest.
    *
-   * @generated from field: uint64 new_size = 2;
+   * @generated from field: uint64 new_size = 2 [jstype = JS_NUMBER];
    */
   newSize: bigint;
 };
@@ -194,14 +194,14 @@ export type GetConsistencyProofResponse = Message<"sightline.v1.GetConsistencyPr
   /**
    * The smaller tree size.
    *
-   * @generated from field: uint64 old_size = 1;
+   * @generated from field: uint64 old_size = 1 [jstype = JS_NUMBER];
    */
   oldSize: bigint;
 
   /**
    * The larger tree size.
    *
-   * @generated from field: uint64 new_size = 2;
+   * @generated from field: uint64 new_size = 2 [jstype = JS_NUMBER];
    */
   newSize: bigint;
 
@@ -265,7 +265,7 @@ export type ExportedEntry = Message<"sightline.v1.ExportedEntry"> & {
   /**
    * The entry's index in the log.
    *
-   * @generated from field: uint64 index = 1;
+   * @generated from field: uint64 index = 1 [jstype = JS_NUMBER];
    */
   index: bigint;
 

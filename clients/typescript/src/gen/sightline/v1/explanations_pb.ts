@@ -6,7 +6,7 @@ import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobu
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
-import type { ExplainPath, ExplainSpec, Explanation, ExplanationState } from "./types_pb.js";
+import type { ExplainPath, ExplainSpec, Explanation, ExplanationState, ParamValue } from "./types_pb.js";
 import { file_sightline_v1_types } from "./types_pb.js";
 import type { Message } from "@bufbuild/protobuf";
 
@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file sightline/v1/explanations.proto.
  */
 export const file_sightline_v1_explanations: GenFile = /*@__PURE__*/
-  fileDesc("Ch9zaWdodGxpbmUvdjEvZXhwbGFuYXRpb25zLnByb3RvEgxzaWdodGxpbmUudjEiSAoYQ2FuY2VsRXhwbGFuYXRpb25SZXF1ZXN0EhYKDmV4cGxhbmF0aW9uX2lkGAEgASgJEhQKDHdhaXRfc2Vjb25kcxgCIAEoAiJxChlDYW5jZWxFeHBsYW5hdGlvblJlc3BvbnNlEhIKCnJlcXVlc3RfaWQYASABKAkSEAoIdHJhY2VfaWQYAiABKAkSLgoLZXhwbGFuYXRpb24YAyABKAsyGS5zaWdodGxpbmUudjEuRXhwbGFuYXRpb24iMQoXV2F0Y2hFeHBsYW5hdGlvblJlcXVlc3QSFgoOZXhwbGFuYXRpb25faWQYASABKAkiSgoYV2F0Y2hFeHBsYW5hdGlvblJlc3BvbnNlEi4KC2V4cGxhbmF0aW9uGAEgASgLMhkuc2lnaHRsaW5lLnYxLkV4cGxhbmF0aW9uIoUBChpFc3RpbWF0ZUV4cGxhbmF0aW9uUmVxdWVzdBINCgVtb2RlbBgBIAEoCRIVCg1wcm9tcHRfdG9rZW5zGAIgASgFEhUKDW91dHB1dF90b2tlbnMYAyABKAUSKgoHZXhwbGFpbhgEIAEoCzIZLnNpZ2h0bGluZS52MS5FeHBsYWluU3BlYyJBCg5NZXRob2RFc3RpbWF0ZRIOCgZtZXRob2QYASABKAkSDgoGcGFzc2VzGAIgASgBEg8KB3NlY29uZHMYAyABKAEiswEKG0VzdGltYXRlRXhwbGFuYXRpb25SZXNwb25zZRISCgpyZXF1ZXN0X2lkGAEgASgJEhAKCHRyYWNlX2lkGAIgASgJEg4KBnBhc3NlcxgDIAEoARIPCgdzZWNvbmRzGAQgASgBEi0KB21ldGhvZHMYBSADKAsyHC5zaWdodGxpbmUudjEuTWV0aG9kRXN0aW1hdGUSHgoWc2Vjb25kc19wZXJfdG9rZW5fcGFzcxgGIAEoASKsAQoORXhwbGFpblJlcXVlc3QSDQoFbW9kZWwYASABKAkSGAoQcHJvbXB0X3Rva2VuX2lkcxgCIAMoBRIYChBvdXRwdXRfdG9rZW5faWRzGAMgAygFEhcKD291dHB1dF9sb2dwcm9icxgEIAMoAhIqCgdleHBsYWluGAUgASgLMhkuc2lnaHRsaW5lLnYxLkV4cGxhaW5TcGVjEhIKCnJlcXVlc3RfaWQYBiABKAkifwoPRXhwbGFpblJlc3BvbnNlEhIKCnJlcXVlc3RfaWQYASABKAkSEAoIdHJhY2VfaWQYAiABKAkSFgoOZXhwbGFuYXRpb25faWQYAyABKAkSLgoLZXhwbGFuYXRpb24YBCABKAsyGS5zaWdodGxpbmUudjEuRXhwbGFuYXRpb24iRQoVR2V0RXhwbGFuYXRpb25SZXF1ZXN0EhYKDmV4cGxhbmF0aW9uX2lkGAEgASgJEhQKDHdhaXRfc2Vjb25kcxgCIAEoAiJuChZHZXRFeHBsYW5hdGlvblJlc3BvbnNlEhIKCnJlcXVlc3RfaWQYASABKAkSEAoIdHJhY2VfaWQYAiABKAkSLgoLZXhwbGFuYXRpb24YAyABKAsyGS5zaWdodGxpbmUudjEuRXhwbGFuYXRpb24iQAoXTGlzdEV4cGxhbmF0aW9uc1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgFEhIKCnBhZ2VfdG9rZW4YAiABKAkivQEKEkV4cGxhbmF0aW9uU3VtbWFyeRIWCg5leHBsYW5hdGlvbl9pZBgBIAEoCRItCgVzdGF0ZRgCIAEoDjIeLnNpZ2h0bGluZS52MS5FeHBsYW5hdGlvblN0YXRlEg0KBW1vZGVsGAMgASgJEg8KB21ldGhvZHMYBCADKAkSLgoKY3JlYXRlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEAoIdHJhY2VfaWQYBiABKAkikQEKGExpc3RFeHBsYW5hdGlvbnNSZXNwb25zZRISCgpyZXF1ZXN0X2lkGAEgASgJEhAKCHRyYWNlX2lkGAIgASgJEjYKDGV4cGxhbmF0aW9ucxgDIAMoCzIgLnNpZ2h0bGluZS52MS5FeHBsYW5hdGlvblN1bW1hcnkSFwoPbmV4dF9wYWdlX3Rva2VuGAQgASgJIhQKEkxpc3RNZXRob2RzUmVxdWVzdCLDAQoLTWV0aG9kUGFyYW0SDAoEbmFtZRgBIAEoCRIlCgR0eXBlGAIgASgOMhcuc2lnaHRsaW5lLnYxLlBhcmFtVHlwZRIVCg1kZWZhdWx0X3ZhbHVlGAMgASgJEhMKC2Rlc2NyaXB0aW9uGAQgASgJEhQKB21pbmltdW0YBSABKAFIAIgBARIUCgdtYXhpbXVtGAYgASgBSAGIAQESDwoHY2hvaWNlcxgHIAMoCUIKCghfbWluaW11bUIKCghfbWF4aW11bSKEAgoKTWV0aG9kSW5mbxIMCgRuYW1lGAEgASgJEhMKC2Rlc2NyaXB0aW9uGAIgASgJEikKBnBhcmFtcxgDIAMoCzIZLnNpZ2h0bGluZS52MS5NZXRob2RQYXJhbRIXCg9uZWVkc19ncmFkaWVudHMYBCABKAgSEgoKdXNlc19jYWNoZRgFIAEoCBIkChxzdXBwb3J0c19jb250cmFzdGl2ZV90YXJnZXRzGAYgASgIEhIKCm11bHRpbW9kYWwYByABKAgSGQoRYXR0cmlidXRlc190b2tlbnMYCCABKAgSJgoEY29zdBgJIAEoCzIYLnNpZ2h0bGluZS52MS5NZXRob2RDb3N0ImoKCk1ldGhvZENvc3QSDgoGcGFzc2VzGAEgASgBEhkKEXBhc3Nlc19wZXJfdGFyZ2V0GAIgASgBEhgKEHBhc3Nlc19wZXJfdG9rZW4YAyABKAESFwoPc2NhbGVkX2J5X3BhcmFtGAQgASgJIpYBChNMaXN0TWV0aG9kc1Jlc3BvbnNlEikKB21ldGhvZHMYASADKAsyGC5zaWdodGxpbmUudjEuTWV0aG9kSW5mbxINCgVtb2RlbBgCIAEoCRIUCgxhcmNoaXRlY3R1cmUYAyABKAkSLwoMZXhwbGFpbl9wYXRoGAQgASgOMhkuc2lnaHRsaW5lLnYxLkV4cGxhaW5QYXRoKn0KCVBhcmFtVHlwZRIaChZQQVJBTV9UWVBFX1VOU1BFQ0lGSUVEEAASEgoOUEFSQU1fVFlQRV9JTlQQARIUChBQQVJBTV9UWVBFX0ZMT0FUEAISFQoRUEFSQU1fVFlQRV9TVFJJTkcQAxITCg9QQVJBTV9UWVBFX0JPT0wQBDKoBQoTRXhwbGFuYXRpb25zU2VydmljZRJGCgdFeHBsYWluEhwuc2lnaHRsaW5lLnYxLkV4cGxhaW5SZXF1ZXN0Gh0uc2lnaHRsaW5lLnYxLkV4cGxhaW5SZXNwb25zZRJbCg5HZXRFeHBsYW5hdGlvbhIjLnNpZ2h0bGluZS52MS5HZXRFeHBsYW5hdGlvblJlcXVlc3QaJC5zaWdodGxpbmUudjEuR2V0RXhwbGFuYXRpb25SZXNwb25zZRJhChBMaXN0RXhwbGFuYXRpb25zEiUuc2lnaHRsaW5lLnYxLkxpc3RFeHBsYW5hdGlvbnNSZXF1ZXN0GiYuc2lnaHRsaW5lLnYxLkxpc3RFeHBsYW5hdGlvbnNSZXNwb25zZRJSCgtMaXN0TWV0aG9kcxIgLnNpZ2h0bGluZS52MS5MaXN0TWV0aG9kc1JlcXVlc3QaIS5zaWdodGxpbmUudjEuTGlzdE1ldGhvZHNSZXNwb25zZRJkChFDYW5jZWxFeHBsYW5hdGlvbhImLnNpZ2h0bGluZS52MS5DYW5jZWxFeHBsYW5hdGlvblJlcXVlc3QaJy5zaWdodGxpbmUudjEuQ2FuY2VsRXhwbGFuYXRpb25SZXNwb25zZRJjChBXYXRjaEV4cGxhbmF0aW9uEiUuc2lnaHRsaW5lLnYxLldhdGNoRXhwbGFuYXRpb25SZXF1ZXN0GiYuc2lnaHRsaW5lLnYxLldhdGNoRXhwbGFuYXRpb25SZXNwb25zZTABEmoKE0VzdGltYXRlRXhwbGFuYXRpb24SKC5zaWdodGxpbmUudjEuRXN0aW1hdGVFeHBsYW5hdGlvblJlcXVlc3QaKS5zaWdodGxpbmUudjEuRXN0aW1hdGVFeHBsYW5hdGlvblJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp, file_sightline_v1_types]);
+  fileDesc("Ch9zaWdodGxpbmUvdjEvZXhwbGFuYXRpb25zLnByb3RvEgxzaWdodGxpbmUudjEiSAoYQ2FuY2VsRXhwbGFuYXRpb25SZXF1ZXN0EhYKDmV4cGxhbmF0aW9uX2lkGAEgASgJEhQKDHdhaXRfc2Vjb25kcxgCIAEoAiJxChlDYW5jZWxFeHBsYW5hdGlvblJlc3BvbnNlEhIKCnJlcXVlc3RfaWQYASABKAkSEAoIdHJhY2VfaWQYAiABKAkSLgoLZXhwbGFuYXRpb24YAyABKAsyGS5zaWdodGxpbmUudjEuRXhwbGFuYXRpb24iMQoXV2F0Y2hFeHBsYW5hdGlvblJlcXVlc3QSFgoOZXhwbGFuYXRpb25faWQYASABKAkiSgoYV2F0Y2hFeHBsYW5hdGlvblJlc3BvbnNlEi4KC2V4cGxhbmF0aW9uGAEgASgLMhkuc2lnaHRsaW5lLnYxLkV4cGxhbmF0aW9uIoUBChpFc3RpbWF0ZUV4cGxhbmF0aW9uUmVxdWVzdBINCgVtb2RlbBgBIAEoCRIVCg1wcm9tcHRfdG9rZW5zGAIgASgFEhUKDW91dHB1dF90b2tlbnMYAyABKAUSKgoHZXhwbGFpbhgEIAEoCzIZLnNpZ2h0bGluZS52MS5FeHBsYWluU3BlYyJBCg5NZXRob2RFc3RpbWF0ZRIOCgZtZXRob2QYASABKAkSDgoGcGFzc2VzGAIgASgBEg8KB3NlY29uZHMYAyABKAEiswEKG0VzdGltYXRlRXhwbGFuYXRpb25SZXNwb25zZRISCgpyZXF1ZXN0X2lkGAEgASgJEhAKCHRyYWNlX2lkGAIgASgJEg4KBnBhc3NlcxgDIAEoARIPCgdzZWNvbmRzGAQgASgBEi0KB21ldGhvZHMYBSADKAsyHC5zaWdodGxpbmUudjEuTWV0aG9kRXN0aW1hdGUSHgoWc2Vjb25kc19wZXJfdG9rZW5fcGFzcxgGIAEoASKsAQoORXhwbGFpblJlcXVlc3QSDQoFbW9kZWwYASABKAkSGAoQcHJvbXB0X3Rva2VuX2lkcxgCIAMoBRIYChBvdXRwdXRfdG9rZW5faWRzGAMgAygFEhcKD291dHB1dF9sb2dwcm9icxgEIAMoAhIqCgdleHBsYWluGAUgASgLMhkuc2lnaHRsaW5lLnYxLkV4cGxhaW5TcGVjEhIKCnJlcXVlc3RfaWQYBiABKAkifwoPRXhwbGFpblJlc3BvbnNlEhIKCnJlcXVlc3RfaWQYASABKAkSEAoIdHJhY2VfaWQYAiABKAkSFgoOZXhwbGFuYXRpb25faWQYAyABKAkSLgoLZXhwbGFuYXRpb24YBCABKAsyGS5zaWdodGxpbmUudjEuRXhwbGFuYXRpb24iRQoVR2V0RXhwbGFuYXRpb25SZXF1ZXN0EhYKDmV4cGxhbmF0aW9uX2lkGAEgASgJEhQKDHdhaXRfc2Vjb25kcxgCIAEoAiJuChZHZXRFeHBsYW5hdGlvblJlc3BvbnNlEhIKCnJlcXVlc3RfaWQYASABKAkSEAoIdHJhY2VfaWQYAiABKAkSLgoLZXhwbGFuYXRpb24YAyABKAsyGS5zaWdodGxpbmUudjEuRXhwbGFuYXRpb24iQAoXTGlzdEV4cGxhbmF0aW9uc1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgFEhIKCnBhZ2VfdG9rZW4YAiABKAkivQEKEkV4cGxhbmF0aW9uU3VtbWFyeRIWCg5leHBsYW5hdGlvbl9pZBgBIAEoCRItCgVzdGF0ZRgCIAEoDjIeLnNpZ2h0bGluZS52MS5FeHBsYW5hdGlvblN0YXRlEg0KBW1vZGVsGAMgASgJEg8KB21ldGhvZHMYBCADKAkSLgoKY3JlYXRlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEAoIdHJhY2VfaWQYBiABKAkikQEKGExpc3RFeHBsYW5hdGlvbnNSZXNwb25zZRISCgpyZXF1ZXN0X2lkGAEgASgJEhAKCHRyYWNlX2lkGAIgASgJEjYKDGV4cGxhbmF0aW9ucxgDIAMoCzIgLnNpZ2h0bGluZS52MS5FeHBsYW5hdGlvblN1bW1hcnkSFwoPbmV4dF9wYWdlX3Rva2VuGAQgASgJIhQKEkxpc3RNZXRob2RzUmVxdWVzdCLjAQoLTWV0aG9kUGFyYW0SDAoEbmFtZRgBIAEoCRIlCgR0eXBlGAIgASgOMhcuc2lnaHRsaW5lLnYxLlBhcmFtVHlwZRIvCg1kZWZhdWx0X3ZhbHVlGAggASgLMhguc2lnaHRsaW5lLnYxLlBhcmFtVmFsdWUSEwoLZGVzY3JpcHRpb24YBCABKAkSFAoHbWluaW11bRgFIAEoAUgAiAEBEhQKB21heGltdW0YBiABKAFIAYgBARIPCgdjaG9pY2VzGAcgAygJQgoKCF9taW5pbXVtQgoKCF9tYXhpbXVtSgQIAxAEIoQCCgpNZXRob2RJbmZvEgwKBG5hbWUYASABKAkSEwoLZGVzY3JpcHRpb24YAiABKAkSKQoGcGFyYW1zGAMgAygLMhkuc2lnaHRsaW5lLnYxLk1ldGhvZFBhcmFtEhcKD25lZWRzX2dyYWRpZW50cxgEIAEoCBISCgp1c2VzX2NhY2hlGAUgASgIEiQKHHN1cHBvcnRzX2NvbnRyYXN0aXZlX3RhcmdldHMYBiABKAgSEgoKbXVsdGltb2RhbBgHIAEoCBIZChFhdHRyaWJ1dGVzX3Rva2VucxgIIAEoCBImCgRjb3N0GAkgASgLMhguc2lnaHRsaW5lLnYxLk1ldGhvZENvc3QiagoKTWV0aG9kQ29zdBIOCgZwYXNzZXMYASABKAESGQoRcGFzc2VzX3Blcl90YXJnZXQYAiABKAESGAoQcGFzc2VzX3Blcl90b2tlbhgDIAEoARIXCg9zY2FsZWRfYnlfcGFyYW0YBCABKAkilgEKE0xpc3RNZXRob2RzUmVzcG9uc2USKQoHbWV0aG9kcxgBIAMoCzIYLnNpZ2h0bGluZS52MS5NZXRob2RJbmZvEg0KBW1vZGVsGAIgASgJEhQKDGFyY2hpdGVjdHVyZRgDIAEoCRIvCgxleHBsYWluX3BhdGgYBCABKA4yGS5zaWdodGxpbmUudjEuRXhwbGFpblBhdGgqfQoJUGFyYW1UeXBlEhoKFlBBUkFNX1RZUEVfVU5TUEVDSUZJRUQQABISCg5QQVJBTV9UWVBFX0lOVBABEhQKEFBBUkFNX1RZUEVfRkxPQVQQAhIVChFQQVJBTV9UWVBFX1NUUklORxADEhMKD1BBUkFNX1RZUEVfQk9PTBAEMqgFChNFeHBsYW5hdGlvbnNTZXJ2aWNlEkYKB0V4cGxhaW4SHC5zaWdodGxpbmUudjEuRXhwbGFpblJlcXVlc3QaHS5zaWdodGxpbmUudjEuRXhwbGFpblJlc3BvbnNlElsKDkdldEV4cGxhbmF0aW9uEiMuc2lnaHRsaW5lLnYxLkdldEV4cGxhbmF0aW9uUmVxdWVzdBokLnNpZ2h0bGluZS52MS5HZXRFeHBsYW5hdGlvblJlc3BvbnNlEmEKEExpc3RFeHBsYW5hdGlvbnMSJS5zaWdodGxpbmUudjEuTGlzdEV4cGxhbmF0aW9uc1JlcXVlc3QaJi5zaWdodGxpbmUudjEuTGlzdEV4cGxhbmF0aW9uc1Jlc3BvbnNlElIKC0xpc3RNZXRob2RzEiAuc2lnaHRsaW5lLnYxLkxpc3RNZXRob2RzUmVxdWVzdBohLnNpZ2h0bGluZS52MS5MaXN0TWV0aG9kc1Jlc3BvbnNlEmQKEUNhbmNlbEV4cGxhbmF0aW9uEiYuc2lnaHRsaW5lLnYxLkNhbmNlbEV4cGxhbmF0aW9uUmVxdWVzdBonLnNpZ2h0bGluZS52MS5DYW5jZWxFeHBsYW5hdGlvblJlc3BvbnNlEmMKEFdhdGNoRXhwbGFuYXRpb24SJS5zaWdodGxpbmUudjEuV2F0Y2hFeHBsYW5hdGlvblJlcXVlc3QaJi5zaWdodGxpbmUudjEuV2F0Y2hFeHBsYW5hdGlvblJlc3BvbnNlMAESagoTRXN0aW1hdGVFeHBsYW5hdGlvbhIoLnNpZ2h0bGluZS52MS5Fc3RpbWF0ZUV4cGxhbmF0aW9uUmVxdWVzdBopLnNpZ2h0bGluZS52MS5Fc3RpbWF0ZUV4cGxhbmF0aW9uUmVzcG9uc2VClwEKEGNvbS5zaWdodGxpbmUudjFCEUV4cGxhbmF0aW9uc1Byb3RvUAFaOmdpdGh1Yi5jb20vc2lnaHRsaW5lL3NpZ2h0bGluZS1nby9zaWdodGxpbmUvdjE7c2lnaHRsaW5ldjGiAgNTTFaqAgxTaWdodGxpbmUuVjHKAgxTaWdodGxpbmVcVjHqAg1TaWdodGxpbmU6OlYxYgZwcm90bzM", [file_google_protobuf_timestamp, file_sightline_v1_types]);
 
 /**
  * Which explanation to cancel.
@@ -257,20 +257,28 @@ export const EstimateExplanationResponseSchema: GenMessage<EstimateExplanationRe
   messageDesc(file_sightline_v1_explanations, 6);
 
 /**
+ * A token sequence to explain as it is, without generating.
+ *
  * @generated from message sightline.v1.ExplainRequest
  */
 export type ExplainRequest = Message<"sightline.v1.ExplainRequest"> & {
   /**
+   * Served model name; empty selects the default model.
+   *
    * @generated from field: string model = 1;
    */
   model: string;
 
   /**
+   * The prompt's token ids.
+   *
    * @generated from field: repeated int32 prompt_token_ids = 2;
    */
   promptTokenIds: number[];
 
   /**
+   * The output's token ids: the tokens that can be explained.
+   *
    * @generated from field: repeated int32 output_token_ids = 3;
    */
   outputTokenIds: number[];
@@ -283,11 +291,15 @@ export type ExplainRequest = Message<"sightline.v1.ExplainRequest"> & {
   outputLogprobs: number[];
 
   /**
+   * Methods, targets, aggregation and mode.
+   *
    * @generated from field: sightline.v1.ExplainSpec explain = 5;
    */
   explain?: ExplainSpec | undefined;
 
   /**
+   * Caller-chosen id echoed in responses and traces; generated when empty.
+   *
    * @generated from field: string request_id = 6;
    */
   requestId: string;
@@ -301,20 +313,28 @@ export const ExplainRequestSchema: GenMessage<ExplainRequest> = /*@__PURE__*/
   messageDesc(file_sightline_v1_explanations, 7);
 
 /**
+ * The explanation of an Explain call.
+ *
  * @generated from message sightline.v1.ExplainResponse
  */
 export type ExplainResponse = Message<"sightline.v1.ExplainResponse"> & {
   /**
+   * The request's id.
+   *
    * @generated from field: string request_id = 1;
    */
   requestId: string;
 
   /**
+   * The trace of this call.
+   *
    * @generated from field: string trace_id = 2;
    */
   traceId: string;
 
   /**
+   * The explanation's id, for GetExplanation.
+   *
    * @generated from field: string explanation_id = 3;
    */
   explanationId: string;
@@ -335,10 +355,14 @@ export const ExplainResponseSchema: GenMessage<ExplainResponse> = /*@__PURE__*/
   messageDesc(file_sightline_v1_explanations, 8);
 
 /**
+ * Which explanation to fetch.
+ *
  * @generated from message sightline.v1.GetExplanationRequest
  */
 export type GetExplanationRequest = Message<"sightline.v1.GetExplanationRequest"> & {
   /**
+   * The id a Generate or Explain call returned.
+   *
    * @generated from field: string explanation_id = 1;
    */
   explanationId: string;
@@ -360,20 +384,28 @@ export const GetExplanationRequestSchema: GenMessage<GetExplanationRequest> = /*
   messageDesc(file_sightline_v1_explanations, 9);
 
 /**
+ * The fetched explanation.
+ *
  * @generated from message sightline.v1.GetExplanationResponse
  */
 export type GetExplanationResponse = Message<"sightline.v1.GetExplanationResponse"> & {
   /**
+   * The request's id, for logs.
+   *
    * @generated from field: string request_id = 1;
    */
   requestId: string;
 
   /**
+   * The trace of this call.
+   *
    * @generated from field: string trace_id = 2;
    */
   traceId: string;
 
   /**
+   * The record, in whatever state it is.
+   *
    * @generated from field: sightline.v1.Explanation explanation = 3;
    */
   explanation?: Explanation | undefined;
@@ -387,6 +419,8 @@ export const GetExplanationResponseSchema: GenMessage<GetExplanationResponse> = 
   messageDesc(file_sightline_v1_explanations, 10);
 
 /**
+ * A page of the caller's explanations.
+ *
  * @generated from message sightline.v1.ListExplanationsRequest
  */
 export type ListExplanationsRequest = Message<"sightline.v1.ListExplanationsRequest"> & {
@@ -420,16 +454,22 @@ export const ListExplanationsRequestSchema: GenMessage<ListExplanationsRequest> 
  */
 export type ExplanationSummary = Message<"sightline.v1.ExplanationSummary"> & {
   /**
+   * The explanation's id.
+   *
    * @generated from field: string explanation_id = 1;
    */
   explanationId: string;
 
   /**
+   * Where it is in its life.
+   *
    * @generated from field: sightline.v1.ExplanationState state = 2;
    */
   state: ExplanationState;
 
   /**
+   * The served model's name.
+   *
    * @generated from field: string model = 3;
    */
   model: string;
@@ -442,6 +482,8 @@ export type ExplanationSummary = Message<"sightline.v1.ExplanationSummary"> & {
   methods: string[];
 
   /**
+   * When it was requested.
+   *
    * @generated from field: google.protobuf.Timestamp created_at = 5;
    */
   createdAt?: Timestamp | undefined;
@@ -462,20 +504,28 @@ export const ExplanationSummarySchema: GenMessage<ExplanationSummary> = /*@__PUR
   messageDesc(file_sightline_v1_explanations, 12);
 
 /**
+ * One page of the caller's explanations, newest first.
+ *
  * @generated from message sightline.v1.ListExplanationsResponse
  */
 export type ListExplanationsResponse = Message<"sightline.v1.ListExplanationsResponse"> & {
   /**
+   * The request's id, for logs.
+   *
    * @generated from field: string request_id = 1;
    */
   requestId: string;
 
   /**
+   * The trace of this call.
+   *
    * @generated from field: string trace_id = 2;
    */
   traceId: string;
 
   /**
+   * The page's summaries.
+   *
    * @generated from field: repeated sightline.v1.ExplanationSummary explanations = 3;
    */
   explanations: ExplanationSummary[];
@@ -496,6 +546,8 @@ export const ListExplanationsResponseSchema: GenMessage<ListExplanationsResponse
   messageDesc(file_sightline_v1_explanations, 13);
 
 /**
+ * Asks for the methods this deployment offers.
+ *
  * @generated from message sightline.v1.ListMethodsRequest
  */
 export type ListMethodsRequest = Message<"sightline.v1.ListMethodsRequest"> & {
@@ -509,39 +561,49 @@ export const ListMethodsRequestSchema: GenMessage<ListMethodsRequest> = /*@__PUR
   messageDesc(file_sightline_v1_explanations, 14);
 
 /**
+ * One parameter of a method.
+ *
  * @generated from message sightline.v1.MethodParam
  */
 export type MethodParam = Message<"sightline.v1.MethodParam"> & {
   /**
+   * The parameter's name, the key in MethodSpec.params.
+   *
    * @generated from field: string name = 1;
    */
   name: string;
 
   /**
+   * Its type.
+   *
    * @generated from field: sightline.v1.ParamType type = 2;
    */
   type: ParamType;
 
   /**
-   * Default rendered as text.
+   * The value used when the request leaves the parameter out, of the parameter's type.
    *
-   * @generated from field: string default_value = 3;
+   * @generated from field: sightline.v1.ParamValue default_value = 8;
    */
-  defaultValue: string;
+  defaultValue?: ParamValue | undefined;
 
   /**
+   * What the parameter does, for people.
+   *
    * @generated from field: string description = 4;
    */
   description: string;
 
   /**
-   * Inclusive bounds of numeric parameters, when they have them.
+   * Inclusive lower bound of a numeric parameter, when it has one.
    *
    * @generated from field: optional double minimum = 5;
    */
   minimum?: number | undefined;
 
   /**
+   * Inclusive upper bound of a numeric parameter, when it has one.
+   *
    * @generated from field: optional double maximum = 6;
    */
   maximum?: number | undefined;
@@ -562,40 +624,56 @@ export const MethodParamSchema: GenMessage<MethodParam> = /*@__PURE__*/
   messageDesc(file_sightline_v1_explanations, 15);
 
 /**
+ * One attribution method and what it can do.
+ *
  * @generated from message sightline.v1.MethodInfo
  */
 export type MethodInfo = Message<"sightline.v1.MethodInfo"> & {
   /**
+   * The method's name, for MethodSpec.name.
+   *
    * @generated from field: string name = 1;
    */
   name: string;
 
   /**
+   * What it computes, for people.
+   *
    * @generated from field: string description = 2;
    */
   description: string;
 
   /**
+   * Its parameters.
+   *
    * @generated from field: repeated sightline.v1.MethodParam params = 3;
    */
   params: MethodParam[];
 
   /**
+   * Whether it runs backward passes.
+   *
    * @generated from field: bool needs_gradients = 4;
    */
   needsGradients: boolean;
 
   /**
+   * Whether it reads the hidden-state cache.
+   *
    * @generated from field: bool uses_cache = 5;
    */
   usesCache: boolean;
 
   /**
+   * Whether it honours TargetSpec.foil_token_ids.
+   *
    * @generated from field: bool supports_contrastive_targets = 6;
    */
   supportsContrastiveTargets: boolean;
 
   /**
+   * Whether it explains image inputs too.
+   *
    * @generated from field: bool multimodal = 7;
    */
   multimodal: boolean;
@@ -608,6 +686,8 @@ export type MethodInfo = Message<"sightline.v1.MethodInfo"> & {
   attributesTokens: boolean;
 
   /**
+   * Its compute cost.
+   *
    * @generated from field: sightline.v1.MethodCost cost = 9;
    */
   cost?: MethodCost | undefined;
@@ -630,21 +710,29 @@ export const MethodInfoSchema: GenMessage<MethodInfo> = /*@__PURE__*/
  */
 export type MethodCost = Message<"sightline.v1.MethodCost"> & {
   /**
+   * Passes regardless of the sequence.
+   *
    * @generated from field: double passes = 1;
    */
   passes: number;
 
   /**
+   * Passes per explained token.
+   *
    * @generated from field: double passes_per_target = 2;
    */
   passesPerTarget: number;
 
   /**
+   * Passes per token of the sequence.
+   *
    * @generated from field: double passes_per_token = 3;
    */
   passesPerToken: number;
 
   /**
+   * The parameter whose value multiplies the cost; empty for none.
+   *
    * @generated from field: string scaled_by_param = 4;
    */
   scaledByParam: string;
@@ -658,28 +746,35 @@ export const MethodCostSchema: GenMessage<MethodCost> = /*@__PURE__*/
   messageDesc(file_sightline_v1_explanations, 17);
 
 /**
+ * The methods this deployment offers, and the model they explain.
+ *
  * @generated from message sightline.v1.ListMethodsResponse
  */
 export type ListMethodsResponse = Message<"sightline.v1.ListMethodsResponse"> & {
   /**
+   * The methods, by name.
+   *
    * @generated from field: repeated sightline.v1.MethodInfo methods = 1;
    */
   methods: MethodInfo[];
 
   /**
-   * The model the explainer workers hold, its architecture (config model_type), and the path
-   * that explains it.
+   * The model the explainer workers hold.
    *
    * @generated from field: string model = 2;
    */
   model: string;
 
   /**
+   * Its architecture (the config's model_type).
+   *
    * @generated from field: string architecture = 3;
    */
   architecture: string;
 
   /**
+   * The path that explains it.
+   *
    * @generated from field: sightline.v1.ExplainPath explain_path = 4;
    */
   explainPath: ExplainPath;
@@ -693,30 +788,42 @@ export const ListMethodsResponseSchema: GenMessage<ListMethodsResponse> = /*@__P
   messageDesc(file_sightline_v1_explanations, 18);
 
 /**
+ * The type of a method parameter, and so which ParamValue field carries it.
+ *
  * @generated from enum sightline.v1.ParamType
  */
 export enum ParamType {
   /**
+   * Not known.
+   *
    * @generated from enum value: PARAM_TYPE_UNSPECIFIED = 0;
    */
   UNSPECIFIED = 0,
 
   /**
+   * A whole number: ParamValue.int_value.
+   *
    * @generated from enum value: PARAM_TYPE_INT = 1;
    */
   INT = 1,
 
   /**
+   * A finite number: ParamValue.float_value (or int_value).
+   *
    * @generated from enum value: PARAM_TYPE_FLOAT = 2;
    */
   FLOAT = 2,
 
   /**
+   * Text: ParamValue.string_value.
+   *
    * @generated from enum value: PARAM_TYPE_STRING = 3;
    */
   STRING = 3,
 
   /**
+   * True or false: ParamValue.bool_value.
+   *
    * @generated from enum value: PARAM_TYPE_BOOL = 4;
    */
   BOOL = 4,

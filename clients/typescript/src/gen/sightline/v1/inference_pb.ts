@@ -12,16 +12,20 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file sightline/v1/inference.proto.
  */
 export const file_sightline_v1_inference: GenFile = /*@__PURE__*/
-  fileDesc("ChxzaWdodGxpbmUvdjEvaW5mZXJlbmNlLnByb3RvEgxzaWdodGxpbmUudjEijAEKD0dlbmVyYXRpb25JbnB1dBIQCgZwcm9tcHQYASABKAlIABIqCgRjaGF0GAIgASgLMhouc2lnaHRsaW5lLnYxLkNoYXRNZXNzYWdlc0gAEjIKEHByb21wdF90b2tlbl9pZHMYAyABKAsyFi5zaWdodGxpbmUudjEuVG9rZW5JZHNIAEIHCgVpbnB1dCK+AQoPR2VuZXJhdGVSZXF1ZXN0Eg0KBW1vZGVsGAEgASgJEiwKBWlucHV0GAIgASgLMh0uc2lnaHRsaW5lLnYxLkdlbmVyYXRpb25JbnB1dBIuCghzYW1wbGluZxgDIAEoCzIcLnNpZ2h0bGluZS52MS5TYW1wbGluZ1BhcmFtcxIqCgdleHBsYWluGAQgASgLMhkuc2lnaHRsaW5lLnYxLkV4cGxhaW5TcGVjEhIKCnJlcXVlc3RfaWQYBSABKAkiugIKEEdlbmVyYXRlUmVzcG9uc2USEgoKcmVxdWVzdF9pZBgBIAEoCRIQCgh0cmFjZV9pZBgCIAEoCRINCgVtb2RlbBgDIAEoCRIMCgR0ZXh0GAQgASgJEhgKEHByb21wdF90b2tlbl9pZHMYBSADKAUSKgoNb3V0cHV0X3Rva2VucxgGIAMoCzITLnNpZ2h0bGluZS52MS5Ub2tlbhIxCg1maW5pc2hfcmVhc29uGAcgASgOMhouc2lnaHRsaW5lLnYxLkZpbmlzaFJlYXNvbhIiCgV1c2FnZRgIIAEoCzITLnNpZ2h0bGluZS52MS5Vc2FnZRIWCg5leHBsYW5hdGlvbl9pZBgJIAEoCRIuCgtleHBsYW5hdGlvbhgKIAEoCzIZLnNpZ2h0bGluZS52MS5FeHBsYW5hdGlvbiLEAQoVR2VuZXJhdGVTdHJlYW1SZXF1ZXN0Eg0KBW1vZGVsGAEgASgJEiwKBWlucHV0GAIgASgLMh0uc2lnaHRsaW5lLnYxLkdlbmVyYXRpb25JbnB1dBIuCghzYW1wbGluZxgDIAEoCzIcLnNpZ2h0bGluZS52MS5TYW1wbGluZ1BhcmFtcxIqCgdleHBsYWluGAQgASgLMhkuc2lnaHRsaW5lLnYxLkV4cGxhaW5TcGVjEhIKCnJlcXVlc3RfaWQYBSABKAkitwIKFkdlbmVyYXRlU3RyZWFtUmVzcG9uc2USEgoKcmVxdWVzdF9pZBgBIAEoCRIQCgh0cmFjZV9pZBgCIAEoCRIqCg1vdXRwdXRfdG9rZW5zGAMgAygLMhMuc2lnaHRsaW5lLnYxLlRva2VuEhIKCnRleHRfZGVsdGEYBCABKAkSGAoQcHJvbXB0X3Rva2VuX2lkcxgFIAMoBRIxCg1maW5pc2hfcmVhc29uGAYgASgOMhouc2lnaHRsaW5lLnYxLkZpbmlzaFJlYXNvbhIiCgV1c2FnZRgHIAEoCzITLnNpZ2h0bGluZS52MS5Vc2FnZRIWCg5leHBsYW5hdGlvbl9pZBgIIAEoCRIuCgtleHBsYW5hdGlvbhgJIAEoCzIZLnNpZ2h0bGluZS52MS5FeHBsYW5hdGlvbjK8AQoQSW5mZXJlbmNlU2VydmljZRJJCghHZW5lcmF0ZRIdLnNpZ2h0bGluZS52MS5HZW5lcmF0ZVJlcXVlc3QaHi5zaWdodGxpbmUudjEuR2VuZXJhdGVSZXNwb25zZRJdCg5HZW5lcmF0ZVN0cmVhbRIjLnNpZ2h0bGluZS52MS5HZW5lcmF0ZVN0cmVhbVJlcXVlc3QaJC5zaWdodGxpbmUudjEuR2VuZXJhdGVTdHJlYW1SZXNwb25zZTABYgZwcm90bzM", [file_sightline_v1_types]);
+  fileDesc("ChxzaWdodGxpbmUvdjEvaW5mZXJlbmNlLnByb3RvEgxzaWdodGxpbmUudjEiiwEKD0dlbmVyYXRpb25JbnB1dBIQCgZwcm9tcHQYASABKAlIABIqCgRjaGF0GAIgASgLMhouc2lnaHRsaW5lLnYxLkNoYXRNZXNzYWdlc0gAEjIKEHByb21wdF90b2tlbl9pZHMYAyABKAsyFi5zaWdodGxpbmUudjEuVG9rZW5JZHNIAEIGCgRraW5kIr4BCg9HZW5lcmF0ZVJlcXVlc3QSDQoFbW9kZWwYASABKAkSLAoFaW5wdXQYAiABKAsyHS5zaWdodGxpbmUudjEuR2VuZXJhdGlvbklucHV0Ei4KCHNhbXBsaW5nGAMgASgLMhwuc2lnaHRsaW5lLnYxLlNhbXBsaW5nUGFyYW1zEioKB2V4cGxhaW4YBCABKAsyGS5zaWdodGxpbmUudjEuRXhwbGFpblNwZWMSEgoKcmVxdWVzdF9pZBgFIAEoCSK6AgoQR2VuZXJhdGVSZXNwb25zZRISCgpyZXF1ZXN0X2lkGAEgASgJEhAKCHRyYWNlX2lkGAIgASgJEg0KBW1vZGVsGAMgASgJEgwKBHRleHQYBCABKAkSGAoQcHJvbXB0X3Rva2VuX2lkcxgFIAMoBRIqCg1vdXRwdXRfdG9rZW5zGAYgAygLMhMuc2lnaHRsaW5lLnYxLlRva2VuEjEKDWZpbmlzaF9yZWFzb24YByABKA4yGi5zaWdodGxpbmUudjEuRmluaXNoUmVhc29uEiIKBXVzYWdlGAggASgLMhMuc2lnaHRsaW5lLnYxLlVzYWdlEhYKDmV4cGxhbmF0aW9uX2lkGAkgASgJEi4KC2V4cGxhbmF0aW9uGAogASgLMhkuc2lnaHRsaW5lLnYxLkV4cGxhbmF0aW9uIj4KE0dlbmVyYXRlU3RyZWFtU3RhcnQSDQoFbW9kZWwYASABKAkSGAoQcHJvbXB0X3Rva2VuX2lkcxgCIAMoBSJVChNHZW5lcmF0ZVN0cmVhbURlbHRhEioKDW91dHB1dF90b2tlbnMYASADKAsyEy5zaWdodGxpbmUudjEuVG9rZW4SEgoKdGV4dF9kZWx0YRgCIAEoCSKyAQoRR2VuZXJhdGVTdHJlYW1FbmQSMQoNZmluaXNoX3JlYXNvbhgBIAEoDjIaLnNpZ2h0bGluZS52MS5GaW5pc2hSZWFzb24SIgoFdXNhZ2UYAiABKAsyEy5zaWdodGxpbmUudjEuVXNhZ2USFgoOZXhwbGFuYXRpb25faWQYAyABKAkSLgoLZXhwbGFuYXRpb24YBCABKAsyGS5zaWdodGxpbmUudjEuRXhwbGFuYXRpb24i5QEKFkdlbmVyYXRlU3RyZWFtUmVzcG9uc2USEgoKcmVxdWVzdF9pZBgBIAEoCRIQCgh0cmFjZV9pZBgCIAEoCRIyCgVzdGFydBgKIAEoCzIhLnNpZ2h0bGluZS52MS5HZW5lcmF0ZVN0cmVhbVN0YXJ0SAASMgoFZGVsdGEYCyABKAsyIS5zaWdodGxpbmUudjEuR2VuZXJhdGVTdHJlYW1EZWx0YUgAEi4KA2VuZBgMIAEoCzIfLnNpZ2h0bGluZS52MS5HZW5lcmF0ZVN0cmVhbUVuZEgAQgcKBWV2ZW50SgQIAxAKMrYBChBJbmZlcmVuY2VTZXJ2aWNlEkkKCEdlbmVyYXRlEh0uc2lnaHRsaW5lLnYxLkdlbmVyYXRlUmVxdWVzdBoeLnNpZ2h0bGluZS52MS5HZW5lcmF0ZVJlc3BvbnNlElcKDkdlbmVyYXRlU3RyZWFtEh0uc2lnaHRsaW5lLnYxLkdlbmVyYXRlUmVxdWVzdBokLnNpZ2h0bGluZS52MS5HZW5lcmF0ZVN0cmVhbVJlc3BvbnNlMAFClAEKEGNvbS5zaWdodGxpbmUudjFCDkluZmVyZW5jZVByb3RvUAFaOmdpdGh1Yi5jb20vc2lnaHRsaW5lL3NpZ2h0bGluZS1nby9zaWdodGxpbmUvdjE7c2lnaHRsaW5ldjGiAgNTTFaqAgxTaWdodGxpbmUuVjHKAgxTaWdodGxpbmVcVjHqAg1TaWdodGxpbmU6OlYxYgZwcm90bzM", [file_sightline_v1_types]);
 
 /**
+ * What to complete.
+ *
  * @generated from message sightline.v1.GenerationInput
  */
 export type GenerationInput = Message<"sightline.v1.GenerationInput"> & {
   /**
-   * @generated from oneof sightline.v1.GenerationInput.input
+   * The prompt, in one of three forms.
+   *
+   * @generated from oneof sightline.v1.GenerationInput.kind
    */
-  input: {
+  kind: {
     /**
      * Plain text, tokenized by the serving engine.
      *
@@ -56,6 +60,8 @@ export const GenerationInputSchema: GenMessage<GenerationInput> = /*@__PURE__*/
   messageDesc(file_sightline_v1_inference, 0);
 
 /**
+ * A generation, optionally explained; Generate and GenerateStream both take it.
+ *
  * @generated from message sightline.v1.GenerateRequest
  */
 export type GenerateRequest = Message<"sightline.v1.GenerateRequest"> & {
@@ -67,11 +73,15 @@ export type GenerateRequest = Message<"sightline.v1.GenerateRequest"> & {
   model: string;
 
   /**
+   * The prompt.
+   *
    * @generated from field: sightline.v1.GenerationInput input = 2;
    */
   input?: GenerationInput | undefined;
 
   /**
+   * How to sample; unset fields take their defaults.
+   *
    * @generated from field: sightline.v1.SamplingParams sampling = 3;
    */
   sampling?: SamplingParams | undefined;
@@ -99,45 +109,63 @@ export const GenerateRequestSchema: GenMessage<GenerateRequest> = /*@__PURE__*/
   messageDesc(file_sightline_v1_inference, 1);
 
 /**
+ * A finished generation.
+ *
  * @generated from message sightline.v1.GenerateResponse
  */
 export type GenerateResponse = Message<"sightline.v1.GenerateResponse"> & {
   /**
+   * The request's id (the caller's, or the one generated for it).
+   *
    * @generated from field: string request_id = 1;
    */
   requestId: string;
 
   /**
+   * The trace of this call.
+   *
    * @generated from field: string trace_id = 2;
    */
   traceId: string;
 
   /**
+   * The model that generated.
+   *
    * @generated from field: string model = 3;
    */
   model: string;
 
   /**
+   * The generated text.
+   *
    * @generated from field: string text = 4;
    */
   text: string;
 
   /**
+   * The prompt as the model saw it (after the chat template).
+   *
    * @generated from field: repeated int32 prompt_token_ids = 5;
    */
   promptTokenIds: number[];
 
   /**
+   * The generated tokens, with the served log-probabilities.
+   *
    * @generated from field: repeated sightline.v1.Token output_tokens = 6;
    */
   outputTokens: Token[];
 
   /**
+   * Why generation stopped.
+   *
    * @generated from field: sightline.v1.FinishReason finish_reason = 7;
    */
   finishReason: FinishReason;
 
   /**
+   * Token counts.
+   *
    * @generated from field: sightline.v1.Usage usage = 8;
    */
   usage?: Usage | undefined;
@@ -165,96 +193,154 @@ export const GenerateResponseSchema: GenMessage<GenerateResponse> = /*@__PURE__*
   messageDesc(file_sightline_v1_inference, 2);
 
 /**
- * @generated from message sightline.v1.GenerateStreamRequest
+ * The first message of a generation stream.
+ *
+ * @generated from message sightline.v1.GenerateStreamStart
  */
-export type GenerateStreamRequest = Message<"sightline.v1.GenerateStreamRequest"> & {
+export type GenerateStreamStart = Message<"sightline.v1.GenerateStreamStart"> & {
   /**
+   * The model that generates.
+   *
    * @generated from field: string model = 1;
    */
   model: string;
 
   /**
-   * @generated from field: sightline.v1.GenerationInput input = 2;
+   * The prompt as the model saw it (after the chat template).
+   *
+   * @generated from field: repeated int32 prompt_token_ids = 2;
    */
-  input?: GenerationInput | undefined;
-
-  /**
-   * @generated from field: sightline.v1.SamplingParams sampling = 3;
-   */
-  sampling?: SamplingParams | undefined;
-
-  /**
-   * @generated from field: sightline.v1.ExplainSpec explain = 4;
-   */
-  explain?: ExplainSpec | undefined;
-
-  /**
-   * @generated from field: string request_id = 5;
-   */
-  requestId: string;
+  promptTokenIds: number[];
 };
 
 /**
- * Describes the message sightline.v1.GenerateStreamRequest.
- * Use `create(GenerateStreamRequestSchema)` to create a new message.
+ * Describes the message sightline.v1.GenerateStreamStart.
+ * Use `create(GenerateStreamStartSchema)` to create a new message.
  */
-export const GenerateStreamRequestSchema: GenMessage<GenerateStreamRequest> = /*@__PURE__*/
+export const GenerateStreamStartSchema: GenMessage<GenerateStreamStart> = /*@__PURE__*/
   messageDesc(file_sightline_v1_inference, 3);
 
 /**
+ * A message in the middle of a generation stream: what was generated since the previous one.
+ *
+ * @generated from message sightline.v1.GenerateStreamDelta
+ */
+export type GenerateStreamDelta = Message<"sightline.v1.GenerateStreamDelta"> & {
+  /**
+   * Tokens generated since the previous message, with the served log-probabilities.
+   *
+   * @generated from field: repeated sightline.v1.Token output_tokens = 1;
+   */
+  outputTokens: Token[];
+
+  /**
+   * Their text.
+   *
+   * @generated from field: string text_delta = 2;
+   */
+  textDelta: string;
+};
+
+/**
+ * Describes the message sightline.v1.GenerateStreamDelta.
+ * Use `create(GenerateStreamDeltaSchema)` to create a new message.
+ */
+export const GenerateStreamDeltaSchema: GenMessage<GenerateStreamDelta> = /*@__PURE__*/
+  messageDesc(file_sightline_v1_inference, 4);
+
+/**
+ * The last message of a generation stream.
+ *
+ * @generated from message sightline.v1.GenerateStreamEnd
+ */
+export type GenerateStreamEnd = Message<"sightline.v1.GenerateStreamEnd"> & {
+  /**
+   * Why generation stopped.
+   *
+   * @generated from field: sightline.v1.FinishReason finish_reason = 1;
+   */
+  finishReason: FinishReason;
+
+  /**
+   * Token counts.
+   *
+   * @generated from field: sightline.v1.Usage usage = 2;
+   */
+  usage?: Usage | undefined;
+
+  /**
+   * Set when an explanation was requested.
+   *
+   * @generated from field: string explanation_id = 3;
+   */
+  explanationId: string;
+
+  /**
+   * Attached in EXPLAIN_MODE_SYNC.
+   *
+   * @generated from field: sightline.v1.Explanation explanation = 4;
+   */
+  explanation?: Explanation | undefined;
+};
+
+/**
+ * Describes the message sightline.v1.GenerateStreamEnd.
+ * Use `create(GenerateStreamEndSchema)` to create a new message.
+ */
+export const GenerateStreamEndSchema: GenMessage<GenerateStreamEnd> = /*@__PURE__*/
+  messageDesc(file_sightline_v1_inference, 5);
+
+/**
+ * One message of a generation stream: exactly one start first, any number of deltas, exactly one
+ * end last (a stream that ends with an error status has no end message).
+ *
  * @generated from message sightline.v1.GenerateStreamResponse
  */
 export type GenerateStreamResponse = Message<"sightline.v1.GenerateStreamResponse"> & {
   /**
+   * The request's id, on every message.
+   *
    * @generated from field: string request_id = 1;
    */
   requestId: string;
 
   /**
+   * The trace of this call, on every message.
+   *
    * @generated from field: string trace_id = 2;
    */
   traceId: string;
 
   /**
-   * Tokens generated since the previous message.
+   * What this message carries.
    *
-   * @generated from field: repeated sightline.v1.Token output_tokens = 3;
+   * @generated from oneof sightline.v1.GenerateStreamResponse.event
    */
-  outputTokens: Token[];
-
-  /**
-   * @generated from field: string text_delta = 4;
-   */
-  textDelta: string;
-
-  /**
-   * Set on the first message only.
-   *
-   * @generated from field: repeated int32 prompt_token_ids = 5;
-   */
-  promptTokenIds: number[];
-
-  /**
-   * Set on the last message only.
-   *
-   * @generated from field: sightline.v1.FinishReason finish_reason = 6;
-   */
-  finishReason: FinishReason;
-
-  /**
-   * @generated from field: sightline.v1.Usage usage = 7;
-   */
-  usage?: Usage | undefined;
-
-  /**
-   * @generated from field: string explanation_id = 8;
-   */
-  explanationId: string;
-
-  /**
-   * @generated from field: sightline.v1.Explanation explanation = 9;
-   */
-  explanation?: Explanation | undefined;
+  event: {
+    /**
+     * The first message.
+     *
+     * @generated from field: sightline.v1.GenerateStreamStart start = 10;
+     */
+    value: GenerateStreamStart;
+    case: "start";
+  } | {
+    /**
+     * A message between the first and the last.
+     *
+     * @generated from field: sightline.v1.GenerateStreamDelta delta = 11;
+     */
+    value: GenerateStreamDelta;
+    case: "delta";
+  } | {
+    /**
+     * The last message.
+     *
+     * @generated from field: sightline.v1.GenerateStreamEnd end = 12;
+     */
+    value: GenerateStreamEnd;
+    case: "end";
+  } | { case: undefined; value?: undefined };
 };
 
 /**
@@ -262,7 +348,7 @@ export type GenerateStreamResponse = Message<"sightline.v1.GenerateStreamRespons
  * Use `create(GenerateStreamResponseSchema)` to create a new message.
  */
 export const GenerateStreamResponseSchema: GenMessage<GenerateStreamResponse> = /*@__PURE__*/
-  messageDesc(file_sightline_v1_inference, 4);
+  messageDesc(file_sightline_v1_inference, 6);
 
 /**
  * Text generation forwarded to the serving engine, optionally explained.
@@ -281,14 +367,15 @@ export const InferenceService: GenService<{
     output: typeof GenerateResponseSchema;
   },
   /**
-   * Generate a completion, streaming tokens as they are produced. The last
-   * message carries the finish reason, usage and explanation (id or result).
+   * Generate a completion, streaming tokens as they are produced: one start message, then
+   * deltas, then one end message with the finish reason, usage and explanation (id or result).
+   * It takes the same request as Generate, so a client builds one message for either call.
    *
    * @generated from rpc sightline.v1.InferenceService.GenerateStream
    */
   generateStream: {
     methodKind: "server_streaming";
-    input: typeof GenerateStreamRequestSchema;
+    input: typeof GenerateRequestSchema;
     output: typeof GenerateStreamResponseSchema;
   },
 }> = /*@__PURE__*/

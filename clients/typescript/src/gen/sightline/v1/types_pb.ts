@@ -5,36 +5,57 @@
 import type { GenEnum, GenFile, GenMessage } from "@bufbuild/protobuf/codegenv2";
 import { enumDesc, fileDesc, messageDesc } from "@bufbuild/protobuf/codegenv2";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
-import { file_google_protobuf_struct, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
-import type { JsonObject, Message } from "@bufbuild/protobuf";
+import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
+import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file sightline/v1/types.proto.
  */
 export const file_sightline_v1_types: GenFile = /*@__PURE__*/
-  fileDesc("ChhzaWdodGxpbmUvdjEvdHlwZXMucHJvdG8SDHNpZ2h0bGluZS52MSJJCgZUZW5zb3ISIgoFZHR5cGUYASABKA4yEy5zaWdodGxpbmUudjEuRFR5cGUSDQoFc2hhcGUYAiADKAMSDAoEZGF0YRgDIAEoDCJDCgVUb2tlbhIKCgJpZBgBIAEoBRIMCgR0ZXh0GAIgASgJEhQKB2xvZ3Byb2IYAyABKAJIAIgBAUIKCghfbG9ncHJvYiIXCghUb2tlbklkcxILCgNpZHMYASADKAUiLAoLQ2hhdE1lc3NhZ2USDAoEcm9sZRgBIAEoCRIPCgdjb250ZW50GAIgASgJIjsKDENoYXRNZXNzYWdlcxIrCghtZXNzYWdlcxgBIAMoCzIZLnNpZ2h0bGluZS52MS5DaGF0TWVzc2FnZSLIAQoOU2FtcGxpbmdQYXJhbXMSFwoKbWF4X3Rva2VucxgBIAEoBUgAiAEBEhgKC3RlbXBlcmF0dXJlGAIgASgCSAGIAQESEgoFdG9wX3AYAyABKAJIAogBARISCgV0b3BfaxgEIAEoBUgDiAEBEhEKBHNlZWQYBSABKANIBIgBARIMCgRzdG9wGAYgAygJQg0KC19tYXhfdG9rZW5zQg4KDF90ZW1wZXJhdHVyZUIICgZfdG9wX3BCCAoGX3RvcF9rQgcKBV9zZWVkIkMKCk1ldGhvZFNwZWMSDAoEbmFtZRgBIAEoCRInCgZwYXJhbXMYAiABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0ImYKClRhcmdldFNwZWMSFgoOb3V0cHV0X2luZGljZXMYASADKAUSFgoOZm9pbF90b2tlbl9pZHMYAiADKAUSKAoFc2NvcmUYAyABKA4yGS5zaWdodGxpbmUudjEuVGFyZ2V0U2NvcmUiMQoEU3BhbhINCgVzdGFydBgBIAEoBRILCgNlbmQYAiABKAUSDQoFbGFiZWwYAyABKAkiqgEKD0FnZ3JlZ2F0aW9uU3BlYxIuCgtncmFudWxhcml0eRgBIAEoDjIZLnNpZ2h0bGluZS52MS5HcmFudWxhcml0eRIhCgVzcGFucxgCIAMoCzISLnNpZ2h0bGluZS52MS5TcGFuEhAKCGFic29sdXRlGAMgASgIEjIKDW5vcm1hbGl6YXRpb24YBCABKA4yGy5zaWdodGxpbmUudjEuTm9ybWFsaXphdGlvbiKoAgoLRXhwbGFpblNwZWMSKQoHbWV0aG9kcxgBIAMoCzIYLnNpZ2h0bGluZS52MS5NZXRob2RTcGVjEicKBG1vZGUYAiABKA4yGS5zaWdodGxpbmUudjEuRXhwbGFpbk1vZGUSKQoHdGFyZ2V0cxgDIAEoCzIYLnNpZ2h0bGluZS52MS5UYXJnZXRTcGVjEjIKC2FnZ3JlZ2F0aW9uGAQgASgLMh0uc2lnaHRsaW5lLnYxLkFnZ3JlZ2F0aW9uU3BlYxIUCgxmYWl0aGZ1bG5lc3MYBSABKAgSHgoRc3RlcF9zY29yZXNfdG9wX2sYBiABKAVIAIgBARIaChJrZWVwX29uX2Rpc2Nvbm5lY3QYByABKAhCFAoSX3N0ZXBfc2NvcmVzX3RvcF9rIjQKBVVzYWdlEhQKDGlucHV0X3Rva2VucxgBIAEoBRIVCg1vdXRwdXRfdG9rZW5zGAIgASgFImwKE0V4cGxhbmF0aW9uUHJvZ3Jlc3MSEAoIZnJhY3Rpb24YASABKAESFAoMc2Vjb25kc19sZWZ0GAIgASgBEi0KB21ldGhvZHMYAyADKAsyHC5zaWdodGxpbmUudjEuTWV0aG9kUHJvZ3Jlc3MiSAoOTWV0aG9kUHJvZ3Jlc3MSDgoGbWV0aG9kGAEgASgJEhAKCGZyYWN0aW9uGAIgASgBEhQKDHNlY29uZHNfbGVmdBgDIAEoASK0AgoMTWV0aG9kUmVzdWx0Eg4KBm1ldGhvZBgBIAEoCRIqCgxhdHRyaWJ1dGlvbnMYAiABKAsyFC5zaWdodGxpbmUudjEuVGVuc29yEjYKBmV4dHJhcxgDIAMoCzImLnNpZ2h0bGluZS52MS5NZXRob2RSZXN1bHQuRXh0cmFzRW50cnkSDwoHc2Vjb25kcxgEIAEoARIoCgphZ2dyZWdhdGVkGAUgASgLMhQuc2lnaHRsaW5lLnYxLlRlbnNvchIwCgxmYWl0aGZ1bG5lc3MYBiABKAsyGi5zaWdodGxpbmUudjEuRmFpdGhmdWxuZXNzGkMKC0V4dHJhc0VudHJ5EgsKA2tleRgBIAEoCRIjCgV2YWx1ZRgCIAEoCzIULnNpZ2h0bGluZS52MS5UZW5zb3I6AjgBIq8CCgxGYWl0aGZ1bG5lc3MSEQoJZnJhY3Rpb25zGAEgAygCEhkKEWNvbXByZWhlbnNpdmVuZXNzGAIgAygCEhMKC3N1ZmZpY2llbmN5GAMgAygCEiAKGHJhbmRvbV9jb21wcmVoZW5zaXZlbmVzcxgEIAMoAhIaChJyYW5kb21fc3VmZmljaWVuY3kYBSADKAISHgoWYW9wY19jb21wcmVoZW5zaXZlbmVzcxgGIAEoAhIYChBhb3BjX3N1ZmZpY2llbmN5GAcgASgCEiUKHXJhbmRvbV9hb3BjX2NvbXByZWhlbnNpdmVuZXNzGAggASgCEh8KF3JhbmRvbV9hb3BjX3N1ZmZpY2llbmN5GAkgASgCEhwKFHJlcGxhY2VtZW50X3Rva2VuX2lkGAogASgFIrABCgpTdGVwU2NvcmVzEhAKCGxvZ3Byb2JzGAEgAygCEhUKDXByb2JhYmlsaXRpZXMYAiADKAISEQoJZW50cm9waWVzGAMgAygCEg0KBXJhbmtzGAQgAygFEisKDXRvcF90b2tlbl9pZHMYBSABKAsyFC5zaWdodGxpbmUudjEuVGVuc29yEioKDHRvcF9sb2dwcm9icxgGIAEoCzIULnNpZ2h0bGluZS52MS5UZW5zb3IiOAoLU291cmNlR3JvdXASDQoFc3RhcnQYASABKAUSCwoDZW5kGAIgASgFEg0KBWxhYmVsGAMgASgJIkUKCEZpZGVsaXR5EhsKE3JlY29tcHV0ZWRfbG9ncHJvYnMYASADKAISHAoUbWF4X2Fic19sb2dwcm9iX2RpZmYYAiABKAIi9gUKC0V4cGxhbmF0aW9uEhYKDmV4cGxhbmF0aW9uX2lkGAEgASgJEi0KBXN0YXRlGAIgASgOMh4uc2lnaHRsaW5lLnYxLkV4cGxhbmF0aW9uU3RhdGUSDQoFZXJyb3IYAyABKAkSDQoFbW9kZWwYBCABKAkSFgoOd2VpZ2h0c19kaWdlc3QYBSABKAkSIwoGdG9rZW5zGAYgAygLMhMuc2lnaHRsaW5lLnYxLlRva2VuEhUKDXByb21wdF9sZW5ndGgYByABKAUSGAoQdGFyZ2V0X3Bvc2l0aW9ucxgIIAMoBRIrCgdyZXN1bHRzGAkgAygLMhouc2lnaHRsaW5lLnYxLk1ldGhvZFJlc3VsdBIoCghmaWRlbGl0eRgKIAEoCzIWLnNpZ2h0bGluZS52MS5GaWRlbGl0eRIRCgljYWNoZV9oaXQYCyABKAgSLgoKY3JlYXRlZF9hdBgMIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMAoMY29tcGxldGVkX2F0GA0gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIQCgh0cmFjZV9pZBgOIAEoCRIQCghhdHRlbXB0cxgPIAEoBRIWCg5mb2lsX3Rva2VuX2lkcxgQIAMoBRIvCgx0YXJnZXRfc2NvcmUYESABKA4yGS5zaWdodGxpbmUudjEuVGFyZ2V0U2NvcmUSLQoLc3RlcF9zY29yZXMYEiABKAsyGC5zaWdodGxpbmUudjEuU3RlcFNjb3JlcxIwCg1zb3VyY2VfZ3JvdXBzGBMgAygLMhkuc2lnaHRsaW5lLnYxLlNvdXJjZUdyb3VwEhQKDGNhbmNlbGxlZF9ieRgUIAEoCRIzCghwcm9ncmVzcxgVIAEoCzIhLnNpZ2h0bGluZS52MS5FeHBsYW5hdGlvblByb2dyZXNzEi8KDGV4cGxhaW5fcGF0aBgWIAEoDjIZLnNpZ2h0bGluZS52MS5FeHBsYWluUGF0aCpFCgVEVHlwZRIWChJEX1RZUEVfVU5TUEVDSUZJRUQQABISCg5EX1RZUEVfRkxPQVQzMhABEhAKDERfVFlQRV9JTlQzMhACKloKC0V4cGxhaW5Nb2RlEhwKGEVYUExBSU5fTU9ERV9VTlNQRUNJRklFRBAAEhUKEUVYUExBSU5fTU9ERV9TWU5DEAESFgoSRVhQTEFJTl9NT0RFX0FTWU5DEAIqXAoLRXhwbGFpblBhdGgSHAoYRVhQTEFJTl9QQVRIX1VOU1BFQ0lGSUVEEAASFQoRRVhQTEFJTl9QQVRIX0ZBU1QQARIYChRFWFBMQUlOX1BBVEhfR0VORVJBTBACKnsKC1RhcmdldFNjb3JlEhwKGFRBUkdFVF9TQ09SRV9VTlNQRUNJRklFRBAAEhgKFFRBUkdFVF9TQ09SRV9MT0dQUk9CEAESHAoYVEFSR0VUX1NDT1JFX1BST0JBQklMSVRZEAISFgoSVEFSR0VUX1NDT1JFX0xPR0lUEAMqbQoLR3JhbnVsYXJpdHkSGwoXR1JBTlVMQVJJVFlfVU5TUEVDSUZJRUQQABIVChFHUkFOVUxBUklUWV9UT0tFThABEhQKEEdSQU5VTEFSSVRZX1dPUkQQAhIUChBHUkFOVUxBUklUWV9TUEFOEAMqdwoNTm9ybWFsaXphdGlvbhIdChlOT1JNQUxJWkFUSU9OX1VOU1BFQ0lGSUVEEAASFgoSTk9STUFMSVpBVElPTl9OT05FEAESFAoQTk9STUFMSVpBVElPTl9MMRACEhkKFU5PUk1BTElaQVRJT05fTUFYX0FCUxADKpoBCgxGaW5pc2hSZWFzb24SHQoZRklOSVNIX1JFQVNPTl9VTlNQRUNJRklFRBAAEhYKEkZJTklTSF9SRUFTT05fU1RPUBABEhgKFEZJTklTSF9SRUFTT05fTEVOR1RIEAISFwoTRklOSVNIX1JFQVNPTl9BQk9SVBADEiAKHEZJTklTSF9SRUFTT05fQ09OVEVYVF9MRU5HVEgQBCrTAQoQRXhwbGFuYXRpb25TdGF0ZRIhCh1FWFBMQU5BVElPTl9TVEFURV9VTlNQRUNJRklFRBAAEh0KGUVYUExBTkFUSU9OX1NUQVRFX1BFTkRJTkcQARIdChlFWFBMQU5BVElPTl9TVEFURV9SVU5OSU5HEAISHwobRVhQTEFOQVRJT05fU1RBVEVfU1VDQ0VFREVEEAMSHAoYRVhQTEFOQVRJT05fU1RBVEVfRkFJTEVEEAQSHwobRVhQTEFOQVRJT05fU1RBVEVfQ0FOQ0VMTEVEEAViBnByb3RvMw", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
+  fileDesc("ChhzaWdodGxpbmUvdjEvdHlwZXMucHJvdG8SDHNpZ2h0bGluZS52MSJlCgZUZW5zb3ISIgoFZHR5cGUYASABKA4yEy5zaWdodGxpbmUudjEuRHR5cGUSDQoFc2hhcGUYAiADKAUSFAoMZmxvYXRfdmFsdWVzGAMgAygCEhIKCmludF92YWx1ZXMYBCADKAUimAEKBVRva2VuEgoKAmlkGAEgASgFEgwKBHRleHQYAiABKAkSFAoHbG9ncHJvYhgDIAEoAkgAiAEBEiUKBHJvbGUYBCABKA4yFy5zaWdodGxpbmUudjEuVG9rZW5Sb2xlEhoKDW1lc3NhZ2VfaW5kZXgYBSABKAVIAYgBAUIKCghfbG9ncHJvYkIQCg5fbWVzc2FnZV9pbmRleCIXCghUb2tlbklkcxILCgNpZHMYASADKAUiLAoLQ2hhdE1lc3NhZ2USDAoEcm9sZRgBIAEoCRIPCgdjb250ZW50GAIgASgJIjsKDENoYXRNZXNzYWdlcxIrCghtZXNzYWdlcxgBIAMoCzIZLnNpZ2h0bGluZS52MS5DaGF0TWVzc2FnZSLIAQoOU2FtcGxpbmdQYXJhbXMSFwoKbWF4X3Rva2VucxgBIAEoBUgAiAEBEhgKC3RlbXBlcmF0dXJlGAIgASgCSAGIAQESEgoFdG9wX3AYAyABKAJIAogBARISCgV0b3BfaxgEIAEoBUgDiAEBEhEKBHNlZWQYBSABKAVIBIgBARIMCgRzdG9wGAYgAygJQg0KC19tYXhfdG9rZW5zQg4KDF90ZW1wZXJhdHVyZUIICgZfdG9wX3BCCAoGX3RvcF9rQgcKBV9zZWVkIm4KClBhcmFtVmFsdWUSEwoJaW50X3ZhbHVlGAEgASgFSAASFQoLZmxvYXRfdmFsdWUYAiABKAFIABIWCgxzdHJpbmdfdmFsdWUYAyABKAlIABIUCgpib29sX3ZhbHVlGAQgASgISABCBgoEa2luZCKfAQoKTWV0aG9kU3BlYxIMCgRuYW1lGAEgASgJEjQKBnBhcmFtcxgDIAMoCzIkLnNpZ2h0bGluZS52MS5NZXRob2RTcGVjLlBhcmFtc0VudHJ5GkcKC1BhcmFtc0VudHJ5EgsKA2tleRgBIAEoCRInCgV2YWx1ZRgCIAEoCzIYLnNpZ2h0bGluZS52MS5QYXJhbVZhbHVlOgI4AUoECAIQAyJmCgpUYXJnZXRTcGVjEhYKDm91dHB1dF9pbmRpY2VzGAEgAygFEhYKDmZvaWxfdG9rZW5faWRzGAIgAygFEigKBXNjb3JlGAMgASgOMhkuc2lnaHRsaW5lLnYxLlRhcmdldFNjb3JlIjEKBFNwYW4SDQoFc3RhcnQYASABKAUSCwoDZW5kGAIgASgFEg0KBWxhYmVsGAMgASgJIqoBCg9BZ2dyZWdhdGlvblNwZWMSLgoLZ3JhbnVsYXJpdHkYASABKA4yGS5zaWdodGxpbmUudjEuR3JhbnVsYXJpdHkSIQoFc3BhbnMYAiADKAsyEi5zaWdodGxpbmUudjEuU3BhbhIQCghhYnNvbHV0ZRgDIAEoCBIyCg1ub3JtYWxpemF0aW9uGAQgASgOMhsuc2lnaHRsaW5lLnYxLk5vcm1hbGl6YXRpb24iqAIKC0V4cGxhaW5TcGVjEikKB21ldGhvZHMYASADKAsyGC5zaWdodGxpbmUudjEuTWV0aG9kU3BlYxInCgRtb2RlGAIgASgOMhkuc2lnaHRsaW5lLnYxLkV4cGxhaW5Nb2RlEikKB3RhcmdldHMYAyABKAsyGC5zaWdodGxpbmUudjEuVGFyZ2V0U3BlYxIyCgthZ2dyZWdhdGlvbhgEIAEoCzIdLnNpZ2h0bGluZS52MS5BZ2dyZWdhdGlvblNwZWMSFAoMZmFpdGhmdWxuZXNzGAUgASgIEh4KEXN0ZXBfc2NvcmVzX3RvcF9rGAYgASgFSACIAQESGgoSa2VlcF9vbl9kaXNjb25uZWN0GAcgASgIQhQKEl9zdGVwX3Njb3Jlc190b3BfayI0CgVVc2FnZRIUCgxpbnB1dF90b2tlbnMYASABKAUSFQoNb3V0cHV0X3Rva2VucxgCIAEoBSLDAQoQRXhwbGFuYXRpb25FcnJvchIwCgRjb2RlGAEgASgOMiIuc2lnaHRsaW5lLnYxLkV4cGxhbmF0aW9uRXJyb3JDb2RlEg8KB21lc3NhZ2UYAiABKAkSPAoHZGV0YWlscxgDIAMoCzIrLnNpZ2h0bGluZS52MS5FeHBsYW5hdGlvbkVycm9yLkRldGFpbHNFbnRyeRouCgxEZXRhaWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJsChNFeHBsYW5hdGlvblByb2dyZXNzEhAKCGZyYWN0aW9uGAEgASgBEhQKDHNlY29uZHNfbGVmdBgCIAEoARItCgdtZXRob2RzGAMgAygLMhwuc2lnaHRsaW5lLnYxLk1ldGhvZFByb2dyZXNzIkgKDk1ldGhvZFByb2dyZXNzEg4KBm1ldGhvZBgBIAEoCRIQCghmcmFjdGlvbhgCIAEoARIUCgxzZWNvbmRzX2xlZnQYAyABKAEitAIKDE1ldGhvZFJlc3VsdBIOCgZtZXRob2QYASABKAkSKgoMYXR0cmlidXRpb25zGAIgASgLMhQuc2lnaHRsaW5lLnYxLlRlbnNvchI2CgZleHRyYXMYAyADKAsyJi5zaWdodGxpbmUudjEuTWV0aG9kUmVzdWx0LkV4dHJhc0VudHJ5Eg8KB3NlY29uZHMYBCABKAESKAoKYWdncmVnYXRlZBgFIAEoCzIULnNpZ2h0bGluZS52MS5UZW5zb3ISMAoMZmFpdGhmdWxuZXNzGAYgASgLMhouc2lnaHRsaW5lLnYxLkZhaXRoZnVsbmVzcxpDCgtFeHRyYXNFbnRyeRILCgNrZXkYASABKAkSIwoFdmFsdWUYAiABKAsyFC5zaWdodGxpbmUudjEuVGVuc29yOgI4ASKvAgoMRmFpdGhmdWxuZXNzEhEKCWZyYWN0aW9ucxgBIAMoAhIZChFjb21wcmVoZW5zaXZlbmVzcxgCIAMoAhITCgtzdWZmaWNpZW5jeRgDIAMoAhIgChhyYW5kb21fY29tcHJlaGVuc2l2ZW5lc3MYBCADKAISGgoScmFuZG9tX3N1ZmZpY2llbmN5GAUgAygCEh4KFmFvcGNfY29tcHJlaGVuc2l2ZW5lc3MYBiABKAISGAoQYW9wY19zdWZmaWNpZW5jeRgHIAEoAhIlCh1yYW5kb21fYW9wY19jb21wcmVoZW5zaXZlbmVzcxgIIAEoAhIfChdyYW5kb21fYW9wY19zdWZmaWNpZW5jeRgJIAEoAhIcChRyZXBsYWNlbWVudF90b2tlbl9pZBgKIAEoBSKwAQoKU3RlcFNjb3JlcxIQCghsb2dwcm9icxgBIAMoAhIVCg1wcm9iYWJpbGl0aWVzGAIgAygCEhEKCWVudHJvcGllcxgDIAMoAhINCgVyYW5rcxgEIAMoBRIrCg10b3BfdG9rZW5faWRzGAUgASgLMhQuc2lnaHRsaW5lLnYxLlRlbnNvchIqCgx0b3BfbG9ncHJvYnMYBiABKAsyFC5zaWdodGxpbmUudjEuVGVuc29yIjgKC1NvdXJjZUdyb3VwEg0KBXN0YXJ0GAEgASgFEgsKA2VuZBgCIAEoBRINCgVsYWJlbBgDIAEoCSJFCghGaWRlbGl0eRIbChNyZWNvbXB1dGVkX2xvZ3Byb2JzGAEgAygCEhwKFG1heF9hYnNfbG9ncHJvYl9kaWZmGAIgASgCIpwGCgtFeHBsYW5hdGlvbhIWCg5leHBsYW5hdGlvbl9pZBgBIAEoCRItCgVzdGF0ZRgCIAEoDjIeLnNpZ2h0bGluZS52MS5FeHBsYW5hdGlvblN0YXRlEi0KBWVycm9yGBcgASgLMh4uc2lnaHRsaW5lLnYxLkV4cGxhbmF0aW9uRXJyb3ISDQoFbW9kZWwYBCABKAkSFgoOd2VpZ2h0c19kaWdlc3QYBSABKAkSIwoGdG9rZW5zGAYgAygLMhMuc2lnaHRsaW5lLnYxLlRva2VuEhUKDXByb21wdF9sZW5ndGgYByABKAUSGAoQdGFyZ2V0X3Bvc2l0aW9ucxgIIAMoBRIrCgdyZXN1bHRzGAkgAygLMhouc2lnaHRsaW5lLnYxLk1ldGhvZFJlc3VsdBIoCghmaWRlbGl0eRgKIAEoCzIWLnNpZ2h0bGluZS52MS5GaWRlbGl0eRIRCgljYWNoZV9oaXQYCyABKAgSLgoKY3JlYXRlZF9hdBgMIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMAoMY29tcGxldGVkX2F0GA0gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIQCgh0cmFjZV9pZBgOIAEoCRIQCghhdHRlbXB0cxgPIAEoBRIWCg5mb2lsX3Rva2VuX2lkcxgQIAMoBRIvCgx0YXJnZXRfc2NvcmUYESABKA4yGS5zaWdodGxpbmUudjEuVGFyZ2V0U2NvcmUSLQoLc3RlcF9zY29yZXMYEiABKAsyGC5zaWdodGxpbmUudjEuU3RlcFNjb3JlcxIwCg1zb3VyY2VfZ3JvdXBzGBMgAygLMhkuc2lnaHRsaW5lLnYxLlNvdXJjZUdyb3VwEhQKDGNhbmNlbGxlZF9ieRgUIAEoCRIzCghwcm9ncmVzcxgVIAEoCzIhLnNpZ2h0bGluZS52MS5FeHBsYW5hdGlvblByb2dyZXNzEi8KDGV4cGxhaW5fcGF0aBgWIAEoDjIZLnNpZ2h0bGluZS52MS5FeHBsYWluUGF0aEoECAMQBCpCCgVEdHlwZRIVChFEVFlQRV9VTlNQRUNJRklFRBAAEhEKDURUWVBFX0ZMT0FUMzIQARIPCgtEVFlQRV9JTlQzMhACKrQBCglUb2tlblJvbGUSGgoWVE9LRU5fUk9MRV9VTlNQRUNJRklFRBAAEhcKE1RPS0VOX1JPTEVfVEVNUExBVEUQARIVChFUT0tFTl9ST0xFX1NZU1RFTRACEhMKD1RPS0VOX1JPTEVfVVNFUhADEhgKFFRPS0VOX1JPTEVfQVNTSVNUQU5UEAQSFQoRVE9LRU5fUk9MRV9QUk9NUFQQBRIVChFUT0tFTl9ST0xFX09VVFBVVBAGKloKC0V4cGxhaW5Nb2RlEhwKGEVYUExBSU5fTU9ERV9VTlNQRUNJRklFRBAAEhUKEUVYUExBSU5fTU9ERV9TWU5DEAESFgoSRVhQTEFJTl9NT0RFX0FTWU5DEAIqXAoLRXhwbGFpblBhdGgSHAoYRVhQTEFJTl9QQVRIX1VOU1BFQ0lGSUVEEAASFQoRRVhQTEFJTl9QQVRIX0ZBU1QQARIYChRFWFBMQUlOX1BBVEhfR0VORVJBTBACKnsKC1RhcmdldFNjb3JlEhwKGFRBUkdFVF9TQ09SRV9VTlNQRUNJRklFRBAAEhgKFFRBUkdFVF9TQ09SRV9MT0dQUk9CEAESHAoYVEFSR0VUX1NDT1JFX1BST0JBQklMSVRZEAISFgoSVEFSR0VUX1NDT1JFX0xPR0lUEAMqbQoLR3JhbnVsYXJpdHkSGwoXR1JBTlVMQVJJVFlfVU5TUEVDSUZJRUQQABIVChFHUkFOVUxBUklUWV9UT0tFThABEhQKEEdSQU5VTEFSSVRZX1dPUkQQAhIUChBHUkFOVUxBUklUWV9TUEFOEAMqdwoNTm9ybWFsaXphdGlvbhIdChlOT1JNQUxJWkFUSU9OX1VOU1BFQ0lGSUVEEAASFgoSTk9STUFMSVpBVElPTl9OT05FEAESFAoQTk9STUFMSVpBVElPTl9MMRACEhkKFU5PUk1BTElaQVRJT05fTUFYX0FCUxADKpoBCgxGaW5pc2hSZWFzb24SHQoZRklOSVNIX1JFQVNPTl9VTlNQRUNJRklFRBAAEhYKEkZJTklTSF9SRUFTT05fU1RPUBABEhgKFEZJTklTSF9SRUFTT05fTEVOR1RIEAISFwoTRklOSVNIX1JFQVNPTl9BQk9SVBADEiAKHEZJTklTSF9SRUFTT05fQ09OVEVYVF9MRU5HVEgQBCrTAQoQRXhwbGFuYXRpb25TdGF0ZRIhCh1FWFBMQU5BVElPTl9TVEFURV9VTlNQRUNJRklFRBAAEh0KGUVYUExBTkFUSU9OX1NUQVRFX1BFTkRJTkcQARIdChlFWFBMQU5BVElPTl9TVEFURV9SVU5OSU5HEAISHwobRVhQTEFOQVRJT05fU1RBVEVfU1VDQ0VFREVEEAMSHAoYRVhQTEFOQVRJT05fU1RBVEVfRkFJTEVEEAQSHwobRVhQTEFOQVRJT05fU1RBVEVfQ0FOQ0VMTEVEEAUqvAEKFEV4cGxhbmF0aW9uRXJyb3JDb2RlEiYKIkVYUExBTkFUSU9OX0VSUk9SX0NPREVfVU5TUEVDSUZJRUQQABIoCiRFWFBMQU5BVElPTl9FUlJPUl9DT0RFX0lOVkFMSURfSU5QVVQQARItCilFWFBMQU5BVElPTl9FUlJPUl9DT0RFX0FUVEVNUFRTX0VYSEFVU1RFRBACEiMKH0VYUExBTkFUSU9OX0VSUk9SX0NPREVfSU5URVJOQUwQA0KQAQoQY29tLnNpZ2h0bGluZS52MUIKVHlwZXNQcm90b1ABWjpnaXRodWIuY29tL3NpZ2h0bGluZS9zaWdodGxpbmUtZ28vc2lnaHRsaW5lL3YxO3NpZ2h0bGluZXYxogIDU0xWqgIMU2lnaHRsaW5lLlYxygIMU2lnaHRsaW5lXFYx6gINU2lnaHRsaW5lOjpWMWIGcHJvdG8z", [file_google_protobuf_timestamp]);
 
 /**
- * A dense row-major tensor packed as raw little-endian bytes, so that an
- * attribution matrix travels as one blob instead of one message per cell.
+ * A dense tensor: its elements in row-major (C) order, the last dimension varying fastest, so that
+ * element [i, j] of a [rows, cols] matrix is values[i * cols + j].
+ *
+ * The elements travel as packed repeated fields rather than raw bytes. On the wire a packed
+ * `repeated float` is exactly what raw float32 bytes would be (4 little-endian IEEE-754 bytes per
+ * element, after one tag and length), but every language's generated code decodes it into its own
+ * number array (Python: a sequence of float, Go: []float32, TypeScript: number[], Java:
+ * List<Float>) with no byte order, alignment or typed-array view for the client to manage, and the
+ * JSON mapping is a plain array of numbers. int32 elements travel as varints (token ids: 1 to 3
+ * bytes each).
  *
  * @generated from message sightline.v1.Tensor
  */
 export type Tensor = Message<"sightline.v1.Tensor"> & {
   /**
-   * @generated from field: sightline.v1.DType dtype = 1;
+   * Which of float_values and int_values holds the elements; the other is empty.
+   *
+   * @generated from field: sightline.v1.Dtype dtype = 1;
    */
-  dtype: DType;
+  dtype: Dtype;
 
   /**
-   * @generated from field: repeated int64 shape = 2;
+   * The size of each dimension, outermost first; the element count is their product.
+   *
+   * @generated from field: repeated int32 shape = 2;
    */
-  shape: bigint[];
+  shape: number[];
 
   /**
-   * @generated from field: bytes data = 3;
+   * The elements when dtype is DTYPE_FLOAT32, row-major.
+   *
+   * @generated from field: repeated float float_values = 3;
    */
-  data: Uint8Array;
+  floatValues: number[];
+
+  /**
+   * The elements when dtype is DTYPE_INT32, row-major.
+   *
+   * @generated from field: repeated int32 int_values = 4;
+   */
+  intValues: number[];
 };
 
 /**
@@ -51,6 +72,8 @@ export const TensorSchema: GenMessage<Tensor> = /*@__PURE__*/
  */
 export type Token = Message<"sightline.v1.Token"> & {
   /**
+   * The token's id in the model's vocabulary.
+   *
    * @generated from field: int32 id = 1;
    */
   id: number;
@@ -68,6 +91,20 @@ export type Token = Message<"sightline.v1.Token"> & {
    * @generated from field: optional float logprob = 3;
    */
   logprob?: number | undefined;
+
+  /**
+   * Which part of the sequence the token belongs to; set on Explanation.tokens.
+   *
+   * @generated from field: sightline.v1.TokenRole role = 4;
+   */
+  role: TokenRole;
+
+  /**
+   * For a token of a chat message's content: the message's index in the request's chat messages.
+   *
+   * @generated from field: optional int32 message_index = 5;
+   */
+  messageIndex?: number | undefined;
 };
 
 /**
@@ -78,10 +115,14 @@ export const TokenSchema: GenMessage<Token> = /*@__PURE__*/
   messageDesc(file_sightline_v1_types, 1);
 
 /**
+ * A prompt given as token ids.
+ *
  * @generated from message sightline.v1.TokenIds
  */
 export type TokenIds = Message<"sightline.v1.TokenIds"> & {
   /**
+   * Token ids of the model's vocabulary, used exactly as given.
+   *
    * @generated from field: repeated int32 ids = 1;
    */
   ids: number[];
@@ -95,6 +136,8 @@ export const TokenIdsSchema: GenMessage<TokenIds> = /*@__PURE__*/
   messageDesc(file_sightline_v1_types, 2);
 
 /**
+ * One message of a chat.
+ *
  * @generated from message sightline.v1.ChatMessage
  */
 export type ChatMessage = Message<"sightline.v1.ChatMessage"> & {
@@ -106,6 +149,8 @@ export type ChatMessage = Message<"sightline.v1.ChatMessage"> & {
   role: string;
 
   /**
+   * The message's text.
+   *
    * @generated from field: string content = 2;
    */
   content: string;
@@ -119,10 +164,14 @@ export const ChatMessageSchema: GenMessage<ChatMessage> = /*@__PURE__*/
   messageDesc(file_sightline_v1_types, 3);
 
 /**
+ * A chat, rendered with the model's chat template.
+ *
  * @generated from message sightline.v1.ChatMessages
  */
 export type ChatMessages = Message<"sightline.v1.ChatMessages"> & {
   /**
+   * The messages in order; at least one must have content.
+   *
    * @generated from field: repeated sightline.v1.ChatMessage messages = 1;
    */
   messages: ChatMessage[];
@@ -170,11 +219,11 @@ export type SamplingParams = Message<"sightline.v1.SamplingParams"> & {
   topK?: number | undefined;
 
   /**
-   * Seed for reproducible sampling.
+   * Seed for reproducible sampling (32 bits: a number in every language and in JSON).
    *
-   * @generated from field: optional int64 seed = 5;
+   * @generated from field: optional int32 seed = 5;
    */
-  seed?: bigint | undefined;
+  seed?: number | undefined;
 
   /**
    * Stop generating when one of these strings appears.
@@ -192,20 +241,77 @@ export const SamplingParamsSchema: GenMessage<SamplingParams> = /*@__PURE__*/
   messageDesc(file_sightline_v1_types, 5);
 
 /**
+ * A method parameter's value, of the type ListMethods declares for it (MethodParam.type).
+ *
+ * @generated from message sightline.v1.ParamValue
+ */
+export type ParamValue = Message<"sightline.v1.ParamValue"> & {
+  /**
+   * The value; exactly one is set.
+   *
+   * @generated from oneof sightline.v1.ParamValue.kind
+   */
+  kind: {
+    /**
+     * For PARAM_TYPE_INT parameters (also accepted by PARAM_TYPE_FLOAT ones).
+     *
+     * @generated from field: int32 int_value = 1;
+     */
+    value: number;
+    case: "intValue";
+  } | {
+    /**
+     * For PARAM_TYPE_FLOAT parameters; must be finite. A whole number is accepted for an int one.
+     *
+     * @generated from field: double float_value = 2;
+     */
+    value: number;
+    case: "floatValue";
+  } | {
+    /**
+     * For PARAM_TYPE_STRING parameters.
+     *
+     * @generated from field: string string_value = 3;
+     */
+    value: string;
+    case: "stringValue";
+  } | {
+    /**
+     * For PARAM_TYPE_BOOL parameters.
+     *
+     * @generated from field: bool bool_value = 4;
+     */
+    value: boolean;
+    case: "boolValue";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message sightline.v1.ParamValue.
+ * Use `create(ParamValueSchema)` to create a new message.
+ */
+export const ParamValueSchema: GenMessage<ParamValue> = /*@__PURE__*/
+  messageDesc(file_sightline_v1_types, 6);
+
+/**
  * One attribution method with its parameters (see ListMethods for their names and types).
  *
  * @generated from message sightline.v1.MethodSpec
  */
 export type MethodSpec = Message<"sightline.v1.MethodSpec"> & {
   /**
+   * The method's name, as ListMethods lists it.
+   *
    * @generated from field: string name = 1;
    */
   name: string;
 
   /**
-   * @generated from field: google.protobuf.Struct params = 2;
+   * Parameter values by name; a parameter left out takes its default.
+   *
+   * @generated from field: map<string, sightline.v1.ParamValue> params = 3;
    */
-  params?: JsonObject | undefined;
+  params: { [key: string]: ParamValue };
 };
 
 /**
@@ -213,7 +319,7 @@ export type MethodSpec = Message<"sightline.v1.MethodSpec"> & {
  * Use `create(MethodSpecSchema)` to create a new message.
  */
 export const MethodSpecSchema: GenMessage<MethodSpec> = /*@__PURE__*/
-  messageDesc(file_sightline_v1_types, 6);
+  messageDesc(file_sightline_v1_types, 7);
 
 /**
  * Which generated tokens to explain, and against what.
@@ -238,6 +344,8 @@ export type TargetSpec = Message<"sightline.v1.TargetSpec"> & {
   foilTokenIds: number[];
 
   /**
+   * The score each target's attributions explain.
+   *
    * @generated from field: sightline.v1.TargetScore score = 3;
    */
   score: TargetScore;
@@ -248,7 +356,7 @@ export type TargetSpec = Message<"sightline.v1.TargetSpec"> & {
  * Use `create(TargetSpecSchema)` to create a new message.
  */
 export const TargetSpecSchema: GenMessage<TargetSpec> = /*@__PURE__*/
-  messageDesc(file_sightline_v1_types, 7);
+  messageDesc(file_sightline_v1_types, 8);
 
 /**
  * A half-open range [start, end) of token positions.
@@ -257,16 +365,22 @@ export const TargetSpecSchema: GenMessage<TargetSpec> = /*@__PURE__*/
  */
 export type Span = Message<"sightline.v1.Span"> & {
   /**
+   * The first position in the span.
+   *
    * @generated from field: int32 start = 1;
    */
   start: number;
 
   /**
+   * One past the last position in the span.
+   *
    * @generated from field: int32 end = 2;
    */
   end: number;
 
   /**
+   * A name for the span, echoed in SourceGroup.label.
+   *
    * @generated from field: string label = 3;
    */
   label: string;
@@ -277,7 +391,7 @@ export type Span = Message<"sightline.v1.Span"> & {
  * Use `create(SpanSchema)` to create a new message.
  */
 export const SpanSchema: GenMessage<Span> = /*@__PURE__*/
-  messageDesc(file_sightline_v1_types, 8);
+  messageDesc(file_sightline_v1_types, 9);
 
 /**
  * How to present attributions besides the raw token matrix, which is always returned.
@@ -286,6 +400,8 @@ export const SpanSchema: GenMessage<Span> = /*@__PURE__*/
  */
 export type AggregationSpec = Message<"sightline.v1.AggregationSpec"> & {
   /**
+   * The unit to aggregate to.
+   *
    * @generated from field: sightline.v1.Granularity granularity = 1;
    */
   granularity: Granularity;
@@ -305,6 +421,8 @@ export type AggregationSpec = Message<"sightline.v1.AggregationSpec"> & {
   absolute: boolean;
 
   /**
+   * How each row is scaled.
+   *
    * @generated from field: sightline.v1.Normalization normalization = 4;
    */
   normalization: Normalization;
@@ -315,28 +433,38 @@ export type AggregationSpec = Message<"sightline.v1.AggregationSpec"> & {
  * Use `create(AggregationSpecSchema)` to create a new message.
  */
 export const AggregationSpecSchema: GenMessage<AggregationSpec> = /*@__PURE__*/
-  messageDesc(file_sightline_v1_types, 9);
+  messageDesc(file_sightline_v1_types, 10);
 
 /**
+ * What to explain and how: the methods, the targets, the aggregation and when the result comes back.
+ *
  * @generated from message sightline.v1.ExplainSpec
  */
 export type ExplainSpec = Message<"sightline.v1.ExplainSpec"> & {
   /**
+   * The methods to run, each named once; empty asks for no explanation.
+   *
    * @generated from field: repeated sightline.v1.MethodSpec methods = 1;
    */
   methods: MethodSpec[];
 
   /**
+   * Whether the call waits for the explanation.
+   *
    * @generated from field: sightline.v1.ExplainMode mode = 2;
    */
   mode: ExplainMode;
 
   /**
+   * Which generated tokens to explain; unset explains all of them.
+   *
    * @generated from field: sightline.v1.TargetSpec targets = 3;
    */
   targets?: TargetSpec | undefined;
 
   /**
+   * How to aggregate attributions; unset reports tokens.
+   *
    * @generated from field: sightline.v1.AggregationSpec aggregation = 4;
    */
   aggregation?: AggregationSpec | undefined;
@@ -369,18 +497,24 @@ export type ExplainSpec = Message<"sightline.v1.ExplainSpec"> & {
  * Use `create(ExplainSpecSchema)` to create a new message.
  */
 export const ExplainSpecSchema: GenMessage<ExplainSpec> = /*@__PURE__*/
-  messageDesc(file_sightline_v1_types, 10);
+  messageDesc(file_sightline_v1_types, 11);
 
 /**
+ * Token counts of a generation.
+ *
  * @generated from message sightline.v1.Usage
  */
 export type Usage = Message<"sightline.v1.Usage"> & {
   /**
+   * Tokens in the prompt, as the model saw it (after the chat template).
+   *
    * @generated from field: int32 input_tokens = 1;
    */
   inputTokens: number;
 
   /**
+   * Tokens generated.
+   *
    * @generated from field: int32 output_tokens = 2;
    */
   outputTokens: number;
@@ -391,7 +525,43 @@ export type Usage = Message<"sightline.v1.Usage"> & {
  * Use `create(UsageSchema)` to create a new message.
  */
 export const UsageSchema: GenMessage<Usage> = /*@__PURE__*/
-  messageDesc(file_sightline_v1_types, 11);
+  messageDesc(file_sightline_v1_types, 12);
+
+/**
+ * A failed explanation's reason.
+ *
+ * @generated from message sightline.v1.ExplanationError
+ */
+export type ExplanationError = Message<"sightline.v1.ExplanationError"> & {
+  /**
+   * The kind of failure.
+   *
+   * @generated from field: sightline.v1.ExplanationErrorCode code = 1;
+   */
+  code: ExplanationErrorCode;
+
+  /**
+   * What happened, for a person.
+   *
+   * @generated from field: string message = 2;
+   */
+  message: string;
+
+  /**
+   * Machine-readable context, by key: "exception" (the error's type, for
+   * EXPLANATION_ERROR_CODE_INTERNAL), "attempts" (how many attempts were made, as decimal text).
+   *
+   * @generated from field: map<string, string> details = 3;
+   */
+  details: { [key: string]: string };
+};
+
+/**
+ * Describes the message sightline.v1.ExplanationError.
+ * Use `create(ExplanationErrorSchema)` to create a new message.
+ */
+export const ExplanationErrorSchema: GenMessage<ExplanationError> = /*@__PURE__*/
+  messageDesc(file_sightline_v1_types, 13);
 
 /**
  * How far a running explanation has got, as its worker last published it (at most a few times a second).
@@ -427,7 +597,7 @@ export type ExplanationProgress = Message<"sightline.v1.ExplanationProgress"> & 
  * Use `create(ExplanationProgressSchema)` to create a new message.
  */
 export const ExplanationProgressSchema: GenMessage<ExplanationProgress> = /*@__PURE__*/
-  messageDesc(file_sightline_v1_types, 12);
+  messageDesc(file_sightline_v1_types, 14);
 
 /**
  * How far one method of a running explanation has got.
@@ -462,7 +632,7 @@ export type MethodProgress = Message<"sightline.v1.MethodProgress"> & {
  * Use `create(MethodProgressSchema)` to create a new message.
  */
 export const MethodProgressSchema: GenMessage<MethodProgress> = /*@__PURE__*/
-  messageDesc(file_sightline_v1_types, 13);
+  messageDesc(file_sightline_v1_types, 15);
 
 /**
  * The result of one method.
@@ -471,6 +641,8 @@ export const MethodProgressSchema: GenMessage<MethodProgress> = /*@__PURE__*/
  */
 export type MethodResult = Message<"sightline.v1.MethodResult"> & {
   /**
+   * The method's name.
+   *
    * @generated from field: string method = 1;
    */
   method: string;
@@ -478,22 +650,27 @@ export type MethodResult = Message<"sightline.v1.MethodResult"> & {
   /**
    * float32 [num_targets, num_tokens - 1]: row i scores every token before
    * target i (prompt and earlier output); cells at or after the target's own
-   * position are 0. Empty for methods that do not attribute to tokens.
+   * position are 0. Unset for methods that do not attribute to tokens.
    *
    * @generated from field: sightline.v1.Tensor attributions = 2;
    */
   attributions?: Tensor | undefined;
 
   /**
-   * Method-specific outputs, e.g. logit_lens: "top_token_ids" int32
-   * [num_layers + 1, num_targets, k], "top_logprobs" float32 of the same shape,
-   * "target_logprobs" float32 [num_layers + 1, num_targets].
+   * Method-specific outputs by key. logit_lens: "top_token_ids" int32
+   * [num_layers + 1, num_targets, k] (the k most likely tokens at each layer, embedding first),
+   * "top_logprobs" float32 of the same shape (their log-probabilities), "target_logprobs" float32
+   * [num_layers + 1, num_targets] (the explained token's log-probability at each layer).
+   * integrated_gradients: "convergence_delta" float32 [num_targets] (sum of attributions minus
+   * the score difference to the baseline; near 0 when the steps suffice). Other methods: none.
    *
    * @generated from field: map<string, sightline.v1.Tensor> extras = 3;
    */
   extras: { [key: string]: Tensor };
 
   /**
+   * Seconds the method took on its worker.
+   *
    * @generated from field: double seconds = 4;
    */
   seconds: number;
@@ -519,7 +696,7 @@ export type MethodResult = Message<"sightline.v1.MethodResult"> & {
  * Use `create(MethodResultSchema)` to create a new message.
  */
 export const MethodResultSchema: GenMessage<MethodResult> = /*@__PURE__*/
-  messageDesc(file_sightline_v1_types, 14);
+  messageDesc(file_sightline_v1_types, 16);
 
 /**
  * ERASER faithfulness of one method's attributions, averaged over the explained tokens. For a
@@ -531,16 +708,22 @@ export const MethodResultSchema: GenMessage<MethodResult> = /*@__PURE__*/
  */
 export type Faithfulness = Message<"sightline.v1.Faithfulness"> & {
   /**
+   * The fractions q, ascending.
+   *
    * @generated from field: repeated float fractions = 1;
    */
   fractions: number[];
 
   /**
+   * Comprehensiveness at each fraction.
+   *
    * @generated from field: repeated float comprehensiveness = 2;
    */
   comprehensiveness: number[];
 
   /**
+   * Sufficiency at each fraction.
+   *
    * @generated from field: repeated float sufficiency = 3;
    */
   sufficiency: number[];
@@ -553,6 +736,8 @@ export type Faithfulness = Message<"sightline.v1.Faithfulness"> & {
   randomComprehensiveness: number[];
 
   /**
+   * Sufficiency of random attributions at each fraction.
+   *
    * @generated from field: repeated float random_sufficiency = 5;
    */
   randomSufficiency: number[];
@@ -565,16 +750,22 @@ export type Faithfulness = Message<"sightline.v1.Faithfulness"> & {
   aopcComprehensiveness: number;
 
   /**
+   * Mean sufficiency over the fractions.
+   *
    * @generated from field: float aopc_sufficiency = 7;
    */
   aopcSufficiency: number;
 
   /**
+   * Mean comprehensiveness of random attributions.
+   *
    * @generated from field: float random_aopc_comprehensiveness = 8;
    */
   randomAopcComprehensiveness: number;
 
   /**
+   * Mean sufficiency of random attributions.
+   *
    * @generated from field: float random_aopc_sufficiency = 9;
    */
   randomAopcSufficiency: number;
@@ -592,7 +783,7 @@ export type Faithfulness = Message<"sightline.v1.Faithfulness"> & {
  * Use `create(FaithfulnessSchema)` to create a new message.
  */
 export const FaithfulnessSchema: GenMessage<Faithfulness> = /*@__PURE__*/
-  messageDesc(file_sightline_v1_types, 15);
+  messageDesc(file_sightline_v1_types, 17);
 
 /**
  * Scores of each explained token under the explainer's replica of the model.
@@ -601,11 +792,15 @@ export const FaithfulnessSchema: GenMessage<Faithfulness> = /*@__PURE__*/
  */
 export type StepScores = Message<"sightline.v1.StepScores"> & {
   /**
+   * log p(token | prefix) per explained token.
+   *
    * @generated from field: repeated float logprobs = 1;
    */
   logprobs: number[];
 
   /**
+   * p(token | prefix) per explained token.
+   *
    * @generated from field: repeated float probabilities = 2;
    */
   probabilities: number[];
@@ -625,13 +820,15 @@ export type StepScores = Message<"sightline.v1.StepScores"> & {
   ranks: number[];
 
   /**
-   * int32 [num_targets, k] and float32 [num_targets, k]: the most likely alternatives.
+   * int32 [num_targets, k]: the most likely alternatives' token ids, most likely first.
    *
    * @generated from field: sightline.v1.Tensor top_token_ids = 5;
    */
   topTokenIds?: Tensor | undefined;
 
   /**
+   * float32 [num_targets, k]: their log-probabilities.
+   *
    * @generated from field: sightline.v1.Tensor top_logprobs = 6;
    */
   topLogprobs?: Tensor | undefined;
@@ -642,7 +839,7 @@ export type StepScores = Message<"sightline.v1.StepScores"> & {
  * Use `create(StepScoresSchema)` to create a new message.
  */
 export const StepScoresSchema: GenMessage<StepScores> = /*@__PURE__*/
-  messageDesc(file_sightline_v1_types, 16);
+  messageDesc(file_sightline_v1_types, 18);
 
 /**
  * A group of source tokens that aggregated attributions are reported for.
@@ -651,16 +848,22 @@ export const StepScoresSchema: GenMessage<StepScores> = /*@__PURE__*/
  */
 export type SourceGroup = Message<"sightline.v1.SourceGroup"> & {
   /**
+   * The group's first token position.
+   *
    * @generated from field: int32 start = 1;
    */
   start: number;
 
   /**
+   * One past its last token position.
+   *
    * @generated from field: int32 end = 2;
    */
   end: number;
 
   /**
+   * The group's text (word granularity) or the caller's span label.
+   *
    * @generated from field: string label = 3;
    */
   label: string;
@@ -671,7 +874,7 @@ export type SourceGroup = Message<"sightline.v1.SourceGroup"> & {
  * Use `create(SourceGroupSchema)` to create a new message.
  */
 export const SourceGroupSchema: GenMessage<SourceGroup> = /*@__PURE__*/
-  messageDesc(file_sightline_v1_types, 17);
+  messageDesc(file_sightline_v1_types, 19);
 
 /**
  * How faithfully the explainer's replica reproduces what was served.
@@ -699,18 +902,24 @@ export type Fidelity = Message<"sightline.v1.Fidelity"> & {
  * Use `create(FidelitySchema)` to create a new message.
  */
 export const FidelitySchema: GenMessage<Fidelity> = /*@__PURE__*/
-  messageDesc(file_sightline_v1_types, 18);
+  messageDesc(file_sightline_v1_types, 20);
 
 /**
+ * An explanation record: its state, and once SUCCEEDED its results.
+ *
  * @generated from message sightline.v1.Explanation
  */
 export type Explanation = Message<"sightline.v1.Explanation"> & {
   /**
+   * The explanation's id.
+   *
    * @generated from field: string explanation_id = 1;
    */
   explanationId: string;
 
   /**
+   * Where it is in its life.
+   *
    * @generated from field: sightline.v1.ExplanationState state = 2;
    */
   state: ExplanationState;
@@ -718,28 +927,34 @@ export type Explanation = Message<"sightline.v1.Explanation"> & {
   /**
    * Why the explanation failed, when state is FAILED.
    *
-   * @generated from field: string error = 3;
+   * @generated from field: sightline.v1.ExplanationError error = 23;
    */
-  error: string;
+  error?: ExplanationError | undefined;
 
   /**
+   * The served model's name.
+   *
    * @generated from field: string model = 4;
    */
   model: string;
 
   /**
+   * Digest of the weights the explainer used (they match what vLLM serves).
+   *
    * @generated from field: string weights_digest = 5;
    */
   weightsDigest: string;
 
   /**
-   * Every token of the sequence: prompt first, then the generated output.
+   * Every token of the sequence: prompt first, then the generated output, each with its role.
    *
    * @generated from field: repeated sightline.v1.Token tokens = 6;
    */
   tokens: Token[];
 
   /**
+   * How many of tokens are the prompt.
+   *
    * @generated from field: int32 prompt_length = 7;
    */
   promptLength: number;
@@ -752,11 +967,15 @@ export type Explanation = Message<"sightline.v1.Explanation"> & {
   targetPositions: number[];
 
   /**
+   * One result per requested method, in request order.
+   *
    * @generated from field: repeated sightline.v1.MethodResult results = 9;
    */
   results: MethodResult[];
 
   /**
+   * How closely the explainer reproduced the served log-probabilities.
+   *
    * @generated from field: sightline.v1.Fidelity fidelity = 10;
    */
   fidelity?: Fidelity | undefined;
@@ -769,21 +988,29 @@ export type Explanation = Message<"sightline.v1.Explanation"> & {
   cacheHit: boolean;
 
   /**
+   * When the explanation was requested.
+   *
    * @generated from field: google.protobuf.Timestamp created_at = 12;
    */
   createdAt?: Timestamp | undefined;
 
   /**
+   * When it reached a final state.
+   *
    * @generated from field: google.protobuf.Timestamp completed_at = 13;
    */
   completedAt?: Timestamp | undefined;
 
   /**
+   * The trace of the request that created it.
+   *
    * @generated from field: string trace_id = 14;
    */
   traceId: string;
 
   /**
+   * How many workers have taken the job.
+   *
    * @generated from field: int32 attempts = 15;
    */
   attempts: number;
@@ -796,11 +1023,15 @@ export type Explanation = Message<"sightline.v1.Explanation"> & {
   foilTokenIds: number[];
 
   /**
+   * The score the attributions explain.
+   *
    * @generated from field: sightline.v1.TargetScore target_score = 17;
    */
   targetScore: TargetScore;
 
   /**
+   * The explained tokens' scores under the explainer's replica.
+   *
    * @generated from field: sightline.v1.StepScores step_scores = 18;
    */
   stepScores?: StepScores | undefined;
@@ -839,41 +1070,113 @@ export type Explanation = Message<"sightline.v1.Explanation"> & {
  * Use `create(ExplanationSchema)` to create a new message.
  */
 export const ExplanationSchema: GenMessage<Explanation> = /*@__PURE__*/
-  messageDesc(file_sightline_v1_types, 19);
+  messageDesc(file_sightline_v1_types, 21);
 
 /**
- * Element type of a packed tensor.
+ * Element type of a Tensor: which of its value fields holds the elements.
  *
- * @generated from enum sightline.v1.DType
+ * @generated from enum sightline.v1.Dtype
  */
-export enum DType {
+export enum Dtype {
   /**
-   * @generated from enum value: D_TYPE_UNSPECIFIED = 0;
+   * Not set; every Tensor the server sends sets it.
+   *
+   * @generated from enum value: DTYPE_UNSPECIFIED = 0;
    */
   UNSPECIFIED = 0,
 
   /**
-   * IEEE-754 binary32, little-endian.
+   * IEEE-754 binary32; the elements are in Tensor.float_values.
    *
-   * @generated from enum value: D_TYPE_FLOAT32 = 1;
+   * @generated from enum value: DTYPE_FLOAT32 = 1;
    */
   FLOAT32 = 1,
 
   /**
-   * Two's-complement 32-bit integer, little-endian.
+   * Signed 32-bit integers (token ids); the elements are in Tensor.int_values.
    *
-   * @generated from enum value: D_TYPE_INT32 = 2;
+   * @generated from enum value: DTYPE_INT32 = 2;
    */
   INT32 = 2,
 }
 
 /**
- * Describes the enum sightline.v1.DType.
+ * Describes the enum sightline.v1.Dtype.
  */
-export const DTypeSchema: GenEnum<DType> = /*@__PURE__*/
+export const DtypeSchema: GenEnum<Dtype> = /*@__PURE__*/
   enumDesc(file_sightline_v1_types, 0);
 
 /**
+ * Which part of a sequence a token belongs to, so that a client can tell the caller's own words
+ * from the chat template around them. A token is the caller's content when its message_index is
+ * set or its role is TOKEN_ROLE_PROMPT; Python's Explanation.top_sources(..., content_only=True)
+ * ranks only those.
+ *
+ * @generated from enum sightline.v1.TokenRole
+ */
+export enum TokenRole {
+  /**
+   * Not known: the token is not one of an explanation's tokens, or the record predates roles.
+   *
+   * @generated from enum value: TOKEN_ROLE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Markup the chat template added around the messages: special tokens, role names, separators,
+   * and the generation prompt that opens the assistant's turn.
+   *
+   * @generated from enum value: TOKEN_ROLE_TEMPLATE = 1;
+   */
+  TEMPLATE = 1,
+
+  /**
+   * A system prompt: a system message's content (message_index set), or the default system prompt
+   * that the chat template inserts when the messages have none (message_index unset).
+   *
+   * @generated from enum value: TOKEN_ROLE_SYSTEM = 2;
+   */
+  SYSTEM = 2,
+
+  /**
+   * The content of a user message.
+   *
+   * @generated from enum value: TOKEN_ROLE_USER = 3;
+   */
+  USER = 3,
+
+  /**
+   * The content of an earlier assistant message in the prompt.
+   *
+   * @generated from enum value: TOKEN_ROLE_ASSISTANT = 4;
+   */
+  ASSISTANT = 4,
+
+  /**
+   * A prompt given as text or as token ids, whose structure the server does not know: all of it
+   * is the caller's.
+   *
+   * @generated from enum value: TOKEN_ROLE_PROMPT = 5;
+   */
+  PROMPT = 5,
+
+  /**
+   * A generated token.
+   *
+   * @generated from enum value: TOKEN_ROLE_OUTPUT = 6;
+   */
+  OUTPUT = 6,
+}
+
+/**
+ * Describes the enum sightline.v1.TokenRole.
+ */
+export const TokenRoleSchema: GenEnum<TokenRole> = /*@__PURE__*/
+  enumDesc(file_sightline_v1_types, 1);
+
+/**
+ * When the explanation of a generation comes back.
+ *
  * @generated from enum sightline.v1.ExplainMode
  */
 export enum ExplainMode {
@@ -903,7 +1206,7 @@ export enum ExplainMode {
  * Describes the enum sightline.v1.ExplainMode.
  */
 export const ExplainModeSchema: GenEnum<ExplainMode> = /*@__PURE__*/
-  enumDesc(file_sightline_v1_types, 1);
+  enumDesc(file_sightline_v1_types, 2);
 
 /**
  * How the explainer computed an explanation: the fast path differentiates decoder layers by
@@ -914,16 +1217,22 @@ export const ExplainModeSchema: GenEnum<ExplainMode> = /*@__PURE__*/
  */
 export enum ExplainPath {
   /**
+   * Not reported.
+   *
    * @generated from enum value: EXPLAIN_PATH_UNSPECIFIED = 0;
    */
   UNSPECIFIED = 0,
 
   /**
+   * The hand-written backward pass.
+   *
    * @generated from enum value: EXPLAIN_PATH_FAST = 1;
    */
   FAST = 1,
 
   /**
+   * Autograd over the Hugging Face module.
+   *
    * @generated from enum value: EXPLAIN_PATH_GENERAL = 2;
    */
   GENERAL = 2,
@@ -933,7 +1242,7 @@ export enum ExplainPath {
  * Describes the enum sightline.v1.ExplainPath.
  */
 export const ExplainPathSchema: GenEnum<ExplainPath> = /*@__PURE__*/
-  enumDesc(file_sightline_v1_types, 2);
+  enumDesc(file_sightline_v1_types, 3);
 
 /**
  * What a target token's score is; attributions explain this number.
@@ -974,9 +1283,11 @@ export enum TargetScore {
  * Describes the enum sightline.v1.TargetScore.
  */
 export const TargetScoreSchema: GenEnum<TargetScore> = /*@__PURE__*/
-  enumDesc(file_sightline_v1_types, 3);
+  enumDesc(file_sightline_v1_types, 4);
 
 /**
+ * The unit attributions are aggregated to in MethodResult.aggregated.
+ *
  * @generated from enum sightline.v1.Granularity
  */
 export enum Granularity {
@@ -988,6 +1299,8 @@ export enum Granularity {
   UNSPECIFIED = 0,
 
   /**
+   * One group per token.
+   *
    * @generated from enum value: GRANULARITY_TOKEN = 1;
    */
   TOKEN = 1,
@@ -1011,9 +1324,11 @@ export enum Granularity {
  * Describes the enum sightline.v1.Granularity.
  */
 export const GranularitySchema: GenEnum<Granularity> = /*@__PURE__*/
-  enumDesc(file_sightline_v1_types, 4);
+  enumDesc(file_sightline_v1_types, 5);
 
 /**
+ * How each row of aggregated attributions is scaled.
+ *
  * @generated from enum sightline.v1.Normalization
  */
 export enum Normalization {
@@ -1025,6 +1340,8 @@ export enum Normalization {
   UNSPECIFIED = 0,
 
   /**
+   * Unscaled.
+   *
    * @generated from enum value: NORMALIZATION_NONE = 1;
    */
   NONE = 1,
@@ -1048,13 +1365,17 @@ export enum Normalization {
  * Describes the enum sightline.v1.Normalization.
  */
 export const NormalizationSchema: GenEnum<Normalization> = /*@__PURE__*/
-  enumDesc(file_sightline_v1_types, 5);
+  enumDesc(file_sightline_v1_types, 6);
 
 /**
+ * Why generation stopped.
+ *
  * @generated from enum sightline.v1.FinishReason
  */
 export enum FinishReason {
   /**
+   * Not known (the generation did not finish).
+   *
    * @generated from enum value: FINISH_REASON_UNSPECIFIED = 0;
    */
   UNSPECIFIED = 0,
@@ -1093,33 +1414,45 @@ export enum FinishReason {
  * Describes the enum sightline.v1.FinishReason.
  */
 export const FinishReasonSchema: GenEnum<FinishReason> = /*@__PURE__*/
-  enumDesc(file_sightline_v1_types, 6);
+  enumDesc(file_sightline_v1_types, 7);
 
 /**
+ * Where an explanation is in its life.
+ *
  * @generated from enum sightline.v1.ExplanationState
  */
 export enum ExplanationState {
   /**
+   * Not known.
+   *
    * @generated from enum value: EXPLANATION_STATE_UNSPECIFIED = 0;
    */
   UNSPECIFIED = 0,
 
   /**
+   * Queued, waiting for a worker.
+   *
    * @generated from enum value: EXPLANATION_STATE_PENDING = 1;
    */
   PENDING = 1,
 
   /**
+   * A worker is computing it.
+   *
    * @generated from enum value: EXPLANATION_STATE_RUNNING = 2;
    */
   RUNNING = 2,
 
   /**
+   * Computed; the results are attached. Final.
+   *
    * @generated from enum value: EXPLANATION_STATE_SUCCEEDED = 3;
    */
   SUCCEEDED = 3,
 
   /**
+   * Could not be computed; Explanation.error says why. Final.
+   *
    * @generated from enum value: EXPLANATION_STATE_FAILED = 4;
    */
   FAILED = 4,
@@ -1136,5 +1469,48 @@ export enum ExplanationState {
  * Describes the enum sightline.v1.ExplanationState.
  */
 export const ExplanationStateSchema: GenEnum<ExplanationState> = /*@__PURE__*/
-  enumDesc(file_sightline_v1_types, 7);
+  enumDesc(file_sightline_v1_types, 8);
+
+/**
+ * Why an explanation failed, as a client can act on it.
+ *
+ * @generated from enum sightline.v1.ExplanationErrorCode
+ */
+export enum ExplanationErrorCode {
+  /**
+   * Not known.
+   *
+   * @generated from enum value: EXPLANATION_ERROR_CODE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * The job is invalid for the model the workers hold (e.g. a token id outside its vocabulary):
+   * every attempt would fail the same way, so it was not retried. Fix the request.
+   *
+   * @generated from enum value: EXPLANATION_ERROR_CODE_INVALID_INPUT = 1;
+   */
+  INVALID_INPUT = 1,
+
+  /**
+   * Every worker that took the job stopped before finishing it (killed, crashed or out of memory),
+   * as many times as the deployment retries. Retry with fewer tokens, targets or method steps.
+   *
+   * @generated from enum value: EXPLANATION_ERROR_CODE_ATTEMPTS_EXHAUSTED = 2;
+   */
+  ATTEMPTS_EXHAUSTED = 2,
+
+  /**
+   * A method failed unexpectedly on every attempt: a server bug; details name the exception.
+   *
+   * @generated from enum value: EXPLANATION_ERROR_CODE_INTERNAL = 3;
+   */
+  INTERNAL = 3,
+}
+
+/**
+ * Describes the enum sightline.v1.ExplanationErrorCode.
+ */
+export const ExplanationErrorCodeSchema: GenEnum<ExplanationErrorCode> = /*@__PURE__*/
+  enumDesc(file_sightline_v1_types, 9);
 
