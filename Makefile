@@ -17,8 +17,11 @@ KEDA_CRD := deploy/k8s/keda-crd
 KEDA_STAMP := $(KEDA_CRD)/node_modules/.sightline-installed
 PHOENIX_VENV := .venv-phoenix
 PHOENIX_STAMP := $(PHOENIX_VENV)/.phoenix-installed
+# The TypeScript SDK: its npm dependencies (protoc-gen-es included) pinned by its package-lock.json.
+TS_CLIENT := clients/typescript
+TS_STAMP := $(TS_CLIENT)/node_modules/.sightline-installed
 
-.PHONY: serve test lint proto bench bench-smoke bench-deps soak system-deps phoenix
+.PHONY: serve test lint proto proto-ts bench bench-smoke bench-deps soak system-deps phoenix
 # Debian's Go 1.19 toolchain, plugins and Go sources the Go client (clients/go) builds with, offline.
 # golang-google-grpc-dev accepts either golang/protobuf line; only 1.5 runs protoc-gen-go's messages.
 GO_DEBS := golang-go golang-google-grpc-dev golang-google-protobuf-dev golang-github-golang-protobuf-1-5-dev \
@@ -30,6 +33,7 @@ system-deps:
 	@# The audit tests and benchmark start their own PostgreSQL 15 from these binaries.
 	@[ -x /usr/lib/postgresql/15/bin/initdb ] || (echo "==> installing postgresql (apt, for the audit tests)" && $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq postgresql)
 	@[ "$$(dpkg-query -W -f='$${Status}\n' $(GO_DEBS) 2>/dev/null | grep -c '^install ok installed$$')" = $(words $(GO_DEBS)) ] || (echo "==> installing Go 1.19, protoc-gen-go(-grpc) and Go's gRPC sources (apt, for the Go client)" && $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(GO_DEBS))
+	@command -v npm >/dev/null || (echo "==> installing nodejs and npm (apt, for the TypeScript SDK; it needs Node.js 20 or newer)" && $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq nodejs npm)
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
@@ -62,17 +66,25 @@ $(KEDA_STAMP): $(KEDA_CRD)/package.json $(KEDA_CRD)/package-lock.json
 	cd $(KEDA_CRD) && npm ci --no-audit --no-fund --silent
 	touch $(KEDA_STAMP)
 
+# The TypeScript SDK's dependencies, for its tests (tests/e2e/test_typescript_client.py) and `make proto-ts`.
+$(TS_STAMP): $(TS_CLIENT)/package.json $(TS_CLIENT)/package-lock.json
+	@command -v npm >/dev/null || (echo "==> installing nodejs and npm (apt, for the TypeScript SDK)" && $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq nodejs npm)
+	@echo "==> installing the TypeScript SDK's dependencies (npm ci in $(TS_CLIENT))"
+	cd $(TS_CLIENT) && npm ci --no-audit --no-fund --silent
+	touch $(TS_STAMP)
+
 serve: system-deps $(STAMP)
 	$(BIN)/python -m deploy.local_stack
 
-test: system-deps $(STAMP) $(PHOENIX_STAMP) $(KEDA_STAMP)
+test: system-deps $(STAMP) $(PHOENIX_STAMP) $(KEDA_STAMP) $(TS_STAMP)
 	$(BIN)/python -m pytest
 
-lint: $(STAMP)
+lint: $(STAMP) $(TS_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy .
 	cd protos && ../$(BIN)/buf lint
+	cd $(TS_CLIENT) && node node_modules/typescript/bin/tsc -p tsconfig.json --noEmit
 	$(MAKE) proto-breaking proto-check
 
 # The API's generated code, one target per client language, each writing only its own directory (PROTO_OUT_*).
@@ -91,8 +103,10 @@ proto-python: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=clients/python/src --pyi_out=clients/python/src \
 		--grpc_python_out=clients/python/src protos/sightline/v1/*.proto
 
-# The TypeScript SDK's generated code (clients/typescript, buf generate with protoc-gen-es); filled in with it.
-proto-ts:
+# The TypeScript SDK's generated code: clients/typescript/buf.gen.yaml, protoc-gen-es from its node_modules
+# (pinned by its package-lock.json), offline.
+proto-ts: $(STAMP) $(TS_STAMP)
+	cd $(TS_CLIENT) && ../../$(BIN)/buf generate
 
 # The Go SDK's generated code (clients/go), with Debian's protoc-gen-go and protoc-gen-go-grpc.
 proto-go: system-deps $(STAMP)
