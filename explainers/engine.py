@@ -36,7 +36,7 @@ from common.explain_spec import (
 from common.jobs import ExplainOptions
 from explainers.aggregation import TokenGroup, aggregate, source_groups
 from explainers.backprop import RecordedLayers
-from explainers.faithfulness import faithfulness
+from explainers.faithfulness import faithfulness_of
 from explainers.hidden_cache import LAST_LAYER_DTYPE, STORAGE_DTYPE, DerivedTensors, HiddenStateCache
 from explainers.methods.base import AttributionContext, AttributionMethod, ModelShape, tensor_array, tensor_proto
 from explainers.methods.registry import get_method
@@ -131,6 +131,7 @@ def explain(
         source_groups=[types_pb2.SourceGroup(start=g.start, end=g.end, label=g.label) for g in groups],
         explain_path=loaded.path.proto,
     )
+    measured: dict[str, torch.Tensor] = {}  # the attributions whose faithfulness is asked for, by method
     for index, (method, params) in enumerate(requested):
         if not any(later.reuses_embedding_recording for later, _ in requested[index:]):
             ctx = replace(ctx, embedding_recording=None)
@@ -149,10 +150,17 @@ def explain(
             aggregated = aggregate(matrix, groups, targets.positions, options.absolute, options.normalization)
             result.aggregated.CopyFrom(tensor_proto(aggregated))
             if options.faithfulness:
-                with tracer.start_as_current_span(f"faithfulness {method.name}") as faithfulness_span:
-                    result.faithfulness.CopyFrom(faithfulness(loaded, token_ids, targets, matrix))
-                    describe_faithfulness(faithfulness_span, result.faithfulness)
+                measured[method.name] = matrix
         explanation.results.append(result)
+    if measured:
+        # All methods at once, so that the perturbations they share are scored once (explainers.faithfulness).
+        with tracer.start_as_current_span("faithfulness"):
+            measures = faithfulness_of(loaded, token_ids, targets, measured)
+            for result in explanation.results:
+                if result.method in measures:
+                    with tracer.start_as_current_span(f"faithfulness {result.method}") as faithfulness_span:
+                        result.faithfulness.CopyFrom(measures[result.method])
+                        describe_faithfulness(faithfulness_span, result.faithfulness)
     if tracking is not None and progress is not None:
         tracking.seconds_per_pass = progress.seconds_per_pass
 

@@ -5,9 +5,16 @@ k = max(1, round(q * n_i)) sources by signed attribution are the rationale. Comp
 the rationale is replaced by a neutral token id (higher: the attribution found what mattered); sufficiency is the
 drop when everything BUT the rationale is replaced (lower: the rationale alone carries the score). The same metrics
 for seeded uniformly random attributions give the chance level to compare against.
+
+Every method of an explanation is measured together (faithfulness_of): the random attributions' perturbations are
+scored once for all of them, a perturbed sequence that two methods (or two fractions) share is scored once, and each
+is cut after its target's predicting position, since the score reads nothing later. The numbers are those of
+measuring each method on its own.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 from sightline.v1 import types_pb2
@@ -38,78 +45,114 @@ def faithfulness(
     batch_size: int = 16,
 ) -> types_pb2.Faithfulness:
     """Comprehensiveness and sufficiency per fraction in FRACTIONS, averaged over the targets, of the attributions
-    matrix [num_targets, num_tokens - 1] for token_ids [num_tokens], next to those of random attributions.
+    matrix [num_targets, num_tokens - 1] for token_ids [num_tokens], next to those of random attributions."""
+    return faithfulness_of(loaded, token_ids, targets, {"": matrix}, seed=seed, batch_size=batch_size)[""]
 
-    Scores 20 perturbed sequences per target (5 fractions x 2 metrics x these and the random attributions),
-    batch_size sequences per forward pass. k uses Python's round (half to even).
+
+def faithfulness_of(
+    loaded: LoadedModel,
+    token_ids: torch.Tensor,
+    targets: Targets,
+    matrices: Mapping[str, torch.Tensor],
+    *,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> dict[str, types_pb2.Faithfulness]:
+    """faithfulness() of each named attributions matrix, scoring every distinct perturbed sequence once.
+
+    A method's comprehensiveness and sufficiency take 10 perturbed sequences per target (5 fractions x 2 metrics),
+    and the random attributions 10 more, shared by all methods; batch_size sequences per forward pass, each batch
+    of one target's sequences cut to that target's prefix. k uses Python's round (half to even).
     """
     replacement = replacement_token_id(loaded.tokenizer)
     with torch.no_grad():
         unperturbed = token_scores(loaded, token_ids[None], targets)[0]  # [num_targets]
-    random_matrix = torch.rand(matrix.shape, generator=torch.Generator().manual_seed(seed))
-    comprehensiveness, sufficiency = _score_drops(
-        loaded, token_ids, targets, matrix, unperturbed, replacement, batch_size
-    )
-    random_comprehensiveness, random_sufficiency = _score_drops(
-        loaded, token_ids, targets, random_matrix, unperturbed, replacement, batch_size
-    )
-    return types_pb2.Faithfulness(
-        fractions=FRACTIONS,
-        comprehensiveness=comprehensiveness.tolist(),
-        sufficiency=sufficiency.tolist(),
-        random_comprehensiveness=random_comprehensiveness.tolist(),
-        random_sufficiency=random_sufficiency.tolist(),
-        aopc_comprehensiveness=float(comprehensiveness.mean()),
-        aopc_sufficiency=float(sufficiency.mean()),
-        random_aopc_comprehensiveness=float(random_comprehensiveness.mean()),
-        random_aopc_sufficiency=float(random_sufficiency.mean()),
-        replacement_token_id=replacement,
-    )
+    shape = next(iter(matrices.values())).shape
+    random_matrix = torch.rand(shape, generator=torch.Generator().manual_seed(seed))
+    perturbed = {name: _perturbed(token_ids, targets, matrix, replacement) for name, matrix in matrices.items()}
+    random_perturbed = _perturbed(token_ids, targets, random_matrix, replacement)
+    scores = _scores(loaded, targets, [*perturbed.values(), random_perturbed], batch_size)
+    random_comprehensiveness, random_sufficiency = _mean_drops(random_perturbed, scores, unperturbed)
+    results = {}
+    for name, sequences in perturbed.items():
+        comprehensiveness, sufficiency = _mean_drops(sequences, scores, unperturbed)
+        results[name] = types_pb2.Faithfulness(
+            fractions=FRACTIONS,
+            comprehensiveness=comprehensiveness.tolist(),
+            sufficiency=sufficiency.tolist(),
+            random_comprehensiveness=random_comprehensiveness.tolist(),
+            random_sufficiency=random_sufficiency.tolist(),
+            aopc_comprehensiveness=float(comprehensiveness.mean()),
+            aopc_sufficiency=float(sufficiency.mean()),
+            random_aopc_comprehensiveness=float(random_comprehensiveness.mean()),
+            random_aopc_sufficiency=float(random_sufficiency.mean()),
+            replacement_token_id=replacement,
+        )
+    return results
 
 
-def _score_drops(
-    loaded: LoadedModel,
-    token_ids: torch.Tensor,
-    targets: Targets,
-    matrix: torch.Tensor,
-    unperturbed: torch.Tensor,
-    replacement: int,
-    batch_size: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(comprehensiveness, sufficiency), each [num_fractions] averaged over the targets."""
+# A perturbed prefix as the score of one target reads it: (target index, the token ids before its position).
+Perturbation = tuple[int, tuple[int, ...]]
+
+
+def _perturbed(
+    token_ids: torch.Tensor, targets: Targets, matrix: torch.Tensor, replacement: int
+) -> tuple[list[Perturbation], list[Perturbation]]:
+    """(without the rationale, only the rationale): one perturbed prefix per (target, fraction), in that order."""
     without_rationale, only_rationale = [], []
     for target, position in enumerate(targets.positions.tolist()):
         ranking = torch.argsort(matrix[target, :position], descending=True, stable=True)
+        prefix = token_ids[:position]
         for fraction in FRACTIONS:
             rationale = ranking[: max(1, round(fraction * position))]
-            removed = token_ids.clone()
+            removed = prefix.clone()
             removed[rationale] = replacement
-            kept = token_ids.clone()
-            kept[:position] = replacement
-            kept[rationale] = token_ids[rationale]
-            without_rationale.append(removed)
-            only_rationale.append(kept)
-    return (
-        _mean_drop(loaded, without_rationale, unperturbed, targets, batch_size),
-        _mean_drop(loaded, only_rationale, unperturbed, targets, batch_size),
-    )
+            kept = torch.full_like(prefix, replacement)
+            kept[rationale] = prefix[rationale]
+            without_rationale.append((target, tuple(removed.tolist())))
+            only_rationale.append((target, tuple(kept.tolist())))
+    return without_rationale, only_rationale
 
 
-def _mean_drop(
-    loaded: LoadedModel, sequences: list[torch.Tensor], unperturbed: torch.Tensor, targets: Targets, batch_size: int
-) -> torch.Tensor:
-    """Score drop [num_fractions] averaged over the targets, from one perturbed sequence per (target, fraction)
-    in that order, batch_size sequences a forward pass."""
-    scored_target = torch.arange(len(targets)).repeat_interleave(len(FRACTIONS))  # whose sources each perturbs
-    perturbed = torch.stack(sequences)
-    scores = []
+def _scores(
+    loaded: LoadedModel,
+    targets: Targets,
+    perturbed: list[tuple[list[Perturbation], list[Perturbation]]],
+    batch_size: int,
+) -> dict[Perturbation, float]:
+    """The score of every distinct perturbed prefix, its target's only: batch_size prefixes of one target a pass."""
+    by_target: dict[int, list[tuple[int, ...]]] = {}
+    for without_rationale, only_rationale in perturbed:
+        for target, prefix in (*without_rationale, *only_rationale):
+            known = by_target.setdefault(target, [])
+            if prefix not in known:
+                known.append(prefix)
+    scores: dict[Perturbation, float] = {}
     with torch.no_grad():
-        for start in range(0, len(perturbed), batch_size):
-            batch = slice(start, start + batch_size)
-            # One pass scores every target of each sequence; keep the one its perturbation was made for.
-            all_targets = token_scores(loaded, perturbed[batch], targets)  # [batch, num_targets]
-            scores.append(all_targets.gather(1, scored_target[batch, None])[:, 0])
-            # Counted in its method's time, not its progress; a cancelled job stops here too.
-            progress.step()
-    drops = unperturbed[scored_target] - torch.cat(scores)
-    return drops.view(len(targets), len(FRACTIONS)).mean(dim=0)
+        for target, prefixes in by_target.items():
+            one_target = targets[target : target + 1]
+            for start in range(0, len(prefixes), batch_size):
+                batch = prefixes[start : start + batch_size]
+                scored = token_scores(loaded, torch.tensor(batch), one_target)[:, 0]
+                scores.update(((target, prefix), float(score)) for prefix, score in zip(batch, scored, strict=True))
+                # Counted in its methods' time, not their progress; a cancelled job stops here too.
+                progress.step()
+    return scores
+
+
+def _mean_drops(
+    sequences: tuple[list[Perturbation], list[Perturbation]],
+    scores: dict[Perturbation, float],
+    unperturbed: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(comprehensiveness, sufficiency), each a score drop [num_fractions] averaged over the targets."""
+    num_targets = len(unperturbed)
+
+    def mean_drop(perturbations: list[Perturbation]) -> torch.Tensor:
+        drops = torch.tensor(
+            [float(unperturbed[target]) - scores[(target, prefix)] for target, prefix in perturbations]
+        )
+        return drops.view(num_targets, len(FRACTIONS)).mean(dim=0)
+
+    without_rationale, only_rationale = sequences
+    return mean_drop(without_rationale), mean_drop(only_rationale)
