@@ -74,6 +74,8 @@ class StackConfig:
     explainer_metrics_port: int = 9402
     viewer_port: int = 8080
     extra_env: dict[str, str] = field(default_factory=dict)
+    # False serves model_dir as it is (a model directory built elsewhere) instead of preparing the embedded model in it.
+    prepare_embedded_model: bool = True
 
     @property
     def gateway_address(self) -> str:
@@ -307,7 +309,8 @@ class LocalStack:
         config = self.config
         self._check_ports()
         started = time.monotonic()
-        self._prepare_model()
+        if config.prepare_embedded_model:
+            self._prepare_model()
         logs = config.state_dir / "logs"
 
         redis_child = self._spawn("redis", self.redis_command(), logs)

@@ -4,6 +4,7 @@ Needs only grpcio and protobuf; ``Matrix.to_numpy()`` additionally needs numpy.
 """
 
 from sightline import types
+from sightline.catalog import MethodCatalog
 from sightline.client import DEFAULT_TARGET, AsyncClient, Client
 from sightline.errors import SightlineError
 from sightline.tls import TLS
@@ -12,6 +13,7 @@ from sightline.types import (
     ExplainMethods,
     ExplainModeName,
     ExplainOptions,
+    ExplainPath,
     Explanation,
     ExplanationPage,
     ExplanationState,
@@ -50,6 +52,7 @@ __all__ = [
     "ExplainMethods",
     "ExplainModeName",
     "ExplainOptions",
+    "ExplainPath",
     "Explanation",
     "ExplanationPage",
     "ExplanationState",
@@ -61,6 +64,7 @@ __all__ = [
     "GranularityName",
     "LogitLensLayer",
     "Matrix",
+    "MethodCatalog",
     "MethodInfo",
     "MethodParam",
     "MethodProgress",
