@@ -111,6 +111,7 @@ def explain(
         cache_hit=cache_hit,
         source_groups=[types_pb2.SourceGroup(start=g.start, end=g.end, label=g.label) for g in groups],
         explain_path=loaded.path.proto,
+        architecture=loaded.architecture.model_type,
     )
     for index, (method, params) in enumerate(requested):
         if not any(later.reuses_embedding_recording for later, _ in requested[index:]):

@@ -77,7 +77,8 @@ def test_the_explainer_reproduces_vllms_logprobs(family_stack: LocalStack) -> No
         generation = client.generate(PROMPT_IDS, max_tokens=MAX_TOKENS, temperature=0.0, explain=METHODS)
     explanation = generation.explanation
     assert explanation is not None and explanation.state == ExplanationState.SUCCEEDED, explanation
-    assert (explanation.model, explanation.explain_path) == (served_name(model_type), expected_path(model_type))
+    assert (explanation.model, explanation.architecture) == (served_name(model_type), model_type)
+    assert explanation.explain_path == expected_path(model_type)
     assert list(generation.prompt_token_ids) == PROMPT_IDS and generation.output_tokens
     output_ids = [token.id for token in generation.output_tokens]
     assert [token.id for token in explanation.tokens] == PROMPT_IDS + output_ids
@@ -117,7 +118,7 @@ def test_the_cli_shows_the_model_architecture_and_path(family_stack: LocalStack)
     )
     assert explained.returncode == 0, explained.stderr
     summary = next(line for line in explained.stdout.splitlines() if line.startswith("explanation "))
-    assert f"(model {served_name(model_type)}, {path} path, max |logprob diff| " in summary
+    assert f"(model {served_name(model_type)}, architecture {model_type}, {path} path, max |logprob diff| " in summary
 
 
 def sightline_cli(stack: LocalStack, *args: str) -> subprocess.CompletedProcess[str]:

@@ -266,6 +266,7 @@ def assert_paths_agree(fast: LoadedModel, atol: float) -> None:
     by_general = explain(general, None, PROMPT_IDS, OUTPUT_IDS, methods, None)
     assert by_fast.explain_path == types_pb2.EXPLAIN_PATH_FAST
     assert by_general.explain_path == types_pb2.EXPLAIN_PATH_GENERAL
+    assert by_fast.architecture == by_general.architecture == fast.architecture.model_type
     for ours, theirs in zip(by_fast.results, by_general.results, strict=True):
         for name, tensor in [("attributions", ours.attributions), *ours.extras.items()]:
             other = theirs.attributions if name == "attributions" else theirs.extras[name]

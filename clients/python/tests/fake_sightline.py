@@ -106,6 +106,7 @@ def make_explanation(
         return explanation
     explanation.weights_digest = "sha256:abc"
     explanation.explain_path = types_pb2.EXPLAIN_PATH_FAST
+    explanation.architecture = "llama"
     explanation.tokens.extend(types_pb2.Token(id=token_id, text=text) for token_id, text in PROMPT_TOKENS)
     explanation.tokens.extend(output_tokens())
     explanation.prompt_length = len(PROMPT_TOKENS)

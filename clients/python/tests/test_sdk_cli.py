@@ -43,7 +43,10 @@ def test_generate_prints_top_sources_of_each_token(fake: FakeSightline, capsys: 
     assert [method.name for method in request.explain.methods] == ["logit_lens", "saliency"]
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == GENERATED_TEXT
-    assert lines[2] == "explanation exp-1: succeeded (model tiny-lm, fast path, cache hit, max |logprob diff| 0.001)"
+    assert lines[2] == (
+        "explanation exp-1: succeeded "
+        "(model tiny-lm, architecture llama, fast path, cache hit, max |logprob diff| 0.001)"
+    )
     assert lines[3] == "saliency: top 2 sources of each explained token, by |score|"
     # Token texts are quoted so that their leading spaces show; each explained token has its step scores.
     assert lines[4] == "  [4] ' is'  p=0.75 rank 1 H=0.50"
@@ -116,7 +119,9 @@ def test_explain_prints_state_and_sources(fake: FakeSightline, capsys: pytest.Ca
     captured = capsys.readouterr()
     assert captured.err == "exp-1: succeeded 100.0%\n"  # not a terminal: plain lines
     out = captured.out
-    assert out.startswith("explanation exp-1: succeeded (model tiny-lm, fast path, cache hit, max |logprob diff| ")
+    assert out.startswith(
+        "explanation exp-1: succeeded (model tiny-lm, architecture llama, fast path, cache hit, max |logprob diff| "
+    )
     assert "[1] ' capital'" in out
     assert "[3] ' France'" in out
     assert "' of'" not in out

@@ -116,7 +116,7 @@ def test_explain_list_in_sync_mode_attaches_the_explanation(client: Client, fake
     assert generation.explanation_id == "exp-1"
     assert generation.explanation is not None
     assert generation.explanation.state is ExplanationState.SUCCEEDED
-    assert generation.explanation.explain_path is ExplainPath.FAST
+    assert (generation.explanation.architecture, generation.explanation.explain_path) == ("llama", ExplainPath.FAST)
     assert generation.explanation.top_sources(1, k=1)[0].position == 3
 
 
@@ -205,7 +205,7 @@ def test_get_explanation_sends_the_wait(client: Client, fake: FakeSightline) -> 
     assert isinstance(request, explanations_pb2.GetExplanationRequest)
     assert (request.explanation_id, request.wait_seconds) == ("exp-pending", 2.5)
     assert explanation.state is ExplanationState.RUNNING
-    assert explanation.explain_path is ExplainPath.UNSPECIFIED  # not run yet
+    assert (explanation.architecture, explanation.explain_path) == ("", ExplainPath.UNSPECIFIED)  # not run yet
 
 
 def test_list_methods(client: Client) -> None:

@@ -484,6 +484,8 @@ def _print_explanation(explanation: Explanation, top: int, by_groups: bool | Non
     was asked for, means when some group is more than one token.
     """
     notes = [f"model {explanation.model}"] if explanation.model else []
+    if explanation.architecture:
+        notes.append(f"architecture {explanation.architecture}")
     if explanation.explain_path is not ExplainPath.UNSPECIFIED:
         notes.append(_path(explanation.explain_path))
     if explanation.cache_hit:

@@ -546,6 +546,8 @@ class Explanation:
     """How far the job has got, while pending or running (1.0 once succeeded)."""
     explain_path: ExplainPath
     """Which of the explainer's paths computed the results (unspecified until the job ran)."""
+    architecture: str
+    """The explained model's architecture, its config ``model_type`` (empty until the job ran)."""
     raw: types_pb2.Explanation = field(repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -602,6 +604,7 @@ class Explanation:
             cancelled_by=explanation.cancelled_by,
             progress=Progress.from_proto(explanation.progress) if explanation.HasField("progress") else None,
             explain_path=EXPLAIN_PATHS.get(explanation.explain_path, ExplainPath.UNSPECIFIED),
+            architecture=explanation.architecture,
             raw=explanation,
         )
 
