@@ -124,10 +124,14 @@ FAMILIES: dict[str, Callable[[AttentionShape], PretrainedConfig]] = {
 }
 
 
-def build_family_model(model_type: str, shape: AttentionShape = EXPLAINER_SHAPE, seed: int = 0) -> PreTrainedModel:
-    """A random float32 model of the family; the same seed and shape give the same weights."""
+def build_family_model(
+    model_type: str, shape: AttentionShape = EXPLAINER_SHAPE, initializer_range: float = 0.3, seed: int = 0
+) -> PreTrainedModel:
+    """A random float32 model of the family; the same arguments give the same weights. The default weight scale
+    (std 0.3, not a real model's 0.02) makes next-token distributions far from uniform and attributions far from
+    zero."""
     config = FAMILIES[model_type](shape)
-    config.initializer_range = 0.3  # far from uniform next-token distributions, far-from-zero attributions
+    config.initializer_range = initializer_range
     torch.manual_seed(seed)
     model: PreTrainedModel = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
         config, attn_implementation=attention_implementation(config)
@@ -135,8 +139,10 @@ def build_family_model(model_type: str, shape: AttentionShape = EXPLAINER_SHAPE,
     return model
 
 
-def save_family_model(model_type: str, model_dir: Path, shape: AttentionShape = EXPLAINER_SHAPE) -> Path:
+def save_family_model(
+    model_type: str, model_dir: Path, shape: AttentionShape = EXPLAINER_SHAPE, initializer_range: float = 0.3
+) -> Path:
     """The family's tiny model saved as a model directory, as a served one is: config, safetensors, tokenizer."""
-    build_family_model(model_type, shape).save_pretrained(model_dir)
+    build_family_model(model_type, shape, initializer_range).save_pretrained(model_dir)
     word_tokenizer().save_pretrained(model_dir)
     return model_dir
