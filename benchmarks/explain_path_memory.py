@@ -2,7 +2,7 @@
 (SmolLM2) adds, per method, on each path. The speed of the same explanations is benchmarks/explain_paths.py's, whose
 methods and sequence this uses.
 
-    .venv/bin/python benchmarks/explain_path_memory.py [--generated 32] [--threads 1]
+    .venv/bin/python benchmarks/explain_path_memory.py [--generated 32] [--threads 1] [--methods saliency ...]
     .venv/bin/python benchmarks/explain_path_memory.py --smoke     # 8 generated tokens, saliency only: checks it runs
 
 Each (path, method) runs in a fresh process: it loads the model with `load_model` (float32), runs the method once to
@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--generated", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--model-dir", type=Path, default=None)
+    parser.add_argument("--methods", nargs="+", metavar="METHOD", help="a subset of explain_paths.py's methods")
     parser.add_argument("--smoke", action="store_true", help="8 generated tokens, saliency only; no claims")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--child", nargs=2, metavar=("PATH", "METHOD"), help=argparse.SUPPRESS)
@@ -145,7 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure_one(model_dir, path, method, args.generated)))
         return 0
     generated = 8 if args.smoke else args.generated
-    methods = SMOKE_METHODS if args.smoke else tuple(method for method, _ in METHODS)
+    methods = SMOKE_METHODS if args.smoke else tuple(args.methods or (method for method, _ in METHODS))
+    unknown = set(methods) - set(dict(METHODS))
+    if unknown:
+        parser.error(f"not among explain_paths.py's methods: {', '.join(sorted(unknown))}")
     result: JsonDict = {
         "benchmark": "explain_path_memory",
         "command": bench_util.command_line("explain_path_memory.py", sys.argv[1:] if argv is None else argv),
