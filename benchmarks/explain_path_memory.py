@@ -5,7 +5,8 @@ methods and sequence this uses.
     .venv/bin/python benchmarks/explain_path_memory.py [--generated 32] [--threads 1] [--methods saliency ...]
     .venv/bin/python benchmarks/explain_path_memory.py --smoke     # 8 generated tokens, saliency only: checks it runs
 
-Each (path, method) runs in a fresh process: it loads the model with `load_model` (float32), runs the method once to
+Each (path, method) runs in a fresh process: it loads the model with `load_model` (float32) and copies its weights
+out of the mmapped file into anonymous memory (file pages come and go with memory pressure), runs the method once to
 warm up, resets the kernel's peak-RSS mark (`/proc/self/clear_refs` 5, Linux), runs it again through
 `explainers.engine.explain` (no cache) and reads the peak back (`VmHWM`). glibc is told to map every block of 64 KiB
 or more on its own and unmap it when freed (`MALLOC_MMAP_THRESHOLD_`), so resident memory follows the live tensors
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import subprocess
@@ -50,6 +52,12 @@ def measure_one(model_dir: Path, path: str, method: str, generated: int) -> Json
     from explainers.model import load_model
 
     loaded = load_model(model_dir)
+    # Weights still backed by the mmapped safetensors file count as resident only while the kernel keeps their pages,
+    # which under memory pressure it drops and faults back in mid-run: copied into anonymous memory, they stay put.
+    with torch.no_grad():
+        for tensor in [*loaded.model.parameters(), *loaded.model.buffers()]:
+            tensor.data = tensor.data.clone()
+    gc.collect()
     if path == "general":
         loaded = dataclasses.replace(loaded, force_general_path=True)
     rng = np.random.default_rng(0)
