@@ -426,7 +426,8 @@ class LocalStack:
         # here rather than in the first caller's latency.
         httpx.post(
             f"{self.config.vllm_url}/v1/completions",
-            json={"model": self.config.served_model_name, "prompt": "Hello", "max_tokens": 2, "logprobs": 1},
+            # Token ids, not text: some tokenizers render a given text as no tokens at all, which vLLM refuses.
+            json={"model": self.config.served_model_name, "prompt": [0], "max_tokens": 2, "logprobs": 1},
             timeout=120,
         ).raise_for_status()
 
