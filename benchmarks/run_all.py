@@ -80,6 +80,7 @@ BENCHMARKS = (
     ),
     Benchmark("explainer_vs_peers", "Explainer vs peer libraries", "explainer_vs_peers.py"),
     Benchmark("explain_paths", "Explainer: fast path vs general path", "explain_paths.py"),
+    Benchmark("explain_path_memory", "Explainer: memory, fast path vs general path", "explain_path_memory.py"),
     Benchmark(
         "observability_overhead",
         "Observability: tracing + metrics per request (on vs off), viewer page load of a 1,024-token explanation",

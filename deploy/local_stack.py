@@ -74,6 +74,8 @@ class StackConfig:
     explainer_metrics_port: int = 9402
     viewer_port: int = 8080
     extra_env: dict[str, str] = field(default_factory=dict)
+    # False serves model_dir as it is (a model directory built elsewhere) instead of preparing the embedded model in it.
+    prepare_embedded_model: bool = True
 
     @property
     def gateway_address(self) -> str:
@@ -307,7 +309,8 @@ class LocalStack:
         config = self.config
         self._check_ports()
         started = time.monotonic()
-        self._prepare_model()
+        if config.prepare_embedded_model:
+            self._prepare_model()
         logs = config.state_dir / "logs"
 
         redis_child = self._spawn("redis", self.redis_command(), logs)
@@ -423,7 +426,8 @@ class LocalStack:
         # here rather than in the first caller's latency.
         httpx.post(
             f"{self.config.vllm_url}/v1/completions",
-            json={"model": self.config.served_model_name, "prompt": "Hello", "max_tokens": 2, "logprobs": 1},
+            # Token ids, not text: some tokenizers render a given text as no tokens at all, which vLLM refuses.
+            json={"model": self.config.served_model_name, "prompt": [0], "max_tokens": 2, "logprobs": 1},
             timeout=120,
         ).raise_for_status()
 

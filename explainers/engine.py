@@ -130,6 +130,7 @@ def explain(
         cache_hit=cache_hit,
         source_groups=[types_pb2.SourceGroup(start=g.start, end=g.end, label=g.label) for g in groups],
         explain_path=loaded.path.proto,
+        architecture=loaded.architecture.model_type,
     )
     measured: dict[str, torch.Tensor] = {}  # the attributions whose faithfulness is asked for, by method
     for index, (method, params) in enumerate(requested):

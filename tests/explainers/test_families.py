@@ -15,7 +15,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import numpy as np
 import pytest
@@ -23,20 +23,7 @@ import redis
 import torch
 from captum.attr import InputXGradient as CaptumInputXGradient
 from sightline.v1 import explanations_pb2, types_pb2
-from transformers import (
-    AutoModelForCausalLM,
-    BloomConfig,
-    Gemma2Config,
-    Gemma3TextConfig,
-    GPT2Config,
-    GPTNeoXConfig,
-    LlamaConfig,
-    MistralConfig,
-    Phi3Config,
-    PretrainedConfig,
-    Qwen2Config,
-    Qwen3Config,
-)
+from transformers import BloomConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from common.jobs import CATALOG_KEY
@@ -44,7 +31,7 @@ from explainers.architectures import ExplainPath, UnsupportedArchitectureError
 from explainers.engine import explain
 from explainers.methods.attention_weights import attention_probabilities
 from explainers.methods.attn_lrp import COVERED as ATTN_LRP_COVERED
-from explainers.methods.base import AttributionContext, InvalidParamsError
+from explainers.methods.base import AttributionContext, InvalidParamsError, tensor_array
 from explainers.methods.gradient_shap import Samples
 from explainers.methods.registry import catalog, get_method
 from explainers.methods.value_zeroing import VALUE_PROJECTIONS
@@ -57,52 +44,14 @@ from explainers.model import (
 )
 from explainers.targets import Targets, TargetScore, token_scores
 from explainers.worker import ExplainerWorker, WorkerSettings
-from tests.explainers.conftest import NUM_LAYERS, OUTPUT_IDS, PROMPT_IDS, VOCAB_SIZE, word_tokenizer
+from tests.explainers.conftest import NUM_LAYERS, OUTPUT_IDS, PROMPT_IDS, VOCAB_SIZE
+from tests.model_families import FAMILIES, save_family_model
 
 # The families whose tiny models the hand-written fast path explains; the rest take the general path.
 FAST_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 TOKEN_IDS = torch.tensor(PROMPT_IDS + OUTPUT_IDS)
 POSITIONS = torch.arange(len(PROMPT_IDS), len(TOKEN_IDS))
 TARGETS = Targets(positions=POSITIONS, token_ids=TOKEN_IDS[POSITIONS], foil_ids=None)
-# Shared by every config: 2 layers of 4 query heads of size 8 in 2 key/value groups.
-SIZES: dict[str, Any] = {
-    "vocab_size": VOCAB_SIZE,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": NUM_LAYERS,
-}
-HEADS: dict[str, Any] = {
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 8,
-    "max_position_embeddings": 64,
-}
-# Gemma's sliding-window layers see 4 positions, fewer than the 14 explained.
-GEMMA: dict[str, Any] = {
-    "sliding_window": 4,
-    "query_pre_attn_scalar": 8,
-    "layer_types": ["sliding_attention", "full_attention"],
-}
-FAMILIES: dict[str, Callable[[], PretrainedConfig]] = {
-    "llama": lambda: LlamaConfig(**SIZES, **HEADS),
-    "mistral": lambda: MistralConfig(**SIZES, **HEADS, sliding_window=None),
-    "qwen2": lambda: Qwen2Config(**SIZES, **HEADS),  # bias on q, k and v
-    "qwen3": lambda: Qwen3Config(**SIZES, **HEADS),  # q and k norms
-    "gemma2": lambda: Gemma2Config(**SIZES, **HEADS, **GEMMA),  # (1 + w) norms, embedding scale, soft-caps
-    "gemma3_text": lambda: Gemma3TextConfig(**SIZES, **HEADS, **GEMMA),  # and q and k norms
-    "phi3": lambda: Phi3Config(**SIZES, **HEADS, pad_token_id=0, eos_token_id=2),  # fused qkv and gate/up
-    "gpt_neox": lambda: GPTNeoXConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=NUM_LAYERS,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-    ),  # fmt: skip  (LayerNorm, parallel residual, partial rotary)
-    "gpt2": lambda: GPT2Config(
-        vocab_size=VOCAB_SIZE, n_embd=32, n_layer=NUM_LAYERS, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=1
-    ),  # LayerNorm, learned absolute positions, Conv1D projections
-}
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -113,13 +62,7 @@ def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     """A tiny random model of one family, saved as a model directory and loaded by the explainer in float64."""
-    config = FAMILIES[request.param]()
-    config.initializer_range = 0.3  # far from uniform next-token distributions, far-from-zero attributions
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=attention_implementation(config))  # type: ignore[no-untyped-call]
-    model_dir = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(model_dir)
-    word_tokenizer().save_pretrained(model_dir)
+    model_dir = save_family_model(request.param, tmp_path_factory.mktemp(request.param))
     return load_model(model_dir, dtype=torch.float64)
 
 
@@ -363,7 +306,7 @@ def test_activation_patching_restores_what_each_score_reads(family: LoadedModel)
 
     def extra(name: str) -> np.ndarray:
         tensor = result.extras[name]
-        return np.frombuffer(tensor.data, dtype="<f4").reshape(tuple(tensor.shape))
+        return tensor_array(tensor)
 
     recovered, lost = extra("recovered"), extra("clean_scores") - extra("corrupted_scores")
     assert np.abs(lost).max() > 1e-3
@@ -379,8 +322,8 @@ def test_attn_lrp_runs_on_the_families_it_covers_and_refuses_the_others_saying_w
             method.attribute(context(family), method.parse_params({}))
         return
     result = method.attribute(context(family), method.parse_params({}))
-    relevance = np.frombuffer(result.attributions.data, dtype="<f4").reshape(tuple(result.attributions.shape))
-    delta = np.frombuffer(result.extras["conservation_delta"].data, dtype="<f4")
+    relevance = tensor_array(result.attributions)
+    delta = tensor_array(result.extras["conservation_delta"])
     with torch.no_grad():
         logits = forward_from_layer(
             family, family.embed(TOKEN_IDS), 0, dataclasses.replace(TARGETS, score=TargetScore.LOGIT)
@@ -426,6 +369,7 @@ def assert_paths_agree(fast: LoadedModel, atol: float) -> None:
     by_general = explain(general, None, PROMPT_IDS, OUTPUT_IDS, methods, None)
     assert by_fast.explain_path == types_pb2.EXPLAIN_PATH_FAST
     assert by_general.explain_path == types_pb2.EXPLAIN_PATH_GENERAL
+    assert by_fast.architecture == by_general.architecture == fast.architecture.model_type
     for ours, theirs in zip(by_fast.results, by_general.results, strict=True):
         for name, tensor in [("attributions", ours.attributions), *ours.extras.items()]:
             other = theirs.attributions if name == "attributions" else theirs.extras[name]

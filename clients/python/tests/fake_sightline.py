@@ -108,6 +108,8 @@ def make_explanation(
     if state != types_pb2.EXPLANATION_STATE_SUCCEEDED:
         return explanation
     explanation.weights_digest = "sha256:abc"
+    explanation.explain_path = types_pb2.EXPLAIN_PATH_FAST
+    explanation.architecture = "llama"
     explanation.tokens.extend(types_pb2.Token(id=token_id, text=text) for token_id, text in PROMPT_TOKENS)
     explanation.tokens.extend(output_tokens())
     explanation.prompt_length = len(PROMPT_TOKENS)
@@ -301,6 +303,9 @@ class FakeSightline(inference_pb2_grpc.InferenceServiceServicer, explanations_pb
     ) -> explanations_pb2.ListMethodsResponse:
         self._record(request, context)
         return explanations_pb2.ListMethodsResponse(
+            model="tiny-lm",
+            architecture="llama",
+            explain_path=types_pb2.EXPLAIN_PATH_FAST,
             methods=[
                 explanations_pb2.MethodInfo(
                     name="saliency",
@@ -340,5 +345,5 @@ class FakeSightline(inference_pb2_grpc.InferenceServiceServicer, explanations_pb
                 explanations_pb2.MethodInfo(
                     name="logit_lens", description="Decode every layer's residual stream.", uses_cache=True
                 ),
-            ]
+            ],
         )

@@ -43,7 +43,10 @@ def test_generate_prints_top_sources_of_each_token(fake: FakeSightline, capsys: 
     assert [method.name for method in request.explain.methods] == ["logit_lens", "saliency"]
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == GENERATED_TEXT
-    assert lines[2] == "explanation exp-1: succeeded (model tiny-lm, cache hit, max |logprob diff| 0.001)"
+    assert lines[2] == (
+        "explanation exp-1: succeeded "
+        "(model tiny-lm, architecture llama, fast path, cache hit, max |logprob diff| 0.001)"
+    )
     assert lines[3] == "saliency: top 2 sources of each explained token, by |score|"
     # Token texts are quoted so that their leading spaces show; each explained token has its step scores.
     assert lines[4] == "  [4] ' is'  p=0.75 rank 1 H=0.50"
@@ -116,7 +119,9 @@ def test_explain_prints_state_and_sources(fake: FakeSightline, capsys: pytest.Ca
     captured = capsys.readouterr()
     assert captured.err == "exp-1: succeeded 100.0%\n"  # not a terminal: plain lines
     out = captured.out
-    assert out.startswith("explanation exp-1: succeeded")
+    assert out.startswith(
+        "explanation exp-1: succeeded (model tiny-lm, architecture llama, fast path, cache hit, max |logprob diff| "
+    )
     assert "[1] ' capital'" in out
     assert "[3] ' France'" in out
     assert "' of'" not in out
@@ -146,6 +151,7 @@ def test_methods(fake: FakeSightline, capsys: pytest.CaptureFixture[str]) -> Non
     assert run(fake, "methods") == 0
 
     assert capsys.readouterr().out.splitlines() == [
+        "model tiny-lm, architecture llama, fast path",
         "saliency  [attributes tokens, needs gradients]",
         "    Gradient x input.",
         "    normalize (bool, default true): scale each row to unit L1 norm",
@@ -162,6 +168,8 @@ def test_methods_json_parses_back(fake: FakeSightline, capsys: pytest.CaptureFix
 
     response = json_format.Parse(capsys.readouterr().out, explanations_pb2.ListMethodsResponse())
     assert [method.name for method in response.methods] == ["saliency", "logit_lens"]
+    assert (response.model, response.architecture) == ("tiny-lm", "llama")
+    assert response.explain_path == types_pb2.EXPLAIN_PATH_FAST
 
 
 def test_stream_prints_text_as_it_arrives(fake: FakeSightline, capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,6 +12,7 @@ from sightline import (
     TLS,
     Client,
     ExplainOptions,
+    ExplainPath,
     ExplanationState,
     FinishReason,
     SightlineError,
@@ -115,6 +116,7 @@ def test_explain_list_in_sync_mode_attaches_the_explanation(client: Client, fake
     assert generation.explanation_id == "exp-1"
     assert generation.explanation is not None
     assert generation.explanation.state is ExplanationState.SUCCEEDED
+    assert (generation.explanation.architecture, generation.explanation.explain_path) == ("llama", ExplainPath.FAST)
     assert generation.explanation.top_sources(1, k=1)[0].position == 3
 
 
@@ -236,11 +238,14 @@ def test_get_explanation_sends_the_wait(client: Client, fake: FakeSightline) -> 
     assert isinstance(request, explanations_pb2.GetExplanationRequest)
     assert (request.explanation_id, request.wait_seconds) == ("exp-pending", 2.5)
     assert explanation.state is ExplanationState.RUNNING
+    assert (explanation.architecture, explanation.explain_path) == ("", ExplainPath.UNSPECIFIED)  # not run yet
 
 
 def test_list_methods(client: Client) -> None:
     methods = client.list_methods()
 
+    assert (methods.model, methods.architecture, methods.explain_path) == ("tiny-lm", "llama", ExplainPath.FAST)
+    assert len(methods) == 2 and methods.raw.model == "tiny-lm"
     assert [method.name for method in methods] == ["saliency", "logit_lens"]
     saliency = methods[0]
     assert saliency.attributes_tokens and saliency.needs_gradients

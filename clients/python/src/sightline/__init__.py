@@ -4,6 +4,7 @@ Needs only grpcio and protobuf; ``Matrix.to_numpy()`` additionally needs numpy.
 """
 
 from sightline import types
+from sightline.catalog import MethodCatalog
 from sightline.client import DEFAULT_TARGET, AsyncClient, Client
 from sightline.errors import SightlineError
 from sightline.matrix import Matrix
@@ -13,6 +14,7 @@ from sightline.types import (
     ExplainMethods,
     ExplainModeName,
     ExplainOptions,
+    ExplainPath,
     Explanation,
     ExplanationError,
     ExplanationErrorCode,
@@ -53,6 +55,7 @@ __all__ = [
     "ExplainMethods",
     "ExplainModeName",
     "ExplainOptions",
+    "ExplainPath",
     "Explanation",
     "ExplanationError",
     "ExplanationErrorCode",
@@ -66,6 +69,7 @@ __all__ = [
     "GranularityName",
     "LogitLensLayer",
     "Matrix",
+    "MethodCatalog",
     "MethodInfo",
     "MethodParam",
     "MethodProgress",

@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 import grpc
+from sightline.catalog import MethodCatalog
 from sightline.errors import SightlineError
 from sightline.types import (
     ExplainMethods,
@@ -13,7 +14,6 @@ from sightline.types import (
     ExplainOptions,
     Explanation,
     GranularityName,
-    MethodInfo,
     NormalizationName,
     ParamValue,
     Prompt,
@@ -234,5 +234,5 @@ def decode(convert: Callable[[Response], Result], response: Response) -> Result:
         raise SightlineError(grpc.StatusCode.INTERNAL, f"malformed response from the server: {error}") from error
 
 
-def method_infos(response: explanations_pb2.ListMethodsResponse) -> list[MethodInfo]:
-    return [MethodInfo.from_proto(info) for info in response.methods]
+def method_catalog(response: explanations_pb2.ListMethodsResponse) -> MethodCatalog:
+    return MethodCatalog.from_proto(response)

@@ -19,6 +19,7 @@ from sightline.progress_display import ProgressDisplay
 from sightline.tls import TLS
 from sightline.types import (
     ExplainOptions,
+    ExplainPath,
     Explanation,
     ExplanationState,
     Faithfulness,
@@ -33,7 +34,6 @@ from sightline.types import (
     StreamChunk,
     TargetScoreName,
 )
-from sightline.v1 import explanations_pb2
 
 # What a shell reports for a process ended by Ctrl-C (128 + SIGINT).
 _INTERRUPTED_EXIT = 130
@@ -463,8 +463,10 @@ def _audit_verify(client: Client, args: argparse.Namespace) -> int:
 def _methods(client: Client, args: argparse.Namespace) -> int:
     infos = client.list_methods()
     if args.json:
-        print(MessageToJson(explanations_pb2.ListMethodsResponse(methods=[info.raw for info in infos])))
+        print(MessageToJson(infos.raw))
         return 0
+    model, architecture = infos.model or "(unknown)", infos.architecture or "(unknown)"
+    print(f"model {model}, architecture {architecture}, {_path(infos.explain_path)}")
     for info in infos:
         _print_method(info)
     return 0
@@ -493,6 +495,10 @@ def _print_explanation(
     explanation are only the tokens of its messages (not the template's) unless ``all_sources``.
     """
     notes = [f"model {explanation.model}"] if explanation.model else []
+    if explanation.architecture:
+        notes.append(f"architecture {explanation.architecture}")
+    if explanation.explain_path is not ExplainPath.UNSPECIFIED:
+        notes.append(_path(explanation.explain_path))
     if explanation.cache_hit:
         notes.append("cache hit")
     if explanation.fidelity is not None:
@@ -578,6 +584,10 @@ def _faithfulness_summary(faithfulness: Faithfulness) -> str:
         f" sufficiency AOPC {faithfulness.aopc_sufficiency:.2f} vs random {faithfulness.random_aopc_sufficiency:.2f}"
         f" ({verdict})"
     )
+
+
+def _path(path: ExplainPath) -> str:
+    return f"{path.value} path" if path is not ExplainPath.UNSPECIFIED else "path unknown"
 
 
 def _print_method(info: MethodInfo) -> None:

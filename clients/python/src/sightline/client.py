@@ -20,9 +20,10 @@ from sightline._messages import (
     generate_request,
     get_explanation_result,
     list_explanations_request,
-    method_infos,
+    method_catalog,
 )
 from sightline.audit_export import export_lines
+from sightline.catalog import MethodCatalog
 from sightline.errors import SightlineError
 from sightline.tls import TLS
 from sightline.types import (
@@ -33,7 +34,6 @@ from sightline.types import (
     Explanation,
     ExplanationPage,
     Generation,
-    MethodInfo,
     Prompt,
     StreamChunk,
 )
@@ -338,10 +338,11 @@ class Client(_ClientCore):
         request = estimate_request(methods, prompt_tokens, output_tokens, options, model)
         return self._call(self._explanations.EstimateExplanation, request, timeout, Estimate.from_proto)
 
-    def list_methods(self, *, timeout: float | None = None) -> list[MethodInfo]:
-        """The attribution methods this deployment offers."""
+    def list_methods(self, *, timeout: float | None = None) -> MethodCatalog:
+        """The attribution methods this deployment offers (a sequence of ``MethodInfo``), with the model,
+        architecture and explain path of its explainer workers as attributes."""
         request = explanations_pb2.ListMethodsRequest()
-        return self._call(self._explanations.ListMethods, request, timeout, method_infos)
+        return self._call(self._explanations.ListMethods, request, timeout, method_catalog)
 
     def list_explanations(
         self, *, page_size: int = 0, page_token: str = "", timeout: float | None = None
@@ -641,10 +642,10 @@ class AsyncClient(_ClientCore):
         request = estimate_request(methods, prompt_tokens, output_tokens, options, model)
         return await self._call(self._explanations.EstimateExplanation, request, timeout, Estimate.from_proto)
 
-    async def list_methods(self, *, timeout: float | None = None) -> list[MethodInfo]:
+    async def list_methods(self, *, timeout: float | None = None) -> MethodCatalog:
         """See ``Client.list_methods``."""
         request = explanations_pb2.ListMethodsRequest()
-        return await self._call(self._explanations.ListMethods, request, timeout, method_infos)
+        return await self._call(self._explanations.ListMethods, request, timeout, method_catalog)
 
     async def list_explanations(
         self, *, page_size: int = 0, page_token: str = "", timeout: float | None = None

@@ -153,6 +153,16 @@ class ExplanationErrorCode(StrEnum):
     """A method failed unexpectedly on every attempt; ``details["exception"]`` names the error."""
 
 
+class ExplainPath(StrEnum):
+    """How the explainer differentiated the model: both are exact, they differ in speed."""
+
+    UNSPECIFIED = "unspecified"
+    FAST = "fast"
+    """Decoder layers run and differentiated by hand (Llama's skeleton: Llama, Mistral, Qwen2, Qwen3, Phi-3)."""
+    GENERAL = "general"
+    """Autograd over the Hugging Face module itself (any supported architecture)."""
+
+
 class ParamType(StrEnum):
     UNSPECIFIED = "unspecified"
     INT = "int"
@@ -187,6 +197,10 @@ _ERROR_CODES = {
     types_pb2.EXPLANATION_ERROR_CODE_INVALID_INPUT: ExplanationErrorCode.INVALID_INPUT,
     types_pb2.EXPLANATION_ERROR_CODE_ATTEMPTS_EXHAUSTED: ExplanationErrorCode.ATTEMPTS_EXHAUSTED,
     types_pb2.EXPLANATION_ERROR_CODE_INTERNAL: ExplanationErrorCode.INTERNAL,
+}
+EXPLAIN_PATHS = {
+    types_pb2.EXPLAIN_PATH_FAST: ExplainPath.FAST,
+    types_pb2.EXPLAIN_PATH_GENERAL: ExplainPath.GENERAL,
 }
 _TARGET_SCORES = {
     # The protocol treats an unset score as the log-probability.
@@ -510,6 +524,10 @@ class Explanation:
     """Who stopped the explanation and how, when state is CANCELLED."""
     progress: Progress | None
     """How far the job has got, while pending or running (1.0 once succeeded)."""
+    explain_path: ExplainPath
+    """Which of the explainer's paths computed the results (unspecified until the job ran)."""
+    architecture: str
+    """The explained model's architecture, its config ``model_type`` (empty until the job ran)."""
     raw: types_pb2.Explanation = field(repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -565,6 +583,8 @@ class Explanation:
             completed_at=_optional_datetime(explanation.completed_at, explanation.HasField("completed_at")),
             cancelled_by=explanation.cancelled_by,
             progress=Progress.from_proto(explanation.progress) if explanation.HasField("progress") else None,
+            explain_path=EXPLAIN_PATHS.get(explanation.explain_path, ExplainPath.UNSPECIFIED),
+            architecture=explanation.architecture,
             raw=explanation,
         )
 

@@ -392,7 +392,7 @@ class Fidelity(_message.Message):
     def __init__(self, recomputed_logprobs: _Optional[_Iterable[float]] = ..., max_abs_logprob_diff: _Optional[float] = ...) -> None: ...
 
 class Explanation(_message.Message):
-    __slots__ = ("explanation_id", "state", "error", "model", "weights_digest", "tokens", "prompt_length", "target_positions", "results", "fidelity", "cache_hit", "created_at", "completed_at", "trace_id", "attempts", "foil_token_ids", "target_score", "step_scores", "source_groups", "cancelled_by", "progress", "explain_path")
+    __slots__ = ("explanation_id", "state", "error", "model", "weights_digest", "tokens", "prompt_length", "target_positions", "results", "fidelity", "cache_hit", "created_at", "completed_at", "trace_id", "attempts", "foil_token_ids", "target_score", "step_scores", "source_groups", "cancelled_by", "progress", "explain_path", "architecture")
     EXPLANATION_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
@@ -415,6 +415,7 @@ class Explanation(_message.Message):
     CANCELLED_BY_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     EXPLAIN_PATH_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     explanation_id: str
     state: ExplanationState
     error: ExplanationError
@@ -437,4 +438,5 @@ class Explanation(_message.Message):
     cancelled_by: str
     progress: ExplanationProgress
     explain_path: ExplainPath
-    def __init__(self, explanation_id: _Optional[str] = ..., state: _Optional[_Union[ExplanationState, str]] = ..., error: _Optional[_Union[ExplanationError, _Mapping]] = ..., model: _Optional[str] = ..., weights_digest: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ..., prompt_length: _Optional[int] = ..., target_positions: _Optional[_Iterable[int]] = ..., results: _Optional[_Iterable[_Union[MethodResult, _Mapping]]] = ..., fidelity: _Optional[_Union[Fidelity, _Mapping]] = ..., cache_hit: _Optional[bool] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., completed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., trace_id: _Optional[str] = ..., attempts: _Optional[int] = ..., foil_token_ids: _Optional[_Iterable[int]] = ..., target_score: _Optional[_Union[TargetScore, str]] = ..., step_scores: _Optional[_Union[StepScores, _Mapping]] = ..., source_groups: _Optional[_Iterable[_Union[SourceGroup, _Mapping]]] = ..., cancelled_by: _Optional[str] = ..., progress: _Optional[_Union[ExplanationProgress, _Mapping]] = ..., explain_path: _Optional[_Union[ExplainPath, str]] = ...) -> None: ...
+    architecture: str
+    def __init__(self, explanation_id: _Optional[str] = ..., state: _Optional[_Union[ExplanationState, str]] = ..., error: _Optional[_Union[ExplanationError, _Mapping]] = ..., model: _Optional[str] = ..., weights_digest: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ..., prompt_length: _Optional[int] = ..., target_positions: _Optional[_Iterable[int]] = ..., results: _Optional[_Iterable[_Union[MethodResult, _Mapping]]] = ..., fidelity: _Optional[_Union[Fidelity, _Mapping]] = ..., cache_hit: _Optional[bool] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., completed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., trace_id: _Optional[str] = ..., attempts: _Optional[int] = ..., foil_token_ids: _Optional[_Iterable[int]] = ..., target_score: _Optional[_Union[TargetScore, str]] = ..., step_scores: _Optional[_Union[StepScores, _Mapping]] = ..., source_groups: _Optional[_Iterable[_Union[SourceGroup, _Mapping]]] = ..., cancelled_by: _Optional[str] = ..., progress: _Optional[_Union[ExplanationProgress, _Mapping]] = ..., explain_path: _Optional[_Union[ExplainPath, str]] = ..., architecture: _Optional[str] = ...) -> None: ...
