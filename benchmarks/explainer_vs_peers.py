@@ -12,7 +12,7 @@ template uses, so the peers get pad = unk = `<|endoftext|>` (id 0), which the se
 
 `--model gemma-3-270m` runs the same on the second embedded model, Gemma 3 270M, a base model without chat template:
 the prompt is the completion "Question: What is the capital of France?\nAnswer:" with the <bos> its tokenizer
-prepends (14 tokens). The peers get the text without that <bos> (their tokenizers prepend it again; the ids are
+prepends (13 tokens). The peers get the text without that <bos> (their tokenizers prepend it again; the ids are
 checked as above), pad = unk = `<unk>` (id 3), and the baseline / replacement token is that unk too.
 
 Sides, each in a fresh subprocess (`--smoke`: all in one, to stay fast) with torch.set_num_threads(2):
