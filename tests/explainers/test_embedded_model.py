@@ -16,6 +16,7 @@ from explainers.embedded_model import (
     GEMMA_GGUF_FILE,
     GEMMA_MODEL_NAME,
     MODEL_NAME,
+    EmbeddedModel,
     EmbeddedModelError,
     _prepend_bos,
     _tidy_tokenizer_config,
@@ -38,6 +39,21 @@ def test_registry_names_both_models_and_refuses_others_listing_them() -> None:
         embedded_model("llama-7b")
     with pytest.raises(EmbeddedModelError, match="no embedded model 'llama-7b'"):
         prepare_model(Path("/nonexistent"), "llama-7b")
+
+
+def test_a_missing_gguf_names_its_wheel_and_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def not_installed(scratch: Path) -> Path:
+        assert scratch.is_dir() and scratch.parent == tmp_path
+        raise EmbeddedModelError("package 'absent_gguf' is not installed")
+
+    absent = EmbeddedModel("absent-1m", "absent-gguf==1.0", "absent.gguf", not_installed, "", "", False, True)
+    monkeypatch.setitem(EMBEDDED_MODELS, absent.name, absent)
+    with pytest.raises(EmbeddedModelError, match=r"not installed; the GGUF of absent-1m ships in absent-gguf==1\.0"):
+        prepare_model(tmp_path / "absent-1m", absent.name)
+    # Neither the model dir nor the scratch and temporary dirs of the failed build remain; only the build lock.
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".absent-1m.lock"]
 
 
 def _word_level_tokenizer() -> PreTrainedTokenizerFast:
