@@ -818,22 +818,30 @@ def main() -> None:
         workload_path = scratch / "workload.json"
         workload_path.write_text(json.dumps(asdict(workload)))
         sides: dict[str, dict[str, Any]] = {}
+        table = ""
         shared = Worker(workload_path) if args.smoke else None
         try:
             for group in GROUPS:
                 if args.only is None or group[0].removeprefix("sightline/") in args.only:
                     sides.update(run_group(list(group), workload, workload_path, shared))
+                    # After every group, so that a long run cut short keeps the groups it finished.
+                    table = write_results(sides, workload, args)
         finally:
             if shared is not None:
                 shared.close()
+    print(table)
+
+
+def write_results(sides: dict[str, dict[str, Any]], workload: Workload, args: argparse.Namespace) -> str:
+    """Write the report of the sides run so far to benchmarks/results (JSON and its table); return the table."""
     results = report(sides, workload, args.smoke)
     table = markdown(results)
-    print(table)
     # SmolLM2's results keep the name they always had; another model's carry its name.
     stem = "explainer_vs_peers" + ("_smoke" if args.smoke else "" if args.model == MODEL_NAME else f"_{args.model}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
     (args.out / f"{stem}.md").write_text(table)
+    return table
 
 
 if __name__ == "__main__":
