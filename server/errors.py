@@ -55,6 +55,10 @@ def out_of_range(message: str) -> GatewayError:
     return GatewayError(grpc.StatusCode.OUT_OF_RANGE, message)
 
 
+def failed_precondition(message: str) -> GatewayError:
+    return GatewayError(grpc.StatusCode.FAILED_PRECONDITION, message)
+
+
 # Redis failures that a later retry can get past (a restart, a network blip), as opposed to bad commands.
 REDIS_UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 

@@ -24,7 +24,14 @@ import grpc
 import orjson
 from opentelemetry import propagate, trace
 
-from server.errors import GatewayError, deadline_exceeded, invalid_argument, not_found, unavailable
+from server.errors import (
+    GatewayError,
+    deadline_exceeded,
+    failed_precondition,
+    invalid_argument,
+    not_found,
+    unavailable,
+)
 from server.genai_spans import llm_span_attributes, record_llm_output
 
 tracer = trace.get_tracer("sightline.gateway")
@@ -118,10 +125,23 @@ class VLLMClient:
         return ServedModel(name=str(first["id"]), max_model_len=int(first.get("max_model_len") or 0))
 
     async def tokenize_chat(self, model: str, messages: Sequence[dict[str, str]], timeout: float | None) -> list[int]:
-        """Render chat messages with the model's own chat template into token ids."""
-        return await self._tokenize(
-            {"model": model, "messages": list(messages), "add_generation_prompt": True}, timeout
-        )
+        """Render chat messages with the model's own chat template into token ids; FAILED_PRECONDITION when the
+        served model has none (a base model, such as the embedded Gemma 3 270M)."""
+        try:
+            return await self._tokenize(
+                {"model": model, "messages": list(messages), "add_generation_prompt": True}, timeout
+            )
+        except GatewayError as exc:
+            # vLLM answers 400 with transformers' or its own wording, both of which name the chat template.
+            lowered = exc.message.lower()
+            if exc.code != grpc.StatusCode.INVALID_ARGUMENT or not (
+                "chat template" in lowered or "chat_template" in lowered
+            ):
+                raise
+            raise failed_precondition(
+                f"model {model!r} has no chat template (it is a base model), so input.chat cannot be rendered; "
+                "send a text to complete in input.prompt, or token ids in input.prompt_token_ids"
+            ) from exc
 
     async def tokenize_text(self, model: str, text: str, timeout: float | None) -> list[int]:
         """Token ids of a text prompt, exactly as /v1/completions would tokenize it."""
