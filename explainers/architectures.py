@@ -60,8 +60,12 @@ class Architecture:
         layer_type = layer_types[index] if layer_types is not None else None
         rope = getattr(config, "rope_parameters", None)
         cap = getattr(config, "attn_logit_softcapping", None)
+        name = activation_of(config)
+        activation = ACTIVATIONS.get(name) if name is not None else None
+        if activation is None:
+            raise ValueError(f"the fast path does not differentiate the MLP activation {name!r}")
         return LayerOptions(
-            activation=ACTIVATIONS[activation_of(config)],
+            activation=activation,
             window=layer_windows(config)[index],
             softcap=float(cap) if cap else None,
             # Gemma 3 keys its rope parameters by layer type (a local base frequency for sliding layers).
