@@ -1,11 +1,12 @@
 """The decoder architectures the explainer knows, and which of its two paths explains each.
 
 The fast path (explainers.backprop) writes a decoder layer's backward pass out by hand, so it covers one layer
-skeleton: Llama's, which Mistral, Qwen2, Qwen3 and Phi-3 share when no layer has a sliding window. The general path
-(explainers.general_path) differentiates the Hugging Face module itself with autograd, so it is correct for any
-causal LM transformers loads, at autograd's speed. An architecture is listed here when the tests prove every method
-on a tiny random model of it (tests/explainers/test_families.py); anything else is refused when the model loads,
-before a job is taken.
+skeleton (explainers.decoder_layer): Llama's, with the differences of Mistral, Qwen2, Qwen3, Phi-3, Gemma 2 and
+Gemma 3 as options read from the config here (LayerOptions). The general path (explainers.general_path)
+differentiates the Hugging Face module itself with autograd, so it is correct for any causal LM transformers loads,
+at autograd's speed: GPT-NeoX and GPT-2, and any config of a fast family the skeleton does not cover. An
+architecture is listed here when the tests prove every method on a tiny random model of it
+(tests/explainers/test_families.py); anything else is refused when the model loads, before a job is taken.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ from dataclasses import dataclass
 
 from sightline.v1 import types_pb2
 
-# The MLP activation the fast path differentiates by hand (LlamaMLP's SiLU gate).
-FAST_PATH_ACTIVATIONS = ("silu", "swish")
+from explainers.decoder_layer import ACTIVATIONS, LayerOptions
 
 
 class ExplainPath(enum.Enum):
@@ -41,16 +41,43 @@ class Architecture:
     family: str  # as a person names it
     decoder_layers: str  # the nn.ModuleList of decoder blocks
     final_norm: str  # the norm between the last block and the unembedding
-    # Whether the hand-written backward pass covers this layer skeleton (then only for a SiLU-gated MLP).
+    # Whether the hand-written backward pass covers this layer skeleton (then only for the ACTIVATIONS it knows).
     fast_path: bool = False
+    # Gemma's RMSNorms scale by (1 + w).
+    norm_offset: float = 0.0
 
     def path_for(self, config: object) -> ExplainPath:
-        """The fastest path that is exact for a model of this architecture with this config: the fast path needs
-        SiLU gating and every layer attending to every earlier position (no sliding window)."""
-        activation = getattr(config, "hidden_act", None)
-        if self.fast_path and activation in FAST_PATH_ACTIVATIONS and attends_fully(config) and _rotates(config):
+        """The fastest path that is exact for a model of this architecture with this config: the fast path needs an
+        activation it differentiates, rotary embeddings over whole heads and causal attention."""
+        causal = not getattr(config, "use_bidirectional_attention", False)
+        if self.fast_path and activation_of(config) in ACTIVATIONS and _rotates(config) and causal:
             return ExplainPath.FAST
         return ExplainPath.GENERAL
+
+    def layer_options(self, config: object, index: int) -> LayerOptions:
+        """Decoder layer `index`'s departures from Llama's, for the fast path (path_for is FAST)."""
+        layer_types = getattr(config, "layer_types", None)
+        layer_type = layer_types[index] if layer_types is not None else None
+        rope = getattr(config, "rope_parameters", None)
+        cap = getattr(config, "attn_logit_softcapping", None)
+        name = activation_of(config)
+        activation = ACTIVATIONS.get(name) if name is not None else None
+        if activation is None:
+            raise ValueError(f"the fast path does not differentiate the MLP activation {name!r}")
+        return LayerOptions(
+            activation=activation,
+            window=layer_windows(config)[index],
+            softcap=float(cap) if cap else None,
+            # Gemma 3 keys its rope parameters by layer type (a local base frequency for sliding layers).
+            rotary_type=layer_type if isinstance(rope, dict) and layer_type in rope else None,
+            norm_offset=self.norm_offset,
+        )
+
+
+def activation_of(config: object) -> str | None:
+    """The MLP's gate activation as the config names it: Gemma's hidden_activation, everyone else's hidden_act."""
+    activation = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+    return activation if isinstance(activation, str) else None
 
 
 def _rotates(config: object) -> bool:
@@ -60,15 +87,24 @@ def _rotates(config: object) -> bool:
     return factor is None or factor == 1.0
 
 
-def attends_fully(config: object) -> bool:
-    """Whether every layer attends to every earlier position: no layer of a sliding window, as config says it
-    (per-layer layer_types where the family has them, else one sliding_window for all layers), or a window no
-    shorter than the model's positions."""
+def layer_windows(config: object) -> list[int | None]:
+    """Each decoder layer's sliding window (the positions up to a query's own that it attends to), None for a layer
+    that attends to every earlier position, as transformers reads the config: per-layer layer_types where the
+    family has them (Gemma, Qwen2, Qwen3), else one sliding_window for every layer (Mistral, Phi-3). A window no
+    shorter than the model's positions is none."""
+    num_layers = int(getattr(config, "num_hidden_layers", 0))
+    window = getattr(config, "sliding_window", None)
+    if not isinstance(window, int) or window >= getattr(config, "max_position_embeddings", window + 1):
+        return [None] * num_layers
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
-        return all(layer_type == "full_attention" for layer_type in layer_types)
-    window = getattr(config, "sliding_window", None)
-    return window is None or window >= getattr(config, "max_position_embeddings", window + 1)
+        return [window if layer_type == "sliding_attention" else None for layer_type in layer_types]
+    return [window] * num_layers
+
+
+def attends_fully(config: object) -> bool:
+    """Whether every layer attends to every earlier position: no layer has a sliding window (layer_windows)."""
+    return all(window is None for window in layer_windows(config))
 
 
 # Llama's layout, which most families copy: the decoder blocks and the final norm.
@@ -84,8 +120,11 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("qwen2", "Qwen2 / Qwen2.5", _LAYERS, _NORM, fast_path=True),
         # And q/k norms per head before the rotary embedding, which the fast path differentiates.
         Architecture("qwen3", "Qwen3", _LAYERS, _NORM, fast_path=True),
-        Architecture("gemma2", "Gemma 2", _LAYERS, _NORM),
-        Architecture("gemma3_text", "Gemma 3 text", _LAYERS, _NORM),
+        # (1 + w) norms, four a layer, GELU-tanh gating, query_pre_attn_scalar, alternating sliding-window layers,
+        # embeddings scaled by sqrt(hidden) (in the embedding module), attention (Gemma 2) and logit soft-caps; and
+        # q/k norms and a local rotary base for the sliding layers (Gemma 3).
+        Architecture("gemma2", "Gemma 2", _LAYERS, _NORM, fast_path=True, norm_offset=1.0),
+        Architecture("gemma3_text", "Gemma 3 text", _LAYERS, _NORM, fast_path=True, norm_offset=1.0),
         # And fused q/k/v and gate/up projections, which the fast path splits into views.
         Architecture("phi3", "Phi-3", _LAYERS, _NORM, fast_path=True),
         Architecture("gpt_neox", "GPT-NeoX, Pythia", "gpt_neox.layers", "gpt_neox.final_layer_norm"),

@@ -1,4 +1,5 @@
-"""Per-target gradients through frozen Llama decoder layers, with the backward pass written out by hand.
+"""Per-target gradients through frozen decoder layers (explainers.decoder_layer's skeleton), with the backward pass
+written out by hand.
 
 Attributing every generated token takes one vector-Jacobian product per token, each over that token's prefix only.
 Autograd can batch them (`is_grads_batched`), but its graph fixes the positions: a chunk of targets either runs
@@ -25,105 +26,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from explainers import progress
+from explainers.decoder_layer import (
+    LayerWeights,
+    Linear,
+    Norm,
+    RotaryTable,
+    attention_scores,
+    rms_normalize,
+    rotary_tables,
+    rotate,
+    rotate_half,
+    visible_keys,
+)
 
-
-@dataclass(frozen=True)
-class Linear:
-    weight: torch.Tensor  # [out, in], as nn.Linear keeps it
-    bias: torch.Tensor | None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-
-@dataclass(frozen=True)
-class Norm:
-    weight: torch.Tensor
-    eps: float
-
-
-@dataclass(frozen=True)
-class LayerWeights:
-    """One LlamaDecoderLayer's parameters, typed."""
-
-    attention_norm: Norm
-    q: Linear
-    k: Linear
-    v: Linear
-    o: Linear
-    head_size: int
-    scale: float
-    mlp_norm: Norm
-    gate: Linear
-    up: Linear
-    down: Linear
-    # Qwen3's RMSNorm of each query and key head (over the head size), before the rotary embedding; None without.
-    query_norm: Norm | None = None
-    key_norm: Norm | None = None
-
-    @classmethod
-    def of(cls, decoder_layer: nn.Module) -> LayerWeights:
-        attention = decoder_layer.get_submodule("self_attn")
-        head_size = int(getattr(attention, "head_dim"))  # noqa: B009 (a plain attribute, not a submodule)
-        has_head_norms = hasattr(attention, "q_norm")
-        if hasattr(attention, "qkv_proj"):
-            # Phi-3 fuses the projections: query heads, then key heads, then value heads along the output.
-            query_size = int(getattr(attention, "config").num_attention_heads) * head_size  # noqa: B009
-            key_size = int(getattr(attention, "num_key_value_heads")) * head_size  # noqa: B009
-            q, k, v = _split_linear(attention, "qkv_proj", (query_size, key_size, key_size))
-        else:
-            q, k, v = (_linear(attention, f"{name}_proj") for name in "qkv")
-        mlp = decoder_layer.get_submodule("mlp")
-        if hasattr(mlp, "gate_up_proj"):
-            # Phi-3 fuses gate and up: the gate is the first half of the output, as Phi3MLP chunks it.
-            intermediate_size = int(getattr(mlp, "down_proj").in_features)  # noqa: B009
-            gate, up = _split_linear(mlp, "gate_up_proj", (intermediate_size, intermediate_size))
-        else:
-            gate, up = _linear(mlp, "gate_proj"), _linear(mlp, "up_proj")
-        return cls(
-            attention_norm=_norm(decoder_layer, "input_layernorm"),
-            q=q,
-            k=k,
-            v=v,
-            o=_linear(attention, "o_proj"),
-            head_size=head_size,
-            scale=float(getattr(attention, "scaling")),  # noqa: B009
-            mlp_norm=_norm(decoder_layer, "post_attention_layernorm"),
-            gate=gate,
-            up=up,
-            down=_linear(mlp, "down_proj"),
-            query_norm=_norm(attention, "q_norm") if has_head_norms else None,
-            key_norm=_norm(attention, "k_norm") if has_head_norms else None,
-        )
-
-
-def _linear(module: nn.Module, path: str) -> Linear:
-    linear = module.get_submodule(path)
-    if not isinstance(linear, nn.Linear):
-        raise TypeError(f"{path} is a {type(linear).__name__}, not an nn.Linear")
-    return Linear(weight=linear.weight, bias=linear.bias)
-
-
-def _split_linear(module: nn.Module, path: str, sizes: tuple[int, ...]) -> list[Linear]:
-    """A fused nn.Linear as the linear layers whose outputs it concatenates, of those output sizes (views of the
-    frozen weights, not copies)."""
-    fused = _linear(module, path)
-    if sum(sizes) != fused.weight.shape[0]:
-        raise TypeError(f"{path} has {fused.weight.shape[0]} outputs, expected {' + '.join(map(str, sizes))}")
-    starts = [sum(sizes[:index]) for index in range(len(sizes))]
-    bias = fused.bias
-    return [
-        Linear(weight=fused.weight[start : start + size], bias=None if bias is None else bias[start : start + size])
-        for start, size in zip(starts, sizes, strict=True)
-    ]
-
-
-def _norm(module: nn.Module, path: str) -> Norm:
-    norm = module.get_submodule(path)
-    weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
-    if not isinstance(weight, torch.Tensor) or not isinstance(eps, float):
-        raise TypeError(f"{path} is a {type(norm).__name__}, not an RMSNorm with weight and variance_epsilon")
-    return Norm(weight=weight, eps=eps)
+# A norm's input normalised and 1 / its rms, as recorded for the norm's backward pass ([..., size], [..., 1]).
+Normalized = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -138,23 +55,25 @@ class LayerRecord:
     attention_output: torch.Tensor  # the heads' outputs before o_proj [P, H, N, hd]
     mlp_normed: torch.Tensor  # [P, N, D]
     mlp_rstd: torch.Tensor  # [P, N, 1]
-    gate_activation: torch.Tensor  # silu(gate) [P, N, I]
-    up_times_gate_slope: torch.Tensor  # up * silu'(gate) [P, N, I]
-    # With head norms: each query and key head normalised, and 1 / its rms ([P, H or KV, N, hd], [..., 1]).
-    query_heads: tuple[torch.Tensor, torch.Tensor] | None = None
-    key_heads: tuple[torch.Tensor, torch.Tensor] | None = None
+    gate_activation: torch.Tensor  # act(gate) [P, N, I]
+    up_times_gate_slope: torch.Tensor  # up * act'(gate) [P, N, I]
+    # With head norms: each query and key head's ([P, H or KV, N, hd]).
+    query_heads: Normalized | None = None
+    key_heads: Normalized | None = None
+    # With output norms (Gemma): the attention's output after o_proj and the MLP's after down ([P, N, D]).
+    attention_branch: Normalized | None = None
+    mlp_branch: Normalized | None = None
 
 
 @dataclass(frozen=True)
 class RecordedLayers:
     """The layers above `layer`, run forward once over every position: their records, the final residual stream
-    [P, N, D], and the rotary tables [N, hd] of those positions."""
+    [P, N, D], and the rotary tables [N, hd] of those positions, by the layer types that have their own."""
 
     weights: list[LayerWeights]
     records: list[LayerRecord]
     final_residual: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
+    rotary: dict[str | None, RotaryTable]
 
 
 @dataclass(frozen=True)
@@ -202,26 +121,26 @@ def run_layers(
 def run_layers(
     loaded: FastDecoder, states: torch.Tensor, layer: int, record: bool
 ) -> tuple[list[torch.Tensor], RecordedLayers | None]:
-    """Run the decoder layers above `layer` on residual-stream states [P, N, D], as residual_from_layer does, without
+    """Run the decoder layers above `layer` on residual-stream states [P, N, D] as the module runs them, without
     gradients. Returns the residual stream (states, then each layer's output) and, with record, what
     backward_to_layer needs."""
-    positions = torch.arange(states.shape[1], device=states.device)[None]
-    cos, sin = loaded.rotary_embedding(states, positions)
     weights = loaded.layer_weights[layer:]
+    rotary = rotary_tables(loaded.rotary_embedding, states, {w.options.rotary_type for w in weights})
     residual_stream = [states]
     records = []
     with torch.no_grad():
         for layer_weights in weights:
             # A long pass is a long stretch without a step: a cancelled job may stop between its layers.
             progress.tick()
-            layer_record, hidden = _layer_forward(layer_weights, residual_stream[-1], cos[0], sin[0], record)
+            table = rotary[layer_weights.options.rotary_type]
+            layer_record, hidden = _layer_forward(layer_weights, residual_stream[-1], table, record)
             residual_stream.append(hidden)
             if layer_record is not None:
                 records.append(layer_record)
     if not record:
         return residual_stream, None
     return residual_stream, RecordedLayers(
-        weights=weights, records=records, final_residual=residual_stream[-1], cos=cos[0], sin=sin[0]
+        weights=weights, records=records, final_residual=residual_stream[-1], rotary=rotary
     )
 
 
@@ -252,13 +171,14 @@ def _layers_backward(
 ) -> list[torch.Tensor | Seeds]:
     """backward_to_layer's layers, top down, each a progress step."""
     for weights, record in zip(reversed(recorded.weights), reversed(recorded.records), strict=True):
+        table = recorded.rotary[weights.options.rotary_type]
 
         def layer_backward(chunk: torch.Tensor | Seeds) -> torch.Tensor:
-            # weights and record are this iteration's: map_chunks calls this within it.
+            # weights, record and table are this iteration's: map_chunks calls this within it.
             if isinstance(chunk, Seeds):
-                cos, sin = recorded.cos[: chunk.prefix], recorded.sin[: chunk.prefix]
+                cos, sin = table.cos[: chunk.prefix], table.sin[: chunk.prefix]  # noqa: B023
                 return _seeded_layer_backward(weights, record, chunk, cos, sin)  # noqa: B023
-            cos, sin = recorded.cos[: chunk.shape[2]], recorded.sin[: chunk.shape[2]]
+            cos, sin = table.cos[: chunk.shape[2]], table.sin[: chunk.shape[2]]  # noqa: B023
             return _layer_backward(weights, record, chunk, cos, sin)  # noqa: B023
 
         gradients = list(map_chunks(layer_backward, gradients))
@@ -267,30 +187,32 @@ def _layers_backward(
 
 
 def _layer_forward(
-    weights: LayerWeights, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, record: bool
+    weights: LayerWeights, hidden: torch.Tensor, rotary: RotaryTable, record: bool
 ) -> tuple[LayerRecord | None, torch.Tensor]:
-    """LlamaDecoderLayer.forward on hidden [P, N, D], with its activations if record."""
-    attention_normed, attention_rstd = _rms_normalize(hidden, weights.attention_norm)
+    """The decoder layer's forward pass on hidden [P, N, D] (explainers.decoder_layer's skeleton), with its
+    activations if record."""
+    attention_normed, attention_rstd = rms_normalize(hidden, weights.attention_norm)
     attention_input = weights.attention_norm.weight * attention_normed.to(hidden.dtype)
-    query_heads, queries = _head_norm(_split_heads(weights.q(attention_input), weights.head_size), weights.query_norm)
-    key_heads, keys = _head_norm(_split_heads(weights.k(attention_input), weights.head_size), weights.key_norm)
-    queries, keys = rotate(queries, cos, sin), rotate(keys, cos, sin)
-    values = _split_heads(weights.v(attention_input), weights.head_size)
-    attention_output = F.scaled_dot_product_attention(
-        queries, keys, values, is_causal=True, scale=weights.scale, enable_gqa=True
+    query_heads, queries = _optional_norm(
+        _split_heads(weights.q(attention_input), weights.head_size), weights.query_norm
     )
-    hidden = hidden + weights.o(_merge_heads(attention_output))
+    key_heads, keys = _optional_norm(_split_heads(weights.k(attention_input), weights.head_size), weights.key_norm)
+    queries, keys = rotate(queries, rotary.cos, rotary.sin), rotate(keys, rotary.cos, rotary.sin)
+    values = _split_heads(weights.v(attention_input), weights.head_size)
+    attention_output = _attend(weights, queries, keys, values)
+    attention_branch, attention_added = _optional_norm(
+        weights.o(_merge_heads(attention_output)), weights.attention_output_norm
+    )
+    hidden = hidden + attention_added
 
-    mlp_normed, mlp_rstd = _rms_normalize(hidden, weights.mlp_norm)
+    mlp_normed, mlp_rstd = rms_normalize(hidden, weights.mlp_norm)
     mlp_input = weights.mlp_norm.weight * mlp_normed.to(hidden.dtype)
     gate, up = weights.gate(mlp_input), weights.up(mlp_input)
-    gate_sigmoid = torch.sigmoid(gate)
-    gate_activation = gate * gate_sigmoid
-    hidden = hidden + weights.down(gate_activation * up)
-    if not record:
+    gate_activation, gate_slope = weights.options.activation.forward(gate, with_slope=record)
+    mlp_branch, mlp_added = _optional_norm(weights.down(gate_activation * up), weights.mlp_output_norm)
+    hidden = hidden + mlp_added
+    if gate_slope is None:
         return None, hidden
-    # silu'(g) = sigmoid(g) * (1 + g * (1 - sigmoid(g)))
-    up_times_gate_slope = up * gate_sigmoid * (1 + gate * (1 - gate_sigmoid))
     layer_record = LayerRecord(
         attention_normed=attention_normed,
         attention_rstd=attention_rstd,
@@ -301,30 +223,52 @@ def _layer_forward(
         mlp_normed=mlp_normed,
         mlp_rstd=mlp_rstd,
         gate_activation=gate_activation,
-        up_times_gate_slope=up_times_gate_slope,
+        up_times_gate_slope=up * gate_slope,
         query_heads=query_heads,
         key_heads=key_heads,
+        attention_branch=attention_branch,
+        mlp_branch=mlp_branch,
     )
     return layer_record, hidden
 
 
-def _head_norm(heads: torch.Tensor, norm: Norm | None) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor]:
-    """((normalised heads, 1 / rms) or None, the heads after the norm) for heads [..., N, hd]: Qwen3's per-head
-    RMSNorm, or the heads themselves without one."""
+def _attend(weights: LayerWeights, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The heads' outputs [P, H, N, hd] of causal attention of queries [P, H, N, hd] over keys and values
+    [P, KV, N, hd], masked to the layer's window: SDPA, or written out where the layer caps its scores."""
+    options, num_tokens = weights.options, queries.shape[-2]
+    if options.softcap is None:
+        windowed = options.window is not None and options.window < num_tokens
+        window = visible_keys(torch.arange(num_tokens), num_tokens, options.window) if windowed else None
+        return F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=window, is_causal=window is None, scale=weights.scale, enable_gqa=True
+        )
+    num_points, num_heads, _, head_size = queries.shape
+    num_groups = keys.shape[1]
+    # Each group's query heads stacked along the query axis, as _attention_backward lays them out.
+    grouped_queries = queries.reshape(num_points, num_groups, -1, head_size)  # [P, KV, G * N, hd]
+    query_positions = torch.arange(num_tokens).repeat(num_heads // num_groups)
+    visible = visible_keys(query_positions, num_tokens, options.window)
+    probabilities, _ = attention_scores(grouped_queries, keys, visible, options, weights.scale)
+    return (probabilities @ values).reshape(queries.shape)
+
+
+def _optional_norm(x: torch.Tensor, norm: Norm | None) -> tuple[Normalized | None, torch.Tensor]:
+    """((normalised x, 1 / rms) or None, x after the norm) for x [..., size]: an RMSNorm that a layer may lack
+    (per-head q/k norms, Gemma's output norms), or x itself without one."""
     if norm is None:
-        return None, heads
-    normed, rstd = _rms_normalize(heads, norm)
-    return (normed, rstd), norm.weight * normed.to(heads.dtype)
+        return None, x
+    normed, rstd = rms_normalize(x, norm)
+    return (normed, rstd), norm.weight * normed.to(x.dtype)
 
 
-def _head_norm_backward(
+def _optional_norm_backward(
     gradients: torch.Tensor,
     norm: Norm | None,
-    recorded: tuple[torch.Tensor, torch.Tensor] | None,
+    recorded: Normalized | None,
     rows: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
-    """d/d heads before the head norm from d/d heads after it, whose rows rows() picks out of the recorded
-    (normalised heads, 1 / rms) [P, heads, N, ...]. The identity without a norm."""
+    """d/d x before an _optional_norm from d/d x after it, whose rows rows() picks out of the recorded
+    (normalised x, 1 / rms). The identity without a norm."""
     if norm is None or recorded is None:
         return gradients
     normed, rstd = recorded
@@ -342,8 +286,11 @@ def _layer_backward(
 
     mid_gradients = _mlp_backward(weights, record, prefix, output_gradients)
 
-    # Attention branch: mid = input + o(attend(q(n), k(n), v(n))), n = norm(input).
-    head_gradients = _split_heads(mid_gradients @ weights.o.weight, weights.head_size)  # [C, P, H, b, hd]
+    # Attention branch: mid = input + [norm] o(attend(q(n), k(n), v(n))), n = norm(input).
+    branch_gradients = _optional_norm_backward(
+        mid_gradients, weights.attention_output_norm, record.attention_branch, prefix
+    )
+    head_gradients = _split_heads(branch_gradients @ weights.o.weight, weights.head_size)  # [C, P, H, b, hd]
     query_gradients, key_gradients, value_gradients = _attention_backward(
         head_gradients,
         record.queries[None, :, :, :b],
@@ -351,16 +298,16 @@ def _layer_backward(
         record.keys[:, :, :b],
         record.values[:, :, :b],
         record.attention_output[None, :, :, :b],
-        weights.scale,
+        weights,
     )
 
     def head_prefix(activations: torch.Tensor) -> torch.Tensor:  # [P, heads, N, ...] -> [P, heads, b, ...]
         return activations[:, :, :b]
 
-    query_gradients = _head_norm_backward(
+    query_gradients = _optional_norm_backward(
         _rotate_backward(query_gradients, cos, sin), weights.query_norm, record.query_heads, head_prefix
     )
-    key_gradients = _head_norm_backward(
+    key_gradients = _optional_norm_backward(
         _rotate_backward(key_gradients, cos, sin), weights.key_norm, record.key_heads, head_prefix
     )
     attention_input_gradients = _linear_input_gradients(
@@ -389,7 +336,10 @@ def _seeded_layer_backward(
         return activations[:, :, positions].permute(2, 0, 1, 3).unsqueeze(3)
 
     mid_gradients = _mlp_backward(weights, record, at_positions, seeds.rows)  # [C, P, D]
-    head_gradients = _split_heads((mid_gradients @ weights.o.weight).unsqueeze(2), weights.head_size)
+    branch_gradients = _optional_norm_backward(
+        mid_gradients, weights.attention_output_norm, record.attention_branch, at_positions
+    )
+    head_gradients = _split_heads((branch_gradients @ weights.o.weight).unsqueeze(2), weights.head_size)
     query_gradients, key_gradients, value_gradients = _attention_backward(
         head_gradients,  # [C, P, H, 1, hd]
         heads_at_positions(record.queries),
@@ -397,13 +347,13 @@ def _seeded_layer_backward(
         record.keys[:, :, : seeds.prefix],
         record.values[:, :, : seeds.prefix],
         heads_at_positions(record.attention_output),
-        weights.scale,
+        weights,
     )
 
     def head_prefix(activations: torch.Tensor) -> torch.Tensor:  # [P, heads, N, ...] -> [P, heads, b, ...]
         return activations[:, :, : seeds.prefix]
 
-    key_gradients = _head_norm_backward(
+    key_gradients = _optional_norm_backward(
         _rotate_backward(key_gradients, cos, sin), weights.key_norm, record.key_heads, head_prefix
     )
     attention_input_gradients = _linear_input_gradients(
@@ -412,7 +362,7 @@ def _seeded_layer_backward(
     )  # [C, P, b, D]
     # Each target's query row at its own position: the rotary tables broadcast over points and heads.
     query_cos, query_sin = cos[positions, None, None, None], sin[positions, None, None, None]
-    query_gradients = _head_norm_backward(
+    query_gradients = _optional_norm_backward(
         _rotate_backward(query_gradients, query_cos, query_sin),
         weights.query_norm,
         record.query_heads,
@@ -436,9 +386,10 @@ def _mlp_backward(
     rows: Callable[[torch.Tensor], torch.Tensor],
     output_gradients: torch.Tensor,
 ) -> torch.Tensor:
-    """d/d mid of output = mid + down(silu(gate(n)) * up(n)), n = norm(mid), from d/d output [..., D], whose rows
-    are the positions rows() picks out of the record's [P, N, ...] activations."""
-    product_gradients = output_gradients @ weights.down.weight  # [..., I]
+    """d/d mid of output = mid + [norm] down(act(gate(n)) * up(n)), n = norm(mid), from d/d output [..., D], whose
+    rows are the positions rows() picks out of the record's [P, N, ...] activations."""
+    branch_gradients = _optional_norm_backward(output_gradients, weights.mlp_output_norm, record.mlp_branch, rows)
+    product_gradients = branch_gradients @ weights.down.weight  # [..., I]
     gate_gradients = product_gradients * rows(record.up_times_gate_slope)
     up_gradients = product_gradients.mul_(rows(record.gate_activation))
     mlp_input_gradients = _linear_input_gradients((gate_gradients, weights.gate), (up_gradients, weights.up))
@@ -454,30 +405,32 @@ def _attention_backward(
     keys: torch.Tensor,
     values: torch.Tensor,
     outputs: torch.Tensor,
-    scale: float,
+    weights: LayerWeights,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (queries [C, P, H, n, hd], keys and values [C, P, KV, b, hd]) of causal softmax attention, from
-    those of its outputs [C, P, H, n, hd] at n query rows. queries and outputs [C or 1, P, H, n, hd] are those rows'
-    (1: shared by the chunk), at query_positions [C or 1, n]; keys and values [P, KV, b, hd] the first b positions'.
-    The probabilities are recomputed from queries and keys: [P, H, n, b] is cheap to recompute and too big to keep
-    for every layer of a long sequence. Query heads share their group's key and value head as transformers'
-    repeat_kv lays them out: heads g * G .. g * G + G - 1 read key head g."""
+    """Gradients (queries [C, P, H, n, hd], keys and values [C, P, KV, b, hd]) of the layer's causal softmax
+    attention, from those of its outputs [C, P, H, n, hd] at n query rows. queries and outputs [C or 1, P, H, n, hd]
+    are those rows' (1: shared by the chunk), at query_positions [C or 1, n]; keys and values [P, KV, b, hd] the first
+    b positions'. The probabilities are recomputed from queries and keys: [P, H, n, b] is cheap to recompute and too
+    big to keep for every layer of a long sequence. Query heads share their group's key and value head as
+    transformers' repeat_kv lays them out: heads g * G .. g * G + G - 1 read key head g."""
     chunk, num_points, num_heads, _, head_size = output_gradients.shape
     num_groups = keys.shape[1]
     group_size = num_heads // num_groups
     # Each group's query heads stacked along the query axis: [C or 1, P, KV, G * n, hd].
     grouped_queries = queries.reshape(len(queries), num_points, num_groups, -1, head_size)
     grouped_output_gradients = output_gradients.reshape(chunk, num_points, num_groups, -1, head_size)
-    key_positions = torch.arange(keys.shape[2], device=keys.device)
-    causal = key_positions <= query_positions.repeat(1, group_size)[:, None, None, :, None]  # [C or 1, 1, 1, G*n, b]
-    scores = (grouped_queries @ keys.transpose(-1, -2)) * scale  # [C or 1, P, KV, G * n, b]
-    probabilities = torch.softmax(scores.masked_fill(~causal, -torch.inf), dim=-1)
+    # [C or 1, 1, 1, G * n, b]
+    visible = visible_keys(query_positions.repeat(1, group_size), keys.shape[2], weights.options.window)[:, None, None]
+    probabilities, cap_slope = attention_scores(grouped_queries, keys, visible, weights.options, weights.scale)
 
     value_gradients = probabilities.transpose(-1, -2) @ grouped_output_gradients  # [C, P, KV, b, hd]
     probability_gradients = grouped_output_gradients @ values.transpose(-1, -2)  # [C, P, KV, G * n, b]
     # softmax backward: p * (dp - sum_k p dp), and sum_k p dp = dout . out row by row.
     row_terms = (output_gradients * outputs).sum(dim=-1).reshape(chunk, num_points, num_groups, -1, 1)
-    score_gradients = probability_gradients.sub_(row_terms).mul_(probabilities).mul_(scale)
+    score_gradients = probability_gradients.sub_(row_terms).mul_(probabilities)
+    if cap_slope is not None:
+        score_gradients.mul_(cap_slope)  # through the soft-cap, tanh' = 1 - tanh^2
+    score_gradients.mul_(weights.scale)
     query_gradients = (score_gradients @ keys).reshape(output_gradients.shape)
     key_gradients = score_gradients.transpose(-1, -2) @ grouped_queries  # [C, P, KV, b, hd]
     return query_gradients, key_gradients, value_gradients
@@ -492,20 +445,6 @@ def _linear_input_gradients(*products: tuple[torch.Tensor, Linear]) -> torch.Ten
     return total
 
 
-def rms_norm(hidden: torch.Tensor, norm: Norm) -> torch.Tensor:
-    """LlamaRMSNorm's output: weight * hidden / rms(hidden), computed in at least float32, in hidden's dtype. The
-    weight may carry leading dimensions, to normalise several layers' inputs at once."""
-    normed, _ = _rms_normalize(hidden, norm)
-    return norm.weight * normed.to(hidden.dtype)
-
-
-def _rms_normalize(hidden: torch.Tensor, norm: Norm) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hidden / rms(hidden), 1 / rms(hidden)) as LlamaRMSNorm computes them, in at least float32."""
-    upcast = hidden.to(torch.promote_types(hidden.dtype, torch.float32))
-    rstd = torch.rsqrt(upcast.pow(2).mean(dim=-1, keepdim=True) + norm.eps)
-    return upcast * rstd, rstd
-
-
 def _rms_backward(output_gradients: torch.Tensor, norm: Norm, normed: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
     """d/d x of weight * x / rms(x): rstd * (g - normed * mean(g * normed)), g = weight * output gradient."""
     weighted = (output_gradients * norm.weight).to(normed.dtype)
@@ -513,20 +452,9 @@ def _rms_backward(output_gradients: torch.Tensor, norm: Norm, normed: torch.Tens
     return ((weighted - normed * projection) * rstd).to(output_gradients.dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding in the Llama (half-split) layout, as transformers applies it:
-    x * cos + rotate_half(x) * sin, with tables that broadcast over x (positions along the same axis)."""
-    return x * cos + _rotate_half(x) * sin
-
-
 def _rotate_backward(gradients: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """The transpose of rotate: rotate_half is antisymmetric, so it is g * cos - rotate_half(g * sin)."""
-    return gradients * cos - _rotate_half(gradients * sin)
+    return gradients * cos - rotate_half(gradients * sin)
 
 
 def _split_heads(x: torch.Tensor, head_size: int) -> torch.Tensor:

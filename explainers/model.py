@@ -1,10 +1,10 @@
 """The explainer's PyTorch replica of the served weights, and the forward passes every method shares.
 
 Each pass runs on one of two paths (explainers.architectures.ExplainPath): the fast path's hand-written layers
-(explainers.backprop, Llama's skeleton) or the general path's Hugging Face module (explainers.general_path, any
-supported architecture). Both give the same residual stream: hidden_states[0] is the first decoder layer's input
-(the embedding output, scaled or position-summed as the architecture does it) and hidden_states[l] decoder layer
-l's output, all before the final norm.
+(explainers.backprop, one decoder-layer skeleton with each family's differences as options) or the general path's
+Hugging Face module (explainers.general_path, any supported architecture). Both give the same residual stream:
+hidden_states[0] is the first decoder layer's input (the embedding output, scaled or position-summed as the
+architecture does it) and hidden_states[l] decoder layer l's output, all before the final norm.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from explainers import general_path
 from explainers.architectures import Architecture, ExplainPath, architecture_of
-from explainers.backprop import LayerWeights, RecordedLayers, run_layers
+from explainers.backprop import RecordedLayers, run_layers
+from explainers.decoder_layer import LayerWeights
 from explainers.embedded_model import MANIFEST_FILE
 from explainers.embedded_model import weights_digest as safetensors_digest
 from explainers.targets import Targets, log_probs
@@ -91,8 +92,13 @@ class LoadedModel:
     @functools.cached_property
     def layer_weights(self) -> list[LayerWeights]:
         """Each decoder layer's parameters, typed (the frozen weights themselves, not copies); built once, as the
-        forward passes and the attention recompute read them on every call."""
-        return [LayerWeights.of(decoder_layer) for decoder_layer in self.decoder_layers]
+        forward passes and the attention recompute read them on every call. Each with its layer's options (window,
+        soft-cap, activation, norms), as the architecture reads them from the config."""
+        config = self.model.config
+        return [
+            LayerWeights.of(decoder_layer, self.architecture.layer_options(config, index))
+            for index, decoder_layer in enumerate(self.decoder_layers)
+        ]
 
     @property
     def final_norm(self) -> nn.Module:
@@ -187,20 +193,13 @@ def _identity(model_dir: Path) -> tuple[str, str]:
 def residual_from_layer(loaded: LoadedModel, hidden: torch.Tensor, layer: int) -> torch.Tensor:
     """The last decoder layer's output [batch, num_tokens, hidden] (before the final norm) from residual-stream
     states hidden [batch, num_tokens, hidden] at ``layer`` (indexed like hidden_states: 0 is the embedding output,
-    l the output of decoder layer l). Runs decoder layers layer + 1..L only (all of them on the general path, whose
-    module runs whole, the states standing in for layer's output); differentiable when grad mode is on.
+    l the output of decoder layer l), without gradients. Runs decoder layers layer + 1..L only on the fast path (its
+    hand-written layers); the general path runs the module whole, the states standing in for layer's output.
     """
-    if loaded.path is ExplainPath.GENERAL:
-        return general_path.final_residual(loaded.model, loaded.decoder_layers, loaded.final_norm, hidden, layer)
-    position_ids = torch.arange(hidden.shape[1], device=hidden.device)[None]
-    position_embeddings = loaded.rotary_embedding(hidden, position_ids)
-    for decoder_layer in loaded.decoder_layers[layer:]:
-        # No mask, as in the model's own forward: for an unpadded batch transformers' create_causal_mask returns
-        # None under SDPA (ATTN_IMPLEMENTATION), which then attends causally through `is_causal`.
-        hidden = decoder_layer(
-            hidden, attention_mask=None, position_ids=position_ids, position_embeddings=position_embeddings
-        )
-    return hidden
+    with torch.no_grad():
+        if loaded.path is ExplainPath.GENERAL:
+            return general_path.final_residual(loaded.model, loaded.decoder_layers, loaded.final_norm, hidden, layer)
+        return run_layers(loaded, hidden, layer, record=False)[0][-1]
 
 
 def readout_logits(loaded: LoadedModel, residual: torch.Tensor) -> torch.Tensor:
@@ -219,11 +218,10 @@ def logits_from_normed(loaded: LoadedModel, normed: torch.Tensor) -> torch.Tenso
 
 def forward_from_layer(loaded: LoadedModel, hidden: torch.Tensor, layer: int, targets: Targets) -> torch.Tensor:
     """``targets.score`` [batch, num_targets] from residual-stream states hidden [batch, num_tokens, hidden] at
-    ``layer``: decoder layers layer + 1..L, then the readout at the predicting positions only."""
-    if loaded.path is ExplainPath.GENERAL:
-        return general_path.layer_scores(loaded.model, loaded.decoder_layers, loaded.final_norm, hidden, layer, targets)
+    ``layer``, without gradients: decoder layers layer + 1..L, then the readout at the predicting positions only."""
     residual = residual_from_layer(loaded, hidden, layer)
-    return targets.score_logits(readout_logits(loaded, residual[:, targets.predicting_positions]))
+    with torch.no_grad():
+        return targets.score_logits(readout_logits(loaded, residual[:, targets.predicting_positions]))
 
 
 def readout_log_probs(loaded: LoadedModel, residual: torch.Tensor) -> torch.Tensor:

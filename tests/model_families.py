@@ -114,9 +114,12 @@ FAMILIES: dict[str, Callable[[AttentionShape], PretrainedConfig]] = {
     "mistral": lambda shape: MistralConfig(**_sizes(shape), **_heads(shape), sliding_window=None),
     "qwen2": lambda shape: Qwen2Config(**_sizes(shape), **_heads(shape)),  # bias on q, k and v
     "qwen3": lambda shape: Qwen3Config(**_sizes(shape), **_heads(shape)),  # q and k norms
-    # (1 + w) norms, embedding scale, soft-caps
-    "gemma2": lambda shape: Gemma2Config(**_sizes(shape), **_heads(shape), **_gemma(shape)),
-    "gemma3_text": lambda shape: Gemma3TextConfig(**_sizes(shape), **_heads(shape), **_gemma(shape)),  # q/k norms
+    # (1 + w) norms, four a layer, embedding scale, GELU-tanh, query_pre_attn_scalar, soft-caps that bite
+    "gemma2": lambda shape: Gemma2Config(
+        **_sizes(shape), **_heads(shape), **_gemma(shape), attn_logit_softcapping=3.0, final_logit_softcapping=4.0
+    ),
+    # and q and k norms, and a rotary base of its own for the sliding layers (10^4 against 10^6)
+    "gemma3_text": lambda shape: Gemma3TextConfig(**_sizes(shape), **_heads(shape), **_gemma(shape)),
     # fused qkv and gate/up
     "phi3": lambda shape: Phi3Config(**_sizes(shape), **_heads(shape), pad_token_id=0, eos_token_id=2),
     "gpt_neox": _gpt_neox,
@@ -124,13 +127,23 @@ FAMILIES: dict[str, Callable[[AttentionShape], PretrainedConfig]] = {
 }
 
 
+# Variants the explainer tests prove beside the families themselves (not served: vLLM would only repeat the family).
+EXPLAINER_VARIANTS: dict[str, Callable[[AttentionShape], PretrainedConfig]] = {
+    # Every layer sees 4 positions; and tied embeddings.
+    "mistral_sliding": lambda shape: MistralConfig(
+        **_sizes(shape), **_heads(shape), sliding_window=4, tie_word_embeddings=True
+    ),
+}
+
+
 def build_family_model(
     model_type: str, shape: AttentionShape = EXPLAINER_SHAPE, initializer_range: float = 0.3, seed: int = 0
 ) -> PreTrainedModel:
-    """A random float32 model of the family; the same arguments give the same weights. The default weight scale
+    """A random float32 model of the family (a key of FAMILIES or EXPLAINER_VARIANTS); the same arguments give the
+    same weights. The default weight scale
     (std 0.3, not a real model's 0.02) makes next-token distributions far from uniform and attributions far from
     zero."""
-    config = FAMILIES[model_type](shape)
+    config = {**FAMILIES, **EXPLAINER_VARIANTS}[model_type](shape)
     config.initializer_range = initializer_range
     torch.manual_seed(seed)
     model: PreTrainedModel = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]

@@ -1,8 +1,9 @@
 """Attention probabilities recomputed from the cached hidden states.
 
 The model runs SDPA, which never materialises its attention probabilities, so the attention methods recompute them
-from each decoder layer's input exactly as the layer does: input norm, query/key projections, rotary embeddings,
-grouped-query key sharing, scaled dot product, causal mask, softmax. Only the query rows a method asks for are
+from each decoder layer's input exactly as the layer does: input norm, query/key projections (and head norms),
+rotary embeddings (the layer type's table), grouped-query key sharing, scaled dot product (soft-capped where the
+layer caps it), causal mask (cut to the layer's sliding window), softmax. Only the query rows a method asks for are
 computed, so explaining T targets costs [heads, T, num_tokens] per layer, not [heads, num_tokens, num_tokens].
 """
 
@@ -14,7 +15,7 @@ import torch
 
 from explainers import general_path
 from explainers.architectures import ExplainPath
-from explainers.backprop import Norm, rms_norm, rotate
+from explainers.decoder_layer import LayerWeights, Norm, RotaryTable, rms_norm, rotary_tables, rotate, visible_keys
 from explainers.model import LoadedModel
 
 FUSIONS = ("mean", "max", "min")
@@ -39,19 +40,17 @@ def attention_probabilities(
         for layer in layers:
             yield every_layer[layer - 1][:, query_positions]
         return
-    config = loaded.model.config
-    num_heads = int(config.num_attention_heads)
+    num_heads = int(loaded.model.config.num_attention_heads)
     num_tokens = hidden_states.shape[1]
-    positions = torch.arange(num_tokens)
-    # Grad mode is switched off around each group's work, not across a yield, where it would leak to the caller.
-    with torch.no_grad():
-        cos, sin = loaded.rotary_embedding(hidden_states[:1], positions[None])  # [1, num_tokens, head_dim] each
-    per_group = max(1, MAX_GROUP_PROBABILITIES // (num_heads * len(query_positions) * num_tokens))
     ordered = list(layers)
+    rotary_types = {loaded.layer_weights[layer - 1].options.rotary_type for layer in ordered}
+    # Grad mode is switched off around each group's work, not across a yield, where it would leak to the caller.
+    tables = rotary_tables(loaded.rotary_embedding, hidden_states[:1], rotary_types)  # [num_tokens, head_dim] each
+    per_group = max(1, MAX_GROUP_PROBABILITIES // (num_heads * len(query_positions) * num_tokens))
     for start in range(0, len(ordered), per_group):
         with torch.no_grad():
             probabilities = _layer_group(
-                loaded, hidden_states, ordered[start : start + per_group], query_positions, cos[0], sin[0]
+                loaded, hidden_states, ordered[start : start + per_group], query_positions, tables
             )
         yield from probabilities
 
@@ -61,11 +60,10 @@ def _layer_group(
     hidden_states: torch.Tensor,
     layers: list[int],
     query_positions: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
+    tables: dict[str | None, RotaryTable],
 ) -> torch.Tensor:
-    """attention_probabilities of `layers` [len(layers), heads, num_queries, num_tokens]; cos, sin [num_tokens,
-    head_dim]."""
+    """attention_probabilities of `layers` [len(layers), heads, num_queries, num_tokens]; tables: the rotary tables
+    [num_tokens, head_dim] by layer type."""
     config = loaded.model.config
     weights = [loaded.layer_weights[layer - 1] for layer in layers]
     # The attention module's head size: some configs (Qwen2) leave head_dim to be derived.
@@ -79,27 +77,57 @@ def _layer_group(
     keys = torch.stack([w.k(rows) for w, rows in zip(weights, normed, strict=True)])
     # Grouped-query attention: consecutive query heads share one key head, so queries are laid out
     # [group, num_queries, kv heads, heads per kv head, head_dim] against keys [group, num_tokens, kv heads, head_dim];
-    # the rotary tables broadcast over layers and heads.
+    # the rotary tables [group or 1, num_tokens, head_dim] broadcast over heads.
     # Scaled before the product, not after: [queries, hidden] products instead of [heads, queries, tokens]; the
     # same bits when the scale is a power of two (head_dim 64: 1/8).
+    cos, sin = _stacked_tables(tables, weights)
     queries = rotate(
         _head_normed(queries.view(group, num_queries, num_kv_heads, -1, head_dim), [w.query_norm for w in weights]),
-        cos[query_positions, None, None],
-        sin[query_positions, None, None],
-    ).mul_(head_dim**-0.5)
+        cos[:, query_positions, None, None],
+        sin[:, query_positions, None, None],
+    ).mul_(_scales(weights))
     keys = rotate(
         _head_normed(keys.view(group, num_tokens, num_kv_heads, head_dim), [w.key_norm for w in weights]),
-        cos[:, None],
-        sin[:, None],
+        cos[:, :, None],
+        sin[:, :, None],
     )
     logits = torch.einsum("lqkgd,lnkd->lkgqn", queries, keys).reshape(group, num_heads, num_queries, num_tokens)
-    causal = torch.arange(num_tokens)[None, :] <= query_positions[:, None]  # [num_queries, num_tokens]
-    probabilities: torch.Tensor = logits.masked_fill_(~causal, float("-inf")).softmax(dim=-1)
+    for layer_logits, layer_weights in zip(logits, weights, strict=True):
+        cap = layer_weights.options.softcap
+        if cap is not None:
+            layer_logits.div_(cap).tanh_().mul_(cap)
+    windows = {w.options.window for w in weights}
+    visible = (
+        visible_keys(query_positions, num_tokens, windows.pop())  # [num_queries, num_tokens]
+        if len(windows) == 1
+        else torch.stack([visible_keys(query_positions, num_tokens, w.options.window) for w in weights])[:, None]
+    )
+    probabilities: torch.Tensor = logits.masked_fill_(~visible, float("-inf")).softmax(dim=-1)
     return probabilities
 
 
+def _stacked_tables(
+    tables: dict[str | None, RotaryTable], weights: list[LayerWeights]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layers' rotary tables (cos, sin) [group, num_tokens, head_dim], or [1, ...] when they share one."""
+    types = [w.options.rotary_type for w in weights]
+    if len(set(types)) == 1:
+        table = tables[types[0]]
+        return table.cos[None], table.sin[None]
+    return torch.stack([tables[t].cos for t in types]), torch.stack([tables[t].sin for t in types])
+
+
+def _scales(weights: list[LayerWeights]) -> float | torch.Tensor:
+    """The layers' query scales, one number when they share it, else [group, 1, 1, 1, 1]."""
+    scales = {w.scale for w in weights}
+    if len(scales) == 1:
+        return scales.pop()
+    return torch.tensor([w.scale for w in weights], dtype=weights[0].q.weight.dtype).view(-1, 1, 1, 1, 1)
+
+
 def _head_normed(heads: torch.Tensor, norms: list[Norm | None]) -> torch.Tensor:
-    """heads [group, ..., head_dim] through each layer's per-head RMSNorm (Qwen3), or as they are without one."""
+    """heads [group, ..., head_dim] through each layer's per-head RMSNorm (Qwen3, Gemma 3), or as they are without
+    one."""
     present = [norm for norm in norms if norm is not None]
     if not present:
         return heads

@@ -24,7 +24,7 @@ from tests.model_families import FAMILIES, SERVABLE_SHAPE, save_family_model
 
 pytestmark = pytest.mark.e2e
 
-FAST_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+FAST_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
 MAX_TOKENS = 8
 # Both sides compute in float32: vLLM's CPU kernels (fused norms, its paged attention) and transformers' modules
 # round differently, by float32 round-off of log-probabilities of magnitude ~1 to 10.

@@ -1,4 +1,5 @@
-"""The hand-written backward pass against autograd through transformers' own decoder layers."""
+"""The hand-written forward and backward passes against autograd through transformers' own module (the general
+path's hooks put the states in at a layer)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from explainers import general_path
 from explainers.architectures import ExplainPath
 from explainers.backprop import Seeds, backward_to_layer, record_forward
-from explainers.model import LoadedModel, load_model, residual_from_layer
+from explainers.model import LoadedModel, load_model
+
+
+def module_residual(loaded: LoadedModel, states: torch.Tensor, layer: int) -> torch.Tensor:
+    """The last decoder layer's output from states at `layer`, through transformers' own module; differentiable."""
+    return general_path.final_residual(loaded.model, loaded.decoder_layers, loaded.final_norm, states, layer)
 
 
 def path_states(loaded: LoadedModel, token_ids: torch.Tensor, layer: int) -> torch.Tensor:
@@ -29,7 +36,7 @@ def test_record_forward_runs_the_layers_as_transformers_does(
     recorded = record_forward(tiny_model, states, layer)
 
     with torch.no_grad():
-        expected = residual_from_layer(tiny_model, states, layer)
+        expected = module_residual(tiny_model, states, layer)
     torch.testing.assert_close(recorded.final_residual, expected, rtol=0, atol=1e-12)
     assert len(recorded.records) == tiny_model.num_layers - layer
 
@@ -52,7 +59,7 @@ def test_backward_is_autograds_vector_jacobian_product(
     assert short_gradients.shape == short.shape
     inputs = states.detach().requires_grad_(True)
     with torch.enable_grad():
-        residual = residual_from_layer(tiny_model, inputs, layer)
+        residual = module_residual(tiny_model, inputs, layer)
     for chunk, chunk_gradients in ((cotangents, gradients), (short, short_gradients)):
         length = chunk.shape[2]
         for cotangent, gradient in zip(chunk, chunk_gradients, strict=True):

@@ -3,8 +3,10 @@ against an independent computation (plain autograd over transformers' module, Ca
 and the general path against the fast path where both apply.
 
 Models are float64 (their norms and eager softmax still round through float32 inside transformers, hence the
-tolerances), with two layers, grouped-query attention where the family has it, and sliding-window layers shorter
-than the explained sequence for Gemma, so that a window actually cuts attention off.
+tolerances of 1e-5, relative and absolute), with two layers, grouped-query attention where the family has it,
+random norm weights (Gemma initialises its (1 + w) norms to w = 0, which would hide a missing 1), and
+sliding-window layers shorter than the explained sequence for Gemma and a sliding-window Mistral, so that a window
+actually cuts attention off. Gemma 2's soft-caps are set low enough to bend its scores and logits.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from explainers.methods.attention_weights import attention_probabilities
 from explainers.methods.attn_lrp import COVERED as ATTN_LRP_COVERED
 from explainers.methods.base import AttributionContext, InvalidParamsError, tensor_array
 from explainers.methods.gradient_shap import Samples
+from explainers.methods.integrated_gradients import quadrature_rule
 from explainers.methods.registry import catalog, get_method
 from explainers.methods.value_zeroing import VALUE_PROJECTIONS
 from explainers.model import (
@@ -44,11 +47,11 @@ from explainers.model import (
 )
 from explainers.targets import Targets, TargetScore, token_scores
 from explainers.worker import ExplainerWorker, WorkerSettings
-from tests.explainers.conftest import NUM_LAYERS, OUTPUT_IDS, PROMPT_IDS, VOCAB_SIZE
-from tests.model_families import FAMILIES, save_family_model
+from tests.explainers.conftest import NUM_LAYERS, OUTPUT_IDS, PROMPT_IDS, VOCAB_SIZE, word_tokenizer
+from tests.model_families import EXPLAINER_VARIANTS, FAMILIES, build_family_model
 
-# The families whose tiny models the hand-written fast path explains; the rest take the general path.
-FAST_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+# The architectures only the general path explains; the hand-written fast path explains the rest.
+GENERAL_FAMILIES = ("gpt_neox", "gpt2")
 TOKEN_IDS = torch.tensor(PROMPT_IDS + OUTPUT_IDS)
 POSITIONS = torch.arange(len(PROMPT_IDS), len(TOKEN_IDS))
 TARGETS = Targets(positions=POSITIONS, token_ids=TOKEN_IDS[POSITIONS], foil_ids=None)
@@ -59,10 +62,18 @@ def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
+@pytest.fixture(scope="module", params=sorted([*FAMILIES, *EXPLAINER_VARIANTS]))
 def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     """A tiny random model of one family, saved as a model directory and loaded by the explainer in float64."""
-    model_dir = save_family_model(request.param, tmp_path_factory.mktemp(request.param))
+    model = build_family_model(request.param)
+    with torch.no_grad():
+        # Norm weights away from their initial 1 (or 0 for Gemma's 1 + w), so that the paths must apply them.
+        for name, parameter in model.named_parameters():
+            if "norm" in name or ".ln_" in name:
+                parameter.add_(0.3 * torch.randn_like(parameter))
+    model_dir = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(model_dir)
+    word_tokenizer().save_pretrained(model_dir)
     return load_model(model_dir, dtype=torch.float64)
 
 
@@ -135,7 +146,7 @@ def prefix(matrix: torch.Tensor) -> torch.Tensor:
 
 
 def test_each_family_loads_on_its_path_with_the_models_own_hidden_states(family: LoadedModel) -> None:
-    expected = ExplainPath.FAST if family.architecture.model_type in FAST_FAMILIES else ExplainPath.GENERAL
+    expected = ExplainPath.GENERAL if family.architecture.model_type in GENERAL_FAMILIES else ExplainPath.FAST
     assert family.path is expected
     published = catalog(family)
     assert (published.architecture, published.explain_path) == (family.architecture.model_type, expected.proto)
@@ -209,6 +220,26 @@ def test_integrated_gradients_are_complete_and_start_at_any_layer(family: Loaded
         )
 
 
+def test_integrated_gradients_equal_a_plain_autograd_quadrature(family: LoadedModel) -> None:
+    """Integrated gradients from a token baseline: the same quadrature, each point's gradient taken by plain
+    autograd through the module, one target at a time."""
+    method = get_method("integrated_gradients")
+    params = method.parse_params({"steps": 4, "baseline": "token", "baseline_token_id": 5})
+    ours = attributions(family, "integrated_gradients", steps=4, baseline="token", baseline_token_id=5)
+    h0 = own_outputs(family).hidden_states[0][0]
+    with torch.no_grad():
+        baseline_ids = torch.full_like(TOKEN_IDS, 5)
+        baseline = family.model(input_ids=baseline_ids[None], output_hidden_states=True).hidden_states[0][0]
+    alphas, weights = quadrature_rule(params.quadrature, params.steps)
+    integral = torch.zeros(len(TARGETS), *h0.shape, dtype=h0.dtype)
+    for alpha, weight in zip(alphas.tolist(), weights.tolist(), strict=True):
+        point = (baseline + alpha * (h0 - baseline)).requires_grad_(True)
+        scores = scores_of_first_layer_input(family, point[None])[0]
+        for index in range(len(TARGETS)):
+            integral[index] += weight * torch.autograd.grad(scores[index], point, retain_graph=True)[0]
+    close(ours, prefix((integral * (h0 - baseline)).sum(dim=-1)))
+
+
 def test_perturbation_methods_equal_recomputed_scores(family: LoadedModel) -> None:
     """Occlusion is the recomputed score change (full forward passes, no KV cache reuse), and Shapley sampling is
     efficient: each target's attributions sum to score(sequence) - score(all replaced)."""
@@ -249,13 +280,20 @@ def test_attention_and_logit_lens_equal_the_models_own_outputs(family: LoadedMod
 
     method = get_method("logit_lens")
     lens = method.attribute(context(family), method.parse_params({"k": 3}))
-    target_logprobs = np.array(lens.extras["target_logprobs"].float_values, dtype=np.float32).reshape(
-        NUM_LAYERS + 1, -1
-    )
-    # The last layer's readout is the model's own prediction (final norm, unembedding, soft-cap).
-    own_logprobs = torch.log_softmax(own.logits[0, TARGETS.predicting_positions], dim=-1)
-    expected = own_logprobs.gather(-1, TARGETS.token_ids[:, None])[:, 0]
-    np.testing.assert_allclose(target_logprobs[-1], expected.numpy(), rtol=1e-5, atol=1e-5)
+    target_logprobs = tensor_array(lens.extras["target_logprobs"]).reshape(NUM_LAYERS + 1, -1)
+    # The last layer's readout is the model's own prediction (final norm, unembedding, soft-cap); every other
+    # layer's is the model's final norm, unembedding and soft-cap (tanh(logits / cap) * cap) of its own state there.
+    cap = getattr(family.model.config, "final_logit_softcapping", None)
+    unembedding = family.model.get_output_embeddings()  # type: ignore[no-untyped-call]
+    readouts = []
+    with torch.no_grad():
+        for state in own.hidden_states[:-1]:
+            logits = unembedding(family.final_norm(state[0, TARGETS.predicting_positions]))
+            readouts.append(torch.tanh(logits / cap) * cap if cap else logits)
+    readouts.append(own.logits[0, TARGETS.predicting_positions])
+    for layer, logits in enumerate(readouts):
+        expected = torch.log_softmax(logits, dim=-1).gather(-1, TARGETS.token_ids[:, None])[:, 0]
+        np.testing.assert_allclose(target_logprobs[layer], expected.numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_value_zeroing_zeroes_each_familys_values_and_nothing_else(family: LoadedModel) -> None:
@@ -337,7 +375,7 @@ def test_the_general_path_equals_the_fast_path_on_llama(tiny_model: LoadedModel)
     assert_paths_agree(tiny_model, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", FAST_FAMILIES, indirect=True)
+@pytest.mark.parametrize("family", [name for name in FAMILIES if name not in GENERAL_FAMILIES], indirect=True)
 def test_the_general_path_equals_the_fast_path_on_every_fast_family(family: LoadedModel) -> None:
     """With transformers' norms rounding through float32 inside the module, to that rounding."""
     assert_paths_agree(family, atol=1e-5)
@@ -412,7 +450,7 @@ def test_the_published_catalogue_names_the_model_architecture_and_path(
     """What a worker publishes for the gateway's ListMethods, read back from Redis."""
     ExplainerWorker(redis_client, family, WorkerSettings(consumer="worker-a")).register()
     published = explanations_pb2.ListMethodsResponse.FromString(cast(bytes, redis_client.get(CATALOG_KEY)))
-    expected_path = ExplainPath.FAST if family.architecture.model_type in FAST_FAMILIES else ExplainPath.GENERAL
+    expected_path = ExplainPath.GENERAL if family.architecture.model_type in GENERAL_FAMILIES else ExplainPath.FAST
     assert (published.model, published.architecture) == (family.model_name, family.architecture.model_type)
     assert published.explain_path == expected_path.proto
     assert len(published.methods) == 10
