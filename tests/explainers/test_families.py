@@ -47,7 +47,14 @@ from explainers.model import (
 )
 from explainers.targets import Targets, TargetScore, token_scores
 from explainers.worker import ExplainerWorker, WorkerSettings
-from tests.explainers.conftest import NUM_LAYERS, OUTPUT_IDS, PROMPT_IDS, VOCAB_SIZE, word_tokenizer
+from tests.explainers.conftest import (
+    NUM_LAYERS,
+    OUTPUT_IDS,
+    PROMPT_IDS,
+    REGISTERED_METHODS,
+    VOCAB_SIZE,
+    word_tokenizer,
+)
 from tests.model_families import EXPLAINER_VARIANTS, FAMILIES, build_family_model
 
 # The architectures only the general path explains; the hand-written fast path explains the rest.
@@ -188,7 +195,11 @@ def test_gradient_shap_equals_plain_autograd_at_its_own_samples(family: LoadedMo
         for index in range(len(TARGETS)):
             (gradient,) = torch.autograd.grad(scores_of_first_layer_input(family, point[None])[0, index], point)
             expected[index] += (gradient * (noisy - baseline[0])).sum(dim=-1) / len(samples.alphas)
-    close(attributions(family, "gradient_shap", samples=3, stdev=0.05, seed=4, baseline_token_id=5), prefix(expected))
+    # The module rounds its norms through float32; summed over samples and the hidden dimension, that rounding
+    # scales with the attributions.
+    scale = float(expected.abs().max())
+    ours = attributions(family, "gradient_shap", samples=3, stdev=0.05, seed=4, baseline_token_id=5)
+    torch.testing.assert_close(ours, prefix(expected), rtol=1e-5, atol=1e-5 * scale)
 
 
 def test_integrated_gradients_are_complete_and_start_at_any_layer(family: LoadedModel) -> None:
@@ -453,4 +464,4 @@ def test_the_published_catalogue_names_the_model_architecture_and_path(
     expected_path = ExplainPath.GENERAL if family.architecture.model_type in GENERAL_FAMILIES else ExplainPath.FAST
     assert (published.model, published.architecture) == (family.model_name, family.architecture.model_type)
     assert published.explain_path == expected_path.proto
-    assert len(published.methods) == 10
+    assert [method.name for method in published.methods] == REGISTERED_METHODS.split(", ")
