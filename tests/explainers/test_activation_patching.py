@@ -4,6 +4,7 @@ reads brings the clean score back, restoring an untouched input changes nothing.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import numpy as np
@@ -40,7 +41,8 @@ def nnsight_recovered(ctx: AttributionContext, first_layer: torch.Tensor) -> tor
     """recovered [num_layers + 1, num_targets, num_tokens] by intervention: the model run from the corrupted
     first-layer states first_layer [1, num_tokens, hidden], with the clean state at (layer, position) written over
     the first decoder layer's input (layer 0) or decoder layer l's output, one trace each."""
-    model = NNsight(ctx.loaded.model)
+    # A copy: nnsight instruments the modules it wraps, and the tiny model is shared by the session's tests.
+    model = NNsight(copy.deepcopy(ctx.loaded.model))
     targets = ctx.targets
     num_tokens = len(ctx.token_ids)
 

@@ -3,6 +3,7 @@ the rollout that combines them, and the bookkeeping (rows sum to 1, causality, b
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import numpy as np
@@ -28,7 +29,8 @@ def ctx(tiny_model: LoadedModel, make_context: MakeContext) -> AttributionContex
 def nnsight_scores(ctx: AttributionContext) -> torch.Tensor:
     """C [num_layers, num_tokens, num_tokens] by intervention on the full model: for each layer and source position,
     a trace that zeroes that position's value vector in that layer's v_proj and saves the layer's output."""
-    model = NNsight(ctx.loaded.model)
+    # A copy: nnsight instruments the modules it wraps, and the tiny model is shared by the session's tests.
+    model = NNsight(copy.deepcopy(ctx.loaded.model))
     ids = ctx.token_ids[None]
     num_tokens = len(ctx.token_ids)
     scores = torch.zeros(ctx.loaded.num_layers, num_tokens, num_tokens, dtype=torch.float64)
