@@ -40,9 +40,10 @@ def importable_without(module: str) -> bool:
     return importlib.util.find_spec(module) is None
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def vllm_vlm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real vLLM server serving the constructed VLM; yields its URL."""
+    """A real vLLM server serving the constructed VLM (session-wide: tests/e2e/test_images.py shares it); yields
+    its URL."""
     manifest = prepare_vlm()
     state = tmp_path_factory.mktemp("vllm-vlm")
     stack = LocalStack(
