@@ -130,17 +130,6 @@ def check_images(images: list[tuple[str, bytes]], limits: ImageLimits) -> list[C
     return [check_image(data, field, limits) for field, data in images]
 
 
-def images_digest(images: list[CheckedImage]) -> str:
-    """One digest of a request's pictures in order, for keys that must differ whenever any picture does; "" for
-    none, so a text-only key is unchanged."""
-    if not images:
-        return ""
-    combined = hashlib.sha256()
-    for image in images:
-        combined.update(f"{image.digest}\n".encode())
-    return combined.hexdigest()
-
-
 @dataclass(frozen=True)
 class ImagePrompt:
     """Chat messages holding pictures, as vLLM's chat endpoint takes them (text and image_url parts), and the

@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 from sightline import Client
+from sightline.cli import main as cli_main
 from sightline.errors import SightlineError
 
 from deploy.local_stack import LocalStack, StackConfig
@@ -83,3 +84,14 @@ def test_bad_pictures_are_refused_naming_the_limit(vlm_gateway: str) -> None:
 def test_explaining_a_picture_is_not_served_yet(vlm_gateway: str) -> None:
     refused = refusal(vlm_gateway, png("red", 1, 1), QUESTION, explain="occlusion")
     assert refused.code == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_the_cli_sends_a_picture(vlm_gateway: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "square.png"
+    path.write_bytes(png("yellow", 2, 2))
+    status = cli_main(
+        ["--target", vlm_gateway, "--timeout", "300", "generate", "--image", str(path), "--max-tokens", "8", QUESTION]
+    )
+    assert status == 0
+    assert "yellow" in capsys.readouterr().out.lower()
+    assert cli_main(["--target", vlm_gateway, "generate", "--image", str(tmp_path / "missing.png"), QUESTION]) != 0
