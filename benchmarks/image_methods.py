@@ -22,6 +22,10 @@ import bench_util
 import torch
 from bench_util import JsonDict
 
+# The ground-truth pictures and the answer helper are the tests' own (tests/explainers/test_image_methods.py).
+if str(bench_util.REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(bench_util.REPO_ROOT))
+
 from explainers.constructed_vlm import GRID_SIDE, IMAGE_SIZE, prepare_vlm
 from explainers.image_methods.grid import CellGrid
 from explainers.image_methods.methods import (
