@@ -33,9 +33,9 @@ def vlm_gateway(vllm_vlm: str, redis_server: int, tmp_path_factory: pytest.TempP
             served_model_name=SERVED_NAME,
         )
     )
-    with GatewayProcess(
-        stack, "vlm-gateway", {"SIGHTLINE_MAX_IMAGES": "1", "SIGHTLINE_MAX_IMAGE_PIXELS": "250000"}
-    ) as gateway:
+    limits = {"SIGHTLINE_MAX_IMAGES": "1", "SIGHTLINE_MAX_IMAGE_PIXELS": "250000"}
+    # No explainer here (it cannot load the VLM yet): the gateway is ready once it can generate.
+    with GatewayProcess(stack, "vlm-gateway", limits, health_service="sightline.v1.InferenceService") as gateway:
         yield gateway.address
 
 
