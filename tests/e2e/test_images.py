@@ -1,6 +1,6 @@
 """Pictures through the real gateway: the Python SDK sends a chat message mixing a picture and text, the gateway
 checks the picture and forwards it to vLLM serving the constructed VLM, and the answer comes from the picture. Bad
-pictures are refused with INVALID_ARGUMENT naming the limit; what is not built yet is refused with UNIMPLEMENTED."""
+pictures are refused with INVALID_ARGUMENT naming the limit."""
 
 from __future__ import annotations
 
@@ -81,11 +81,6 @@ def test_bad_pictures_are_refused_naming_the_limit(vlm_gateway: str) -> None:
     assert unsupported.code == grpc.StatusCode.INVALID_ARGUMENT and "SIGHTLINE_IMAGE_FORMATS" in unsupported.details
 
 
-def test_explaining_a_picture_is_not_served_yet(vlm_gateway: str) -> None:
-    refused = refusal(vlm_gateway, png("red", 1, 1), QUESTION, explain="occlusion")
-    assert refused.code == grpc.StatusCode.UNIMPLEMENTED
-
-
 def test_the_cli_sends_a_picture(vlm_gateway: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "square.png"
     path.write_bytes(png("yellow", 2, 2))
@@ -94,4 +89,7 @@ def test_the_cli_sends_a_picture(vlm_gateway: str, tmp_path: Path, capsys: pytes
     )
     assert status == 0
     assert "yellow" in capsys.readouterr().out.lower()
-    assert cli_main(["--target", vlm_gateway, "generate", "--image", str(tmp_path / "missing.png"), QUESTION]) != 0
+    with pytest.raises(SystemExit) as usage_error:
+        cli_main(["--target", vlm_gateway, "generate", "--image", str(tmp_path / "missing.png"), QUESTION])
+    assert usage_error.value.code == 2
+    assert "missing.png: no such file" in capsys.readouterr().err

@@ -48,6 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.options = _explain_options(args)
         except ValueError as error:
             parser.error(str(error))
+        for image in args.images or []:
+            if not image.is_file():
+                parser.error(f"--image {image}: no such file")
     try:
         tls = _tls(args)
     except (OSError, ValueError) as error:
