@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 
 from server.audit.settings import AuditSettings
+from server.images import ImageLimits
 from server.limits import TenantLimits
 from server.vllm_client import SILENCE_TIMEOUT_SECONDS
 
@@ -40,6 +41,8 @@ class GatewaySettings:
     tls_client_ca_file: str | None = None
     # Limits of every tenant the key file does not override (SIGHTLINE_<LIMIT>, see server/limits.py).
     default_limits: TenantLimits = field(default_factory=TenantLimits)
+    # Pictures in chat messages (SIGHTLINE_MAX_IMAGES, ..., see server/images.py).
+    image_limits: ImageLimits = field(default_factory=ImageLimits)
     # How long an unfinished explanation holds one of its tenant's concurrency slots at most, should
     # its job be lost: longer than any job waits and runs.
     explanation_lease_seconds: float = 3600.0
@@ -78,6 +81,7 @@ class GatewaySettings:
             tls_key_file=env.get("SIGHTLINE_TLS_KEY") or None,
             tls_client_ca_file=env.get("SIGHTLINE_TLS_CLIENT_CA") or None,
             default_limits=TenantLimits.from_env(env),
+            image_limits=ImageLimits.from_env(env),
             explanation_lease_seconds=float(
                 env.get("SIGHTLINE_EXPLANATION_LEASE_SECONDS", cls.explanation_lease_seconds)
             ),

@@ -31,10 +31,12 @@ from server.costs import PlannedMethod, check_cost
 from server.errors import GatewayError, invalid_argument, not_found, shown, unavailable
 from server.explanations import ExplanationBroker, ExplanationSlot
 from server.genai_spans import SPAN_KIND, describe_generation, describe_request
+from server.images import ImagePrompt, has_images, image_prompt, refuse_unsupported_image_use
 from server.job_control import JobControl
 from server.limits import Tenant, TenantLimiter
 from server.metrics import EXPLANATION_WAIT, RpcObservation
 from server.validation import (
+    CHAT_ROLES,
     chat_messages,
     check_options_fit,
     explain_mode,
@@ -199,7 +201,7 @@ class PreparedGeneration:
     model: ServedModel
     sampling: Sampling
     plan: ExplanationPlan | None
-    prompt: Prompt
+    prompt: Prompt | ImagePrompt
     # The chat messages the prompt was rendered from, when it is a chat (for the explanation's token roles).
     chat: list[dict[str, str]] | None = None
 
@@ -243,12 +245,16 @@ class Gateway:
             raise not_found(f"model {shown(requested)} is not served here; available: {served.name}")
         return served
 
-    async def prompt(self, source: inference_pb2.GenerationInput, model: ServedModel, timeout: float | None) -> Prompt:
+    async def prompt(
+        self, source: inference_pb2.GenerationInput, model: ServedModel, timeout: float | None
+    ) -> Prompt | ImagePrompt:
         kind = source.WhichOneof("kind")
         if kind == "prompt":
             if not source.prompt.strip():
                 raise invalid_argument("input.prompt is empty; send the text to complete")
             return source.prompt
+        if kind == "chat" and has_images(source.chat):
+            return image_prompt(source.chat, CHAT_ROLES, self.settings.image_limits)
         if kind == "chat":
             return await self.vllm.tokenize_chat(model.name, chat_messages(source.chat), timeout)
         if kind == "prompt_token_ids":
@@ -273,6 +279,8 @@ class Gateway:
         request: inference_pb2.GenerateRequest,
         context: grpc.aio.ServicerContext,
         tenant: Tenant,
+        *,
+        streaming: bool = False,
     ) -> PreparedGeneration:
         """Everything checked before generating, so a bad or over-limit request costs no generation."""
         request_id = _request_id(request.request_id)
@@ -286,6 +294,13 @@ class Gateway:
         tenant.check_max_tokens(sampling.max_tokens, f"sampling.max_tokens is {sampling.max_tokens}")
         plan = await self.plan_explanation(request.explain)
         prompt = await self.prompt(request.input, model, _timeout(context))
+        if isinstance(prompt, ImagePrompt):
+            refuse_unsupported_image_use(streaming=streaming, plan=plan)
+            if tenant.limits.max_prompt_tokens:
+                tenant.check_prompt_tokens(
+                    len(await self.vllm.tokenize_chat(model.name, prompt.messages, _timeout(context)))
+                )
+            return PreparedGeneration(request_id, model, sampling, plan, prompt)
         if plan is not None or tenant.limits.max_prompt_tokens:
             # Counted in real tokens: a text prompt is tokenized here and sent on as the same ids.
             prompt_ids = (
@@ -397,7 +412,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         """Generate, then enqueue the explanation in ``slot``, taken before generating, if one is asked for."""
         gateway = self.gateway
         model, plan = prepared.model, prepared.plan
-        completion = await gateway.vllm.complete(model.name, prepared.prompt, prepared.sampling, _timeout(context))
+        if isinstance(prepared.prompt, ImagePrompt):
+            completion = await gateway.vllm.chat_complete(
+                model.name, prepared.prompt.messages, prepared.sampling, _timeout(context)
+            )
+        else:
+            completion = await gateway.vllm.complete(model.name, prepared.prompt, prepared.sampling, _timeout(context))
         output_tokens = _output_tokens(completion)
         response = inference_pb2.GenerateResponse(
             request_id=prepared.request_id,
@@ -448,7 +468,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def GenerateStream(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext, tenant: Tenant
     ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
-        prepared = await self.gateway.prepare_generation(request, context, tenant)
+        prepared = await self.gateway.prepare_generation(request, context, tenant, streaming=True)
         async with (
             self.gateway.explanation_slot(prepared.plan, tenant) as slot,
             # Closed explicitly, so a cancelled call closes the vLLM stream (aborting it) before the slot goes back.
@@ -475,6 +495,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         started = False
         final = inference_pb2.GenerateStreamResponse(request_id=prepared.request_id, trace_id=trace_id)
         end = final.end
+        if isinstance(prepared.prompt, ImagePrompt):  # refused in prepare_generation; narrows the type
+            raise invalid_argument("GenerateStream does not take images yet; use Generate")
         stream = gateway.vllm.complete_stream(model.name, prepared.prompt, prepared.sampling, _timeout(context))
         try:
             async for chunk in stream:

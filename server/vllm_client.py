@@ -124,7 +124,7 @@ class VLLMClient:
         first = body["data"][0]
         return ServedModel(name=str(first["id"]), max_model_len=int(first.get("max_model_len") or 0))
 
-    async def tokenize_chat(self, model: str, messages: Sequence[dict[str, str]], timeout: float | None) -> list[int]:
+    async def tokenize_chat(self, model: str, messages: Sequence[dict[str, Any]], timeout: float | None) -> list[int]:
         """Render chat messages with the model's own chat template into token ids; FAILED_PRECONDITION when the
         served model has none (a base model, such as the embedded Gemma 3 270M)."""
         try:
@@ -165,6 +165,40 @@ class VLLMClient:
             body = await self._request_json("POST", "/v1/completions", json=payload, timeout=timeout, headers=headers)
             chunk = CompletionChunk(prompt_token_ids=[])
             _add_event(chunk, body)
+            _record_response(span, body.get("id"), chunk)
+            return chunk
+
+    async def chat_complete(
+        self, model: str, messages: Sequence[dict[str, Any]], sampling: Sampling, timeout: float | None
+    ) -> CompletionChunk:
+        """A chat completion whose messages hold pictures (server.images.ImagePrompt): vLLM renders and tokenizes
+        it with the model's processor and reports the prompt ids it used, image tokens expanded."""
+        payload = self._completion_payload(model, "", sampling, stream=False)
+        del payload["prompt"]
+        payload.update(messages=list(messages), logprobs=True)
+        with self._genai_span(model, sampling) as span:
+            headers = _trace_headers()
+            body = await self._request_json(
+                "POST", "/v1/chat/completions", json=payload, timeout=timeout, headers=headers
+            )
+            chunk = CompletionChunk(prompt_token_ids=[int(t) for t in body.get("prompt_token_ids") or []])
+            choice = body["choices"][0]
+            entries = (choice.get("logprobs") or {}).get("content") or []
+            chunk.token_ids = [int(t) for t in choice.get("token_ids") or []]
+            chunk.token_texts = (
+                [str(e.get("token", "")) for e in entries]
+                if len(entries) == len(chunk.token_ids)
+                else [""] * len(chunk.token_ids)
+            )
+            chunk.logprobs = (
+                [e.get("logprob") for e in entries]
+                if len(entries) == len(chunk.token_ids)
+                else [None] * len(chunk.token_ids)
+            )
+            chunk.text = str((choice.get("message") or {}).get("content") or "")
+            chunk.finish_reason = choice.get("finish_reason")
+            usage = body.get("usage") or {}
+            chunk.input_tokens, chunk.output_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
             _record_response(span, body.get("id"), chunk)
             return chunk
 

@@ -38,7 +38,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import grpc
@@ -265,7 +265,7 @@ class VLLMPool:
     async def served_model(self) -> ServedModel:
         return await self._with_failover(lambda client, _: client.served_model(), None)
 
-    async def tokenize_chat(self, model: str, messages: Sequence[dict[str, str]], timeout: float | None) -> list[int]:
+    async def tokenize_chat(self, model: str, messages: Sequence[dict[str, Any]], timeout: float | None) -> list[int]:
         return await self._with_failover(lambda client, left: client.tokenize_chat(model, messages, left), timeout)
 
     async def tokenize_text(self, model: str, text: str, timeout: float | None) -> list[int]:
@@ -273,6 +273,13 @@ class VLLMPool:
 
     async def detokenize(self, model: str, token_ids: Sequence[int], timeout: float | None) -> str:
         return await self._with_failover(lambda client, left: client.detokenize(model, token_ids, left), timeout)
+
+    async def chat_complete(
+        self, model: str, messages: Sequence[dict[str, Any]], sampling: Sampling, timeout: float | None
+    ) -> CompletionChunk:
+        return await self._with_failover(
+            lambda client, left: client.chat_complete(model, messages, sampling, left), timeout
+        )
 
     async def complete(self, model: str, prompt: Prompt, sampling: Sampling, timeout: float | None) -> CompletionChunk:
         # A unary completion delivers nothing until it is done, so one that failed is retried whole.

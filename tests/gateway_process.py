@@ -24,9 +24,12 @@ class GatewayProcess:
         env: Mapping[str, str],
         *,
         channel: ChannelFactory = grpc.insecure_channel,
+        health_service: str = "",
     ) -> None:
         self.address = f"127.0.0.1:{free_port()}"
         self._stack = stack
+        # The health service waited for: "" (overall) needs an explainer too; InferenceService only vLLM.
+        self._health_service = health_service
         self._name = name
         self._env = {
             **stack.child_env(f"sightline-{name}", 1),
@@ -79,7 +82,9 @@ class GatewayProcess:
                 raise RuntimeError(f"gateway {self._name} exited; log {self.log_path}:\n{self._child.log_tail()}")
             with self._channel(self.address) as channel:
                 try:
-                    reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+                    reply = health_pb2_grpc.HealthStub(channel).Check(
+                        health_pb2.HealthCheckRequest(service=self._health_service), timeout=2
+                    )
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:
                         return
                 except grpc.RpcError:

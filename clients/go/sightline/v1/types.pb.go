@@ -843,6 +843,10 @@ type ChatMessage struct {
 	Role string `protobuf:"bytes,1,opt,name=role,proto3" json:"role,omitempty"`
 	// The message's text.
 	Content string `protobuf:"bytes,2,opt,name=content,proto3" json:"content,omitempty"`
+	// Text and pictures in order, for a message that holds pictures; `content`, when also set, comes first as text.
+	// Pictures are checked against the gateway's limits (count, bytes, pixels, formats) and refused with
+	// INVALID_ARGUMENT naming the limit.
+	Parts []*ContentPart `protobuf:"bytes,3,rep,name=parts,proto3" json:"parts,omitempty"`
 }
 
 func (x *ChatMessage) Reset() {
@@ -891,6 +895,148 @@ func (x *ChatMessage) GetContent() string {
 	return ""
 }
 
+func (x *ChatMessage) GetParts() []*ContentPart {
+	if x != nil {
+		return x.Parts
+	}
+	return nil
+}
+
+// One part of a chat message: text or a picture.
+type ContentPart struct {
+	state         protoimpl.MessageState
+	sizeCache     protoimpl.SizeCache
+	unknownFields protoimpl.UnknownFields
+
+	// What the part holds.
+	//
+	// Types that are assignable to Part:
+	//
+	//	*ContentPart_Text
+	//	*ContentPart_Image
+	Part isContentPart_Part `protobuf_oneof:"part"`
+}
+
+func (x *ContentPart) Reset() {
+	*x = ContentPart{}
+	if protoimpl.UnsafeEnabled {
+		mi := &file_sightline_v1_types_proto_msgTypes[4]
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		ms.StoreMessageInfo(mi)
+	}
+}
+
+func (x *ContentPart) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ContentPart) ProtoMessage() {}
+
+func (x *ContentPart) ProtoReflect() protoreflect.Message {
+	mi := &file_sightline_v1_types_proto_msgTypes[4]
+	if protoimpl.UnsafeEnabled && x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ContentPart.ProtoReflect.Descriptor instead.
+func (*ContentPart) Descriptor() ([]byte, []int) {
+	return file_sightline_v1_types_proto_rawDescGZIP(), []int{4}
+}
+
+func (m *ContentPart) GetPart() isContentPart_Part {
+	if m != nil {
+		return m.Part
+	}
+	return nil
+}
+
+func (x *ContentPart) GetText() string {
+	if x, ok := x.GetPart().(*ContentPart_Text); ok {
+		return x.Text
+	}
+	return ""
+}
+
+func (x *ContentPart) GetImage() *ImageData {
+	if x, ok := x.GetPart().(*ContentPart_Image); ok {
+		return x.Image
+	}
+	return nil
+}
+
+type isContentPart_Part interface {
+	isContentPart_Part()
+}
+
+type ContentPart_Text struct {
+	// Text, as a message's content is.
+	Text string `protobuf:"bytes,1,opt,name=text,proto3,oneof"`
+}
+
+type ContentPart_Image struct {
+	// A picture.
+	Image *ImageData `protobuf:"bytes,2,opt,name=image,proto3,oneof"`
+}
+
+func (*ContentPart_Text) isContentPart_Part() {}
+
+func (*ContentPart_Image) isContentPart_Part() {}
+
+// A picture as its encoded bytes: PNG or JPEG unless the deployment allows otherwise.
+type ImageData struct {
+	state         protoimpl.MessageState
+	sizeCache     protoimpl.SizeCache
+	unknownFields protoimpl.UnknownFields
+
+	// The file's bytes as they are, format recognised by its magic bytes.
+	Data []byte `protobuf:"bytes,1,opt,name=data,proto3" json:"data,omitempty"`
+}
+
+func (x *ImageData) Reset() {
+	*x = ImageData{}
+	if protoimpl.UnsafeEnabled {
+		mi := &file_sightline_v1_types_proto_msgTypes[5]
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		ms.StoreMessageInfo(mi)
+	}
+}
+
+func (x *ImageData) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ImageData) ProtoMessage() {}
+
+func (x *ImageData) ProtoReflect() protoreflect.Message {
+	mi := &file_sightline_v1_types_proto_msgTypes[5]
+	if protoimpl.UnsafeEnabled && x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ImageData.ProtoReflect.Descriptor instead.
+func (*ImageData) Descriptor() ([]byte, []int) {
+	return file_sightline_v1_types_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *ImageData) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
 // A chat, rendered with the model's chat template.
 type ChatMessages struct {
 	state         protoimpl.MessageState
@@ -904,7 +1050,7 @@ type ChatMessages struct {
 func (x *ChatMessages) Reset() {
 	*x = ChatMessages{}
 	if protoimpl.UnsafeEnabled {
-		mi := &file_sightline_v1_types_proto_msgTypes[4]
+		mi := &file_sightline_v1_types_proto_msgTypes[6]
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		ms.StoreMessageInfo(mi)
 	}
@@ -917,7 +1063,7 @@ func (x *ChatMessages) String() string {
 func (*ChatMessages) ProtoMessage() {}
 
 func (x *ChatMessages) ProtoReflect() protoreflect.Message {
-	mi := &file_sightline_v1_types_proto_msgTypes[4]
+	mi := &file_sightline_v1_types_proto_msgTypes[6]
 	if protoimpl.UnsafeEnabled && x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -930,7 +1076,7 @@ func (x *ChatMessages) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChatMessages.ProtoReflect.Descriptor instead.
 func (*ChatMessages) Descriptor() ([]byte, []int) {
-	return file_sightline_v1_types_proto_rawDescGZIP(), []int{4}
+	return file_sightline_v1_types_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *ChatMessages) GetMessages() []*ChatMessage {
@@ -963,7 +1109,7 @@ type SamplingParams struct {
 func (x *SamplingParams) Reset() {
 	*x = SamplingParams{}
 	if protoimpl.UnsafeEnabled {
-		mi := &file_sightline_v1_types_proto_msgTypes[5]
+		mi := &file_sightline_v1_types_proto_msgTypes[7]
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		ms.StoreMessageInfo(mi)
 	}
@@ -976,7 +1122,7 @@ func (x *SamplingParams) String() string {
 func (*SamplingParams) ProtoMessage() {}
 
 func (x *SamplingParams) ProtoReflect() protoreflect.Message {
-	mi := &file_sightline_v1_types_proto_msgTypes[5]
+	mi := &file_sightline_v1_types_proto_msgTypes[7]
 	if protoimpl.UnsafeEnabled && x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -989,7 +1135,7 @@ func (x *SamplingParams) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SamplingParams.ProtoReflect.Descriptor instead.
 func (*SamplingParams) Descriptor() ([]byte, []int) {
-	return file_sightline_v1_types_proto_rawDescGZIP(), []int{5}
+	return file_sightline_v1_types_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *SamplingParams) GetMaxTokens() int32 {
@@ -1054,7 +1200,7 @@ type ParamValue struct {
 func (x *ParamValue) Reset() {
 	*x = ParamValue{}
 	if protoimpl.UnsafeEnabled {
-		mi := &file_sightline_v1_types_proto_msgTypes[6]
+		mi := &file_sightline_v1_types_proto_msgTypes[8]
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		ms.StoreMessageInfo(mi)
 	}
@@ -1067,7 +1213,7 @@ func (x *ParamValue) String() string {
 func (*ParamValue) ProtoMessage() {}
 
 func (x *ParamValue) ProtoReflect() protoreflect.Message {
-	mi := &file_sightline_v1_types_proto_msgTypes[6]
+	mi := &file_sightline_v1_types_proto_msgTypes[8]
 	if protoimpl.UnsafeEnabled && x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1080,7 +1226,7 @@ func (x *ParamValue) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ParamValue.ProtoReflect.Descriptor instead.
 func (*ParamValue) Descriptor() ([]byte, []int) {
-	return file_sightline_v1_types_proto_rawDescGZIP(), []int{6}
+	return file_sightline_v1_types_proto_rawDescGZIP(), []int{8}
 }
 
 func (m *ParamValue) GetKind() isParamValue_Kind {
@@ -1165,7 +1311,7 @@ type MethodSpec struct {
 func (x *MethodSpec) Reset() {
 	*x = MethodSpec{}
 	if protoimpl.UnsafeEnabled {
-		mi := &file_sightline_v1_types_proto_msgTypes[7]
+		mi := &file_sightline_v1_types_proto_msgTypes[9]
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		ms.StoreMessageInfo(mi)
 	}
@@ -1178,7 +1324,7 @@ func (x *MethodSpec) String() string {
 func (*MethodSpec) ProtoMessage() {}
 
 func (x *MethodSpec) ProtoReflect() protoreflect.Message {
-	mi := &file_sightline_v1_types_proto_msgTypes[7]
+	mi := &file_sightline_v1_types_proto_msgTypes[9]
 	if protoimpl.UnsafeEnabled && x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1191,7 +1337,7 @@ func (x *MethodSpec) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MethodSpec.ProtoReflect.Descriptor instead.
 func (*MethodSpec) Descriptor() ([]byte, []int) {
-	return file_sightline_v1_types_proto_rawDescGZIP(), []int{7}
+	return file_sightline_v1_types_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *MethodSpec) GetName() string {
@@ -1227,7 +1373,7 @@ type TargetSpec struct {
 func (x *TargetSpec) Reset() {
 	*x = TargetSpec{}
 	if protoimpl.UnsafeEnabled {
-		mi := &file_sightline_v1_types_proto_msgTypes[8]
+		mi := &file_sightline_v1_types_proto_msgTypes[10]
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		ms.StoreMessageInfo(mi)
 	}
@@ -1240,7 +1386,7 @@ func (x *TargetSpec) String() string {
 func (*TargetSpec) ProtoMessage() {}
 
 func (x *TargetSpec) ProtoReflect() protoreflect.Message {
-	mi := &file_sightline_v1_types_proto_msgTypes[8]
+	mi := &file_sightline_v1_types_proto_msgTypes[10]
 	if protoimpl.UnsafeEnabled && x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1253,7 +1399,7 @@ func (x *TargetSpec) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TargetSpec.ProtoReflect.Descriptor instead.
 func (*TargetSpec) Descriptor() ([]byte, []int) {
-	return file_sightline_v1_types_proto_rawDescGZIP(), []int{8}
+	return file_sightline_v1_types_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *TargetSpec) GetOutputIndices() []int32 {
@@ -1294,7 +1440,7 @@ type Span struct {
 func (x *Span) Reset() {
 	*x = Span{}
 	if protoimpl.UnsafeEnabled {
-		mi := &file_sightline_v1_types_proto_msgTypes[9]
+		mi := &file_sightline_v1_types_proto_msgTypes[11]
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		ms.StoreMessageInfo(mi)
 	}
@@ -1307,7 +1453,7 @@ func (x *Span) String() string {
 func (*Span) ProtoMessage() {}
 
 func (x *Span) ProtoReflect() protoreflect.Message {
-	mi := &file_sightline_v1_types_proto_msgTypes[9]
+	mi := &file_sightline_v1_types_proto_msgTypes[11]
 	if protoimpl.UnsafeEnabled && x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1320,7 +1466,7 @@ func (x *Span) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Span.ProtoReflect.Descriptor instead.
 func (*Span) Descriptor() ([]byte, []int) {
-	return file_sightline_v1_types_proto_rawDescGZIP(), []int{9}
+	return file_sightline_v1_types_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Span) GetStart() int32 {
@@ -1363,7 +1509,7 @@ type AggregationSpec struct {
 func (x *AggregationSpec) Reset() {
 	*x = AggregationSpec{}
 	if protoimpl.UnsafeEnabled {
-		mi := &file_sightline_v1_types_proto_msgTypes[10]
+		mi := &file_sightline_v1_types_proto_msgTypes[12]
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		ms.StoreMessageInfo(mi)
 	}
@@ -1376,7 +1522,7 @@ func (x *AggregationSpec) String() string {
 func (*AggregationSpec) ProtoMessage() {}
 
 func (x *AggregationSpec) ProtoReflect() protoreflect.Message {
-	mi := &file_sightline_v1_types_proto_msgTypes[10]
+	mi := &file_sightline_v1_types_proto_msgTypes[12]
 	if protoimpl.UnsafeEnabled && x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1389,7 +1535,7 @@ func (x *AggregationSpec) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AggregationSpec.ProtoReflect.Descriptor instead.
 func (*AggregationSpec) Descriptor() ([]byte, []int) {
-	return file_sightline_v1_types_proto_rawDescGZIP(), []int{10}
+	return file_sightline_v1_types_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *AggregationSpec) GetGranularity() Granularity {
@@ -1446,7 +1592,7 @@ type ExplainSpec struct {
 func (x *ExplainSpec) Reset() {
 	*x = ExplainSpec{}
 	if protoimpl.UnsafeEnabled {
-		mi := &file_sightline_v1_types_proto_msgTypes[11]
+		mi := &file_sightline_v1_types_proto_msgTypes[13]
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		ms.StoreMessageInfo(mi)
 	}
@@ -1459,7 +1605,7 @@ func (x *ExplainSpec) String() string {
 func (*ExplainSpec) ProtoMessage() {}
 
 func (x *ExplainSpec) ProtoReflect() protoreflect.Message {
-	mi := &file_sightline_v1_types_proto_msgTypes[11]
+	mi := &file_sightline_v1_types_proto_msgTypes[13]
 	if protoimpl.UnsafeEnabled && x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1472,7 +1618,7 @@ func (x *ExplainSpec) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExplainSpec.ProtoReflect.Descriptor instead.
 func (*ExplainSpec) Descriptor() ([]byte, []int) {
-	return file_sightline_v1_types_proto_rawDescGZIP(), []int{11}
+	return file_sightline_v1_types_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ExplainSpec) GetMethods() []*MethodSpec {
@@ -1539,7 +1685,7 @@ type Usage struct {
 func (x *Usage) Reset() {
 	*x = Usage{}
 	if protoimpl.UnsafeEnabled {
-		mi := &file_sightline_v1_types_proto_msgTypes[12]
+		mi := &file_sightline_v1_types_proto_msgTypes[14]
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		ms.StoreMessageInfo(mi)
 	}
@@ -1552,7 +1698,7 @@ func (x *Usage) String() string {
 func (*Usage) ProtoMessage() {}
 
 func (x *Usage) ProtoReflect() protoreflect.Message {
-	mi := &file_sightline_v1_types_proto_msgTypes[12]
+	mi := &file_sightline_v1_types_proto_msgTypes[14]
 	if protoimpl.UnsafeEnabled && x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1565,7 +1711,7 @@ func (x *Usage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Usage.ProtoReflect.Descriptor instead.
 func (*Usage) Descriptor() ([]byte, []int) {
-	return file_sightline_v1_types_proto_rawDescGZIP(), []int{12}
+	return file_sightline_v1_types_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Usage) GetInputTokens() int32 {
@@ -1600,7 +1746,7 @@ type ExplanationError struct {
 func (x *ExplanationError) Reset() {
 	*x = ExplanationError{}
 	if protoimpl.UnsafeEnabled {
-		mi := &file_sightline_v1_types_proto_msgTypes[13]
+		mi := &file_sightline_v1_types_proto_msgTypes[15]
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		ms.StoreMessageInfo(mi)
 	}
@@ -1613,7 +1759,7 @@ func (x *ExplanationError) String() string {
 func (*ExplanationError) ProtoMessage() {}
 
 func (x *ExplanationError) ProtoReflect() protoreflect.Message {
-	mi := &file_sightline_v1_types_proto_msgTypes[13]
+	mi := &file_sightline_v1_types_proto_msgTypes[15]
 	if protoimpl.UnsafeEnabled && x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1626,7 +1772,7 @@ func (x *ExplanationError) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExplanationError.ProtoReflect.Descriptor instead.
 func (*ExplanationError) Descriptor() ([]byte, []int) {
-	return file_sightline_v1_types_proto_rawDescGZIP(), []int{13}
+	return file_sightline_v1_types_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ExplanationError) GetCode() ExplanationErrorCode {
@@ -1668,7 +1814,7 @@ type ExplanationProgress struct {
 func (x *ExplanationProgress) Reset() {
 	*x = ExplanationProgress{}
 	if protoimpl.UnsafeEnabled {
-		mi := &file_sightline_v1_types_proto_msgTypes[14]
+		mi := &file_sightline_v1_types_proto_msgTypes[16]
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		ms.StoreMessageInfo(mi)
 	}
@@ -1681,7 +1827,7 @@ func (x *ExplanationProgress) String() string {
 func (*ExplanationProgress) ProtoMessage() {}
 
 func (x *ExplanationProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_sightline_v1_types_proto_msgTypes[14]
+	mi := &file_sightline_v1_types_proto_msgTypes[16]
 	if protoimpl.UnsafeEnabled && x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1694,7 +1840,7 @@ func (x *ExplanationProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExplanationProgress.ProtoReflect.Descriptor instead.
 func (*ExplanationProgress) Descriptor() ([]byte, []int) {
-	return file_sightline_v1_types_proto_rawDescGZIP(), []int{14}
+	return file_sightline_v1_types_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ExplanationProgress) GetFraction() float64 {
@@ -1735,7 +1881,7 @@ type MethodProgress struct {
 func (x *MethodProgress) Reset() {
 	*x = MethodProgress{}
 	if protoimpl.UnsafeEnabled {
-		mi := &file_sightline_v1_types_proto_msgTypes[15]
+		mi := &file_sightline_v1_types_proto_msgTypes[17]
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		ms.StoreMessageInfo(mi)
 	}
@@ -1748,7 +1894,7 @@ func (x *MethodProgress) String() string {
 func (*MethodProgress) ProtoMessage() {}
 
 func (x *MethodProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_sightline_v1_types_proto_msgTypes[15]
+	mi := &file_sightline_v1_types_proto_msgTypes[17]
 	if protoimpl.UnsafeEnabled && x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1761,7 +1907,7 @@ func (x *MethodProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MethodProgress.ProtoReflect.Descriptor instead.
 func (*MethodProgress) Descriptor() ([]byte, []int) {
-	return file_sightline_v1_types_proto_rawDescGZIP(), []int{15}
+	return file_sightline_v1_types_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *MethodProgress) GetMethod() string {
@@ -1816,7 +1962,7 @@ type MethodResult struct {
 func (x *MethodResult) Reset() {
 	*x = MethodResult{}
 	if protoimpl.UnsafeEnabled {
-		mi := &file_sightline_v1_types_proto_msgTypes[16]
+		mi := &file_sightline_v1_types_proto_msgTypes[18]
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		ms.StoreMessageInfo(mi)
 	}
@@ -1829,7 +1975,7 @@ func (x *MethodResult) String() string {
 func (*MethodResult) ProtoMessage() {}
 
 func (x *MethodResult) ProtoReflect() protoreflect.Message {
-	mi := &file_sightline_v1_types_proto_msgTypes[16]
+	mi := &file_sightline_v1_types_proto_msgTypes[18]
 	if protoimpl.UnsafeEnabled && x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1842,7 +1988,7 @@ func (x *MethodResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MethodResult.ProtoReflect.Descriptor instead.
 func (*MethodResult) Descriptor() ([]byte, []int) {
-	return file_sightline_v1_types_proto_rawDescGZIP(), []int{16}
+	return file_sightline_v1_types_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *MethodResult) GetMethod() string {
@@ -1921,7 +2067,7 @@ type Faithfulness struct {
 func (x *Faithfulness) Reset() {
 	*x = Faithfulness{}
 	if protoimpl.UnsafeEnabled {
-		mi := &file_sightline_v1_types_proto_msgTypes[17]
+		mi := &file_sightline_v1_types_proto_msgTypes[19]
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		ms.StoreMessageInfo(mi)
 	}
@@ -1934,7 +2080,7 @@ func (x *Faithfulness) String() string {
 func (*Faithfulness) ProtoMessage() {}
 
 func (x *Faithfulness) ProtoReflect() protoreflect.Message {
-	mi := &file_sightline_v1_types_proto_msgTypes[17]
+	mi := &file_sightline_v1_types_proto_msgTypes[19]
 	if protoimpl.UnsafeEnabled && x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1947,7 +2093,7 @@ func (x *Faithfulness) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Faithfulness.ProtoReflect.Descriptor instead.
 func (*Faithfulness) Descriptor() ([]byte, []int) {
-	return file_sightline_v1_types_proto_rawDescGZIP(), []int{17}
+	return file_sightline_v1_types_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *Faithfulness) GetFractions() []float32 {
@@ -2043,7 +2189,7 @@ type StepScores struct {
 func (x *StepScores) Reset() {
 	*x = StepScores{}
 	if protoimpl.UnsafeEnabled {
-		mi := &file_sightline_v1_types_proto_msgTypes[18]
+		mi := &file_sightline_v1_types_proto_msgTypes[20]
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		ms.StoreMessageInfo(mi)
 	}
@@ -2056,7 +2202,7 @@ func (x *StepScores) String() string {
 func (*StepScores) ProtoMessage() {}
 
 func (x *StepScores) ProtoReflect() protoreflect.Message {
-	mi := &file_sightline_v1_types_proto_msgTypes[18]
+	mi := &file_sightline_v1_types_proto_msgTypes[20]
 	if protoimpl.UnsafeEnabled && x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2069,7 +2215,7 @@ func (x *StepScores) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StepScores.ProtoReflect.Descriptor instead.
 func (*StepScores) Descriptor() ([]byte, []int) {
-	return file_sightline_v1_types_proto_rawDescGZIP(), []int{18}
+	return file_sightline_v1_types_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *StepScores) GetLogprobs() []float32 {
@@ -2131,7 +2277,7 @@ type SourceGroup struct {
 func (x *SourceGroup) Reset() {
 	*x = SourceGroup{}
 	if protoimpl.UnsafeEnabled {
-		mi := &file_sightline_v1_types_proto_msgTypes[19]
+		mi := &file_sightline_v1_types_proto_msgTypes[21]
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		ms.StoreMessageInfo(mi)
 	}
@@ -2144,7 +2290,7 @@ func (x *SourceGroup) String() string {
 func (*SourceGroup) ProtoMessage() {}
 
 func (x *SourceGroup) ProtoReflect() protoreflect.Message {
-	mi := &file_sightline_v1_types_proto_msgTypes[19]
+	mi := &file_sightline_v1_types_proto_msgTypes[21]
 	if protoimpl.UnsafeEnabled && x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2157,7 +2303,7 @@ func (x *SourceGroup) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SourceGroup.ProtoReflect.Descriptor instead.
 func (*SourceGroup) Descriptor() ([]byte, []int) {
-	return file_sightline_v1_types_proto_rawDescGZIP(), []int{19}
+	return file_sightline_v1_types_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *SourceGroup) GetStart() int32 {
@@ -2196,7 +2342,7 @@ type Fidelity struct {
 func (x *Fidelity) Reset() {
 	*x = Fidelity{}
 	if protoimpl.UnsafeEnabled {
-		mi := &file_sightline_v1_types_proto_msgTypes[20]
+		mi := &file_sightline_v1_types_proto_msgTypes[22]
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		ms.StoreMessageInfo(mi)
 	}
@@ -2209,7 +2355,7 @@ func (x *Fidelity) String() string {
 func (*Fidelity) ProtoMessage() {}
 
 func (x *Fidelity) ProtoReflect() protoreflect.Message {
-	mi := &file_sightline_v1_types_proto_msgTypes[20]
+	mi := &file_sightline_v1_types_proto_msgTypes[22]
 	if protoimpl.UnsafeEnabled && x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2222,7 +2368,7 @@ func (x *Fidelity) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Fidelity.ProtoReflect.Descriptor instead.
 func (*Fidelity) Descriptor() ([]byte, []int) {
-	return file_sightline_v1_types_proto_rawDescGZIP(), []int{20}
+	return file_sightline_v1_types_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *Fidelity) GetRecomputedLogprobs() []float32 {
@@ -2296,7 +2442,7 @@ type Explanation struct {
 func (x *Explanation) Reset() {
 	*x = Explanation{}
 	if protoimpl.UnsafeEnabled {
-		mi := &file_sightline_v1_types_proto_msgTypes[21]
+		mi := &file_sightline_v1_types_proto_msgTypes[23]
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		ms.StoreMessageInfo(mi)
 	}
@@ -2309,7 +2455,7 @@ func (x *Explanation) String() string {
 func (*Explanation) ProtoMessage() {}
 
 func (x *Explanation) ProtoReflect() protoreflect.Message {
-	mi := &file_sightline_v1_types_proto_msgTypes[21]
+	mi := &file_sightline_v1_types_proto_msgTypes[23]
 	if protoimpl.UnsafeEnabled && x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2322,7 +2468,7 @@ func (x *Explanation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Explanation.ProtoReflect.Descriptor instead.
 func (*Explanation) Descriptor() ([]byte, []int) {
-	return file_sightline_v1_types_proto_rawDescGZIP(), []int{21}
+	return file_sightline_v1_types_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *Explanation) GetExplanationId() string {
@@ -2516,11 +2662,22 @@ var file_sightline_v1_types_proto_rawDesc = []byte{
 	0x6c, 0x6f, 0x67, 0x70, 0x72, 0x6f, 0x62, 0x42, 0x10, 0x0a, 0x0e, 0x5f, 0x6d, 0x65, 0x73, 0x73,
 	0x61, 0x67, 0x65, 0x5f, 0x69, 0x6e, 0x64, 0x65, 0x78, 0x22, 0x1c, 0x0a, 0x08, 0x54, 0x6f, 0x6b,
 	0x65, 0x6e, 0x49, 0x64, 0x73, 0x12, 0x10, 0x0a, 0x03, 0x69, 0x64, 0x73, 0x18, 0x01, 0x20, 0x03,
-	0x28, 0x05, 0x52, 0x03, 0x69, 0x64, 0x73, 0x22, 0x3b, 0x0a, 0x0b, 0x43, 0x68, 0x61, 0x74, 0x4d,
+	0x28, 0x05, 0x52, 0x03, 0x69, 0x64, 0x73, 0x22, 0x6c, 0x0a, 0x0b, 0x43, 0x68, 0x61, 0x74, 0x4d,
 	0x65, 0x73, 0x73, 0x61, 0x67, 0x65, 0x12, 0x12, 0x0a, 0x04, 0x72, 0x6f, 0x6c, 0x65, 0x18, 0x01,
 	0x20, 0x01, 0x28, 0x09, 0x52, 0x04, 0x72, 0x6f, 0x6c, 0x65, 0x12, 0x18, 0x0a, 0x07, 0x63, 0x6f,
 	0x6e, 0x74, 0x65, 0x6e, 0x74, 0x18, 0x02, 0x20, 0x01, 0x28, 0x09, 0x52, 0x07, 0x63, 0x6f, 0x6e,
-	0x74, 0x65, 0x6e, 0x74, 0x22, 0x45, 0x0a, 0x0c, 0x43, 0x68, 0x61, 0x74, 0x4d, 0x65, 0x73, 0x73,
+	0x74, 0x65, 0x6e, 0x74, 0x12, 0x2f, 0x0a, 0x05, 0x70, 0x61, 0x72, 0x74, 0x73, 0x18, 0x03, 0x20,
+	0x03, 0x28, 0x0b, 0x32, 0x19, 0x2e, 0x73, 0x69, 0x67, 0x68, 0x74, 0x6c, 0x69, 0x6e, 0x65, 0x2e,
+	0x76, 0x31, 0x2e, 0x43, 0x6f, 0x6e, 0x74, 0x65, 0x6e, 0x74, 0x50, 0x61, 0x72, 0x74, 0x52, 0x05,
+	0x70, 0x61, 0x72, 0x74, 0x73, 0x22, 0x5c, 0x0a, 0x0b, 0x43, 0x6f, 0x6e, 0x74, 0x65, 0x6e, 0x74,
+	0x50, 0x61, 0x72, 0x74, 0x12, 0x14, 0x0a, 0x04, 0x74, 0x65, 0x78, 0x74, 0x18, 0x01, 0x20, 0x01,
+	0x28, 0x09, 0x48, 0x00, 0x52, 0x04, 0x74, 0x65, 0x78, 0x74, 0x12, 0x2f, 0x0a, 0x05, 0x69, 0x6d,
+	0x61, 0x67, 0x65, 0x18, 0x02, 0x20, 0x01, 0x28, 0x0b, 0x32, 0x17, 0x2e, 0x73, 0x69, 0x67, 0x68,
+	0x74, 0x6c, 0x69, 0x6e, 0x65, 0x2e, 0x76, 0x31, 0x2e, 0x49, 0x6d, 0x61, 0x67, 0x65, 0x44, 0x61,
+	0x74, 0x61, 0x48, 0x00, 0x52, 0x05, 0x69, 0x6d, 0x61, 0x67, 0x65, 0x42, 0x06, 0x0a, 0x04, 0x70,
+	0x61, 0x72, 0x74, 0x22, 0x1f, 0x0a, 0x09, 0x49, 0x6d, 0x61, 0x67, 0x65, 0x44, 0x61, 0x74, 0x61,
+	0x12, 0x12, 0x0a, 0x04, 0x64, 0x61, 0x74, 0x61, 0x18, 0x01, 0x20, 0x01, 0x28, 0x0c, 0x52, 0x04,
+	0x64, 0x61, 0x74, 0x61, 0x22, 0x45, 0x0a, 0x0c, 0x43, 0x68, 0x61, 0x74, 0x4d, 0x65, 0x73, 0x73,
 	0x61, 0x67, 0x65, 0x73, 0x12, 0x35, 0x0a, 0x08, 0x6d, 0x65, 0x73, 0x73, 0x61, 0x67, 0x65, 0x73,
 	0x18, 0x01, 0x20, 0x03, 0x28, 0x0b, 0x32, 0x19, 0x2e, 0x73, 0x69, 0x67, 0x68, 0x74, 0x6c, 0x69,
 	0x6e, 0x65, 0x2e, 0x76, 0x31, 0x2e, 0x43, 0x68, 0x61, 0x74, 0x4d, 0x65, 0x73, 0x73, 0x61, 0x67,
@@ -2909,7 +3066,7 @@ func file_sightline_v1_types_proto_rawDescGZIP() []byte {
 }
 
 var file_sightline_v1_types_proto_enumTypes = make([]protoimpl.EnumInfo, 10)
-var file_sightline_v1_types_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
+var file_sightline_v1_types_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
 var file_sightline_v1_types_proto_goTypes = []interface{}{
 	(Dtype)(0),                    // 0: sightline.v1.Dtype
 	(TokenRole)(0),                // 1: sightline.v1.TokenRole
@@ -2925,70 +3082,74 @@ var file_sightline_v1_types_proto_goTypes = []interface{}{
 	(*Token)(nil),                 // 11: sightline.v1.Token
 	(*TokenIds)(nil),              // 12: sightline.v1.TokenIds
 	(*ChatMessage)(nil),           // 13: sightline.v1.ChatMessage
-	(*ChatMessages)(nil),          // 14: sightline.v1.ChatMessages
-	(*SamplingParams)(nil),        // 15: sightline.v1.SamplingParams
-	(*ParamValue)(nil),            // 16: sightline.v1.ParamValue
-	(*MethodSpec)(nil),            // 17: sightline.v1.MethodSpec
-	(*TargetSpec)(nil),            // 18: sightline.v1.TargetSpec
-	(*Span)(nil),                  // 19: sightline.v1.Span
-	(*AggregationSpec)(nil),       // 20: sightline.v1.AggregationSpec
-	(*ExplainSpec)(nil),           // 21: sightline.v1.ExplainSpec
-	(*Usage)(nil),                 // 22: sightline.v1.Usage
-	(*ExplanationError)(nil),      // 23: sightline.v1.ExplanationError
-	(*ExplanationProgress)(nil),   // 24: sightline.v1.ExplanationProgress
-	(*MethodProgress)(nil),        // 25: sightline.v1.MethodProgress
-	(*MethodResult)(nil),          // 26: sightline.v1.MethodResult
-	(*Faithfulness)(nil),          // 27: sightline.v1.Faithfulness
-	(*StepScores)(nil),            // 28: sightline.v1.StepScores
-	(*SourceGroup)(nil),           // 29: sightline.v1.SourceGroup
-	(*Fidelity)(nil),              // 30: sightline.v1.Fidelity
-	(*Explanation)(nil),           // 31: sightline.v1.Explanation
-	nil,                           // 32: sightline.v1.MethodSpec.ParamsEntry
-	nil,                           // 33: sightline.v1.ExplanationError.DetailsEntry
-	nil,                           // 34: sightline.v1.MethodResult.ExtrasEntry
-	(*timestamppb.Timestamp)(nil), // 35: google.protobuf.Timestamp
+	(*ContentPart)(nil),           // 14: sightline.v1.ContentPart
+	(*ImageData)(nil),             // 15: sightline.v1.ImageData
+	(*ChatMessages)(nil),          // 16: sightline.v1.ChatMessages
+	(*SamplingParams)(nil),        // 17: sightline.v1.SamplingParams
+	(*ParamValue)(nil),            // 18: sightline.v1.ParamValue
+	(*MethodSpec)(nil),            // 19: sightline.v1.MethodSpec
+	(*TargetSpec)(nil),            // 20: sightline.v1.TargetSpec
+	(*Span)(nil),                  // 21: sightline.v1.Span
+	(*AggregationSpec)(nil),       // 22: sightline.v1.AggregationSpec
+	(*ExplainSpec)(nil),           // 23: sightline.v1.ExplainSpec
+	(*Usage)(nil),                 // 24: sightline.v1.Usage
+	(*ExplanationError)(nil),      // 25: sightline.v1.ExplanationError
+	(*ExplanationProgress)(nil),   // 26: sightline.v1.ExplanationProgress
+	(*MethodProgress)(nil),        // 27: sightline.v1.MethodProgress
+	(*MethodResult)(nil),          // 28: sightline.v1.MethodResult
+	(*Faithfulness)(nil),          // 29: sightline.v1.Faithfulness
+	(*StepScores)(nil),            // 30: sightline.v1.StepScores
+	(*SourceGroup)(nil),           // 31: sightline.v1.SourceGroup
+	(*Fidelity)(nil),              // 32: sightline.v1.Fidelity
+	(*Explanation)(nil),           // 33: sightline.v1.Explanation
+	nil,                           // 34: sightline.v1.MethodSpec.ParamsEntry
+	nil,                           // 35: sightline.v1.ExplanationError.DetailsEntry
+	nil,                           // 36: sightline.v1.MethodResult.ExtrasEntry
+	(*timestamppb.Timestamp)(nil), // 37: google.protobuf.Timestamp
 }
 var file_sightline_v1_types_proto_depIdxs = []int32{
 	0,  // 0: sightline.v1.Tensor.dtype:type_name -> sightline.v1.Dtype
 	1,  // 1: sightline.v1.Token.role:type_name -> sightline.v1.TokenRole
-	13, // 2: sightline.v1.ChatMessages.messages:type_name -> sightline.v1.ChatMessage
-	32, // 3: sightline.v1.MethodSpec.params:type_name -> sightline.v1.MethodSpec.ParamsEntry
-	4,  // 4: sightline.v1.TargetSpec.score:type_name -> sightline.v1.TargetScore
-	5,  // 5: sightline.v1.AggregationSpec.granularity:type_name -> sightline.v1.Granularity
-	19, // 6: sightline.v1.AggregationSpec.spans:type_name -> sightline.v1.Span
-	6,  // 7: sightline.v1.AggregationSpec.normalization:type_name -> sightline.v1.Normalization
-	17, // 8: sightline.v1.ExplainSpec.methods:type_name -> sightline.v1.MethodSpec
-	2,  // 9: sightline.v1.ExplainSpec.mode:type_name -> sightline.v1.ExplainMode
-	18, // 10: sightline.v1.ExplainSpec.targets:type_name -> sightline.v1.TargetSpec
-	20, // 11: sightline.v1.ExplainSpec.aggregation:type_name -> sightline.v1.AggregationSpec
-	9,  // 12: sightline.v1.ExplanationError.code:type_name -> sightline.v1.ExplanationErrorCode
-	33, // 13: sightline.v1.ExplanationError.details:type_name -> sightline.v1.ExplanationError.DetailsEntry
-	25, // 14: sightline.v1.ExplanationProgress.methods:type_name -> sightline.v1.MethodProgress
-	10, // 15: sightline.v1.MethodResult.attributions:type_name -> sightline.v1.Tensor
-	34, // 16: sightline.v1.MethodResult.extras:type_name -> sightline.v1.MethodResult.ExtrasEntry
-	10, // 17: sightline.v1.MethodResult.aggregated:type_name -> sightline.v1.Tensor
-	27, // 18: sightline.v1.MethodResult.faithfulness:type_name -> sightline.v1.Faithfulness
-	10, // 19: sightline.v1.StepScores.top_token_ids:type_name -> sightline.v1.Tensor
-	10, // 20: sightline.v1.StepScores.top_logprobs:type_name -> sightline.v1.Tensor
-	8,  // 21: sightline.v1.Explanation.state:type_name -> sightline.v1.ExplanationState
-	23, // 22: sightline.v1.Explanation.error:type_name -> sightline.v1.ExplanationError
-	11, // 23: sightline.v1.Explanation.tokens:type_name -> sightline.v1.Token
-	26, // 24: sightline.v1.Explanation.results:type_name -> sightline.v1.MethodResult
-	30, // 25: sightline.v1.Explanation.fidelity:type_name -> sightline.v1.Fidelity
-	35, // 26: sightline.v1.Explanation.created_at:type_name -> google.protobuf.Timestamp
-	35, // 27: sightline.v1.Explanation.completed_at:type_name -> google.protobuf.Timestamp
-	4,  // 28: sightline.v1.Explanation.target_score:type_name -> sightline.v1.TargetScore
-	28, // 29: sightline.v1.Explanation.step_scores:type_name -> sightline.v1.StepScores
-	29, // 30: sightline.v1.Explanation.source_groups:type_name -> sightline.v1.SourceGroup
-	24, // 31: sightline.v1.Explanation.progress:type_name -> sightline.v1.ExplanationProgress
-	3,  // 32: sightline.v1.Explanation.explain_path:type_name -> sightline.v1.ExplainPath
-	16, // 33: sightline.v1.MethodSpec.ParamsEntry.value:type_name -> sightline.v1.ParamValue
-	10, // 34: sightline.v1.MethodResult.ExtrasEntry.value:type_name -> sightline.v1.Tensor
-	35, // [35:35] is the sub-list for method output_type
-	35, // [35:35] is the sub-list for method input_type
-	35, // [35:35] is the sub-list for extension type_name
-	35, // [35:35] is the sub-list for extension extendee
-	0,  // [0:35] is the sub-list for field type_name
+	14, // 2: sightline.v1.ChatMessage.parts:type_name -> sightline.v1.ContentPart
+	15, // 3: sightline.v1.ContentPart.image:type_name -> sightline.v1.ImageData
+	13, // 4: sightline.v1.ChatMessages.messages:type_name -> sightline.v1.ChatMessage
+	34, // 5: sightline.v1.MethodSpec.params:type_name -> sightline.v1.MethodSpec.ParamsEntry
+	4,  // 6: sightline.v1.TargetSpec.score:type_name -> sightline.v1.TargetScore
+	5,  // 7: sightline.v1.AggregationSpec.granularity:type_name -> sightline.v1.Granularity
+	21, // 8: sightline.v1.AggregationSpec.spans:type_name -> sightline.v1.Span
+	6,  // 9: sightline.v1.AggregationSpec.normalization:type_name -> sightline.v1.Normalization
+	19, // 10: sightline.v1.ExplainSpec.methods:type_name -> sightline.v1.MethodSpec
+	2,  // 11: sightline.v1.ExplainSpec.mode:type_name -> sightline.v1.ExplainMode
+	20, // 12: sightline.v1.ExplainSpec.targets:type_name -> sightline.v1.TargetSpec
+	22, // 13: sightline.v1.ExplainSpec.aggregation:type_name -> sightline.v1.AggregationSpec
+	9,  // 14: sightline.v1.ExplanationError.code:type_name -> sightline.v1.ExplanationErrorCode
+	35, // 15: sightline.v1.ExplanationError.details:type_name -> sightline.v1.ExplanationError.DetailsEntry
+	27, // 16: sightline.v1.ExplanationProgress.methods:type_name -> sightline.v1.MethodProgress
+	10, // 17: sightline.v1.MethodResult.attributions:type_name -> sightline.v1.Tensor
+	36, // 18: sightline.v1.MethodResult.extras:type_name -> sightline.v1.MethodResult.ExtrasEntry
+	10, // 19: sightline.v1.MethodResult.aggregated:type_name -> sightline.v1.Tensor
+	29, // 20: sightline.v1.MethodResult.faithfulness:type_name -> sightline.v1.Faithfulness
+	10, // 21: sightline.v1.StepScores.top_token_ids:type_name -> sightline.v1.Tensor
+	10, // 22: sightline.v1.StepScores.top_logprobs:type_name -> sightline.v1.Tensor
+	8,  // 23: sightline.v1.Explanation.state:type_name -> sightline.v1.ExplanationState
+	25, // 24: sightline.v1.Explanation.error:type_name -> sightline.v1.ExplanationError
+	11, // 25: sightline.v1.Explanation.tokens:type_name -> sightline.v1.Token
+	28, // 26: sightline.v1.Explanation.results:type_name -> sightline.v1.MethodResult
+	32, // 27: sightline.v1.Explanation.fidelity:type_name -> sightline.v1.Fidelity
+	37, // 28: sightline.v1.Explanation.created_at:type_name -> google.protobuf.Timestamp
+	37, // 29: sightline.v1.Explanation.completed_at:type_name -> google.protobuf.Timestamp
+	4,  // 30: sightline.v1.Explanation.target_score:type_name -> sightline.v1.TargetScore
+	30, // 31: sightline.v1.Explanation.step_scores:type_name -> sightline.v1.StepScores
+	31, // 32: sightline.v1.Explanation.source_groups:type_name -> sightline.v1.SourceGroup
+	26, // 33: sightline.v1.Explanation.progress:type_name -> sightline.v1.ExplanationProgress
+	3,  // 34: sightline.v1.Explanation.explain_path:type_name -> sightline.v1.ExplainPath
+	18, // 35: sightline.v1.MethodSpec.ParamsEntry.value:type_name -> sightline.v1.ParamValue
+	10, // 36: sightline.v1.MethodResult.ExtrasEntry.value:type_name -> sightline.v1.Tensor
+	37, // [37:37] is the sub-list for method output_type
+	37, // [37:37] is the sub-list for method input_type
+	37, // [37:37] is the sub-list for extension type_name
+	37, // [37:37] is the sub-list for extension extendee
+	0,  // [0:37] is the sub-list for field type_name
 }
 
 func init() { file_sightline_v1_types_proto_init() }
@@ -3046,7 +3207,7 @@ func file_sightline_v1_types_proto_init() {
 			}
 		}
 		file_sightline_v1_types_proto_msgTypes[4].Exporter = func(v interface{}, i int) interface{} {
-			switch v := v.(*ChatMessages); i {
+			switch v := v.(*ContentPart); i {
 			case 0:
 				return &v.state
 			case 1:
@@ -3058,7 +3219,7 @@ func file_sightline_v1_types_proto_init() {
 			}
 		}
 		file_sightline_v1_types_proto_msgTypes[5].Exporter = func(v interface{}, i int) interface{} {
-			switch v := v.(*SamplingParams); i {
+			switch v := v.(*ImageData); i {
 			case 0:
 				return &v.state
 			case 1:
@@ -3070,7 +3231,7 @@ func file_sightline_v1_types_proto_init() {
 			}
 		}
 		file_sightline_v1_types_proto_msgTypes[6].Exporter = func(v interface{}, i int) interface{} {
-			switch v := v.(*ParamValue); i {
+			switch v := v.(*ChatMessages); i {
 			case 0:
 				return &v.state
 			case 1:
@@ -3082,7 +3243,7 @@ func file_sightline_v1_types_proto_init() {
 			}
 		}
 		file_sightline_v1_types_proto_msgTypes[7].Exporter = func(v interface{}, i int) interface{} {
-			switch v := v.(*MethodSpec); i {
+			switch v := v.(*SamplingParams); i {
 			case 0:
 				return &v.state
 			case 1:
@@ -3094,7 +3255,7 @@ func file_sightline_v1_types_proto_init() {
 			}
 		}
 		file_sightline_v1_types_proto_msgTypes[8].Exporter = func(v interface{}, i int) interface{} {
-			switch v := v.(*TargetSpec); i {
+			switch v := v.(*ParamValue); i {
 			case 0:
 				return &v.state
 			case 1:
@@ -3106,7 +3267,7 @@ func file_sightline_v1_types_proto_init() {
 			}
 		}
 		file_sightline_v1_types_proto_msgTypes[9].Exporter = func(v interface{}, i int) interface{} {
-			switch v := v.(*Span); i {
+			switch v := v.(*MethodSpec); i {
 			case 0:
 				return &v.state
 			case 1:
@@ -3118,7 +3279,7 @@ func file_sightline_v1_types_proto_init() {
 			}
 		}
 		file_sightline_v1_types_proto_msgTypes[10].Exporter = func(v interface{}, i int) interface{} {
-			switch v := v.(*AggregationSpec); i {
+			switch v := v.(*TargetSpec); i {
 			case 0:
 				return &v.state
 			case 1:
@@ -3130,7 +3291,7 @@ func file_sightline_v1_types_proto_init() {
 			}
 		}
 		file_sightline_v1_types_proto_msgTypes[11].Exporter = func(v interface{}, i int) interface{} {
-			switch v := v.(*ExplainSpec); i {
+			switch v := v.(*Span); i {
 			case 0:
 				return &v.state
 			case 1:
@@ -3142,7 +3303,7 @@ func file_sightline_v1_types_proto_init() {
 			}
 		}
 		file_sightline_v1_types_proto_msgTypes[12].Exporter = func(v interface{}, i int) interface{} {
-			switch v := v.(*Usage); i {
+			switch v := v.(*AggregationSpec); i {
 			case 0:
 				return &v.state
 			case 1:
@@ -3154,7 +3315,7 @@ func file_sightline_v1_types_proto_init() {
 			}
 		}
 		file_sightline_v1_types_proto_msgTypes[13].Exporter = func(v interface{}, i int) interface{} {
-			switch v := v.(*ExplanationError); i {
+			switch v := v.(*ExplainSpec); i {
 			case 0:
 				return &v.state
 			case 1:
@@ -3166,7 +3327,7 @@ func file_sightline_v1_types_proto_init() {
 			}
 		}
 		file_sightline_v1_types_proto_msgTypes[14].Exporter = func(v interface{}, i int) interface{} {
-			switch v := v.(*ExplanationProgress); i {
+			switch v := v.(*Usage); i {
 			case 0:
 				return &v.state
 			case 1:
@@ -3178,7 +3339,7 @@ func file_sightline_v1_types_proto_init() {
 			}
 		}
 		file_sightline_v1_types_proto_msgTypes[15].Exporter = func(v interface{}, i int) interface{} {
-			switch v := v.(*MethodProgress); i {
+			switch v := v.(*ExplanationError); i {
 			case 0:
 				return &v.state
 			case 1:
@@ -3190,7 +3351,7 @@ func file_sightline_v1_types_proto_init() {
 			}
 		}
 		file_sightline_v1_types_proto_msgTypes[16].Exporter = func(v interface{}, i int) interface{} {
-			switch v := v.(*MethodResult); i {
+			switch v := v.(*ExplanationProgress); i {
 			case 0:
 				return &v.state
 			case 1:
@@ -3202,7 +3363,7 @@ func file_sightline_v1_types_proto_init() {
 			}
 		}
 		file_sightline_v1_types_proto_msgTypes[17].Exporter = func(v interface{}, i int) interface{} {
-			switch v := v.(*Faithfulness); i {
+			switch v := v.(*MethodProgress); i {
 			case 0:
 				return &v.state
 			case 1:
@@ -3214,7 +3375,7 @@ func file_sightline_v1_types_proto_init() {
 			}
 		}
 		file_sightline_v1_types_proto_msgTypes[18].Exporter = func(v interface{}, i int) interface{} {
-			switch v := v.(*StepScores); i {
+			switch v := v.(*MethodResult); i {
 			case 0:
 				return &v.state
 			case 1:
@@ -3226,7 +3387,7 @@ func file_sightline_v1_types_proto_init() {
 			}
 		}
 		file_sightline_v1_types_proto_msgTypes[19].Exporter = func(v interface{}, i int) interface{} {
-			switch v := v.(*SourceGroup); i {
+			switch v := v.(*Faithfulness); i {
 			case 0:
 				return &v.state
 			case 1:
@@ -3238,7 +3399,7 @@ func file_sightline_v1_types_proto_init() {
 			}
 		}
 		file_sightline_v1_types_proto_msgTypes[20].Exporter = func(v interface{}, i int) interface{} {
-			switch v := v.(*Fidelity); i {
+			switch v := v.(*StepScores); i {
 			case 0:
 				return &v.state
 			case 1:
@@ -3250,6 +3411,30 @@ func file_sightline_v1_types_proto_init() {
 			}
 		}
 		file_sightline_v1_types_proto_msgTypes[21].Exporter = func(v interface{}, i int) interface{} {
+			switch v := v.(*SourceGroup); i {
+			case 0:
+				return &v.state
+			case 1:
+				return &v.sizeCache
+			case 2:
+				return &v.unknownFields
+			default:
+				return nil
+			}
+		}
+		file_sightline_v1_types_proto_msgTypes[22].Exporter = func(v interface{}, i int) interface{} {
+			switch v := v.(*Fidelity); i {
+			case 0:
+				return &v.state
+			case 1:
+				return &v.sizeCache
+			case 2:
+				return &v.unknownFields
+			default:
+				return nil
+			}
+		}
+		file_sightline_v1_types_proto_msgTypes[23].Exporter = func(v interface{}, i int) interface{} {
 			switch v := v.(*Explanation); i {
 			case 0:
 				return &v.state
@@ -3263,21 +3448,25 @@ func file_sightline_v1_types_proto_init() {
 		}
 	}
 	file_sightline_v1_types_proto_msgTypes[1].OneofWrappers = []interface{}{}
-	file_sightline_v1_types_proto_msgTypes[5].OneofWrappers = []interface{}{}
-	file_sightline_v1_types_proto_msgTypes[6].OneofWrappers = []interface{}{
+	file_sightline_v1_types_proto_msgTypes[4].OneofWrappers = []interface{}{
+		(*ContentPart_Text)(nil),
+		(*ContentPart_Image)(nil),
+	}
+	file_sightline_v1_types_proto_msgTypes[7].OneofWrappers = []interface{}{}
+	file_sightline_v1_types_proto_msgTypes[8].OneofWrappers = []interface{}{
 		(*ParamValue_IntValue)(nil),
 		(*ParamValue_FloatValue)(nil),
 		(*ParamValue_StringValue)(nil),
 		(*ParamValue_BoolValue)(nil),
 	}
-	file_sightline_v1_types_proto_msgTypes[11].OneofWrappers = []interface{}{}
+	file_sightline_v1_types_proto_msgTypes[13].OneofWrappers = []interface{}{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: file_sightline_v1_types_proto_rawDesc,
 			NumEnums:      10,
-			NumMessages:   25,
+			NumMessages:   27,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -8,6 +8,7 @@ from typing import TypeVar
 import grpc
 from sightline.catalog import MethodCatalog
 from sightline.errors import SightlineError
+from sightline.images import content_parts
 from sightline.types import (
     ExplainMethods,
     ExplainModeName,
@@ -76,11 +77,17 @@ def generation_input(prompt: Prompt) -> inference_pb2.GenerationInput:
     raise TypeError("prompt must be a string, a non-empty list of token ids, or a non-empty list of chat messages")
 
 
-def _chat_message(message: Mapping[str, str]) -> types_pb2.ChatMessage:
+def _chat_message(message: Mapping[str, object]) -> types_pb2.ChatMessage:
     # Unknown keys are refused rather than dropped, so that nothing the caller wrote vanishes silently.
     if set(message) != _CHAT_MESSAGE_KEYS:
         raise ValueError(f"a chat message has exactly the keys 'role' and 'content', got {sorted(message)}")
-    return types_pb2.ChatMessage(role=message["role"], content=message["content"])
+    role, content = str(message["role"]), message["content"]
+    if isinstance(content, str):
+        return types_pb2.ChatMessage(role=role, content=content)
+    if isinstance(content, Sequence):
+        # Text mixed with pictures (sightline.images).
+        return types_pb2.ChatMessage(role=role, parts=content_parts(content))
+    raise TypeError(f"a chat message's content is a str or a list of text and pictures, not {type(content).__name__}")
 
 
 def explain_spec(

@@ -49,6 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.options = _explain_options(args)
         except ValueError as error:
             parser.error(str(error))
+        for image in args.images or []:
+            if not image.is_file():
+                parser.error(f"--image {image}: no such file")
     try:
         tls = _tls(args)
     except (OSError, ValueError) as error:
@@ -121,6 +124,14 @@ def _parser() -> argparse.ArgumentParser:
         "--wait",
         action="store_true",
         help="with --async: then wait for the explanation (within --timeout), showing its progress on stderr",
+    )
+    generation.add_argument(
+        "--image",
+        dest="images",
+        action="append",
+        type=Path,
+        metavar="PATH",
+        help="a PNG or JPEG picture shown before the prompt in the chat message (repeatable)",
     )
     generation.add_argument("--max-tokens", type=_positive_int, metavar="N")
     generation.add_argument("--temperature", type=float, metavar="T", help="0 decodes greedily")
@@ -312,6 +323,10 @@ def _explain_options(args: argparse.Namespace) -> ExplainOptions | None:
 
 def _prompt(args: argparse.Namespace) -> Prompt:
     text: str = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.images:
+        if args.completion:
+            raise ValueError("--image needs a chat message; leave out --completion")
+        return [{"role": "user", "content": [*args.images, text]}]
     return text if args.completion else [{"role": "user", "content": text}]
 
 

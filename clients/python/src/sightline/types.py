@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 # ---------------------------------------------------------------------------
 # Inputs
 
-ChatMessage: TypeAlias = Mapping[str, str]
+# content: text, or a list mixing text with pictures (sightline.images.ContentPart).
+ChatMessage: TypeAlias = Mapping[str, object]
 """``{"role": "system" | "user" | "assistant", "content": "..."}``."""
 
 Prompt: TypeAlias = str | Sequence[ChatMessage] | Sequence[int]

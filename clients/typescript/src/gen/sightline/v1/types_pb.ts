@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file sightline/v1/types.proto.
  */
 export const file_sightline_v1_types: GenFile = /*@__PURE__*/
-  fileDesc("ChhzaWdodGxpbmUvdjEvdHlwZXMucHJvdG8SDHNpZ2h0bGluZS52MSJlCgZUZW5zb3ISIgoFZHR5cGUYASABKA4yEy5zaWdodGxpbmUudjEuRHR5cGUSDQoFc2hhcGUYAiADKAUSFAoMZmxvYXRfdmFsdWVzGAMgAygCEhIKCmludF92YWx1ZXMYBCADKAUimAEKBVRva2VuEgoKAmlkGAEgASgFEgwKBHRleHQYAiABKAkSFAoHbG9ncHJvYhgDIAEoAkgAiAEBEiUKBHJvbGUYBCABKA4yFy5zaWdodGxpbmUudjEuVG9rZW5Sb2xlEhoKDW1lc3NhZ2VfaW5kZXgYBSABKAVIAYgBAUIKCghfbG9ncHJvYkIQCg5fbWVzc2FnZV9pbmRleCIXCghUb2tlbklkcxILCgNpZHMYASADKAUiLAoLQ2hhdE1lc3NhZ2USDAoEcm9sZRgBIAEoCRIPCgdjb250ZW50GAIgASgJIjsKDENoYXRNZXNzYWdlcxIrCghtZXNzYWdlcxgBIAMoCzIZLnNpZ2h0bGluZS52MS5DaGF0TWVzc2FnZSLIAQoOU2FtcGxpbmdQYXJhbXMSFwoKbWF4X3Rva2VucxgBIAEoBUgAiAEBEhgKC3RlbXBlcmF0dXJlGAIgASgCSAGIAQESEgoFdG9wX3AYAyABKAJIAogBARISCgV0b3BfaxgEIAEoBUgDiAEBEhEKBHNlZWQYBSABKAVIBIgBARIMCgRzdG9wGAYgAygJQg0KC19tYXhfdG9rZW5zQg4KDF90ZW1wZXJhdHVyZUIICgZfdG9wX3BCCAoGX3RvcF9rQgcKBV9zZWVkIm4KClBhcmFtVmFsdWUSEwoJaW50X3ZhbHVlGAEgASgFSAASFQoLZmxvYXRfdmFsdWUYAiABKAFIABIWCgxzdHJpbmdfdmFsdWUYAyABKAlIABIUCgpib29sX3ZhbHVlGAQgASgISABCBgoEa2luZCKfAQoKTWV0aG9kU3BlYxIMCgRuYW1lGAEgASgJEjQKBnBhcmFtcxgDIAMoCzIkLnNpZ2h0bGluZS52MS5NZXRob2RTcGVjLlBhcmFtc0VudHJ5GkcKC1BhcmFtc0VudHJ5EgsKA2tleRgBIAEoCRInCgV2YWx1ZRgCIAEoCzIYLnNpZ2h0bGluZS52MS5QYXJhbVZhbHVlOgI4AUoECAIQAyJmCgpUYXJnZXRTcGVjEhYKDm91dHB1dF9pbmRpY2VzGAEgAygFEhYKDmZvaWxfdG9rZW5faWRzGAIgAygFEigKBXNjb3JlGAMgASgOMhkuc2lnaHRsaW5lLnYxLlRhcmdldFNjb3JlIjEKBFNwYW4SDQoFc3RhcnQYASABKAUSCwoDZW5kGAIgASgFEg0KBWxhYmVsGAMgASgJIqoBCg9BZ2dyZWdhdGlvblNwZWMSLgoLZ3JhbnVsYXJpdHkYASABKA4yGS5zaWdodGxpbmUudjEuR3JhbnVsYXJpdHkSIQoFc3BhbnMYAiADKAsyEi5zaWdodGxpbmUudjEuU3BhbhIQCghhYnNvbHV0ZRgDIAEoCBIyCg1ub3JtYWxpemF0aW9uGAQgASgOMhsuc2lnaHRsaW5lLnYxLk5vcm1hbGl6YXRpb24iqAIKC0V4cGxhaW5TcGVjEikKB21ldGhvZHMYASADKAsyGC5zaWdodGxpbmUudjEuTWV0aG9kU3BlYxInCgRtb2RlGAIgASgOMhkuc2lnaHRsaW5lLnYxLkV4cGxhaW5Nb2RlEikKB3RhcmdldHMYAyABKAsyGC5zaWdodGxpbmUudjEuVGFyZ2V0U3BlYxIyCgthZ2dyZWdhdGlvbhgEIAEoCzIdLnNpZ2h0bGluZS52MS5BZ2dyZWdhdGlvblNwZWMSFAoMZmFpdGhmdWxuZXNzGAUgASgIEh4KEXN0ZXBfc2NvcmVzX3RvcF9rGAYgASgFSACIAQESGgoSa2VlcF9vbl9kaXNjb25uZWN0GAcgASgIQhQKEl9zdGVwX3Njb3Jlc190b3BfayI0CgVVc2FnZRIUCgxpbnB1dF90b2tlbnMYASABKAUSFQoNb3V0cHV0X3Rva2VucxgCIAEoBSLDAQoQRXhwbGFuYXRpb25FcnJvchIwCgRjb2RlGAEgASgOMiIuc2lnaHRsaW5lLnYxLkV4cGxhbmF0aW9uRXJyb3JDb2RlEg8KB21lc3NhZ2UYAiABKAkSPAoHZGV0YWlscxgDIAMoCzIrLnNpZ2h0bGluZS52MS5FeHBsYW5hdGlvbkVycm9yLkRldGFpbHNFbnRyeRouCgxEZXRhaWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJsChNFeHBsYW5hdGlvblByb2dyZXNzEhAKCGZyYWN0aW9uGAEgASgBEhQKDHNlY29uZHNfbGVmdBgCIAEoARItCgdtZXRob2RzGAMgAygLMhwuc2lnaHRsaW5lLnYxLk1ldGhvZFByb2dyZXNzIkgKDk1ldGhvZFByb2dyZXNzEg4KBm1ldGhvZBgBIAEoCRIQCghmcmFjdGlvbhgCIAEoARIUCgxzZWNvbmRzX2xlZnQYAyABKAEitAIKDE1ldGhvZFJlc3VsdBIOCgZtZXRob2QYASABKAkSKgoMYXR0cmlidXRpb25zGAIgASgLMhQuc2lnaHRsaW5lLnYxLlRlbnNvchI2CgZleHRyYXMYAyADKAsyJi5zaWdodGxpbmUudjEuTWV0aG9kUmVzdWx0LkV4dHJhc0VudHJ5Eg8KB3NlY29uZHMYBCABKAESKAoKYWdncmVnYXRlZBgFIAEoCzIULnNpZ2h0bGluZS52MS5UZW5zb3ISMAoMZmFpdGhmdWxuZXNzGAYgASgLMhouc2lnaHRsaW5lLnYxLkZhaXRoZnVsbmVzcxpDCgtFeHRyYXNFbnRyeRILCgNrZXkYASABKAkSIwoFdmFsdWUYAiABKAsyFC5zaWdodGxpbmUudjEuVGVuc29yOgI4ASKvAgoMRmFpdGhmdWxuZXNzEhEKCWZyYWN0aW9ucxgBIAMoAhIZChFjb21wcmVoZW5zaXZlbmVzcxgCIAMoAhITCgtzdWZmaWNpZW5jeRgDIAMoAhIgChhyYW5kb21fY29tcHJlaGVuc2l2ZW5lc3MYBCADKAISGgoScmFuZG9tX3N1ZmZpY2llbmN5GAUgAygCEh4KFmFvcGNfY29tcHJlaGVuc2l2ZW5lc3MYBiABKAISGAoQYW9wY19zdWZmaWNpZW5jeRgHIAEoAhIlCh1yYW5kb21fYW9wY19jb21wcmVoZW5zaXZlbmVzcxgIIAEoAhIfChdyYW5kb21fYW9wY19zdWZmaWNpZW5jeRgJIAEoAhIcChRyZXBsYWNlbWVudF90b2tlbl9pZBgKIAEoBSKwAQoKU3RlcFNjb3JlcxIQCghsb2dwcm9icxgBIAMoAhIVCg1wcm9iYWJpbGl0aWVzGAIgAygCEhEKCWVudHJvcGllcxgDIAMoAhINCgVyYW5rcxgEIAMoBRIrCg10b3BfdG9rZW5faWRzGAUgASgLMhQuc2lnaHRsaW5lLnYxLlRlbnNvchIqCgx0b3BfbG9ncHJvYnMYBiABKAsyFC5zaWdodGxpbmUudjEuVGVuc29yIjgKC1NvdXJjZUdyb3VwEg0KBXN0YXJ0GAEgASgFEgsKA2VuZBgCIAEoBRINCgVsYWJlbBgDIAEoCSJFCghGaWRlbGl0eRIbChNyZWNvbXB1dGVkX2xvZ3Byb2JzGAEgAygCEhwKFG1heF9hYnNfbG9ncHJvYl9kaWZmGAIgASgCIrIGCgtFeHBsYW5hdGlvbhIWCg5leHBsYW5hdGlvbl9pZBgBIAEoCRItCgVzdGF0ZRgCIAEoDjIeLnNpZ2h0bGluZS52MS5FeHBsYW5hdGlvblN0YXRlEi0KBWVycm9yGBcgASgLMh4uc2lnaHRsaW5lLnYxLkV4cGxhbmF0aW9uRXJyb3ISDQoFbW9kZWwYBCABKAkSFgoOd2VpZ2h0c19kaWdlc3QYBSABKAkSIwoGdG9rZW5zGAYgAygLMhMuc2lnaHRsaW5lLnYxLlRva2VuEhUKDXByb21wdF9sZW5ndGgYByABKAUSGAoQdGFyZ2V0X3Bvc2l0aW9ucxgIIAMoBRIrCgdyZXN1bHRzGAkgAygLMhouc2lnaHRsaW5lLnYxLk1ldGhvZFJlc3VsdBIoCghmaWRlbGl0eRgKIAEoCzIWLnNpZ2h0bGluZS52MS5GaWRlbGl0eRIRCgljYWNoZV9oaXQYCyABKAgSLgoKY3JlYXRlZF9hdBgMIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMAoMY29tcGxldGVkX2F0GA0gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIQCgh0cmFjZV9pZBgOIAEoCRIQCghhdHRlbXB0cxgPIAEoBRIWCg5mb2lsX3Rva2VuX2lkcxgQIAMoBRIvCgx0YXJnZXRfc2NvcmUYESABKA4yGS5zaWdodGxpbmUudjEuVGFyZ2V0U2NvcmUSLQoLc3RlcF9zY29yZXMYEiABKAsyGC5zaWdodGxpbmUudjEuU3RlcFNjb3JlcxIwCg1zb3VyY2VfZ3JvdXBzGBMgAygLMhkuc2lnaHRsaW5lLnYxLlNvdXJjZUdyb3VwEhQKDGNhbmNlbGxlZF9ieRgUIAEoCRIzCghwcm9ncmVzcxgVIAEoCzIhLnNpZ2h0bGluZS52MS5FeHBsYW5hdGlvblByb2dyZXNzEi8KDGV4cGxhaW5fcGF0aBgWIAEoDjIZLnNpZ2h0bGluZS52MS5FeHBsYWluUGF0aBIUCgxhcmNoaXRlY3R1cmUYGCABKAlKBAgDEAQqQgoFRHR5cGUSFQoRRFRZUEVfVU5TUEVDSUZJRUQQABIRCg1EVFlQRV9GTE9BVDMyEAESDwoLRFRZUEVfSU5UMzIQAiq0AQoJVG9rZW5Sb2xlEhoKFlRPS0VOX1JPTEVfVU5TUEVDSUZJRUQQABIXChNUT0tFTl9ST0xFX1RFTVBMQVRFEAESFQoRVE9LRU5fUk9MRV9TWVNURU0QAhITCg9UT0tFTl9ST0xFX1VTRVIQAxIYChRUT0tFTl9ST0xFX0FTU0lTVEFOVBAEEhUKEVRPS0VOX1JPTEVfUFJPTVBUEAUSFQoRVE9LRU5fUk9MRV9PVVRQVVQQBipaCgtFeHBsYWluTW9kZRIcChhFWFBMQUlOX01PREVfVU5TUEVDSUZJRUQQABIVChFFWFBMQUlOX01PREVfU1lOQxABEhYKEkVYUExBSU5fTU9ERV9BU1lOQxACKlwKC0V4cGxhaW5QYXRoEhwKGEVYUExBSU5fUEFUSF9VTlNQRUNJRklFRBAAEhUKEUVYUExBSU5fUEFUSF9GQVNUEAESGAoURVhQTEFJTl9QQVRIX0dFTkVSQUwQAip7CgtUYXJnZXRTY29yZRIcChhUQVJHRVRfU0NPUkVfVU5TUEVDSUZJRUQQABIYChRUQVJHRVRfU0NPUkVfTE9HUFJPQhABEhwKGFRBUkdFVF9TQ09SRV9QUk9CQUJJTElUWRACEhYKElRBUkdFVF9TQ09SRV9MT0dJVBADKm0KC0dyYW51bGFyaXR5EhsKF0dSQU5VTEFSSVRZX1VOU1BFQ0lGSUVEEAASFQoRR1JBTlVMQVJJVFlfVE9LRU4QARIUChBHUkFOVUxBUklUWV9XT1JEEAISFAoQR1JBTlVMQVJJVFlfU1BBThADKncKDU5vcm1hbGl6YXRpb24SHQoZTk9STUFMSVpBVElPTl9VTlNQRUNJRklFRBAAEhYKEk5PUk1BTElaQVRJT05fTk9ORRABEhQKEE5PUk1BTElaQVRJT05fTDEQAhIZChVOT1JNQUxJWkFUSU9OX01BWF9BQlMQAyqaAQoMRmluaXNoUmVhc29uEh0KGUZJTklTSF9SRUFTT05fVU5TUEVDSUZJRUQQABIWChJGSU5JU0hfUkVBU09OX1NUT1AQARIYChRGSU5JU0hfUkVBU09OX0xFTkdUSBACEhcKE0ZJTklTSF9SRUFTT05fQUJPUlQQAxIgChxGSU5JU0hfUkVBU09OX0NPTlRFWFRfTEVOR1RIEAQq0wEKEEV4cGxhbmF0aW9uU3RhdGUSIQodRVhQTEFOQVRJT05fU1RBVEVfVU5TUEVDSUZJRUQQABIdChlFWFBMQU5BVElPTl9TVEFURV9QRU5ESU5HEAESHQoZRVhQTEFOQVRJT05fU1RBVEVfUlVOTklORxACEh8KG0VYUExBTkFUSU9OX1NUQVRFX1NVQ0NFRURFRBADEhwKGEVYUExBTkFUSU9OX1NUQVRFX0ZBSUxFRBAEEh8KG0VYUExBTkFUSU9OX1NUQVRFX0NBTkNFTExFRBAFKrwBChRFeHBsYW5hdGlvbkVycm9yQ29kZRImCiJFWFBMQU5BVElPTl9FUlJPUl9DT0RFX1VOU1BFQ0lGSUVEEAASKAokRVhQTEFOQVRJT05fRVJST1JfQ09ERV9JTlZBTElEX0lOUFVUEAESLQopRVhQTEFOQVRJT05fRVJST1JfQ09ERV9BVFRFTVBUU19FWEhBVVNURUQQAhIjCh9FWFBMQU5BVElPTl9FUlJPUl9DT0RFX0lOVEVSTkFMEANCkAEKEGNvbS5zaWdodGxpbmUudjFCClR5cGVzUHJvdG9QAVo6Z2l0aHViLmNvbS9zaWdodGxpbmUvc2lnaHRsaW5lLWdvL3NpZ2h0bGluZS92MTtzaWdodGxpbmV2MaICA1NMVqoCDFNpZ2h0bGluZS5WMcoCDFNpZ2h0bGluZVxWMeoCDVNpZ2h0bGluZTo6VjFiBnByb3RvMw", [file_google_protobuf_timestamp]);
+  fileDesc("ChhzaWdodGxpbmUvdjEvdHlwZXMucHJvdG8SDHNpZ2h0bGluZS52MSJlCgZUZW5zb3ISIgoFZHR5cGUYASABKA4yEy5zaWdodGxpbmUudjEuRHR5cGUSDQoFc2hhcGUYAiADKAUSFAoMZmxvYXRfdmFsdWVzGAMgAygCEhIKCmludF92YWx1ZXMYBCADKAUimAEKBVRva2VuEgoKAmlkGAEgASgFEgwKBHRleHQYAiABKAkSFAoHbG9ncHJvYhgDIAEoAkgAiAEBEiUKBHJvbGUYBCABKA4yFy5zaWdodGxpbmUudjEuVG9rZW5Sb2xlEhoKDW1lc3NhZ2VfaW5kZXgYBSABKAVIAYgBAUIKCghfbG9ncHJvYkIQCg5fbWVzc2FnZV9pbmRleCIXCghUb2tlbklkcxILCgNpZHMYASADKAUiVgoLQ2hhdE1lc3NhZ2USDAoEcm9sZRgBIAEoCRIPCgdjb250ZW50GAIgASgJEigKBXBhcnRzGAMgAygLMhkuc2lnaHRsaW5lLnYxLkNvbnRlbnRQYXJ0Ik8KC0NvbnRlbnRQYXJ0Eg4KBHRleHQYASABKAlIABIoCgVpbWFnZRgCIAEoCzIXLnNpZ2h0bGluZS52MS5JbWFnZURhdGFIAEIGCgRwYXJ0IhkKCUltYWdlRGF0YRIMCgRkYXRhGAEgASgMIjsKDENoYXRNZXNzYWdlcxIrCghtZXNzYWdlcxgBIAMoCzIZLnNpZ2h0bGluZS52MS5DaGF0TWVzc2FnZSLIAQoOU2FtcGxpbmdQYXJhbXMSFwoKbWF4X3Rva2VucxgBIAEoBUgAiAEBEhgKC3RlbXBlcmF0dXJlGAIgASgCSAGIAQESEgoFdG9wX3AYAyABKAJIAogBARISCgV0b3BfaxgEIAEoBUgDiAEBEhEKBHNlZWQYBSABKAVIBIgBARIMCgRzdG9wGAYgAygJQg0KC19tYXhfdG9rZW5zQg4KDF90ZW1wZXJhdHVyZUIICgZfdG9wX3BCCAoGX3RvcF9rQgcKBV9zZWVkIm4KClBhcmFtVmFsdWUSEwoJaW50X3ZhbHVlGAEgASgFSAASFQoLZmxvYXRfdmFsdWUYAiABKAFIABIWCgxzdHJpbmdfdmFsdWUYAyABKAlIABIUCgpib29sX3ZhbHVlGAQgASgISABCBgoEa2luZCKfAQoKTWV0aG9kU3BlYxIMCgRuYW1lGAEgASgJEjQKBnBhcmFtcxgDIAMoCzIkLnNpZ2h0bGluZS52MS5NZXRob2RTcGVjLlBhcmFtc0VudHJ5GkcKC1BhcmFtc0VudHJ5EgsKA2tleRgBIAEoCRInCgV2YWx1ZRgCIAEoCzIYLnNpZ2h0bGluZS52MS5QYXJhbVZhbHVlOgI4AUoECAIQAyJmCgpUYXJnZXRTcGVjEhYKDm91dHB1dF9pbmRpY2VzGAEgAygFEhYKDmZvaWxfdG9rZW5faWRzGAIgAygFEigKBXNjb3JlGAMgASgOMhkuc2lnaHRsaW5lLnYxLlRhcmdldFNjb3JlIjEKBFNwYW4SDQoFc3RhcnQYASABKAUSCwoDZW5kGAIgASgFEg0KBWxhYmVsGAMgASgJIqoBCg9BZ2dyZWdhdGlvblNwZWMSLgoLZ3JhbnVsYXJpdHkYASABKA4yGS5zaWdodGxpbmUudjEuR3JhbnVsYXJpdHkSIQoFc3BhbnMYAiADKAsyEi5zaWdodGxpbmUudjEuU3BhbhIQCghhYnNvbHV0ZRgDIAEoCBIyCg1ub3JtYWxpemF0aW9uGAQgASgOMhsuc2lnaHRsaW5lLnYxLk5vcm1hbGl6YXRpb24iqAIKC0V4cGxhaW5TcGVjEikKB21ldGhvZHMYASADKAsyGC5zaWdodGxpbmUudjEuTWV0aG9kU3BlYxInCgRtb2RlGAIgASgOMhkuc2lnaHRsaW5lLnYxLkV4cGxhaW5Nb2RlEikKB3RhcmdldHMYAyABKAsyGC5zaWdodGxpbmUudjEuVGFyZ2V0U3BlYxIyCgthZ2dyZWdhdGlvbhgEIAEoCzIdLnNpZ2h0bGluZS52MS5BZ2dyZWdhdGlvblNwZWMSFAoMZmFpdGhmdWxuZXNzGAUgASgIEh4KEXN0ZXBfc2NvcmVzX3RvcF9rGAYgASgFSACIAQESGgoSa2VlcF9vbl9kaXNjb25uZWN0GAcgASgIQhQKEl9zdGVwX3Njb3Jlc190b3BfayI0CgVVc2FnZRIUCgxpbnB1dF90b2tlbnMYASABKAUSFQoNb3V0cHV0X3Rva2VucxgCIAEoBSLDAQoQRXhwbGFuYXRpb25FcnJvchIwCgRjb2RlGAEgASgOMiIuc2lnaHRsaW5lLnYxLkV4cGxhbmF0aW9uRXJyb3JDb2RlEg8KB21lc3NhZ2UYAiABKAkSPAoHZGV0YWlscxgDIAMoCzIrLnNpZ2h0bGluZS52MS5FeHBsYW5hdGlvbkVycm9yLkRldGFpbHNFbnRyeRouCgxEZXRhaWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJsChNFeHBsYW5hdGlvblByb2dyZXNzEhAKCGZyYWN0aW9uGAEgASgBEhQKDHNlY29uZHNfbGVmdBgCIAEoARItCgdtZXRob2RzGAMgAygLMhwuc2lnaHRsaW5lLnYxLk1ldGhvZFByb2dyZXNzIkgKDk1ldGhvZFByb2dyZXNzEg4KBm1ldGhvZBgBIAEoCRIQCghmcmFjdGlvbhgCIAEoARIUCgxzZWNvbmRzX2xlZnQYAyABKAEitAIKDE1ldGhvZFJlc3VsdBIOCgZtZXRob2QYASABKAkSKgoMYXR0cmlidXRpb25zGAIgASgLMhQuc2lnaHRsaW5lLnYxLlRlbnNvchI2CgZleHRyYXMYAyADKAsyJi5zaWdodGxpbmUudjEuTWV0aG9kUmVzdWx0LkV4dHJhc0VudHJ5Eg8KB3NlY29uZHMYBCABKAESKAoKYWdncmVnYXRlZBgFIAEoCzIULnNpZ2h0bGluZS52MS5UZW5zb3ISMAoMZmFpdGhmdWxuZXNzGAYgASgLMhouc2lnaHRsaW5lLnYxLkZhaXRoZnVsbmVzcxpDCgtFeHRyYXNFbnRyeRILCgNrZXkYASABKAkSIwoFdmFsdWUYAiABKAsyFC5zaWdodGxpbmUudjEuVGVuc29yOgI4ASKvAgoMRmFpdGhmdWxuZXNzEhEKCWZyYWN0aW9ucxgBIAMoAhIZChFjb21wcmVoZW5zaXZlbmVzcxgCIAMoAhITCgtzdWZmaWNpZW5jeRgDIAMoAhIgChhyYW5kb21fY29tcHJlaGVuc2l2ZW5lc3MYBCADKAISGgoScmFuZG9tX3N1ZmZpY2llbmN5GAUgAygCEh4KFmFvcGNfY29tcHJlaGVuc2l2ZW5lc3MYBiABKAISGAoQYW9wY19zdWZmaWNpZW5jeRgHIAEoAhIlCh1yYW5kb21fYW9wY19jb21wcmVoZW5zaXZlbmVzcxgIIAEoAhIfChdyYW5kb21fYW9wY19zdWZmaWNpZW5jeRgJIAEoAhIcChRyZXBsYWNlbWVudF90b2tlbl9pZBgKIAEoBSKwAQoKU3RlcFNjb3JlcxIQCghsb2dwcm9icxgBIAMoAhIVCg1wcm9iYWJpbGl0aWVzGAIgAygCEhEKCWVudHJvcGllcxgDIAMoAhINCgVyYW5rcxgEIAMoBRIrCg10b3BfdG9rZW5faWRzGAUgASgLMhQuc2lnaHRsaW5lLnYxLlRlbnNvchIqCgx0b3BfbG9ncHJvYnMYBiABKAsyFC5zaWdodGxpbmUudjEuVGVuc29yIjgKC1NvdXJjZUdyb3VwEg0KBXN0YXJ0GAEgASgFEgsKA2VuZBgCIAEoBRINCgVsYWJlbBgDIAEoCSJFCghGaWRlbGl0eRIbChNyZWNvbXB1dGVkX2xvZ3Byb2JzGAEgAygCEhwKFG1heF9hYnNfbG9ncHJvYl9kaWZmGAIgASgCIrIGCgtFeHBsYW5hdGlvbhIWCg5leHBsYW5hdGlvbl9pZBgBIAEoCRItCgVzdGF0ZRgCIAEoDjIeLnNpZ2h0bGluZS52MS5FeHBsYW5hdGlvblN0YXRlEi0KBWVycm9yGBcgASgLMh4uc2lnaHRsaW5lLnYxLkV4cGxhbmF0aW9uRXJyb3ISDQoFbW9kZWwYBCABKAkSFgoOd2VpZ2h0c19kaWdlc3QYBSABKAkSIwoGdG9rZW5zGAYgAygLMhMuc2lnaHRsaW5lLnYxLlRva2VuEhUKDXByb21wdF9sZW5ndGgYByABKAUSGAoQdGFyZ2V0X3Bvc2l0aW9ucxgIIAMoBRIrCgdyZXN1bHRzGAkgAygLMhouc2lnaHRsaW5lLnYxLk1ldGhvZFJlc3VsdBIoCghmaWRlbGl0eRgKIAEoCzIWLnNpZ2h0bGluZS52MS5GaWRlbGl0eRIRCgljYWNoZV9oaXQYCyABKAgSLgoKY3JlYXRlZF9hdBgMIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMAoMY29tcGxldGVkX2F0GA0gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIQCgh0cmFjZV9pZBgOIAEoCRIQCghhdHRlbXB0cxgPIAEoBRIWCg5mb2lsX3Rva2VuX2lkcxgQIAMoBRIvCgx0YXJnZXRfc2NvcmUYESABKA4yGS5zaWdodGxpbmUudjEuVGFyZ2V0U2NvcmUSLQoLc3RlcF9zY29yZXMYEiABKAsyGC5zaWdodGxpbmUudjEuU3RlcFNjb3JlcxIwCg1zb3VyY2VfZ3JvdXBzGBMgAygLMhkuc2lnaHRsaW5lLnYxLlNvdXJjZUdyb3VwEhQKDGNhbmNlbGxlZF9ieRgUIAEoCRIzCghwcm9ncmVzcxgVIAEoCzIhLnNpZ2h0bGluZS52MS5FeHBsYW5hdGlvblByb2dyZXNzEi8KDGV4cGxhaW5fcGF0aBgWIAEoDjIZLnNpZ2h0bGluZS52MS5FeHBsYWluUGF0aBIUCgxhcmNoaXRlY3R1cmUYGCABKAlKBAgDEAQqQgoFRHR5cGUSFQoRRFRZUEVfVU5TUEVDSUZJRUQQABIRCg1EVFlQRV9GTE9BVDMyEAESDwoLRFRZUEVfSU5UMzIQAiq0AQoJVG9rZW5Sb2xlEhoKFlRPS0VOX1JPTEVfVU5TUEVDSUZJRUQQABIXChNUT0tFTl9ST0xFX1RFTVBMQVRFEAESFQoRVE9LRU5fUk9MRV9TWVNURU0QAhITCg9UT0tFTl9ST0xFX1VTRVIQAxIYChRUT0tFTl9ST0xFX0FTU0lTVEFOVBAEEhUKEVRPS0VOX1JPTEVfUFJPTVBUEAUSFQoRVE9LRU5fUk9MRV9PVVRQVVQQBipaCgtFeHBsYWluTW9kZRIcChhFWFBMQUlOX01PREVfVU5TUEVDSUZJRUQQABIVChFFWFBMQUlOX01PREVfU1lOQxABEhYKEkVYUExBSU5fTU9ERV9BU1lOQxACKlwKC0V4cGxhaW5QYXRoEhwKGEVYUExBSU5fUEFUSF9VTlNQRUNJRklFRBAAEhUKEUVYUExBSU5fUEFUSF9GQVNUEAESGAoURVhQTEFJTl9QQVRIX0dFTkVSQUwQAip7CgtUYXJnZXRTY29yZRIcChhUQVJHRVRfU0NPUkVfVU5TUEVDSUZJRUQQABIYChRUQVJHRVRfU0NPUkVfTE9HUFJPQhABEhwKGFRBUkdFVF9TQ09SRV9QUk9CQUJJTElUWRACEhYKElRBUkdFVF9TQ09SRV9MT0dJVBADKm0KC0dyYW51bGFyaXR5EhsKF0dSQU5VTEFSSVRZX1VOU1BFQ0lGSUVEEAASFQoRR1JBTlVMQVJJVFlfVE9LRU4QARIUChBHUkFOVUxBUklUWV9XT1JEEAISFAoQR1JBTlVMQVJJVFlfU1BBThADKncKDU5vcm1hbGl6YXRpb24SHQoZTk9STUFMSVpBVElPTl9VTlNQRUNJRklFRBAAEhYKEk5PUk1BTElaQVRJT05fTk9ORRABEhQKEE5PUk1BTElaQVRJT05fTDEQAhIZChVOT1JNQUxJWkFUSU9OX01BWF9BQlMQAyqaAQoMRmluaXNoUmVhc29uEh0KGUZJTklTSF9SRUFTT05fVU5TUEVDSUZJRUQQABIWChJGSU5JU0hfUkVBU09OX1NUT1AQARIYChRGSU5JU0hfUkVBU09OX0xFTkdUSBACEhcKE0ZJTklTSF9SRUFTT05fQUJPUlQQAxIgChxGSU5JU0hfUkVBU09OX0NPTlRFWFRfTEVOR1RIEAQq0wEKEEV4cGxhbmF0aW9uU3RhdGUSIQodRVhQTEFOQVRJT05fU1RBVEVfVU5TUEVDSUZJRUQQABIdChlFWFBMQU5BVElPTl9TVEFURV9QRU5ESU5HEAESHQoZRVhQTEFOQVRJT05fU1RBVEVfUlVOTklORxACEh8KG0VYUExBTkFUSU9OX1NUQVRFX1NVQ0NFRURFRBADEhwKGEVYUExBTkFUSU9OX1NUQVRFX0ZBSUxFRBAEEh8KG0VYUExBTkFUSU9OX1NUQVRFX0NBTkNFTExFRBAFKrwBChRFeHBsYW5hdGlvbkVycm9yQ29kZRImCiJFWFBMQU5BVElPTl9FUlJPUl9DT0RFX1VOU1BFQ0lGSUVEEAASKAokRVhQTEFOQVRJT05fRVJST1JfQ09ERV9JTlZBTElEX0lOUFVUEAESLQopRVhQTEFOQVRJT05fRVJST1JfQ09ERV9BVFRFTVBUU19FWEhBVVNURUQQAhIjCh9FWFBMQU5BVElPTl9FUlJPUl9DT0RFX0lOVEVSTkFMEANCkAEKEGNvbS5zaWdodGxpbmUudjFCClR5cGVzUHJvdG9QAVo6Z2l0aHViLmNvbS9zaWdodGxpbmUvc2lnaHRsaW5lLWdvL3NpZ2h0bGluZS92MTtzaWdodGxpbmV2MaICA1NMVqoCDFNpZ2h0bGluZS5WMcoCDFNpZ2h0bGluZVxWMeoCDVNpZ2h0bGluZTo6VjFiBnByb3RvMw", [file_google_protobuf_timestamp]);
 
 /**
  * A dense tensor: its elements in row-major (C) order, the last dimension varying fastest, so that
@@ -154,6 +154,15 @@ export type ChatMessage = Message<"sightline.v1.ChatMessage"> & {
    * @generated from field: string content = 2;
    */
   content: string;
+
+  /**
+   * Text and pictures in order, for a message that holds pictures; `content`, when also set, comes first as text.
+   * Pictures are checked against the gateway's limits (count, bytes, pixels, formats) and refused with
+   * INVALID_ARGUMENT naming the limit.
+   *
+   * @generated from field: repeated sightline.v1.ContentPart parts = 3;
+   */
+  parts: ContentPart[];
 };
 
 /**
@@ -162,6 +171,64 @@ export type ChatMessage = Message<"sightline.v1.ChatMessage"> & {
  */
 export const ChatMessageSchema: GenMessage<ChatMessage> = /*@__PURE__*/
   messageDesc(file_sightline_v1_types, 3);
+
+/**
+ * One part of a chat message: text or a picture.
+ *
+ * @generated from message sightline.v1.ContentPart
+ */
+export type ContentPart = Message<"sightline.v1.ContentPart"> & {
+  /**
+   * What the part holds.
+   *
+   * @generated from oneof sightline.v1.ContentPart.part
+   */
+  part: {
+    /**
+     * Text, as a message's content is.
+     *
+     * @generated from field: string text = 1;
+     */
+    value: string;
+    case: "text";
+  } | {
+    /**
+     * A picture.
+     *
+     * @generated from field: sightline.v1.ImageData image = 2;
+     */
+    value: ImageData;
+    case: "image";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message sightline.v1.ContentPart.
+ * Use `create(ContentPartSchema)` to create a new message.
+ */
+export const ContentPartSchema: GenMessage<ContentPart> = /*@__PURE__*/
+  messageDesc(file_sightline_v1_types, 4);
+
+/**
+ * A picture as its encoded bytes: PNG or JPEG unless the deployment allows otherwise.
+ *
+ * @generated from message sightline.v1.ImageData
+ */
+export type ImageData = Message<"sightline.v1.ImageData"> & {
+  /**
+   * The file's bytes as they are, format recognised by its magic bytes.
+   *
+   * @generated from field: bytes data = 1;
+   */
+  data: Uint8Array;
+};
+
+/**
+ * Describes the message sightline.v1.ImageData.
+ * Use `create(ImageDataSchema)` to create a new message.
+ */
+export const ImageDataSchema: GenMessage<ImageData> = /*@__PURE__*/
+  messageDesc(file_sightline_v1_types, 5);
 
 /**
  * A chat, rendered with the model's chat template.
@@ -182,7 +249,7 @@ export type ChatMessages = Message<"sightline.v1.ChatMessages"> & {
  * Use `create(ChatMessagesSchema)` to create a new message.
  */
 export const ChatMessagesSchema: GenMessage<ChatMessages> = /*@__PURE__*/
-  messageDesc(file_sightline_v1_types, 4);
+  messageDesc(file_sightline_v1_types, 6);
 
 /**
  * Sampling parameters. Unset fields take the documented defaults.
@@ -238,7 +305,7 @@ export type SamplingParams = Message<"sightline.v1.SamplingParams"> & {
  * Use `create(SamplingParamsSchema)` to create a new message.
  */
 export const SamplingParamsSchema: GenMessage<SamplingParams> = /*@__PURE__*/
-  messageDesc(file_sightline_v1_types, 5);
+  messageDesc(file_sightline_v1_types, 7);
 
 /**
  * A method parameter's value, of the type ListMethods declares for it (MethodParam.type).
@@ -291,7 +358,7 @@ export type ParamValue = Message<"sightline.v1.ParamValue"> & {
  * Use `create(ParamValueSchema)` to create a new message.
  */
 export const ParamValueSchema: GenMessage<ParamValue> = /*@__PURE__*/
-  messageDesc(file_sightline_v1_types, 6);
+  messageDesc(file_sightline_v1_types, 8);
 
 /**
  * One attribution method with its parameters (see ListMethods for their names and types).
@@ -319,7 +386,7 @@ export type MethodSpec = Message<"sightline.v1.MethodSpec"> & {
  * Use `create(MethodSpecSchema)` to create a new message.
  */
 export const MethodSpecSchema: GenMessage<MethodSpec> = /*@__PURE__*/
-  messageDesc(file_sightline_v1_types, 7);
+  messageDesc(file_sightline_v1_types, 9);
 
 /**
  * Which generated tokens to explain, and against what.
@@ -356,7 +423,7 @@ export type TargetSpec = Message<"sightline.v1.TargetSpec"> & {
  * Use `create(TargetSpecSchema)` to create a new message.
  */
 export const TargetSpecSchema: GenMessage<TargetSpec> = /*@__PURE__*/
-  messageDesc(file_sightline_v1_types, 8);
+  messageDesc(file_sightline_v1_types, 10);
 
 /**
  * A half-open range [start, end) of token positions.
@@ -391,7 +458,7 @@ export type Span = Message<"sightline.v1.Span"> & {
  * Use `create(SpanSchema)` to create a new message.
  */
 export const SpanSchema: GenMessage<Span> = /*@__PURE__*/
-  messageDesc(file_sightline_v1_types, 9);
+  messageDesc(file_sightline_v1_types, 11);
 
 /**
  * How to present attributions besides the raw token matrix, which is always returned.
@@ -433,7 +500,7 @@ export type AggregationSpec = Message<"sightline.v1.AggregationSpec"> & {
  * Use `create(AggregationSpecSchema)` to create a new message.
  */
 export const AggregationSpecSchema: GenMessage<AggregationSpec> = /*@__PURE__*/
-  messageDesc(file_sightline_v1_types, 10);
+  messageDesc(file_sightline_v1_types, 12);
 
 /**
  * What to explain and how: the methods, the targets, the aggregation and when the result comes back.
@@ -497,7 +564,7 @@ export type ExplainSpec = Message<"sightline.v1.ExplainSpec"> & {
  * Use `create(ExplainSpecSchema)` to create a new message.
  */
 export const ExplainSpecSchema: GenMessage<ExplainSpec> = /*@__PURE__*/
-  messageDesc(file_sightline_v1_types, 11);
+  messageDesc(file_sightline_v1_types, 13);
 
 /**
  * Token counts of a generation.
@@ -525,7 +592,7 @@ export type Usage = Message<"sightline.v1.Usage"> & {
  * Use `create(UsageSchema)` to create a new message.
  */
 export const UsageSchema: GenMessage<Usage> = /*@__PURE__*/
-  messageDesc(file_sightline_v1_types, 12);
+  messageDesc(file_sightline_v1_types, 14);
 
 /**
  * A failed explanation's reason.
@@ -561,7 +628,7 @@ export type ExplanationError = Message<"sightline.v1.ExplanationError"> & {
  * Use `create(ExplanationErrorSchema)` to create a new message.
  */
 export const ExplanationErrorSchema: GenMessage<ExplanationError> = /*@__PURE__*/
-  messageDesc(file_sightline_v1_types, 13);
+  messageDesc(file_sightline_v1_types, 15);
 
 /**
  * How far a running explanation has got, as its worker last published it (at most a few times a second).
@@ -597,7 +664,7 @@ export type ExplanationProgress = Message<"sightline.v1.ExplanationProgress"> & 
  * Use `create(ExplanationProgressSchema)` to create a new message.
  */
 export const ExplanationProgressSchema: GenMessage<ExplanationProgress> = /*@__PURE__*/
-  messageDesc(file_sightline_v1_types, 14);
+  messageDesc(file_sightline_v1_types, 16);
 
 /**
  * How far one method of a running explanation has got.
@@ -632,7 +699,7 @@ export type MethodProgress = Message<"sightline.v1.MethodProgress"> & {
  * Use `create(MethodProgressSchema)` to create a new message.
  */
 export const MethodProgressSchema: GenMessage<MethodProgress> = /*@__PURE__*/
-  messageDesc(file_sightline_v1_types, 15);
+  messageDesc(file_sightline_v1_types, 17);
 
 /**
  * The result of one method.
@@ -696,7 +763,7 @@ export type MethodResult = Message<"sightline.v1.MethodResult"> & {
  * Use `create(MethodResultSchema)` to create a new message.
  */
 export const MethodResultSchema: GenMessage<MethodResult> = /*@__PURE__*/
-  messageDesc(file_sightline_v1_types, 16);
+  messageDesc(file_sightline_v1_types, 18);
 
 /**
  * ERASER faithfulness of one method's attributions, averaged over the explained tokens. For a
@@ -783,7 +850,7 @@ export type Faithfulness = Message<"sightline.v1.Faithfulness"> & {
  * Use `create(FaithfulnessSchema)` to create a new message.
  */
 export const FaithfulnessSchema: GenMessage<Faithfulness> = /*@__PURE__*/
-  messageDesc(file_sightline_v1_types, 17);
+  messageDesc(file_sightline_v1_types, 19);
 
 /**
  * Scores of each explained token under the explainer's replica of the model.
@@ -839,7 +906,7 @@ export type StepScores = Message<"sightline.v1.StepScores"> & {
  * Use `create(StepScoresSchema)` to create a new message.
  */
 export const StepScoresSchema: GenMessage<StepScores> = /*@__PURE__*/
-  messageDesc(file_sightline_v1_types, 18);
+  messageDesc(file_sightline_v1_types, 20);
 
 /**
  * A group of source tokens that aggregated attributions are reported for.
@@ -874,7 +941,7 @@ export type SourceGroup = Message<"sightline.v1.SourceGroup"> & {
  * Use `create(SourceGroupSchema)` to create a new message.
  */
 export const SourceGroupSchema: GenMessage<SourceGroup> = /*@__PURE__*/
-  messageDesc(file_sightline_v1_types, 19);
+  messageDesc(file_sightline_v1_types, 21);
 
 /**
  * How faithfully the explainer's replica reproduces what was served.
@@ -902,7 +969,7 @@ export type Fidelity = Message<"sightline.v1.Fidelity"> & {
  * Use `create(FidelitySchema)` to create a new message.
  */
 export const FidelitySchema: GenMessage<Fidelity> = /*@__PURE__*/
-  messageDesc(file_sightline_v1_types, 20);
+  messageDesc(file_sightline_v1_types, 22);
 
 /**
  * An explanation record: its state, and once SUCCEEDED its results.
@@ -1077,7 +1144,7 @@ export type Explanation = Message<"sightline.v1.Explanation"> & {
  * Use `create(ExplanationSchema)` to create a new message.
  */
 export const ExplanationSchema: GenMessage<Explanation> = /*@__PURE__*/
-  messageDesc(file_sightline_v1_types, 21);
+  messageDesc(file_sightline_v1_types, 23);
 
 /**
  * Element type of a Tensor: which of its value fields holds the elements.
