@@ -4,7 +4,12 @@
 # runs it into a temporary directory to check the committed code is current).
 #   usage: clients/go/generate.sh PYTHON [DIR]   PYTHON has grpcio-tools; DIR defaults to clients/go/sightline/v1
 set -eu
-python=$1
+# Made absolute: the generator runs from protos/.
+case $1 in
+	/*) python=$1 ;;
+	*/*) python=$(pwd)/$1 ;;
+	*) python=$(command -v "$1") ;;
+esac
 root=$(cd "$(dirname "$0")/../.." && pwd)
 package_dir=${2:-$root/clients/go/sightline/v1}
 for plugin in protoc-gen-go protoc-gen-go-grpc; do
