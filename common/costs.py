@@ -4,9 +4,18 @@ from __future__ import annotations
 
 from sightline.v1 import explanations_pb2
 
-# Faithfulness perturbs each target's sources at 5 fractions, removing and keeping, for the method
-# and for the random reference: 20 forward passes per explained token.
-FAITHFULNESS_PASSES_PER_TARGET = 20.0
+# Faithfulness perturbs each target's sources at 5 fractions, removing and keeping: 10 forward passes per explained
+# token for each method, and 10 more for the random reference, which all methods of an explanation share
+# (explainers.faithfulness). Each pass is over the target's prefix, so these bound the cost from above.
+FAITHFULNESS_PASSES_PER_TARGET = 10.0
+FAITHFULNESS_REFERENCE_PASSES_PER_TARGET = 10.0
+
+
+def faithfulness_passes(*, num_targets: int, num_methods: int) -> float:
+    """Forward passes the faithfulness checks of num_methods token-attributing methods take together."""
+    if num_methods == 0:
+        return 0.0
+    return (FAITHFULNESS_PASSES_PER_TARGET * num_methods + FAITHFULNESS_REFERENCE_PASSES_PER_TARGET) * num_targets
 
 
 def method_passes(cost: explanations_pb2.MethodCost, *, num_tokens: int, num_targets: int, scale: float) -> float:

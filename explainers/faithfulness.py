@@ -135,8 +135,8 @@ def _scores(
                 batch = prefixes[start : start + batch_size]
                 scored = token_scores(loaded, torch.tensor(batch), one_target)[:, 0]
                 scores.update(((target, prefix), float(score)) for prefix, score in zip(batch, scored, strict=True))
-                # Counted in its methods' time, not their progress; a cancelled job stops here too.
-                progress.step()
+                # After every method has run, so it advances no method's progress; a cancelled job stops here too.
+                progress.tick()
     return scores
 
 

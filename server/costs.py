@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from sightline.v1 import explanations_pb2
 
-from common.costs import FAITHFULNESS_PASSES_PER_TARGET, method_passes
+from common.costs import faithfulness_passes, method_passes
 from common.jobs import MethodRequest
 from server.limits import Tenant
 
@@ -34,7 +34,8 @@ def total_passes(methods: Sequence[PlannedMethod], *, num_tokens: int, num_targe
     """Forward passes over the whole sequence of the methods together, faithfulness checks included."""
     passes = sum(m.passes(num_tokens, num_targets) for m in methods)
     if faithfulness:
-        passes += FAITHFULNESS_PASSES_PER_TARGET * num_targets * sum(m.info.attributes_tokens for m in methods)
+        attributing = sum(m.info.attributes_tokens for m in methods)
+        passes += faithfulness_passes(num_targets=num_targets, num_methods=attributing)
     return passes
 
 
