@@ -136,6 +136,15 @@ def unary_rpc(
     return decorate
 
 
+def _carries_output_tokens(item: object) -> bool:
+    """Whether a streamed message is a generation delta with tokens in it: the first one times time to first token."""
+    return (
+        isinstance(item, inference_pb2.GenerateStreamResponse)
+        and item.WhichOneof("event") == "delta"
+        and len(item.delta.output_tokens) > 0
+    )
+
+
 def stream_rpc(
     rpc: str,
 ) -> Callable[[Callable[[Any, Request, grpc.aio.ServicerContext, Tenant], AsyncIterator[Response]]], Any]:
@@ -152,7 +161,7 @@ def stream_rpc(
                     tenant = await self.gateway.admit(context)
                     call.tenant = tenant.name
                     async for item in handler(self, request, context, tenant):
-                        if getattr(item, "output_tokens", None):
+                        if _carries_output_tokens(item):
                             call.first_token()
                         yield item
                     span.set_status(trace.Status(trace.StatusCode.OK))

@@ -7,17 +7,22 @@ attribution matrix is half a million numbers, which the page reads with one ``Fl
 from __future__ import annotations
 
 import base64
+import sys
+from array import array
 from typing import Any
 
-import numpy as np
 from sightline.v1 import explanations_pb2, types_pb2
 
 
 def _tensor(tensor: types_pb2.Tensor) -> dict[str, Any]:
+    # The standard library's array, not numpy: the gateway runs without numpy (tests/deploy/test_packaging.py).
+    packed: array[int] | array[float]
     if tensor.dtype == types_pb2.DTYPE_INT32:
-        dtype, packed = "int32", np.array(tensor.int_values, dtype="<i4")
+        dtype, packed = "int32", array("i", tensor.int_values)
     else:
-        dtype, packed = "float32", np.array(tensor.float_values, dtype="<f4")
+        dtype, packed = "float32", array("f", tensor.float_values)
+    if sys.byteorder != "little":
+        packed.byteswap()
     return {"dtype": dtype, "shape": list(tensor.shape), "data": base64.b64encode(packed.tobytes()).decode("ascii")}
 
 
