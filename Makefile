@@ -24,7 +24,7 @@ PHOENIX_STAMP := $(PHOENIX_VENV)/.phoenix-installed
 TS_CLIENT := clients/typescript
 TS_STAMP := $(TS_CLIENT)/node_modules/.sightline-installed
 
-.PHONY: serve test lint proto proto-ts bench bench-smoke bench-deps soak system-deps phoenix
+.PHONY: serve test lint proto proto-ts node-deps bench bench-smoke bench-deps soak system-deps phoenix
 # Debian's Go 1.19 toolchain, plugins and Go sources the Go client (clients/go) builds with, offline.
 # golang-google-grpc-dev accepts either golang/protobuf line; only 1.5 runs protoc-gen-go's messages.
 GO_DEBS := golang-go golang-google-grpc-dev golang-google-protobuf-dev golang-github-golang-protobuf-1-5-dev \
@@ -36,7 +36,6 @@ system-deps:
 	@# The audit tests and benchmark start their own PostgreSQL 15 from these binaries.
 	@[ -x /usr/lib/postgresql/15/bin/initdb ] || (echo "==> installing postgresql (apt, for the audit tests)" && $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq postgresql)
 	@[ "$$(dpkg-query -W -f='$${Status}\n' $(GO_DEBS) 2>/dev/null | grep -c '^install ok installed$$')" = $(words $(GO_DEBS)) ] || (echo "==> installing Go 1.19, protoc-gen-go(-grpc) and Go's gRPC sources (apt, for the Go client)" && $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(GO_DEBS))
-	@command -v npm >/dev/null || (echo "==> installing nodejs and npm (apt, for the TypeScript SDK; it needs Node.js 20 or newer)" && $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq nodejs npm)
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
@@ -62,16 +61,18 @@ $(PHOENIX_STAMP):
 
 phoenix: $(PHOENIX_STAMP)
 
+# Node.js and npm, for the TypeScript SDK (Node.js 20 or newer) and the KEDA CRD check: from apt when missing.
+node-deps:
+	@command -v npm >/dev/null || (echo "==> installing nodejs and npm (apt, for the TypeScript SDK and the KEDA CRD check)" && $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq nodejs npm)
+
 # Validators generated from KEDA's CRDs (npm), for the ScaledObject check in tests/deploy.
-$(KEDA_STAMP): $(KEDA_CRD)/package.json $(KEDA_CRD)/package-lock.json
-	@command -v npm >/dev/null || (echo "==> installing nodejs and npm (apt, for the KEDA CRD check)" && $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq nodejs npm)
+$(KEDA_STAMP): $(KEDA_CRD)/package.json $(KEDA_CRD)/package-lock.json | node-deps
 	@echo "==> installing @kubernetes-models/keda (npm, for the KEDA CRD check)"
 	cd $(KEDA_CRD) && npm ci --no-audit --no-fund --silent
 	touch $(KEDA_STAMP)
 
 # The TypeScript SDK's dependencies, for its tests (tests/e2e/test_typescript_client.py) and `make proto-ts`.
-$(TS_STAMP): $(TS_CLIENT)/package.json $(TS_CLIENT)/package-lock.json
-	@command -v npm >/dev/null || (echo "==> installing nodejs and npm (apt, for the TypeScript SDK)" && $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq nodejs npm)
+$(TS_STAMP): $(TS_CLIENT)/package.json $(TS_CLIENT)/package-lock.json | node-deps
 	@echo "==> installing the TypeScript SDK's dependencies (npm ci in $(TS_CLIENT))"
 	cd $(TS_CLIENT) && npm ci --no-audit --no-fund --silent
 	touch $(TS_STAMP)

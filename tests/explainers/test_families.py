@@ -353,11 +353,8 @@ def test_activation_patching_restores_what_each_score_reads(family: LoadedModel)
     method = get_method("activation_patching")
     result = method.attribute(context(family), method.parse_params({"corrupt_stop": 3, "samples": 2}))
 
-    def extra(name: str) -> np.ndarray:
-        tensor = result.extras[name]
-        return tensor_array(tensor)
-
-    recovered, lost = extra("recovered"), extra("clean_scores") - extra("corrupted_scores")
+    extras = {name: tensor_array(tensor) for name, tensor in result.extras.items()}
+    recovered, lost = extras["recovered"], extras["clean_scores"] - extras["corrupted_scores"]
     assert np.abs(lost).max() > 1e-3
     np.testing.assert_allclose(recovered[-1][np.arange(len(TARGETS)), TARGETS.predicting_positions], lost, atol=1e-5)
     np.testing.assert_allclose(recovered[0][:, 3:], 0.0, rtol=0, atol=1e-5)
