@@ -25,6 +25,7 @@ class TokenRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TOKEN_ROLE_ASSISTANT: _ClassVar[TokenRole]
     TOKEN_ROLE_PROMPT: _ClassVar[TokenRole]
     TOKEN_ROLE_OUTPUT: _ClassVar[TokenRole]
+    TOKEN_ROLE_IMAGE: _ClassVar[TokenRole]
 
 class ExplainMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -92,6 +93,7 @@ TOKEN_ROLE_USER: TokenRole
 TOKEN_ROLE_ASSISTANT: TokenRole
 TOKEN_ROLE_PROMPT: TokenRole
 TOKEN_ROLE_OUTPUT: TokenRole
+TOKEN_ROLE_IMAGE: TokenRole
 EXPLAIN_MODE_UNSPECIFIED: ExplainMode
 EXPLAIN_MODE_SYNC: ExplainMode
 EXPLAIN_MODE_ASYNC: ExplainMode
@@ -264,7 +266,7 @@ class AggregationSpec(_message.Message):
     def __init__(self, granularity: _Optional[_Union[Granularity, str]] = ..., spans: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., absolute: _Optional[bool] = ..., normalization: _Optional[_Union[Normalization, str]] = ...) -> None: ...
 
 class ExplainSpec(_message.Message):
-    __slots__ = ("methods", "mode", "targets", "aggregation", "faithfulness", "step_scores_top_k", "keep_on_disconnect")
+    __slots__ = ("methods", "mode", "targets", "aggregation", "faithfulness", "step_scores_top_k", "keep_on_disconnect", "images")
     METHODS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
@@ -272,6 +274,7 @@ class ExplainSpec(_message.Message):
     FAITHFULNESS_FIELD_NUMBER: _ClassVar[int]
     STEP_SCORES_TOP_K_FIELD_NUMBER: _ClassVar[int]
     KEEP_ON_DISCONNECT_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
     methods: _containers.RepeatedCompositeFieldContainer[MethodSpec]
     mode: ExplainMode
     targets: TargetSpec
@@ -279,7 +282,56 @@ class ExplainSpec(_message.Message):
     faithfulness: bool
     step_scores_top_k: int
     keep_on_disconnect: bool
-    def __init__(self, methods: _Optional[_Iterable[_Union[MethodSpec, _Mapping]]] = ..., mode: _Optional[_Union[ExplainMode, str]] = ..., targets: _Optional[_Union[TargetSpec, _Mapping]] = ..., aggregation: _Optional[_Union[AggregationSpec, _Mapping]] = ..., faithfulness: _Optional[bool] = ..., step_scores_top_k: _Optional[int] = ..., keep_on_disconnect: _Optional[bool] = ...) -> None: ...
+    images: ImageExplainOptions
+    def __init__(self, methods: _Optional[_Iterable[_Union[MethodSpec, _Mapping]]] = ..., mode: _Optional[_Union[ExplainMode, str]] = ..., targets: _Optional[_Union[TargetSpec, _Mapping]] = ..., aggregation: _Optional[_Union[AggregationSpec, _Mapping]] = ..., faithfulness: _Optional[bool] = ..., step_scores_top_k: _Optional[int] = ..., keep_on_disconnect: _Optional[bool] = ..., images: _Optional[_Union[ImageExplainOptions, _Mapping]] = ...) -> None: ...
+
+class ImageExplainOptions(_message.Message):
+    __slots__ = ("grid_rows", "grid_cols")
+    GRID_ROWS_FIELD_NUMBER: _ClassVar[int]
+    GRID_COLS_FIELD_NUMBER: _ClassVar[int]
+    grid_rows: int
+    grid_cols: int
+    def __init__(self, grid_rows: _Optional[int] = ..., grid_cols: _Optional[int] = ...) -> None: ...
+
+class ImageGrid(_message.Message):
+    __slots__ = ("image_index", "rows", "cols", "height", "width", "row_edges", "col_edges", "original_height", "original_width", "digest")
+    IMAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    COLS_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    ROW_EDGES_FIELD_NUMBER: _ClassVar[int]
+    COL_EDGES_FIELD_NUMBER: _ClassVar[int]
+    ORIGINAL_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    ORIGINAL_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    image_index: int
+    rows: int
+    cols: int
+    height: int
+    width: int
+    row_edges: _containers.RepeatedScalarFieldContainer[int]
+    col_edges: _containers.RepeatedScalarFieldContainer[int]
+    original_height: int
+    original_width: int
+    digest: str
+    def __init__(self, image_index: _Optional[int] = ..., rows: _Optional[int] = ..., cols: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., row_edges: _Optional[_Iterable[int]] = ..., col_edges: _Optional[_Iterable[int]] = ..., original_height: _Optional[int] = ..., original_width: _Optional[int] = ..., digest: _Optional[str] = ...) -> None: ...
+
+class ImageAttribution(_message.Message):
+    __slots__ = ("image_index", "cells")
+    IMAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    CELLS_FIELD_NUMBER: _ClassVar[int]
+    image_index: int
+    cells: Tensor
+    def __init__(self, image_index: _Optional[int] = ..., cells: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class ModalityShare(_message.Message):
+    __slots__ = ("image", "text")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    image: _containers.RepeatedScalarFieldContainer[float]
+    text: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, image: _Optional[_Iterable[float]] = ..., text: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("input_tokens", "output_tokens")
@@ -327,7 +379,7 @@ class MethodProgress(_message.Message):
     def __init__(self, method: _Optional[str] = ..., fraction: _Optional[float] = ..., seconds_left: _Optional[float] = ...) -> None: ...
 
 class MethodResult(_message.Message):
-    __slots__ = ("method", "attributions", "extras", "seconds", "aggregated", "faithfulness")
+    __slots__ = ("method", "attributions", "extras", "seconds", "aggregated", "faithfulness", "image_attributions", "modality")
     class ExtrasEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -341,13 +393,17 @@ class MethodResult(_message.Message):
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     AGGREGATED_FIELD_NUMBER: _ClassVar[int]
     FAITHFULNESS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_ATTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
+    MODALITY_FIELD_NUMBER: _ClassVar[int]
     method: str
     attributions: Tensor
     extras: _containers.MessageMap[str, Tensor]
     seconds: float
     aggregated: Tensor
     faithfulness: Faithfulness
-    def __init__(self, method: _Optional[str] = ..., attributions: _Optional[_Union[Tensor, _Mapping]] = ..., extras: _Optional[_Mapping[str, Tensor]] = ..., seconds: _Optional[float] = ..., aggregated: _Optional[_Union[Tensor, _Mapping]] = ..., faithfulness: _Optional[_Union[Faithfulness, _Mapping]] = ...) -> None: ...
+    image_attributions: _containers.RepeatedCompositeFieldContainer[ImageAttribution]
+    modality: ModalityShare
+    def __init__(self, method: _Optional[str] = ..., attributions: _Optional[_Union[Tensor, _Mapping]] = ..., extras: _Optional[_Mapping[str, Tensor]] = ..., seconds: _Optional[float] = ..., aggregated: _Optional[_Union[Tensor, _Mapping]] = ..., faithfulness: _Optional[_Union[Faithfulness, _Mapping]] = ..., image_attributions: _Optional[_Iterable[_Union[ImageAttribution, _Mapping]]] = ..., modality: _Optional[_Union[ModalityShare, _Mapping]] = ...) -> None: ...
 
 class Faithfulness(_message.Message):
     __slots__ = ("fractions", "comprehensiveness", "sufficiency", "random_comprehensiveness", "random_sufficiency", "aopc_comprehensiveness", "aopc_sufficiency", "random_aopc_comprehensiveness", "random_aopc_sufficiency", "replacement_token_id")
@@ -408,7 +464,7 @@ class Fidelity(_message.Message):
     def __init__(self, recomputed_logprobs: _Optional[_Iterable[float]] = ..., max_abs_logprob_diff: _Optional[float] = ...) -> None: ...
 
 class Explanation(_message.Message):
-    __slots__ = ("explanation_id", "state", "error", "model", "weights_digest", "tokens", "prompt_length", "target_positions", "results", "fidelity", "cache_hit", "created_at", "completed_at", "trace_id", "attempts", "foil_token_ids", "target_score", "step_scores", "source_groups", "cancelled_by", "progress", "explain_path", "architecture")
+    __slots__ = ("explanation_id", "state", "error", "model", "weights_digest", "tokens", "prompt_length", "target_positions", "results", "fidelity", "cache_hit", "created_at", "completed_at", "trace_id", "attempts", "foil_token_ids", "target_score", "step_scores", "source_groups", "cancelled_by", "progress", "explain_path", "architecture", "image_grids")
     EXPLANATION_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
@@ -432,6 +488,7 @@ class Explanation(_message.Message):
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     EXPLAIN_PATH_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_GRIDS_FIELD_NUMBER: _ClassVar[int]
     explanation_id: str
     state: ExplanationState
     error: ExplanationError
@@ -455,4 +512,5 @@ class Explanation(_message.Message):
     progress: ExplanationProgress
     explain_path: ExplainPath
     architecture: str
-    def __init__(self, explanation_id: _Optional[str] = ..., state: _Optional[_Union[ExplanationState, str]] = ..., error: _Optional[_Union[ExplanationError, _Mapping]] = ..., model: _Optional[str] = ..., weights_digest: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ..., prompt_length: _Optional[int] = ..., target_positions: _Optional[_Iterable[int]] = ..., results: _Optional[_Iterable[_Union[MethodResult, _Mapping]]] = ..., fidelity: _Optional[_Union[Fidelity, _Mapping]] = ..., cache_hit: _Optional[bool] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., completed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., trace_id: _Optional[str] = ..., attempts: _Optional[int] = ..., foil_token_ids: _Optional[_Iterable[int]] = ..., target_score: _Optional[_Union[TargetScore, str]] = ..., step_scores: _Optional[_Union[StepScores, _Mapping]] = ..., source_groups: _Optional[_Iterable[_Union[SourceGroup, _Mapping]]] = ..., cancelled_by: _Optional[str] = ..., progress: _Optional[_Union[ExplanationProgress, _Mapping]] = ..., explain_path: _Optional[_Union[ExplainPath, str]] = ..., architecture: _Optional[str] = ...) -> None: ...
+    image_grids: _containers.RepeatedCompositeFieldContainer[ImageGrid]
+    def __init__(self, explanation_id: _Optional[str] = ..., state: _Optional[_Union[ExplanationState, str]] = ..., error: _Optional[_Union[ExplanationError, _Mapping]] = ..., model: _Optional[str] = ..., weights_digest: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ..., prompt_length: _Optional[int] = ..., target_positions: _Optional[_Iterable[int]] = ..., results: _Optional[_Iterable[_Union[MethodResult, _Mapping]]] = ..., fidelity: _Optional[_Union[Fidelity, _Mapping]] = ..., cache_hit: _Optional[bool] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., completed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., trace_id: _Optional[str] = ..., attempts: _Optional[int] = ..., foil_token_ids: _Optional[_Iterable[int]] = ..., target_score: _Optional[_Union[TargetScore, str]] = ..., step_scores: _Optional[_Union[StepScores, _Mapping]] = ..., source_groups: _Optional[_Iterable[_Union[SourceGroup, _Mapping]]] = ..., cancelled_by: _Optional[str] = ..., progress: _Optional[_Union[ExplanationProgress, _Mapping]] = ..., explain_path: _Optional[_Union[ExplainPath, str]] = ..., architecture: _Optional[str] = ..., image_grids: _Optional[_Iterable[_Union[ImageGrid, _Mapping]]] = ...) -> None: ...

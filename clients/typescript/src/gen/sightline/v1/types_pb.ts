@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file sightline/v1/types.proto.
  */
 export const file_sightline_v1_types: GenFile = /*@__PURE__*/
-  fileDesc("ChhzaWdodGxpbmUvdjEvdHlwZXMucHJvdG8SDHNpZ2h0bGluZS52MSJlCgZUZW5zb3ISIgoFZHR5cGUYASABKA4yEy5zaWdodGxpbmUudjEuRHR5cGUSDQoFc2hhcGUYAiADKAUSFAoMZmxvYXRfdmFsdWVzGAMgAygCEhIKCmludF92YWx1ZXMYBCADKAUimAEKBVRva2VuEgoKAmlkGAEgASgFEgwKBHRleHQYAiABKAkSFAoHbG9ncHJvYhgDIAEoAkgAiAEBEiUKBHJvbGUYBCABKA4yFy5zaWdodGxpbmUudjEuVG9rZW5Sb2xlEhoKDW1lc3NhZ2VfaW5kZXgYBSABKAVIAYgBAUIKCghfbG9ncHJvYkIQCg5fbWVzc2FnZV9pbmRleCIXCghUb2tlbklkcxILCgNpZHMYASADKAUiVgoLQ2hhdE1lc3NhZ2USDAoEcm9sZRgBIAEoCRIPCgdjb250ZW50GAIgASgJEigKBXBhcnRzGAMgAygLMhkuc2lnaHRsaW5lLnYxLkNvbnRlbnRQYXJ0Ik8KC0NvbnRlbnRQYXJ0Eg4KBHRleHQYASABKAlIABIoCgVpbWFnZRgCIAEoCzIXLnNpZ2h0bGluZS52MS5JbWFnZURhdGFIAEIGCgRwYXJ0IhkKCUltYWdlRGF0YRIMCgRkYXRhGAEgASgMIjsKDENoYXRNZXNzYWdlcxIrCghtZXNzYWdlcxgBIAMoCzIZLnNpZ2h0bGluZS52MS5DaGF0TWVzc2FnZSLIAQoOU2FtcGxpbmdQYXJhbXMSFwoKbWF4X3Rva2VucxgBIAEoBUgAiAEBEhgKC3RlbXBlcmF0dXJlGAIgASgCSAGIAQESEgoFdG9wX3AYAyABKAJIAogBARISCgV0b3BfaxgEIAEoBUgDiAEBEhEKBHNlZWQYBSABKAVIBIgBARIMCgRzdG9wGAYgAygJQg0KC19tYXhfdG9rZW5zQg4KDF90ZW1wZXJhdHVyZUIICgZfdG9wX3BCCAoGX3RvcF9rQgcKBV9zZWVkIm4KClBhcmFtVmFsdWUSEwoJaW50X3ZhbHVlGAEgASgFSAASFQoLZmxvYXRfdmFsdWUYAiABKAFIABIWCgxzdHJpbmdfdmFsdWUYAyABKAlIABIUCgpib29sX3ZhbHVlGAQgASgISABCBgoEa2luZCKfAQoKTWV0aG9kU3BlYxIMCgRuYW1lGAEgASgJEjQKBnBhcmFtcxgDIAMoCzIkLnNpZ2h0bGluZS52MS5NZXRob2RTcGVjLlBhcmFtc0VudHJ5GkcKC1BhcmFtc0VudHJ5EgsKA2tleRgBIAEoCRInCgV2YWx1ZRgCIAEoCzIYLnNpZ2h0bGluZS52MS5QYXJhbVZhbHVlOgI4AUoECAIQAyJmCgpUYXJnZXRTcGVjEhYKDm91dHB1dF9pbmRpY2VzGAEgAygFEhYKDmZvaWxfdG9rZW5faWRzGAIgAygFEigKBXNjb3JlGAMgASgOMhkuc2lnaHRsaW5lLnYxLlRhcmdldFNjb3JlIjEKBFNwYW4SDQoFc3RhcnQYASABKAUSCwoDZW5kGAIgASgFEg0KBWxhYmVsGAMgASgJIqoBCg9BZ2dyZWdhdGlvblNwZWMSLgoLZ3JhbnVsYXJpdHkYASABKA4yGS5zaWdodGxpbmUudjEuR3JhbnVsYXJpdHkSIQoFc3BhbnMYAiADKAsyEi5zaWdodGxpbmUudjEuU3BhbhIQCghhYnNvbHV0ZRgDIAEoCBIyCg1ub3JtYWxpemF0aW9uGAQgASgOMhsuc2lnaHRsaW5lLnYxLk5vcm1hbGl6YXRpb24iqAIKC0V4cGxhaW5TcGVjEikKB21ldGhvZHMYASADKAsyGC5zaWdodGxpbmUudjEuTWV0aG9kU3BlYxInCgRtb2RlGAIgASgOMhkuc2lnaHRsaW5lLnYxLkV4cGxhaW5Nb2RlEikKB3RhcmdldHMYAyABKAsyGC5zaWdodGxpbmUudjEuVGFyZ2V0U3BlYxIyCgthZ2dyZWdhdGlvbhgEIAEoCzIdLnNpZ2h0bGluZS52MS5BZ2dyZWdhdGlvblNwZWMSFAoMZmFpdGhmdWxuZXNzGAUgASgIEh4KEXN0ZXBfc2NvcmVzX3RvcF9rGAYgASgFSACIAQESGgoSa2VlcF9vbl9kaXNjb25uZWN0GAcgASgIQhQKEl9zdGVwX3Njb3Jlc190b3BfayI0CgVVc2FnZRIUCgxpbnB1dF90b2tlbnMYASABKAUSFQoNb3V0cHV0X3Rva2VucxgCIAEoBSLDAQoQRXhwbGFuYXRpb25FcnJvchIwCgRjb2RlGAEgASgOMiIuc2lnaHRsaW5lLnYxLkV4cGxhbmF0aW9uRXJyb3JDb2RlEg8KB21lc3NhZ2UYAiABKAkSPAoHZGV0YWlscxgDIAMoCzIrLnNpZ2h0bGluZS52MS5FeHBsYW5hdGlvbkVycm9yLkRldGFpbHNFbnRyeRouCgxEZXRhaWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJsChNFeHBsYW5hdGlvblByb2dyZXNzEhAKCGZyYWN0aW9uGAEgASgBEhQKDHNlY29uZHNfbGVmdBgCIAEoARItCgdtZXRob2RzGAMgAygLMhwuc2lnaHRsaW5lLnYxLk1ldGhvZFByb2dyZXNzIkgKDk1ldGhvZFByb2dyZXNzEg4KBm1ldGhvZBgBIAEoCRIQCghmcmFjdGlvbhgCIAEoARIUCgxzZWNvbmRzX2xlZnQYAyABKAEitAIKDE1ldGhvZFJlc3VsdBIOCgZtZXRob2QYASABKAkSKgoMYXR0cmlidXRpb25zGAIgASgLMhQuc2lnaHRsaW5lLnYxLlRlbnNvchI2CgZleHRyYXMYAyADKAsyJi5zaWdodGxpbmUudjEuTWV0aG9kUmVzdWx0LkV4dHJhc0VudHJ5Eg8KB3NlY29uZHMYBCABKAESKAoKYWdncmVnYXRlZBgFIAEoCzIULnNpZ2h0bGluZS52MS5UZW5zb3ISMAoMZmFpdGhmdWxuZXNzGAYgASgLMhouc2lnaHRsaW5lLnYxLkZhaXRoZnVsbmVzcxpDCgtFeHRyYXNFbnRyeRILCgNrZXkYASABKAkSIwoFdmFsdWUYAiABKAsyFC5zaWdodGxpbmUudjEuVGVuc29yOgI4ASKvAgoMRmFpdGhmdWxuZXNzEhEKCWZyYWN0aW9ucxgBIAMoAhIZChFjb21wcmVoZW5zaXZlbmVzcxgCIAMoAhITCgtzdWZmaWNpZW5jeRgDIAMoAhIgChhyYW5kb21fY29tcHJlaGVuc2l2ZW5lc3MYBCADKAISGgoScmFuZG9tX3N1ZmZpY2llbmN5GAUgAygCEh4KFmFvcGNfY29tcHJlaGVuc2l2ZW5lc3MYBiABKAISGAoQYW9wY19zdWZmaWNpZW5jeRgHIAEoAhIlCh1yYW5kb21fYW9wY19jb21wcmVoZW5zaXZlbmVzcxgIIAEoAhIfChdyYW5kb21fYW9wY19zdWZmaWNpZW5jeRgJIAEoAhIcChRyZXBsYWNlbWVudF90b2tlbl9pZBgKIAEoBSKwAQoKU3RlcFNjb3JlcxIQCghsb2dwcm9icxgBIAMoAhIVCg1wcm9iYWJpbGl0aWVzGAIgAygCEhEKCWVudHJvcGllcxgDIAMoAhINCgVyYW5rcxgEIAMoBRIrCg10b3BfdG9rZW5faWRzGAUgASgLMhQuc2lnaHRsaW5lLnYxLlRlbnNvchIqCgx0b3BfbG9ncHJvYnMYBiABKAsyFC5zaWdodGxpbmUudjEuVGVuc29yIjgKC1NvdXJjZUdyb3VwEg0KBXN0YXJ0GAEgASgFEgsKA2VuZBgCIAEoBRINCgVsYWJlbBgDIAEoCSJFCghGaWRlbGl0eRIbChNyZWNvbXB1dGVkX2xvZ3Byb2JzGAEgAygCEhwKFG1heF9hYnNfbG9ncHJvYl9kaWZmGAIgASgCIrIGCgtFeHBsYW5hdGlvbhIWCg5leHBsYW5hdGlvbl9pZBgBIAEoCRItCgVzdGF0ZRgCIAEoDjIeLnNpZ2h0bGluZS52MS5FeHBsYW5hdGlvblN0YXRlEi0KBWVycm9yGBcgASgLMh4uc2lnaHRsaW5lLnYxLkV4cGxhbmF0aW9uRXJyb3ISDQoFbW9kZWwYBCABKAkSFgoOd2VpZ2h0c19kaWdlc3QYBSABKAkSIwoGdG9rZW5zGAYgAygLMhMuc2lnaHRsaW5lLnYxLlRva2VuEhUKDXByb21wdF9sZW5ndGgYByABKAUSGAoQdGFyZ2V0X3Bvc2l0aW9ucxgIIAMoBRIrCgdyZXN1bHRzGAkgAygLMhouc2lnaHRsaW5lLnYxLk1ldGhvZFJlc3VsdBIoCghmaWRlbGl0eRgKIAEoCzIWLnNpZ2h0bGluZS52MS5GaWRlbGl0eRIRCgljYWNoZV9oaXQYCyABKAgSLgoKY3JlYXRlZF9hdBgMIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMAoMY29tcGxldGVkX2F0GA0gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIQCgh0cmFjZV9pZBgOIAEoCRIQCghhdHRlbXB0cxgPIAEoBRIWCg5mb2lsX3Rva2VuX2lkcxgQIAMoBRIvCgx0YXJnZXRfc2NvcmUYESABKA4yGS5zaWdodGxpbmUudjEuVGFyZ2V0U2NvcmUSLQoLc3RlcF9zY29yZXMYEiABKAsyGC5zaWdodGxpbmUudjEuU3RlcFNjb3JlcxIwCg1zb3VyY2VfZ3JvdXBzGBMgAygLMhkuc2lnaHRsaW5lLnYxLlNvdXJjZUdyb3VwEhQKDGNhbmNlbGxlZF9ieRgUIAEoCRIzCghwcm9ncmVzcxgVIAEoCzIhLnNpZ2h0bGluZS52MS5FeHBsYW5hdGlvblByb2dyZXNzEi8KDGV4cGxhaW5fcGF0aBgWIAEoDjIZLnNpZ2h0bGluZS52MS5FeHBsYWluUGF0aBIUCgxhcmNoaXRlY3R1cmUYGCABKAlKBAgDEAQqQgoFRHR5cGUSFQoRRFRZUEVfVU5TUEVDSUZJRUQQABIRCg1EVFlQRV9GTE9BVDMyEAESDwoLRFRZUEVfSU5UMzIQAiq0AQoJVG9rZW5Sb2xlEhoKFlRPS0VOX1JPTEVfVU5TUEVDSUZJRUQQABIXChNUT0tFTl9ST0xFX1RFTVBMQVRFEAESFQoRVE9LRU5fUk9MRV9TWVNURU0QAhITCg9UT0tFTl9ST0xFX1VTRVIQAxIYChRUT0tFTl9ST0xFX0FTU0lTVEFOVBAEEhUKEVRPS0VOX1JPTEVfUFJPTVBUEAUSFQoRVE9LRU5fUk9MRV9PVVRQVVQQBipaCgtFeHBsYWluTW9kZRIcChhFWFBMQUlOX01PREVfVU5TUEVDSUZJRUQQABIVChFFWFBMQUlOX01PREVfU1lOQxABEhYKEkVYUExBSU5fTU9ERV9BU1lOQxACKlwKC0V4cGxhaW5QYXRoEhwKGEVYUExBSU5fUEFUSF9VTlNQRUNJRklFRBAAEhUKEUVYUExBSU5fUEFUSF9GQVNUEAESGAoURVhQTEFJTl9QQVRIX0dFTkVSQUwQAip7CgtUYXJnZXRTY29yZRIcChhUQVJHRVRfU0NPUkVfVU5TUEVDSUZJRUQQABIYChRUQVJHRVRfU0NPUkVfTE9HUFJPQhABEhwKGFRBUkdFVF9TQ09SRV9QUk9CQUJJTElUWRACEhYKElRBUkdFVF9TQ09SRV9MT0dJVBADKm0KC0dyYW51bGFyaXR5EhsKF0dSQU5VTEFSSVRZX1VOU1BFQ0lGSUVEEAASFQoRR1JBTlVMQVJJVFlfVE9LRU4QARIUChBHUkFOVUxBUklUWV9XT1JEEAISFAoQR1JBTlVMQVJJVFlfU1BBThADKncKDU5vcm1hbGl6YXRpb24SHQoZTk9STUFMSVpBVElPTl9VTlNQRUNJRklFRBAAEhYKEk5PUk1BTElaQVRJT05fTk9ORRABEhQKEE5PUk1BTElaQVRJT05fTDEQAhIZChVOT1JNQUxJWkFUSU9OX01BWF9BQlMQAyqaAQoMRmluaXNoUmVhc29uEh0KGUZJTklTSF9SRUFTT05fVU5TUEVDSUZJRUQQABIWChJGSU5JU0hfUkVBU09OX1NUT1AQARIYChRGSU5JU0hfUkVBU09OX0xFTkdUSBACEhcKE0ZJTklTSF9SRUFTT05fQUJPUlQQAxIgChxGSU5JU0hfUkVBU09OX0NPTlRFWFRfTEVOR1RIEAQq0wEKEEV4cGxhbmF0aW9uU3RhdGUSIQodRVhQTEFOQVRJT05fU1RBVEVfVU5TUEVDSUZJRUQQABIdChlFWFBMQU5BVElPTl9TVEFURV9QRU5ESU5HEAESHQoZRVhQTEFOQVRJT05fU1RBVEVfUlVOTklORxACEh8KG0VYUExBTkFUSU9OX1NUQVRFX1NVQ0NFRURFRBADEhwKGEVYUExBTkFUSU9OX1NUQVRFX0ZBSUxFRBAEEh8KG0VYUExBTkFUSU9OX1NUQVRFX0NBTkNFTExFRBAFKrwBChRFeHBsYW5hdGlvbkVycm9yQ29kZRImCiJFWFBMQU5BVElPTl9FUlJPUl9DT0RFX1VOU1BFQ0lGSUVEEAASKAokRVhQTEFOQVRJT05fRVJST1JfQ09ERV9JTlZBTElEX0lOUFVUEAESLQopRVhQTEFOQVRJT05fRVJST1JfQ09ERV9BVFRFTVBUU19FWEhBVVNURUQQAhIjCh9FWFBMQU5BVElPTl9FUlJPUl9DT0RFX0lOVEVSTkFMEANCkAEKEGNvbS5zaWdodGxpbmUudjFCClR5cGVzUHJvdG9QAVo6Z2l0aHViLmNvbS9zaWdodGxpbmUvc2lnaHRsaW5lLWdvL3NpZ2h0bGluZS92MTtzaWdodGxpbmV2MaICA1NMVqoCDFNpZ2h0bGluZS5WMcoCDFNpZ2h0bGluZVxWMeoCDVNpZ2h0bGluZTo6VjFiBnByb3RvMw", [file_google_protobuf_timestamp]);
+  fileDesc("ChhzaWdodGxpbmUvdjEvdHlwZXMucHJvdG8SDHNpZ2h0bGluZS52MSJlCgZUZW5zb3ISIgoFZHR5cGUYASABKA4yEy5zaWdodGxpbmUudjEuRHR5cGUSDQoFc2hhcGUYAiADKAUSFAoMZmxvYXRfdmFsdWVzGAMgAygCEhIKCmludF92YWx1ZXMYBCADKAUimAEKBVRva2VuEgoKAmlkGAEgASgFEgwKBHRleHQYAiABKAkSFAoHbG9ncHJvYhgDIAEoAkgAiAEBEiUKBHJvbGUYBCABKA4yFy5zaWdodGxpbmUudjEuVG9rZW5Sb2xlEhoKDW1lc3NhZ2VfaW5kZXgYBSABKAVIAYgBAUIKCghfbG9ncHJvYkIQCg5fbWVzc2FnZV9pbmRleCIXCghUb2tlbklkcxILCgNpZHMYASADKAUiVgoLQ2hhdE1lc3NhZ2USDAoEcm9sZRgBIAEoCRIPCgdjb250ZW50GAIgASgJEigKBXBhcnRzGAMgAygLMhkuc2lnaHRsaW5lLnYxLkNvbnRlbnRQYXJ0Ik8KC0NvbnRlbnRQYXJ0Eg4KBHRleHQYASABKAlIABIoCgVpbWFnZRgCIAEoCzIXLnNpZ2h0bGluZS52MS5JbWFnZURhdGFIAEIGCgRwYXJ0IhkKCUltYWdlRGF0YRIMCgRkYXRhGAEgASgMIjsKDENoYXRNZXNzYWdlcxIrCghtZXNzYWdlcxgBIAMoCzIZLnNpZ2h0bGluZS52MS5DaGF0TWVzc2FnZSLIAQoOU2FtcGxpbmdQYXJhbXMSFwoKbWF4X3Rva2VucxgBIAEoBUgAiAEBEhgKC3RlbXBlcmF0dXJlGAIgASgCSAGIAQESEgoFdG9wX3AYAyABKAJIAogBARISCgV0b3BfaxgEIAEoBUgDiAEBEhEKBHNlZWQYBSABKAVIBIgBARIMCgRzdG9wGAYgAygJQg0KC19tYXhfdG9rZW5zQg4KDF90ZW1wZXJhdHVyZUIICgZfdG9wX3BCCAoGX3RvcF9rQgcKBV9zZWVkIm4KClBhcmFtVmFsdWUSEwoJaW50X3ZhbHVlGAEgASgFSAASFQoLZmxvYXRfdmFsdWUYAiABKAFIABIWCgxzdHJpbmdfdmFsdWUYAyABKAlIABIUCgpib29sX3ZhbHVlGAQgASgISABCBgoEa2luZCKfAQoKTWV0aG9kU3BlYxIMCgRuYW1lGAEgASgJEjQKBnBhcmFtcxgDIAMoCzIkLnNpZ2h0bGluZS52MS5NZXRob2RTcGVjLlBhcmFtc0VudHJ5GkcKC1BhcmFtc0VudHJ5EgsKA2tleRgBIAEoCRInCgV2YWx1ZRgCIAEoCzIYLnNpZ2h0bGluZS52MS5QYXJhbVZhbHVlOgI4AUoECAIQAyJmCgpUYXJnZXRTcGVjEhYKDm91dHB1dF9pbmRpY2VzGAEgAygFEhYKDmZvaWxfdG9rZW5faWRzGAIgAygFEigKBXNjb3JlGAMgASgOMhkuc2lnaHRsaW5lLnYxLlRhcmdldFNjb3JlIjEKBFNwYW4SDQoFc3RhcnQYASABKAUSCwoDZW5kGAIgASgFEg0KBWxhYmVsGAMgASgJIqoBCg9BZ2dyZWdhdGlvblNwZWMSLgoLZ3JhbnVsYXJpdHkYASABKA4yGS5zaWdodGxpbmUudjEuR3JhbnVsYXJpdHkSIQoFc3BhbnMYAiADKAsyEi5zaWdodGxpbmUudjEuU3BhbhIQCghhYnNvbHV0ZRgDIAEoCBIyCg1ub3JtYWxpemF0aW9uGAQgASgOMhsuc2lnaHRsaW5lLnYxLk5vcm1hbGl6YXRpb24i2wIKC0V4cGxhaW5TcGVjEikKB21ldGhvZHMYASADKAsyGC5zaWdodGxpbmUudjEuTWV0aG9kU3BlYxInCgRtb2RlGAIgASgOMhkuc2lnaHRsaW5lLnYxLkV4cGxhaW5Nb2RlEikKB3RhcmdldHMYAyABKAsyGC5zaWdodGxpbmUudjEuVGFyZ2V0U3BlYxIyCgthZ2dyZWdhdGlvbhgEIAEoCzIdLnNpZ2h0bGluZS52MS5BZ2dyZWdhdGlvblNwZWMSFAoMZmFpdGhmdWxuZXNzGAUgASgIEh4KEXN0ZXBfc2NvcmVzX3RvcF9rGAYgASgFSACIAQESGgoSa2VlcF9vbl9kaXNjb25uZWN0GAcgASgIEjEKBmltYWdlcxgIIAEoCzIhLnNpZ2h0bGluZS52MS5JbWFnZUV4cGxhaW5PcHRpb25zQhQKEl9zdGVwX3Njb3Jlc190b3BfayI7ChNJbWFnZUV4cGxhaW5PcHRpb25zEhEKCWdyaWRfcm93cxgBIAEoBRIRCglncmlkX2NvbHMYAiABKAUiwgEKCUltYWdlR3JpZBITCgtpbWFnZV9pbmRleBgBIAEoBRIMCgRyb3dzGAIgASgFEgwKBGNvbHMYAyABKAUSDgoGaGVpZ2h0GAQgASgFEg0KBXdpZHRoGAUgASgFEhEKCXJvd19lZGdlcxgGIAMoBRIRCgljb2xfZWRnZXMYByADKAUSFwoPb3JpZ2luYWxfaGVpZ2h0GAggASgFEhYKDm9yaWdpbmFsX3dpZHRoGAkgASgFEg4KBmRpZ2VzdBgKIAEoCSJMChBJbWFnZUF0dHJpYnV0aW9uEhMKC2ltYWdlX2luZGV4GAEgASgFEiMKBWNlbGxzGAIgASgLMhQuc2lnaHRsaW5lLnYxLlRlbnNvciIsCg1Nb2RhbGl0eVNoYXJlEg0KBWltYWdlGAEgAygCEgwKBHRleHQYAiADKAIiNAoFVXNhZ2USFAoMaW5wdXRfdG9rZW5zGAEgASgFEhUKDW91dHB1dF90b2tlbnMYAiABKAUiwwEKEEV4cGxhbmF0aW9uRXJyb3ISMAoEY29kZRgBIAEoDjIiLnNpZ2h0bGluZS52MS5FeHBsYW5hdGlvbkVycm9yQ29kZRIPCgdtZXNzYWdlGAIgASgJEjwKB2RldGFpbHMYAyADKAsyKy5zaWdodGxpbmUudjEuRXhwbGFuYXRpb25FcnJvci5EZXRhaWxzRW50cnkaLgoMRGV0YWlsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEibAoTRXhwbGFuYXRpb25Qcm9ncmVzcxIQCghmcmFjdGlvbhgBIAEoARIUCgxzZWNvbmRzX2xlZnQYAiABKAESLQoHbWV0aG9kcxgDIAMoCzIcLnNpZ2h0bGluZS52MS5NZXRob2RQcm9ncmVzcyJICg5NZXRob2RQcm9ncmVzcxIOCgZtZXRob2QYASABKAkSEAoIZnJhY3Rpb24YAiABKAESFAoMc2Vjb25kc19sZWZ0GAMgASgBIp8DCgxNZXRob2RSZXN1bHQSDgoGbWV0aG9kGAEgASgJEioKDGF0dHJpYnV0aW9ucxgCIAEoCzIULnNpZ2h0bGluZS52MS5UZW5zb3ISNgoGZXh0cmFzGAMgAygLMiYuc2lnaHRsaW5lLnYxLk1ldGhvZFJlc3VsdC5FeHRyYXNFbnRyeRIPCgdzZWNvbmRzGAQgASgBEigKCmFnZ3JlZ2F0ZWQYBSABKAsyFC5zaWdodGxpbmUudjEuVGVuc29yEjAKDGZhaXRoZnVsbmVzcxgGIAEoCzIaLnNpZ2h0bGluZS52MS5GYWl0aGZ1bG5lc3MSOgoSaW1hZ2VfYXR0cmlidXRpb25zGAcgAygLMh4uc2lnaHRsaW5lLnYxLkltYWdlQXR0cmlidXRpb24SLQoIbW9kYWxpdHkYCCABKAsyGy5zaWdodGxpbmUudjEuTW9kYWxpdHlTaGFyZRpDCgtFeHRyYXNFbnRyeRILCgNrZXkYASABKAkSIwoFdmFsdWUYAiABKAsyFC5zaWdodGxpbmUudjEuVGVuc29yOgI4ASKvAgoMRmFpdGhmdWxuZXNzEhEKCWZyYWN0aW9ucxgBIAMoAhIZChFjb21wcmVoZW5zaXZlbmVzcxgCIAMoAhITCgtzdWZmaWNpZW5jeRgDIAMoAhIgChhyYW5kb21fY29tcHJlaGVuc2l2ZW5lc3MYBCADKAISGgoScmFuZG9tX3N1ZmZpY2llbmN5GAUgAygCEh4KFmFvcGNfY29tcHJlaGVuc2l2ZW5lc3MYBiABKAISGAoQYW9wY19zdWZmaWNpZW5jeRgHIAEoAhIlCh1yYW5kb21fYW9wY19jb21wcmVoZW5zaXZlbmVzcxgIIAEoAhIfChdyYW5kb21fYW9wY19zdWZmaWNpZW5jeRgJIAEoAhIcChRyZXBsYWNlbWVudF90b2tlbl9pZBgKIAEoBSKwAQoKU3RlcFNjb3JlcxIQCghsb2dwcm9icxgBIAMoAhIVCg1wcm9iYWJpbGl0aWVzGAIgAygCEhEKCWVudHJvcGllcxgDIAMoAhINCgVyYW5rcxgEIAMoBRIrCg10b3BfdG9rZW5faWRzGAUgASgLMhQuc2lnaHRsaW5lLnYxLlRlbnNvchIqCgx0b3BfbG9ncHJvYnMYBiABKAsyFC5zaWdodGxpbmUudjEuVGVuc29yIjgKC1NvdXJjZUdyb3VwEg0KBXN0YXJ0GAEgASgFEgsKA2VuZBgCIAEoBRINCgVsYWJlbBgDIAEoCSJFCghGaWRlbGl0eRIbChNyZWNvbXB1dGVkX2xvZ3Byb2JzGAEgAygCEhwKFG1heF9hYnNfbG9ncHJvYl9kaWZmGAIgASgCIuAGCgtFeHBsYW5hdGlvbhIWCg5leHBsYW5hdGlvbl9pZBgBIAEoCRItCgVzdGF0ZRgCIAEoDjIeLnNpZ2h0bGluZS52MS5FeHBsYW5hdGlvblN0YXRlEi0KBWVycm9yGBcgASgLMh4uc2lnaHRsaW5lLnYxLkV4cGxhbmF0aW9uRXJyb3ISDQoFbW9kZWwYBCABKAkSFgoOd2VpZ2h0c19kaWdlc3QYBSABKAkSIwoGdG9rZW5zGAYgAygLMhMuc2lnaHRsaW5lLnYxLlRva2VuEhUKDXByb21wdF9sZW5ndGgYByABKAUSGAoQdGFyZ2V0X3Bvc2l0aW9ucxgIIAMoBRIrCgdyZXN1bHRzGAkgAygLMhouc2lnaHRsaW5lLnYxLk1ldGhvZFJlc3VsdBIoCghmaWRlbGl0eRgKIAEoCzIWLnNpZ2h0bGluZS52MS5GaWRlbGl0eRIRCgljYWNoZV9oaXQYCyABKAgSLgoKY3JlYXRlZF9hdBgMIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMAoMY29tcGxldGVkX2F0GA0gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIQCgh0cmFjZV9pZBgOIAEoCRIQCghhdHRlbXB0cxgPIAEoBRIWCg5mb2lsX3Rva2VuX2lkcxgQIAMoBRIvCgx0YXJnZXRfc2NvcmUYESABKA4yGS5zaWdodGxpbmUudjEuVGFyZ2V0U2NvcmUSLQoLc3RlcF9zY29yZXMYEiABKAsyGC5zaWdodGxpbmUudjEuU3RlcFNjb3JlcxIwCg1zb3VyY2VfZ3JvdXBzGBMgAygLMhkuc2lnaHRsaW5lLnYxLlNvdXJjZUdyb3VwEhQKDGNhbmNlbGxlZF9ieRgUIAEoCRIzCghwcm9ncmVzcxgVIAEoCzIhLnNpZ2h0bGluZS52MS5FeHBsYW5hdGlvblByb2dyZXNzEi8KDGV4cGxhaW5fcGF0aBgWIAEoDjIZLnNpZ2h0bGluZS52MS5FeHBsYWluUGF0aBIUCgxhcmNoaXRlY3R1cmUYGCABKAkSLAoLaW1hZ2VfZ3JpZHMYGSADKAsyFy5zaWdodGxpbmUudjEuSW1hZ2VHcmlkSgQIAxAEKkIKBUR0eXBlEhUKEURUWVBFX1VOU1BFQ0lGSUVEEAASEQoNRFRZUEVfRkxPQVQzMhABEg8KC0RUWVBFX0lOVDMyEAIqygEKCVRva2VuUm9sZRIaChZUT0tFTl9ST0xFX1VOU1BFQ0lGSUVEEAASFwoTVE9LRU5fUk9MRV9URU1QTEFURRABEhUKEVRPS0VOX1JPTEVfU1lTVEVNEAISEwoPVE9LRU5fUk9MRV9VU0VSEAMSGAoUVE9LRU5fUk9MRV9BU1NJU1RBTlQQBBIVChFUT0tFTl9ST0xFX1BST01QVBAFEhUKEVRPS0VOX1JPTEVfT1VUUFVUEAYSFAoQVE9LRU5fUk9MRV9JTUFHRRAHKloKC0V4cGxhaW5Nb2RlEhwKGEVYUExBSU5fTU9ERV9VTlNQRUNJRklFRBAAEhUKEUVYUExBSU5fTU9ERV9TWU5DEAESFgoSRVhQTEFJTl9NT0RFX0FTWU5DEAIqXAoLRXhwbGFpblBhdGgSHAoYRVhQTEFJTl9QQVRIX1VOU1BFQ0lGSUVEEAASFQoRRVhQTEFJTl9QQVRIX0ZBU1QQARIYChRFWFBMQUlOX1BBVEhfR0VORVJBTBACKnsKC1RhcmdldFNjb3JlEhwKGFRBUkdFVF9TQ09SRV9VTlNQRUNJRklFRBAAEhgKFFRBUkdFVF9TQ09SRV9MT0dQUk9CEAESHAoYVEFSR0VUX1NDT1JFX1BST0JBQklMSVRZEAISFgoSVEFSR0VUX1NDT1JFX0xPR0lUEAMqbQoLR3JhbnVsYXJpdHkSGwoXR1JBTlVMQVJJVFlfVU5TUEVDSUZJRUQQABIVChFHUkFOVUxBUklUWV9UT0tFThABEhQKEEdSQU5VTEFSSVRZX1dPUkQQAhIUChBHUkFOVUxBUklUWV9TUEFOEAMqdwoNTm9ybWFsaXphdGlvbhIdChlOT1JNQUxJWkFUSU9OX1VOU1BFQ0lGSUVEEAASFgoSTk9STUFMSVpBVElPTl9OT05FEAESFAoQTk9STUFMSVpBVElPTl9MMRACEhkKFU5PUk1BTElaQVRJT05fTUFYX0FCUxADKpoBCgxGaW5pc2hSZWFzb24SHQoZRklOSVNIX1JFQVNPTl9VTlNQRUNJRklFRBAAEhYKEkZJTklTSF9SRUFTT05fU1RPUBABEhgKFEZJTklTSF9SRUFTT05fTEVOR1RIEAISFwoTRklOSVNIX1JFQVNPTl9BQk9SVBADEiAKHEZJTklTSF9SRUFTT05fQ09OVEVYVF9MRU5HVEgQBCrTAQoQRXhwbGFuYXRpb25TdGF0ZRIhCh1FWFBMQU5BVElPTl9TVEFURV9VTlNQRUNJRklFRBAAEh0KGUVYUExBTkFUSU9OX1NUQVRFX1BFTkRJTkcQARIdChlFWFBMQU5BVElPTl9TVEFURV9SVU5OSU5HEAISHwobRVhQTEFOQVRJT05fU1RBVEVfU1VDQ0VFREVEEAMSHAoYRVhQTEFOQVRJT05fU1RBVEVfRkFJTEVEEAQSHwobRVhQTEFOQVRJT05fU1RBVEVfQ0FOQ0VMTEVEEAUqvAEKFEV4cGxhbmF0aW9uRXJyb3JDb2RlEiYKIkVYUExBTkFUSU9OX0VSUk9SX0NPREVfVU5TUEVDSUZJRUQQABIoCiRFWFBMQU5BVElPTl9FUlJPUl9DT0RFX0lOVkFMSURfSU5QVVQQARItCilFWFBMQU5BVElPTl9FUlJPUl9DT0RFX0FUVEVNUFRTX0VYSEFVU1RFRBACEiMKH0VYUExBTkFUSU9OX0VSUk9SX0NPREVfSU5URVJOQUwQA0KQAQoQY29tLnNpZ2h0bGluZS52MUIKVHlwZXNQcm90b1ABWjpnaXRodWIuY29tL3NpZ2h0bGluZS9zaWdodGxpbmUtZ28vc2lnaHRsaW5lL3YxO3NpZ2h0bGluZXYxogIDU0xWqgIMU2lnaHRsaW5lLlYxygIMU2lnaHRsaW5lXFYx6gINU2lnaHRsaW5lOjpWMWIGcHJvdG8z", [file_google_protobuf_timestamp]);
 
 /**
  * A dense tensor: its elements in row-major (C) order, the last dimension varying fastest, so that
@@ -557,6 +557,13 @@ export type ExplainSpec = Message<"sightline.v1.ExplainSpec"> & {
    * @generated from field: bool keep_on_disconnect = 7;
    */
   keepOnDisconnect: boolean;
+
+  /**
+   * How pictures in the request are explained; unset uses the model's own grid of image tokens.
+   *
+   * @generated from field: sightline.v1.ImageExplainOptions images = 8;
+   */
+  images?: ImageExplainOptions | undefined;
 };
 
 /**
@@ -565,6 +572,177 @@ export type ExplainSpec = Message<"sightline.v1.ExplainSpec"> & {
  */
 export const ExplainSpecSchema: GenMessage<ExplainSpec> = /*@__PURE__*/
   messageDesc(file_sightline_v1_types, 13);
+
+/**
+ * How the pictures of a request are explained. Per-method choices (e.g. the baseline a cell is
+ * replaced by) are method params; see ListMethods.
+ *
+ * @generated from message sightline.v1.ImageExplainOptions
+ */
+export type ImageExplainOptions = Message<"sightline.v1.ImageExplainOptions"> & {
+  /**
+   * Rows of the grid each picture's attributions are reported on; 0 takes the model's own grid
+   * (one cell per image token). At most the picture's height in pixels as the model sees it.
+   *
+   * @generated from field: int32 grid_rows = 1;
+   */
+  gridRows: number;
+
+  /**
+   * Columns of that grid; 0 takes the model's own.
+   *
+   * @generated from field: int32 grid_cols = 2;
+   */
+  gridCols: number;
+};
+
+/**
+ * Describes the message sightline.v1.ImageExplainOptions.
+ * Use `create(ImageExplainOptionsSchema)` to create a new message.
+ */
+export const ImageExplainOptionsSchema: GenMessage<ImageExplainOptions> = /*@__PURE__*/
+  messageDesc(file_sightline_v1_types, 14);
+
+/**
+ * The grid one picture's attributions are reported on, in the pixels of the picture as the model
+ * saw it (after its processor resized it). A client draws it from these numbers alone.
+ *
+ * @generated from message sightline.v1.ImageGrid
+ */
+export type ImageGrid = Message<"sightline.v1.ImageGrid"> & {
+  /**
+   * Which picture: its index among the request's pictures, in message order, from 0.
+   *
+   * @generated from field: int32 image_index = 1;
+   */
+  imageIndex: number;
+
+  /**
+   * Rows of cells.
+   *
+   * @generated from field: int32 rows = 2;
+   */
+  rows: number;
+
+  /**
+   * Columns of cells.
+   *
+   * @generated from field: int32 cols = 3;
+   */
+  cols: number;
+
+  /**
+   * Height in pixels of the picture the model saw.
+   *
+   * @generated from field: int32 height = 4;
+   */
+  height: number;
+
+  /**
+   * Width in pixels of the picture the model saw.
+   *
+   * @generated from field: int32 width = 5;
+   */
+  width: number;
+
+  /**
+   * The rows + 1 horizontal cell edges in those pixels, from 0 to height.
+   *
+   * @generated from field: repeated int32 row_edges = 6;
+   */
+  rowEdges: number[];
+
+  /**
+   * The cols + 1 vertical cell edges in those pixels, from 0 to width.
+   *
+   * @generated from field: repeated int32 col_edges = 7;
+   */
+  colEdges: number[];
+
+  /**
+   * Height in pixels of the picture as sent (scale edges by original/seen to draw on it).
+   *
+   * @generated from field: int32 original_height = 8;
+   */
+  originalHeight: number;
+
+  /**
+   * Width in pixels of the picture as sent.
+   *
+   * @generated from field: int32 original_width = 9;
+   */
+  originalWidth: number;
+
+  /**
+   * sha256 of the picture's bytes as sent, hex.
+   *
+   * @generated from field: string digest = 10;
+   */
+  digest: string;
+};
+
+/**
+ * Describes the message sightline.v1.ImageGrid.
+ * Use `create(ImageGridSchema)` to create a new message.
+ */
+export const ImageGridSchema: GenMessage<ImageGrid> = /*@__PURE__*/
+  messageDesc(file_sightline_v1_types, 15);
+
+/**
+ * One method's attributions to the cells of one picture.
+ *
+ * @generated from message sightline.v1.ImageAttribution
+ */
+export type ImageAttribution = Message<"sightline.v1.ImageAttribution"> & {
+  /**
+   * Which picture (Explanation.image_grids[image_index] is its grid).
+   *
+   * @generated from field: int32 image_index = 1;
+   */
+  imageIndex: number;
+
+  /**
+   * float32 [num_targets, rows, cols]: one score per cell for each explained token.
+   *
+   * @generated from field: sightline.v1.Tensor cells = 2;
+   */
+  cells?: Tensor | undefined;
+};
+
+/**
+ * Describes the message sightline.v1.ImageAttribution.
+ * Use `create(ImageAttributionSchema)` to create a new message.
+ */
+export const ImageAttributionSchema: GenMessage<ImageAttribution> = /*@__PURE__*/
+  messageDesc(file_sightline_v1_types, 16);
+
+/**
+ * How one method's attribution splits between the pictures and the text, per explained token.
+ *
+ * @generated from message sightline.v1.ModalityShare
+ */
+export type ModalityShare = Message<"sightline.v1.ModalityShare"> & {
+  /**
+   * The pictures' share of the absolute attribution (all cells of all pictures), in [0, 1].
+   *
+   * @generated from field: repeated float image = 1;
+   */
+  image: number[];
+
+  /**
+   * The text tokens' share (1 - image).
+   *
+   * @generated from field: repeated float text = 2;
+   */
+  text: number[];
+};
+
+/**
+ * Describes the message sightline.v1.ModalityShare.
+ * Use `create(ModalityShareSchema)` to create a new message.
+ */
+export const ModalityShareSchema: GenMessage<ModalityShare> = /*@__PURE__*/
+  messageDesc(file_sightline_v1_types, 17);
 
 /**
  * Token counts of a generation.
@@ -592,7 +770,7 @@ export type Usage = Message<"sightline.v1.Usage"> & {
  * Use `create(UsageSchema)` to create a new message.
  */
 export const UsageSchema: GenMessage<Usage> = /*@__PURE__*/
-  messageDesc(file_sightline_v1_types, 14);
+  messageDesc(file_sightline_v1_types, 18);
 
 /**
  * A failed explanation's reason.
@@ -628,7 +806,7 @@ export type ExplanationError = Message<"sightline.v1.ExplanationError"> & {
  * Use `create(ExplanationErrorSchema)` to create a new message.
  */
 export const ExplanationErrorSchema: GenMessage<ExplanationError> = /*@__PURE__*/
-  messageDesc(file_sightline_v1_types, 15);
+  messageDesc(file_sightline_v1_types, 19);
 
 /**
  * How far a running explanation has got, as its worker last published it (at most a few times a second).
@@ -664,7 +842,7 @@ export type ExplanationProgress = Message<"sightline.v1.ExplanationProgress"> & 
  * Use `create(ExplanationProgressSchema)` to create a new message.
  */
 export const ExplanationProgressSchema: GenMessage<ExplanationProgress> = /*@__PURE__*/
-  messageDesc(file_sightline_v1_types, 16);
+  messageDesc(file_sightline_v1_types, 20);
 
 /**
  * How far one method of a running explanation has got.
@@ -699,7 +877,7 @@ export type MethodProgress = Message<"sightline.v1.MethodProgress"> & {
  * Use `create(MethodProgressSchema)` to create a new message.
  */
 export const MethodProgressSchema: GenMessage<MethodProgress> = /*@__PURE__*/
-  messageDesc(file_sightline_v1_types, 17);
+  messageDesc(file_sightline_v1_types, 21);
 
 /**
  * The result of one method.
@@ -756,6 +934,20 @@ export type MethodResult = Message<"sightline.v1.MethodResult"> & {
    * @generated from field: sightline.v1.Faithfulness faithfulness = 6;
    */
   faithfulness?: Faithfulness | undefined;
+
+  /**
+   * For a request with pictures: the method's scores per cell, one entry per picture.
+   *
+   * @generated from field: repeated sightline.v1.ImageAttribution image_attributions = 7;
+   */
+  imageAttributions: ImageAttribution[];
+
+  /**
+   * For a request with pictures, when the method scores both the pictures and the text.
+   *
+   * @generated from field: sightline.v1.ModalityShare modality = 8;
+   */
+  modality?: ModalityShare | undefined;
 };
 
 /**
@@ -763,7 +955,7 @@ export type MethodResult = Message<"sightline.v1.MethodResult"> & {
  * Use `create(MethodResultSchema)` to create a new message.
  */
 export const MethodResultSchema: GenMessage<MethodResult> = /*@__PURE__*/
-  messageDesc(file_sightline_v1_types, 18);
+  messageDesc(file_sightline_v1_types, 22);
 
 /**
  * ERASER faithfulness of one method's attributions, averaged over the explained tokens. For a
@@ -850,7 +1042,7 @@ export type Faithfulness = Message<"sightline.v1.Faithfulness"> & {
  * Use `create(FaithfulnessSchema)` to create a new message.
  */
 export const FaithfulnessSchema: GenMessage<Faithfulness> = /*@__PURE__*/
-  messageDesc(file_sightline_v1_types, 19);
+  messageDesc(file_sightline_v1_types, 23);
 
 /**
  * Scores of each explained token under the explainer's replica of the model.
@@ -906,7 +1098,7 @@ export type StepScores = Message<"sightline.v1.StepScores"> & {
  * Use `create(StepScoresSchema)` to create a new message.
  */
 export const StepScoresSchema: GenMessage<StepScores> = /*@__PURE__*/
-  messageDesc(file_sightline_v1_types, 20);
+  messageDesc(file_sightline_v1_types, 24);
 
 /**
  * A group of source tokens that aggregated attributions are reported for.
@@ -941,7 +1133,7 @@ export type SourceGroup = Message<"sightline.v1.SourceGroup"> & {
  * Use `create(SourceGroupSchema)` to create a new message.
  */
 export const SourceGroupSchema: GenMessage<SourceGroup> = /*@__PURE__*/
-  messageDesc(file_sightline_v1_types, 21);
+  messageDesc(file_sightline_v1_types, 25);
 
 /**
  * How faithfully the explainer's replica reproduces what was served.
@@ -969,7 +1161,7 @@ export type Fidelity = Message<"sightline.v1.Fidelity"> & {
  * Use `create(FidelitySchema)` to create a new message.
  */
 export const FidelitySchema: GenMessage<Fidelity> = /*@__PURE__*/
-  messageDesc(file_sightline_v1_types, 22);
+  messageDesc(file_sightline_v1_types, 26);
 
 /**
  * An explanation record: its state, and once SUCCEEDED its results.
@@ -1137,6 +1329,13 @@ export type Explanation = Message<"sightline.v1.Explanation"> & {
    * @generated from field: string architecture = 24;
    */
   architecture: string;
+
+  /**
+   * The grid of each picture in the request, in picture order (empty without pictures).
+   *
+   * @generated from field: repeated sightline.v1.ImageGrid image_grids = 25;
+   */
+  imageGrids: ImageGrid[];
 };
 
 /**
@@ -1144,7 +1343,7 @@ export type Explanation = Message<"sightline.v1.Explanation"> & {
  * Use `create(ExplanationSchema)` to create a new message.
  */
 export const ExplanationSchema: GenMessage<Explanation> = /*@__PURE__*/
-  messageDesc(file_sightline_v1_types, 23);
+  messageDesc(file_sightline_v1_types, 27);
 
 /**
  * Element type of a Tensor: which of its value fields holds the elements.
@@ -1240,6 +1439,14 @@ export enum TokenRole {
    * @generated from enum value: TOKEN_ROLE_OUTPUT = 6;
    */
   OUTPUT = 6,
+
+  /**
+   * A placeholder that stands for part of a picture: the model reads the picture's features there,
+   * not the token's embedding (its message_index is the message that holds the picture).
+   *
+   * @generated from enum value: TOKEN_ROLE_IMAGE = 7;
+   */
+  IMAGE = 7,
 }
 
 /**
