@@ -288,8 +288,6 @@ class Gateway:
         request: inference_pb2.GenerateRequest,
         context: grpc.aio.ServicerContext,
         tenant: Tenant,
-        *,
-        streaming: bool = False,
     ) -> PreparedGeneration:
         """Everything checked before generating, so a bad or over-limit request costs no generation."""
         request_id = _request_id(request.request_id)
@@ -304,7 +302,7 @@ class Gateway:
         plan = await self.plan_explanation(request.explain)
         prompt = await self.prompt(request.input, model, _timeout(context))
         if isinstance(prompt, ImagePrompt):
-            refuse_unsupported_image_use(streaming=streaming, plan=plan)
+            refuse_unsupported_image_use(plan=plan)
             if tenant.limits.max_prompt_tokens:
                 tenant.check_prompt_tokens(
                     len(await self.vllm.tokenize_chat(model.name, prompt.messages, _timeout(context)))
@@ -477,7 +475,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def GenerateStream(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext, tenant: Tenant
     ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
-        prepared = await self.gateway.prepare_generation(request, context, tenant, streaming=True)
+        prepared = await self.gateway.prepare_generation(request, context, tenant)
         async with (
             self.gateway.explanation_slot(prepared.plan, tenant) as slot,
             # Closed explicitly, so a cancelled call closes the vLLM stream (aborting it) before the slot goes back.
@@ -504,9 +502,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         started = False
         final = inference_pb2.GenerateStreamResponse(request_id=prepared.request_id, trace_id=trace_id)
         end = final.end
-        if isinstance(prepared.prompt, ImagePrompt):  # refused in prepare_generation; narrows the type
-            raise invalid_argument("GenerateStream does not take images yet; use Generate")
-        stream = gateway.vllm.complete_stream(model.name, prepared.prompt, prepared.sampling, _timeout(context))
+        if isinstance(prepared.prompt, ImagePrompt):
+            stream = gateway.vllm.chat_complete_stream(
+                model.name, prepared.prompt.messages, prepared.sampling, _timeout(context)
+            )
+        else:
+            stream = gateway.vllm.complete_stream(model.name, prepared.prompt, prepared.sampling, _timeout(context))
         try:
             async for chunk in stream:
                 if chunk.prompt_token_ids is not None:

@@ -13,7 +13,7 @@ into one chunk, so a burst of tokens becomes one gRPC message instead of one eac
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -173,36 +173,18 @@ class VLLMClient:
     ) -> CompletionChunk:
         """A chat completion whose messages hold pictures (server.images.ImagePrompt): vLLM renders and tokenizes
         it with the model's processor and reports the prompt ids it used, image tokens expanded."""
-        payload = self._completion_payload(model, "", sampling, stream=False)
-        del payload["prompt"]
-        payload.update(messages=list(messages), logprobs=True)
+        payload = self._chat_payload(model, messages, sampling, stream=False)
         with self._genai_span(model, sampling) as span:
             headers = _trace_headers()
             body = await self._request_json(
                 "POST", "/v1/chat/completions", json=payload, timeout=timeout, headers=headers
             )
-            chunk = CompletionChunk(prompt_token_ids=[int(t) for t in body.get("prompt_token_ids") or []])
-            choice = body["choices"][0]
-            entries = (choice.get("logprobs") or {}).get("content") or []
-            chunk.token_ids = [int(t) for t in choice.get("token_ids") or []]
-            chunk.token_texts = (
-                [str(e.get("token", "")) for e in entries]
-                if len(entries) == len(chunk.token_ids)
-                else [""] * len(chunk.token_ids)
-            )
-            chunk.logprobs = (
-                [e.get("logprob") for e in entries]
-                if len(entries) == len(chunk.token_ids)
-                else [None] * len(chunk.token_ids)
-            )
-            chunk.text = str((choice.get("message") or {}).get("content") or "")
-            chunk.finish_reason = choice.get("finish_reason")
-            usage = body.get("usage") or {}
-            chunk.input_tokens, chunk.output_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            chunk = CompletionChunk(prompt_token_ids=[])
+            _add_chat_event(chunk, body)
             _record_response(span, body.get("id"), chunk)
             return chunk
 
-    async def complete_stream(
+    def complete_stream(
         self, model: str, prompt: Prompt, sampling: Sampling, timeout: float | None
     ) -> AsyncIterator[CompletionChunk]:
         """Yield chunks as vLLM streams them; closing the iterator aborts the upstream request.
@@ -211,11 +193,36 @@ class VLLMClient:
         token when the gateway keeps up with vLLM, several when they arrived together.
         """
         payload = self._completion_payload(model, prompt, sampling, stream=True)
+        return self._stream("/v1/completions", payload, _add_event, model, sampling, timeout)
+
+    def chat_complete_stream(
+        self, model: str, messages: Sequence[dict[str, Any]], sampling: Sampling, timeout: float | None
+    ) -> AsyncIterator[CompletionChunk]:
+        """Like ``complete_stream`` for chat messages holding pictures (server.images.ImagePrompt), streamed from
+        vLLM's chat endpoint, which renders them with the model's processor; the first chunk has the prompt ids."""
+        return self._stream(
+            "/v1/chat/completions",
+            self._chat_payload(model, messages, sampling, stream=True),
+            _add_chat_event,
+            model,
+            sampling,
+            timeout,
+        )
+
+    async def _stream(
+        self,
+        path: str,
+        payload: dict[str, Any],
+        add_event: Callable[[CompletionChunk, dict[str, Any]], None],
+        model: str,
+        sampling: Sampling,
+        timeout: float | None,
+    ) -> AsyncIterator[CompletionChunk]:
         with self._genai_span(model, sampling) as span:
             summary = CompletionChunk()
             try:
                 async with self._http.post(
-                    self.base_url + "/v1/completions",
+                    self.base_url + path,
                     json=payload,
                     headers=_trace_headers(),
                     timeout=self._timeout(timeout),
@@ -226,7 +233,7 @@ class VLLMClient:
                     async for data in response.content.iter_any():
                         lines = (partial_line + data).split(b"\n")
                         partial_line = lines.pop()
-                        chunk = _chunk_from_sse_lines(lines)
+                        chunk = _chunk_from_sse_lines(lines, add_event)
                         if chunk is None:
                             continue
                         summary.finish_reason = summary.finish_reason or chunk.finish_reason
@@ -263,6 +270,15 @@ class VLLMClient:
             payload["stop"] = list(sampling.stop)
         if stream:
             payload["stream_options"] = {"include_usage": True}
+        return payload
+
+    @classmethod
+    def _chat_payload(
+        cls, model: str, messages: Sequence[dict[str, Any]], sampling: Sampling, *, stream: bool
+    ) -> dict[str, Any]:
+        payload = cls._completion_payload(model, "", sampling, stream=stream)
+        del payload["prompt"]
+        payload.update(messages=list(messages), logprobs=True)
         return payload
 
     def _genai_span(self, model: str, sampling: Sampling) -> AbstractContextManager[trace.Span]:
@@ -322,7 +338,9 @@ def _trace_headers() -> dict[str, str]:
     return headers
 
 
-def _chunk_from_sse_lines(lines: Sequence[bytes]) -> CompletionChunk | None:
+def _chunk_from_sse_lines(
+    lines: Sequence[bytes], add_event: Callable[[CompletionChunk, dict[str, Any]], None]
+) -> CompletionChunk | None:
     """One chunk holding the completion events among server-sent-event lines, in order; None if there are none."""
     chunk: CompletionChunk | None = None
     for line in lines:
@@ -333,7 +351,7 @@ def _chunk_from_sse_lines(lines: Sequence[bytes]) -> CompletionChunk | None:
             continue
         if chunk is None:
             chunk = CompletionChunk()
-        _add_event(chunk, orjson.loads(data))
+        add_event(chunk, orjson.loads(data))
     return chunk
 
 
@@ -353,6 +371,28 @@ def _add_event(chunk: CompletionChunk, event: dict[str, Any]) -> None:
         chunk.finish_reason = choice.get("finish_reason") or chunk.finish_reason
         if choice.get("prompt_token_ids") is not None:
             chunk.prompt_token_ids = [int(t) for t in choice["prompt_token_ids"]]
+    usage = event.get("usage")
+    if usage:
+        chunk.input_tokens = usage.get("prompt_tokens")
+        chunk.output_tokens = usage.get("completion_tokens")
+
+
+def _add_chat_event(chunk: CompletionChunk, event: dict[str, Any]) -> None:
+    """Append what a chat completion response (``message``), or one streamed event of it (``delta``), says to
+    ``chunk``: vLLM sends the prompt's ids at the top level, once, and each token's text in its logprobs entry."""
+    if event.get("prompt_token_ids") is not None:
+        chunk.prompt_token_ids = [int(t) for t in event["prompt_token_ids"]]
+    choices = event.get("choices")
+    if choices:
+        choice = choices[0]
+        token_ids = [int(t) for t in choice.get("token_ids") or []]
+        entries = (choice.get("logprobs") or {}).get("content") or []
+        matched = len(entries) == len(token_ids)
+        chunk.token_ids += token_ids
+        chunk.token_texts += [str(e.get("token", "")) for e in entries] if matched else [""] * len(token_ids)
+        chunk.logprobs += [e.get("logprob") for e in entries] if matched else [None] * len(token_ids)
+        chunk.text += str((choice.get("message") or choice.get("delta") or {}).get("content") or "")
+        chunk.finish_reason = choice.get("finish_reason") or chunk.finish_reason
     usage = event.get("usage")
     if usage:
         chunk.input_tokens = usage.get("prompt_tokens")

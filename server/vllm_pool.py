@@ -285,8 +285,22 @@ class VLLMPool:
         # A unary completion delivers nothing until it is done, so one that failed is retried whole.
         return await self._with_failover(lambda client, left: client.complete(model, prompt, sampling, left), timeout)
 
-    async def complete_stream(
+    def complete_stream(
         self, model: str, prompt: Prompt, sampling: Sampling, timeout: float | None
+    ) -> AsyncIterator[CompletionChunk]:
+        return self._stream_with_failover(
+            lambda client, left: client.complete_stream(model, prompt, sampling, left), timeout
+        )
+
+    def chat_complete_stream(
+        self, model: str, messages: Sequence[dict[str, Any]], sampling: Sampling, timeout: float | None
+    ) -> AsyncIterator[CompletionChunk]:
+        return self._stream_with_failover(
+            lambda client, left: client.chat_complete_stream(model, messages, sampling, left), timeout
+        )
+
+    async def _stream_with_failover(
+        self, open_stream: Callable[[VLLMClient, float | None], AsyncIterator[CompletionChunk]], timeout: float | None
     ) -> AsyncIterator[CompletionChunk]:
         """Stream from the best replica; fail over only while nothing has been yielded to the caller."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -296,7 +310,7 @@ class VLLMPool:
         while (replica := self.pick(tried, unhealthy_too=unhealthy_too)) is not None:
             tried.append(replica)
             replica.outstanding += 1
-            stream = replica.client.complete_stream(model, prompt, sampling, _remaining(deadline))
+            stream = open_stream(replica.client, _remaining(deadline))
             chunks_sent = 0
             tokens_sent = 0
             try:

@@ -93,3 +93,40 @@ def test_the_cli_sends_a_picture(vlm_gateway: str, tmp_path: Path, capsys: pytes
         cli_main(["--target", vlm_gateway, "generate", "--image", str(tmp_path / "missing.png"), QUESTION])
     assert usage_error.value.code == 2
     assert "missing.png: no such file" in capsys.readouterr().err
+
+
+def test_a_stream_with_a_picture_answers_from_the_picture(vlm_gateway: str) -> None:
+    with Client(vlm_gateway) as client:
+        chunks = list(
+            client.generate_stream(
+                [{"role": "user", "content": [png("blue", 2, 3), QUESTION]}], max_tokens=8, timeout=300
+            )
+        )
+        whole = client.generate([{"role": "user", "content": [png("blue", 2, 3), QUESTION]}], max_tokens=8, timeout=300)
+    start, deltas, end = chunks[0], chunks[1:-1], chunks[-1]
+    assert start.kind == "start" and end.kind == "end" and all(chunk.kind == "delta" for chunk in deltas)
+    # The prompt as vLLM's processor expanded it, picture tokens included: the same ids Generate reports.
+    assert start.prompt_token_ids == whole.prompt_token_ids and len(start.prompt_token_ids) > 49
+    streamed = [token for chunk in deltas for token in chunk.output_tokens]
+    assert [token.id for token in streamed] == [token.id for token in whole.output_tokens]
+    assert all(token.logprob is not None for token in streamed)
+    text = "".join(chunk.text_delta for chunk in deltas)
+    assert "blue" in text.lower() and text == whole.text
+    assert end.finish_reason is not None and end.usage is not None and end.usage.output_tokens == len(streamed)
+
+
+def test_a_stream_checks_its_pictures_like_generate(vlm_gateway: str) -> None:
+    whole = png("red", 1, 1)
+    with Client(vlm_gateway) as client, pytest.raises(SightlineError) as caught:
+        list(client.generate_stream([{"role": "user", "content": [whole, whole, QUESTION]}], max_tokens=4))
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT and "SIGHTLINE_MAX_IMAGES" in caught.value.details
+
+
+def test_the_cli_streams_a_picture(vlm_gateway: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "square.png"
+    path.write_bytes(png("green", 4, 0))
+    status = cli_main(
+        ["--target", vlm_gateway, "--timeout", "300", "stream", "--image", str(path), "--max-tokens", "8", QUESTION]
+    )
+    assert status == 0
+    assert "green" in capsys.readouterr().out.lower()
