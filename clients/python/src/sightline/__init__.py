@@ -7,6 +7,7 @@ from sightline import types
 from sightline.catalog import MethodCatalog
 from sightline.client import DEFAULT_TARGET, AsyncClient, Client
 from sightline.errors import SightlineError
+from sightline.image_results import Box, Cell, ImageGrid, ModalityShare
 from sightline.matrix import Matrix
 from sightline.tls import TLS
 from sightline.types import (
@@ -50,6 +51,8 @@ __all__ = [
     "DEFAULT_TARGET",
     "TLS",
     "AsyncClient",
+    "Box",
+    "Cell",
     "Client",
     "Estimate",
     "ExplainMethods",
@@ -67,6 +70,7 @@ __all__ = [
     "FinishReason",
     "Generation",
     "GranularityName",
+    "ImageGrid",
     "LogitLensLayer",
     "Matrix",
     "MethodCatalog",
@@ -74,6 +78,7 @@ __all__ = [
     "MethodParam",
     "MethodProgress",
     "MethodResult",
+    "ModalityShare",
     "NormalizationName",
     "ParamType",
     "Progress",

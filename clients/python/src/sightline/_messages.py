@@ -134,6 +134,11 @@ def _options_spec(options: ExplainOptions) -> types_pb2.ExplainSpec:
         faithfulness=options.faithfulness,
         step_scores_top_k=options.step_scores_top_k,  # None leaves it unset, for the server's default
         keep_on_disconnect=options.keep_on_disconnect,
+        images=(
+            None
+            if options.image_grid is None
+            else types_pb2.ImageExplainOptions(grid_rows=options.image_grid[0], grid_cols=options.image_grid[1])
+        ),
     )
 
 

@@ -11,14 +11,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING, Literal, NamedTuple, TypeAlias, get_args
+from typing import Literal, NamedTuple, TypeAlias, get_args
 
 from google.protobuf import timestamp_pb2
+from sightline.image_results import ImageGrid, ImageResults, ModalityShare, image_attributions
 from sightline.matrix import Matrix, optional_matrix
 from sightline.v1 import explanations_pb2, inference_pb2, types_pb2
-
-if TYPE_CHECKING:
-    pass
 
 # ---------------------------------------------------------------------------
 # Inputs
@@ -75,6 +73,8 @@ class ExplainOptions:
     keep_on_disconnect: bool = False
     """In sync mode, let the job run on if this call ends (e.g. interrupted) before it is done; by default the
     server cancels it."""
+    image_grid: tuple[int, int] | None = None
+    """(rows, cols) of the grid pictures are scored on; None takes the model's (a cell per image token)."""
 
     def __post_init__(self) -> None:
         for name, allowed in (
@@ -88,6 +88,8 @@ class ExplainOptions:
             raise ValueError(f"spans are only used with granularity='span', not {self.granularity!r}")
         if self.granularity == "span" and not self.spans:
             raise ValueError("granularity='span' needs spans")
+        if self.image_grid is not None and (len(self.image_grid) != 2 or min(self.image_grid) < 1):
+            raise ValueError(f"image_grid is (rows, cols), each at least 1; got {self.image_grid!r}")
         # Tuples, so that the options stay immutable and hashable whatever sequences they were given.
         object.__setattr__(self, "output_indices", tuple(self.output_indices))
         object.__setattr__(self, "foil_token_ids", tuple(self.foil_token_ids))
@@ -142,6 +144,8 @@ class TokenRole(StrEnum):
     PROMPT = "prompt"
     """A prompt given as text or token ids: all of it the caller's."""
     OUTPUT = "output"
+    IMAGE = "image"
+    """A placeholder standing for part of a picture (its message_index is the message holding the picture)."""
 
 
 class ExplanationErrorCode(StrEnum):
@@ -193,6 +197,7 @@ _TOKEN_ROLES = {
     types_pb2.TOKEN_ROLE_ASSISTANT: TokenRole.ASSISTANT,
     types_pb2.TOKEN_ROLE_PROMPT: TokenRole.PROMPT,
     types_pb2.TOKEN_ROLE_OUTPUT: TokenRole.OUTPUT,
+    types_pb2.TOKEN_ROLE_IMAGE: TokenRole.IMAGE,
 }
 _ERROR_CODES = {
     types_pb2.EXPLANATION_ERROR_CODE_INVALID_INPUT: ExplanationErrorCode.INVALID_INPUT,
@@ -348,6 +353,9 @@ class MethodResult:
     ``ExplainOptions`` asked. None when the server sent none."""
     faithfulness: Faithfulness | None
     """Set when ``ExplainOptions.faithfulness`` was asked for and the method attributes tokens."""
+    image_attributions: Mapping[int, Matrix] = field(default_factory=dict)
+    """float32 ``[targets, rows, cols]`` cell scores by picture index (see ``Explanation.image_grids``)."""
+    modality: ModalityShare | None = None
 
     @classmethod
     def from_proto(cls, result: types_pb2.MethodResult) -> MethodResult:
@@ -358,6 +366,8 @@ class MethodResult:
             seconds=result.seconds,
             aggregated=optional_matrix(result.aggregated),
             faithfulness=(Faithfulness.from_proto(result.faithfulness) if result.HasField("faithfulness") else None),
+            image_attributions=image_attributions(result.image_attributions),
+            modality=ModalityShare.from_proto(result.modality),
         )
 
 
@@ -493,7 +503,7 @@ class Estimate:
 
 
 @dataclass(frozen=True)
-class Explanation:
+class Explanation(ImageResults):
     explanation_id: str
     state: ExplanationState
     error: ExplanationError | None
@@ -530,6 +540,8 @@ class Explanation:
     architecture: str
     """The explained model's architecture, its config ``model_type`` (empty until the job ran)."""
     raw: types_pb2.Explanation = field(repr=False, compare=False)
+    image_grids: tuple[ImageGrid, ...] = ()
+    """The grid of each picture in the request, in picture order (empty without pictures)."""
 
     def __post_init__(self) -> None:
         # Checked once here so that top_sources() and friends can index without surprises.
@@ -556,6 +568,7 @@ class Explanation:
                         f"{kind} of {name!r} have shape {matrix.shape}, expected {expected}"
                         f" for {targets} targets over {sources}"
                     )
+        self.check_image_results()
 
     @classmethod
     def from_proto(cls, explanation: types_pb2.Explanation) -> Explanation:
@@ -587,6 +600,7 @@ class Explanation:
             explain_path=EXPLAIN_PATHS.get(explanation.explain_path, ExplainPath.UNSPECIFIED),
             architecture=explanation.architecture,
             raw=explanation,
+            image_grids=tuple(ImageGrid.from_proto(grid) for grid in explanation.image_grids),
         )
 
     @property
