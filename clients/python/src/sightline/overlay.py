@@ -40,11 +40,9 @@ def overlay_png(
     grid = explanation.image_grid(image_index)
     scores = explanation.image_cells(target_index, method, image_index)
     data = image_bytes(picture)
-    if isinstance(picture, bytes | bytearray | os.PathLike) and grid.digest:
-        if hashlib.sha256(data).hexdigest() != grid.digest:
-            raise ValueError(
-                f"this is not picture {image_index} of the explanation: its sha256 differs from the grid's"
-            )
+    sent_as_is = isinstance(picture, bytes | bytearray | os.PathLike)  # a PIL image is re-encoded: no digest check
+    if sent_as_is and grid.digest and hashlib.sha256(data).hexdigest() != grid.digest:
+        raise ValueError(f"this is not picture {image_index} of the explanation: its sha256 differs from the grid's")
     image, draw = _pillow()
     base = image.open(io.BytesIO(data)).convert("RGBA")
     if base.size != (grid.original_width, grid.original_height):
