@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import grpc
+from fake_pictures import attach_picture_results
 from sightline.v1 import (
     explanations_pb2,
     explanations_pb2_grpc,
@@ -211,6 +212,7 @@ class FakeSightline(inference_pb2_grpc.InferenceServiceServicer, explanations_pb
         if request.input.WhichOneof("kind") == "prompt" and not request.input.prompt:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty")
         explanation_id, explanation = self._explanation_for(request.input.prompt, request.explain)
+        attach_picture_results(explanation, request)
         return inference_pb2.GenerateResponse(
             request_id=request.request_id or "req-generated",
             trace_id="trace-1",
@@ -252,6 +254,7 @@ class FakeSightline(inference_pb2_grpc.InferenceServiceServicer, explanations_pb
             delta=inference_pb2.GenerateStreamDelta(output_tokens=tokens[1:], text_delta=tokens[1].text),
         )
         explanation_id, explanation = self._explanation_for(request.input.prompt, request.explain)
+        attach_picture_results(explanation, request)
         yield inference_pb2.GenerateStreamResponse(
             request_id="req-stream",
             trace_id="trace-1",

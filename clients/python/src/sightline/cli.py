@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from google.protobuf.json_format import MessageToJson
+from sightline.cli_images import add_image_flags, overlay_problem, print_image_cells, write_overlay
 from sightline.client import DEFAULT_TARGET, Client
 from sightline.errors import SightlineError
 from sightline.progress_display import ProgressDisplay
@@ -52,6 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for image in args.images or []:
             if not image.is_file():
                 parser.error(f"--image {image}: no such file")
+        problem = overlay_problem(args)
+        if problem is not None:
+            parser.error(problem)
     try:
         tls = _tls(args)
     except (OSError, ValueError) as error:
@@ -189,6 +193,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="measure each method's comprehensiveness and sufficiency against random attributions",
     )
+    add_image_flags(generation, options)
 
     summary = argparse.ArgumentParser(add_help=False)
     summary.add_argument(
@@ -313,6 +318,7 @@ def _explain_options(args: argparse.Namespace) -> ExplainOptions | None:
         absolute=args.absolute,
         normalization=args.normalize,
         faithfulness=args.faithfulness,
+        image_grid=args.image_grid,
     )
     if options == ExplainOptions():
         return None
@@ -358,7 +364,8 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
     if explanation is None and generation.explanation_id and args.wait:
         print(flush=True)
         explanation = _watch(client, generation.explanation_id, math.inf)
-    return _report_explanation(generation.explanation_id, explanation, args, _by_groups(args))
+    status = _report_explanation(generation.explanation_id, explanation, args, _by_groups(args))
+    return status or (write_overlay(explanation, args) if args.overlay else 0)
 
 
 def _note_finish(reason: FinishReason | None) -> None:
@@ -383,7 +390,8 @@ def _stream(client: Client, args: argparse.Namespace) -> int:
         return 0
     print()
     _note_finish(final.finish_reason)
-    return _report_explanation(final.explanation_id, final.explanation, args, _by_groups(args))
+    status = _report_explanation(final.explanation_id, final.explanation, args, _by_groups(args))
+    return status or (write_overlay(final.explanation, args) if args.overlay else 0)
 
 
 def _explain(client: Client, args: argparse.Namespace) -> int:
@@ -530,6 +538,9 @@ def _print_explanation(
         print(f"  not finished; wait for it with: sightline explain {explanation.explanation_id} --wait SECONDS")
         return 0
     methods = explanation.token_attribution_methods
+    if not methods and explanation.image_methods:
+        print_image_cells(explanation, top)
+        return 0
     if not methods:
         print(f"  no token attributions (results: {', '.join(explanation.results) or 'none'})")
         return 0
@@ -551,6 +562,7 @@ def _print_explanation(
     for name, result in explanation.results.items():
         if result.faithfulness is not None:
             print(f"{name} faithfulness: {_faithfulness_summary(result.faithfulness)}")
+    print_image_cells(explanation, top)
     return 0
 
 
