@@ -242,3 +242,46 @@ func TestGRPCCodecRoundTripsGeneratedMessages(t *testing.T) {
 		}
 	}
 }
+
+func TestTopCellsRanksEveryPicturesCellsWithBoxesInTheOriginal(t *testing.T) {
+	// Two 2 x 2 grids over 224 x 224 seen pixels; picture 0 was sent at 448 x 448, picture 1 at 112 x 224.
+	grid := func(index, width, height int32) *sightlinev1.ImageGrid {
+		return &sightlinev1.ImageGrid{
+			ImageIndex: index, Rows: 2, Cols: 2, Height: 224, Width: 224, RowEdges: []int32{0, 112, 224},
+			ColEdges: []int32{0, 112, 224}, OriginalWidth: width, OriginalHeight: height,
+		}
+	}
+	explanation := &sightlinev1.Explanation{
+		TargetPositions: []int32{3, 4},
+		ImageGrids:      []*sightlinev1.ImageGrid{grid(0, 448, 448), grid(1, 112, 224)},
+		Results: []*sightlinev1.MethodResult{
+			{Method: "saliency", Attributions: float32Tensor([]int32{2, 4}, 1, 2, 3, 4, 5, 6, 7, 8)},
+			{Method: "occlusion", ImageAttributions: []*sightlinev1.ImageAttribution{
+				{ImageIndex: 0, Cells: float32Tensor([]int32{2, 2, 2}, 0.25, 0, 0, 0.5, 0, -0.75, 0.125, 0)},
+				{ImageIndex: 1, Cells: float32Tensor([]int32{2, 2, 2}, 0, 0.375, 0, 0, -0.5, 0, 0, 0)},
+			}},
+		},
+	}
+	cells, err := TopCells(explanation, "", 0, 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []Cell{
+		{ImageIndex: 0, Row: 1, Col: 1, Box: Box{224, 224, 448, 448}, Score: 0.5},
+		{ImageIndex: 1, Row: 0, Col: 1, Box: Box{56, 0, 112, 112}, Score: 0.375},
+		{ImageIndex: 0, Row: 0, Col: 0, Box: Box{0, 0, 224, 224}, Score: 0.25},
+	}
+	if !reflect.DeepEqual(cells, want) {
+		t.Fatalf("got %+v, want %+v", cells, want)
+	}
+	second, err := TopCells(explanation, "occlusion", 1, 1)
+	if err != nil || !reflect.DeepEqual(second, []Cell{{ImageIndex: 0, Row: 0, Col: 1, Box: Box{224, 0, 448, 224}, Score: -0.75}}) {
+		t.Fatalf("target 1: got %+v, %v", second, err)
+	}
+	if _, err := TopCells(explanation, "saliency", 0, 1); err == nil || !strings.Contains(err.Error(), "scores no picture cells") {
+		t.Fatalf("saliency: got %v", err)
+	}
+	if _, err := TopCells(explanation, "", 2, 1); err == nil || !strings.Contains(err.Error(), "do not hold target 2") {
+		t.Fatalf("target 2: got %v", err)
+	}
+}
