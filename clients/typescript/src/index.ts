@@ -17,6 +17,8 @@ export type {
   TargetScore,
   Token,
 } from "./explanation.js";
+export { cellBox, topCells } from "./images.js";
+export type { Box, Cell } from "./images.js";
 export { Matrix } from "./matrix.js";
 export type { NestedNumbers, TensorDType } from "./matrix.js";
 export type {

@@ -11,6 +11,7 @@ import {
   SightlineError,
   UnauthenticatedError,
   proto,
+  topCells,
 } from "../src/index.js";
 import { toSightlineError } from "../src/errors.js";
 import { explainSpec, generateRequest } from "../src/requests.js";
@@ -187,4 +188,34 @@ test("failed calls become the error class of their status", () => {
   const invalid = toSightlineError(new ConnectError("bad", Code.InvalidArgument));
   assert.ok(invalid instanceof InvalidArgumentError);
   assert.equal(toSightlineError(new ConnectError("down", Code.Unavailable)).isCallerError, false);
+});
+
+test("topCells ranks every picture's cells with their boxes in the picture as sent", () => {
+  // Two 2 x 2 grids over 224 x 224 seen pixels; picture 0 was sent at 448 x 448, picture 1 at 112 x 224.
+  const grid = (imageIndex: number, originalWidth: number, originalHeight: number) => ({
+    imageIndex, rows: 2, cols: 2, height: 224, width: 224, rowEdges: [0, 112, 224], colEdges: [0, 112, 224],
+    originalWidth, originalHeight,
+  });
+  const message = explanationMessage(float32Tensor([2, 3], [0, 0, 0, 1, 2, 0]));
+  message.imageGrids = [grid(0, 448, 448), grid(1, 112, 224)].map((g) => create(proto.ImageGridSchema, g));
+  message.results.push(
+    create(proto.MethodResultSchema, {
+      method: "occlusion",
+      imageAttributions: [
+        { imageIndex: 0, cells: float32Tensor([2, 2, 2], [0.25, 0, 0, 0.5, 0, -0.75, 0.125, 0]) },
+        { imageIndex: 1, cells: float32Tensor([2, 2, 2], [0, 0.375, 0, 0, -0.5, 0, 0, 0]) },
+      ],
+    }),
+  );
+  const explanation = new Explanation(fromBinary(proto.ExplanationSchema, toBinary(proto.ExplanationSchema, message)));
+  assert.deepEqual(topCells(explanation, 0, 3), [
+    { imageIndex: 0, row: 1, col: 1, box: { left: 224, top: 224, right: 448, bottom: 448 }, score: 0.5 },
+    { imageIndex: 1, row: 0, col: 1, box: { left: 56, top: 0, right: 112, bottom: 112 }, score: 0.375 },
+    { imageIndex: 0, row: 0, col: 0, box: { left: 0, top: 0, right: 224, bottom: 224 }, score: 0.25 },
+  ]);
+  assert.deepEqual(topCells(explanation, 1, 1, "occlusion"), [
+    { imageIndex: 0, row: 0, col: 1, box: { left: 224, top: 0, right: 448, bottom: 224 }, score: -0.75 },
+  ]);
+  assert.throws(() => topCells(explanation, 0, 1, "input_x_gradient"), /scores no picture cells/);
+  assert.throws(() => topCells(explanation, 2, 1), /do not hold target 2/);
 });
