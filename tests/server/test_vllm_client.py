@@ -77,6 +77,7 @@ async def vllm_url() -> AsyncIterator[Callable[[Handler], Awaitable[str]]]:
     async def serve(handler: Handler) -> str:
         app = web.Application()
         app.router.add_post("/v1/completions", handler)
+        app.router.add_post("/v1/chat/completions", handler)
         runner = web.AppRunner(app)
         await runner.setup()
         port = free_port()
@@ -110,6 +111,52 @@ async def test_stream_keeps_every_token_in_order_and_joins_events_read_together(
     assert all(chunk.prompt_token_ids is None for chunk in chunks[1:])
     assert with_tokens[-1].finish_reason == "length"
     assert (chunks[-1].input_tokens, chunks[-1].output_tokens) == (2, 3)
+
+
+def chat_event(token_id: int, text: str, *, finish: str | None = None) -> bytes:
+    choice: dict[str, Any] = {
+        "index": 0,
+        "delta": {"content": text},
+        "logprobs": {"content": [{"token": text, "logprob": -0.25 * token_id}]},
+        "finish_reason": finish,
+        "token_ids": [token_id],
+    }
+    return sse({"id": "chatcmpl-1", "choices": [choice]})
+
+
+async def chat_stream(request: web.Request) -> web.StreamResponse:
+    """vLLM's chat stream: the prompt's ids at the top level of a first event with the role and no token."""
+    body = await request.json()
+    assert body["stream"] and body["logprobs"] is True and body["messages"][0]["role"] == "user"
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+    first = sse(
+        {"id": "chatcmpl-1", "prompt_token_ids": [7, 8, 9], "choices": [{"index": 0, "delta": {"role": "assistant"}}]}
+    )
+    await response.write(first[:15])
+    await pause()
+    await response.write(first[15:] + chat_event(1, "Red"))
+    await pause()
+    await response.write(chat_event(2, ".", finish="length") + USAGE + b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+async def test_a_chat_stream_keeps_the_prompt_ids_tokens_texts_and_logprobs(
+    vllm_url: Callable[[Handler], Awaitable[str]],
+) -> None:
+    client = VLLMClient(await vllm_url(chat_stream))
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What colour?"}]}]
+    try:
+        chunks = [chunk async for chunk in client.chat_complete_stream("m", messages, SAMPLING, timeout=10)]
+    finally:
+        await client.aclose()
+    assert chunks[0].prompt_token_ids == [7, 8, 9]
+    assert [token for chunk in chunks for token in chunk.token_ids] == [1, 2]
+    assert [text for chunk in chunks for text in chunk.token_texts] == ["Red", "."]
+    assert [logprob for chunk in chunks for logprob in chunk.logprobs] == [-0.25, -0.5]
+    assert "".join(chunk.text for chunk in chunks) == "Red."
+    assert chunks[-1].finish_reason == "length" and (chunks[-1].input_tokens, chunks[-1].output_tokens) == (2, 3)
 
 
 @pytest.mark.parametrize(
