@@ -85,7 +85,10 @@ def write_overlay(explanation: Explanation | None, args: argparse.Namespace) -> 
     """Write the overlay ``--overlay`` asks for; 1 (with the reason on stderr) when it cannot be drawn."""
     from sightline.overlay import overlay_png
 
-    if explanation is None or not explanation.image_methods:
+    if explanation is None:
+        print("error: --overlay: no explanation came back to draw (`stream --async` does not wait)", file=sys.stderr)
+        return 1
+    if not explanation.image_methods:
         print("error: --overlay: the explanation has no picture cells to draw", file=sys.stderr)
         return 1
     try:
