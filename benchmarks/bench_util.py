@@ -25,6 +25,7 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 PYTHON = sys.executable
+GIB = 1024**3
 
 JsonDict = dict[str, Any]
 
