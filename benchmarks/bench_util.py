@@ -105,6 +105,18 @@ def verdict(met: bool | None) -> str:
     return "—" if met is None else ("met" if met else "**missed**")
 
 
+def grpc_serving(address: str, service: str = "sightline.v1.InferenceService", timeout_s: float = 2.0) -> bool:
+    """Whether the gRPC health service at `address` reports `service` ("": the server as a whole) SERVING; an
+    unreachable server raises, which wait_for takes as not ready yet."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        request = health_pb2.HealthCheckRequest(service=service)
+        reply = health_pb2_grpc.HealthStub(channel).Check(request, timeout=timeout_s)
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
 def wait_for(ready: Callable[[], bool], children: Sequence[Any], name: str, timeout: float) -> None:
     """Poll ready() until it returns True; fail at once if one of the child processes (deploy.local_stack.Child)
     exits, and after `timeout` seconds, with the last child's log tail."""
