@@ -74,6 +74,7 @@ from cache_and_scaling_children import (
     IDENTITY_TOLERANCE,
     CacheSpec,
     IdentitySpec,
+    Outcome,
     PointSpec,
     child_main,
     matmul_gflops,
@@ -128,6 +129,25 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def run_spec(
+    settings: Settings,
+    kind: str,
+    spec: PointSpec | IdentitySpec | CacheSpec,
+    *,
+    timeout_s: float,
+    in_process: bool,
+) -> Outcome:
+    """run_child for `spec` on the settings' model, with their RSS guard and threads."""
+    return run_child(
+        kind,
+        {**asdict(spec), "model_dir": str(settings.model_dir)},
+        timeout_s=timeout_s,
+        rss_limit_bytes=settings.rss_limit_bytes,
+        threads=settings.threads,
+        in_process=in_process,
+    )
+
+
 def point_plan(settings: Settings, spec: PointSpec) -> FlopPlan:
     return method_flops(settings.shape, spec.method, spec.params, spec.prompt + spec.generated, spec.positions)
 
@@ -177,13 +197,8 @@ def measure_point(settings: Settings, spec: PointSpec, rate_flops: float | None,
         + ("" if spec.max_items is None else f"({spec.max_items} of {len(plan.items)} items) ")
         + f"predicted {predicted_run:.0f} s ({predicted_full:.0f} s in full)"
     )
-    outcome = run_child(
-        "point",
-        {**asdict(spec), "model_dir": str(settings.model_dir)},
-        timeout_s=max(300.0, 4 * predicted_run + 120),
-        rss_limit_bytes=settings.rss_limit_bytes,
-        threads=settings.threads,
-        in_process=settings.smoke and not fresh,
+    outcome = run_spec(
+        settings, "point", spec, timeout_s=max(300.0, 4 * predicted_run + 120), in_process=settings.smoke and not fresh
     )
     if not outcome.ok:
         row.update(status="failed", reason=outcome.error, **outcome.data)
@@ -300,14 +315,7 @@ def section_chunking(settings: Settings) -> JsonDict:
     small = min(16, big)
     identity = IdentitySpec(settings.threads, settings.prompt, small, identity_cases(settings, small))
     say(f"  identity: {len(identity.cases)} methods unchunked vs chunked at G={small}")
-    outcome = run_child(
-        "identity",
-        {**asdict(identity), "model_dir": str(settings.model_dir)},
-        timeout_s=3600,
-        rss_limit_bytes=settings.rss_limit_bytes,
-        threads=settings.threads,
-        in_process=settings.smoke,
-    )
+    outcome = run_spec(settings, "identity", identity, timeout_s=3600, in_process=settings.smoke)
     identity_rows = outcome.data.get("rows", []) if outcome.ok else []
     for pair in identity_rows:
         relative = pair["max_abs_diff"] / pair["max_abs_value"] if pair["max_abs_value"] else pair["max_abs_diff"]
@@ -356,14 +364,7 @@ def section_cache(settings: Settings) -> JsonDict:
             prompt=settings.prompt,
         )
         say(f"  cache: {len(cases)} cases x {settings.repeats} repeats")
-        outcome = run_child(
-            "cache",
-            {**asdict(spec), "model_dir": str(settings.model_dir)},
-            timeout_s=3600,
-            rss_limit_bytes=settings.rss_limit_bytes,
-            threads=settings.threads,
-            in_process=settings.smoke,
-        )
+        outcome = run_spec(settings, "cache", spec, timeout_s=3600, in_process=settings.smoke)
     if not outcome.ok:
         return {"error": outcome.error, "rows": []}
     rows = outcome.data["rows"]
