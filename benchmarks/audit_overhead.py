@@ -34,7 +34,6 @@ from pathlib import Path
 import bench_util
 import grpc
 from bench_util import JsonDict, fmt, markdown_table, percentile, verdict
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sightline import Client
 from sightline.audit_export import load_public_key, verify_export
 from sightline.v1 import inference_pb2, inference_pb2_grpc, types_pb2
@@ -69,14 +68,7 @@ def start_gateway(name: str, state_dir: Path, vllm_url: str, redis_url: str, env
         state_dir / "logs" / f"gateway-{name}.log",
     )
 
-    def serving() -> bool:
-        with grpc.insecure_channel(address) as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service="sightline.v1.InferenceService"), timeout=1
-            )
-        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
-
-    bench_util.wait_for(serving, [child], f"gateway {name}", timeout=90)
+    bench_util.wait_for(lambda: bench_util.grpc_serving(address, timeout_s=1.0), [child], f"gateway {name}", timeout=90)
     return child, address
 
 

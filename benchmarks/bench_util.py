@@ -25,6 +25,7 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 PYTHON = sys.executable
+GIB = 1024**3
 
 JsonDict = dict[str, Any]
 
@@ -102,6 +103,18 @@ def fmt(value: float | None, digits: int = 2) -> str:
 
 def verdict(met: bool | None) -> str:
     return "—" if met is None else ("met" if met else "**missed**")
+
+
+def grpc_serving(address: str, service: str = "sightline.v1.InferenceService", timeout_s: float = 2.0) -> bool:
+    """Whether the gRPC health service at `address` reports `service` ("": the server as a whole) SERVING; an
+    unreachable server raises, which wait_for takes as not ready yet."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        request = health_pb2.HealthCheckRequest(service=service)
+        reply = health_pb2_grpc.HealthStub(channel).Check(request, timeout=timeout_s)
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
 def wait_for(ready: Callable[[], bool], children: Sequence[Any], name: str, timeout: float) -> None:

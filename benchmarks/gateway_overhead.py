@@ -55,7 +55,6 @@ import httpx
 import orjson
 import redis
 from bench_util import JsonDict, fmt, markdown_table, percentile, verdict
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sightline.v1 import inference_pb2, inference_pb2_grpc, types_pb2
 
 from deploy.local_stack import Child, LocalStack, StackConfig, free_port
@@ -384,17 +383,6 @@ def _cpu_note(case: JsonDict) -> str:
     return "" if cpu_ms is None else f", gateway CPU {cpu_ms:.2f} ms/request"
 
 
-def _gateway_serving(address: str) -> bool:
-    with grpc.insecure_channel(address) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service="sightline.v1.InferenceService"), timeout=2
-            )
-        except grpc.RpcError:
-            return False
-    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
-
-
 @contextlib.contextmanager
 def fake_stack(state_dir: Path, token_ms: float) -> Iterator[tuple[str, str, int]]:
     """Redis, benchmarks/fake_vllm.py and the real gateway (python -m server), on free ports.
@@ -451,7 +439,7 @@ def fake_stack(state_dir: Path, token_ms: float) -> Iterator[tuple[str, str, int
             logs / "gateway.log",
         )
         children.append(gateway)
-        bench_util.wait_for(lambda: _gateway_serving(gateway_address), children, "gateway", timeout=60)
+        bench_util.wait_for(lambda: bench_util.grpc_serving(gateway_address), children, "gateway", timeout=60)
         yield gateway_address, vllm_url, gateway.process.pid
     finally:
         for child in reversed(children):

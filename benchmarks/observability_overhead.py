@@ -94,19 +94,6 @@ def gateway(name: str, env: dict[str, str], logs: Path) -> tuple[Child, str]:
     return child, address
 
 
-def serving(address: str) -> bool:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    with grpc.insecure_channel(address) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service="sightline.v1.InferenceService"), timeout=2
-            )
-        except grpc.RpcError:
-            return False
-    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
-
-
 def scrape_forever(url: str, stop: threading.Event) -> None:
     while not stop.wait(1.0):
         with contextlib.suppress(httpx.HTTPError):
@@ -169,7 +156,7 @@ def measure_overhead(logs: Path, requests_per_round: int, rounds: int) -> JsonDi
             children.append(child)
             addresses[name] = (address, child.process.pid)
         for name, (address, _) in addresses.items():
-            bench_util.wait_for(lambda a=address: serving(a), children, f"gateway {name}", timeout=120)  # type: ignore[misc]
+            bench_util.wait_for(lambda a=address: bench_util.grpc_serving(a), children, f"gateway {name}", timeout=120)  # type: ignore[misc]
         scraper = threading.Thread(
             target=scrape_forever, args=(f"http://{HOST}:{metrics_port}/metrics", stop_scraping), daemon=True
         )

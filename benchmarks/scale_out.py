@@ -44,7 +44,6 @@ import grpc
 import httpx
 import redis
 from bench_util import JsonDict
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sightline.v1 import explanations_pb2, explanations_pb2_grpc, inference_pb2, inference_pb2_grpc, types_pb2
 
 from deploy.local_stack import Child, free_port
@@ -95,7 +94,7 @@ def start_gateway(procs: Processes, name: str, vllm_url: str, redis_url: str, se
     address = f"{HOST}:{free_port()}"
     argv = [bench_util.PYTHON, "-m", "server", "--listen", address, "--vllm-url", vllm_url, "--redis-url", redis_url]
     child = procs.start(name, argv, {"OMP_NUM_THREADS": "1", "OTEL_SDK_DISABLED": "true"})
-    bench_util.wait_for(lambda: health(address, service), [child], name, 120)
+    bench_util.wait_for(lambda: bench_util.grpc_serving(address, service), [child], name, 120)
     return address, child
 
 
@@ -106,12 +105,6 @@ def logged_at(log: Path, text: str) -> float | None:
             stamp = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
             return stamp.timestamp()
     return None
-
-
-def health(address: str, service: str) -> bool:
-    with grpc.insecure_channel(address) as channel:
-        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
-    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
 # Workers

@@ -60,7 +60,6 @@ import grpc
 import httpx
 import redis
 from bench_util import JsonDict, fmt, markdown_table, percentile
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sightline.v1 import explanations_pb2, explanations_pb2_grpc, inference_pb2, inference_pb2_grpc, types_pb2
 
 from common.jobs import CATALOG_KEY, JOB_STREAM, WORKER_GROUP
@@ -435,19 +434,13 @@ def fake_vllm_stack(state_dir: Path, queue_bound: int, retention_s: int) -> Iter
                 "redis": lambda: bool(redis.Redis.from_url(redis_url).ping()),
                 "vllm": lambda: httpx.get(f"{vllm_url}/health", timeout=1).status_code == 200,
                 "explainer": lambda: bool(redis.Redis.from_url(redis_url).exists(CATALOG_KEY)),
-                "gateway": lambda: _serving(address),
+                "gateway": lambda: bench_util.grpc_serving(address, service=""),
             }[name]
             bench_util.wait_for(ready, children, name, timeout=300)
         yield address, redis_url, {c.name: c.process.pid for c in children}
     finally:
         for child in reversed(children):
             child.stop()
-
-
-def _serving(address: str) -> bool:
-    with grpc.insecure_channel(address) as channel:
-        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
-    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
 def _mib(value: float) -> str:

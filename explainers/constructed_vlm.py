@@ -22,7 +22,6 @@ the cells that matter. Usage: ``python -m explainers.constructed_vlm [--out DIR]
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -37,6 +36,7 @@ from explainers.embedded_model import (
     _finalise_tree,
     _publish,
     _remove_leftovers,
+    _tidy_tokenizer_config,
     default_model_dir,
     prepare_model,
     verify_manifest,
@@ -212,15 +212,6 @@ def _build(text_dir: Path, dest: Path) -> None:
     processor = Idefics3Processor(image_processor, tokenizer, image_seq_len=IMAGE_SEQ_LEN)
     processor.save_pretrained(dest)
     _tidy_tokenizer_config(dest)
-
-
-def _tidy_tokenizer_config(dest: Path) -> None:
-    path = dest / "tokenizer_config.json"
-    cfg = json.loads(path.read_text())
-    for key in ("is_local", "local_files_only"):
-        cfg.pop(key, None)
-    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def _source(text_manifest: ModelManifest) -> str:

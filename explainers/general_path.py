@@ -67,6 +67,25 @@ def _states_at(
         handle.remove()
 
 
+def _input_to(module: nn.Module, run: Callable[[], object]) -> torch.Tensor:
+    """The hidden states `module` is called with while `run()` runs the model, which stops there."""
+    captured: list[torch.Tensor] = []
+
+    def capture(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        captured.append(_hidden_of(args, kwargs))
+        raise _Stopped
+
+    # A pre-hook registered last runs last: after any that substitutes the module's input.
+    handle = module.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        run()
+    except _Stopped:
+        pass
+    finally:
+        handle.remove()
+    return captured[0]
+
+
 def _placeholder_ids(states: torch.Tensor) -> torch.Tensor:
     """Token ids [batch, num_tokens] for the module's embedding step, whose output the states replace."""
     return torch.zeros(states.shape[:2], dtype=torch.long, device=states.device)
@@ -94,41 +113,19 @@ def final_residual(
     model: PreTrainedModel, decoder_layers: nn.ModuleList, final_norm: nn.Module, states: torch.Tensor, layer: int
 ) -> torch.Tensor:
     """The last decoder layer's output [batch, num_tokens, hidden] from states at `layer`: the final norm's input."""
-    captured: list[torch.Tensor] = []
-
-    def capture(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        captured.append(_hidden_of(args, kwargs))
-        raise _Stopped
-
     with _states_at(decoder_layers, final_norm, layer, states):
-        # Registered after the substitution, so that at the last layer it sees the substituted states.
-        handle = final_norm.register_forward_pre_hook(capture, with_kwargs=True)
-        try:
-            model.base_model(input_ids=_placeholder_ids(states), use_cache=False)
-        except _Stopped:
-            pass
-        finally:
-            handle.remove()
-    return captured[0]
+        # Captured after the substitution, so that at the last layer it sees the substituted states.
+        return _input_to(final_norm, lambda: model.base_model(input_ids=_placeholder_ids(states), use_cache=False))
 
 
 def decoder_input(model: PreTrainedModel, decoder_layers: nn.ModuleList, token_ids: torch.Tensor) -> torch.Tensor:
     """The first decoder layer's input [1, num_tokens, hidden] for token ids [num_tokens]; nothing above it runs."""
-    captured: list[torch.Tensor] = []
 
-    def capture(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        captured.append(_hidden_of(args, kwargs))
-        raise _Stopped
-
-    handle = decoder_layers[0].register_forward_pre_hook(capture, with_kwargs=True)
-    try:
+    def run() -> None:
         with torch.no_grad():
             model.base_model(input_ids=token_ids[None], use_cache=False)
-    except _Stopped:
-        pass
-    finally:
-        handle.remove()
-    return captured[0]
+
+    return _input_to(decoder_layers[0], run)
 
 
 def hidden_states(model: PreTrainedModel, decoder_layers: nn.ModuleList, token_ids: torch.Tensor) -> torch.Tensor:

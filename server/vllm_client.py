@@ -13,8 +13,8 @@ into one chunk, so a burst of tokens becomes one gRPC message instead of one eac
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -220,7 +220,7 @@ class VLLMClient:
     ) -> AsyncIterator[CompletionChunk]:
         with self._genai_span(model, sampling) as span:
             summary = CompletionChunk()
-            try:
+            with self._transport_errors("the vLLM backend did not finish before the call's deadline"):
                 async with self._http.post(
                     self.base_url + path,
                     json=payload,
@@ -242,12 +242,6 @@ class VLLMClient:
                             summary.input_tokens = chunk.input_tokens
                             summary.output_tokens = chunk.output_tokens
                         yield chunk
-            except aiohttp.SocketTimeoutError as exc:
-                raise self._silent() from exc
-            except TimeoutError as exc:
-                raise deadline_exceeded("the vLLM backend did not finish before the call's deadline") from exc
-            except aiohttp.ClientError as exc:
-                raise self._unreachable(exc) from exc
             _record_response(span, None, summary)
 
     @staticmethod
@@ -309,21 +303,28 @@ class VLLMClient:
         json: dict[str, Any] | None = None,
         headers: dict[str, str] | None = None,
     ) -> dict[str, Any]:
-        try:
+        with self._transport_errors("the vLLM backend did not answer before the call's deadline"):
             async with self._http.request(
                 method, self.base_url + path, json=json, headers=headers, timeout=self._timeout(timeout)
             ) as response:
                 content = await response.read()
-        except aiohttp.SocketTimeoutError as exc:
-            raise self._silent() from exc
-        except TimeoutError as exc:
-            raise deadline_exceeded("the vLLM backend did not answer before the call's deadline") from exc
-        except aiohttp.ClientError as exc:
-            raise self._unreachable(exc) from exc
         if response.status != 200:
             raise _error_from_response(response.status, content)
         body: dict[str, Any] = orjson.loads(content)
         return body
+
+    @contextmanager
+    def _transport_errors(self, deadline_message: str) -> Iterator[None]:
+        """How a failure to talk to vLLM reaches the caller: silence past the read limit and an unreachable backend
+        as UNAVAILABLE (retry), the call's own deadline running out as DEADLINE_EXCEEDED with `deadline_message`."""
+        try:
+            yield
+        except aiohttp.SocketTimeoutError as exc:
+            raise self._silent() from exc
+        except TimeoutError as exc:
+            raise deadline_exceeded(deadline_message) from exc
+        except aiohttp.ClientError as exc:
+            raise self._unreachable(exc) from exc
 
     def _unreachable(self, exc: aiohttp.ClientError) -> GatewayError:
         return unavailable(

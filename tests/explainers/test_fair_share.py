@@ -14,7 +14,6 @@ from typing import cast
 
 import pytest
 import redis
-import redis.asyncio as aioredis
 from sightline.v1 import types_pb2
 
 import explainers.worker
@@ -33,7 +32,8 @@ from common.jobs import (
 from explainers.model import LoadedModel
 from explainers.worker import ExplainerWorker, WorkerSettings
 from server.explanations import ExplanationBroker
-from server.limits import Tenant, TenantLimiter, TenantLimits
+from server.limits import Tenant, TenantLimits
+from tests.brokers import open_explanation_broker
 from tests.explainers.conftest import OUTPUT_IDS, PROMPT_IDS
 
 FLOOD = Tenant("flood", TenantLimits())
@@ -43,15 +43,8 @@ CONSUMER = "worker-1"
 
 @pytest.fixture
 async def broker(redis_client: redis.Redis, redis_server: int) -> AsyncIterator[ExplanationBroker]:
-    client = aioredis.Redis(port=redis_server)
-    yield ExplanationBroker(
-        client,
-        "redis://test",
-        record_ttl_seconds=3600,
-        limiter=TenantLimiter(client, "redis://test", lease_seconds=600),
-        max_unfinished_jobs=1000,
-    )
-    await client.aclose()
+    async with open_explanation_broker(redis_server, lease_seconds=600) as opened:
+        yield opened
 
 
 @pytest.fixture

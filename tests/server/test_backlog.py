@@ -9,8 +9,7 @@ import redis
 import redis.asyncio as aioredis
 
 from common.jobs import JOB_STREAM, WORKER_GROUP
-from server.explanations import ExplanationBroker
-from server.limits import TenantLimiter
+from tests.brokers import explanation_broker
 
 
 @pytest.fixture
@@ -21,9 +20,7 @@ async def client(redis_client: redis.Redis, redis_server: int) -> AsyncIterator[
 
 
 async def test_unfinished_jobs_are_the_read_and_the_unread_ones(client: aioredis.Redis) -> None:
-    url = "redis://test"
-    limiter = TenantLimiter(client, url, lease_seconds=60)
-    broker = ExplanationBroker(client, url, record_ttl_seconds=60, limiter=limiter, max_unfinished_jobs=100)
+    broker = explanation_broker(client, record_ttl_seconds=60, max_unfinished_jobs=100)
     assert await broker.unfinished_jobs() == 0  # no stream yet
     ids = [await client.xadd(JOB_STREAM, {"n": str(n)}) for n in range(5)]
     assert await broker.unfinished_jobs() == 5  # no worker group yet: nothing was read

@@ -5,36 +5,20 @@ from __future__ import annotations
 import base64
 import json
 import math
-from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 import redis
-import redis.asyncio as aioredis
 from sightline.v1 import types_pb2
 
-from common.jobs import MODELS_KEY, ExplainOptions, MethodRequest, ModelRecord, explanation_key, tenant_explanations_key
+from common.jobs import ExplainOptions, MethodRequest, explanation_key, tenant_explanations_key
 from server.errors import GatewayError
 from server.explanations import ExplanationBroker
-from server.limits import Tenant, TenantLimiter, TenantLimits
+from server.limits import Tenant, TenantLimits
+from tests.server.conftest import MODEL
 
-MODEL = "tiny"
 ACME = Tenant("acme", TenantLimits())
 GLOBEX = Tenant("globex", TenantLimits())
-
-
-@pytest.fixture
-async def broker(redis_client: redis.Redis, redis_server: int) -> AsyncIterator[ExplanationBroker]:
-    redis_client.hset(MODELS_KEY, MODEL, ModelRecord("digest", 100).to_json())
-    client = aioredis.Redis(port=redis_server)
-    yield ExplanationBroker(
-        client,
-        "redis://test",
-        record_ttl_seconds=3600,
-        limiter=TenantLimiter(client, "redis://test", lease_seconds=60),
-        max_unfinished_jobs=1000,
-    )
-    await client.aclose()
 
 
 async def submit(broker: ExplanationBroker, tenant: Tenant, trace_id: str) -> str:

@@ -4,36 +4,20 @@ kept by the job once it is (the worker gives it back with the final record). Aga
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import cast
 
 import grpc
 import pytest
 import redis
-import redis.asyncio as aioredis
 from sightline.v1 import types_pb2
 
-from common.jobs import JOB_STREAM, MODELS_KEY, ExplainOptions, MethodRequest, ModelRecord, tenant_inflight_key
+from common.jobs import JOB_STREAM, ExplainOptions, MethodRequest, tenant_inflight_key
 from server.errors import GatewayError
 from server.explanations import ExplanationBroker, ExplanationSlot
-from server.limits import Tenant, TenantLimiter, TenantLimits
+from server.limits import Tenant, TenantLimits
+from tests.server.conftest import MODEL
 
-MODEL = "tiny"
 SERIAL = Tenant("serial", TenantLimits(max_concurrent_explanations=1))
-
-
-@pytest.fixture
-async def broker(redis_client: redis.Redis, redis_server: int) -> AsyncIterator[ExplanationBroker]:
-    redis_client.hset(MODELS_KEY, MODEL, ModelRecord("digest", 100).to_json())
-    client = aioredis.Redis(port=redis_server)
-    yield ExplanationBroker(
-        client,
-        "redis://test",
-        record_ttl_seconds=3600,
-        limiter=TenantLimiter(client, "redis://test", lease_seconds=60),
-        max_unfinished_jobs=1000,
-    )
-    await client.aclose()
 
 
 def in_flight(redis_client: redis.Redis) -> list[str]:
