@@ -167,13 +167,7 @@ def image_prompt(chat: types_pb2.ChatMessages, roles: tuple[str, ...], limits: I
     return ImagePrompt(messages, images)
 
 
-def refuse_unsupported_image_use(*, streaming: bool, plan: object | None) -> None:
-    """UNIMPLEMENTED for what requests with pictures cannot do yet: stream, or be explained over the API (no job
-    carries pictures yet; docs/multimodal.md says what is missing)."""
+def refuse_unsupported_image_use(*, streaming: bool) -> None:
+    """UNIMPLEMENTED for what requests with pictures cannot do yet: stream (docs/multimodal.md)."""
     if streaming:
         raise GatewayError(grpc.StatusCode.UNIMPLEMENTED, "GenerateStream does not take images yet; use Generate")
-    if plan is not None:
-        raise GatewayError(
-            grpc.StatusCode.UNIMPLEMENTED,
-            "explanations of requests with images are not served over the API yet; send the request without explain",
-        )
