@@ -21,7 +21,7 @@ import redis
 from sightline.v1 import inference_pb2, inference_pb2_grpc, types_pb2
 
 from common.jobs import CATALOG_KEY
-from deploy.local_stack import Child, LocalStack, StackConfig
+from deploy.local_stack import Child, LocalStack, StackConfig, free_port
 from explainers.constructed_vlm import GRID_SIDE, IMAGE_SEQ_LEN, IMAGE_SIZE, prepare_vlm
 from tests.explainers.test_constructed_vlm import SERVED_NAME, vllm_vlm  # noqa: F401 (the session's VLM server)
 from tests.gateway_process import GatewayProcess
@@ -45,6 +45,7 @@ def gateway(
             vllm_port=int(vllm_vlm.rsplit(":", 1)[1]),
             redis_port=redis_server,
             served_model_name=SERVED_NAME,
+            explainer_metrics_port=free_port(),
         )
     )
     client = redis.Redis(port=redis_server)
@@ -119,7 +120,9 @@ def cells_of(result: types_pb2.MethodResult) -> np.ndarray:
 
 
 def top_cells(cells: np.ndarray, count: int) -> set[int]:
-    return {int(i) for i in np.argsort(-cells.reshape(-1), kind="stable")[:count]}
+    """The cells whose attribution is largest in magnitude: those that matter, in either direction (on the
+    constructed model, taking one cell of the square away raises the colour's log-probability a little)."""
+    return {int(i) for i in np.argsort(-np.abs(cells.reshape(-1)), kind="stable")[:count]}
 
 
 def test_occlusion_and_integrated_gradients_point_at_the_square(
@@ -151,11 +154,13 @@ def test_occlusion_and_integrated_gradients_point_at_the_square(
     occlusion, integrated = explanation.results
     assert [occlusion.method, integrated.method] == ["occlusion", "integrated_gradients"]
     truth = square_cells(1, 2)
+    ranked = {}
     for result in (occlusion, integrated):
         cells = cells_of(result)
         assert cells.shape == (1, GRID_SIDE, GRID_SIDE)
-        # Needs imgmethods' fixes to the library (docs/multimodal.md): the square's cells are ranked first.
-        assert top_cells(cells[0], len(truth)) == truth, f"{result.method}: {np.round(cells[0], 3)}"
+        ranked[result.method] = (top_cells(cells[0], len(truth)), np.round(cells[0], 3))
+    # The square's cells ranked first (integrated gradients: needs imgmethods' fixes to the library's IG).
+    assert all(top == truth for top, _ in ranked.values()), ranked
     share = integrated.modality
     assert len(share.image) == 1 and 0.0 <= share.image[0] <= 1.0
     assert share.image[0] + share.text[0] == pytest.approx(1.0)
@@ -165,8 +170,14 @@ def test_occlusion_and_integrated_gradients_point_at_the_square(
 def test_the_same_text_with_another_picture_misses_the_cache(
     gateway: inference_pb2_grpc.InferenceServiceStub,
 ) -> None:
-    # Both answer "The square is red." (the same token ids); only the picture differs.
-    here, there = png("red", 0, 0), png("red", 4, 4)
+    # The same square, and one pixel of the page off-white: the same answer from the same token ids, and another
+    # picture (other bytes, another digest).
+    here = png("red", 1, 1)
+    shifted = square_picture("red", 1, 1)
+    shifted.putpixel((IMAGE_SIZE - 1, IMAGE_SIZE - 1), (250, 250, 250))
+    buffer = io.BytesIO()
+    shifted.save(buffer, "PNG")
+    there = buffer.getvalue()
     attention = [method("attention")]
     first = gateway.Generate(request(here, attention), timeout=TIMEOUT_S)
     again = gateway.Generate(request(here, attention), timeout=TIMEOUT_S)
