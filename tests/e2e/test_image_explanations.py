@@ -161,9 +161,9 @@ def test_occlusion_points_at_the_square_with_the_picture_explained_faithfully(
     assert explanation.fidelity.max_abs_logprob_diff < 1e-3
     truth = square_cells(1, 2)
     assert top_cells(cells[0], len(truth)) == truth, np.round(cells[0], 3)
-    # Occluding a white cell with white changes nothing.
+    # Occluding a white cell with white changes nothing (up to batched float32 rounding).
     outside = [cell for cell in range(GRID_SIDE * GRID_SIDE) if cell not in truth]
-    assert np.all(cells[0].reshape(-1)[outside] == 0.0)
+    assert np.abs(cells[0].reshape(-1)[outside]).max() < 1e-4
     assert not explanation.results[0].HasField("modality")
 
 
