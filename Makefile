@@ -13,7 +13,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sightline-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# The embedded model `make serve` prepares and serves: smollm2-135m-instruct or gemma-3-270m.
+# The embedded model `make serve` prepares and serves: smollm2-135m-instruct, gemma-3-270m, or constructed-colour-vlm
+# (the constructed image-text model: chat with pictures, explained with the image methods; docs/multimodal.md).
 MODEL ?= smollm2-135m-instruct
 # Arize Phoenix, which the observability tests export to, in a virtualenv of its own: its pins conflict with ours.
 KEDA_CRD := deploy/k8s/keda-crd

@@ -246,6 +246,56 @@ def check_contrastive_support(foil_token_ids: Sequence[int], supports_contrastiv
         )
 
 
+# --- pictures ---
+
+# The largest grid side a request may ask its pictures to be explained on (ExplainSpec.images); a worker also
+# refuses a grid with more rows or columns than the picture it sees has pixels.
+MAX_IMAGE_GRID_SIDE = 64
+
+
+def check_image_grid(rows: int, cols: int) -> None:
+    """Both 0 (the model's own grid of image tokens) or both between 1 and MAX_IMAGE_GRID_SIDE."""
+    if (rows, cols) == (0, 0):
+        return
+    if not (1 <= rows <= MAX_IMAGE_GRID_SIDE and 1 <= cols <= MAX_IMAGE_GRID_SIDE):
+        raise InvalidInputError(
+            f"explain.images grid_rows and grid_cols must both be 0 (the model's own grid) or both between 1 and "
+            f"{MAX_IMAGE_GRID_SIDE}; got {_quoted(rows)} x {_quoted(cols)}"
+        )
+
+
+def check_image_methods(asked: Sequence[str], multimodal: Mapping[str, bool]) -> None:
+    """A request with pictures is explained only by methods that explain pictures; ``multimodal`` is the
+    catalogue's method name -> whether it does (MethodInfo.multimodal), and names the allowed ones."""
+    unsupported = [name for name in asked if not multimodal.get(name, False)]
+    if unsupported:
+        allowed = sorted(name for name, supported in multimodal.items() if supported)
+        raise InvalidInputError(
+            f"methods {shown(unsupported)} do not explain requests with pictures; "
+            + (f"those that do: {', '.join(allowed)}" if allowed else "no method offered here does")
+            + " (ListMethods: multimodal)"
+        )
+
+
+def check_image_options(options: ExplainOptions) -> None:
+    """What the image methods explain: the log-probability of each explained token, without foils or faithfulness
+    (not measured over pictures)."""
+    if options.foil_token_ids:
+        raise InvalidInputError(
+            "requests with pictures are explained without contrastive (foil) targets; drop "
+            "explain.targets.foil_token_ids"
+        )
+    if options.score != "logprob":
+        raise InvalidInputError(
+            f"requests with pictures are explained as log-probabilities; explain.targets.score {shown(options.score)} "
+            "is not offered for them (use TARGET_SCORE_LOGPROB or leave it unset)"
+        )
+    if options.faithfulness:
+        raise InvalidInputError(
+            "faithfulness is not measured for requests with pictures yet; drop explain.faithfulness"
+        )
+
+
 # --- targets ---
 
 
@@ -336,6 +386,7 @@ def check_explain_options(
     check_score(options.score)
     check_aggregation(options.granularity, options.normalization, options.spans, num_tokens)
     check_step_scores_top_k(options.step_scores_top_k)
+    check_image_grid(options.image_grid_rows, options.image_grid_cols)
 
 
 # --- the sequence ---

@@ -24,7 +24,8 @@ Everything crossing the process boundary is JSON or protobuf, never pickle:
   serialized ``sightline.v1.Explanation`` (whose tensors are raw bytes with dtype and shape),
   ``summary``, the serialized ``ExplanationSummary`` without its state, and ``state``, the
   ``ExplanationState`` number, kept beside the record so listing never reads whole results;
-  until the record is final also ``job``, the :class:`ExplanationJob` as JSON; while it runs
+  until the record is final also ``job``, the :class:`ExplanationJob` as JSON (a request's pictures
+  travel in it, base64, so they expire and are deleted with it); while it runs
   ``progress``, the serialized ``ExplanationProgress`` its worker last published (a few times a
   second at most, so the record itself is never rewritten for progress); and, once someone asked
   for it to stop, ``cancel``, who asked, which the worker reads at its next checkpoint.
@@ -51,6 +52,8 @@ Tenant names are restricted (see ``TENANT_NAME``) so that they never break a key
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
 import secrets
@@ -174,6 +177,9 @@ class ExplainOptions:
     normalization: str = "none"
     faithfulness: bool = False
     step_scores_top_k: int = 5
+    # The grid a request's pictures are explained on (ExplainSpec.images); 0 takes the model's own grid.
+    image_grid_rows: int = 0
+    image_grid_cols: int = 0
 
     def to_json(self) -> str:
         fields = dict(self.__dict__)
@@ -185,6 +191,36 @@ class ExplainOptions:
         fields = json.loads(text)
         fields["spans"] = [SpanRequest(**span) for span in fields.get("spans", [])]
         return cls(**fields)
+
+
+def _image_messages(text: str) -> list[dict[str, Any]]:
+    """Chat messages whose content is a list of parts: {"type": "text", "text": ...} or {"type": "image"} (the next
+    picture of the job's ``images``, in order)."""
+    messages = json.loads(text)
+    if not isinstance(messages, list):
+        raise TypeError("image_messages is not a list of messages")
+    decoded = []
+    for message in messages:
+        parts = []
+        for part in message["content"]:
+            if part["type"] == "text":
+                parts.append({"type": "text", "text": str(part["text"])})
+            elif part["type"] == "image":
+                parts.append({"type": "image"})
+            else:
+                raise TypeError(f"unknown content part type {str(part['type'])[:20]!r}")
+        decoded.append({"role": str(message["role"]), "content": parts})
+    return decoded
+
+
+def _images(text: str) -> list[bytes]:
+    encoded = json.loads(text)
+    if not isinstance(encoded, list) or not all(isinstance(item, str) for item in encoded):
+        raise TypeError("images is not a list of base64 strings")
+    try:
+        return [base64.b64decode(item, validate=True) for item in encoded]
+    except binascii.Error as exc:
+        raise TypeError(f"an image is not valid base64: {exc}") from exc
 
 
 def _chat(text: str) -> list[dict[str, str]]:
@@ -211,9 +247,17 @@ class ExplanationJob:
     # The chat messages the prompt was rendered from, when it was a chat: the worker marks each prompt token's
     # role (template, system prompt, a message's content) from them. None: a text or token-id prompt.
     chat: list[dict[str, str]] | None = None
+    # A request with pictures: its chat messages with picture parts in place ({"type": "image"}), and the pictures'
+    # encoded bytes in message order. The bytes travel base64 in this job's JSON, so they live exactly as long as
+    # the job (the record's TTL; deleted with the job field when the record is final).
+    image_messages: list[dict[str, Any]] | None = None
+    images: list[bytes] = field(default_factory=list)
 
     def to_fields(self) -> dict[str, str]:
         chat = {} if self.chat is None else {"chat": json.dumps(self.chat)}
+        if self.image_messages is not None:
+            chat["image_messages"] = json.dumps(self.image_messages)
+            chat["images"] = json.dumps([base64.b64encode(image).decode() for image in self.images])
         return {
             "explanation_id": self.explanation_id,
             "tenant": self.tenant,
@@ -266,6 +310,8 @@ class ExplanationJob:
                 traceparent=text.get("traceparent", ""),
                 options=ExplainOptions.from_json(text["options"]) if "options" in text else ExplainOptions(),
                 chat=_chat(text["chat"]) if "chat" in text else None,
+                image_messages=_image_messages(text["image_messages"]) if "image_messages" in text else None,
+                images=_images(text["images"]) if "images" in text else [],
             )
         except (KeyError, TypeError, json.JSONDecodeError) as exc:
             raise ValueError(f"malformed explanation job: {exc!r}") from exc

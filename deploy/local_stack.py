@@ -386,6 +386,11 @@ class LocalStack:
         # Its progress bar (and any error) goes straight to this process's stderr; only the manifest is captured.
         config = self.config
         prepare = ["explainers.embedded_model", "--model", config.embedded_model, "--out", str(config.model_dir)]
+        from explainers.constructed_vlm import MODEL_NAME as VLM_MODEL_NAME
+
+        if config.embedded_model == VLM_MODEL_NAME:
+            # The constructed image-text model (docs/multimodal.md), built from the embedded text model.
+            prepare = ["explainers.constructed_vlm", "--out", str(config.model_dir)]
         result = subprocess.run(
             [sys.executable, "-m", *prepare],
             env=self.child_env("sightline-prepare", 2),
@@ -469,6 +474,7 @@ class LocalStack:
 
 
 def main() -> None:
+    from explainers.constructed_vlm import MODEL_NAME as VLM_MODEL_NAME
     from explainers.embedded_model import EMBEDDED_MODELS, MODEL_NAME, default_model_dir, model_cache_dir
 
     defaults = StackConfig(model_dir=default_model_dir())
@@ -476,10 +482,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m deploy.local_stack", description=__doc__)
     parser.add_argument(
         "--model",
-        choices=list(EMBEDDED_MODELS),
+        choices=[*EMBEDDED_MODELS, VLM_MODEL_NAME],
         default=defaults.embedded_model,
         help="the embedded model to prepare and serve, also vLLM's served model name (default %(default)s; "
-        "gemma-3-270m is a base model: completion prompts only, no chat)",
+        "gemma-3-270m is a base model: completion prompts only, no chat; constructed-colour-vlm is the constructed "
+        "image-text model of docs/multimodal.md: chat with pictures, explained with the image methods)",
     )
     parser.add_argument(
         "--model-dir",

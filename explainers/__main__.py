@@ -21,7 +21,8 @@ from common.telemetry import configure_tracing
 from explainers import metrics
 from explainers.architectures import UnsupportedArchitectureError
 from explainers.embedded_model import default_model_dir
-from explainers.model import load_model
+from explainers.model import load_explained_model
+from explainers.vlm import LoadedVlm
 from explainers.worker import ExplainerWorker, WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ def main() -> None:
     signal.signal(signal.SIGINT, shutdown.request)
 
     try:
-        loaded = load_model(args.model_dir)
+        loaded = load_explained_model(args.model_dir)
     except UnsupportedArchitectureError as error:
         # A configuration error, not a crash: the reason alone, and no restart will change it.
         provider.shutdown()
@@ -162,12 +163,12 @@ def main() -> None:
     shutdown.worker = worker
     worker.register()
     log.info(
-        "explainer %s ready: model %s (%s, %s, %s path) on %s",
+        "explainer %s ready: model %s (%s, %s, %s) on %s",
         args.consumer,
         loaded.model_name,
         loaded.weights_digest[:12],
-        loaded.architecture.model_type,
-        loaded.path.value,
+        loaded.architecture if isinstance(loaded, LoadedVlm) else loaded.architecture.model_type,
+        "image methods" if isinstance(loaded, LoadedVlm) else f"{loaded.path.value} path",
         args.redis_url,
     )
     try:

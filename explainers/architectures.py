@@ -133,9 +133,15 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
+# Image-text models (config.model_type -> family), explained with the image methods over the Hugging Face module
+# (explainers.vlm, explainers.image_methods): transformers' Idefics3 layout, which the constructed VLM has.
+IMAGE_TEXT_ARCHITECTURES: dict[str, str] = {"idefics3": "Idefics3, SmolVLM (requests with pictures)"}
+
+
 def supported_text() -> str:
     """Every supported architecture as a person reads the list: "llama: Llama 2/3, SmolLM2; mistral: Mistral; ..."."""
-    return "; ".join(f"{arch.model_type}: {arch.family}" for arch in ARCHITECTURES.values())
+    families = [(arch.model_type, arch.family) for arch in ARCHITECTURES.values()]
+    return "; ".join(f"{model_type}: {family}" for model_type, family in [*families, *IMAGE_TEXT_ARCHITECTURES.items()])
 
 
 def architecture_of(config: object) -> Architecture:

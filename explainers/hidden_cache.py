@@ -2,8 +2,9 @@
 
 Layout of a cached tensor: [num_layers + 1, num_tokens, hidden]; index 0 is the embedding output and index l the
 output of decoder layer l, all BEFORE the final norm (see `explainers.model.forward_with_hidden_states`), in
-bfloat16. Beside it, under the same key + ":last", the last layer [num_tokens, hidden] in float32, and under the
-same key + ":" + a name, hashes of named tensors derived from the states (`DerivedTensors`): under
+bfloat16; for a sequence with pictures the key also names the pictures' digests. Beside it, under the same key +
+":last", the last layer [num_tokens, hidden] in float32, and under the same key + ":" + a name, hashes of named
+tensors derived from the states (`DerivedTensors`): under
 ":readout:{prompt length}" what that last layer read out for one prompt/output split
 (`explainers.step_scores.Readout`), under ":logit_lens" what every layer read out at some positions
 (`explainers.methods.logit_lens`).
@@ -179,26 +180,43 @@ class HiddenStateCache:
         self._tenant = tenant
 
     @staticmethod
-    def key(tenant: str, weights_digest: str, token_ids: Sequence[int]) -> str:
-        packed_ids = np.asarray(token_ids, dtype="<i4").tobytes()
-        return f"sl:hs:{tenant}:{weights_digest}:{hashlib.sha256(packed_ids).hexdigest()}"
+    def key(tenant: str, weights_digest: str, token_ids: Sequence[int], image_digests: Sequence[str] = ()) -> str:
+        """The entry of a sequence; with pictures in it, their sha256 digests (in order) are part of the key, since
+        the same token ids (image placeholders included) with another picture are another input."""
+        identity = hashlib.sha256(np.asarray(token_ids, dtype="<i4").tobytes())
+        for image_digest in image_digests:
+            identity.update(b"|image:" + image_digest.encode())
+        return f"sl:hs:{tenant}:{weights_digest}:{identity.hexdigest()}"
 
-    def get(self, weights_digest: str, token_ids: Sequence[int]) -> torch.Tensor | None:
+    def get(
+        self, weights_digest: str, token_ids: Sequence[int], image_digests: Sequence[str] = ()
+    ) -> torch.Tensor | None:
         """The cached bfloat16 states, or None on a miss. A corrupt entry is deleted and counts as a miss."""
-        return self._get(self.key(self._tenant, weights_digest, token_ids))
+        return self._get(self.key(self._tenant, weights_digest, token_ids, image_digests))
 
-    def get_last_layer(self, weights_digest: str, token_ids: Sequence[int]) -> torch.Tensor | None:
+    def get_last_layer(
+        self, weights_digest: str, token_ids: Sequence[int], image_digests: Sequence[str] = ()
+    ) -> torch.Tensor | None:
         """The last layer's states [num_tokens, hidden] at full precision (float32) stored with the states, if any."""
-        return self._get(self._last_layer_key(weights_digest, token_ids))
+        return self._get(self._last_layer_key(weights_digest, token_ids, image_digests))
 
-    def put_last_layer(self, weights_digest: str, token_ids: Sequence[int], last_layer: torch.Tensor) -> None:
+    def put_last_layer(
+        self,
+        weights_digest: str,
+        token_ids: Sequence[int],
+        last_layer: torch.Tensor,
+        image_digests: Sequence[str] = (),
+    ) -> None:
         """Keep the forward pass's last layer at full precision (float32), so that a hit reads step scores and
         fidelity out of the states the miss read them from, for any prompt/output split, instead of out of the
         bfloat16 states (~1e-2 worse in log-probability). 1/(num_layers + 1) of the entry, at twice the width."""
-        self._set(self._last_layer_key(weights_digest, token_ids), encode_tensor(last_layer.to(LAST_LAYER_DTYPE)))
+        self._set(
+            self._last_layer_key(weights_digest, token_ids, image_digests),
+            encode_tensor(last_layer.to(LAST_LAYER_DTYPE)),
+        )
 
-    def _last_layer_key(self, weights_digest: str, token_ids: Sequence[int]) -> str:
-        return f"{self.key(self._tenant, weights_digest, token_ids)}:last"
+    def _last_layer_key(self, weights_digest: str, token_ids: Sequence[int], image_digests: Sequence[str] = ()) -> str:
+        return f"{self.key(self._tenant, weights_digest, token_ids, image_digests)}:last"
 
     def derived(self, weights_digest: str, token_ids: Sequence[int]) -> DerivedTensors:
         """The entries derived from one sequence's states (what a readout of them gave), by name."""
@@ -246,14 +264,20 @@ class HiddenStateCache:
             self._redis.delete(key)
             return None
 
-    def put(self, weights_digest: str, token_ids: Sequence[int], hidden_states: torch.Tensor) -> bool:
+    def put(
+        self,
+        weights_digest: str,
+        token_ids: Sequence[int],
+        hidden_states: torch.Tensor,
+        image_digests: Sequence[str] = (),
+    ) -> bool:
         """Store hidden states (cast to bfloat16); False when the entry is too large for Redis or Redis is
         unreachable."""
         blob = encode_tensor(hidden_states.to(STORAGE_DTYPE))
         if len(blob) > MAX_ENTRY_BYTES:
             logger.warning("not caching %d-byte hidden states, above Redis' %d-byte limit", len(blob), MAX_ENTRY_BYTES)
             return False
-        return self._set(self.key(self._tenant, weights_digest, token_ids), blob)
+        return self._set(self.key(self._tenant, weights_digest, token_ids, image_digests), blob)
 
     def _set(self, key: str, blob: bytes) -> bool:
         try:

@@ -20,12 +20,13 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from explainers import general_path
-from explainers.architectures import Architecture, ExplainPath, architecture_of
+from explainers.architectures import IMAGE_TEXT_ARCHITECTURES, Architecture, ExplainPath, architecture_of
 from explainers.backprop import RecordedLayers, run_layers
 from explainers.decoder_layer import LayerWeights
 from explainers.embedded_model import MANIFEST_FILE
 from explainers.embedded_model import weights_digest as safetensors_digest
 from explainers.targets import Targets, log_probs
+from explainers.vlm import LoadedVlm, load_vlm
 
 # Both "eager" and "sdpa" give exact batched vector-Jacobian products (`is_grads_batched`, no double backward;
 # checked against a per-target loop) at about the same CPU speed. SDPA is chosen because eager keeps every layer's
@@ -174,6 +175,15 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> LoadedMod
     if loaded.path is ExplainPath.FAST:
         _ = loaded.layer_weights, loaded.rotary_embedding
     return loaded
+
+
+def load_explained_model(model_dir: Path) -> LoadedModel | LoadedVlm:
+    """The model in model_dir as the explainer holds it: an image-text model (IMAGE_TEXT_ARCHITECTURES) with its
+    processor, for the image methods, or else a causal LM (load_model)."""
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    if getattr(config, "model_type", None) in IMAGE_TEXT_ARCHITECTURES:
+        return load_vlm(model_dir, *_identity(model_dir))
+    return load_model(model_dir)
 
 
 def _identity(model_dir: Path) -> tuple[str, str]:

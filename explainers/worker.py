@@ -67,10 +67,13 @@ from common.telemetry import context_from_traceparent
 from explainers import metrics
 from explainers.engine import explain
 from explainers.hidden_cache import HiddenStateCache
+from explainers.image_explain import explain_images
+from explainers.image_methods.registry import image_catalog
 from explainers.methods.registry import catalog as method_catalog
 from explainers.model import LoadedModel
 from explainers.progress import JobCancelled, Publisher, Tracking
 from explainers.telemetry import record_evaluations
+from explainers.vlm import LoadedVlm
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("sightline.explainer")
@@ -137,7 +140,7 @@ class HeldJob:
 
 
 class ExplainerWorker:
-    def __init__(self, client: redis.Redis, loaded: LoadedModel, settings: WorkerSettings) -> None:
+    def __init__(self, client: redis.Redis, loaded: LoadedModel | LoadedVlm, settings: WorkerSettings) -> None:
         self._redis = client
         self._loaded = loaded
         self._settings = settings
@@ -155,7 +158,11 @@ class ExplainerWorker:
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
-        catalog = method_catalog(self._loaded)
+        catalog = (
+            image_catalog(self._loaded.model_name, self._loaded.architecture)
+            if isinstance(self._loaded, LoadedVlm)
+            else method_catalog(self._loaded)
+        )
         with self._redis.pipeline(transaction=True) as pipe:
             pipe.set(CATALOG_KEY, catalog.SerializeToString())
             pipe.hset(
@@ -363,17 +370,8 @@ class ExplainerWorker:
                 tracking = Tracking(
                     progress_publisher(self._redis, record), self._seconds_per_token_pass() * num_tokens
                 )
-                result = explain(
-                    self._loaded,
-                    HiddenStateCache(self._redis, self._settings.cache_ttl_seconds, job.tenant),
-                    job.prompt_token_ids,
-                    job.output_token_ids,
-                    [(m.name, m.params) for m in job.methods],
-                    job.served_logprobs,
-                    job.options,
-                    tracking,
-                    job.chat,
-                )
+                cache = HiddenStateCache(self._redis, self._settings.cache_ttl_seconds, job.tenant)
+                result = self._explain(job, cache, tracking)
                 record_evaluations(span, result, served_compared=job.served_logprobs is not None)
                 span.set_status(trace.Status(trace.StatusCode.OK))
             except JobCancelled as exc:
@@ -404,6 +402,28 @@ class ExplainerWorker:
         self._succeed(entry_id, job, record, result)
         metrics.observe_success(result, served_compared=job.served_logprobs is not None)
         self._publish_pass_seconds(tracking.seconds_per_pass / num_tokens)
+
+    def _explain(self, job: ExplanationJob, cache: HiddenStateCache, tracking: Tracking) -> types_pb2.Explanation:
+        """The job's explanation by the path the model held takes: the image methods for an image-text model, the
+        text methods (explainers.engine) for a causal LM. Each refuses the other's jobs (ValueError: not retried)."""
+        if isinstance(self._loaded, LoadedVlm):
+            return explain_images(self._loaded, cache, job, tracking)
+        if job.images:
+            raise ValueError(
+                f"this worker's model {self._loaded.model_name} is a text model: it does not explain requests with "
+                "pictures"
+            )
+        return explain(
+            self._loaded,
+            cache,
+            job.prompt_token_ids,
+            job.output_token_ids,
+            [(m.name, m.params) for m in job.methods],
+            job.served_logprobs,
+            job.options,
+            tracking,
+            job.chat,
+        )
 
     def _seconds_per_token_pass(self) -> float:
         """The seconds of one forward pass per token, as the workers last measured it for this model."""

@@ -17,7 +17,7 @@ import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -205,6 +205,8 @@ class ExplanationBroker:
         options: ExplainOptions,
         trace_id: str,
         chat: list[dict[str, str]] | None = None,
+        image_messages: list[dict[str, Any]] | None = None,
+        images: Sequence[bytes] = (),
     ) -> types_pb2.Explanation:
         """Write a PENDING record under the slot's explanation id, index it under the tenant and enqueue its job
         atomically; return the record. The slot then belongs to the job. ``chat``: the messages a chat prompt was
@@ -247,6 +249,8 @@ class ExplanationBroker:
                 traceparent=current_traceparent(),
                 options=options,
                 chat=chat,
+                image_messages=image_messages,
+                images=list(images),
             )
             summary = explanations_pb2.ExplanationSummary(
                 explanation_id=explanation_id,

@@ -17,7 +17,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 from sightline.v1 import types_pb2
 
 from server.errors import GatewayError, invalid_argument
@@ -166,12 +165,3 @@ def image_prompt(chat: types_pb2.ChatMessages, roles: tuple[str, ...], limits: I
         messages.append({"role": message.role, "content": content})
     return ImagePrompt(messages, images)
 
-
-def refuse_unsupported_image_use(*, plan: object | None) -> None:
-    """UNIMPLEMENTED for what requests with pictures cannot do yet: be explained over the API (no job carries
-    pictures yet; docs/multimodal.md says what is missing)."""
-    if plan is not None:
-        raise GatewayError(
-            grpc.StatusCode.UNIMPLEMENTED,
-            "explanations of requests with images are not served over the API yet; send the request without explain",
-        )

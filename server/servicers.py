@@ -31,7 +31,8 @@ from server.costs import PlannedMethod, check_cost
 from server.errors import GatewayError, invalid_argument, not_found, shown, unavailable
 from server.explanations import ExplanationBroker, ExplanationSlot
 from server.genai_spans import SPAN_KIND, describe_generation, describe_request
-from server.images import ImagePrompt, has_images, image_prompt, refuse_unsupported_image_use
+from server.image_explanations import check_image_plan, job_messages
+from server.images import ImagePrompt, has_images, image_prompt
 from server.job_control import JobControl
 from server.limits import Tenant, TenantLimiter
 from server.metrics import EXPLANATION_WAIT, RpcObservation
@@ -302,11 +303,14 @@ class Gateway:
         plan = await self.plan_explanation(request.explain)
         prompt = await self.prompt(request.input, model, _timeout(context))
         if isinstance(prompt, ImagePrompt):
-            refuse_unsupported_image_use(plan=plan)
+            if plan is not None:
+                await check_image_plan(plan.methods, plan.options, self.broker)
             if tenant.limits.max_prompt_tokens:
                 tenant.check_prompt_tokens(
                     len(await self.vllm.tokenize_chat(model.name, prompt.messages, _timeout(context)))
                 )
+            if plan is not None:
+                await self.broker.check_backlog()
             return PreparedGeneration(request_id, model, sampling, plan, prompt)
         if plan is not None or tenant.limits.max_prompt_tokens:
             # Counted in real tokens: a text prompt is tokenized here and sent on as the same ids.
@@ -344,9 +348,11 @@ class Gateway:
         tenant: Tenant,
         slot: ExplanationSlot | None = None,
         chat: list[dict[str, str]] | None = None,
+        pictures: ImagePrompt | None = None,
     ) -> types_pb2.Explanation:
         """Enqueue an explanation for the tenant, in ``slot`` if one was taken before generating, else in a slot
-        taken now; in SYNC mode wait for it until just before the deadline."""
+        taken now; in SYNC mode wait for it until just before the deadline. ``pictures``: the prompt's messages and
+        pictures when it holds any, which the job carries."""
         if not output_tokens:
             raise invalid_argument("there are no generated tokens to explain")
         num_tokens = len(prompt_token_ids) + len(output_tokens)
@@ -364,6 +370,8 @@ class Gateway:
                 options=plan.options,
                 trace_id=trace_id_hex(trace.get_current_span()),
                 chat=chat,
+                image_messages=None if pictures is None else job_messages(pictures),
+                images=[] if pictures is None else [image.data for image in pictures.images],
             )
         if plan.mode == types_pb2.EXPLAIN_MODE_ASYNC:
             return record
@@ -455,6 +463,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 tenant,
                 slot,
                 prepared.chat,
+                prepared.prompt if isinstance(prepared.prompt, ImagePrompt) else None,
             )
             response.explanation_id = explanation.explanation_id
             if plan.mode != types_pb2.EXPLAIN_MODE_ASYNC:
@@ -554,6 +563,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 tenant,
                 slot,
                 prepared.chat,
+                prepared.prompt if isinstance(prepared.prompt, ImagePrompt) else None,
             )
             end.explanation_id = explanation.explanation_id
             if plan.mode != types_pb2.EXPLAIN_MODE_ASYNC:

@@ -142,6 +142,8 @@ def explain_options(spec: types_pb2.ExplainSpec) -> ExplainOptions:
         normalization=NORMALIZATIONS[aggregation.normalization],
         faithfulness=spec.faithfulness,
         step_scores_top_k=spec.step_scores_top_k if spec.HasField("step_scores_top_k") else DEFAULT_STEP_SCORES_TOP_K,
+        image_grid_rows=spec.images.grid_rows,
+        image_grid_cols=spec.images.grid_cols,
     )
     with spec_errors_as_invalid_argument():
         check_explain_options(options)

@@ -20,7 +20,8 @@ from explainers.constructed_vlm import IMAGE_SEQ_LEN, MODEL_NAME, default_vlm_di
 from explainers.embedded_model import verify_manifest
 from tests.pictures import QUESTION, square_picture
 
-SERVED_NAME = "vlm-under-test"
+# The name the explainer publishes the weights under (the manifest's), so a whole stack can share this server.
+SERVED_NAME = MODEL_NAME
 VLLM_START_S = 600
 
 
