@@ -5,7 +5,7 @@ square's cells first (the constructed model's ground truth, docs/multimodal.md);
 match vLLM's; the same text with another picture misses the hidden-state cache; grid options shape the result, and
 a bad grid or a method that does not explain pictures is refused before anything is generated.
 
-Raw stubs: the SDK has no accessor for image explanations yet (imgclient's overlay adds one)."""
+Most tests use raw stubs to see the wire fields; the last drives the Python SDK (top cells, overlay) and the CLI."""
 
 from __future__ import annotations
 
@@ -13,11 +13,15 @@ import hashlib
 import io
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 import redis
+from sightline import Client, ExplainOptions
+from sightline.cli import main as cli_main
+from sightline.overlay import overlay_png
 from sightline.v1 import inference_pb2, inference_pb2_grpc, types_pb2
 
 from common.jobs import CATALOG_KEY
@@ -32,11 +36,11 @@ TIMEOUT_S = 900.0
 
 
 @pytest.fixture(scope="module")
-def gateway(
+def gateway_address(
     vllm_vlm: str,  # noqa: F811
     redis_server: int,
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[inference_pb2_grpc.InferenceServiceStub]:
+) -> Iterator[str]:
     state = tmp_path_factory.mktemp("vlm-explain")
     stack = LocalStack(
         StackConfig(
@@ -58,14 +62,17 @@ def gateway(
             assert explainer.alive(), explainer.log_tail()
             assert time.monotonic() < deadline, "the VLM explainer did not register"
             time.sleep(1)
-        with (
-            GatewayProcess(stack, "vlm-explain-gateway", {}) as running,
-            grpc.insecure_channel(running.address) as channel,
-        ):
-            yield inference_pb2_grpc.InferenceServiceStub(channel)
+        with GatewayProcess(stack, "vlm-explain-gateway", {}) as running:
+            yield running.address
     finally:
         explainer.stop()
         client.close()
+
+
+@pytest.fixture(scope="module")
+def gateway(gateway_address: str) -> Iterator[inference_pb2_grpc.InferenceServiceStub]:
+    with grpc.insecure_channel(gateway_address) as channel:
+        yield inference_pb2_grpc.InferenceServiceStub(channel)
 
 
 def png(colour: str, row: int, col: int) -> bytes:
@@ -244,3 +251,67 @@ def test_bad_grids_and_methods_without_pictures_are_refused(
     assert "grey, white, black, blur" in str(bad_baseline.details())
     foil = refused(gateway, request(picture, [method("attention")], targets=types_pb2.TargetSpec(foil_token_ids=[5])))
     assert foil.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_the_sdk_ranks_and_draws_the_square_and_the_cli_prints_it(
+    gateway_address: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The clients on a real image explanation: the SDK's top cells are the square's, its overlay is hottest over
+    the square (in the picture as sent), and the CLI prints those cells and writes the same overlay."""
+    from PIL import Image
+
+    picture = png("red", 3, 1)
+    truth = square_cells(3, 1)
+    with Client(gateway_address) as client:
+        result = client.generate(
+            [{"role": "user", "content": [picture, QUESTION]}],
+            max_tokens=8,
+            timeout=TIMEOUT_S,
+            explain={"occlusion": {"baseline": "white", "batch_size": 16}},
+            options=ExplainOptions(image_grid=(GRID_SIDE, GRID_SIDE)),
+        )
+    explanation = result.explanation
+    assert explanation is not None
+    colour = [token.text.strip().lower() for token in result.output_tokens].index("red")
+    cells = explanation.top_cells(colour, k=len(truth), method="occlusion")
+    assert {cell.row * GRID_SIDE + cell.col for cell in cells} == truth
+    drawn = Image.open(io.BytesIO(overlay_png(explanation, picture, colour, method="occlusion"))).convert("RGB")
+    assert drawn.size == (IMAGE_SIZE, IMAGE_SIZE)
+    grid = explanation.image_grid(0)
+    inside = [grid.box(cell // GRID_SIDE, cell % GRID_SIDE) for cell in sorted(truth)]
+    outside = [grid.box(cell // GRID_SIDE, cell % GRID_SIDE) for cell in range(GRID_SIDE**2) if cell not in truth]
+
+    def changed(box: tuple[int, int, int, int]) -> float:
+        """Mean absolute change of the overlay against the picture inside a cell's box."""
+        before = np.asarray(square_picture("red", 3, 1).crop(box), dtype=np.float32)
+        after = np.asarray(drawn.crop(box), dtype=np.float32)
+        return float(np.abs(after - before).mean())
+
+    assert min(changed(box) for box in inside) > max(changed(box) for box in outside)
+
+    path = tmp_path / "square.png"
+    path.write_bytes(picture)
+    overlay_path = tmp_path / "overlay.png"
+    status = cli_main(
+        [
+            "--target",
+            gateway_address,
+            "generate",
+            "--image",
+            str(path),
+            "--explain",
+            "occlusion",
+            "--max-tokens",
+            "8",
+            "--overlay",
+            str(overlay_path),
+            "--overlay-token",
+            str(colour),
+            QUESTION,
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    for cell in sorted(truth)[:3]:
+        assert f"row {cell // GRID_SIDE} col {cell % GRID_SIDE}" in printed, printed
+    assert Image.open(overlay_path).size == (IMAGE_SIZE, IMAGE_SIZE)
