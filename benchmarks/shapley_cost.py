@@ -125,7 +125,7 @@ def run_side(side: str, workload: Workload) -> JsonDict:
     passes = {"calls": 0, "sequences": 0, "positions": 0}
 
     def count(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
+        ids = kwargs["input_ids"]  # every side calls the model with input_ids=
         passes["calls"] += 1
         passes["sequences"] += int(ids.shape[0])
         passes["positions"] += int(ids.numel())
