@@ -89,6 +89,11 @@ BENCHMARKS = (
         in_smoke=False,
     ),
     Benchmark("explain_paths", "Explainer: fast path vs general path", "explain_paths.py"),
+    Benchmark(
+        "shapley_cost",
+        "Shapley sampling: before and after the coalition scorer, against occlusion and Captum",
+        "shapley_cost.py",
+    ),
     Benchmark("explain_path_memory", "Explainer: memory, fast path vs general path", "explain_path_memory.py"),
     Benchmark(
         "observability_overhead",

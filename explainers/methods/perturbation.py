@@ -192,3 +192,14 @@ class PerturbationMethod(AttributionMethod[PerturbationParamsT]):
 
     def attribute(self, ctx: AttributionContext, params: PerturbationParamsT) -> types_pb2.MethodResult:
         return types_pb2.MethodResult(method=self.name, attributions=tensor_proto(self.attributions(ctx, params)))
+
+
+def reuses_prefix_keys(loaded: LoadedModel, num_tokens: int) -> bool:
+    """Whether a pass over num_tokens positions may start from another pass's cached keys and values (see
+    _keeps_every_key); for methods that keep caches of their own perturbed sequences."""
+    return _keeps_every_key(loaded, num_tokens)
+
+
+def read_out_scores(loaded: LoadedModel, normed: torch.Tensor, targets: Targets, offset: int) -> torch.Tensor:
+    """targets.score [batch, num_targets] from final-norm outputs of positions offset.. (see _read_out_scores)."""
+    return _read_out_scores(loaded, normed, targets, offset)
