@@ -8,8 +8,10 @@ for seeded uniformly random attributions give the chance level to compare agains
 
 Every method of an explanation is measured together (faithfulness_of): the random attributions' perturbations are
 scored once for all of them, a perturbed sequence that two methods (or two fractions) share is scored once, and each
-is cut after its target's predicting position, since the score reads nothing later. The numbers are those of
-measuring each method on its own.
+is cut after its target's predicting position, since the score reads nothing later. Each runs only from where it
+stops agreeing with the unperturbed or the all-replaced sequence, on that sequence's keys and values, the way
+occlusion runs (perturbed_scores). The numbers are those of measuring each method on its own, every perturbed
+sequence whole (tests/explainers/test_faithfulness_shared_passes.py).
 """
 
 from __future__ import annotations
