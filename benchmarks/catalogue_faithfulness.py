@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/catalogue_faithfulness.py                        # this checkout, 1 repeat
     .venv/bin/python benchmarks/catalogue_faithfulness.py --baseline 4ac23f8     # before (that commit) vs after
-    .venv/bin/python benchmarks/catalogue_faithfulness.py --smoke                # one explained token: checks it runs
+    .venv/bin/python benchmarks/catalogue_faithfulness.py --smoke                # checks it runs (see SMOKE_SKIPS)
+    .venv/bin/python benchmarks/catalogue_faithfulness.py --methods occlusion,attention   # some methods only
 
 The question is "What is the capital of France?" rendered with the embedded SmolLM2's chat template (its default
 system prompt included), and the answer is the model's own greedy one (transformers' generate, up to 32 tokens,
@@ -41,10 +42,13 @@ from bench_util import JsonDict, markdown_table
 QUESTION = "What is the capital of France?"
 MAX_NEW_TOKENS = 32
 TARGET_S = 60.0
+# Left out of --smoke (which checks that the script runs, in under a minute): their default cost grows with layers
+# x positions or permutations x positions, not with the one explained token.
+SMOKE_SKIPS = ("activation_patching", "shapley_sampling", "value_zeroing")
 FAITHFULNESS_FIELDS = ("comprehensiveness", "sufficiency", "random_comprehensiveness", "random_sufficiency")
 
 
-def measure_here(smoke: bool, threads: int) -> JsonDict:
+def measure_here(smoke: bool, threads: int, only: list[str]) -> JsonDict:
     """One run of the catalogue on the checkout this process imports (a child's work)."""
     import torch
 
@@ -81,7 +85,11 @@ def measure_here(smoke: bool, threads: int) -> JsonDict:
 
         return run
 
-    methods = registry.all_methods()
+    methods = [
+        method
+        for method in registry.all_methods()
+        if (method.name in only if only else not (smoke and method.name in SMOKE_SKIPS))
+    ]
     for method in methods:
         method.attribute = timed(method.name, method.attribute)  # type: ignore[method-assign]
     engine.faithfulness_of = timed("faithfulness", engine.faithfulness_of)  # type: ignore[attr-defined]
@@ -138,13 +146,14 @@ def worktree_at(ref: str) -> Iterator[tuple[Path, str]]:
             )
 
 
-def run_child(checkout: Path, smoke: bool, threads: int) -> JsonDict:
+def run_child(checkout: Path, smoke: bool, threads: int, only: list[str]) -> JsonDict:
     """measure_here() in a process importing checkout's code."""
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         env = dict(os.environ)
         env["PYTHONPATH"] = f"{checkout}:{checkout / 'clients' / 'python' / 'src'}"
         env["OMP_NUM_THREADS"] = str(threads)
         command = [bench_util.PYTHON, str(Path(__file__).resolve()), "--child-out", out.name, "--threads", str(threads)]
+        command += ["--methods", ",".join(only)] if only else []
         subprocess.run([*command, *(["--smoke"] if smoke else [])], cwd=checkout, env=env, check=True)
         measured: JsonDict = json.loads(Path(out.name).read_text())
     if Path(measured["explainers"]) != checkout.resolve():
@@ -198,7 +207,7 @@ def render_markdown(result: JsonDict) -> str:
     ]
     lines = [
         f"France question, {result['prompt_tokens']} prompt + {result['answer_tokens']} answer tokens "
-        f"({result['answer']!r}), {result['explained_tokens']} explained; all {len(rows) - 3} methods at default "
+        f"({result['answer']!r}), {result['explained_tokens']} explained; {len(rows) - 3} methods at default "
         f"parameters with faithfulness; median of {result['repeats']}, {result['threads']} thread(s).",
         "",
         markdown_table(["part", *columns], rows),
@@ -222,12 +231,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", default=None, help="a git ref to measure beside this checkout")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--smoke", action="store_true", help="one explained token, one repeat; no timing claims")
+    parser.add_argument(
+        "--smoke", action="store_true", help="one explained token, one repeat, no SMOKE_SKIPS; no timing claims"
+    )
+    parser.add_argument("--methods", default="", help="comma-separated: only these (default: the whole registry)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    only = [name for name in args.methods.split(",") if name]
     if args.child_out is not None:
-        bench_util.write_result(args.child_out, measure_here(args.smoke, args.threads))
+        bench_util.write_result(args.child_out, measure_here(args.smoke, args.threads, only))
         return 0
 
     repeats = 1 if args.smoke else args.repeats
@@ -241,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             commits["baseline"] = commit
         for _ in range(repeats):
             for label, checkout in checkouts.items():
-                measured = run_child(checkout, args.smoke, args.threads)
+                measured = run_child(checkout, args.smoke, args.threads, only)
                 runs.setdefault(label, []).append(measured)
                 print(f"{label}: total {measured['seconds']['total']:.1f} s", file=sys.stderr, flush=True)
     first = runs["this"][0]
@@ -254,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         "smoke": args.smoke,
         "repeats": repeats,
         "threads": args.threads,
+        "methods": only or "all",
         "checkouts": list(runs),
         "commits": commits,
         **{key: first[key] for key in ("prompt_tokens", "answer_tokens", "answer", "explained_tokens")},
@@ -265,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     if "baseline" in runs:
         result["largest_differences"] = largest_differences(runs["baseline"][-1], runs["this"][-1])
     name = "catalogue_faithfulness_smoke.json" if args.smoke else "catalogue_faithfulness.json"
+    if only and not args.smoke:
+        name = "catalogue_faithfulness_some_methods.json"
     bench_util.write_result(args.out or bench_util.RESULTS_DIR / name, result)
     print(render_markdown(result))
     return 0

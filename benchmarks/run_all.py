@@ -89,6 +89,11 @@ BENCHMARKS = (
         in_smoke=False,
     ),
     Benchmark("explain_paths", "Explainer: fast path vs general path", "explain_paths.py"),
+    Benchmark(
+        "catalogue_faithfulness",
+        "Explainer: the whole catalogue with faithfulness on the France question",
+        "catalogue_faithfulness.py",
+    ),
     Benchmark("explain_path_memory", "Explainer: memory, fast path vs general path", "explain_path_memory.py"),
     Benchmark(
         "observability_overhead",
