@@ -94,6 +94,11 @@ BENCHMARKS = (
         "Shapley sampling: before and after the coalition scorer, against occlusion and Captum",
         "shapley_cost.py",
     ),
+    Benchmark(
+        "catalogue_faithfulness",
+        "Explainer: the whole catalogue with faithfulness on the France question",
+        "catalogue_faithfulness.py",
+    ),
     Benchmark("explain_path_memory", "Explainer: memory, fast path vs general path", "explain_path_memory.py"),
     Benchmark(
         "observability_overhead",

@@ -8,8 +8,10 @@ for seeded uniformly random attributions give the chance level to compare agains
 
 Every method of an explanation is measured together (faithfulness_of): the random attributions' perturbations are
 scored once for all of them, a perturbed sequence that two methods (or two fractions) share is scored once, and each
-is cut after its target's predicting position, since the score reads nothing later. The numbers are those of
-measuring each method on its own.
+is cut after its target's predicting position, since the score reads nothing later. Each runs only from where it
+stops agreeing with the unperturbed or the all-replaced sequence, on that sequence's keys and values, the way
+occlusion runs (perturbed_scores). The numbers are those of measuring each method on its own, every perturbed
+sequence whole (tests/explainers/test_faithfulness_shared_passes.py).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from sightline.v1 import types_pb2
 from transformers import PreTrainedTokenizerBase
 
 from explainers import progress
-from explainers.model import LoadedModel
+from explainers.methods.perturbation import reference_states, resumed_final_states
+from explainers.model import LoadedModel, logits_from_normed
 from explainers.targets import Targets, token_scores
 
 FRACTIONS = (0.01, 0.05, 0.10, 0.20, 0.50)
@@ -71,7 +74,9 @@ def faithfulness_of(
     random_matrix = torch.rand(shape, generator=torch.Generator().manual_seed(seed))
     perturbed = {name: _perturbed(token_ids, targets, matrix, replacement) for name, matrix in matrices.items()}
     random_perturbed = _perturbed(token_ids, targets, random_matrix, replacement)
-    scores = _scores(loaded, targets, [*perturbed.values(), random_perturbed], batch_size)
+    scores = perturbed_scores(
+        loaded, token_ids, targets, [*perturbed.values(), random_perturbed], replacement, batch_size
+    )
     random_comprehensiveness, random_sufficiency = _mean_drops(random_perturbed, scores, unperturbed)
     results = {}
     for name, sequences in perturbed.items():
@@ -114,29 +119,49 @@ def _perturbed(
     return without_rationale, only_rationale
 
 
-def _scores(
+def perturbed_scores(
     loaded: LoadedModel,
+    token_ids: torch.Tensor,
     targets: Targets,
     perturbed: list[tuple[list[Perturbation], list[Perturbation]]],
+    replacement: int,
     batch_size: int,
 ) -> dict[Perturbation, float]:
-    """The score of every distinct perturbed prefix, its target's only: batch_size prefixes of one target a pass."""
+    """The score of every distinct perturbed prefix, its target's only.
+
+    A prefix without the rationale agrees with the unperturbed sequence up to its first replaced token, and one
+    with the rationale alone agrees with the all-replaced sequence up to its first kept token. Both references run
+    once; each prefix runs from where it stops agreeing with the one it agrees with longer, on that reference's
+    keys and values (at least its last position, which predicts the target). batch_size prefixes of one target a
+    pass, in the order of where they start, each batch from its earliest start.
+    """
     by_target: dict[int, list[tuple[int, ...]]] = {}
     for without_rationale, only_rationale in perturbed:
         for target, prefix in (*without_rationale, *only_rationale):
             known = by_target.setdefault(target, [])
             if prefix not in known:
                 known.append(prefix)
+    sources = token_ids[: int(targets.positions[-1])]  # every prefix is one of these positions' perturbations
+    references = reference_states(loaded, torch.stack([sources, torch.full_like(sources, replacement)]))
     scores: dict[Perturbation, float] = {}
-    with torch.no_grad():
-        for target, prefixes in by_target.items():
-            one_target = targets[target : target + 1]
-            for start in range(0, len(prefixes), batch_size):
-                batch = prefixes[start : start + batch_size]
-                scored = token_scores(loaded, torch.tensor(batch), one_target)[:, 0]
-                scores.update(((target, prefix), float(score)) for prefix, score in zip(batch, scored, strict=True))
-                # After every method has run, so it advances no method's progress; a cancelled job stops here too.
-                progress.tick()
+    for target, prefixes in by_target.items():
+        position = int(targets.positions[target])
+        rows = torch.tensor(prefixes)  # [num_prefixes, position]
+        differs = rows[None] != references.token_ids[:, None, :position]  # [2 references, num_prefixes, position]
+        agreeing = torch.where(differs.any(dim=2), differs.to(torch.int8).argmax(dim=2), position)
+        longest, reference_rows = agreeing.max(dim=0)  # [num_prefixes]: tokens agreeing, with which reference
+        starts = longest.clamp(max=position - 1) if references.resumable else torch.zeros_like(longest)
+        order = torch.argsort(starts, stable=True)
+        one_target = targets[target : target + 1]
+        for batch in torch.split(order, batch_size):
+            normed = resumed_final_states(loaded, references, reference_rows[batch], rows[batch], int(starts[batch[0]]))
+            with torch.no_grad():
+                scored = one_target.score_logits(logits_from_normed(loaded, normed[:, -1:]))[:, 0]
+            scores.update(
+                ((target, prefixes[row]), float(score)) for row, score in zip(batch.tolist(), scored, strict=True)
+            )
+            # After every method has run, so it advances no method's progress; a cancelled job stops here too.
+            progress.tick()
     return scores
 
 

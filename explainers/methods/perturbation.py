@@ -152,6 +152,46 @@ def _keeps_every_key(loaded: LoadedModel, num_tokens: int) -> bool:
     return attends_fully(config) or not isinstance(window, int) or window >= num_tokens
 
 
+@dataclass(frozen=True)
+class ReferenceStates:
+    """The keys and values of every layer for whole reference sequences [num_references, num_tokens]: a sequence
+    that agrees with reference r on its first `start` tokens continues from r's first `start` keys and values."""
+
+    token_ids: torch.Tensor  # int64 [num_references, num_tokens]
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values) [num_references, heads, tokens, hd]
+    # False where the model's cache drops early keys (a sliding window shorter than the sequence): nothing resumes.
+    resumable: bool
+
+
+def reference_states(loaded: LoadedModel, references: torch.Tensor) -> ReferenceStates:
+    """One pass over the reference sequences [num_references, num_tokens], keeping every layer's keys and values."""
+    with torch.no_grad():
+        cached = loaded.model.base_model(input_ids=references, use_cache=True).past_key_values
+    return ReferenceStates(
+        references,
+        [(layer.keys, layer.values) for layer in cached.layers],
+        _keeps_every_key(loaded, references.shape[1]),
+    )
+
+
+def resumed_final_states(
+    loaded: LoadedModel, states: ReferenceStates, reference_rows: torch.Tensor, token_ids: torch.Tensor, start: int
+) -> torch.Tensor:
+    """The final norm's output [batch, num_tokens - start, hidden] at positions start.. of the sequences token_ids
+    [batch, num_tokens], each of which agrees with its reference (reference_rows [batch]) on its first `start`
+    tokens: the pass starts at `start` from those references' keys and values, which causality makes the
+    sequences' own. start must be 0 unless states.resumable."""
+    if start and not states.resumable:
+        raise ValueError("these reference states cannot be resumed from: the model's cache keeps a window only")
+    past = DynamicCache(
+        [(keys[reference_rows, :, :start], values[reference_rows, :, :start]) for keys, values in states.layers]
+    )
+    with torch.no_grad():
+        output = loaded.model.base_model(input_ids=token_ids[:, start:], past_key_values=past)
+    normed: torch.Tensor = output.last_hidden_state
+    return normed
+
+
 def _read_out_scores(loaded: LoadedModel, normed: torch.Tensor, targets: Targets, offset: int) -> torch.Tensor:
     """targets.score [batch, num_targets] from the final norm's output normed [batch, positions, hidden] of
     positions offset.., READOUT_ROWS rows (batch x targets) of vocabulary logits at a time: a batch of long
