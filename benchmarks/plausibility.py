@@ -42,6 +42,7 @@ import statistics
 import sys
 import time
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,6 +70,9 @@ SMOKE_PROMPTS = 2
 # The default method must be cheap enough to run on every request that names none: at most this many times input x
 # gradient's cost (job CPU seconds).
 DEFAULT_COST_BOUND = 5.0
+# Methods refused on some architectures (AttnLRP has no rules for Gemma 2, Phi-3, GPT-2, GPT-NeoX): the default for
+# those comes from the others.
+PARTIAL_COVERAGE = ("attn_lrp",)
 MAX_NEW_TOKENS = 24
 
 
@@ -114,18 +118,20 @@ def chat_prompt_ids(loaded: LoadedModel, question: str) -> list[int]:
     """The prompt ids the server sends for a chat: the model's template rendered, its special tokens written by it."""
     tokenizer = loaded.tokenizer
     rendered = str(tokenizer.apply_chat_template(chat_of(question), tokenize=False, add_generation_prompt=True))
-    return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    return [int(token_id) for token_id in tokenizer(rendered, add_special_tokens=False)["input_ids"]]
 
 
 def greedy(loaded: LoadedModel, prompt_ids: list[int]) -> list[int]:
     with torch.no_grad():
-        generated = loaded.model.generate(
+        # transformers types generate() loosely (GenerationMixin); it returns the ids [1, prompt + new].
+        model: Any = loaded.model
+        generated = model.generate(
             torch.tensor([prompt_ids]),
             max_new_tokens=MAX_NEW_TOKENS,
             do_sample=False,
             pad_token_id=loaded.tokenizer.eos_token_id,
         )
-    output = generated[0, len(prompt_ids) :].tolist()
+    output: list[int] = generated[0, len(prompt_ids) :].tolist()
     eos = loaded.tokenizer.eos_token_id
     return output[: output.index(eos)] if eos in output else output
 
@@ -135,7 +141,7 @@ def ask(loaded: LoadedModel, entry: JsonDict) -> tuple[Question | None, str]:
     greedy answer does not contain the expected one."""
     prompt_ids = chat_prompt_ids(loaded, entry["question"])
     output_ids = greedy(loaded, prompt_ids)
-    text = loaded.tokenizer.decode(output_ids, skip_special_tokens=True)
+    text = str(loaded.tokenizer.decode(output_ids, skip_special_tokens=True))
     start = answer_start(text, entry["answer"])
     if start is None:
         return None, text
@@ -176,7 +182,7 @@ def check_data(loaded: LoadedModel, model_key: str) -> None:
     print(f"{len(kept)} kept, {len(dropped)} dropped; wrote {DATA}", file=sys.stderr)
 
 
-def subject_positions(tokens: list[Any], subject: str) -> list[int]:
+def subject_positions(tokens: Sequence[Any], subject: str) -> list[int]:
     """Positions of the content tokens that overlap the subject's characters in the question."""
     content = [(position, token) for position, token in enumerate(tokens) if token.is_content]
     text = "".join(token.text for _, token in content)
@@ -313,19 +319,19 @@ def merge(paths: list[Path]) -> JsonDict:
         "questions": len(per_question),
         "per_question": per_question,
         "summary": (summary := summarise(per_question, methods)),
-        "recommended_default": recommend(summary),
+        **recommendations(summary),
     }
 
 
-def recommend(summary: list[JsonDict]) -> str | None:
+def recommend(summary: list[JsonDict], excluded: Sequence[str] = ()) -> str | None:
     """The method the numbers support as the server's default: among the methods faithful on both counts
     (comprehensiveness above random, sufficiency below random) that cost at most DEFAULT_COST_BOUND times input x
     gradient, the one whose top content source is most often the subject; ties go to the larger faithfulness margin
-    (comprehensiveness above random plus sufficiency below random)."""
+    (comprehensiveness above random plus sufficiency below random). ``excluded``: methods not to consider."""
     eligible = [
         row
         for row in summary
-        if row["method"] != RANDOM
+        if row["method"] not in (RANDOM, *excluded)
         and row.get("comprehensiveness_vs_random", 0.0) > 0
         and row.get("sufficiency_vs_random", 0.0) < 0
         and row.get("cost_vs_input_x_gradient", math.inf) <= DEFAULT_COST_BOUND
@@ -340,6 +346,14 @@ def recommend(summary: list[JsonDict]) -> str | None:
         ),
     )
     return str(best["method"])
+
+
+def recommendations(summary: list[JsonDict]) -> JsonDict:
+    """The recommended default, and the one for architectures where a method is refused (PARTIAL_COVERAGE)."""
+    return {
+        "recommended_default": recommend(summary),
+        "recommended_default_every_architecture": recommend(summary, PARTIAL_COVERAGE),
+    }
 
 
 def render_markdown(result: JsonDict) -> str:
@@ -366,16 +380,18 @@ def render_markdown(result: JsonDict) -> str:
         "the subject is the top content source (by |score|); rank: the subject's mean rank among the question's "
         "tokens (1 = top); comprehensiveness (higher is better) and sufficiency (lower is better) are AOPC score "
         "drops in log-probability, with their difference from the seeded random attribution's; seconds per job "
-        "(forward pass + method); cost: job CPU seconds relative to inputxgradient on the same prompts."
+        "(forward pass + method); cost: job CPU seconds relative to input x gradient on the same prompts."
     )
     headers = [
         "method", "prompts", "subject top", "subject rank", "compr.", "compr. - random", "suff.", "suff. - random",
-        "wall s", "CPU s", "cost vs inputxgradient",
+        "wall s", "CPU s", "cost vs input x gradient",
     ]  # fmt: skip
     recommended = result.get("recommended_default")
+    elsewhere = result.get("recommended_default_every_architecture")
     footer = (
         f"\n\nThe numbers support `{recommended}` as the default method: the most plausible of the methods that beat "
-        f"random on both comprehensiveness and sufficiency and cost at most {DEFAULT_COST_BOUND:g}x inputxgradient."
+        f"random on both comprehensiveness and sufficiency and cost at most {DEFAULT_COST_BOUND:g}x input x gradient"
+        + (f"; among those that run on every architecture, `{elsewhere}`." if elsewhere != recommended else ".")
         if recommended
         else ""
     )
@@ -473,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         result["questions"] = len(result["per_question"])
         result["summary"] = summarise(result["per_question"], methods)
-        result["recommended_default"] = recommend(result["summary"])
+        result.update(recommendations(result["summary"]))
         bench_util.write_result(out, result)  # after every prompt: a long run is readable while it goes
     print(render_markdown(result))
     return 0
