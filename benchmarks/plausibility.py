@@ -398,12 +398,14 @@ def render_markdown(result: JsonDict) -> str:
     return heading + "\n\n" + markdown_table(headers, rows) + footer
 
 
-def _table_order(row: JsonDict) -> tuple[int, float]:
+def _table_order(row: JsonDict) -> tuple[int, int, float]:
+    """Token-attributing methods, those measured on the most prompts first, then by plausibility; then the others;
+    random last."""
     if row["method"] == RANDOM:
-        return (2, 0.0)
+        return (2, 0, 0.0)
     if "subject_top_rate" not in row:
-        return (1, 0.0)
-    return (0, -row["subject_top_rate"])
+        return (1, 0, 0.0)
+    return (0, -row["prompts"], -row["subject_top_rate"])
 
 
 def _signed(value: float | None) -> str:
