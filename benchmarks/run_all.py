@@ -6,7 +6,7 @@
     .venv/bin/python benchmarks/run_all.py --only gateway_overhead
 
 Runs benchmarks/gateway_overhead.py, benchmarks/cache_and_scaling.py, benchmarks/observability_overhead.py,
-benchmarks/soak.py, benchmarks/audit_overhead.py and, when present,
+benchmarks/soak.py, benchmarks/audit_overhead.py, benchmarks/plausibility.py and, when present,
 benchmarks/explainer_vs_peers.py (on SmolLM2; and on Gemma 3 270M outside --smoke),
 each in its own process. Each writes JSON to benchmarks/results/; this script
 reads it back and renders it (through the script's own ``render_markdown`` when it has one, else as generic
@@ -109,6 +109,13 @@ BENCHMARKS = (
         "progress_overhead",
         "Progress publishing: an integrated-gradients job with and without its progress published",
         "progress_overhead.py",
+    ),
+    Benchmark(
+        "plausibility",
+        "Which method should I use: plausibility, faithfulness and cost per method on factual prompts",
+        "plausibility.py",
+        # The slowest methods (activation patching: thousands of passes per token) on 5 prompts, the rest on all.
+        ("--slow-limit", "5"),
     ),
     Benchmark("soak", "Soak: concurrent clients mixing streams and explanations (errors, memory, queue)", "soak.py"),
     Benchmark(

@@ -217,6 +217,30 @@ def _render(value: ParamValue | None) -> str:
 
 # --- the methods named ---
 
+# What Explain and EstimateExplanation run when a request names no method, chosen from the plausibility and
+# faithfulness benchmark (benchmarks/plausibility.py; docs/methods.md, "Which method should I use"): AttnLRP where
+# its rules cover the architecture (explainers/methods/attn_lrp.py refuses the others, saying why), else the method
+# the benchmark supports among those that run on every architecture.
+DEFAULT_METHOD = "attn_lrp"
+ATTN_LRP_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+DEFAULT_METHOD_ELSEWHERE = "saliency"
+
+
+def default_method(architecture: str) -> str:
+    """The method a call that names none gets on a model of ``architecture`` (its Hugging Face model type)."""
+    return DEFAULT_METHOD if architecture in ATTN_LRP_FAMILIES else DEFAULT_METHOD_ELSEWHERE
+
+
+def with_default_method(spec: types_pb2.ExplainSpec, architecture: str) -> types_pb2.ExplainSpec:
+    """``spec`` itself when it names methods, else a copy that names the default method for ``architecture`` with
+    its default parameters."""
+    if spec.methods:
+        return spec
+    defaulted = types_pb2.ExplainSpec()
+    defaulted.CopyFrom(spec)
+    defaulted.methods.add(name=default_method(architecture))
+    return defaulted
+
 
 def check_distinct_methods(names: Sequence[str]) -> None:
     repeated = [name for name, count in Counter(names).items() if count > 1]

@@ -22,6 +22,7 @@ from sightline.v1 import (
     types_pb2,
 )
 
+from common.explain_spec import with_default_method
 from common.jobs import ExplainOptions
 from common.telemetry import trace_id_hex
 from server.audit.hook import AuditRecorder, audited
@@ -277,6 +278,13 @@ class Gateway:
         """Validate an explain spec before any generation; None when no explanation is asked for."""
         if not spec.methods:
             return None
+        return await self.plan_requested_explanation(spec)
+
+    async def plan_requested_explanation(self, spec: types_pb2.ExplainSpec) -> ExplanationPlan:
+        """Validate the spec of a call that always explains (Explain, EstimateExplanation): with no method named,
+        the server's default method for the workers' model (common.explain_spec.default_method)."""
+        if not spec.methods:
+            spec = with_default_method(spec, (await self.broker.catalog()).architecture)
         return ExplanationPlan(
             methods=await self.broker.validate_methods(spec),
             options=explain_options(spec),
@@ -602,9 +610,7 @@ class ExplanationsServicer(explanations_pb2_grpc.ExplanationsServiceServicer):
         gateway = self.gateway
         request_id = _request_id(request.request_id)
         model = gateway.resolve_model(request.model)
-        plan = await gateway.plan_explanation(request.explain)
-        if plan is None:
-            raise invalid_argument("explain.methods is empty; name at least one method (see ListMethods)")
+        plan = await gateway.plan_requested_explanation(request.explain)
         prompt_ids = token_ids(
             list(request.prompt_token_ids), field="prompt_token_ids", max_model_len=model.max_model_len
         )
@@ -708,9 +714,7 @@ class ExplanationsServicer(explanations_pb2_grpc.ExplanationsServiceServicer):
         self, request: explanations_pb2.EstimateExplanationRequest, context: grpc.aio.ServicerContext, tenant: Tenant
     ) -> explanations_pb2.EstimateExplanationResponse:
         model = self.gateway.resolve_model(request.model)
-        plan = await self.gateway.plan_explanation(request.explain)
-        if plan is None:
-            raise invalid_argument("explain.methods is empty; name at least one method (see ListMethods)")
+        plan = await self.gateway.plan_requested_explanation(request.explain)
         if request.prompt_tokens < 1 or request.output_tokens < 1:
             raise invalid_argument(
                 f"prompt_tokens and output_tokens must be at least 1; got {request.prompt_tokens} and "

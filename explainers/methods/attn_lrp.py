@@ -24,6 +24,8 @@ import torch
 from sightline.v1 import types_pb2
 from torch import nn
 
+# The families the rules cover; kept in common/, where the gateway reads it to choose the default method.
+from common.explain_spec import ATTN_LRP_FAMILIES as COVERED
 from explainers import general_path
 from explainers.methods.base import (
     GRADIENT_COST,
@@ -39,7 +41,6 @@ from explainers.targets import TargetScore
 
 # The families whose layers the rules below cover: separate query, key and value projections, a gated MLP
 # (gate_proj, up_proj, down_proj, act_fn) and RMSNorms. Why the others are refused, by family.
-COVERED = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 NOT_COVERED = {
     "gemma2": "its soft-capped attention scores (tanh) have no AttnLRP rule here",
     "phi3": "its fused qkv_proj and gate_up_proj projections are not split into the rules' factors",
