@@ -8,11 +8,10 @@ A red square covering 3 x 3 of the 7 x 7 cells on white; "What color is the squa
 colour token of the greedy answer is explained on the model's 7 x 7 grid, with the baselines the ground-truth test
 uses (occlusion: the default mid-grey; integrated gradients: the white page and every text token the blank, with
 the text). Each method runs in a forked child of the process that holds the loaded model, so its peak resident
-memory (the child's ru_maxrss: the model's pages it inherits plus what the method adds) is its own; the added
-memory is that peak minus the parent's resident size at the fork. Reported per method: wall seconds, peak and added
-MiB, whether the square's nine cells are the top nine (by magnitude for occlusion, whose other cells are exactly
-0), the picture's share of the attribution where the method scores text too, and integrated gradients'
-convergence_delta.
+memory (sampled every 5 ms: the model's pages plus what the method adds) is its own; the added memory is that peak
+minus the resident size when the method starts. Reported per method: wall seconds, peak and added MiB, whether the
+square's nine cells are the top nine (by magnitude for occlusion, whose other cells are exactly 0), the picture's
+share of the attribution where the method scores text too, and integrated gradients' convergence_delta.
 """
 
 from __future__ import annotations
@@ -20,8 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -55,20 +54,40 @@ def current_rss_mib() -> float:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+class PeakSampler:
+    """The largest resident size seen while active, read every 5 ms by a thread (a fork's ru_maxrss is not the
+    child's own peak on Linux, so it cannot be read after the method)."""
+
+    def __init__(self) -> None:
+        self.peak_mib = current_rss_mib()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak_mib = max(self.peak_mib, current_rss_mib())
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mib = max(self.peak_mib, current_rss_mib())
 
 
 def measured(run: Callable[[], ImageAttribution], truth: set[tuple[int, int]]) -> JsonDict:
     """Run one method in a forked child; its measurements come back as JSON text over a pipe."""
-    before = current_rss_mib()
     read_end, write_end = os.pipe()
     child = os.fork()
     if child == 0:
         os.close(read_end)
+        start_mib = current_rss_mib()
         started = time.perf_counter()
         try:
-            result = run()
+            with PeakSampler() as sampler:
+                result = run()
         except BaseException:
             traceback.print_exc()
             os._exit(1)
@@ -78,8 +97,8 @@ def measured(run: Callable[[], ImageAttribution], truth: set[tuple[int, int]]) -
         delta = result.convergence_delta
         measurements = {
             "seconds": round(seconds, 3),
-            "peak_rss_mib": round(peak_rss_mib(), 1),
-            "added_rss_mib": round(peak_rss_mib() - before, 1),
+            "peak_rss_mib": round(sampler.peak_mib, 1),
+            "added_rss_mib": round(sampler.peak_mib - start_mib, 1),
             # Only on the model's 7 x 7 grid (the smoke run's occlusion grid is coarser).
             "square_cells_rank_first": top_cells(ranked, len(truth)) == truth if ranked.numel() > len(truth) else None,
             "image_share": None if share is None else round(float(share[0]), 4),
