@@ -122,6 +122,11 @@ BENCHMARKS = (
         "scale_out", "Scaling out: explainer workers, gateways sharing Redis, vLLM replica failover", "scale_out.py"
     ),
     Benchmark(
+        "image_methods",
+        "Image attributions on the constructed VLM: seconds and peak memory per method, ground truth",
+        "image_methods.py",
+    ),
+    Benchmark(
         "audit_overhead",
         "Audit trail: added latency (off, SQLite, PostgreSQL), export and verify throughput, size",
         "audit_overhead.py",

@@ -12,7 +12,12 @@ so attributions over it could not be checked against anything. The construction 
   as one of the corners of the RGB cube (a template match that is ~1 for the corner and ~0 elsewhere); the
   connector writes, for each 32 px cell, the mean of its four patches' colour-name embeddings: the token embedding
   of " red", " green", " blue", " yellow", " cyan", " black", or of the blank " " for white (the paper the picture
-  is drawn on). Magenta and colours far from every corner carry nothing.
+  is drawn on). The blank is also every cell's starting point, from the tower's constant anchor: a colour writes its
+  name's embedding minus the blank's, so magenta, grey and colours far from every corner read as the blank page.
+  (An earlier construction wrote nothing for them, a zero vector; on a straight path between two colours the image
+  token then crossed zero, where the text model's first RMSNorm turns a vector of 1e-3 into a full-size one and
+  flips its direction as it changes sign: the score jumped within 1e-4 of the path and integrated gradients could
+  not resolve it.)
 
 So the image tokens of a red square on white read, to SmolLM2, like " red" where the square is and blanks elsewhere,
 and "What color is the square? Answer with one word." is answered "red" from the picture: the square's cells are
@@ -45,7 +50,8 @@ from explainers.embedded_model import (
 
 MODEL_NAME = "constructed-colour-vlm"
 # What the manifest names as the source: the text model's digest is appended, so a rebuilt SmolLM2 rebuilds this.
-SOURCE_PREFIX = "constructed:smollm2-135m-instruct@"
+# v2: cells start from the blank page (a colour far from every corner is blank, never a zero vector).
+SOURCE_PREFIX = "constructed-v2:smollm2-135m-instruct@"
 DTYPE = "float32"
 
 IMAGE_SIZE = 224  # pixels per side the processor resizes to
@@ -83,6 +89,7 @@ VISION_HIDDEN = 32
 VISION_HEADS = 2
 ANCHOR = 50.0
 TEMPLATE_GAIN = 5.0  # the match neuron is GAIN for the exact corner, <= -GAIN for every other one
+_ANCHOR_DIM = 6
 _COLOUR_DIM = 8
 _BALANCE_DIM = _COLOUR_DIM + len(COLOURS)
 
@@ -105,7 +112,7 @@ def _vision_config() -> dict[str, Any]:
     }
 
 
-def _construct_vision(model: Any, colour_embeddings: Any) -> None:
+def _construct_vision(model: Any, colour_embeddings: Any, blank_embedding: Any) -> None:
     """Set the vision tower and connector weights as the module docstring describes."""
     import torch
 
@@ -118,7 +125,7 @@ def _construct_vision(model: Any, colour_embeddings: Any) -> None:
         for channel in range(3):
             patch.weight[channel, channel] = mean
             patch.weight[3 + channel, channel] = -mean
-        patch.bias[6], patch.bias[7] = ANCHOR, -ANCHOR
+        patch.bias[_ANCHOR_DIM], patch.bias[_ANCHOR_DIM + 1] = ANCHOR, -ANCHOR
         # The LayerNorms divide by the standard deviation the anchor fixes; their weight multiplies it back.
         sigma = ANCHOR * (2.0 / VISION_HIDDEN) ** 0.5
         layer = vision.encoder.layers[0]
@@ -131,10 +138,13 @@ def _construct_vision(model: Any, colour_embeddings: Any) -> None:
             layer.mlp.fc2.weight[_COLOUR_DIM + index, index] = 1 / TEMPLATE_GAIN
             layer.mlp.fc2.weight[_BALANCE_DIM, index] = -1 / TEMPLATE_GAIN
         # Pixel shuffle concatenates the 4 patches' hidden vectors; each contributes a quarter of its colour's text.
+        # The anchor dim (ANCHOR after the post-LayerNorm) carries the blank page; a matched colour replaces it.
         projection = model.model.connector.modality_projection.proj.weight  # [text_hidden, 4 * vision_hidden]
-        for quarter in range(SCALE_FACTOR * SCALE_FACTOR):
+        quarters = SCALE_FACTOR * SCALE_FACTOR
+        for quarter in range(quarters):
             start = quarter * VISION_HIDDEN + _COLOUR_DIM
-            projection[:, start : start + len(COLOURS)] = colour_embeddings.T / (SCALE_FACTOR * SCALE_FACTOR)
+            projection[:, start : start + len(COLOURS)] = (colour_embeddings - blank_embedding).T / quarters
+            projection[:, quarter * VISION_HIDDEN + _ANCHOR_DIM] = blank_embedding / (ANCHOR * quarters)
 
 
 def _token_id(tokenizer: Any, token: str) -> int:
@@ -197,7 +207,7 @@ def _build(text_dir: Path, dest: Path) -> None:
         new_output = torch.zeros(vocab_size, embeddings.shape[1])
         new_output[: embeddings.shape[0]] = text_model.lm_head.weight.detach()
         model.lm_head.weight.copy_(new_output)
-    _construct_vision(model, embeddings[colour_ids])
+    _construct_vision(model, embeddings[colour_ids], embeddings[blank])
     model.generation_config = type(text_model.generation_config)(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )

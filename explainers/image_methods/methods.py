@@ -2,18 +2,32 @@
 scores where the method has them, and how the attribution splits between the picture and the text.
 
 - occlusion: each cell replaced by a baseline (a flat colour or a blurred copy of the picture); the score is the
-  explained log-probability's drop, f(x) - f(x with the cell replaced), recomputed per cell.
+  explained log-probability's drop, f(x) - f(x with the cell replaced), recomputed per cell. With
+  `text_baseline_id`, each text token before the explained one is replaced by that token in turn too.
 - saliency: |d f / d pixel| summed over the cell's pixels and channels (and |d f / d embedding| per text token).
 - input_x_gradient: pixel * d f / d pixel summed per cell (embedding . gradient per text token).
-- integrated_gradients: (x - x0) times the mean gradient along the straight path from a black or blurred baseline,
-  summed per cell; with `with_text`, the text embeddings travel from zero along the same path, so the cells and
-  the text tokens together add up to f(x) - f(x0, no text) (completeness).
+- integrated_gradients: (x - x0) times the weighted gradients along the straight path from a black (or another
+  colour's) or blurred baseline, summed per cell; with `with_text`, the text embeddings travel along the same path
+  from a baseline token's (or zero), so the cells and the text tokens together add up to f(x) - f(x0, baseline
+  text) (completeness); the error of the quadrature is reported as convergence_delta, as the text method does.
 - attention: the attention from each explained token's predicting position to the image tokens, averaged over
   layers and heads, summed into cells.
 - logit_lens: the probability of the explained token when each image position's residual stream is decoded with the
   final norm and unembedding, per layer.
 
 Pixels are the processor's normalised pixels (the model's input); the grid is in that picture's pixel space.
+
+Baselines, and why the defaults are what they are:
+- occlusion replaces a cell by the processor's mean colour (0 in every normalised channel, mid-grey): it is the
+  colour that carries the least on average over pictures, and on the constructed VLM it matches no colour the
+  tower knows, so the cell reads as the blank page. Black is a poor default there: it writes " black" into the
+  picture. Idefics3 reads a picture that is 0 everywhere as padding, so occluding the whole picture (a 1 x 1 grid)
+  with it is refused; choose another colour for that.
+- integrated gradients starts from black (Sundararajan et al.'s baseline, and never the padding picture), or a
+  blurred copy, which keeps the picture's colours and removes its detail; on the constructed VLM, which reads
+  colour only, a blur must be wide (a quarter of the picture by default) for the baseline to differ at all.
+- text baselines are a token id (the text methods' replacement token): zero embeddings are a poor start on RMSNorm
+  models, whose score changes abruptly within ~1e-3 of zero.
 """
 
 from __future__ import annotations
@@ -28,22 +42,25 @@ from explainers.general_path import _eager_attention
 from explainers.image_methods.grid import CellGrid, ImageExplainError, blurred
 from explainers.image_methods.passes import (
     ImageQuestion,
+    embedding_leaf,
     gradients,
     image_positions,
     scores_in_batches,
     target_scores,
     text_embeddings,
     text_mask,
+    text_occluded_scores,
     token_grid,
 )
+from explainers.methods.integrated_gradients import QUADRATURES, quadrature_rule
 
-# The processor's normalised value of a black pixel (mean 0.5, std 0.5): the black baseline. Idefics3 drops a
-# picture that is exactly 0 everywhere as padding, so mid-grey is never used as a baseline.
+# Processor-normalised colours (mean 0.5, std 0.5: a pixel p becomes p / 127.5 - 1).
 BLACK = -1.0
+MEAN_COLOUR = (0.0, 0.0, 0.0)  # mid-grey: occlusion's default replacement
 
 
 class Baseline(enum.Enum):
-    COLOUR = "colour"  # a flat colour (black unless given)
+    COLOUR = "colour"  # a flat colour (black for integrated gradients, mid-grey for occlusion, unless given)
     BLUR = "blur"  # a blurred copy of the picture
 
 
@@ -51,13 +68,16 @@ class Baseline(enum.Enum):
 class ImageAttribution:
     """Scores for each explained token: cells [num_targets, num_images, rows, cols] over `grid`, text tokens
     [num_targets, num_tokens] (zero at image positions; None when the method scores no text), and the explained
-    log-probabilities [num_targets]."""
+    log-probabilities [num_targets]. Integrated gradients adds the score at its baseline and convergence_delta
+    [num_targets]: the sum of all its attributions minus (scores - baseline_scores), near 0 when the steps suffice."""
 
     method: str
     grid: CellGrid
     cells: torch.Tensor
     text: torch.Tensor | None
     scores: torch.Tensor
+    baseline_scores: torch.Tensor | None = None
+    convergence_delta: torch.Tensor | None = None
 
     def image_share(self) -> torch.Tensor | None:
         """Per explained token, the picture's share of the attribution's absolute mass, in [0, 1]; None without
@@ -69,12 +89,21 @@ class ImageAttribution:
         return image / (image + text).clamp_min(torch.finfo(image.dtype).tiny)
 
 
+def default_blur_radius(pixel_values: torch.Tensor) -> int:
+    """A quarter of the picture's shorter side: wide enough to blur away an object, not the whole picture."""
+    return max(1, min(int(pixel_values.shape[-2]), int(pixel_values.shape[-1])) // 4)
+
+
 def baseline_pixels(
-    pixel_values: torch.Tensor, baseline: Baseline, colour: tuple[float, float, float] | None = None
+    pixel_values: torch.Tensor,
+    baseline: Baseline,
+    colour: tuple[float, float, float] | None = None,
+    blur_radius: int | None = None,
 ) -> torch.Tensor:
-    """The baseline picture(s), same shape as pixel_values; `colour` in normalised pixel values per channel."""
+    """The baseline picture(s), same shape as pixel_values; `colour` in normalised pixel values per channel (black
+    when not given), `blur_radius` in pixels (default_blur_radius when not given)."""
     if baseline is Baseline.BLUR:
-        return blurred(pixel_values)
+        return blurred(pixel_values, default_blur_radius(pixel_values) if blur_radius is None else blur_radius)
     fill = torch.tensor(colour if colour is not None else (BLACK, BLACK, BLACK), dtype=pixel_values.dtype)
     if fill.shape[0] != pixel_values.shape[-3]:
         raise ImageExplainError(f"baseline colour needs {pixel_values.shape[-3]} channels, got {fill.shape[0]}")
@@ -88,9 +117,13 @@ def occlusion(
     baseline: Baseline = Baseline.COLOUR,
     colour: tuple[float, float, float] | None = None,
     batch_size: int = 8,
+    blur_radius: int | None = None,
+    text_baseline_id: int | None = None,
 ) -> ImageAttribution:
+    """Cells and, with text_baseline_id, text tokens scored by the drop when each is replaced; the colour is the
+    processor's mean (mid-grey) when not given."""
     pixels = question.pixel_values
-    replacement = baseline_pixels(pixels, baseline, colour)
+    replacement = baseline_pixels(pixels, baseline, colour if colour is not None else MEAN_COLOUR, blur_radius)
     masks = grid.cell_masks()
     num_images = int(pixels.shape[0])
     variants = [pixels[None]]
@@ -102,7 +135,14 @@ def occlusion(
     scores = scores_in_batches(model, question, torch.cat(variants), batch_size)  # [1 + images * cells, targets]
     drops = scores[0] - scores[1:]
     cells = drops.T.reshape(-1, num_images, grid.rows, grid.cols)
-    return ImageAttribution("occlusion", grid, cells, None, scores[0])
+    text = None
+    if text_baseline_id is not None:
+        before_last = torch.arange(len(question.token_ids)) < max(question.target_positions)
+        positions = (text_mask(model, question) & before_last).nonzero().flatten()
+        replaced = text_occluded_scores(model, question, positions, text_baseline_id, batch_size)
+        text = torch.zeros(len(question.target_positions), len(question.token_ids))
+        text[:, positions] = (scores[0] - replaced).T
+    return ImageAttribution("occlusion", grid, cells, text, scores[0])
 
 
 def _text_scores(model: nn.Module, question: ImageQuestion, per_token: torch.Tensor) -> torch.Tensor:
@@ -132,30 +172,52 @@ def integrated_gradients(
     steps: int = 32,
     batch_size: int = 8,
     with_text: bool = False,
+    quadrature: str = "gausslegendre",
+    blur_radius: int | None = None,
+    text_baseline_id: int | None = None,
 ) -> ImageAttribution:
-    """Midpoint-rule integrated gradients; the explained score of the baseline is f(x0) = scores - sum of all
-    attributions up to the rule's error, which the tests bound."""
+    """Integrated gradients with `steps` points of `quadrature` (the text method's rules, as Captum's `method`):
+
+        cell = sum over its pixels and channels of (x - x0) * sum_s weight_s * df/dx(x0 + a_s (x - x0))
+
+    With `with_text`, the text embeddings go the same way from text_baseline_id's embedding (zero when None), and
+    the text tokens' attributions are (e - e0) . the weighted gradients. convergence_delta is the sum of every
+    attribution minus f(x) - f(x0) (with the text at its baseline when with_text): completeness' error, which
+    shrinks as steps grow where the path's score is smooth at their spacing."""
     if steps < 1:
         raise ImageExplainError(f"integrated gradients needs at least 1 step, got {steps}")
+    if quadrature not in QUADRATURES:
+        raise ImageExplainError(f"quadrature must be one of {', '.join(QUADRATURES)}, got {quadrature!r}")
     pixels = question.pixel_values
-    start = baseline_pixels(pixels, baseline, colour)
-    alphas = (torch.arange(steps, dtype=pixels.dtype) + 0.5) / steps
-    pixel_total = torch.zeros(len(question.target_positions), *pixels.shape)
+    start = baseline_pixels(pixels, baseline, colour, blur_radius)
+    alphas, weights = (values.to(pixels.dtype) for values in quadrature_rule(quadrature, steps))
+    num_targets = len(question.target_positions)
+    pixel_total = torch.zeros(num_targets, *pixels.shape)
     embedded = text_embeddings(model, question)
-    text_total = torch.zeros(len(question.target_positions), *embedded.shape)
+    text_start = None if text_baseline_id is None else text_embeddings(model, question, text_baseline_id)
+    text_total = torch.zeros(num_targets, *embedded.shape)
     for first in range(0, steps, batch_size):
-        chunk = alphas[first : first + batch_size]
+        chunk, chunk_weights = alphas[first : first + batch_size], weights[first : first + batch_size]
         path = start[None] + chunk[:, None, None, None, None] * (pixels - start)[None]
-        _, pixel_grads, text_grads = gradients(model, question, path, chunk if with_text else None)
-        pixel_total += pixel_grads.sum(1)
-        text_total += text_grads.sum(1)
-    cells = grid.pool(((pixels - start)[None] * pixel_total / steps).sum(-3))
+        _, pixel_grads, text_grads = gradients(
+            model, question, path, chunk if with_text else None, text_start if with_text else None
+        )
+        pixel_total += torch.einsum("tb...,b->t...", pixel_grads, chunk_weights)
+        text_total += torch.einsum("tb...,b->t...", text_grads, chunk_weights)
+    cells = grid.pool(((pixels - start)[None] * pixel_total).sum(-3))
     text = None
+    total = cells.flatten(1).sum(1)
     if with_text:
-        text = _text_scores(model, question, (embedded[None] * text_total / steps).sum(-1))
+        text_difference = embedded - (0 if text_start is None else text_start)
+        text = _text_scores(model, question, (text_difference[None] * text_total).sum(-1))
+        total = total + text.sum(1)
     with torch.no_grad():
         scores = target_scores(model, question, pixels[None])[0][0]
-    return ImageAttribution("integrated_gradients", grid, cells, text, scores)
+        scale = torch.zeros(1) if with_text else None
+        with embedding_leaf(model, scale, text_start):
+            baseline_scores = target_scores(model, question, start[None])[0][0]
+    convergence_delta = total - (scores - baseline_scores)
+    return ImageAttribution("integrated_gradients", grid, cells, text, scores, baseline_scores, convergence_delta)
 
 
 def attention(model: nn.Module, question: ImageQuestion, grid: CellGrid) -> ImageAttribution:

@@ -76,16 +76,20 @@ def text_mask(model: nn.Module, question: ImageQuestion) -> torch.Tensor:
 
 
 @contextmanager
-def embedding_leaf(model: nn.Module, scale: torch.Tensor | None = None) -> Iterator[list[torch.Tensor]]:
-    """While active, the text embedding layer's output is replaced by a leaf tensor that requires grad (times
-    `scale` [batch], for an integrated-gradients path); the leaves of each pass are appended to the yielded list."""
+def embedding_leaf(
+    model: nn.Module, scale: torch.Tensor | None = None, start: torch.Tensor | None = None
+) -> Iterator[list[torch.Tensor]]:
+    """While active, the text embedding layer's output is replaced by a leaf tensor that requires grad; with `scale`
+    [batch] it is the point start + scale * (embeddings - start) of an integrated-gradients path, from `start`
+    [num_tokens, hidden] (zero when not given). The leaves of each pass are appended to the yielded list."""
     leaves: list[torch.Tensor] = []
     embedding: nn.Module = model.model.text_model.get_input_embeddings()  # type: ignore[union-attr, operator]
 
     def replace(_: nn.Module, __: Any, output: torch.Tensor) -> torch.Tensor:
         leaf = output.detach().clone()
         if scale is not None:
-            leaf = leaf * scale.to(leaf.dtype)[:, None, None]
+            origin = torch.zeros_like(leaf) if start is None else start.to(leaf.dtype).expand_as(leaf)
+            leaf = origin + scale.to(leaf.dtype)[:, None, None] * (leaf - origin)
         leaf.requires_grad_(True)
         leaves.append(leaf)
         return leaf
@@ -103,7 +107,21 @@ def target_scores(
     """Log-probabilities [batch, num_targets] of the explained tokens for each picture set in pixel_batch [batch,
     num_images, channels, height, width], and the model's output (for hidden states / attentions when asked)."""
     batch = int(pixel_batch.shape[0])
-    ids = question.token_ids[None].expand(batch, -1)
+    return _scores(model, question, question.token_ids[None].expand(batch, -1), pixel_batch, **forward)
+
+
+def _scores(
+    model: nn.Module, question: ImageQuestion, ids: torch.Tensor, pixel_batch: torch.Tensor, **forward: Any
+) -> tuple[torch.Tensor, Any]:
+    """target_scores for token ids [batch, num_tokens] (the question's, or a text-occluded copy) and pictures."""
+    batch = int(pixel_batch.shape[0])
+    blank = (pixel_batch == 0).flatten(2).all(-1)
+    if bool(blank.any()):
+        # Idefics3 drops a picture that is exactly 0 everywhere as padding (its tokens would get no features).
+        raise ImageExplainError(
+            "a picture made entirely of the processor's mean colour (0 in every normalised pixel) is read as padding "
+            "by the model; choose another baseline colour or a finer grid"
+        )
     outputs = model.model(  # type: ignore[operator]
         input_ids=ids,
         pixel_values=pixel_batch,
@@ -131,13 +149,39 @@ def scores_in_batches(
     return torch.cat(chunks)
 
 
+def text_occluded_scores(
+    model: nn.Module, question: ImageQuestion, positions: torch.Tensor, replacement_id: int, batch_size: int
+) -> torch.Tensor:
+    """target_scores [len(positions), num_targets] with the token at each of `positions` replaced by
+    `replacement_id` in turn (the pictures unchanged), without gradients, batch_size sequences per pass."""
+    if batch_size < 1:
+        raise ImageExplainError(f"batch size must be at least 1, got {batch_size}")
+    vocab_size = int(model.get_input_embeddings().num_embeddings)  # type: ignore[operator]
+    if not 0 <= replacement_id < vocab_size:
+        raise ImageExplainError(f"the text replacement token id must be in [0, {vocab_size}), got {replacement_id}")
+    chunks = []
+    with torch.no_grad():
+        for first in range(0, len(positions), batch_size):
+            chunk = positions[first : first + batch_size]
+            ids = question.token_ids[None].repeat(len(chunk), 1)
+            ids[torch.arange(len(chunk)), chunk] = replacement_id
+            pixels = question.pixel_values[None].expand(len(chunk), *question.pixel_values.shape)
+            chunks.append(_scores(model, question, ids, pixels)[0])
+    return torch.cat(chunks) if chunks else torch.zeros(0, len(question.target_positions))
+
+
 def gradients(
-    model: nn.Module, question: ImageQuestion, pixel_batch: torch.Tensor, text_scale: torch.Tensor | None = None
+    model: nn.Module,
+    question: ImageQuestion,
+    pixel_batch: torch.Tensor,
+    text_scale: torch.Tensor | None = None,
+    text_start: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scores [batch, num_targets] and their gradients to the pixels [num_targets, batch, num_images, channels,
-    height, width] and to the text embeddings [num_targets, batch, num_tokens, hidden], one backward per target."""
+    height, width] and to the text embeddings [num_targets, batch, num_tokens, hidden], one backward per target;
+    text_scale and text_start place the text on an integrated-gradients path (embedding_leaf)."""
     pixels = pixel_batch.detach().clone().requires_grad_(True)
-    with torch.enable_grad(), embedding_leaf(model, text_scale) as leaves:
+    with torch.enable_grad(), embedding_leaf(model, text_scale, text_start) as leaves:
         scores, _ = target_scores(model, question, pixels)
         pixel_grads, text_grads = [], []
         num_targets = int(scores.shape[1])
@@ -150,9 +194,11 @@ def gradients(
     return scores.detach(), torch.stack(pixel_grads), torch.stack(text_grads)
 
 
-def text_embeddings(model: nn.Module, question: ImageQuestion) -> torch.Tensor:
-    """The token embeddings [num_tokens, hidden] the model reads (image rows are placeholders' embeddings)."""
+def text_embeddings(model: nn.Module, question: ImageQuestion, token_id: int | None = None) -> torch.Tensor:
+    """The token embeddings [num_tokens, hidden] the model reads (image rows are placeholders' embeddings), or with
+    `token_id` that token's embedding at every position."""
     embedding: nn.Module = model.model.text_model.get_input_embeddings()  # type: ignore[union-attr, operator]
+    ids = question.token_ids if token_id is None else torch.full_like(question.token_ids, token_id)
     with torch.no_grad():
-        embedded: torch.Tensor = embedding(question.token_ids)
+        embedded: torch.Tensor = embedding(ids)
     return embedded
