@@ -210,6 +210,8 @@ def _method_result(attribution: ImageAttribution, question: ImageQuestion) -> ty
         positions = torch.tensor(question.target_positions)
         prefix = torch.where(sources[None, :] < positions[:, None], attribution.text[:, :-1], 0.0)
         result.attributions.CopyFrom(tensor_proto(prefix))
+    if attribution.convergence_delta is not None:
+        result.extras["convergence_delta"].CopyFrom(tensor_proto(attribution.convergence_delta))
     share = attribution.image_share()
     if share is not None:
         image_share = [float(value) for value in share]

@@ -3,7 +3,7 @@ explain spec's, so the gateway parses a request's values exactly as the worker d
 in methods.py. Every method here explains pictures (MethodInfo.multimodal); a text-only worker offers none of them.
 
 Per-request baselines: occlusion replaces a cell by a flat colour or by a blurred copy of the picture; integrated
-gradients starts from a black or a blurred picture. Colours are given in 0-255 RGB and normalised with the model's
+gradients starts from a black, white or blurred picture. Colours are given in 0-255 RGB and normalised with the model's
 own processor statistics (``Normaliser``), so the same name means the same colour for any model.
 """
 
@@ -38,6 +38,7 @@ Normaliser = Callable[[RGB], tuple[float, float, float]]
 OCCLUSION_COLOURS: dict[str, RGB] = {"grey": (128, 128, 128), "white": (255, 255, 255), "black": (0, 0, 0)}
 BLUR = "blur"
 BLACK = "black"
+WHITE = "white"
 
 _BATCH_SIZE = ParamSpec(
     "batch_size", int, 8, "Perturbed pictures per forward pass: more is faster and takes more memory.", 1, 64
@@ -176,20 +177,27 @@ IMAGE_METHODS: dict[str, ImageMethod] = {
         ),
         ImageMethod(
             "integrated_gradients",
-            "Pixels times the mean gradient along the straight path from a black or blurred picture, summed per cell; "
-            "with with_text the text embeddings travel from zero on the same path, so cells and text tokens add up "
-            "to the score's change.",
+            "Pixels times the mean gradient along the straight path from a flat (black or white) or blurred picture, "
+            "summed per cell; with with_text the text embeddings travel from zero on the same path, so cells and "
+            "text tokens add up to the score's change (extras: convergence_delta).",
             (
                 ParamSpec(
                     "baseline",
                     str,
                     BLACK,
-                    "Where the path starts: a black or a blurred picture.",
-                    choices=(BLACK, BLUR),
+                    "Where the path starts: a black, white or blurred picture (white is the blank page of the "
+                    "constructed model's pictures).",
+                    choices=(BLACK, WHITE, BLUR),
                 ),
-                ParamSpec("steps", int, 32, "Points on the path (midpoint rule).", 1, 256),
+                ParamSpec("steps", int, 32, "Points on the path (Gauss-Legendre).", 1, 256),
                 _BATCH_SIZE,
-                ParamSpec("with_text", bool, True, "Integrate the text embeddings too (from zero)."),
+                ParamSpec(
+                    "with_text",
+                    bool,
+                    False,
+                    "Integrate the text embeddings too (from zero), for a picture/text share; the whole prompt is "
+                    "rebuilt along that path, which needs many more steps to converge (see convergence_delta).",
+                ),
             ),
             needs_gradients=True,
             attributes_tokens=True,

@@ -175,13 +175,30 @@ def test_occlusion_points_at_the_square_with_the_picture_explained_faithfully(
 
 
 def test_integrated_gradients_points_at_the_square(gateway: inference_pb2_grpc.InferenceServiceStub) -> None:
-    """Needs imgmethods' fixes to the library's integrated gradients (docs/multimodal.md)."""
-    response, cells = explain_the_square(gateway, png("red", 1, 2), method("integrated_gradients", steps=16))
-    share = response.explanation.results[0].modality
-    assert len(share.image) == 1 and 0.0 <= share.image[0] <= 1.0
-    assert share.image[0] + share.text[0] == pytest.approx(1.0)
+    """From the blank page (white): the path adds the square and nothing else, so its cells carry the change."""
+    response, cells = explain_the_square(
+        gateway, png("red", 1, 2), method("integrated_gradients", baseline="white", steps=16)
+    )
+    result = response.explanation.results[0]
+    assert not result.HasField("modality")  # pictures only unless with_text
+    (delta,) = result.extras["convergence_delta"].float_values
     truth = square_cells(1, 2)
     assert top_cells(cells[0], len(truth)) == truth, np.round(cells[0], 3)
+    # Completeness to within the quadrature's error: the cells add up to f(x) - f(blank page).
+    assert abs(delta) < 0.1 * float(np.abs(cells).sum()), (delta, float(cells.sum()))
+
+
+def test_saliency_splits_the_attribution_between_picture_and_text(
+    gateway: inference_pb2_grpc.InferenceServiceStub,
+) -> None:
+    response, cells = explain_the_square(gateway, png("red", 4, 3), method("saliency"))
+    result = response.explanation.results[0]
+    share = result.modality
+    assert len(share.image) == 1 and 0.0 < share.image[0] < 1.0
+    assert share.image[0] + share.text[0] == pytest.approx(1.0)
+    text = np.array(result.attributions.float_values).reshape(tuple(result.attributions.shape))
+    image_mass, text_mass = float(np.abs(cells).sum()), float(np.abs(text).sum())
+    assert share.image[0] == pytest.approx(image_mass / (image_mass + text_mass), rel=1e-3)
 
 
 def test_the_same_text_with_another_picture_misses_the_cache(
