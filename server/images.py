@@ -164,4 +164,3 @@ def image_prompt(chat: types_pb2.ChatMessages, roles: tuple[str, ...], limits: I
                 content.append({"type": "text", "text": part.text})
         messages.append({"role": message.role, "content": content})
     return ImagePrompt(messages, images)
-
