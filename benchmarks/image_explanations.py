@@ -27,7 +27,8 @@ from sightline.v1 import inference_pb2, inference_pb2_grpc, types_pb2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_util import command_line, environment, write_result
+from bench_util import command_line, environment, write_result
+
 from deploy.local_stack import LocalStack, StackConfig, free_port
 from explainers.constructed_vlm import MODEL_NAME, default_vlm_dir
 from tests.pictures import QUESTION, square_picture

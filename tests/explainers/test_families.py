@@ -28,11 +28,11 @@ from sightline.v1 import explanations_pb2, types_pb2
 from transformers import BloomConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from common.explain_spec import ATTN_LRP_FAMILIES as ATTN_LRP_COVERED
 from common.jobs import CATALOG_KEY
 from explainers.architectures import ExplainPath, UnsupportedArchitectureError
 from explainers.engine import explain
 from explainers.methods.attention_weights import attention_probabilities
-from explainers.methods.attn_lrp import COVERED as ATTN_LRP_COVERED
 from explainers.methods.base import AttributionContext, InvalidParamsError, tensor_array
 from explainers.methods.gradient_shap import Samples
 from explainers.methods.integrated_gradients import quadrature_rule
