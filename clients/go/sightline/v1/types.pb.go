@@ -1577,7 +1577,9 @@ type ExplainSpec struct {
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
-	// The methods to run, each named once; empty asks for no explanation.
+	// The methods to run, each named once. Empty: Generate and GenerateStream explain nothing;
+	// Explain and EstimateExplanation use the server's default method (attn_lrp; saliency on
+	// architectures AttnLRP has no rules for: docs/methods.md).
 	Methods []*MethodSpec `protobuf:"bytes,1,rep,name=methods,proto3" json:"methods,omitempty"`
 	// Whether the call waits for the explanation.
 	Mode ExplainMode `protobuf:"varint,2,opt,name=mode,proto3,enum=sightline.v1.ExplainMode" json:"mode,omitempty"`

@@ -509,7 +509,9 @@ export const AggregationSpecSchema: GenMessage<AggregationSpec> = /*@__PURE__*/
  */
 export type ExplainSpec = Message<"sightline.v1.ExplainSpec"> & {
   /**
-   * The methods to run, each named once; empty asks for no explanation.
+   * The methods to run, each named once. Empty: Generate and GenerateStream explain nothing;
+   * Explain and EstimateExplanation use the server's default method (attn_lrp; saliency on
+   * architectures AttnLRP has no rules for: docs/methods.md).
    *
    * @generated from field: repeated sightline.v1.MethodSpec methods = 1;
    */
