@@ -19,6 +19,7 @@ from sightline import (
     SourceGroup,
     TargetScore,
 )
+from sightline._messages import estimate_request
 from sightline.v1 import explanations_pb2, inference_pb2, types_pb2
 
 
@@ -226,9 +227,17 @@ def test_explain_rpc_async_returns_the_id(client: Client, fake: FakeSightline) -
     assert explanation_id == "exp-1"
 
 
-def test_explain_rpc_needs_a_method(client: Client) -> None:
-    with pytest.raises(ValueError, match="at least one method"):
-        client.explain([1], [2], [])
+def test_explain_and_estimate_without_methods_ask_for_the_servers_default(client: Client, fake: FakeSightline) -> None:
+    client.explain([1], [2], mode="async", options=ExplainOptions(output_indices=[0]))
+    request = last_request(fake)
+    assert isinstance(request, explanations_pb2.ExplainRequest)
+    assert list(request.explain.methods) == []
+    assert list(request.explain.targets.output_indices) == [0]
+    assert request.explain.mode == types_pb2.EXPLAIN_MODE_ASYNC
+    estimate = estimate_request(None, 4, 2, None, "")  # what estimate_explanation() sends
+    assert list(estimate.explain.methods) == [] and estimate.explain.mode == types_pb2.EXPLAIN_MODE_ASYNC
+    with pytest.raises(ValueError, match="mode"):
+        client.explain([1], [2], mode="later")  # type: ignore[call-overload]
 
 
 def test_get_explanation_sends_the_wait(client: Client, fake: FakeSightline) -> None:

@@ -117,6 +117,20 @@ def explain_spec(
     return spec
 
 
+def _spec_or_default(
+    methods: ExplainMethods | None, mode: ExplainModeName, options: ExplainOptions | None
+) -> types_pb2.ExplainSpec:
+    """The spec of Explain and EstimateExplanation, where naming no method asks for the server's default method
+    (Generate's no method means no explanation instead)."""
+    if methods:
+        return explain_spec(methods, mode, options) or types_pb2.ExplainSpec()
+    explain_spec(None, mode, None)  # checks the mode
+    spec = types_pb2.ExplainSpec(mode=_EXPLAIN_MODES[mode])
+    if options is not None:
+        spec.MergeFrom(_options_spec(options))
+    return spec
+
+
 def _options_spec(options: ExplainOptions) -> types_pb2.ExplainSpec:
     """The spec fields ``options`` set, to merge into one that names the methods."""
     return types_pb2.ExplainSpec(
@@ -179,7 +193,7 @@ def generate_request(
 def explain_request(
     prompt_token_ids: Sequence[int],
     output_token_ids: Sequence[int],
-    methods: ExplainMethods,
+    methods: ExplainMethods | None,
     *,
     output_logprobs: Sequence[float] | None,
     mode: ExplainModeName,
@@ -187,15 +201,12 @@ def explain_request(
     model: str,
     request_id: str | None,
 ) -> explanations_pb2.ExplainRequest:
-    spec = explain_spec(methods, mode, options)
-    if spec is None:
-        raise ValueError("explain() needs at least one method")
     return explanations_pb2.ExplainRequest(
         model=model,
         prompt_token_ids=prompt_token_ids,
         output_token_ids=output_token_ids,
         output_logprobs=output_logprobs,
-        explain=spec,
+        explain=_spec_or_default(methods, mode, options),
         request_id=request_id,
     )
 
@@ -220,17 +231,17 @@ def explain_result(mode: ExplainModeName) -> Callable[[explanations_pb2.ExplainR
 
 
 def estimate_request(
-    methods: ExplainMethods,
+    methods: ExplainMethods | None,
     prompt_tokens: int,
     output_tokens: int,
     options: ExplainOptions | None,
     model: str,
 ) -> explanations_pb2.EstimateExplanationRequest:
-    spec = explain_spec(methods, "async", options)
-    if spec is None:
-        raise ValueError("name at least one method to estimate")
     return explanations_pb2.EstimateExplanationRequest(
-        model=model, prompt_tokens=prompt_tokens, output_tokens=output_tokens, explain=spec
+        model=model,
+        prompt_tokens=prompt_tokens,
+        output_tokens=output_tokens,
+        explain=_spec_or_default(methods, "async", options),
     )
 
 

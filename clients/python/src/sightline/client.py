@@ -201,7 +201,7 @@ class Client(_ClientCore):
         self,
         prompt_token_ids: Sequence[int],
         output_token_ids: Sequence[int],
-        methods: ExplainMethods,
+        methods: ExplainMethods | None = None,
         *,
         output_logprobs: Sequence[float] | None = None,
         mode: Literal["sync"] = "sync",
@@ -216,7 +216,7 @@ class Client(_ClientCore):
         self,
         prompt_token_ids: Sequence[int],
         output_token_ids: Sequence[int],
-        methods: ExplainMethods,
+        methods: ExplainMethods | None = None,
         *,
         output_logprobs: Sequence[float] | None = None,
         mode: Literal["async"],
@@ -231,7 +231,7 @@ class Client(_ClientCore):
         self,
         prompt_token_ids: Sequence[int],
         output_token_ids: Sequence[int],
-        methods: ExplainMethods,
+        methods: ExplainMethods | None = None,
         *,
         output_logprobs: Sequence[float] | None = None,
         mode: ExplainModeName,
@@ -245,7 +245,7 @@ class Client(_ClientCore):
         self,
         prompt_token_ids: Sequence[int],
         output_token_ids: Sequence[int],
-        methods: ExplainMethods,
+        methods: ExplainMethods | None = None,
         *,
         output_logprobs: Sequence[float] | None = None,
         mode: ExplainModeName = "sync",
@@ -254,7 +254,7 @@ class Client(_ClientCore):
         request_id: str | None = None,
         timeout: float | None = None,
     ) -> Explanation | str:
-        """Explain a given sequence without generating.
+        """Explain a given sequence without generating, with ``methods`` (none: the server's default method).
 
         ``output_logprobs`` are the served log-probabilities of ``output_token_ids``,
         for the fidelity check; ``options`` are as in ``generate``. Returns the explanation
@@ -325,7 +325,7 @@ class Client(_ClientCore):
 
     def estimate_explanation(
         self,
-        methods: ExplainMethods,
+        methods: ExplainMethods | None = None,
         *,
         prompt_tokens: int,
         output_tokens: int,
@@ -333,8 +333,8 @@ class Client(_ClientCore):
         model: str = "",
         timeout: float | None = None,
     ) -> Estimate:
-        """The forward passes and seconds explaining a sequence of this many tokens with ``methods`` would take
-        on this deployment, without queueing anything."""
+        """The forward passes and seconds explaining a sequence of this many tokens with ``methods`` (none: the
+        server's default method) would take on this deployment, without queueing anything."""
         request = estimate_request(methods, prompt_tokens, output_tokens, options, model)
         return self._call(self._explanations.EstimateExplanation, request, timeout, Estimate.from_proto)
 
@@ -515,7 +515,7 @@ class AsyncClient(_ClientCore):
         self,
         prompt_token_ids: Sequence[int],
         output_token_ids: Sequence[int],
-        methods: ExplainMethods,
+        methods: ExplainMethods | None = None,
         *,
         output_logprobs: Sequence[float] | None = None,
         mode: Literal["sync"] = "sync",
@@ -530,7 +530,7 @@ class AsyncClient(_ClientCore):
         self,
         prompt_token_ids: Sequence[int],
         output_token_ids: Sequence[int],
-        methods: ExplainMethods,
+        methods: ExplainMethods | None = None,
         *,
         output_logprobs: Sequence[float] | None = None,
         mode: Literal["async"],
@@ -545,7 +545,7 @@ class AsyncClient(_ClientCore):
         self,
         prompt_token_ids: Sequence[int],
         output_token_ids: Sequence[int],
-        methods: ExplainMethods,
+        methods: ExplainMethods | None = None,
         *,
         output_logprobs: Sequence[float] | None = None,
         mode: ExplainModeName,
@@ -559,7 +559,7 @@ class AsyncClient(_ClientCore):
         self,
         prompt_token_ids: Sequence[int],
         output_token_ids: Sequence[int],
-        methods: ExplainMethods,
+        methods: ExplainMethods | None = None,
         *,
         output_logprobs: Sequence[float] | None = None,
         mode: ExplainModeName = "sync",
@@ -630,7 +630,7 @@ class AsyncClient(_ClientCore):
 
     async def estimate_explanation(
         self,
-        methods: ExplainMethods,
+        methods: ExplainMethods | None = None,
         *,
         prompt_tokens: int,
         output_tokens: int,
