@@ -123,10 +123,11 @@ def test_the_registry_offers_every_image_method_with_its_parameters() -> None:
         "baseline": "black",
         "steps": 4,
         "batch_size": 8,
-        "with_text": True,
+        "with_text": False,
     }
-    with pytest.raises(InvalidParamsError, match="must be one of black, blur"):
-        integrated.parse_params({"baseline": "white"})
+    assert integrated.parse_params({"baseline": "white"})["baseline"] == "white"
+    with pytest.raises(InvalidParamsError, match="must be one of black, white, blur"):
+        integrated.parse_params({"baseline": "grey"})
     with pytest.raises(InvalidParamsError, match=r"1\.\.256"):
         integrated.parse_params({"steps": 0})
     with pytest.raises(UnknownMethodError, match="available methods: attention, input_x_gradient"):
