@@ -177,15 +177,17 @@ def test_occlusion_points_at_the_square_with_the_picture_explained_faithfully(
 def test_integrated_gradients_points_at_the_square(gateway: inference_pb2_grpc.InferenceServiceStub) -> None:
     """From the blank page (white): the path adds the square and nothing else, so its cells carry the change."""
     response, cells = explain_the_square(
-        gateway, png("red", 1, 2), method("integrated_gradients", baseline="white", steps=16)
+        gateway, png("red", 1, 2), method("integrated_gradients", baseline="white", steps=64)
     )
     result = response.explanation.results[0]
     assert not result.HasField("modality")  # pictures only unless with_text
     (delta,) = result.extras["convergence_delta"].float_values
     truth = square_cells(1, 2)
     assert top_cells(cells[0], len(truth)) == truth, np.round(cells[0], 3)
-    # Completeness to within the quadrature's error: the cells add up to f(x) - f(blank page).
-    assert abs(delta) < 0.1 * float(np.abs(cells).sum()), (delta, float(cells.sum()))
+    # Completeness: the cells add up to f(x) - f(blank page) = sum - delta, to the 2% the library's proof holds at
+    # 64 steps (16 leave about a third: the path's score changes steeply where the square's colour is matched).
+    change = float(cells.sum()) - delta
+    assert abs(delta) < 0.02 * abs(change), (delta, change)
 
 
 def test_saliency_splits_the_attribution_between_picture_and_text(
