@@ -33,13 +33,16 @@ from deploy.local_stack import LocalStack, StackConfig, free_port
 from explainers.constructed_vlm import MODEL_NAME, default_vlm_dir
 from tests.pictures import QUESTION, square_picture
 
-# Each method with the parameters the end-to-end test uses (occlusion by the page's white; 16 IG steps).
+# Each method with the parameters the end-to-end test uses (occlusion by the page's white; IG from white, 64 steps).
 METHODS: dict[str, dict[str, types_pb2.ParamValue]] = {
     "occlusion": {
         "baseline": types_pb2.ParamValue(string_value="white"),
         "batch_size": types_pb2.ParamValue(int_value=16),
     },
-    "integrated_gradients": {"steps": types_pb2.ParamValue(int_value=16)},
+    "integrated_gradients": {
+        "baseline": types_pb2.ParamValue(string_value="white"),
+        "steps": types_pb2.ParamValue(int_value=64),
+    },
     "saliency": {},
     "input_x_gradient": {},
     "attention": {},
