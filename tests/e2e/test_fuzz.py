@@ -228,7 +228,10 @@ def _generation_is_slow(fields: Fields, known: Known) -> bool:
 
 
 def _explain_is_slow(fields: Fields, known: Known) -> bool:
-    return _waits_for_a_worker(fields.get("explain"))
+    # Explain always explains: with no methods it runs the server's default method, so anything but ASYNC waits.
+    explain = fields.get("explain")
+    mode = explain.get("mode", 0) if isinstance(explain, dict) else 0
+    return _int32(mode) != types_pb2.EXPLAIN_MODE_ASYNC
 
 
 def _get_explanation_is_slow(fields: Fields, known: Known) -> bool:
