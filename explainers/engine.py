@@ -20,7 +20,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from opentelemetry import trace
 from sightline.v1 import types_pb2
 
 from common.costs import method_passes
@@ -44,7 +43,7 @@ from explainers.model import LoadedModel, forward_with_hidden_states
 from explainers.progress import JobProgress, Tracking, checkpoint
 from explainers.step_scores import Readout, read_out
 from explainers.targets import Targets, TargetScore
-from explainers.telemetry import SPAN_KIND, describe_faithfulness, describe_method
+from explainers.telemetry import SPAN_KIND, describe_faithfulness, describe_method, tracer
 from explainers.token_roles import assign_roles
 
 logger = logging.getLogger(__name__)
@@ -54,7 +53,6 @@ TARGET_SCORES = {
     TargetScore.PROBABILITY: types_pb2.TARGET_SCORE_PROBABILITY,
     TargetScore.LOGIT: types_pb2.TARGET_SCORE_LOGIT,
 }
-tracer = trace.get_tracer("sightline.explainer")
 
 
 def explain(

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from opentelemetry import trace
 from sightline.v1 import types_pb2
 from torch import nn
 
@@ -32,14 +31,12 @@ from common.jobs import ExplanationJob
 from explainers.hidden_cache import LAST_LAYER_DTYPE, HiddenStateCache
 from explainers.image_methods.grid import CellGrid
 from explainers.image_methods.methods import ImageAttribution
-from explainers.image_methods.passes import ImageQuestion, token_grid
+from explainers.image_methods.passes import ImageQuestion, image_text_forward, token_grid
 from explainers.image_methods.registry import ImageMethod, get_image_method
 from explainers.methods.base import tensor_proto
 from explainers.progress import JobProgress, Tracking, checkpoint
-from explainers.telemetry import SPAN_KIND
+from explainers.telemetry import SPAN_KIND, tracer
 from explainers.vlm import LoadedVlm, RebuiltInputs, rebuild_inputs
-
-tracer = trace.get_tracer("sightline.explainer")
 
 # transformers' Idefics3 layout: the text model's final norm and the unembedding.
 FINAL_NORM = "model.text_model.norm"
@@ -183,15 +180,10 @@ def _hidden_states(vlm: LoadedVlm, question: ImageQuestion) -> torch.Tensor:
     handle = vlm.model.get_submodule(FINAL_NORM).register_forward_hook(
         lambda _module, args, _output: captured.append(args[0].detach())
     )
-    pixels = question.pixel_values[None]
     try:
         with torch.no_grad():
-            outputs = vlm.model.model(  # type: ignore[operator]
-                input_ids=question.token_ids[None],
-                pixel_values=pixels,
-                pixel_attention_mask=torch.ones(1, *pixels.shape[1:2], *pixels.shape[-2:], dtype=torch.bool),
-                use_cache=False,
-                output_hidden_states=True,
+            outputs = image_text_forward(
+                vlm.model, question.token_ids[None], question.pixel_values[None], output_hidden_states=True
             )
     finally:
         handle.remove()

@@ -21,6 +21,9 @@ from sightline.v1 import types_pb2
 from common.telemetry import capture_message_content
 from explainers.methods.base import tensor_array
 
+# The explainer's one tracer: the worker, the engine and the image path open their spans on it.
+tracer = trace.get_tracer("sightline.explainer")
+
 SPAN_KIND = "openinference.span.kind"
 EVALUATION_EVENT = "gen_ai.evaluation.result"
 FIDELITY_EVALUATION = "fidelity"

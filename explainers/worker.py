@@ -72,11 +72,10 @@ from explainers.image_methods.registry import image_catalog
 from explainers.methods.registry import catalog as method_catalog
 from explainers.model import LoadedModel
 from explainers.progress import JobCancelled, Publisher, Tracking
-from explainers.telemetry import record_evaluations
+from explainers.telemetry import record_evaluations, tracer
 from explainers.vlm import LoadedVlm
 
 log = logging.getLogger(__name__)
-tracer = trace.get_tracer("sightline.explainer")
 
 # Both scripts act only while ARGV[2] (this consumer) still owns entry ARGV[3] of stream KEYS[1] in
 # group ARGV[1]: an entry another worker claimed, or one already acknowledged, is left alone.

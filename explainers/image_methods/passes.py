@@ -110,6 +110,19 @@ def target_scores(
     return _scores(model, question, question.token_ids[None].expand(batch, -1), pixel_batch, **forward)
 
 
+def image_text_forward(model: nn.Module, ids: torch.Tensor, pixel_batch: torch.Tensor, **forward: Any) -> Any:
+    """The text model's outputs (transformers' Idefics3 ``model.model``) for token ids [batch, num_tokens] and
+    pictures [batch, num_images, channels, height, width], every pixel valid (no tiles, no padding)."""
+    batch = int(pixel_batch.shape[0])
+    return model.model(  # type: ignore[operator]
+        input_ids=ids,
+        pixel_values=pixel_batch,
+        pixel_attention_mask=torch.ones(batch, *pixel_batch.shape[1:2], *pixel_batch.shape[-2:], dtype=torch.bool),
+        use_cache=False,
+        **forward,
+    )
+
+
 def _scores(
     model: nn.Module, question: ImageQuestion, ids: torch.Tensor, pixel_batch: torch.Tensor, **forward: Any
 ) -> tuple[torch.Tensor, Any]:
@@ -122,13 +135,7 @@ def _scores(
             "a picture made entirely of the processor's mean colour (0 in every normalised pixel) is read as padding "
             "by the model; choose another baseline colour or a finer grid"
         )
-    outputs = model.model(  # type: ignore[operator]
-        input_ids=ids,
-        pixel_values=pixel_batch,
-        pixel_attention_mask=torch.ones(batch, *pixel_batch.shape[1:2], *pixel_batch.shape[-2:], dtype=torch.bool),
-        use_cache=False,
-        **forward,
-    )
+    outputs = image_text_forward(model, ids, pixel_batch, **forward)
     predicting = torch.tensor(question.target_positions) - 1
     logits = model.lm_head(outputs.last_hidden_state[:, predicting])  # type: ignore[operator]
     log_probs = torch.log_softmax(logits.float(), dim=-1)
