@@ -31,7 +31,7 @@ from bench_util import command_line, environment, write_result
 
 from deploy.local_stack import LocalStack, StackConfig, free_port
 from explainers.constructed_vlm import MODEL_NAME, default_vlm_dir
-from tests.pictures import QUESTION, square_picture
+from tests.pictures import QUESTION, question_about, square_picture
 
 # Each method with the parameters the end-to-end test uses (occlusion by the page's white; IG from white, 64 steps).
 METHODS: dict[str, dict[str, types_pb2.ParamValue]] = {
@@ -51,13 +51,9 @@ METHODS: dict[str, dict[str, types_pb2.ParamValue]] = {
 
 
 def picture_request(picture: bytes, explain: types_pb2.ExplainSpec | None = None) -> inference_pb2.GenerateRequest:
-    message = types_pb2.ChatMessage(
-        role="user",
-        parts=[types_pb2.ContentPart(image=types_pb2.ImageData(data=picture)), types_pb2.ContentPart(text=QUESTION)],
-    )
     return inference_pb2.GenerateRequest(
         model=MODEL_NAME,
-        input=inference_pb2.GenerationInput(chat=types_pb2.ChatMessages(messages=[message])),
+        input=inference_pb2.GenerationInput(chat=question_about(picture)),
         sampling=types_pb2.SamplingParams(max_tokens=8, temperature=0.0),
         explain=explain,
     )

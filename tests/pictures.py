@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from PIL import Image, ImageDraw
+from sightline.v1 import types_pb2
 
 from explainers.constructed_vlm import CELL_PIXELS, COLOUR_RGB, IMAGE_SIZE
 
@@ -18,3 +19,12 @@ def square_picture(colour: str, row: int, col: int) -> Image.Image:
     size = SQUARE_CELLS * CELL_PIXELS
     ImageDraw.Draw(picture).rectangle([x0, y0, x0 + size - 1, y0 + size - 1], fill=COLOUR_RGB[colour])
     return picture
+
+
+def question_about(picture: bytes) -> types_pb2.ChatMessages:
+    """The chat that asks QUESTION about `picture` (PNG or JPEG bytes), picture first, as raw protos."""
+    message = types_pb2.ChatMessage(
+        role="user",
+        parts=[types_pb2.ContentPart(image=types_pb2.ImageData(data=picture)), types_pb2.ContentPart(text=QUESTION)],
+    )
+    return types_pb2.ChatMessages(messages=[message])

@@ -29,7 +29,7 @@ from deploy.local_stack import Child, LocalStack, StackConfig, free_port
 from explainers.constructed_vlm import GRID_SIDE, IMAGE_SEQ_LEN, IMAGE_SIZE, prepare_vlm
 from tests.explainers.test_constructed_vlm import SERVED_NAME, vllm_vlm  # noqa: F401 (the session's VLM server)
 from tests.gateway_process import GatewayProcess
-from tests.pictures import QUESTION, SQUARE_CELLS, square_picture
+from tests.pictures import QUESTION, SQUARE_CELLS, question_about, square_picture
 
 EXPLAINER_START_S = 300
 TIMEOUT_S = 900.0
@@ -84,13 +84,9 @@ def png(colour: str, row: int, col: int) -> bytes:
 def request(
     picture: bytes, methods: list[types_pb2.MethodSpec] | None = None, **explain: object
 ) -> inference_pb2.GenerateRequest:
-    message = types_pb2.ChatMessage(
-        role="user",
-        parts=[types_pb2.ContentPart(image=types_pb2.ImageData(data=picture)), types_pb2.ContentPart(text=QUESTION)],
-    )
     return inference_pb2.GenerateRequest(
         model=SERVED_NAME,
-        input=inference_pb2.GenerationInput(chat=types_pb2.ChatMessages(messages=[message])),
+        input=inference_pb2.GenerationInput(chat=question_about(picture)),
         sampling=types_pb2.SamplingParams(max_tokens=8, temperature=0.0),
         explain=types_pb2.ExplainSpec(methods=methods or [], mode=types_pb2.EXPLAIN_MODE_SYNC, **explain),  # type: ignore[arg-type]
     )
