@@ -41,6 +41,8 @@ from explainers.decoder_layer import (
 
 # A norm's input normalised and 1 / its rms, as recorded for the norm's backward pass ([..., size], [..., 1]).
 Normalized = tuple[torch.Tensor, torch.Tensor]
+# One layer's keys (after RoPE) and values [P, KV, N, hd].
+KeysValues = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -112,28 +114,49 @@ class FastDecoder(Protocol):
 
 @overload
 def run_layers(
-    loaded: FastDecoder, states: torch.Tensor, layer: int, record: Literal[True]
+    loaded: FastDecoder,
+    states: torch.Tensor,
+    layer: int,
+    record: Literal[True],
+    past: Sequence[KeysValues] | None = None,
 ) -> tuple[list[torch.Tensor], RecordedLayers]: ...
 @overload
 def run_layers(
-    loaded: FastDecoder, states: torch.Tensor, layer: int, record: bool
+    loaded: FastDecoder,
+    states: torch.Tensor,
+    layer: int,
+    record: bool,
+    past: Sequence[KeysValues] | None = None,
 ) -> tuple[list[torch.Tensor], RecordedLayers | None]: ...
 def run_layers(
-    loaded: FastDecoder, states: torch.Tensor, layer: int, record: bool
+    loaded: FastDecoder,
+    states: torch.Tensor,
+    layer: int,
+    record: bool,
+    past: Sequence[KeysValues] | None = None,
 ) -> tuple[list[torch.Tensor], RecordedLayers | None]:
     """Run the decoder layers above `layer` on residual-stream states [P, N, D] as the module runs them, without
     gradients. Returns the residual stream (states, then each layer's output) and, with record, what
-    backward_to_layer needs."""
+    backward_to_layer needs.
+
+    With past (one (keys, values) [P, KV, S, hd] per layer run, as layer_keys_values gives them), the states are
+    positions S.. of a sequence whose first S positions those keys and values are: causality makes the states the
+    same as a pass over the whole sequence would give. Nothing is recorded then."""
+    if past is not None and record:
+        raise ValueError("a pass resumed from past keys and values records nothing for a backward pass")
     weights = loaded.layer_weights[layer:]
-    rotary = rotary_tables(loaded.rotary_embedding, states, {w.options.rotary_type for w in weights})
+    offset = past[0][0].shape[2] if past else 0
+    rotary_types = {w.options.rotary_type for w in weights}
+    rotary = rotary_tables(loaded.rotary_embedding, states, rotary_types, offset)
     residual_stream = [states]
     records = []
     with torch.no_grad():
-        for layer_weights in weights:
+        for index, layer_weights in enumerate(weights):
             # A long pass is a long stretch without a step: a cancelled job may stop between its layers.
             progress.tick()
             table = rotary[layer_weights.options.rotary_type]
-            layer_record, hidden = _layer_forward(layer_weights, residual_stream[-1], table, record)
+            layer_past = None if past is None else past[index]
+            layer_record, hidden = _layer_forward(layer_weights, residual_stream[-1], table, record, layer_past)
             residual_stream.append(hidden)
             if layer_record is not None:
                 records.append(layer_record)
@@ -142,6 +165,21 @@ def run_layers(
     return residual_stream, RecordedLayers(
         weights=weights, records=records, final_residual=residual_stream[-1], rotary=rotary
     )
+
+
+def layer_keys_values(loaded: FastDecoder, residual_stream: torch.Tensor) -> list[KeysValues]:
+    """Every decoder layer's keys (after RoPE) and values [P, KV, N, hd] from the residual stream [L + 1, P, N, D]
+    that a pass over positions 0..N - 1 gave (residual_stream[l] is layer l + 1's input): what run_layers' past
+    takes for a pass over later positions of the same sequence."""
+    weights = loaded.layer_weights
+    rotary = rotary_tables(loaded.rotary_embedding, residual_stream[0], {w.options.rotary_type for w in weights})
+    with torch.no_grad():
+        return [
+            _keys_values(
+                layer_weights, _attention_input(layer_weights, hidden)[2], rotary[layer_weights.options.rotary_type]
+            )[1:]
+            for layer_weights, hidden in zip(weights, residual_stream, strict=False)
+        ]
 
 
 def record_forward(loaded: FastDecoder, states: torch.Tensor, layer: int) -> RecordedLayers:
@@ -186,19 +224,38 @@ def _layers_backward(
     return gradients
 
 
+def _attention_input(weights: LayerWeights, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input x rstd, rstd, the attention's input after the norm's weight) of hidden [P, N, D]."""
+    attention_normed, attention_rstd = rms_normalize(hidden, weights.attention_norm)
+    return attention_normed, attention_rstd, weights.attention_norm.weight * attention_normed.to(hidden.dtype)
+
+
+def _keys_values(
+    weights: LayerWeights, attention_input: torch.Tensor, rotary: RotaryTable
+) -> tuple[Normalized | None, torch.Tensor, torch.Tensor]:
+    """(the key heads' norm record or None, keys after RoPE [P, KV, N, hd], values [P, KV, N, hd])."""
+    key_heads, keys = _optional_norm(_split_heads(weights.k(attention_input), weights.head_size), weights.key_norm)
+    values = _split_heads(weights.v(attention_input), weights.head_size)
+    return key_heads, rotate(keys, rotary.cos, rotary.sin), values
+
+
 def _layer_forward(
-    weights: LayerWeights, hidden: torch.Tensor, rotary: RotaryTable, record: bool
+    weights: LayerWeights,
+    hidden: torch.Tensor,
+    rotary: RotaryTable,
+    record: bool,
+    past: KeysValues | None = None,
 ) -> tuple[LayerRecord | None, torch.Tensor]:
     """The decoder layer's forward pass on hidden [P, N, D] (explainers.decoder_layer's skeleton), with its
-    activations if record."""
-    attention_normed, attention_rstd = rms_normalize(hidden, weights.attention_norm)
-    attention_input = weights.attention_norm.weight * attention_normed.to(hidden.dtype)
+    activations if record; with past, the keys and values [P, KV, S, hd] of the S positions before hidden's."""
+    attention_normed, attention_rstd, attention_input = _attention_input(weights, hidden)
     query_heads, queries = _optional_norm(
         _split_heads(weights.q(attention_input), weights.head_size), weights.query_norm
     )
-    key_heads, keys = _optional_norm(_split_heads(weights.k(attention_input), weights.head_size), weights.key_norm)
-    queries, keys = rotate(queries, rotary.cos, rotary.sin), rotate(keys, rotary.cos, rotary.sin)
-    values = _split_heads(weights.v(attention_input), weights.head_size)
+    queries = rotate(queries, rotary.cos, rotary.sin)
+    key_heads, keys, values = _keys_values(weights, attention_input, rotary)
+    if past is not None:
+        keys, values = torch.cat((past[0], keys), dim=2), torch.cat((past[1], values), dim=2)
     attention_output = _attend(weights, queries, keys, values)
     attention_branch, attention_added = _optional_norm(
         weights.o(_merge_heads(attention_output)), weights.attention_output_norm
@@ -233,21 +290,23 @@ def _layer_forward(
 
 
 def _attend(weights: LayerWeights, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """The heads' outputs [P, H, N, hd] of causal attention of queries [P, H, N, hd] over keys and values
-    [P, KV, N, hd], masked to the layer's window: SDPA, or written out where the layer caps its scores."""
-    options, num_tokens = weights.options, queries.shape[-2]
+    """The heads' outputs [P, H, n, hd] of causal attention of queries [P, H, n, hd] over keys and values
+    [P, KV, N, hd] (n <= N: the queries are the last n positions), masked to the layer's window: SDPA, or written
+    out where the layer caps its scores."""
+    options, num_queries, num_keys = weights.options, queries.shape[-2], keys.shape[-2]
+    query_positions = torch.arange(num_keys - num_queries, num_keys)
     if options.softcap is None:
-        windowed = options.window is not None and options.window < num_tokens
-        window = visible_keys(torch.arange(num_tokens), num_tokens, options.window) if windowed else None
+        windowed = options.window is not None and options.window < num_keys
+        masked = windowed or num_queries < num_keys
+        mask = visible_keys(query_positions, num_keys, options.window) if masked else None
         return F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=window, is_causal=window is None, scale=weights.scale, enable_gqa=True
+            queries, keys, values, attn_mask=mask, is_causal=mask is None, scale=weights.scale, enable_gqa=True
         )
     num_points, num_heads, _, head_size = queries.shape
     num_groups = keys.shape[1]
     # Each group's query heads stacked along the query axis, as _attention_backward lays them out.
-    grouped_queries = queries.reshape(num_points, num_groups, -1, head_size)  # [P, KV, G * N, hd]
-    query_positions = torch.arange(num_tokens).repeat(num_heads // num_groups)
-    visible = visible_keys(query_positions, num_tokens, options.window)
+    grouped_queries = queries.reshape(num_points, num_groups, -1, head_size)  # [P, KV, G * n, hd]
+    visible = visible_keys(query_positions.repeat(num_heads // num_groups), num_keys, options.window)
     probabilities, _ = attention_scores(grouped_queries, keys, visible, options, weights.scale)
     return (probabilities @ values).reshape(queries.shape)
 

@@ -214,11 +214,11 @@ class RotaryTable(NamedTuple):
 
 
 def rotary_tables(
-    rotary_embedding: nn.Module, states: torch.Tensor, rotary_types: set[str | None]
+    rotary_embedding: nn.Module, states: torch.Tensor, rotary_types: set[str | None], offset: int = 0
 ) -> dict[str | None, RotaryTable]:
-    """The rotary embedding's tables for states' positions [.., num_tokens, ..], one per layer type it keeps a table
-    for (LayerOptions.rotary_type), computed once for every layer of that type."""
-    positions = torch.arange(states.shape[-2], device=states.device)[None]
+    """The rotary embedding's tables for states' positions [.., num_tokens, ..] (offset.. of their sequence), one
+    per layer type it keeps a table for (LayerOptions.rotary_type), computed once for every layer of that type."""
+    positions = torch.arange(offset, offset + states.shape[-2], device=states.device)[None]
     tables = {}
     with torch.no_grad():
         for rotary_type in rotary_types:

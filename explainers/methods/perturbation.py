@@ -28,6 +28,10 @@ from explainers.methods.base import (
 from explainers.model import READOUT_ROWS, LoadedModel, logits_from_normed
 from explainers.targets import Targets
 
+# A forward pass's cost beyond its positions, in positions: reading the weights once (SmolLM2-135M on a CPU core:
+# about 250 ms per pass and 8 ms per position). Only decides how passes are batched, never what they score.
+PASS_OVERHEAD_POSITIONS = 32
+
 
 @dataclass(frozen=True)
 class PerturbationParams:

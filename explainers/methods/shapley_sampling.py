@@ -11,6 +11,7 @@ from transformers import DynamicCache
 from explainers import progress
 from explainers.methods.base import AttributionContext, CostModel, ParamSpec
 from explainers.methods.perturbation import (
+    PASS_OVERHEAD_POSITIONS,
     PERTURBATION_PARAMS,
     PerturbationMethod,
     PerturbationParams,
@@ -30,9 +31,6 @@ KEPT_CACHE_BYTES = 256 * 2**20
 # 25 samples of N = 20 .. 200 (0.56 for the France question's 44). The all-replaced and unperturbed passes, shared
 # by all samples, are within the margin.
 SCORED_FRACTION = 0.56
-# A forward pass's cost beyond its positions, in positions: reading the weights once (SmolLM2-135M on a CPU core:
-# about 250 ms per pass and 8 ms per position). Only decides how coalitions are batched, never what they score.
-PASS_OVERHEAD_POSITIONS = 32
 
 
 @dataclass(frozen=True)

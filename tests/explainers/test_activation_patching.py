@@ -126,3 +126,18 @@ def test_batching_never_changes_a_score(
     monkeypatch.setattr(activation_patching, "MAX_PASS_ROWS", 1)
     one_at_a_time = run(ctx, read_tensor, corrupt_stop=4, samples=2)
     np.testing.assert_allclose(one_at_a_time["recovered"], together["recovered"], rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize(("positions", "num_tokens", "runs"), [(13, 14, 1), (44, 45, 4), (300, 301, 4), (5, 4000, 2)])
+def test_the_fast_paths_passes_restore_every_position_once_within_the_pass_budget(
+    positions: int, num_tokens: int, runs: int
+) -> None:
+    chunks = activation_patching.restored_chunks(positions, num_tokens, runs)
+    assert [start for start, _ in chunks] == [0, *(stop for _, stop in chunks[:-1])]
+    assert chunks[-1][1] == positions
+    for start, stop in chunks:
+        computed = runs * (stop - start) * (num_tokens - start)
+        assert stop - start == 1 or computed <= activation_patching.MAX_PASS_ROWS
+    # Passes from later starts compute less: fewer positions than one pass per run over the whole sequence.
+    computed = sum(runs * (stop - start) * (num_tokens - start) for start, stop in chunks)
+    assert computed < runs * positions * num_tokens

@@ -31,6 +31,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from common.explain_spec import ATTN_LRP_FAMILIES as ATTN_LRP_COVERED
 from common.jobs import CATALOG_KEY
 from explainers.architectures import ExplainPath, UnsupportedArchitectureError
+from explainers.backprop import layer_keys_values, run_layers
 from explainers.engine import explain
 from explainers.methods.attention_weights import attention_probabilities
 from explainers.methods.base import AttributionContext, InvalidParamsError, tensor_array
@@ -358,6 +359,24 @@ def test_activation_patching_restores_what_each_score_reads(family: LoadedModel)
     assert np.abs(lost).max() > 1e-3
     np.testing.assert_allclose(recovered[-1][np.arange(len(TARGETS)), TARGETS.predicting_positions], lost, atol=1e-5)
     np.testing.assert_allclose(recovered[0][:, 3:], 0.0, rtol=0, atol=1e-5)
+
+
+def test_a_fast_pass_resumed_from_earlier_keys_and_values_equals_the_whole_pass(family: LoadedModel) -> None:
+    """run_layers over positions S.. with layer_keys_values of positions ..S - 1 gives the states a pass over the
+    whole sequence gives there, from any layer: windows that cut attention off, soft-caps and head norms included."""
+    if family.path is not ExplainPath.FAST:
+        pytest.skip("the general path runs whole sequences only")
+    stream = forward_with_hidden_states(family, TOKEN_IDS).hidden_states[:, None]  # [layers + 1, 1, tokens, hidden]
+    past = layer_keys_values(family, stream)
+    for layer in range(family.num_layers):
+        whole = run_layers(family, stream[layer], layer, record=False)[0]
+        for start in (1, 5, len(TOKEN_IDS) - 1):
+            layers_past = [(keys[:, :, :start], values[:, :, :start]) for keys, values in past[layer:]]
+            resumed = run_layers(family, stream[layer][:, start:], layer, record=False, past=layers_past)[0]
+            for whole_states, resumed_states in zip(whole, resumed, strict=True):
+                torch.testing.assert_close(resumed_states, whole_states[:, start:], rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="records nothing"):
+        run_layers(family, stream[0][:, 1:], 0, record=True, past=past)
 
 
 def test_attn_lrp_runs_on_the_families_it_covers_and_refuses_the_others_saying_why(family: LoadedModel) -> None:
