@@ -62,11 +62,11 @@ from server.errors import (
     spec_errors_as_invalid_argument,
     unavailable,
 )
+from server.genai_spans import tracer
 from server.limits import Tenant, TenantLimiter
 from server.validation import check_within_vocabulary, method_request
 
 log = logging.getLogger(__name__)
-tracer = trace.get_tracer("sightline.gateway")
 
 
 @dataclass

@@ -18,6 +18,9 @@ from sightline.v1 import inference_pb2, types_pb2
 
 from common.telemetry import capture_message_content
 
+# The gateway's one tracer: its own spans (servicers, explanations, vLLM calls) all come from this scope.
+tracer = trace.get_tracer("sightline.gateway")
+
 SPAN_KIND = "openinference.span.kind"
 JSON_MIME = "application/json"
 TEXT_MIME = "text/plain"

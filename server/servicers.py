@@ -31,7 +31,7 @@ from server.config import GatewaySettings
 from server.costs import PlannedMethod, check_cost
 from server.errors import GatewayError, invalid_argument, not_found, shown, unavailable
 from server.explanations import ExplanationBroker, ExplanationSlot
-from server.genai_spans import SPAN_KIND, describe_generation, describe_request
+from server.genai_spans import SPAN_KIND, describe_generation, describe_request, tracer
 from server.image_explanations import check_image_plan, job_messages
 from server.images import ImagePrompt, has_images, image_prompt
 from server.job_control import JobControl
@@ -51,7 +51,6 @@ from server.vllm_client import CompletionChunk, Prompt, Sampling, ServedModel
 from server.vllm_pool import VLLMPool
 
 log = logging.getLogger(__name__)
-tracer = trace.get_tracer("sightline.gateway")
 
 FINISH_REASONS = {
     "stop": types_pb2.FINISH_REASON_STOP,

@@ -32,9 +32,7 @@ from server.errors import (
     not_found,
     unavailable,
 )
-from server.genai_spans import llm_span_attributes, record_llm_output
-
-tracer = trace.get_tracer("sightline.gateway")
+from server.genai_spans import llm_span_attributes, record_llm_output, tracer
 
 Prompt = str | Sequence[int]
 
