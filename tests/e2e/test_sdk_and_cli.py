@@ -99,6 +99,23 @@ def test_cli_generate_explain_and_fetch(stack: LocalStack) -> None:
     assert missing.stderr.startswith("error: NOT_FOUND: no explanation with id 'exp_missing'")
 
 
+def test_cli_params_reach_the_method_and_the_server_refuses_a_wrong_one(stack: LocalStack) -> None:
+    question = "What is the capital of France?"
+    windowed = _cli(stack, "generate", "--json", "--explain", "occlusion", "--param", "occlusion.window=4", question)
+    assert windowed.returncode == 0, windowed.stderr
+    result = json.loads(windowed.stdout)["explanation"]["results"][0]
+    assert result["method"] == "occlusion"
+    # Window 4 replaces the spans [0, 4), [4, 8), ... together: every token of a span gets the span's score.
+    last_row = result["attributions"]["floatValues"][-result["attributions"]["shape"][1] :]
+    spans = [last_row[start : start + 4] for start in range(0, 32, 4)]
+    assert all(len(set(span)) == 1 for span in spans), spans
+    assert len({span[0] for span in spans}) > 1
+
+    unknown = _cli(stack, "generate", "--explain", "occlusion", "--param", "occlusion.windows=4", question)
+    assert unknown.returncode == 2
+    assert "is not a parameter of method 'occlusion'" in unknown.stderr and "window" in unknown.stderr
+
+
 def test_reflection_lists_the_services(channel: grpc.Channel) -> None:
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
     responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -388,3 +389,55 @@ def test_explain_by_id_shows_groups_when_some_group_spans_several_tokens(
     # Target 1 is position 5: the group starting at 4 ranks, the one starting at 5 does not.
     assert [line.split()[0] for line in lines[6:9]] == ["[2:4]", "[0:2]", "[4:5]"]
     assert lines[-1].endswith("(beats random)")
+
+
+def test_param_sets_a_typed_parameter_of_an_explain_method(fake: FakeSightline) -> None:
+    status = run(
+        fake,
+        "generate",
+        "--explain",
+        "saliency",
+        "--explain",
+        "occlusion",
+        "--param",
+        "occlusion.window=3",
+        "--param",
+        "occlusion.replacement=unk",
+        "--param",
+        "saliency.abs=true",
+        "--param",
+        "occlusion.scale=0.5",
+        "x",
+    )
+
+    assert status == 0
+    request = fake.requests[-1]
+    assert isinstance(request, inference_pb2.GenerateRequest)
+    methods = {method.name: dict(method.params) for method in request.explain.methods}
+    assert list(methods) == ["saliency", "occlusion"]
+    assert methods["saliency"] == {"abs": types_pb2.ParamValue(bool_value=True)}
+    assert methods["occlusion"] == {
+        "window": types_pb2.ParamValue(int_value=3),
+        "replacement": types_pb2.ParamValue(string_value="unk"),
+        "scale": types_pb2.ParamValue(float_value=0.5),
+    }
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--explain", "saliency", "--param", "occlusion.window=3"], "'occlusion' is not an --explain method"),
+        (["--param", "occlusion.window=3"], r"asked for: none"),
+        (["--explain", "occlusion", "--param", "window=3"], "expected METHOD.NAME=VALUE"),
+        (["--explain", "occlusion", "--param", "occlusion.window"], "expected METHOD.NAME=VALUE"),
+    ],
+)
+def test_a_param_that_names_no_explain_method_or_is_malformed_is_refused(
+    fake: FakeSightline, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run(fake, "generate", *args, "x")
+
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not fake.requests

@@ -48,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "spans" in args:  # generate and stream, which take explanation options
         try:
             args.options = _explain_options(args)
+            args.methods = _explain_methods(args)
         except ValueError as error:
             parser.error(str(error))
         for image in args.images or []:
@@ -147,6 +148,15 @@ def _parser() -> argparse.ArgumentParser:
         help="send PROMPT as raw text to complete instead of as a user chat message",
     )
     options = generation.add_argument_group("explanation options (with --explain)")
+    options.add_argument(
+        "--param",
+        dest="params",
+        type=_method_param,
+        action="append",
+        metavar="METHOD.NAME=VALUE",
+        help="a parameter of an --explain method, e.g. shapley_sampling.samples=5 (repeatable; VALUE is read as "
+        "true/false, an integer, a number or else text; `sightline methods` lists each method's parameters)",
+    )
     options.add_argument(
         "--targets",
         type=_index_list,
@@ -327,6 +337,42 @@ def _explain_options(args: argparse.Namespace) -> ExplainOptions | None:
     return options
 
 
+def _explain_methods(args: argparse.Namespace) -> list[str] | dict[str, dict[str, ParamValue]] | None:
+    """The --explain methods, as a name -> parameters mapping when --param gives any; every --param must name one
+    of them."""
+    explain: list[str] | None = args.explain
+    if not args.params:
+        return explain
+    methods: dict[str, dict[str, ParamValue]] = {name: {} for name in explain or []}
+    for method, name, value in args.params:
+        if method not in methods:
+            asked = ", ".join(methods) or "none"
+            raise ValueError(f"--param {method}.{name}: {method!r} is not an --explain method (asked for: {asked})")
+        methods[method][name] = value
+    return methods
+
+
+def _method_param(text: str) -> tuple[str, str, ParamValue]:
+    """METHOD.NAME=VALUE as (method, name, value): VALUE true/false a bool, else an int, else a float, else text.
+    The server checks the name and the value's type and range against the method's catalogue entry."""
+    target, equals, raw = text.partition("=")
+    method, dot, name = target.partition(".")
+    if not (equals and dot and method and name):
+        raise argparse.ArgumentTypeError(f"expected METHOD.NAME=VALUE, e.g. shapley_sampling.samples=5, got {text!r}")
+    value: ParamValue
+    if raw.lower() in ("true", "false"):
+        value = raw.lower() == "true"
+    else:
+        try:
+            value = int(raw)
+        except ValueError:
+            try:
+                value = float(raw)
+            except ValueError:
+                value = raw
+    return method, name, value
+
+
 def _prompt(args: argparse.Namespace) -> Prompt:
     text: str = sys.stdin.read() if args.prompt == "-" else args.prompt
     if args.images:
@@ -340,7 +386,7 @@ def _generation_options(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
-        "explain": args.explain,
+        "explain": args.methods,
         "mode": "async" if args.async_explain else "sync",
         "options": args.options,
         "model": args.model,
