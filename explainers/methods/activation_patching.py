@@ -144,21 +144,15 @@ def restored_scores(
     Restoring position j changes nothing before it, so on the fast path (corrupted_past: the corrupted runs' keys
     and values at every layer) a pass over restored positions j0..j1 - 1 runs positions j0.. only, on the corrupted
     runs' keys and values before j0, every run's rows together; a target predicted before j0 keeps its corrupted
-    score. The general path runs every pass over the whole sequence."""
+    score (corrupted_scores [runs, num_targets]). The general path runs every pass over the whole sequence."""
+    if corrupted_past is None:
+        return _restored_scores_whole(loaded, clean, corrupted, layer, targets)
     runs, num_tokens, _ = corrupted.shape
     positions = int(targets.positions[-1])  # nothing from the last target's position on reaches a score
     scores = corrupted_scores[:, None].repeat(1, positions, 1)
     with torch.no_grad():
-        for start, stop in restored_chunks(positions, num_tokens, runs if corrupted_past else None):
+        for start, stop in restored_chunks(positions, num_tokens, runs):
             count = stop - start
-            if corrupted_past is None:
-                # One run per pass over the whole sequence (the general path resumes from no keys and values).
-                rows, offsets = torch.arange(count), torch.arange(start, stop)
-                for run in range(runs):
-                    states = corrupted[run][None].repeat(count, 1, 1)
-                    states[rows, offsets] = clean[offsets]
-                    scores[run, start:stop] = forward_from_layer(loaded, states, layer, targets)
-                continue
             # Row r * count + i restores position start + i of run r.
             states = corrupted[:, start:].repeat_interleave(count, dim=0)
             offsets = torch.arange(count).repeat(runs)
@@ -179,14 +173,29 @@ def restored_scores(
     return scores
 
 
-def restored_chunks(positions: int, num_tokens: int, runs: int | None) -> list[tuple[int, int]]:
-    """The restored positions 0..positions - 1 cut into passes [start, stop), each of at most MAX_PASS_ROWS rows x
-    positions computed (at least one restored position). With runs (the fast path: a pass runs every run's rows
-    from its start on), where the positions computed plus PASS_OVERHEAD_POSITIONS per pass are fewest; without,
-    MAX_PASS_ROWS // num_tokens restored positions of one run at a time."""
-    if runs is None:
-        per_pass = max(1, MAX_PASS_ROWS // num_tokens)
-        return [(start, min(start + per_pass, positions)) for start in range(0, positions, per_pass)]
+def _restored_scores_whole(
+    loaded: LoadedModel, clean: torch.Tensor, corrupted: torch.Tensor, layer: int, targets: Targets
+) -> torch.Tensor:
+    """restored_scores on the general path: one run at a time, MAX_PASS_ROWS // num_tokens restored positions to a
+    pass over the whole sequence."""
+    runs, num_tokens, _ = corrupted.shape
+    positions = int(targets.positions[-1])
+    per_pass = max(1, MAX_PASS_ROWS // num_tokens)
+    scores = corrupted.new_zeros(runs, positions, len(targets))
+    with torch.no_grad():
+        for run in range(runs):
+            for start in range(0, positions, per_pass):
+                restored = torch.arange(start, min(start + per_pass, positions))
+                states = corrupted[run][None].repeat(len(restored), 1, 1)
+                states[torch.arange(len(restored)), restored] = clean[restored]
+                scores[run, restored] = forward_from_layer(loaded, states, layer, targets)
+    return scores
+
+
+def restored_chunks(positions: int, num_tokens: int, runs: int) -> list[tuple[int, int]]:
+    """The restored positions 0..positions - 1 cut into fast-path passes [start, stop), each running every run's
+    rows from its start on: where the positions computed plus PASS_OVERHEAD_POSITIONS per pass are fewest, each pass
+    at most MAX_PASS_ROWS rows x positions computed (at least one restored position)."""
     # cost[j], cut[j]: the cheapest passes over restored positions [0, j), and where the last of them starts.
     cost, cut = [0] * (positions + 1), [0] * (positions + 1)
     for j in range(1, positions + 1):
@@ -238,8 +247,7 @@ class ActivationPatching(AttributionMethod[ActivationPatchingParams]):
             clean_scores = forward_from_layer(ctx.loaded, clean_states[0][None], 0, ctx.targets)[0]
             corrupted_scores = forward_from_layer(ctx.loaded, streams[0], 0, ctx.targets)  # [runs, num_targets]
         # The fast path resumes each pass from the corrupted runs' keys and values (restored_scores).
-        fast = ctx.loaded.path is ExplainPath.FAST
-        corrupted_past = layer_keys_values(ctx.loaded, streams) if fast else None
+        corrupted_past = layer_keys_values(ctx.loaded, streams) if ctx.loaded.path is ExplainPath.FAST else None
         recovered = clean_states.new_zeros(len(layers), len(ctx.targets), len(ctx.token_ids))
         with progress.steps(len(layers)):
             for layer in layers:
